@@ -1,0 +1,27 @@
+//! vmbackup: agentless, image-level VM backup with changed-block tracking.
+//!
+//! Data flows one way (docs/ARCHITECTURE.md has the picture):
+//!
+//! ```text
+//! cli ──► state (SQLite: platforms, targets, rules, tasks)
+//!  │
+//!  └─► backup ──► platform (QMP: snapshot + dirty bitmaps, NBD exports)
+//!        │          └─► nbd (client: BLOCK_STATUS, pipelined READ)
+//!        └─► repo (chunk store, point indexes, manifests on the target)
+//!  restore ◄── repo
+//! ```
+//!
+//! The CLI (`cli`) turns arguments into resolved values; nothing below it knows clap.
+
+pub mod backup;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod level;
+pub mod nbd;
+pub mod platform;
+pub mod policy;
+pub mod repo;
+pub mod restore;
+pub mod state;
+pub mod units;
