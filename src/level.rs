@@ -37,7 +37,11 @@ impl FromStr for Level {
             "full" => Ok(Level::Full),
             "inc" | "incremental" => Ok(Level::Inc),
             "diff" | "differential" => Ok(Level::Diff),
-            _ => Err(crate::error::invalid("level", s, "allowed: full, inc, diff")),
+            _ => Err(crate::error::invalid(
+                "level",
+                s,
+                "allowed: full, inc, diff",
+            )),
         }
     }
 }

@@ -8,9 +8,7 @@
 /// `i2vp_transbuffer = 4` means 4 MiB, so it passes `MIB`).
 pub fn parse_size(text: &str, bare_unit: u64) -> Option<u64> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
         return None;
@@ -44,7 +42,12 @@ pub const GIB: u64 = 1024 * MIB;
 
 /// `4194304` → `4MiB`; exact multiples keep the short form, others show decimals.
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(GIB * 1024, "TiB"), (GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")];
+    const UNITS: [(u64, &str); 4] = [
+        (GIB * 1024, "TiB"),
+        (GIB, "GiB"),
+        (MIB, "MiB"),
+        (KIB, "KiB"),
+    ];
     for (mult, name) in UNITS {
         if bytes >= mult {
             return if bytes % mult == 0 {

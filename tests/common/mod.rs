@@ -1,0 +1,388 @@
+//! Shared harness for integration tests: real QEMU processes in temp dirs.
+//!
+//! [`TestVm`] starts a qemu-storage-daemon (QSD) "VM" with one or more disks, a QMP
+//! socket named `<vm>.qmp` inside a QMP directory (what `platform add --qmp-dir`
+//! points at) and, optionally, an NBD server with one writable export per disk
+//! (`guest-<node>`), through which tests write as a guest would (qemu-io).
+//!
+//! Every write also goes into a raw *shadow* file per disk: an oracle independent of
+//! vmbackup and QEMU, holding what the disk must contain. `shadow_digest` at backup
+//! time is what a restore of that point must match.
+#![allow(dead_code)]
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MIB: u64 = 1024 * 1024;
+
+/// One disk of a test VM.
+#[derive(Clone, Debug)]
+pub struct DiskSpec {
+    pub node: String,
+    pub size: u64,
+    pub format: &'static str,
+}
+
+impl DiskSpec {
+    pub fn qcow2(node: &str, size: u64) -> DiskSpec {
+        DiskSpec {
+            node: node.into(),
+            size,
+            format: "qcow2",
+        }
+    }
+    pub fn raw(node: &str, size: u64) -> DiskSpec {
+        DiskSpec {
+            node: node.into(),
+            size,
+            format: "raw",
+        }
+    }
+}
+
+/// A running qemu-storage-daemon standing in for a VM.
+pub struct TestVm {
+    pub name: String,
+    pub work: PathBuf,
+    pub qmp_sock: PathBuf,
+    pub nbd_sock: Option<PathBuf>,
+    pub disks: Vec<DiskSpec>,
+    child: Option<Child>,
+}
+
+impl TestVm {
+    /// Start a VM named `name` whose QMP socket is `<qmp_dir>/<name>.qmp`, its images
+    /// and shadows under `work`. `nbd`: also start an NBD server with guest exports.
+    pub fn start(qmp_dir: &Path, work: &Path, name: &str, disks: &[DiskSpec], nbd: bool) -> TestVm {
+        fs::create_dir_all(qmp_dir).unwrap();
+        fs::create_dir_all(work).unwrap();
+        for d in disks {
+            let img = work.join(format!("{}.{}", d.node, d.format));
+            run(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    d.format,
+                    img.to_str().unwrap(),
+                    &d.size.to_string(),
+                ],
+            );
+            let shadow = File::create(work.join(format!("{}.shadow", d.node))).unwrap();
+            shadow.set_len(d.size).unwrap();
+        }
+        let mut vm = TestVm {
+            name: name.into(),
+            work: work.into(),
+            qmp_sock: qmp_dir.join(format!("{name}.qmp")),
+            nbd_sock: nbd.then(|| work.join("nbd.sock")),
+            disks: disks.to_vec(),
+            child: None,
+        };
+        vm.launch();
+        vm
+    }
+
+    fn launch(&mut self) {
+        let _ = fs::remove_file(&self.qmp_sock);
+        let mut args: Vec<String> = Vec::new();
+        for d in &self.disks {
+            let img = self.image(&d.node);
+            args.push("--blockdev".into());
+            args.push(format!(
+                "driver=file,node-name={}-file,filename={}",
+                d.node,
+                img.display()
+            ));
+            args.push("--blockdev".into());
+            args.push(format!(
+                "driver={},node-name={},file={}-file",
+                d.format, d.node, d.node
+            ));
+        }
+        args.push("--chardev".into());
+        args.push(format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            self.qmp_sock.display()
+        ));
+        args.push("--monitor".into());
+        args.push("chardev=qmp0".into());
+        if let Some(sock) = &self.nbd_sock {
+            let _ = fs::remove_file(sock);
+            args.push("--nbd-server".into());
+            args.push(format!("addr.type=unix,addr.path={}", sock.display()));
+            for d in &self.disks {
+                args.push("--export".into());
+                args.push(format!(
+                    "type=nbd,id=guest-{n},node-name={n},name=guest-{n},writable=on",
+                    n = d.node
+                ));
+            }
+        }
+        let child = Command::new("qemu-storage-daemon")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(self.work.join("qsd.log")).unwrap())
+            .spawn()
+            .expect("start qemu-storage-daemon");
+        self.child = Some(child);
+        wait_for(|| self.qmp_sock.exists(), "QMP socket");
+        if let Some(sock) = &self.nbd_sock {
+            wait_for(|| sock.exists(), "NBD socket");
+        }
+    }
+
+    pub fn image(&self, node: &str) -> PathBuf {
+        let d = self.disk(node);
+        self.work.join(format!("{}.{}", d.node, d.format))
+    }
+
+    pub fn shadow(&self, node: &str) -> PathBuf {
+        self.work.join(format!("{node}.shadow"))
+    }
+
+    fn disk(&self, node: &str) -> &DiskSpec {
+        self.disks
+            .iter()
+            .find(|d| d.node == node)
+            .expect("no such disk")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("not running").id()
+    }
+
+    pub fn guest_uri(&self, node: &str) -> String {
+        let sock = self
+            .nbd_sock
+            .as_ref()
+            .expect("VM started without NBD server");
+        format!("nbd+unix:///guest-{node}?socket={}", sock.display())
+    }
+
+    /// Write `len` bytes of `pattern` at `offset`, as the guest would (qemu-io over
+    /// the writable NBD export), and into the shadow.
+    pub fn write(&self, node: &str, offset: u64, len: u64, pattern: u8) {
+        self.qemu_io(node, &format!("write -P {pattern:#x} {offset} {len}"));
+        let f = OpenOptions::new()
+            .write(true)
+            .open(self.shadow(node))
+            .unwrap();
+        let buf = vec![pattern; len as usize];
+        f.write_all_at(&buf, offset).unwrap();
+    }
+
+    /// Write-zeroes request (reads back as zero; may become a hole).
+    pub fn write_zeroes(&self, node: &str, offset: u64, len: u64) {
+        self.qemu_io(node, &format!("write -z {offset} {len}"));
+        let f = OpenOptions::new()
+            .write(true)
+            .open(self.shadow(node))
+            .unwrap();
+        f.write_all_at(&vec![0u8; len as usize], offset).unwrap();
+    }
+
+    /// Several writes of pseudo-random (incompressible) bytes from a seed.
+    pub fn write_random(&self, node: &str, offset: u64, len: u64, seed: u64) {
+        let data = pseudo_random(len as usize, seed);
+        let src = self.work.join(format!("rand-{seed}.bin"));
+        fs::write(&src, &data).unwrap();
+        // qemu-io's `write -s FILE` writes a file's bytes through the guest export.
+        self.qemu_io(node, &format!("write -s {} {offset} {len}", src.display()));
+        let f = OpenOptions::new()
+            .write(true)
+            .open(self.shadow(node))
+            .unwrap();
+        f.write_all_at(&data, offset).unwrap();
+        let _ = fs::remove_file(src);
+    }
+
+    fn qemu_io(&self, node: &str, cmd: &str) {
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd, &self.guest_uri(node)])
+            .output()
+            .expect("run qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && text.contains("wrote"),
+            "qemu-io {cmd:?} failed: {text}"
+        );
+    }
+
+    /// BLAKE3 hex of the shadow (what the disk holds now).
+    pub fn shadow_digest(&self, node: &str) -> String {
+        file_digest(&self.shadow(node))
+    }
+
+    /// Copy the shadow aside (content at this moment), return the copy's path.
+    pub fn keep_shadow(&self, node: &str, tag: &str) -> PathBuf {
+        let p = self.work.join(format!("{node}.{tag}.expected"));
+        fs::copy(self.shadow(node), &p).unwrap();
+        p
+    }
+
+    /// SIGKILL the daemon (an unclean stop: persistent bitmaps become inconsistent).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Clean stop through QMP `quit` (bitmaps are stored in the qcow2).
+    pub fn quit(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = qmp_oneshot(&self.qmp_sock, r#"{"execute":"quit"}"#);
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again on the same images (after `kill` or `quit`).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.launch();
+    }
+
+    /// Send QMP commands (JSON text) and return the replies (events skipped).
+    pub fn qmp(&self, cmds: &[&str]) -> Vec<serde_json::Value> {
+        qmp_session(&self.qmp_sock, cmds)
+    }
+
+    /// Names of the dirty bitmaps on a node with their `inconsistent` flag.
+    pub fn bitmaps(&self, node: &str) -> Vec<(String, bool)> {
+        let r = self.qmp(&[r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#]);
+        let mut out = Vec::new();
+        for n in r[0]["return"].as_array().unwrap() {
+            if n["node-name"] == node {
+                for b in n["dirty-bitmaps"].as_array().cloned().unwrap_or_default() {
+                    out.push((
+                        b["name"].as_str().unwrap().to_string(),
+                        b["inconsistent"].as_bool().unwrap_or(false),
+                    ));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A QMP conversation for tests: greeting, capabilities, then `cmds`; events skipped.
+pub fn qmp_session(sock: &Path, cmds: &[&str]) -> Vec<serde_json::Value> {
+    use std::io::BufRead;
+    use std::os::unix::net::UnixStream;
+    let s = UnixStream::connect(sock).expect("connect QMP");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut read = || loop {
+        let mut line = String::new();
+        assert!(r.read_line(&mut line).unwrap() > 0, "QMP closed");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v.get("event").is_none() {
+            return v;
+        }
+    };
+    read();
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .unwrap();
+    read();
+    cmds.iter()
+        .map(|c| {
+            w.write_all(c.as_bytes()).unwrap();
+            w.write_all(b"\n").unwrap();
+            read()
+        })
+        .collect()
+}
+
+fn qmp_oneshot(sock: &Path, cmd: &str) -> std::io::Result<()> {
+    use std::os::unix::net::UnixStream;
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = [0u8; 4096];
+    let _ = s.read(&mut buf)?;
+    s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
+    let _ = s.read(&mut buf)?;
+    s.write_all(cmd.as_bytes())?;
+    s.write_all(b"\n")?;
+    let _ = s.read(&mut buf);
+    Ok(())
+}
+
+/// BLAKE3 hex digest of a file's bytes.
+pub fn file_digest(path: &Path) -> String {
+    let mut f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// Deterministic incompressible bytes (xorshift64*).
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Run a command, panic with its output when it fails.
+pub fn run(prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Poll `cond` for up to 10 s.
+pub fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
