@@ -1,4 +1,127 @@
-//! (placeholder: being written)
+//! The command-line front end: parse, resolve, dispatch, print, map errors to exit codes.
+//!
+//! `args` holds the clap definitions; one module per command group turns them into
+//! resolved values and calls the engine (`state`, `platform`, `backup`, `restore`).
+//! The engine never sees clap types. Errors are printed once, here, as one line
+//! (`vmbackup: <error>: <cause>`), and mapped to an exit code by
+//! [`crate::error::exit_code_of`].
+
+pub mod args;
+mod config_cmd;
+mod output;
+mod platform_cmd;
+mod rule_cmd;
+mod target_cmd;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::{CommandFactory, Parser};
+
+use crate::config::SystemConfig;
+use crate::error::{exit_code_of, ExitCode};
+use crate::state::State;
+use args::{Cli, Command};
+
+/// The clap command tree (for man pages and completions).
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+/// Resolved global settings every handler gets.
+pub struct Ctx {
+    pub state_path: PathBuf,
+    pub config_path: PathBuf,
+    /// The config path was given explicitly (flag or env): it must exist.
+    pub config_explicit: bool,
+    pub json: bool,
+    pub quiet: bool,
+    pub verbose: u8,
+}
+
+impl Ctx {
+    fn resolve(g: &args::GlobalArgs) -> Result<Ctx> {
+        let state_path = match &g.state {
+            Some(p) => p.clone(),
+            None => default_state_path()?,
+        };
+        let (config_path, config_explicit) = match &g.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from("/etc/vmbackup/system.conf"), false),
+        };
+        Ok(Ctx { state_path, config_path, config_explicit, json: g.json, quiet: g.quiet, verbose: g.verbose })
+    }
+
+    /// Open the state store.
+    pub fn state(&self) -> Result<State> {
+        State::open(&self.state_path)
+    }
+
+    /// Load and validate system.conf.
+    pub fn system_config(&self) -> Result<SystemConfig> {
+        SystemConfig::load(&self.config_path, self.config_explicit)
+    }
+
+    /// Scratch space for fleecing images and our own NBD sockets: `<state dir>/run`.
+    pub fn run_dir(&self) -> PathBuf {
+        self.state_path.parent().unwrap_or(Path::new(".")).join("run")
+    }
+}
+
+fn default_state_path() -> Result<PathBuf> {
+    if rustix::process::geteuid().is_root() {
+        return Ok(PathBuf::from("/var/lib/vmbackup/state.db"));
+    }
+    let base = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => match std::env::var_os("HOME") {
+            Some(h) => PathBuf::from(h).join(".local/state"),
+            None => anyhow::bail!("cannot find a state directory: set --state, VMBACKUP_STATE, XDG_STATE_HOME or HOME"),
+        },
+    };
+    Ok(base.join("vmbackup/state.db"))
+}
+
+/// Entry point of the binary.
 pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            let code = if e.use_stderr() { ExitCode::Usage } else { ExitCode::Ok };
+            return std::process::ExitCode::from(code.code());
+        }
+    };
+    let json = cli.global.json;
+    let code = match Ctx::resolve(&cli.global).and_then(|ctx| dispatch(&ctx, cli.command)) {
+        Ok(code) => code,
+        Err(err) => {
+            let code = exit_code_of(&err);
+            eprintln!("vmbackup: {err:#}");
+            if json {
+                output::print_json(&serde_json::json!({
+                    "error": format!("{err:#}"),
+                    "exit_code": code.code(),
+                }));
+            }
+            code
+        }
+    };
+    std::process::ExitCode::from(code.code())
+}
+
+fn dispatch(ctx: &Ctx, command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Platform(c) => platform_cmd::run(ctx, c),
+        Command::Target(c) => target_cmd::run(ctx, c),
+        Command::Rule(c) => rule_cmd::run(ctx, c),
+        Command::Config(c) => config_cmd::run(ctx, c),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut command(), "vmbackup", &mut std::io::stdout());
+            Ok(ExitCode::Ok)
+        }
+        Command::RunNow(_) | Command::Points(_) | Command::Restore(_) | Command::Verify(_) | Command::Cleanup(_) => {
+            anyhow::bail!("this command arrives with the backup engine")
+        }
+    }
 }

@@ -163,3 +163,11 @@ pub trait VmHandle: Send {
         run_dir: &std::path::Path,
     ) -> anyhow::Result<CleanupReport>;
 }
+
+/// Connect to a registered platform from its stored kind and parameters.
+pub fn connect(kind: &str, qmp_dir: &std::path::Path) -> anyhow::Result<Box<dyn Platform>> {
+    match kind {
+        "qemu" => Ok(Box::new(qemu::QemuPlatform::new(qmp_dir.to_path_buf()))),
+        other => Err(crate::error::invalid("platform type", other, "allowed: qemu")),
+    }
+}

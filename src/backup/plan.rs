@@ -1,0 +1,171 @@
+//! Which level a backup really runs at, and against which base (R26, R27).
+//!
+//! A pure function of the request, the committed points and the VM's disks, so
+//! every fallback rule is tested without QEMU. The platform may still refuse an
+//! inc/diff later (its bitmap is missing or inconsistent); the engine then runs a
+//! full with [`Fallback::cbt_unavailable`].
+
+use crate::level::Level;
+use crate::platform::DiskInfo;
+use crate::repo::Manifest;
+
+/// The decision: level, base point and, when it differs from the request, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LevelPlan {
+    pub level: Level,
+    /// Inc: the newest point. Diff: the newest full. Full: none.
+    pub base: Option<String>,
+    /// The newest full (the root of the chain), if any.
+    pub latest_full: Option<String>,
+    /// Why the requested inc/diff runs as a full (a warning, exit code 1).
+    pub fallback: Option<String>,
+}
+
+/// Whether changed-block tracking is in use for this VM (R6, R7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tracking {
+    On,
+    /// Off, with the reason (rule setting, or a disk that cannot hold bitmaps).
+    Off(String),
+}
+
+/// Decide the tracking mode from the rule's settings and the disks (R6, R7).
+pub fn tracking(auto_cbt: bool, cbt: bool, disks: &[DiskInfo]) -> Tracking {
+    if !auto_cbt && !cbt {
+        return Tracking::Off("quick backup (CBT) is switched off for this rule (R7)".into());
+    }
+    match disks.iter().find(|d| !d.cbt) {
+        Some(d) => Tracking::Off(format!("disk '{}' ({}) does not support changed-block tracking (R26)", d.name, d.format)),
+        None => Tracking::On,
+    }
+}
+
+/// Plan the level for a `requested` backup given the committed `points` (oldest
+/// first), the VM's current `disks` and the configured `chunk_size`.
+pub fn plan_level(requested: Level, points: &[Manifest], disks: &[DiskInfo], chunk_size: u32, tracking: &Tracking) -> LevelPlan {
+    let latest = points.last();
+    let latest_full = points.iter().rev().find(|p| p.level == Level::Full);
+    let full = |reason: String| LevelPlan {
+        level: Level::Full,
+        base: None,
+        latest_full: latest_full.map(|p| p.point.clone()),
+        fallback: Some(reason),
+    };
+    if requested == Level::Full {
+        return LevelPlan { level: Level::Full, base: None, latest_full: latest_full.map(|p| p.point.clone()), fallback: None };
+    }
+    let Some(full_point) = latest_full else {
+        return full(format!("no full backup exists yet, so this {requested} runs as a full (R27)"));
+    };
+    if let Tracking::Off(why) = tracking {
+        return full(format!("{why}; this {requested} runs as a full"));
+    }
+    let base = match requested {
+        Level::Inc => latest.expect("a full exists, so a newest point does"),
+        _ => full_point,
+    };
+    for d in disks {
+        match base.disks.iter().find(|b| b.name == d.name) {
+            None => return full(format!("disk '{}' is not in base point {} (disk added); this {requested} runs as a full", d.name, base.point)),
+            Some(b) if b.size != d.size => {
+                return full(format!(
+                    "disk '{}' changed size ({} -> {} bytes) since point {}; this {requested} runs as a full",
+                    d.name, b.size, d.size, base.point
+                ))
+            }
+            Some(b) if b.chunk_size != chunk_size => {
+                return full(format!(
+                    "chunk size changed ({} -> {} bytes, i2vp_transbuffer) since point {}; this {requested} runs as a full",
+                    b.chunk_size, chunk_size, base.point
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    LevelPlan { level: requested, base: Some(base.point.clone()), latest_full: Some(full_point.point.clone()), fallback: None }
+}
+
+/// Fallback reasons raised after planning.
+pub struct Fallback;
+
+impl Fallback {
+    pub fn cbt_unavailable(requested: Level, err: &crate::platform::CbtUnavailable) -> String {
+        format!("{err}; this {requested} runs as a full (R26)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::{ManifestDisk, ManifestTotals, ManifestVm, PointStatus};
+
+    fn disk(name: &str, size: u64, cbt: bool) -> DiskInfo {
+        DiskInfo { name: name.into(), node: name.into(), file: None, format: if cbt { "qcow2" } else { "raw" }.into(), size, cbt, uncoverable: None }
+    }
+
+    fn point(id: &str, level: Level, size: u64, chunk: u32) -> Manifest {
+        let now = chrono::Utc::now();
+        Manifest {
+            format: 1,
+            vm: ManifestVm { platform: "p".into(), name: "vm".into() },
+            point: id.into(),
+            level,
+            base: None,
+            full: None,
+            status: PointStatus::Completed,
+            started: now,
+            finished: now,
+            fallback_reason: None,
+            vm_config: serde_json::Value::Null,
+            disks: vec![ManifestDisk { name: "vda".into(), size, chunk_size: chunk, index: "vda.idx".into(), bytes_read: 0, bytes_written: 0, new_chunks: 0, reused_chunks: 0, zero_slots: 0 }],
+            totals: ManifestTotals::default(),
+        }
+    }
+
+    const C: u32 = 4 << 20;
+
+    #[test]
+    fn r27_inc_without_full_runs_as_full() {
+        let p = plan_level(Level::Inc, &[], &[disk("vda", 100, true)], C, &Tracking::On);
+        assert_eq!(p.level, Level::Full);
+        assert!(p.fallback.unwrap().contains("R27"));
+        let p = plan_level(Level::Diff, &[], &[disk("vda", 100, true)], C, &Tracking::On);
+        assert_eq!(p.level, Level::Full);
+    }
+
+    #[test]
+    fn inc_bases_on_newest_point_diff_on_newest_full() {
+        let pts = [point("20260101T000000Z", Level::Full, 100, C), point("20260102T000000Z", Level::Inc, 100, C)];
+        let d = [disk("vda", 100, true)];
+        let inc = plan_level(Level::Inc, &pts, &d, C, &Tracking::On);
+        assert_eq!((inc.level, inc.base.as_deref(), inc.fallback), (Level::Inc, Some("20260102T000000Z"), None));
+        let diff = plan_level(Level::Diff, &pts, &d, C, &Tracking::On);
+        assert_eq!((diff.level, diff.base.as_deref()), (Level::Diff, Some("20260101T000000Z")));
+        assert_eq!(diff.latest_full.as_deref(), Some("20260101T000000Z"));
+    }
+
+    #[test]
+    fn r26_tracking_off_or_raw_disk_runs_as_full() {
+        let pts = [point("20260101T000000Z", Level::Full, 100, C)];
+        let raw = [disk("vda", 100, false)];
+        let t = tracking(true, true, &raw);
+        assert!(matches!(t, Tracking::Off(_)));
+        let p = plan_level(Level::Inc, &pts, &raw, C, &t);
+        assert_eq!(p.level, Level::Full);
+        assert!(p.fallback.unwrap().contains("R26"));
+        let off = tracking(false, false, &[disk("vda", 100, true)]);
+        assert!(matches!(off, Tracking::Off(ref r) if r.contains("R7")));
+        assert_eq!(tracking(true, false, &[disk("vda", 100, true)]), Tracking::On);
+    }
+
+    #[test]
+    fn resize_added_disk_and_chunk_change_run_as_full() {
+        let pts = [point("20260101T000000Z", Level::Full, 100, C)];
+        let resized = plan_level(Level::Inc, &pts, &[disk("vda", 200, true)], C, &Tracking::On);
+        assert!(resized.fallback.unwrap().contains("changed size"));
+        let added = plan_level(Level::Inc, &pts, &[disk("vda", 100, true), disk("vdb", 5, true)], C, &Tracking::On);
+        assert!(added.fallback.unwrap().contains("disk added"));
+        let chunk = plan_level(Level::Inc, &pts, &[disk("vda", 100, true)], C / 2, &Tracking::On);
+        assert!(chunk.fallback.unwrap().contains("chunk size"));
+    }
+}

@@ -1,0 +1,298 @@
+//! The command line, as clap types. Only `cli` sees these; handlers turn them into
+//! resolved values before calling the engine. Man pages and shell completions are
+//! generated from these definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Agentless, image-level VM backup with changed-block tracking.
+///
+/// Exit codes: 0 ok; 1 done with warnings; 2 usage or validation error (nothing
+/// changed); 3 task failed; 4 busy, locked or skipped; 130 interrupted.
+#[derive(Debug, Parser)]
+#[command(name = "vmbackup", version, max_term_width = 100, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// State database [default: /var/lib/vmbackup/state.db as root,
+    /// $XDG_STATE_HOME/vmbackup/state.db otherwise]
+    #[arg(long, global = true, env = "VMBACKUP_STATE", value_name = "PATH")]
+    pub state: Option<PathBuf>,
+    /// System configuration file (a missing default file means built-in defaults)
+    /// [default: /etc/vmbackup/system.conf]
+    #[arg(long, global = true, env = "VMBACKUP_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Machine-readable output: JSON documents for list/show, JSON lines for progress
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Less output (warnings and errors only)
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// More output (repeat for more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Register and inspect virtualization platforms (R2, R36)
+    #[command(subcommand)]
+    Platform(PlatformCmd),
+    /// Register and inspect backup targets (R4)
+    #[command(subcommand)]
+    Target(TargetCmd),
+    /// Define, change, start, stop and remove backup rules (R1-R37)
+    #[command(subcommand)]
+    Rule(RuleCmd),
+    /// Show the effective system configuration (R38-R42)
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Back up a rule's VMs now, in this process (R32)
+    RunNow(RunNowArgs),
+    /// List the restore points of a VM
+    Points(PointsArgs),
+    /// Restore a point to image files
+    Restore(RestoreArgs),
+    /// Re-read and re-hash backup data; report missing or corrupt chunks
+    Verify(VerifyArgs),
+    /// Remove leftovers of interrupted runs on platforms and targets (R44)
+    Cleanup(CleanupArgs),
+    /// Print a shell completion script
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlatformCmd {
+    /// Register a platform and read its VM list
+    Add {
+        name: String,
+        /// Platform type
+        #[arg(long = "type", value_enum)]
+        kind: PlatformKind,
+        /// Directory holding one QMP unix socket per VM (*.qmp or *.sock)
+        #[arg(long, value_name = "DIR")]
+        qmp_dir: PathBuf,
+    },
+    /// List registered platforms
+    List,
+    /// Show one platform with its cached VM list
+    Show { name: String },
+    /// Re-read the VM list of a platform (R36)
+    Refresh { name: String },
+    /// Remove a platform (refused while a rule uses it)
+    Remove { name: String },
+    /// List a platform's VMs with disks, CBT support and protecting rule (R35)
+    Vms {
+        name: String,
+        /// Query the platform now instead of showing the cached list
+        #[arg(long)]
+        refresh: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PlatformKind {
+    /// QEMU processes (qemu-system, qemu-storage-daemon) reached over QMP sockets
+    Qemu,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TargetCmd {
+    /// Register a target: a directory under which backup repositories live
+    Add {
+        name: String,
+        #[arg(long, value_name = "DIR")]
+        path: PathBuf,
+    },
+    /// List registered targets
+    List,
+    /// Show one target
+    Show { name: String },
+    /// Remove a target (refused while a rule uses it; data stays on disk)
+    Remove { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RuleCmd {
+    /// Create a backup rule
+    Add(RuleAddArgs),
+    /// Change a rule's schedules, retention and bandwidth windows (R34)
+    Edit(RuleEditArgs),
+    /// Add a VM to a rule; it inherits the rule's settings (R34)
+    AddVm {
+        name: String,
+        #[arg(long, required = true, value_name = "VM")]
+        vm: Vec<String>,
+    },
+    /// Start a rule, or one of its VMs
+    Start {
+        name: String,
+        #[arg(long, value_name = "VM")]
+        vm: Option<String>,
+    },
+    /// Stop a rule, or one of its VMs (no new runs start)
+    Stop {
+        name: String,
+        #[arg(long, value_name = "VM")]
+        vm: Option<String>,
+    },
+    /// Remove a rule, or one VM from it (refused while a restore runs, R37)
+    Remove {
+        name: String,
+        #[arg(long, value_name = "VM")]
+        vm: Option<String>,
+    },
+    /// List rules
+    List,
+    /// Show a rule: settings, compiled schedules, next runs, per-VM state
+    Show { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct RuleAddArgs {
+    pub name: String,
+    /// Registered platform the VMs live on (R2)
+    #[arg(long)]
+    pub platform: String,
+    /// VM(s) from the platform's VM list (R3); repeat or comma-separate
+    #[arg(long, required = true, value_delimiter = ',', value_name = "VM")]
+    pub vm: Vec<String>,
+    /// Registered target (R4)
+    #[arg(long)]
+    pub target: String,
+    /// Sub-directory of the target for this rule's repository (R5) [default: the rule name]
+    #[arg(long, value_name = "SUBDIR")]
+    pub path: Option<String>,
+    /// Do not choose quick backup (CBT) automatically; use --cbt (R6)
+    #[arg(long, requires = "cbt")]
+    pub no_auto_cbt: bool,
+    /// Quick backup (CBT) on or off, with --no-auto-cbt (R7)
+    #[arg(long, value_enum, requires = "no_auto_cbt")]
+    pub cbt: Option<OnOff>,
+    /// Read disk images directly when reachable from this host (R8)
+    #[arg(long)]
+    pub lan_free: bool,
+    /// Delete the rule's backup data when the rule is removed (R9)
+    #[arg(long)]
+    pub delete_data: bool,
+    /// Freeze guest file systems while the snapshot is taken (R10)
+    #[arg(long)]
+    pub quiesce: bool,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// One-time run at this local time, "YYYY-MM-DD HH:MM" (R11-R13)
+    #[arg(long, value_name = "TIME", conflicts_with_all = ["schedule", "retention"])]
+    pub once: Option<String>,
+    /// Periodic run: "<full|inc|diff> <daily|weekly|monthly|quarterly> [on DAYS] at HH:MM[,HH:MM...]";
+    /// at most two (R14, R22-R25)
+    #[arg(long, value_name = "SPEC")]
+    pub schedule: Vec<String>,
+    /// Keep points for N periods of the schedule's type, 0..=64 (R15)
+    #[arg(long, value_name = "N")]
+    pub retention: Option<u32>,
+    /// Bandwidth window: "DAYS HH:MM-HH:MM RATE" with RATE like 20MiB/s, or "pause" (R29)
+    #[arg(long, value_name = "WINDOW")]
+    pub bandwidth: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RuleEditArgs {
+    pub name: String,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// Remove every bandwidth window
+    #[arg(long, conflicts_with = "bandwidth")]
+    pub clear_bandwidth: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Print each setting, its value and where it came from
+    Show,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LevelArg {
+    Full,
+    Inc,
+    Diff,
+}
+
+#[derive(Debug, Args)]
+pub struct RunNowArgs {
+    pub rule: String,
+    /// Only this VM of the rule [default: every VM]
+    #[arg(long, value_name = "VM")]
+    pub vm: Option<String>,
+    /// Backup level; inc/diff run as full when no full exists or CBT is unavailable (R26, R27)
+    #[arg(long, value_enum)]
+    pub level: LevelArg,
+}
+
+#[derive(Debug, Args)]
+pub struct PointsArgs {
+    pub rule: String,
+    #[arg(long, value_name = "VM")]
+    pub vm: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    pub rule: String,
+    #[arg(long, value_name = "VM")]
+    pub vm: String,
+    /// Point id, or "latest"
+    #[arg(long, default_value = "latest", value_name = "ID")]
+    pub point: String,
+    /// Directory to write one image per disk into
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    /// Image format
+    #[arg(long, value_enum, default_value = "raw")]
+    pub format: ImageFormat,
+    /// Overwrite existing image files
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Only this rule [default: every rule]
+    pub rule: Option<String>,
+    #[arg(long, value_name = "VM", requires = "rule")]
+    pub vm: Option<String>,
+    #[arg(long, value_name = "ID", requires = "vm")]
+    pub point: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Only this rule [default: every rule]
+    pub rule: Option<String>,
+}

@@ -1,0 +1,193 @@
+//! `vmbackup platform ...`: register QEMU hosts and look at their VMs (R2, R3, R35, R36, R43).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::args::{PlatformCmd, PlatformKind};
+use super::output::{print_json, yes_no, Table};
+use super::Ctx;
+use crate::error::{invalid, ExitCode};
+use crate::platform::{self, VmInfo};
+use crate::state::platforms::PlatformRow;
+use crate::state::{check_name, State};
+use crate::units::format_size;
+
+pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
+    match cmd {
+        PlatformCmd::Add { name, kind, qmp_dir } => add(ctx, &name, kind, &qmp_dir),
+        PlatformCmd::List => list(ctx),
+        PlatformCmd::Show { name } => show(ctx, &name),
+        PlatformCmd::Refresh { name } => refresh(ctx, &name),
+        PlatformCmd::Remove { name } => {
+            ctx.state()?.remove_platform(&name)?;
+            if !ctx.quiet && !ctx.json {
+                println!("platform '{name}' removed");
+            }
+            if ctx.json {
+                print_json(&serde_json::json!({ "removed": name }));
+            }
+            Ok(ExitCode::Ok)
+        }
+        PlatformCmd::Vms { name, refresh: now } => {
+            if now {
+                refresh_inventory(ctx, &name)?;
+            }
+            vms(ctx, &name)
+        }
+    }
+}
+
+fn kind_name(k: PlatformKind) -> &'static str {
+    match k {
+        PlatformKind::Qemu => "qemu",
+    }
+}
+
+fn add(ctx: &Ctx, name: &str, kind: PlatformKind, qmp_dir: &Path) -> Result<ExitCode> {
+    check_name("platform name", name)?;
+    if !qmp_dir.is_dir() {
+        return Err(invalid("--qmp-dir", qmp_dir.display(), "must be an existing directory holding QMP sockets (*.qmp, *.sock)"));
+    }
+    let dir = qmp_dir.canonicalize().with_context(|| format!("cannot resolve {}", qmp_dir.display()))?;
+    let mut state = ctx.state()?;
+    if state.platform(name)?.is_some() {
+        return Err(invalid("platform name", name, "already registered; pick another name"));
+    }
+    let vms = platform::connect(kind_name(kind), &dir)?.inventory()?;
+    state.add_platform(name, kind_name(kind), &dir.to_string_lossy(), &vms)?;
+    report_inventory(ctx, name, &vms, "added");
+    Ok(ExitCode::Ok)
+}
+
+/// Query the platform and store its VM list (R36).
+fn refresh_inventory(ctx: &Ctx, name: &str) -> Result<(State, Vec<VmInfo>)> {
+    let mut state = ctx.state()?;
+    let row = state.require_platform(name)?;
+    let vms = platform::connect(&row.kind, Path::new(&row.qmp_dir))?
+        .inventory()
+        .with_context(|| format!("platform '{name}'"))?;
+    state.set_inventory(name, &vms)?;
+    Ok((state, vms))
+}
+
+fn refresh(ctx: &Ctx, name: &str) -> Result<ExitCode> {
+    let (_, vms) = refresh_inventory(ctx, name)?;
+    report_inventory(ctx, name, &vms, "refreshed");
+    Ok(ExitCode::Ok)
+}
+
+fn report_inventory(ctx: &Ctx, name: &str, vms: &[VmInfo], verb: &str) {
+    let bad = vms.iter().filter(|v| v.error.is_some()).count();
+    if ctx.json {
+        print_json(&serde_json::json!({ "platform": name, "vms": vms.len(), "unreachable": bad }));
+    } else if !ctx.quiet {
+        println!("platform '{name}' {verb}: {} VM(s), {bad} unreachable", vms.len());
+        for v in vms.iter().filter(|v| v.error.is_some()) {
+            println!("  {}: {}", v.name, v.error.as_deref().unwrap_or_default());
+        }
+    }
+}
+
+fn list(ctx: &Ctx) -> Result<ExitCode> {
+    let rows = ctx.state()?.platforms()?;
+    if ctx.json {
+        #[derive(Serialize)]
+        struct Item<'a> {
+            name: &'a str,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            qmp_dir: &'a str,
+            vms: usize,
+            refreshed_at: Option<&'a str>,
+        }
+        let items: Vec<Item> = rows
+            .iter()
+            .map(|p| Item { name: &p.name, kind: &p.kind, qmp_dir: &p.qmp_dir, vms: p.vms.len(), refreshed_at: p.refreshed_at.as_deref() })
+            .collect();
+        print_json(&items);
+        return Ok(ExitCode::Ok);
+    }
+    let mut t = Table::new(&["NAME", "TYPE", "QMP-DIR", "VMS", "REFRESHED"]);
+    for p in &rows {
+        t.row(vec![p.name.clone(), p.kind.clone(), p.qmp_dir.clone(), p.vms.len().to_string(), p.refreshed_at.clone().unwrap_or_default()]);
+    }
+    t.print();
+    Ok(ExitCode::Ok)
+}
+
+fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
+    let state = ctx.state()?;
+    let p = state.require_platform(name)?;
+    if ctx.json {
+        let mut v = serde_json::to_value(&p)?;
+        v["vms"] = serde_json::to_value(vm_items(&state, &p)?)?;
+        print_json(&v);
+        return Ok(ExitCode::Ok);
+    }
+    println!("name:       {}", p.name);
+    println!("type:       {}", p.kind);
+    println!("qmp-dir:    {}", p.qmp_dir);
+    println!("created:    {}", p.created_at);
+    println!("refreshed:  {}", p.refreshed_at.as_deref().unwrap_or("never"));
+    println!("vms:        {}", p.vms.len());
+    println!();
+    print_vm_table(&vm_items(&state, &p)?);
+    Ok(ExitCode::Ok)
+}
+
+/// A VM as `platform vms` shows it: the inventory plus the rule protecting it (R35).
+#[derive(Serialize)]
+struct VmItem {
+    #[serde(flatten)]
+    vm: VmInfo,
+    #[serde(skip)]
+    name: String,
+    rule: Option<String>,
+}
+
+fn vm_items(state: &State, p: &PlatformRow) -> Result<Vec<VmItem>> {
+    p.vms
+        .iter()
+        .map(|v| {
+            Ok(VmItem { vm: v.clone(), name: v.name.clone(), rule: state.rule_of_vm(&p.name, &v.name)? })
+        })
+        .collect()
+}
+
+fn vms(ctx: &Ctx, name: &str) -> Result<ExitCode> {
+    let state = ctx.state()?;
+    let p = state.require_platform(name)?;
+    let items = vm_items(&state, &p)?;
+    if ctx.json {
+        print_json(&items);
+    } else {
+        print_vm_table(&items);
+    }
+    Ok(ExitCode::Ok)
+}
+
+fn print_vm_table(items: &[VmItem]) {
+    let mut t = Table::new(&["VM", "STATUS", "DISK", "FORMAT", "SIZE", "CBT", "RULE", "NOTE"]);
+    for it in items {
+        let rule = it.rule.as_ref().map(|r| format!("in rule {r}")).unwrap_or_default();
+        if let Some(err) = &it.vm.error {
+            t.row(vec![it.name.clone(), "unreachable".into(), "-".into(), "-".into(), "-".into(), "-".into(), rule, err.clone()]);
+            continue;
+        }
+        if it.vm.disks.is_empty() {
+            t.row(vec![it.name.clone(), it.vm.status.clone(), "-".into(), "-".into(), "-".into(), "-".into(), rule, "no disks".into()]);
+        }
+        for (i, d) in it.vm.disks.iter().enumerate() {
+            let (vm, status, rule) = if i == 0 {
+                (it.name.clone(), it.vm.status.clone(), rule.clone())
+            } else {
+                (String::new(), String::new(), String::new())
+            };
+            let note = d.uncoverable.as_ref().map(|r| format!("not coverable: {r} (R43)")).unwrap_or_default();
+            t.row(vec![vm, status, d.name.clone(), d.format.clone(), format_size(d.size), yes_no(d.cbt), rule, note]);
+        }
+    }
+    t.print();
+}

@@ -1,0 +1,297 @@
+//! Backup rules and their VMs (R1-R10, R34, R35, R37, R43).
+//!
+//! Admission of a rule or a VM into a rule is decided here, once, inside one
+//! IMMEDIATE transaction: the name is free (R1), the platform (R2) and target (R4)
+//! are registered, each VM is in the platform's cached list (R3), no VM is already
+//! in another rule (R35) and every disk of every VM can be covered by a snapshot
+//! (R43). Policies and bandwidth windows arrive already validated (`crate::policy`).
+
+use anyhow::Result;
+use rusqlite::{params, OptionalExtension, Transaction};
+use serde::Serialize;
+
+use super::platforms::{list_or_none, PlatformRow};
+use super::State;
+use crate::error::{invalid, refused};
+use crate::policy::bandwidth::Window;
+use crate::policy::Policy;
+
+/// Settings of a rule, as given to `rule add`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleSettings {
+    pub platform: String,
+    pub target: String,
+    /// Sub-directory of the target that holds this rule's repository (R5).
+    pub subdir: String,
+    /// R6: use CBT exactly when the VM supports it.
+    pub auto_cbt: bool,
+    /// R7: the user's own choice when `auto_cbt` is off.
+    pub cbt: bool,
+    pub lan_free: bool,
+    pub delete_data: bool,
+    pub quiesce: bool,
+    pub policy: Policy,
+    pub bandwidth: Vec<Window>,
+}
+
+/// A VM of a rule and its per-VM state (`started`, `stopped`, `completed`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleVm {
+    pub vm: String,
+    pub state: String,
+    pub added_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleRow {
+    pub name: String,
+    #[serde(flatten)]
+    pub settings: RuleSettings,
+    pub created_at: String,
+    pub vms: Vec<RuleVm>,
+}
+
+impl RuleRow {
+    pub fn has_vm(&self, vm: &str) -> bool {
+        self.vms.iter().any(|v| v.vm == vm)
+    }
+
+    /// The VM called `vm`, or a validation error listing the rule's VMs.
+    pub fn require_vm(&self, vm: &str) -> Result<&RuleVm> {
+        self.vms.iter().find(|v| v.vm == vm).ok_or_else(|| {
+            invalid("--vm", vm, format!("not in rule '{}'; its VMs: {}", self.name, list_or_none(self.vms.iter().map(|v| v.vm.as_str()))))
+        })
+    }
+}
+
+const COLS: &str = "name, platform, target, subdir, auto_cbt, cbt, lan_free, delete_data, quiesce, policy, bandwidth, created_at";
+
+fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
+    let policy: String = r.get(9)?;
+    let bandwidth: String = r.get(10)?;
+    let bad = |e: serde_json::Error| rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Text, Box::new(e));
+    Ok(RuleRow {
+        name: r.get(0)?,
+        settings: RuleSettings {
+            platform: r.get(1)?,
+            target: r.get(2)?,
+            subdir: r.get(3)?,
+            auto_cbt: r.get(4)?,
+            cbt: r.get(5)?,
+            lan_free: r.get(6)?,
+            delete_data: r.get(7)?,
+            quiesce: r.get(8)?,
+            policy: serde_json::from_str(&policy).map_err(bad)?,
+            bandwidth: serde_json::from_str(&bandwidth).map_err(bad)?,
+        },
+        created_at: r.get(11)?,
+        vms: Vec::new(),
+    })
+}
+
+fn load_vms(conn: &rusqlite::Connection, rule: &mut RuleRow) -> Result<()> {
+    let mut st = conn.prepare("SELECT vm, state, added_at FROM rule_vms WHERE rule = ?1 ORDER BY vm")?;
+    rule.vms = st
+        .query_map([&rule.name], |r| Ok(RuleVm { vm: r.get(0)?, state: r.get(1)?, added_at: r.get(2)? }))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(())
+}
+
+impl State {
+    pub fn rules(&self) -> Result<Vec<RuleRow>> {
+        let mut st = self.conn().prepare(&format!("SELECT {COLS} FROM rules ORDER BY name"))?;
+        let mut rules: Vec<RuleRow> = st.query_map([], from_row)?.collect::<rusqlite::Result<_>>()?;
+        for r in &mut rules {
+            load_vms(self.conn(), r)?;
+        }
+        Ok(rules)
+    }
+
+    pub fn rule(&self, name: &str) -> Result<Option<RuleRow>> {
+        let row = self
+            .conn()
+            .query_row(&format!("SELECT {COLS} FROM rules WHERE name = ?1"), [name], from_row)
+            .optional()?;
+        match row {
+            Some(mut r) => {
+                load_vms(self.conn(), &mut r)?;
+                Ok(Some(r))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The rule called `name`, or a validation error listing the existing ones.
+    pub fn require_rule(&self, name: &str) -> Result<RuleRow> {
+        match self.rule(name)? {
+            Some(r) => Ok(r),
+            None => Err(invalid(
+                "rule",
+                name,
+                format!("no such rule; rules: {}", list_or_none(self.rules()?.iter().map(|r| r.name.as_str()))),
+            )),
+        }
+    }
+
+    /// The rule that protects VM `vm` of platform `platform` (R35).
+    pub fn rule_of_vm(&self, platform: &str, vm: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT rule FROM rule_vms WHERE platform = ?1 AND vm = ?2", [platform, vm], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Create a rule with its VMs, all checks in one transaction (see module docs).
+    pub fn add_rule(&mut self, name: &str, s: &RuleSettings, vms: &[String]) -> Result<()> {
+        super::check_name("rule name", name)?;
+        if vms.is_empty() {
+            return Err(invalid("--vm", "", "give at least one VM (R3)"));
+        }
+        let policy = serde_json::to_string(&s.policy)?;
+        let bandwidth = serde_json::to_string(&s.bandwidth)?;
+        let platform = self.require_platform(&s.platform)?;
+        self.require_target(&s.target)?;
+        self.write(|tx| {
+            let exists: bool = tx.query_row("SELECT COUNT(*) > 0 FROM rules WHERE name = ?1", [name], |r| r.get(0))?;
+            if exists {
+                return Err(invalid("rule name", name, "a rule with this name exists; names are unique (R1)"));
+            }
+            for vm in vms {
+                admit_vm(tx, name, &platform, vm)?;
+            }
+            tx.execute(
+                &format!("INSERT INTO rules ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                params![name, s.platform, s.target, s.subdir, s.auto_cbt, s.cbt, s.lan_free, s.delete_data, s.quiesce, policy, bandwidth, super::now_text()],
+            )?;
+            for vm in vms {
+                insert_vm(tx, name, &s.platform, vm)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Add a VM to a rule; it inherits the rule's settings and policy (R34).
+    pub fn add_rule_vm(&mut self, rule: &str, vm: &str) -> Result<()> {
+        let r = self.require_rule(rule)?;
+        let platform = self.require_platform(&r.settings.platform)?;
+        self.write(|tx| {
+            admit_vm(tx, rule, &platform, vm)?;
+            insert_vm(tx, rule, &platform.name, vm)
+        })
+    }
+
+    /// Change only the policy and bandwidth windows of a rule (R34).
+    pub fn edit_rule_policy(&mut self, rule: &str, policy: &Policy, bandwidth: &[Window]) -> Result<()> {
+        let p = serde_json::to_string(policy)?;
+        let b = serde_json::to_string(bandwidth)?;
+        self.write(|tx| {
+            let n = tx.execute("UPDATE rules SET policy = ?2, bandwidth = ?3 WHERE name = ?1", params![rule, p, b])?;
+            if n == 0 {
+                return Err(invalid("rule", rule, "no such rule"));
+            }
+            // A new one-time start re-arms VMs that had completed the old one.
+            if matches!(policy, Policy::Once { .. }) {
+                tx.execute("UPDATE rule_vms SET state = 'started' WHERE rule = ?1 AND state = 'completed'", [rule])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Set the state of one VM or all VMs of a rule (`started`, `stopped`, `completed`).
+    pub fn set_rule_vm_state(&mut self, rule: &str, vm: Option<&str>, state: &str) -> Result<()> {
+        let r = self.require_rule(rule)?;
+        if let Some(vm) = vm {
+            r.require_vm(vm)?;
+        }
+        self.write(|tx| {
+            match vm {
+                Some(vm) => tx.execute("UPDATE rule_vms SET state = ?3 WHERE rule = ?1 AND vm = ?2", params![rule, vm, state])?,
+                None => tx.execute("UPDATE rule_vms SET state = ?2 WHERE rule = ?1", params![rule, state])?,
+            };
+            Ok(())
+        })
+    }
+
+    /// Remove a rule, or one VM from it. Refused while a restore task of the rule
+    /// (or of that VM) is queued or running (R37). Removing the last VM removes the rule.
+    pub fn remove_rule(&mut self, rule: &str, vm: Option<&str>) -> Result<()> {
+        let r = self.require_rule(rule)?;
+        if let Some(vm) = vm {
+            r.require_vm(vm)?;
+        }
+        self.write(|tx| {
+            let active: Vec<(i64, String)> = {
+                let mut st = tx.prepare(&format!(
+                    "SELECT id, vm FROM tasks WHERE kind = 'restore' AND rule = ?1 AND state IN {} ORDER BY id",
+                    super::tasks::ACTIVE_STATES
+                ))?;
+                let rows = st.query_map([rule], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+                rows.into_iter().filter(|(_, v)| vm.is_none_or(|want| want == v)).collect()
+            };
+            if let Some((id, v)) = active.first() {
+                return Err(refused(format!(
+                    "rule '{rule}' has a restore task in progress (task {id}, VM '{v}'); wait for it or cancel it first (R37)"
+                )));
+            }
+            match vm {
+                Some(vm) => {
+                    tx.execute("DELETE FROM rule_vms WHERE rule = ?1 AND vm = ?2", [rule, vm])?;
+                    let left: i64 = tx.query_row("SELECT COUNT(*) FROM rule_vms WHERE rule = ?1", [rule], |r| r.get(0))?;
+                    if left == 0 {
+                        tx.execute("DELETE FROM rules WHERE name = ?1", [rule])?;
+                    }
+                }
+                None => {
+                    tx.execute("DELETE FROM rules WHERE name = ?1", [rule])?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Checks R3, R35 and R43 for one VM joining `rule`.
+fn admit_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> Result<()> {
+    let Some(info) = platform.vm(vm) else {
+        return Err(invalid(
+            "--vm",
+            vm,
+            format!(
+                "not in the VM list of platform '{}' (R3); its VMs: {} (run 'vmbackup platform refresh {}' if it is new)",
+                platform.name,
+                list_or_none(platform.vms.iter().map(|v| v.name.as_str())),
+                platform.name
+            ),
+        ));
+    };
+    if let Some(err) = &info.error {
+        return Err(refused(format!("VM '{vm}' cannot be queried: {err}")));
+    }
+    let owner: Option<String> = tx
+        .query_row("SELECT rule FROM rule_vms WHERE platform = ?1 AND vm = ?2", [&platform.name, vm], |r| r.get(0))
+        .optional()?;
+    if let Some(owner) = owner {
+        let msg = if owner == rule {
+            format!("VM '{vm}' is already in rule '{rule}'")
+        } else {
+            format!("VM '{vm}' is already protected by rule '{owner}'; a VM can be in one rule only (R35)")
+        };
+        return Err(refused(msg));
+    }
+    if let Some(d) = info.disks.iter().find(|d| d.uncoverable.is_some()) {
+        return Err(refused(format!(
+            "VM '{vm}' disk '{}' cannot be covered by a snapshot: {} (R43)",
+            d.name,
+            d.uncoverable.as_deref().unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+fn insert_vm(tx: &Transaction, rule: &str, platform: &str, vm: &str) -> Result<()> {
+    tx.execute(
+        "INSERT INTO rule_vms (rule, platform, vm, state, added_at) VALUES (?1, ?2, ?3, 'started', ?4)",
+        params![rule, platform, vm, super::now_text()],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! Schema migrations: forward only, one SQL batch per version, applied in order.
+//!
+//! `PRAGMA user_version` holds the number of migrations applied. A database newer
+//! than this binary is refused rather than guessed at.
+
+use anyhow::{bail, Result};
+use rusqlite::Connection;
+
+/// Each entry upgrades from version `i` to `i + 1`. Never edit a released entry;
+/// append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: configuration and task history.
+    r#"
+    CREATE TABLE platforms (
+        name         TEXT PRIMARY KEY,
+        kind         TEXT NOT NULL,
+        qmp_dir      TEXT NOT NULL,
+        created_at   TEXT NOT NULL,
+        refreshed_at TEXT,
+        inventory    TEXT NOT NULL DEFAULT '[]'   -- JSON: [VmInfo]
+    );
+    CREATE TABLE targets (
+        name       TEXT PRIMARY KEY,
+        path       TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE rules (
+        name        TEXT PRIMARY KEY,
+        platform    TEXT NOT NULL REFERENCES platforms(name),
+        target      TEXT NOT NULL REFERENCES targets(name),
+        subdir      TEXT NOT NULL DEFAULT '',
+        auto_cbt    INTEGER NOT NULL,
+        cbt         INTEGER NOT NULL,
+        lan_free    INTEGER NOT NULL,
+        delete_data INTEGER NOT NULL,
+        quiesce     INTEGER NOT NULL,
+        policy      TEXT NOT NULL,               -- JSON: policy::Policy
+        bandwidth   TEXT NOT NULL DEFAULT '[]',  -- JSON: [policy::bandwidth::Window]
+        created_at  TEXT NOT NULL
+    );
+    CREATE TABLE rule_vms (
+        rule     TEXT NOT NULL REFERENCES rules(name) ON DELETE CASCADE,
+        platform TEXT NOT NULL,
+        vm       TEXT NOT NULL,
+        state    TEXT NOT NULL DEFAULT 'started',  -- started | stopped | completed
+        added_at TEXT NOT NULL,
+        PRIMARY KEY (rule, vm),
+        UNIQUE (platform, vm)                      -- R35: one rule per VM
+    );
+    CREATE TABLE tasks (
+        id          INTEGER PRIMARY KEY,
+        kind        TEXT NOT NULL,                 -- backup | restore
+        rule        TEXT NOT NULL,
+        vm          TEXT NOT NULL,
+        level       TEXT,
+        state       TEXT NOT NULL,                 -- queued | pending | running | completed | failed | skipped | interrupted
+        phase       TEXT,                          -- R31 state while running
+        percent     REAL NOT NULL DEFAULT 0,
+        bytes_done  INTEGER NOT NULL DEFAULT 0,
+        bytes_total INTEGER NOT NULL DEFAULT 0,
+        point       TEXT,
+        message     TEXT,
+        pid         INTEGER,
+        created_at  TEXT NOT NULL,
+        started_at  TEXT,
+        finished_at TEXT
+    );
+    CREATE INDEX tasks_by_rule ON tasks(rule, vm, id);
+    CREATE TABLE task_logs (
+        id      INTEGER PRIMARY KEY,
+        task    INTEGER NOT NULL REFERENCES tasks(id) ON DELETE CASCADE,
+        ts      TEXT NOT NULL,
+        level   TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX task_logs_by_task ON task_logs(task, id);
+    "#,
+];
+
+/// The schema version this binary writes.
+pub const VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Bring the database to [`VERSION`], each step in its own transaction.
+pub fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if current > VERSION {
+        bail!(
+            "state schema version {current} is newer than this vmbackup understands ({VERSION}); \
+             use a newer vmbackup"
+        );
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Re-check under the write lock: another process may have migrated meanwhile.
+        let now: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if now as usize > i {
+            continue;
+        }
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as u32)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

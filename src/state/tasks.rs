@@ -1,0 +1,163 @@
+//! Tasks (one backup or restore of one VM) and their log lines (R31, R32).
+//!
+//! A task row is written when the task starts and updated as it moves through the
+//! R31 phases; its final state is one of completed / failed / skipped /
+//! interrupted. `pid` names the process running it, so a task whose process died
+//! can be recognised (the runner reclaims such tasks).
+
+use anyhow::Result;
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+use super::State;
+
+/// Task states. `queued`/`pending`/`running` are active; the others final.
+pub const ACTIVE_STATES: &str = "('queued','pending','running')";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskRow {
+    pub id: i64,
+    pub kind: String,
+    pub rule: String,
+    pub vm: String,
+    pub level: Option<String>,
+    pub state: String,
+    pub phase: Option<String>,
+    pub percent: f64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub point: Option<String>,
+    pub message: Option<String>,
+    pub pid: Option<i64>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+const COLS: &str = "id, kind, rule, vm, level, state, phase, percent, bytes_done, bytes_total, point, message, pid, created_at, started_at, finished_at";
+
+fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
+    Ok(TaskRow {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        rule: r.get(2)?,
+        vm: r.get(3)?,
+        level: r.get(4)?,
+        state: r.get(5)?,
+        phase: r.get(6)?,
+        percent: r.get(7)?,
+        bytes_done: r.get::<_, i64>(8)? as u64,
+        bytes_total: r.get::<_, i64>(9)? as u64,
+        point: r.get(10)?,
+        message: r.get(11)?,
+        pid: r.get(12)?,
+        created_at: r.get(13)?,
+        started_at: r.get(14)?,
+        finished_at: r.get(15)?,
+    })
+}
+
+/// One stored log line.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogLine {
+    pub task: i64,
+    pub ts: String,
+    pub level: String,
+    pub message: String,
+}
+
+impl State {
+    /// Record a task that starts running now in this process.
+    pub fn start_task(&mut self, kind: &str, rule: &str, vm: &str, level: Option<&str>) -> Result<i64> {
+        let pid = std::process::id() as i64;
+        self.write(|tx| {
+            let now = super::now_text();
+            tx.execute(
+                "INSERT INTO tasks (kind, rule, vm, level, state, phase, pid, created_at, started_at)
+                 VALUES (?1, ?2, ?3, ?4, 'running', 'preparing', ?5, ?6, ?6)",
+                params![kind, rule, vm, level, pid, now],
+            )?;
+            Ok(tx.last_insert_rowid())
+        })
+    }
+
+    /// Move a running task to R31 phase `phase`.
+    pub fn set_task_phase(&mut self, id: i64, phase: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("UPDATE tasks SET phase = ?2 WHERE id = ?1", params![id, phase])?;
+            Ok(())
+        })
+    }
+
+    /// Record progress of a running task.
+    pub fn set_task_progress(&mut self, id: i64, done: u64, total: u64) -> Result<()> {
+        let pct = if total == 0 { 0.0 } else { (done as f64 * 100.0 / total as f64).min(100.0) };
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET phase = 'running', bytes_done = ?2, bytes_total = ?3, percent = ?4 WHERE id = ?1",
+                params![id, done as i64, total as i64, pct],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Finish a task: `state` is completed / failed / interrupted / skipped.
+    pub fn finish_task(&mut self, id: i64, state: &str, point: Option<&str>, message: Option<&str>) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET state = ?2, phase = NULL, point = COALESCE(?3, point), message = ?4,
+                 finished_at = ?5, percent = CASE WHEN ?2 = 'completed' THEN 100 ELSE percent END WHERE id = ?1",
+                params![id, state, point, message, super::now_text()],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn task(&self, id: i64) -> Result<Option<TaskRow>> {
+        Ok(self
+            .conn()
+            .query_row(&format!("SELECT {COLS} FROM tasks WHERE id = ?1"), [id], from_row)
+            .optional()?)
+    }
+
+    /// Tasks, newest first; `active_only` keeps queued/pending/running.
+    pub fn tasks(&self, active_only: bool, limit: u32) -> Result<Vec<TaskRow>> {
+        let filter = if active_only { format!("WHERE state IN {ACTIVE_STATES}") } else { String::new() };
+        let mut st = self.conn().prepare(&format!("SELECT {COLS} FROM tasks {filter} ORDER BY id DESC LIMIT ?1"))?;
+        let rows = st.query_map([limit], from_row)?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// The newest task of a rule's VM.
+    pub fn last_task(&self, rule: &str, vm: &str) -> Result<Option<TaskRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {COLS} FROM tasks WHERE rule = ?1 AND vm = ?2 ORDER BY id DESC LIMIT 1"),
+                [rule, vm],
+                from_row,
+            )
+            .optional()?)
+    }
+
+    /// Append a log line to a task (R32).
+    pub fn log(&mut self, task: i64, level: &str, message: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO task_logs (task, ts, level, message) VALUES (?1, ?2, ?3, ?4)",
+                params![task, super::now_text(), level, message],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn task_logs(&self, task: i64) -> Result<Vec<LogLine>> {
+        let mut st = self
+            .conn()
+            .prepare("SELECT task, ts, level, message FROM task_logs WHERE task = ?1 ORDER BY id")?;
+        let rows = st
+            .query_map([task], |r| Ok(LogLine { task: r.get(0)?, ts: r.get(1)?, level: r.get(2)?, message: r.get(3)? }))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+}
