@@ -1,0 +1,199 @@
+//! The chunk object: one chunk's bytes, compressed or raw, behind a fixed header.
+//!
+//! ```text
+//! offset size  field
+//!  0      8    magic "VMBCHNK1"
+//!  8      1    compression: 0 raw, 1 zstd
+//!  9      3    reserved, zero
+//! 12      4    uncompressed length, u32 little-endian
+//! 16      4    payload length, u32 little-endian
+//! 20      n    payload (n = payload length; the object ends here)
+//! ```
+//!
+//! The chunk's id is the BLAKE3 digest of its uncompressed bytes, so a reader
+//! verifies everything it decodes by re-hashing.
+
+use anyhow::{bail, Context, Result};
+
+use super::format::{CHUNK_MAGIC, MAX_CHUNK_SIZE};
+
+/// A chunk's id: BLAKE3 of its uncompressed bytes.
+pub type Digest = [u8; 32];
+
+/// Length of the chunk object header.
+pub const CHUNK_HEADER_LEN: usize = 20;
+
+/// zstd level used for new chunks (fast; the win is dedup and zero slots).
+const ZSTD_LEVEL: i32 = 1;
+
+const COMPRESSION_RAW: u8 = 0;
+const COMPRESSION_ZSTD: u8 = 1;
+
+/// The lowercase hex form of a digest (64 characters), as used in chunk file names.
+pub fn digest_hex(d: &Digest) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parse the 64-character lowercase hex form of a digest.
+pub fn parse_digest_hex(text: &str) -> Option<Digest> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 64 || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    for (i, out) in digest.iter_mut().enumerate() {
+        let pair = std::str::from_utf8(&bytes[2 * i..2 * i + 2]).ok()?;
+        *out = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(digest)
+}
+
+/// The digest of `data`.
+pub fn digest_of(data: &[u8]) -> Digest {
+    *blake3::hash(data).as_bytes()
+}
+
+/// Encode `data` as a chunk object: zstd when that shrinks it, raw otherwise.
+/// The compressed form is decompressed and compared before it is returned.
+pub fn encode_chunk(data: &[u8]) -> Result<Vec<u8>> {
+    let len = u32::try_from(data.len())
+        .ok()
+        .filter(|&n| n <= MAX_CHUNK_SIZE)
+        .with_context(|| format!("chunk of {} bytes exceeds the 32 MiB limit", data.len()))?;
+    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).context("zstd compression failed")?;
+    let (compression, payload) = if compressed.len() < data.len() {
+        let check = zstd::bulk::decompress(&compressed, data.len())
+            .context("zstd round trip of a new chunk failed")?;
+        if check != data {
+            bail!("zstd round trip of a new chunk returned different bytes");
+        }
+        (COMPRESSION_ZSTD, compressed.as_slice())
+    } else {
+        (COMPRESSION_RAW, data)
+    };
+    let payload_len = u32::try_from(payload.len()).context("chunk payload too large")?;
+    let mut object = Vec::with_capacity(CHUNK_HEADER_LEN + payload.len());
+    object.extend_from_slice(&CHUNK_MAGIC);
+    object.push(compression);
+    object.extend_from_slice(&[0u8; 3]);
+    object.extend_from_slice(&len.to_le_bytes());
+    object.extend_from_slice(&payload_len.to_le_bytes());
+    object.extend_from_slice(payload);
+    Ok(object)
+}
+
+/// Decode a chunk object and check that its content hashes to `expected`.
+/// Errors say what is wrong without naming the file; the caller adds that.
+pub fn decode_chunk(object: &[u8], expected: &Digest) -> Result<Vec<u8>> {
+    if object.len() < CHUNK_HEADER_LEN {
+        bail!("truncated header ({} bytes)", object.len());
+    }
+    if object[..8] != CHUNK_MAGIC {
+        bail!(
+            "unknown object magic '{}' (expected '{}')",
+            object[..8].escape_ascii(),
+            CHUNK_MAGIC.escape_ascii()
+        );
+    }
+    let compression = object[8];
+    if object[9..12] != [0u8; 3] {
+        bail!("reserved header bytes are not zero");
+    }
+    let len = read_u32(object, 12);
+    let payload_len = read_u32(object, 16);
+    if len > MAX_CHUNK_SIZE {
+        bail!("uncompressed length {len} exceeds the 32 MiB limit");
+    }
+    let payload = &object[CHUNK_HEADER_LEN..];
+    if payload.len() != payload_len as usize {
+        bail!(
+            "payload is {} bytes, header says {payload_len}",
+            payload.len()
+        );
+    }
+    let data = match compression {
+        COMPRESSION_RAW => payload.to_vec(),
+        COMPRESSION_ZSTD => zstd::bulk::decompress(payload, len as usize)
+            .context("zstd payload does not decompress")?,
+        other => bail!("unknown compression {other}"),
+    };
+    if data.len() != len as usize {
+        bail!("content is {} bytes, header says {len}", data.len());
+    }
+    let actual = digest_of(&data);
+    if &actual != expected {
+        bail!("content hashes to {}", digest_hex(&actual));
+    }
+    Ok(data)
+}
+
+fn read_u32(bytes: &[u8], at: usize) -> u32 {
+    let mut field = [0u8; 4];
+    field.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(field)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressible_chunks_are_stored_zstd_and_round_trip() {
+        let data = b"abcd".repeat(16 * 1024);
+        let object = encode_chunk(&data).unwrap();
+        assert_eq!(object[8], COMPRESSION_ZSTD);
+        assert!(object.len() < data.len() / 10);
+        assert_eq!(decode_chunk(&object, &digest_of(&data)).unwrap(), data);
+    }
+
+    #[test]
+    fn incompressible_chunks_are_stored_raw() {
+        let mut data = vec![0u8; 64 * 1024];
+        let mut x: u32 = 0x1234_5678;
+        for b in data.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        let object = encode_chunk(&data).unwrap();
+        assert_eq!(object[8], COMPRESSION_RAW);
+        assert_eq!(object.len(), CHUNK_HEADER_LEN + data.len());
+        assert_eq!(&object[CHUNK_HEADER_LEN..], &data[..]);
+        assert_eq!(decode_chunk(&object, &digest_of(&data)).unwrap(), data);
+    }
+
+    #[test]
+    fn damaged_objects_are_refused() {
+        let data = b"hello world ".repeat(1000);
+        let digest = digest_of(&data);
+        let good = encode_chunk(&data).unwrap();
+
+        let mut flipped = good.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x01;
+        assert!(decode_chunk(&flipped, &digest).is_err());
+
+        assert!(decode_chunk(&good[..good.len() - 1], &digest).is_err());
+        assert!(decode_chunk(&good[..10], &digest).is_err());
+
+        let mut magic = good.clone();
+        magic[7] = b'9';
+        let err = decode_chunk(&magic, &digest).unwrap_err();
+        assert!(err.to_string().contains("VMBCHNK9"), "{err}");
+
+        let other = digest_of(b"other");
+        let err = decode_chunk(&good, &other).unwrap_err();
+        assert!(err.to_string().contains(&digest_hex(&digest)), "{err}");
+    }
+
+    #[test]
+    fn digest_hex_round_trips() {
+        let d = digest_of(b"x");
+        let hex = digest_hex(&d);
+        assert_eq!(hex.len(), 64);
+        assert_eq!(parse_digest_hex(&hex), Some(d));
+        assert_eq!(parse_digest_hex(&hex.to_uppercase()), None);
+        assert_eq!(parse_digest_hex(&hex[1..]), None);
+    }
+}

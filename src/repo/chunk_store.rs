@@ -1,0 +1,292 @@
+//! The chunk store: `chunks/ab/cd/<64-hex digest>`, one chunk object per file.
+//!
+//! A chunk file is written once and never rewritten: its data is fsynced before its
+//! name exists, so an existing name is trusted. Directory fsyncs (which make the
+//! names durable) are batched: every insert records the chunk's directories, and
+//! [`ChunkStore::sync_dirs`] fsyncs them all before a point's manifest is written.
+//! Inserts are safe from many threads and processes at once: the same digest
+//! written twice produces the same bytes under unique staging names, and the
+//! final rename is atomic.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use anyhow::{anyhow, Context, Result};
+
+use super::atomic;
+use super::chunk::{decode_chunk, digest_hex, digest_of, encode_chunk, Digest};
+
+/// What [`ChunkStore::insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    /// The chunk's id.
+    pub digest: Digest,
+    /// True when this call stored the chunk; false when it was already present.
+    pub new: bool,
+    /// Bytes written to the target (header + payload); 0 when not new.
+    pub stored_bytes: u64,
+}
+
+/// Why a chunk could not be read.
+#[derive(Debug)]
+pub enum ChunkError {
+    /// No file for this digest.
+    Missing { path: PathBuf },
+    /// The file exists but does not decode to content with this digest.
+    Corrupt { path: PathBuf, reason: String },
+    /// The file could not be read (permissions, I/O error).
+    Unreadable { path: PathBuf, source: io::Error },
+}
+
+/// The content-addressed chunk store under `<root>/chunks`.
+#[derive(Debug)]
+pub struct ChunkStore {
+    dir: PathBuf,
+    /// Leaf directories (`ab/cd` as a u16) holding chunk names not yet fsynced.
+    dirs_to_sync: Mutex<BTreeSet<u16>>,
+}
+
+impl ChunkStore {
+    /// The store at `dir` (`<root>/chunks`), which must exist.
+    pub(crate) fn new(dir: PathBuf) -> ChunkStore {
+        ChunkStore {
+            dir,
+            dirs_to_sync: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// The directory holding the store.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The path of the chunk file for `digest`.
+    pub fn path_of(&self, digest: &Digest) -> PathBuf {
+        self.leaf_dir(leaf_of(digest)).join(digest_hex(digest))
+    }
+
+    /// Hash `data`, and store it compressed unless a chunk with that digest exists.
+    pub fn insert(&self, data: &[u8]) -> Result<Inserted> {
+        let digest = digest_of(data);
+        let path = self.path_of(&digest);
+        let leaf = leaf_of(&digest);
+        if path.exists() {
+            // Another writer may have renamed it in without its directory fsync
+            // yet: whoever commits a point referring to it must fsync this dir.
+            self.record_dir(leaf);
+            return Ok(Inserted {
+                digest,
+                new: false,
+                stored_bytes: 0,
+            });
+        }
+        let object = encode_chunk(data)
+            .with_context(|| format!("cannot encode chunk {}", digest_hex(&digest)))?;
+        let leaf_dir = self.leaf_dir(leaf);
+        fs::create_dir_all(&leaf_dir)
+            .with_context(|| format!("cannot create chunk directory {}", leaf_dir.display()))?;
+        self.record_dir(leaf);
+        atomic::write_file_defer_dir_sync(&path, &object)
+            .with_context(|| format!("cannot store chunk {}", digest_hex(&digest)))?;
+        Ok(Inserted {
+            digest,
+            new: true,
+            stored_bytes: object.len() as u64,
+        })
+    }
+
+    /// True when a chunk file for `digest` exists (its content is not read).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.path_of(digest).exists()
+    }
+
+    /// Read a chunk, decompress it and check its digest. A missing or corrupt
+    /// chunk is an error naming the digest and the file.
+    pub fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
+        self.read_checked(digest).map_err(|e| {
+            let hex = digest_hex(digest);
+            match e {
+                ChunkError::Missing { path } => {
+                    anyhow!("chunk {hex} is missing ({})", path.display())
+                }
+                ChunkError::Corrupt { path, reason } => {
+                    anyhow!("chunk {hex} is corrupt ({}): {reason}", path.display())
+                }
+                ChunkError::Unreadable { path, source } => {
+                    anyhow!("cannot read chunk {hex} ({}): {source}", path.display())
+                }
+            }
+        })
+    }
+
+    /// Like [`ChunkStore::get`], with the kind of failure as a value (for verify).
+    pub fn read_checked(&self, digest: &Digest) -> Result<Vec<u8>, ChunkError> {
+        let path = self.path_of(digest);
+        let object = match fs::read(&path) {
+            Ok(object) => object,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ChunkError::Missing { path })
+            }
+            Err(source) => return Err(ChunkError::Unreadable { path, source }),
+        };
+        decode_chunk(&object, digest).map_err(|e| ChunkError::Corrupt {
+            path,
+            reason: format!("{e:#}"),
+        })
+    }
+
+    /// fsync every chunk directory touched since the last call (leaf, its parent,
+    /// and the store root), so every chunk name inserted so far is durable.
+    /// Holds the set while syncing: a concurrent caller returns only once the
+    /// directories it needs are durable.
+    pub fn sync_dirs(&self) -> Result<()> {
+        let mut pending = self
+            .dirs_to_sync
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut parents = BTreeSet::new();
+        for &leaf in pending.iter() {
+            atomic::sync_dir(&self.leaf_dir(leaf))?;
+            parents.insert(leaf >> 8);
+        }
+        for &parent in &parents {
+            atomic::sync_dir(&self.dir.join(format!("{parent:02x}")))?;
+        }
+        if !pending.is_empty() {
+            atomic::sync_dir(&self.dir)?;
+        }
+        pending.clear();
+        Ok(())
+    }
+
+    fn record_dir(&self, leaf: u16) {
+        self.dirs_to_sync
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(leaf);
+    }
+
+    fn leaf_dir(&self, leaf: u16) -> PathBuf {
+        self.dir
+            .join(format!("{:02x}", leaf >> 8))
+            .join(format!("{:02x}", leaf & 0xff))
+    }
+}
+
+/// The leaf directory of a digest: its first two bytes (`ab/cd`).
+fn leaf_of(digest: &Digest) -> u16 {
+    u16::from_be_bytes([digest[0], digest[1]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn store() -> (tempfile::TempDir, ChunkStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = dir.path().join("chunks");
+        fs::create_dir(&chunks).unwrap();
+        (dir, ChunkStore::new(chunks))
+    }
+
+    #[test]
+    fn insert_stores_once_and_get_returns_the_content() {
+        let (_dir, store) = store();
+        let data = b"block ".repeat(10_000);
+        let first = store.insert(&data).unwrap();
+        assert!(first.new);
+        assert!(first.stored_bytes > 0 && first.stored_bytes < data.len() as u64);
+        let path = store.path_of(&first.digest);
+        let hex = digest_hex(&first.digest);
+        assert!(path.ends_with(format!("{}/{}/{hex}", &hex[..2], &hex[2..4])));
+        assert_eq!(fs::metadata(&path).unwrap().len(), first.stored_bytes);
+
+        let second = store.insert(&data).unwrap();
+        assert_eq!(second.digest, first.digest);
+        assert!(!second.new);
+        assert_eq!(second.stored_bytes, 0);
+        assert!(store.contains(&first.digest));
+        assert_eq!(store.get(&first.digest).unwrap(), data);
+        store.sync_dirs().unwrap();
+        let leaf_entries: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(leaf_entries.len(), 1, "no staging files left behind");
+    }
+
+    #[test]
+    fn flipped_byte_and_deleted_chunk_are_loud_errors_naming_the_digest() {
+        let (_dir, store) = store();
+        let a = store.insert(&b"a".repeat(5000)).unwrap().digest;
+        let b = store.insert(&b"b".repeat(5000)).unwrap().digest;
+        let path_a = store.path_of(&a);
+        let mut bytes = fs::read(&path_a).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        fs::write(&path_a, bytes).unwrap();
+        let err = store.get(&a).unwrap_err().to_string();
+        assert!(
+            err.contains(&digest_hex(&a)) && err.contains("corrupt"),
+            "{err}"
+        );
+        assert!(err.contains(&path_a.display().to_string()), "{err}");
+
+        fs::remove_file(store.path_of(&b)).unwrap();
+        assert!(!store.contains(&b));
+        let err = store.get(&b).unwrap_err().to_string();
+        assert!(
+            err.contains(&digest_hex(&b)) && err.contains("missing"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn concurrent_inserts_of_overlapping_data_store_every_chunk_once() {
+        let (_dir, store) = store();
+        let store = Arc::new(store);
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let store = Arc::clone(&store);
+                std::thread::spawn(move || {
+                    let mut digests = Vec::new();
+                    for i in 0..50u32 {
+                        // Every thread inserts the same 50 chunks, in a different order.
+                        let n = (i + t * 13) % 50;
+                        let data = format!("chunk number {n} ").repeat(500);
+                        digests.push((n, store.insert(data.as_bytes()).unwrap().digest));
+                    }
+                    digests
+                })
+            })
+            .collect();
+        let mut all = BTreeSet::new();
+        for t in threads {
+            for (n, d) in t.join().unwrap() {
+                all.insert((n, d));
+            }
+        }
+        assert_eq!(
+            all.len(),
+            50,
+            "same data gave the same digest in every thread"
+        );
+        store.sync_dirs().unwrap();
+        for (n, d) in &all {
+            let expected = format!("chunk number {n} ").repeat(500);
+            assert_eq!(store.get(d).unwrap(), expected.as_bytes());
+        }
+        let mut files = 0;
+        for ab in fs::read_dir(store.dir()).unwrap() {
+            for cd in fs::read_dir(ab.unwrap().path()).unwrap() {
+                for f in fs::read_dir(cd.unwrap().path()).unwrap() {
+                    let name = f.unwrap().file_name().into_string().unwrap();
+                    assert!(!atomic::is_tmp_name(&name), "{name}");
+                    files += 1;
+                }
+            }
+        }
+        assert_eq!(files, 50);
+    }
+}

@@ -1,0 +1,117 @@
+//! Verifying a point: every chunk its indexes refer to is read, decompressed and
+//! re-hashed. Each distinct chunk is checked once per point.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use anyhow::{bail, Context, Result};
+
+use super::chunk::{digest_hex, Digest};
+use super::chunk_store::{ChunkError, ChunkStore};
+use super::index::{DiskIndex, Slot};
+use super::manifest::Manifest;
+
+/// The outcome of verifying one point.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VerifyReport {
+    /// Distinct chunks read and re-hashed.
+    pub chunks_checked: u64,
+    /// One entry per bad chunk (reported at the first slot referring to it).
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    /// True when no problem was found.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// A chunk a point needs that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub disk: String,
+    pub slot: u64,
+    pub digest: Digest,
+    pub kind: ProblemKind,
+}
+
+/// What is wrong with a chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// The chunk file does not exist.
+    Missing,
+    /// The chunk file exists but is damaged; the reason says how.
+    Corrupt(String),
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match &self.kind {
+            ProblemKind::Missing => "missing".to_string(),
+            ProblemKind::Corrupt(reason) => format!("corrupt: {reason}"),
+        };
+        write!(
+            f,
+            "disk '{}' slot {}: chunk {} {what}",
+            self.disk,
+            self.slot,
+            digest_hex(&self.digest)
+        )
+    }
+}
+
+/// Check `indexes` (one per disk of `manifest`, in its order) against the store.
+pub(crate) fn verify_indexes(
+    store: &ChunkStore,
+    manifest: &Manifest,
+    indexes: &[DiskIndex],
+) -> Result<VerifyReport> {
+    let mut report = VerifyReport::default();
+    let mut seen: HashSet<Digest> = HashSet::new();
+    for (disk, index) in manifest.disks.iter().zip(indexes) {
+        if (index.disk_size, index.chunk_size) != (disk.size, disk.chunk_size) {
+            bail!(
+                "index of disk '{}' does not match the manifest (size {} / chunk size {} vs {} / {})",
+                disk.name,
+                index.disk_size,
+                index.chunk_size,
+                disk.size,
+                disk.chunk_size
+            );
+        }
+        for (slot, entry) in index.slots.iter().enumerate() {
+            let Slot::Chunk(digest) = entry else { continue };
+            if !seen.insert(*digest) {
+                continue;
+            }
+            report.chunks_checked += 1;
+            let kind = match store.read_checked(digest) {
+                Ok(data) if data.len() == index.slot_len(slot) => continue,
+                Ok(data) => ProblemKind::Corrupt(format!(
+                    "{} bytes long, the slot needs {}",
+                    data.len(),
+                    index.slot_len(slot)
+                )),
+                Err(ChunkError::Missing { .. }) => ProblemKind::Missing,
+                Err(ChunkError::Corrupt { reason, .. }) => ProblemKind::Corrupt(reason),
+                Err(ChunkError::Unreadable { path, source }) => {
+                    return Err(source).with_context(|| {
+                        format!(
+                            "cannot read chunk {} ({})",
+                            digest_hex(digest),
+                            path.display()
+                        )
+                    })
+                }
+            };
+            report.problems.push(Problem {
+                disk: disk.name.clone(),
+                slot: slot as u64,
+                digest: *digest,
+                kind,
+            });
+        }
+    }
+    Ok(report)
+}
