@@ -1,1 +1,283 @@
-//! (placeholder: being written)
+//! A backup of one VM, start to finish (R7, R26, R27, R31, R44).
+//!
+//! ```text
+//! preparing           open repo, lock the VM, drop incomplete points, clean up
+//!                     platform leftovers of interrupted runs (R44)
+//! backing up config   the VM's configuration goes into the manifest
+//! querying changes    plan the level (plan.rs), snapshot every disk at once with
+//!                     changed-block tracking (platform), falling back to full (R26/R27)
+//! checking data       load the base point's indexes (link to the parent)
+//! running             every disk through disk.rs in parallel
+//! commit              indexes, then the manifest (the point exists from here on),
+//!                     then the platform drops the old tracking state
+//! ```
+//! Any failure (or SIGINT/SIGTERM, via `cancel`) aborts the point and tells the
+//! platform to restore its tracking state, so no change is ever lost.
+
+pub mod disk;
+pub mod extents;
+pub mod plan;
+pub mod progress;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use chrono::Utc;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::error::refused;
+use crate::level::Level;
+use crate::platform::{BackupRequest, CbtUnavailable, Platform, Snapshot, VmHandle};
+use crate::repo::{
+    index_file_name, new_point_id, parse_point_id, vm_key, Manifest, ManifestDisk, ManifestTotals, ManifestVm, PointStatus,
+    Repository, Slot,
+};
+use disk::{DiskPlan, Pipeline};
+use plan::{Fallback, LevelPlan, Tracking};
+use progress::{LogLevel, Phase, Progress};
+
+/// Everything a backup of one VM needs, resolved (no CLI types).
+#[derive(Debug, Clone)]
+pub struct BackupJob {
+    /// Registered platform name (part of the VM's key in the repository).
+    pub platform: String,
+    pub vm: String,
+    /// Repository directory: target path + rule sub-directory.
+    pub repo_root: PathBuf,
+    pub requested: Level,
+    pub auto_cbt: bool,
+    pub cbt: bool,
+    pub quiesce: bool,
+    /// Chunk size = system.conf `i2vp_transbuffer` (R39).
+    pub chunk_size: u32,
+    /// Scratch directory for the platform (fleecing images, sockets).
+    pub run_dir: PathBuf,
+    /// Chunk buffers in flight for this task (memory bound: this × chunk size).
+    pub buffers: usize,
+}
+
+/// What a finished backup produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupOutcome {
+    pub point: String,
+    pub level: Level,
+    pub requested: Level,
+    pub base: Option<String>,
+    /// Why an inc/diff ran as a full (exit code 1).
+    pub fallback: Option<String>,
+    pub totals: ManifestTotals,
+    /// Problems that did not fail the backup.
+    pub warnings: Vec<String>,
+}
+
+/// Back up one VM. `rt` runs the disk pipelines; `cancel` aborts cleanly.
+pub fn run_backup(
+    job: &BackupJob,
+    platform: &dyn Platform,
+    progress: Arc<dyn Progress>,
+    cancel: Arc<AtomicBool>,
+    rt: &tokio::runtime::Handle,
+) -> Result<BackupOutcome> {
+    progress.phase(Phase::Preparing);
+    let repo = Repository::init_or_open(&job.repo_root)?;
+    let key = vm_key(&job.platform, &job.vm);
+    let lock = repo.lock_vm(&key)?;
+    for gone in repo.remove_incomplete_points(&lock)? {
+        progress.log(LogLevel::Warn, &format!("removed incomplete point {gone} left by an interrupted run"));
+    }
+    let mut vm = platform.open_vm(&job.vm).with_context(|| format!("VM '{}'", job.vm))?;
+    let info = vm.info()?;
+    if let Some(err) = &info.error {
+        anyhow::bail!("VM '{}' cannot be queried: {err}", job.vm);
+    }
+    if let Some(d) = info.disks.iter().find(|d| d.uncoverable.is_some()) {
+        return Err(refused(format!(
+            "VM '{}' disk '{}' cannot be covered by a snapshot: {} (R43)",
+            job.vm,
+            d.name,
+            d.uncoverable.as_deref().unwrap_or_default()
+        )));
+    }
+    let points = repo.list_points(&key)?;
+    let latest = points.last().map(|p| p.point.clone());
+    let latest_full = points.iter().rev().find(|p| p.level == Level::Full).map(|p| p.point.clone());
+    std::fs::create_dir_all(&job.run_dir).with_context(|| format!("cannot create {}", job.run_dir.display()))?;
+    let cleaned = vm.cleanup(latest.as_deref(), latest_full.as_deref(), &job.run_dir)?;
+    for a in &cleaned.actions {
+        progress.log(LogLevel::Warn, &format!("cleaned up after an interrupted run: {a}"));
+    }
+
+    progress.phase(Phase::BackingUpConfig);
+    let vm_config = vm.config()?;
+
+    progress.phase(Phase::QueryingChanges);
+    let tracking = plan::tracking(job.auto_cbt, job.cbt, &info.disks);
+    let mut lp = plan::plan_level(job.requested, &points, &info.disks, job.chunk_size, &tracking);
+    let point = next_point_id(latest.as_deref())?;
+    let mut req = BackupRequest {
+        new_point: point.clone(),
+        level: lp.level,
+        base: lp.base.clone(),
+        latest_full: lp.latest_full.clone(),
+        track: tracking == Tracking::On,
+        quiesce: job.quiesce,
+        run_dir: job.run_dir.clone(),
+    };
+    let snapshot = match vm.begin_backup(&req) {
+        Ok(s) => s,
+        Err(e) if lp.level != Level::Full && e.downcast_ref::<CbtUnavailable>().is_some() => {
+            let cu = e.downcast_ref::<CbtUnavailable>().expect("checked above");
+            lp = LevelPlan {
+                level: Level::Full,
+                base: None,
+                latest_full: lp.latest_full.clone(),
+                fallback: Some(Fallback::cbt_unavailable(job.requested, cu)),
+            };
+            req.level = Level::Full;
+            req.base = None;
+            vm.begin_backup(&req)?
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(why) = &lp.fallback {
+        progress.log(LogLevel::Warn, why);
+    }
+    progress.level(lp.level);
+
+    let started = Utc::now();
+    let result = write_point(job, &repo, &lock, &key, &point, &lp, &snapshot, vm_config, progress.clone(), cancel, rt, started);
+    finish(vm.as_mut(), result, progress.as_ref()).map(|(totals, warnings)| BackupOutcome {
+        point,
+        level: lp.level,
+        requested: job.requested,
+        base: lp.base,
+        fallback: lp.fallback,
+        totals,
+        warnings,
+    })
+}
+
+/// End the platform view: committed → drop old tracking; failed → restore it.
+fn finish(vm: &mut dyn VmHandle, result: Result<ManifestTotals>, progress: &dyn Progress) -> Result<(ManifestTotals, Vec<String>)> {
+    match result {
+        Ok(totals) => {
+            let mut warnings = Vec::new();
+            if let Err(e) = vm.finish_backup(true) {
+                let w = format!("the point is committed, but ending the snapshot failed: {e:#}; 'vmbackup cleanup' repairs it");
+                progress.log(LogLevel::Warn, &w);
+                warnings.push(w);
+            }
+            Ok((totals, warnings))
+        }
+        Err(err) => {
+            if let Err(e) = vm.finish_backup(false) {
+                progress.log(LogLevel::Error, &format!("ending the snapshot after a failure failed too: {e:#}; run 'vmbackup cleanup'"));
+            }
+            Err(err)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_point(
+    job: &BackupJob,
+    repo: &Repository,
+    lock: &crate::repo::VmLock,
+    key: &str,
+    point: &str,
+    lp: &LevelPlan,
+    snapshot: &Snapshot,
+    vm_config: serde_json::Value,
+    progress: Arc<dyn Progress>,
+    cancel: Arc<AtomicBool>,
+    rt: &tokio::runtime::Handle,
+    started: chrono::DateTime<Utc>,
+) -> Result<ManifestTotals> {
+    progress.phase(Phase::CheckingData);
+    let mut plans = Vec::new();
+    for export in &snapshot.exports {
+        let base = match &lp.base {
+            Some(b) => Some(repo.load_index(key, b, &export.disk.name).with_context(|| format!("base point {b}"))?),
+            None => None,
+        };
+        plans.push(DiskPlan { export: export.clone(), base, chunk_size: job.chunk_size });
+    }
+    let mut writer = repo.begin_point(lock, point)?;
+
+    progress.phase(Phase::Running);
+    let pipe = Pipeline {
+        repo: Arc::new(repo.clone()),
+        permits: Arc::new(Semaphore::new(job.buffers.max(1))),
+        progress: progress.clone(),
+        cancel,
+    };
+    let results = rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, plan) in plans.into_iter().enumerate() {
+            let pipe = pipe.clone();
+            set.spawn(async move { (i, disk::backup_disk(plan, pipe).await) });
+        }
+        let mut out = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            let (i, r) = joined.context("disk task panicked")?;
+            out.push((i, r?));
+        }
+        out.sort_by_key(|(i, _)| *i);
+        anyhow::Ok(out)
+    })?;
+
+    let mut disks = Vec::new();
+    for ((_, (index, stats)), export) in results.into_iter().zip(&snapshot.exports) {
+        let name = &export.disk.name;
+        writer.write_index(name, &index)?;
+        let chunk_slots = index.slots.iter().filter(|s| matches!(s, Slot::Chunk(_))).count() as u64;
+        disks.push(ManifestDisk {
+            name: name.clone(),
+            size: index.disk_size,
+            chunk_size: index.chunk_size,
+            index: index_file_name(name),
+            bytes_read: stats.bytes_read,
+            bytes_written: stats.bytes_written,
+            new_chunks: stats.new_chunks,
+            reused_chunks: chunk_slots.saturating_sub(stats.new_chunks),
+            zero_slots: index.zero_slots(),
+        });
+    }
+    let totals = ManifestTotals::of(&disks);
+    let (base, full) = match lp.level {
+        Level::Full => (None, None),
+        _ => (lp.base.clone(), lp.latest_full.clone()),
+    };
+    let manifest = Manifest {
+        format: crate::repo::FORMAT_VERSION,
+        vm: ManifestVm { platform: job.platform.clone(), name: job.vm.clone() },
+        point: point.to_string(),
+        level: lp.level,
+        base,
+        full,
+        status: PointStatus::Completed,
+        started,
+        finished: Utc::now(),
+        fallback_reason: lp.fallback.clone(),
+        vm_config,
+        disks,
+        totals,
+    };
+    writer.commit(&manifest)?;
+    Ok(totals)
+}
+
+/// A point id for now, strictly after the newest existing point.
+fn next_point_id(latest: Option<&str>) -> Result<String> {
+    let mut now = Utc::now();
+    if let Some(l) = latest {
+        let last = parse_point_id(l)?;
+        if now <= last {
+            now = last + chrono::Duration::seconds(1);
+        }
+    }
+    Ok(new_point_id(now))
+}

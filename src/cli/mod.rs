@@ -7,9 +7,11 @@
 //! [`crate::error::exit_code_of`].
 
 pub mod args;
+mod backup_cmd;
 mod config_cmd;
 mod output;
 mod platform_cmd;
+mod progress_view;
 mod rule_cmd;
 mod target_cmd;
 
@@ -110,8 +112,8 @@ pub fn main() -> std::process::ExitCode {
     std::process::ExitCode::from(code.code())
 }
 
-fn dispatch(ctx: &Ctx, command: Command) -> Result<ExitCode> {
-    match command {
+fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
+    match cmd {
         Command::Platform(c) => platform_cmd::run(ctx, c),
         Command::Target(c) => target_cmd::run(ctx, c),
         Command::Rule(c) => rule_cmd::run(ctx, c),
@@ -120,8 +122,10 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<ExitCode> {
             clap_complete::generate(shell, &mut command(), "vmbackup", &mut std::io::stdout());
             Ok(ExitCode::Ok)
         }
-        Command::RunNow(_) | Command::Points(_) | Command::Restore(_) | Command::Verify(_) | Command::Cleanup(_) => {
-            anyhow::bail!("this command arrives with the backup engine")
-        }
+        Command::RunNow(a) => backup_cmd::run_now(ctx, a),
+        Command::Points(a) => backup_cmd::points(ctx, a),
+        Command::Restore(a) => backup_cmd::restore(ctx, a),
+        Command::Verify(a) => backup_cmd::verify(ctx, a),
+        Command::Cleanup(a) => backup_cmd::cleanup(ctx, a),
     }
 }

@@ -173,11 +173,11 @@ fn print_vm_table(items: &[VmItem]) {
     for it in items {
         let rule = it.rule.as_ref().map(|r| format!("in rule {r}")).unwrap_or_default();
         if let Some(err) = &it.vm.error {
-            t.row(vec![it.name.clone(), "unreachable".into(), "-".into(), "-".into(), "-".into(), "-".into(), rule, err.clone()]);
+            t.row(vec![it.name.clone(), "unreachable".into(), "-".into(), "-".into(), "-".into(), "-".into(), rule.clone(), err.clone()]);
             continue;
         }
         if it.vm.disks.is_empty() {
-            t.row(vec![it.name.clone(), it.vm.status.clone(), "-".into(), "-".into(), "-".into(), "-".into(), rule, "no disks".into()]);
+            t.row(vec![it.name.clone(), it.vm.status.clone(), "-".into(), "-".into(), "-".into(), "-".into(), rule.clone(), "no disks".into()]);
         }
         for (i, d) in it.vm.disks.iter().enumerate() {
             let (vm, status, rule) = if i == 0 {

@@ -1,0 +1,397 @@
+//! `run-now`, `points`, `restore`, `verify`, `cleanup`: the engine's commands.
+//!
+//! Each resolves rule → platform, target, repository path, system.conf values,
+//! then calls `backup::run_backup` / `restore::restore_point` / the repository.
+//! Every backup or restore is a task row with log lines (R31, R32).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::args::{CleanupArgs, ImageFormat as ImageArg, LevelArg, PointsArgs, RestoreArgs, RunNowArgs, VerifyArgs};
+use super::output::{print_json, Table};
+use super::progress_view::TaskView;
+use super::Ctx;
+use crate::backup::progress::Progress;
+use crate::backup::{run_backup, BackupJob, BackupOutcome};
+use crate::error::{exit_code_of, is_interrupted, ExitCode};
+use crate::level::Level;
+use crate::platform;
+use crate::repo::{vm_key, Repository};
+use crate::restore::{restore_point, ImageFormat, RestoreRequest};
+use crate::state::rules::RuleRow;
+use crate::state::State;
+use crate::units::format_size;
+
+/// Chunk buffers in flight per task: with `bk_tsk_thd` tasks this keeps memory
+/// under 64 MiB + 3 × bk_tsk_thd × i2vp_transbuffer.
+const BUFFERS_PER_TASK: usize = 3;
+
+/// The repository directory of a rule: target path / sub-directory (R5).
+pub fn repo_root(state: &State, rule: &RuleRow) -> Result<PathBuf> {
+    let target = state.require_target(&rule.settings.target)?;
+    Ok(Path::new(&target.path).join(&rule.settings.subdir))
+}
+
+/// A flag set by the first SIGINT/SIGTERM; the second one exits at once (130).
+pub fn cancel_on_signals(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            return;
+        };
+        for n in 0.. {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            if n == 0 {
+                eprintln!("vmbackup: interrupted: stopping cleanly (send the signal again to exit at once)");
+                flag.store(true, Ordering::SeqCst);
+            } else {
+                std::process::exit(ExitCode::Interrupted.code() as i32);
+            }
+        }
+    });
+    cancel
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+fn level_of(l: LevelArg) -> Level {
+    match l {
+        LevelArg::Full => Level::Full,
+        LevelArg::Inc => Level::Inc,
+        LevelArg::Diff => Level::Diff,
+    }
+}
+
+#[derive(Serialize)]
+struct VmResult {
+    vm: String,
+    task: i64,
+    status: &'static str,
+    exit_code: u8,
+    #[serde(skip)]
+    code: ExitCode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<BackupOutcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+pub fn run_now(ctx: &Ctx, a: RunNowArgs) -> Result<ExitCode> {
+    let state = ctx.state()?;
+    let rule = state.require_rule(&a.rule)?;
+    let vms: Vec<String> = match &a.vm {
+        Some(vm) => vec![rule.require_vm(vm)?.vm.clone()],
+        None => rule.vms.iter().map(|v| v.vm.clone()).collect(),
+    };
+    let cfg = ctx.system_config()?;
+    let prow = state.require_platform(&rule.settings.platform)?;
+    let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
+    let root = repo_root(&state, &rule)?;
+    drop(state);
+    let rt = runtime()?;
+    let cancel = cancel_on_signals(&rt);
+    let mut results = Vec::new();
+    let mut worst = ExitCode::Ok;
+    for vm in vms {
+        if cancel.load(Ordering::SeqCst) {
+            worst = worst.max(ExitCode::Interrupted);
+            break;
+        }
+        let job = BackupJob {
+            platform: prow.name.clone(),
+            vm: vm.clone(),
+            repo_root: root.clone(),
+            requested: level_of(a.level),
+            auto_cbt: rule.settings.auto_cbt,
+            cbt: rule.settings.cbt,
+            quiesce: rule.settings.quiesce,
+            chunk_size: cfg.i2vp_transbuffer as u32,
+            run_dir: ctx.run_dir(),
+            buffers: BUFFERS_PER_TASK,
+        };
+        let mut state = ctx.state()?;
+        let task = state.start_task("backup", &rule.name, &vm, Some(job.requested.as_str()))?;
+        let view = Arc::new(TaskView::new(task, &vm, state, ctx.json, ctx.quiet));
+        let progress: Arc<dyn Progress> = view.clone();
+        let res = run_backup(&job, plat.as_ref(), progress, cancel.clone(), rt.handle());
+        let r = match res {
+            Ok(out) => {
+                let code = if out.fallback.is_some() || !out.warnings.is_empty() { ExitCode::Warning } else { ExitCode::Ok };
+                let msg = format!(
+                    "{} point {} (requested {}), read {}, stored {}",
+                    out.level,
+                    out.point,
+                    out.requested,
+                    format_size(out.totals.bytes_read),
+                    format_size(out.totals.bytes_written)
+                );
+                view.with_state(|s| {
+                    s.log(task, "info", &msg)?;
+                    s.finish_task(task, "completed", Some(&out.point), out.fallback.as_deref())
+                });
+                if !ctx.json && !ctx.quiet {
+                    println!("{vm}: {msg}");
+                }
+                VmResult { vm, task, status: "completed", exit_code: code.code(), code, outcome: Some(out), error: None }
+            }
+            Err(err) => {
+                let code = exit_code_of(&err);
+                let status = if is_interrupted(&err) { "interrupted" } else if code == ExitCode::Busy { "skipped" } else { "failed" };
+                let msg = format!("{err:#}");
+                view.with_state(|s| {
+                    s.log(task, "error", &msg)?;
+                    s.finish_task(task, status, None, Some(&msg))
+                });
+                eprintln!("vmbackup: {vm}: {status}: {msg}");
+                VmResult { vm, task, status, exit_code: code.code(), code, outcome: None, error: Some(msg) }
+            }
+        };
+        worst = worst.max(r.code);
+        results.push(r);
+    }
+    if ctx.json {
+        println!("{}", serde_json::json!({ "type": "summary", "rule": rule.name, "exit_code": worst.code(), "vms": results }));
+    }
+    Ok(worst)
+}
+
+/// Point summary for `points`.
+#[derive(Serialize)]
+struct PointRow {
+    point: String,
+    level: Level,
+    base: Option<String>,
+    started: String,
+    finished: String,
+    disks: Vec<String>,
+    size: u64,
+    bytes_read: u64,
+    bytes_written: u64,
+    fallback_reason: Option<String>,
+    status: &'static str,
+}
+
+pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
+    let state = ctx.state()?;
+    let rule = state.require_rule(&a.rule)?;
+    rule.require_vm(&a.vm)?;
+    let root = repo_root(&state, &rule)?;
+    let key = vm_key(&rule.settings.platform, &a.vm);
+    let points = if root.join(crate::repo::CONFIG_FILE).exists() { Repository::open(&root)?.list_points(&key)? } else { Vec::new() };
+    let rows: Vec<PointRow> = points
+        .iter()
+        .map(|m| PointRow {
+            point: m.point.clone(),
+            level: m.level,
+            base: m.base.clone(),
+            started: m.started.to_rfc3339(),
+            finished: m.finished.to_rfc3339(),
+            disks: m.disks.iter().map(|d| d.name.clone()).collect(),
+            size: m.totals.size,
+            bytes_read: m.totals.bytes_read,
+            bytes_written: m.totals.bytes_written,
+            fallback_reason: m.fallback_reason.clone(),
+            status: "completed",
+        })
+        .collect();
+    if ctx.json {
+        print_json(&rows);
+        return Ok(ExitCode::Ok);
+    }
+    let mut t = Table::new(&["POINT", "LEVEL", "BASE", "DISKS", "SIZE", "READ", "STORED", "STATUS"]);
+    for r in &rows {
+        t.row(vec![
+            r.point.clone(),
+            r.level.to_string(),
+            r.base.clone().unwrap_or_else(|| "-".into()),
+            r.disks.join(","),
+            format_size(r.size),
+            format_size(r.bytes_read),
+            format_size(r.bytes_written),
+            r.status.into(),
+        ]);
+    }
+    t.print();
+    Ok(ExitCode::Ok)
+}
+
+pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
+    let mut state = ctx.state()?;
+    let rule = state.require_rule(&a.rule)?;
+    rule.require_vm(&a.vm)?;
+    let root = repo_root(&state, &rule)?;
+    let repo = Repository::open(&root).with_context(|| format!("rule '{}'", rule.name))?;
+    let key = vm_key(&rule.settings.platform, &a.vm);
+    let point = (a.point != "latest").then_some(a.point.as_str());
+    // Validate the point before recording a task (bad input changes nothing).
+    crate::restore::select_point(&repo, &key, point)?;
+    let task = state.start_task("restore", &rule.name, &a.vm, None)?;
+    let view = TaskView::new(task, &a.vm, state, ctx.json, ctx.quiet);
+    let rt = runtime()?;
+    let cancel = cancel_on_signals(&rt);
+    let req = RestoreRequest {
+        repo: &repo,
+        vm_key: &key,
+        point,
+        dest: &a.to,
+        format: match a.format {
+            ImageArg::Raw => ImageFormat::Raw,
+            ImageArg::Qcow2 => ImageFormat::Qcow2,
+        },
+        force: a.force,
+        workers: 4,
+    };
+    match restore_point(&req, &view, &cancel) {
+        Ok(report) => {
+            view.with_state(|s| s.finish_task(task, "completed", Some(&report.point), None));
+            if ctx.json {
+                println!("{}", serde_json::json!({ "type": "summary", "task": task, "restore": report }));
+            } else if !ctx.quiet {
+                for d in &report.disks {
+                    println!("{}: point {} disk {} -> {} ({})", a.vm, report.point, d.disk, d.path.display(), format_size(d.size));
+                }
+            }
+            Ok(ExitCode::Ok)
+        }
+        Err(err) => {
+            let status = if is_interrupted(&err) { "interrupted" } else { "failed" };
+            view.with_state(|s| s.finish_task(task, status, None, Some(&format!("{err:#}"))));
+            Err(err)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct VerifyItem {
+    rule: String,
+    vm: String,
+    point: String,
+    chunks_checked: u64,
+    problems: Vec<String>,
+}
+
+pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
+    let state = ctx.state()?;
+    let rules = match &a.rule {
+        Some(r) => vec![state.require_rule(r)?],
+        None => state.rules()?,
+    };
+    let mut items = Vec::new();
+    for rule in &rules {
+        let vms: Vec<String> = match &a.vm {
+            Some(vm) => vec![rule.require_vm(vm)?.vm.clone()],
+            None => rule.vms.iter().map(|v| v.vm.clone()).collect(),
+        };
+        let root = repo_root(&state, rule)?;
+        if !root.join(crate::repo::CONFIG_FILE).exists() {
+            continue;
+        }
+        let repo = Repository::open(&root)?;
+        for vm in vms {
+            let key = vm_key(&rule.settings.platform, &vm);
+            let points: Vec<String> = match &a.point {
+                Some(p) => vec![crate::restore::select_point(&repo, &key, Some(p))?.point],
+                None => repo.list_points(&key)?.into_iter().map(|m| m.point).collect(),
+            };
+            for p in points {
+                let report = repo.verify_point(&key, &p)?;
+                let item = VerifyItem {
+                    rule: rule.name.clone(),
+                    vm: vm.clone(),
+                    point: p.clone(),
+                    chunks_checked: report.chunks_checked,
+                    problems: report.problems.iter().map(|x| x.to_string()).collect(),
+                };
+                if !ctx.json && (!ctx.quiet || !item.problems.is_empty()) {
+                    let verdict = if item.problems.is_empty() { "ok".to_string() } else { format!("{} PROBLEM(S)", item.problems.len()) };
+                    println!("{} {} {}: {} chunks checked, {verdict}", item.rule, item.vm, item.point, item.chunks_checked);
+                    for pr in &item.problems {
+                        println!("  {pr}");
+                    }
+                }
+                items.push(item);
+            }
+        }
+    }
+    let bad = items.iter().filter(|i| !i.problems.is_empty()).count();
+    if ctx.json {
+        print_json(&serde_json::json!({ "points": items, "points_with_problems": bad }));
+    }
+    if bad > 0 {
+        eprintln!("vmbackup: verify: {bad} point(s) have missing or corrupt chunks");
+        return Ok(ExitCode::Failed);
+    }
+    Ok(ExitCode::Ok)
+}
+
+pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
+    let state = ctx.state()?;
+    let rules = match &a.rule {
+        Some(r) => vec![state.require_rule(r)?],
+        None => state.rules()?,
+    };
+    let mut actions: Vec<serde_json::Value> = Vec::new();
+    let mut worst = ExitCode::Ok;
+    for rule in &rules {
+        let prow = state.require_platform(&rule.settings.platform)?;
+        let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
+        let root = repo_root(&state, rule)?;
+        let repo = if root.join(crate::repo::CONFIG_FILE).exists() { Some(Repository::open(&root)?) } else { None };
+        for v in &rule.vms {
+            let res = (|| -> Result<Vec<String>> {
+                let mut done = Vec::new();
+                let key = vm_key(&prow.name, &v.vm);
+                let (lock, latest, latest_full) = match &repo {
+                    Some(repo) => {
+                        let lock = repo.lock_vm(&key)?;
+                        for p in repo.remove_incomplete_points(&lock)? {
+                            done.push(format!("removed incomplete point {p}"));
+                        }
+                        let points = repo.list_points(&key)?;
+                        let latest = points.last().map(|p| p.point.clone());
+                        let full = points.iter().rev().find(|p| p.level == Level::Full).map(|p| p.point.clone());
+                        (Some(lock), latest, full)
+                    }
+                    None => (None, None, None),
+                };
+                let mut handle = plat.open_vm(&v.vm)?;
+                std::fs::create_dir_all(ctx.run_dir())?;
+                done.extend(handle.cleanup(latest.as_deref(), latest_full.as_deref(), &ctx.run_dir())?.actions);
+                drop(lock);
+                Ok(done)
+            })();
+            match res {
+                Ok(done) => {
+                    for d in &done {
+                        if !ctx.json && !ctx.quiet {
+                            println!("{} {}: {d}", rule.name, v.vm);
+                        }
+                        actions.push(serde_json::json!({ "rule": rule.name, "vm": v.vm, "action": d }));
+                    }
+                }
+                Err(e) => {
+                    worst = worst.max(exit_code_of(&e));
+                    eprintln!("vmbackup: cleanup {} {}: {e:#}", rule.name, v.vm);
+                    actions.push(serde_json::json!({ "rule": rule.name, "vm": v.vm, "error": format!("{e:#}") }));
+                }
+            }
+        }
+    }
+    if ctx.json {
+        print_json(&serde_json::json!({ "actions": actions, "exit_code": worst.code() }));
+    } else if actions.is_empty() && !ctx.quiet {
+        println!("nothing to clean up");
+    }
+    Ok(worst)
+}
