@@ -1,0 +1,377 @@
+//! [`NbdClient`]: one connection to one export, many requests in flight.
+//!
+//! After the handshake the socket is split. Callers (`&self` methods, so many can
+//! run at once from `join!`, `JoinSet` or tasks holding an `Arc<NbdClient>`)
+//! register a request in the [`Inflight`] table and queue its encoded bytes to the
+//! writer task, which batches whatever is queued into one flush. The reader task
+//! ([`super::reader`]) routes each reply to its request by cookie. Queueing is
+//! synchronous, so a caller that gives up mid-request never leaves half a request
+//! on the wire.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::extents::{self, Extent};
+use super::handshake::{self, Negotiated};
+use super::inflight::{Inflight, Op};
+use super::proto::{self, Request};
+use super::reader;
+use crate::platform::NbdAddr;
+
+/// Largest request size used even when a server allows more.
+pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
+
+/// Length asked for per `BLOCK_STATUS` (no payload, so not bound by the block
+/// size limit; servers may answer less and [`NbdClient::extents`] loops).
+const BLOCK_STATUS_STEP: u64 = 1 << 30;
+
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A connection to one NBD export.
+pub struct NbdClient {
+    export: String,
+    negotiated: Negotiated,
+    max_request: u32,
+    inflight: Arc<Inflight>,
+    requests: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    writer: Option<JoinHandle<Result<()>>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl NbdClient {
+    /// Connect to `export` at `addr`, selecting the meta `contexts` (e.g.
+    /// `base:allocation`, `qemu:dirty-bitmap:NAME`); each must exist.
+    pub async fn connect(addr: &NbdAddr, export: &str, contexts: &[&str]) -> Result<NbdClient> {
+        let label = addr_label(addr);
+        let (mut rd, mut wr) = open(addr)
+            .await
+            .with_context(|| format!("connecting to NBD server {label}"))?;
+        let negotiated = handshake::negotiate(&mut rd, &mut wr, export, contexts)
+            .await
+            .with_context(|| format!("NBD handshake with {label} for export '{export}'"))?;
+        let max_request = negotiated.max_block.min(MAX_REQUEST);
+        let inflight = Arc::new(Inflight::default());
+        let (requests, queued) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_requests(
+            queued,
+            wr,
+            inflight.clone(),
+            label.clone(),
+        ));
+        let reader = tokio::spawn(reader::run(rd, inflight.clone(), label, max_request));
+        Ok(NbdClient {
+            export: export.to_string(),
+            negotiated,
+            max_request,
+            inflight,
+            requests: Some(requests),
+            writer: Some(writer),
+            reader: Some(reader),
+        })
+    }
+
+    /// Export size in bytes.
+    pub fn size(&self) -> u64 {
+        self.negotiated.size
+    }
+
+    /// Largest read or write accepted: the server's maximum block size, at most 32 MiB.
+    pub fn max_request(&self) -> u32 {
+        self.max_request
+    }
+
+    /// The server's minimum block size (offsets and lengths must be multiples).
+    pub fn min_block(&self) -> u32 {
+        self.negotiated.min_block
+    }
+
+    /// The server's preferred block size.
+    pub fn preferred_block(&self) -> u32 {
+        self.negotiated.preferred_block
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.negotiated.transmission_flags & proto::FLAG_READ_ONLY != 0
+    }
+
+    /// Whether the server allows several connections to this export at once.
+    pub fn can_multi_conn(&self) -> bool {
+        self.negotiated.transmission_flags & proto::FLAG_CAN_MULTI_CONN != 0
+    }
+
+    pub fn export(&self) -> &str {
+        &self.export
+    }
+
+    /// Extents of `context` covering exactly [offset, offset+length): loops
+    /// BLOCK_STATUS until covered (servers may answer short), clips the last
+    /// extent, merges adjacent equal-flag extents.
+    pub async fn extents(&self, context: &str, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        self.extents_inner(context, offset, length)
+            .await
+            .with_context(|| {
+                format!(
+                    "block status of '{context}' for {length} bytes at offset {offset} \
+                     on NBD export '{}'",
+                    self.export
+                )
+            })
+    }
+
+    async fn extents_inner(&self, context: &str, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        let id = self
+            .negotiated
+            .contexts
+            .iter()
+            .find(|(name, _)| name == context)
+            .map(|(_, id)| *id)
+            .ok_or_else(|| anyhow!("meta context '{context}' was not selected at connect"))?;
+        self.check_range(offset, length)?;
+        let end = offset + length;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let step = (end - pos).min(BLOCK_STATUS_STEP) as u32;
+            let op = Op::BlockStatus {
+                offset: pos,
+                length: step,
+                chunks: Vec::new(),
+            };
+            let Op::BlockStatus { chunks, .. } =
+                self.submit(proto::CMD_BLOCK_STATUS, pos, step, op, None).await?
+            else {
+                bail!("internal error: block status request completed as another kind");
+            };
+            let descriptors = chunks
+                .iter()
+                .find(|(c, _)| *c == id)
+                .map(|(_, d)| d.as_slice())
+                .ok_or_else(|| anyhow!("server sent no status for offset {pos}"))?;
+            pos = extents::append(&mut out, pos, end, descriptors)?;
+        }
+        Ok(out)
+    }
+
+    /// Read `len` bytes at `offset` (len <= max_request) into an owned buffer;
+    /// holes read as zeros.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
+        self.read_inner(offset, len).await.with_context(|| {
+            format!(
+                "reading {len} bytes at offset {offset} from NBD export '{}'",
+                self.export
+            )
+        })
+    }
+
+    async fn read_inner(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
+        self.check_request(offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let op = Op::Read {
+            offset,
+            buf: vec![0u8; len as usize],
+            covered: 0,
+        };
+        match self.submit(proto::CMD_READ, offset, len, op, None).await? {
+            Op::Read { buf, .. } => Ok(buf),
+            _ => bail!("internal error: read request completed as another kind"),
+        }
+    }
+
+    /// Write `data` at `offset` (at most max_request bytes).
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_inner(offset, data).await.with_context(|| {
+            format!(
+                "writing {} bytes at offset {offset} to NBD export '{}'",
+                data.len(),
+                self.export
+            )
+        })
+    }
+
+    async fn write_inner(&self, offset: u64, data: &[u8]) -> Result<()> {
+        ensure!(!self.read_only(), "the export is read-only");
+        let len = u32::try_from(data.len())
+            .ok()
+            .filter(|l| *l <= self.max_request)
+            .ok_or_else(|| anyhow!("larger than the maximum request of {}", self.max_request))?;
+        self.check_request(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.submit(proto::CMD_WRITE, offset, len, Op::Plain, Some(data))
+            .await?;
+        Ok(())
+    }
+
+    /// Make completed writes durable (a no-op when the server has no flush).
+    pub async fn flush(&self) -> Result<()> {
+        if self.negotiated.transmission_flags & proto::FLAG_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        self.submit(proto::CMD_FLUSH, 0, 0, Op::Plain, None)
+            .await
+            .with_context(|| format!("flushing NBD export '{}'", self.export))?;
+        Ok(())
+    }
+
+    /// Send `NBD_CMD_DISC`, then shut the connection down.
+    pub async fn close(mut self) -> Result<()> {
+        let disc = Request {
+            flags: 0,
+            command: proto::CMD_DISC,
+            cookie: u64::MAX,
+            offset: 0,
+            length: 0,
+        };
+        if let Some(requests) = self.requests.take() {
+            // A failed send means the writer already stopped; its result says why.
+            let _ = requests.send(disc.encode().to_vec());
+        }
+        let written = match self.writer.take() {
+            Some(writer) => writer.await.map_err(|e| anyhow!("NBD writer task: {e}"))?,
+            None => Ok(()),
+        };
+        if let Some(reader) = self.reader.take() {
+            reader.abort();
+        }
+        written.with_context(|| format!("closing NBD export '{}'", self.export))
+    }
+
+    /// Register a request, queue it for the writer and wait for its reply.
+    async fn submit(
+        &self,
+        command: u16,
+        offset: u64,
+        length: u32,
+        op: Op,
+        payload: Option<&[u8]>,
+    ) -> Result<Op> {
+        let (cookie, done) = self.inflight.register(op)?;
+        let request = Request {
+            flags: 0,
+            command,
+            cookie,
+            offset,
+            length,
+        };
+        let mut frame = Vec::with_capacity(proto::REQUEST_LEN + payload.map_or(0, |p| p.len()));
+        frame.extend_from_slice(&request.encode());
+        if let Some(payload) = payload {
+            frame.extend_from_slice(payload);
+        }
+        let queued = match &self.requests {
+            Some(requests) => requests.send(frame).is_ok(),
+            None => false,
+        };
+        if !queued {
+            self.inflight.cancel(cookie);
+            bail!(self.inflight.broken_reason());
+        }
+        match done.await {
+            Ok(result) => result,
+            Err(_) => Err(anyhow!(self.inflight.broken_reason())),
+        }
+    }
+
+    fn check_range(&self, offset: u64, length: u64) -> Result<()> {
+        match offset.checked_add(length) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => bail!("beyond the end of the export ({} bytes)", self.size()),
+        }
+    }
+
+    fn check_request(&self, offset: u64, len: u32) -> Result<()> {
+        ensure!(
+            len <= self.max_request,
+            "larger than the maximum request of {} bytes",
+            self.max_request
+        );
+        self.check_range(offset, u64::from(len))?;
+        let min = u64::from(self.min_block());
+        let end = offset + u64::from(len);
+        ensure!(
+            offset % min == 0 && (end % min == 0 || end == self.size()),
+            "not aligned to the server's minimum block size of {min} bytes"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for NbdClient {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            writer.abort();
+        }
+        if let Some(reader) = self.reader.take() {
+            reader.abort();
+        }
+    }
+}
+
+/// How an address appears in messages.
+fn addr_label(addr: &NbdAddr) -> String {
+    match addr {
+        NbdAddr::Unix { path } => format!("unix:{}", path.display()),
+        NbdAddr::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
+        NbdAddr::Tcp { host, port } => format!("{host}:{port}"),
+    }
+}
+
+async fn open(addr: &NbdAddr) -> Result<(ReadHalf, WriteHalf)> {
+    match addr {
+        NbdAddr::Unix { path } => {
+            let stream = UnixStream::connect(path).await?;
+            let (rd, wr) = stream.into_split();
+            Ok((Box::new(rd), Box::new(wr)))
+        }
+        NbdAddr::Tcp { host, port } => {
+            let stream = TcpStream::connect((host.as_str(), *port)).await?;
+            // Requests are small and pipelined; do not let Nagle hold them back.
+            stream.set_nodelay(true)?;
+            let (rd, wr) = stream.into_split();
+            Ok((Box::new(rd), Box::new(wr)))
+        }
+    }
+}
+
+/// Write queued requests, batching what is queued into one flush; on a write
+/// error fail everything. Ends (shutting the socket's write side) when the
+/// client drops its sender.
+async fn write_requests(
+    mut queued: mpsc::UnboundedReceiver<Vec<u8>>,
+    wr: WriteHalf,
+    inflight: Arc<Inflight>,
+    label: String,
+) -> Result<()> {
+    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+    while let Some(frame) = queued.recv().await {
+        if let Err(e) = write_batch(&mut wr, &mut queued, frame).await {
+            let reason = format!("NBD connection to {label} failed: sending a request: {e}");
+            inflight.fail_all(reason.clone());
+            return Err(anyhow!(reason));
+        }
+    }
+    // Best effort: the server may already have closed after NBD_CMD_DISC.
+    let _ = wr.shutdown().await;
+    Ok(())
+}
+
+async fn write_batch(
+    wr: &mut BufWriter<WriteHalf>,
+    queued: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+    first: Vec<u8>,
+) -> std::io::Result<()> {
+    wr.write_all(&first).await?;
+    while let Ok(frame) = queued.try_recv() {
+        wr.write_all(&frame).await?;
+    }
+    wr.flush().await
+}
