@@ -63,22 +63,42 @@ pub async fn backup_disk(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, D
     }
     let client = NbdClient::connect(&plan.export.addr, &plan.export.export, &contexts)
         .await
-        .with_context(|| format!("disk '{name}': cannot open NBD export '{}'", plan.export.export))?;
+        .with_context(|| {
+            format!(
+                "disk '{name}': cannot open NBD export '{}'",
+                plan.export.export
+            )
+        })?;
     let client = Arc::new(client);
     let size = client.size();
     if size != disk.size {
-        bail!("disk '{name}': export is {size} bytes but the disk is {} bytes", disk.size);
+        bail!(
+            "disk '{name}': export is {size} bytes but the disk is {} bytes",
+            disk.size
+        );
     }
 
-    let alloc = client.extents("base:allocation", 0, size).await.with_context(|| format!("disk '{name}': block status"))?;
+    let alloc = client
+        .extents("base:allocation", 0, size)
+        .await
+        .with_context(|| format!("disk '{name}': block status"))?;
     let data = ExtentSet::from_extents(&alloc, |f| f & STATE_ZERO == 0);
     let (index, read, zero) = match (&plan.export.dirty_context, plan.base) {
-        (None, _) => (DiskIndex::new_zero(size, plan.chunk_size), data, ExtentSet::default()),
+        (None, _) => (
+            DiskIndex::new_zero(size, plan.chunk_size),
+            data,
+            ExtentSet::default(),
+        ),
         (Some(ctx), Some(base)) => {
             if base.disk_size != size || base.chunk_size != plan.chunk_size {
-                bail!("disk '{name}': base index geometry differs from the disk (size or chunk size)");
+                bail!(
+                    "disk '{name}': base index geometry differs from the disk (size or chunk size)"
+                );
             }
-            let dirty = client.extents(ctx, 0, size).await.with_context(|| format!("disk '{name}': dirty bitmap"))?;
+            let dirty = client
+                .extents(ctx, 0, size)
+                .await
+                .with_context(|| format!("disk '{name}': dirty bitmap"))?;
             let dirty = ExtentSet::from_extents(&dirty, |f| f & DIRTY != 0);
             (base, dirty.intersect(&data), dirty.subtract(&data))
         }
@@ -86,7 +106,9 @@ pub async fn backup_disk(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, D
     };
     pipe.progress.disk_total(&name, read.total());
 
-    let touched = ExtentSet::from_ranges(read.ranges().iter().chain(zero.ranges()).copied().collect()).slots(cs);
+    let touched =
+        ExtentSet::from_ranges(read.ranges().iter().chain(zero.ranges()).copied().collect())
+            .slots(cs);
     let piece = (client.max_request() as u64).min((cs / 4).max(256 * 1024));
     let read = Arc::new(read);
     let zero = Arc::new(zero);
@@ -95,7 +117,12 @@ pub async fn backup_disk(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, D
     let mut tasks: JoinSet<Result<SlotDone>> = JoinSet::new();
 
     for slot in touched {
-        let permit = pipe.permits.clone().acquire_owned().await.context("permit pool closed")?;
+        let permit = pipe
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .context("permit pool closed")?;
         while let Some(done) = tasks.try_join_next() {
             apply(&mut index, &mut stats, done.context("slot task panicked")??);
         }
@@ -170,7 +197,13 @@ impl SlotJob {
                 let repo = self.pipe.repo.clone();
                 let data = tokio::task::spawn_blocking(move || repo.chunks().get(&d)).await??;
                 if data.len() != self.len {
-                    bail!("disk '{}': base chunk of slot {} has {} bytes, expected {}", self.disk, self.slot, data.len(), self.len);
+                    bail!(
+                        "disk '{}': base chunk of slot {} has {} bytes, expected {}",
+                        self.disk,
+                        self.slot,
+                        data.len(),
+                        self.len
+                    );
                 }
                 data
             }
@@ -193,22 +226,30 @@ impl SlotJob {
         }
         let mut bytes_read = 0u64;
         while let Some(r) = reads.join_next().await {
-            let (off, data) = r.context("read task panicked")?.with_context(|| format!("disk '{}': read", self.disk))?;
+            let (off, data) = r
+                .context("read task panicked")?
+                .with_context(|| format!("disk '{}': read", self.disk))?;
             let at = (off - self.start) as usize;
             buf[at..at + data.len()].copy_from_slice(&data);
             bytes_read += data.len() as u64;
             self.pipe.progress.advance(&self.disk, data.len() as u64);
         }
         let repo = self.pipe.repo.clone();
-        let (result, written) = tokio::task::spawn_blocking(move || -> Result<(Slot, Option<u64>)> {
-            if is_zero(&buf) {
-                return Ok((Slot::Zero, None));
-            }
-            let ins = repo.chunks().insert(&buf)?;
-            Ok((Slot::Chunk(ins.digest), ins.new.then_some(ins.stored_bytes)))
+        let (result, written) =
+            tokio::task::spawn_blocking(move || -> Result<(Slot, Option<u64>)> {
+                if is_zero(&buf) {
+                    return Ok((Slot::Zero, None));
+                }
+                let ins = repo.chunks().insert(&buf)?;
+                Ok((Slot::Chunk(ins.digest), ins.new.then_some(ins.stored_bytes)))
+            })
+            .await??;
+        Ok(SlotDone {
+            slot: self.slot,
+            result,
+            bytes_read,
+            written,
         })
-        .await??;
-        Ok(SlotDone { slot: self.slot, result, bytes_read, written })
     }
 }
 
@@ -216,6 +257,8 @@ impl SlotJob {
 pub fn is_zero(buf: &[u8]) -> bool {
     let words = buf.chunks_exact(16);
     let tail = words.remainder();
-    words.map(|w| u128::from_ne_bytes(w.try_into().expect("16-byte word"))).all(|w| w == 0)
+    words
+        .map(|w| u128::from_ne_bytes(w.try_into().expect("16-byte word")))
+        .all(|w| w == 0)
         && tail.iter().all(|&b| b == 0)
 }

@@ -150,12 +150,30 @@ mod tests {
     #[test]
     fn from_extents_filters_flags() {
         let ex = [
-            Extent { offset: 0, length: 4, flags: 0 },
-            Extent { offset: 4, length: 4, flags: 3 },
-            Extent { offset: 8, length: 4, flags: 0 },
+            Extent {
+                offset: 0,
+                length: 4,
+                flags: 0,
+            },
+            Extent {
+                offset: 4,
+                length: 4,
+                flags: 3,
+            },
+            Extent {
+                offset: 8,
+                length: 4,
+                flags: 0,
+            },
         ];
-        assert_eq!(ExtentSet::from_extents(&ex, |f| f & 2 == 0).ranges(), &[(0, 4), (8, 12)]);
-        assert_eq!(ExtentSet::from_extents(&ex, |f| f & 1 == 1).ranges(), &[(4, 8)]);
+        assert_eq!(
+            ExtentSet::from_extents(&ex, |f| f & 2 == 0).ranges(),
+            &[(0, 4), (8, 12)]
+        );
+        assert_eq!(
+            ExtentSet::from_extents(&ex, |f| f & 1 == 1).ranges(),
+            &[(4, 8)]
+        );
     }
 
     #[test]

@@ -32,8 +32,8 @@ use crate::error::refused;
 use crate::level::Level;
 use crate::platform::{BackupRequest, CbtUnavailable, Platform, Snapshot, VmHandle};
 use crate::repo::{
-    index_file_name, new_point_id, parse_point_id, vm_key, Manifest, ManifestDisk, ManifestTotals, ManifestVm, PointStatus,
-    Repository, Slot,
+    index_file_name, new_point_id, parse_point_id, vm_key, Manifest, ManifestDisk, ManifestTotals,
+    ManifestVm, PointStatus, Repository, Slot,
 };
 use disk::{DiskPlan, Pipeline};
 use plan::{Fallback, LevelPlan, Tracking};
@@ -86,9 +86,14 @@ pub fn run_backup(
     let key = vm_key(&job.platform, &job.vm);
     let lock = repo.lock_vm(&key)?;
     for gone in repo.remove_incomplete_points(&lock)? {
-        progress.log(LogLevel::Warn, &format!("removed incomplete point {gone} left by an interrupted run"));
+        progress.log(
+            LogLevel::Warn,
+            &format!("removed incomplete point {gone} left by an interrupted run"),
+        );
     }
-    let mut vm = platform.open_vm(&job.vm).with_context(|| format!("VM '{}'", job.vm))?;
+    let mut vm = platform
+        .open_vm(&job.vm)
+        .with_context(|| format!("VM '{}'", job.vm))?;
     let info = vm.info()?;
     if let Some(err) = &info.error {
         anyhow::bail!("VM '{}' cannot be queried: {err}", job.vm);
@@ -103,11 +108,19 @@ pub fn run_backup(
     }
     let points = repo.list_points(&key)?;
     let latest = points.last().map(|p| p.point.clone());
-    let latest_full = points.iter().rev().find(|p| p.level == Level::Full).map(|p| p.point.clone());
-    std::fs::create_dir_all(&job.run_dir).with_context(|| format!("cannot create {}", job.run_dir.display()))?;
+    let latest_full = points
+        .iter()
+        .rev()
+        .find(|p| p.level == Level::Full)
+        .map(|p| p.point.clone());
+    std::fs::create_dir_all(&job.run_dir)
+        .with_context(|| format!("cannot create {}", job.run_dir.display()))?;
     let cleaned = vm.cleanup(latest.as_deref(), latest_full.as_deref(), &job.run_dir)?;
     for a in &cleaned.actions {
-        progress.log(LogLevel::Warn, &format!("cleaned up after an interrupted run: {a}"));
+        progress.log(
+            LogLevel::Warn,
+            &format!("cleaned up after an interrupted run: {a}"),
+        );
     }
 
     progress.phase(Phase::BackingUpConfig);
@@ -115,7 +128,13 @@ pub fn run_backup(
 
     progress.phase(Phase::QueryingChanges);
     let tracking = plan::tracking(job.auto_cbt, job.cbt, &info.disks);
-    let mut lp = plan::plan_level(job.requested, &points, &info.disks, job.chunk_size, &tracking);
+    let mut lp = plan::plan_level(
+        job.requested,
+        &points,
+        &info.disks,
+        job.chunk_size,
+        &tracking,
+    );
     let point = next_point_id(latest.as_deref())?;
     let mut req = BackupRequest {
         new_point: point.clone(),
@@ -148,7 +167,20 @@ pub fn run_backup(
     progress.level(lp.level);
 
     let started = Utc::now();
-    let result = write_point(job, &repo, &lock, &key, &point, &lp, &snapshot, vm_config, progress.clone(), cancel, rt, started);
+    let result = write_point(
+        job,
+        &repo,
+        &lock,
+        &key,
+        &point,
+        &lp,
+        &snapshot,
+        vm_config,
+        progress.clone(),
+        cancel,
+        rt,
+        started,
+    );
     finish(vm.as_mut(), result, progress.as_ref()).map(|(totals, warnings)| BackupOutcome {
         point,
         level: lp.level,
@@ -161,7 +193,11 @@ pub fn run_backup(
 }
 
 /// End the platform view: committed → drop old tracking; failed → restore it.
-fn finish(vm: &mut dyn VmHandle, result: Result<ManifestTotals>, progress: &dyn Progress) -> Result<(ManifestTotals, Vec<String>)> {
+fn finish(
+    vm: &mut dyn VmHandle,
+    result: Result<ManifestTotals>,
+    progress: &dyn Progress,
+) -> Result<(ManifestTotals, Vec<String>)> {
     match result {
         Ok(totals) => {
             let mut warnings = Vec::new();
@@ -200,10 +236,17 @@ fn write_point(
     let mut plans = Vec::new();
     for export in &snapshot.exports {
         let base = match &lp.base {
-            Some(b) => Some(repo.load_index(key, b, &export.disk.name).with_context(|| format!("base point {b}"))?),
+            Some(b) => Some(
+                repo.load_index(key, b, &export.disk.name)
+                    .with_context(|| format!("base point {b}"))?,
+            ),
             None => None,
         };
-        plans.push(DiskPlan { export: export.clone(), base, chunk_size: job.chunk_size });
+        plans.push(DiskPlan {
+            export: export.clone(),
+            base,
+            chunk_size: job.chunk_size,
+        });
     }
     let mut writer = repo.begin_point(lock, point)?;
 
@@ -233,7 +276,11 @@ fn write_point(
     for ((_, (index, stats)), export) in results.into_iter().zip(&snapshot.exports) {
         let name = &export.disk.name;
         writer.write_index(name, &index)?;
-        let chunk_slots = index.slots.iter().filter(|s| matches!(s, Slot::Chunk(_))).count() as u64;
+        let chunk_slots = index
+            .slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Chunk(_)))
+            .count() as u64;
         disks.push(ManifestDisk {
             name: name.clone(),
             size: index.disk_size,
@@ -253,7 +300,10 @@ fn write_point(
     };
     let manifest = Manifest {
         format: crate::repo::FORMAT_VERSION,
-        vm: ManifestVm { platform: job.platform.clone(), name: job.vm.clone() },
+        vm: ManifestVm {
+            platform: job.platform.clone(),
+            name: job.vm.clone(),
+        },
         point: point.to_string(),
         level: lp.level,
         base,

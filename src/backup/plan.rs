@@ -35,14 +35,23 @@ pub fn tracking(auto_cbt: bool, cbt: bool, disks: &[DiskInfo]) -> Tracking {
         return Tracking::Off("quick backup (CBT) is switched off for this rule (R7)".into());
     }
     match disks.iter().find(|d| !d.cbt) {
-        Some(d) => Tracking::Off(format!("disk '{}' ({}) does not support changed-block tracking (R26)", d.name, d.format)),
+        Some(d) => Tracking::Off(format!(
+            "disk '{}' ({}) does not support changed-block tracking (R26)",
+            d.name, d.format
+        )),
         None => Tracking::On,
     }
 }
 
 /// Plan the level for a `requested` backup given the committed `points` (oldest
 /// first), the VM's current `disks` and the configured `chunk_size`.
-pub fn plan_level(requested: Level, points: &[Manifest], disks: &[DiskInfo], chunk_size: u32, tracking: &Tracking) -> LevelPlan {
+pub fn plan_level(
+    requested: Level,
+    points: &[Manifest],
+    disks: &[DiskInfo],
+    chunk_size: u32,
+    tracking: &Tracking,
+) -> LevelPlan {
     let latest = points.last();
     let latest_full = points.iter().rev().find(|p| p.level == Level::Full);
     let full = |reason: String| LevelPlan {
@@ -52,10 +61,17 @@ pub fn plan_level(requested: Level, points: &[Manifest], disks: &[DiskInfo], chu
         fallback: Some(reason),
     };
     if requested == Level::Full {
-        return LevelPlan { level: Level::Full, base: None, latest_full: latest_full.map(|p| p.point.clone()), fallback: None };
+        return LevelPlan {
+            level: Level::Full,
+            base: None,
+            latest_full: latest_full.map(|p| p.point.clone()),
+            fallback: None,
+        };
     }
     let Some(full_point) = latest_full else {
-        return full(format!("no full backup exists yet, so this {requested} runs as a full (R27)"));
+        return full(format!(
+            "no full backup exists yet, so this {requested} runs as a full (R27)"
+        ));
     };
     if let Tracking::Off(why) = tracking {
         return full(format!("{why}; this {requested} runs as a full"));
@@ -82,7 +98,12 @@ pub fn plan_level(requested: Level, points: &[Manifest], disks: &[DiskInfo], chu
             Some(_) => {}
         }
     }
-    LevelPlan { level: requested, base: Some(base.point.clone()), latest_full: Some(full_point.point.clone()), fallback: None }
+    LevelPlan {
+        level: requested,
+        base: Some(base.point.clone()),
+        latest_full: Some(full_point.point.clone()),
+        fallback: None,
+    }
 }
 
 /// Fallback reasons raised after planning.
@@ -100,14 +121,25 @@ mod tests {
     use crate::repo::{ManifestDisk, ManifestTotals, ManifestVm, PointStatus};
 
     fn disk(name: &str, size: u64, cbt: bool) -> DiskInfo {
-        DiskInfo { name: name.into(), node: name.into(), file: None, format: if cbt { "qcow2" } else { "raw" }.into(), size, cbt, uncoverable: None }
+        DiskInfo {
+            name: name.into(),
+            node: name.into(),
+            file: None,
+            format: if cbt { "qcow2" } else { "raw" }.into(),
+            size,
+            cbt,
+            uncoverable: None,
+        }
     }
 
     fn point(id: &str, level: Level, size: u64, chunk: u32) -> Manifest {
         let now = chrono::Utc::now();
         Manifest {
             format: 1,
-            vm: ManifestVm { platform: "p".into(), name: "vm".into() },
+            vm: ManifestVm {
+                platform: "p".into(),
+                name: "vm".into(),
+            },
             point: id.into(),
             level,
             base: None,
@@ -117,7 +149,17 @@ mod tests {
             finished: now,
             fallback_reason: None,
             vm_config: serde_json::Value::Null,
-            disks: vec![ManifestDisk { name: "vda".into(), size, chunk_size: chunk, index: "vda.idx".into(), bytes_read: 0, bytes_written: 0, new_chunks: 0, reused_chunks: 0, zero_slots: 0 }],
+            disks: vec![ManifestDisk {
+                name: "vda".into(),
+                size,
+                chunk_size: chunk,
+                index: "vda.idx".into(),
+                bytes_read: 0,
+                bytes_written: 0,
+                new_chunks: 0,
+                reused_chunks: 0,
+                zero_slots: 0,
+            }],
             totals: ManifestTotals::default(),
         }
     }
@@ -129,18 +171,33 @@ mod tests {
         let p = plan_level(Level::Inc, &[], &[disk("vda", 100, true)], C, &Tracking::On);
         assert_eq!(p.level, Level::Full);
         assert!(p.fallback.unwrap().contains("R27"));
-        let p = plan_level(Level::Diff, &[], &[disk("vda", 100, true)], C, &Tracking::On);
+        let p = plan_level(
+            Level::Diff,
+            &[],
+            &[disk("vda", 100, true)],
+            C,
+            &Tracking::On,
+        );
         assert_eq!(p.level, Level::Full);
     }
 
     #[test]
     fn inc_bases_on_newest_point_diff_on_newest_full() {
-        let pts = [point("20260101T000000Z", Level::Full, 100, C), point("20260102T000000Z", Level::Inc, 100, C)];
+        let pts = [
+            point("20260101T000000Z", Level::Full, 100, C),
+            point("20260102T000000Z", Level::Inc, 100, C),
+        ];
         let d = [disk("vda", 100, true)];
         let inc = plan_level(Level::Inc, &pts, &d, C, &Tracking::On);
-        assert_eq!((inc.level, inc.base.as_deref(), inc.fallback), (Level::Inc, Some("20260102T000000Z"), None));
+        assert_eq!(
+            (inc.level, inc.base.as_deref(), inc.fallback),
+            (Level::Inc, Some("20260102T000000Z"), None)
+        );
         let diff = plan_level(Level::Diff, &pts, &d, C, &Tracking::On);
-        assert_eq!((diff.level, diff.base.as_deref()), (Level::Diff, Some("20260101T000000Z")));
+        assert_eq!(
+            (diff.level, diff.base.as_deref()),
+            (Level::Diff, Some("20260101T000000Z"))
+        );
         assert_eq!(diff.latest_full.as_deref(), Some("20260101T000000Z"));
     }
 
@@ -155,17 +212,38 @@ mod tests {
         assert!(p.fallback.unwrap().contains("R26"));
         let off = tracking(false, false, &[disk("vda", 100, true)]);
         assert!(matches!(off, Tracking::Off(ref r) if r.contains("R7")));
-        assert_eq!(tracking(true, false, &[disk("vda", 100, true)]), Tracking::On);
+        assert_eq!(
+            tracking(true, false, &[disk("vda", 100, true)]),
+            Tracking::On
+        );
     }
 
     #[test]
     fn resize_added_disk_and_chunk_change_run_as_full() {
         let pts = [point("20260101T000000Z", Level::Full, 100, C)];
-        let resized = plan_level(Level::Inc, &pts, &[disk("vda", 200, true)], C, &Tracking::On);
+        let resized = plan_level(
+            Level::Inc,
+            &pts,
+            &[disk("vda", 200, true)],
+            C,
+            &Tracking::On,
+        );
         assert!(resized.fallback.unwrap().contains("changed size"));
-        let added = plan_level(Level::Inc, &pts, &[disk("vda", 100, true), disk("vdb", 5, true)], C, &Tracking::On);
+        let added = plan_level(
+            Level::Inc,
+            &pts,
+            &[disk("vda", 100, true), disk("vdb", 5, true)],
+            C,
+            &Tracking::On,
+        );
         assert!(added.fallback.unwrap().contains("disk added"));
-        let chunk = plan_level(Level::Inc, &pts, &[disk("vda", 100, true)], C / 2, &Tracking::On);
+        let chunk = plan_level(
+            Level::Inc,
+            &pts,
+            &[disk("vda", 100, true)],
+            C / 2,
+            &Tracking::On,
+        );
         assert!(chunk.fallback.unwrap().contains("chunk size"));
     }
 }

@@ -11,7 +11,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Exit codes: 0 ok; 1 done with warnings; 2 usage or validation error (nothing
 /// changed); 3 task failed; 4 busy, locked or skipped; 130 interrupted.
 #[derive(Debug, Parser)]
-#[command(name = "vmbackup", version, max_term_width = 100, propagate_version = true)]
+#[command(
+    name = "vmbackup",
+    version,
+    max_term_width = 100,
+    propagate_version = true
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::args::{CleanupArgs, ImageFormat as ImageArg, LevelArg, PointsArgs, RestoreArgs, RunNowArgs, VerifyArgs};
+use super::args::{
+    CleanupArgs, ImageFormat as ImageArg, LevelArg, PointsArgs, RestoreArgs, RunNowArgs, VerifyArgs,
+};
 use super::output::{print_json, Table};
 use super::progress_view::TaskView;
 use super::Ctx;
@@ -62,7 +64,10 @@ pub fn cancel_on_signals(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 fn level_of(l: LevelArg) -> Level {
@@ -127,7 +132,11 @@ pub fn run_now(ctx: &Ctx, a: RunNowArgs) -> Result<ExitCode> {
         let res = run_backup(&job, plat.as_ref(), progress, cancel.clone(), rt.handle());
         let r = match res {
             Ok(out) => {
-                let code = if out.fallback.is_some() || !out.warnings.is_empty() { ExitCode::Warning } else { ExitCode::Ok };
+                let code = if out.fallback.is_some() || !out.warnings.is_empty() {
+                    ExitCode::Warning
+                } else {
+                    ExitCode::Ok
+                };
                 let msg = format!(
                     "{} point {} (requested {}), read {}, stored {}",
                     out.level,
@@ -143,25 +152,50 @@ pub fn run_now(ctx: &Ctx, a: RunNowArgs) -> Result<ExitCode> {
                 if !ctx.json && !ctx.quiet {
                     println!("{vm}: {msg}");
                 }
-                VmResult { vm, task, status: "completed", exit_code: code.code(), code, outcome: Some(out), error: None }
+                VmResult {
+                    vm,
+                    task,
+                    status: "completed",
+                    exit_code: code.code(),
+                    code,
+                    outcome: Some(out),
+                    error: None,
+                }
             }
             Err(err) => {
                 let code = exit_code_of(&err);
-                let status = if is_interrupted(&err) { "interrupted" } else if code == ExitCode::Busy { "skipped" } else { "failed" };
+                let status = if is_interrupted(&err) {
+                    "interrupted"
+                } else if code == ExitCode::Busy {
+                    "skipped"
+                } else {
+                    "failed"
+                };
                 let msg = format!("{err:#}");
                 view.with_state(|s| {
                     s.log(task, "error", &msg)?;
                     s.finish_task(task, status, None, Some(&msg))
                 });
                 eprintln!("vmbackup: {vm}: {status}: {msg}");
-                VmResult { vm, task, status, exit_code: code.code(), code, outcome: None, error: Some(msg) }
+                VmResult {
+                    vm,
+                    task,
+                    status,
+                    exit_code: code.code(),
+                    code,
+                    outcome: None,
+                    error: Some(msg),
+                }
             }
         };
         worst = worst.max(r.code);
         results.push(r);
     }
     if ctx.json {
-        println!("{}", serde_json::json!({ "type": "summary", "rule": rule.name, "exit_code": worst.code(), "vms": results }));
+        println!(
+            "{}",
+            serde_json::json!({ "type": "summary", "rule": rule.name, "exit_code": worst.code(), "vms": results })
+        );
     }
     Ok(worst)
 }
@@ -188,7 +222,11 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
     rule.require_vm(&a.vm)?;
     let root = repo_root(&state, &rule)?;
     let key = vm_key(&rule.settings.platform, &a.vm);
-    let points = if root.join(crate::repo::CONFIG_FILE).exists() { Repository::open(&root)?.list_points(&key)? } else { Vec::new() };
+    let points = if root.join(crate::repo::CONFIG_FILE).exists() {
+        Repository::open(&root)?.list_points(&key)?
+    } else {
+        Vec::new()
+    };
     let rows: Vec<PointRow> = points
         .iter()
         .map(|m| PointRow {
@@ -209,7 +247,9 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
         print_json(&rows);
         return Ok(ExitCode::Ok);
     }
-    let mut t = Table::new(&["POINT", "LEVEL", "BASE", "DISKS", "SIZE", "READ", "STORED", "STATUS"]);
+    let mut t = Table::new(&[
+        "POINT", "LEVEL", "BASE", "DISKS", "SIZE", "READ", "STORED", "STATUS",
+    ]);
     for r in &rows {
         t.row(vec![
             r.point.clone(),
@@ -256,16 +296,30 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
         Ok(report) => {
             view.with_state(|s| s.finish_task(task, "completed", Some(&report.point), None));
             if ctx.json {
-                println!("{}", serde_json::json!({ "type": "summary", "task": task, "restore": report }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "type": "summary", "task": task, "restore": report })
+                );
             } else if !ctx.quiet {
                 for d in &report.disks {
-                    println!("{}: point {} disk {} -> {} ({})", a.vm, report.point, d.disk, d.path.display(), format_size(d.size));
+                    println!(
+                        "{}: point {} disk {} -> {} ({})",
+                        a.vm,
+                        report.point,
+                        d.disk,
+                        d.path.display(),
+                        format_size(d.size)
+                    );
                 }
             }
             Ok(ExitCode::Ok)
         }
         Err(err) => {
-            let status = if is_interrupted(&err) { "interrupted" } else { "failed" };
+            let status = if is_interrupted(&err) {
+                "interrupted"
+            } else {
+                "failed"
+            };
             view.with_state(|s| s.finish_task(task, status, None, Some(&format!("{err:#}"))));
             Err(err)
         }
@@ -302,7 +356,11 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
             let key = vm_key(&rule.settings.platform, &vm);
             let points: Vec<String> = match &a.point {
                 Some(p) => vec![crate::restore::select_point(&repo, &key, Some(p))?.point],
-                None => repo.list_points(&key)?.into_iter().map(|m| m.point).collect(),
+                None => repo
+                    .list_points(&key)?
+                    .into_iter()
+                    .map(|m| m.point)
+                    .collect(),
             };
             for p in points {
                 let report = repo.verify_point(&key, &p)?;
@@ -314,8 +372,15 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
                     problems: report.problems.iter().map(|x| x.to_string()).collect(),
                 };
                 if !ctx.json && (!ctx.quiet || !item.problems.is_empty()) {
-                    let verdict = if item.problems.is_empty() { "ok".to_string() } else { format!("{} PROBLEM(S)", item.problems.len()) };
-                    println!("{} {} {}: {} chunks checked, {verdict}", item.rule, item.vm, item.point, item.chunks_checked);
+                    let verdict = if item.problems.is_empty() {
+                        "ok".to_string()
+                    } else {
+                        format!("{} PROBLEM(S)", item.problems.len())
+                    };
+                    println!(
+                        "{} {} {}: {} chunks checked, {verdict}",
+                        item.rule, item.vm, item.point, item.chunks_checked
+                    );
                     for pr in &item.problems {
                         println!("  {pr}");
                     }
@@ -347,7 +412,11 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
         let prow = state.require_platform(&rule.settings.platform)?;
         let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
         let root = repo_root(&state, rule)?;
-        let repo = if root.join(crate::repo::CONFIG_FILE).exists() { Some(Repository::open(&root)?) } else { None };
+        let repo = if root.join(crate::repo::CONFIG_FILE).exists() {
+            Some(Repository::open(&root)?)
+        } else {
+            None
+        };
         for v in &rule.vms {
             let res = (|| -> Result<Vec<String>> {
                 let mut done = Vec::new();
@@ -360,14 +429,22 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
                         }
                         let points = repo.list_points(&key)?;
                         let latest = points.last().map(|p| p.point.clone());
-                        let full = points.iter().rev().find(|p| p.level == Level::Full).map(|p| p.point.clone());
+                        let full = points
+                            .iter()
+                            .rev()
+                            .find(|p| p.level == Level::Full)
+                            .map(|p| p.point.clone());
                         (Some(lock), latest, full)
                     }
                     None => (None, None, None),
                 };
                 let mut handle = plat.open_vm(&v.vm)?;
                 std::fs::create_dir_all(ctx.run_dir())?;
-                done.extend(handle.cleanup(latest.as_deref(), latest_full.as_deref(), &ctx.run_dir())?.actions);
+                done.extend(
+                    handle
+                        .cleanup(latest.as_deref(), latest_full.as_deref(), &ctx.run_dir())?
+                        .actions,
+                );
                 drop(lock);
                 Ok(done)
             })();
@@ -377,7 +454,9 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
                         if !ctx.json && !ctx.quiet {
                             println!("{} {}: {d}", rule.name, v.vm);
                         }
-                        actions.push(serde_json::json!({ "rule": rule.name, "vm": v.vm, "action": d }));
+                        actions.push(
+                            serde_json::json!({ "rule": rule.name, "vm": v.vm, "action": d }),
+                        );
                     }
                 }
                 Err(e) => {

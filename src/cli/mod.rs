@@ -51,7 +51,14 @@ impl Ctx {
             Some(p) => (p.clone(), true),
             None => (PathBuf::from("/etc/vmbackup/system.conf"), false),
         };
-        Ok(Ctx { state_path, config_path, config_explicit, json: g.json, quiet: g.quiet, verbose: g.verbose })
+        Ok(Ctx {
+            state_path,
+            config_path,
+            config_explicit,
+            json: g.json,
+            quiet: g.quiet,
+            verbose: g.verbose,
+        })
     }
 
     /// Open the state store.
@@ -66,7 +73,10 @@ impl Ctx {
 
     /// Scratch space for fleecing images and our own NBD sockets: `<state dir>/run`.
     pub fn run_dir(&self) -> PathBuf {
-        self.state_path.parent().unwrap_or(Path::new(".")).join("run")
+        self.state_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("run")
     }
 }
 
@@ -90,7 +100,11 @@ pub fn main() -> std::process::ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            let code = if e.use_stderr() { ExitCode::Usage } else { ExitCode::Ok };
+            let code = if e.use_stderr() {
+                ExitCode::Usage
+            } else {
+                ExitCode::Ok
+            };
             return std::process::ExitCode::from(code.code());
         }
     };

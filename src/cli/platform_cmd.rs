@@ -16,7 +16,11 @@ use crate::units::format_size;
 
 pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
     match cmd {
-        PlatformCmd::Add { name, kind, qmp_dir } => add(ctx, &name, kind, &qmp_dir),
+        PlatformCmd::Add {
+            name,
+            kind,
+            qmp_dir,
+        } => add(ctx, &name, kind, &qmp_dir),
         PlatformCmd::List => list(ctx),
         PlatformCmd::Show { name } => show(ctx, &name),
         PlatformCmd::Refresh { name } => refresh(ctx, &name),
@@ -48,12 +52,22 @@ fn kind_name(k: PlatformKind) -> &'static str {
 fn add(ctx: &Ctx, name: &str, kind: PlatformKind, qmp_dir: &Path) -> Result<ExitCode> {
     check_name("platform name", name)?;
     if !qmp_dir.is_dir() {
-        return Err(invalid("--qmp-dir", qmp_dir.display(), "must be an existing directory holding QMP sockets (*.qmp, *.sock)"));
+        return Err(invalid(
+            "--qmp-dir",
+            qmp_dir.display(),
+            "must be an existing directory holding QMP sockets (*.qmp, *.sock)",
+        ));
     }
-    let dir = qmp_dir.canonicalize().with_context(|| format!("cannot resolve {}", qmp_dir.display()))?;
+    let dir = qmp_dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", qmp_dir.display()))?;
     let mut state = ctx.state()?;
     if state.platform(name)?.is_some() {
-        return Err(invalid("platform name", name, "already registered; pick another name"));
+        return Err(invalid(
+            "platform name",
+            name,
+            "already registered; pick another name",
+        ));
     }
     let vms = platform::connect(kind_name(kind), &dir)?.inventory()?;
     state.add_platform(name, kind_name(kind), &dir.to_string_lossy(), &vms)?;
@@ -83,7 +97,10 @@ fn report_inventory(ctx: &Ctx, name: &str, vms: &[VmInfo], verb: &str) {
     if ctx.json {
         print_json(&serde_json::json!({ "platform": name, "vms": vms.len(), "unreachable": bad }));
     } else if !ctx.quiet {
-        println!("platform '{name}' {verb}: {} VM(s), {bad} unreachable", vms.len());
+        println!(
+            "platform '{name}' {verb}: {} VM(s), {bad} unreachable",
+            vms.len()
+        );
         for v in vms.iter().filter(|v| v.error.is_some()) {
             println!("  {}: {}", v.name, v.error.as_deref().unwrap_or_default());
         }
@@ -104,14 +121,26 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
         }
         let items: Vec<Item> = rows
             .iter()
-            .map(|p| Item { name: &p.name, kind: &p.kind, qmp_dir: &p.qmp_dir, vms: p.vms.len(), refreshed_at: p.refreshed_at.as_deref() })
+            .map(|p| Item {
+                name: &p.name,
+                kind: &p.kind,
+                qmp_dir: &p.qmp_dir,
+                vms: p.vms.len(),
+                refreshed_at: p.refreshed_at.as_deref(),
+            })
             .collect();
         print_json(&items);
         return Ok(ExitCode::Ok);
     }
     let mut t = Table::new(&["NAME", "TYPE", "QMP-DIR", "VMS", "REFRESHED"]);
     for p in &rows {
-        t.row(vec![p.name.clone(), p.kind.clone(), p.qmp_dir.clone(), p.vms.len().to_string(), p.refreshed_at.clone().unwrap_or_default()]);
+        t.row(vec![
+            p.name.clone(),
+            p.kind.clone(),
+            p.qmp_dir.clone(),
+            p.vms.len().to_string(),
+            p.refreshed_at.clone().unwrap_or_default(),
+        ]);
     }
     t.print();
     Ok(ExitCode::Ok)
@@ -130,7 +159,10 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     println!("type:       {}", p.kind);
     println!("qmp-dir:    {}", p.qmp_dir);
     println!("created:    {}", p.created_at);
-    println!("refreshed:  {}", p.refreshed_at.as_deref().unwrap_or("never"));
+    println!(
+        "refreshed:  {}",
+        p.refreshed_at.as_deref().unwrap_or("never")
+    );
     println!("vms:        {}", p.vms.len());
     println!();
     print_vm_table(&vm_items(&state, &p)?);
@@ -151,7 +183,11 @@ fn vm_items(state: &State, p: &PlatformRow) -> Result<Vec<VmItem>> {
     p.vms
         .iter()
         .map(|v| {
-            Ok(VmItem { vm: v.clone(), name: v.name.clone(), rule: state.rule_of_vm(&p.name, &v.name)? })
+            Ok(VmItem {
+                vm: v.clone(),
+                name: v.name.clone(),
+                rule: state.rule_of_vm(&p.name, &v.name)?,
+            })
         })
         .collect()
 }
@@ -169,15 +205,39 @@ fn vms(ctx: &Ctx, name: &str) -> Result<ExitCode> {
 }
 
 fn print_vm_table(items: &[VmItem]) {
-    let mut t = Table::new(&["VM", "STATUS", "DISK", "FORMAT", "SIZE", "CBT", "RULE", "NOTE"]);
+    let mut t = Table::new(&[
+        "VM", "STATUS", "DISK", "FORMAT", "SIZE", "CBT", "RULE", "NOTE",
+    ]);
     for it in items {
-        let rule = it.rule.as_ref().map(|r| format!("in rule {r}")).unwrap_or_default();
+        let rule = it
+            .rule
+            .as_ref()
+            .map(|r| format!("in rule {r}"))
+            .unwrap_or_default();
         if let Some(err) = &it.vm.error {
-            t.row(vec![it.name.clone(), "unreachable".into(), "-".into(), "-".into(), "-".into(), "-".into(), rule.clone(), err.clone()]);
+            t.row(vec![
+                it.name.clone(),
+                "unreachable".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                rule.clone(),
+                err.clone(),
+            ]);
             continue;
         }
         if it.vm.disks.is_empty() {
-            t.row(vec![it.name.clone(), it.vm.status.clone(), "-".into(), "-".into(), "-".into(), "-".into(), rule.clone(), "no disks".into()]);
+            t.row(vec![
+                it.name.clone(),
+                it.vm.status.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                rule.clone(),
+                "no disks".into(),
+            ]);
         }
         for (i, d) in it.vm.disks.iter().enumerate() {
             let (vm, status, rule) = if i == 0 {
@@ -185,8 +245,21 @@ fn print_vm_table(items: &[VmItem]) {
             } else {
                 (String::new(), String::new(), String::new())
             };
-            let note = d.uncoverable.as_ref().map(|r| format!("not coverable: {r} (R43)")).unwrap_or_default();
-            t.row(vec![vm, status, d.name.clone(), d.format.clone(), format_size(d.size), yes_no(d.cbt), rule, note]);
+            let note = d
+                .uncoverable
+                .as_ref()
+                .map(|r| format!("not coverable: {r} (R43)"))
+                .unwrap_or_default();
+            t.row(vec![
+                vm,
+                status,
+                d.name.clone(),
+                d.format.clone(),
+                format_size(d.size),
+                yes_no(d.cbt),
+                rule,
+                note,
+            ]);
         }
     }
     t.print();

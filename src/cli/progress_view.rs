@@ -40,7 +40,11 @@ impl TaskView {
             json,
             quiet,
             state: Mutex::new(state),
-            inner: Mutex::new(Inner { disks: BTreeMap::new(), bars: BTreeMap::new(), last_emit: Instant::now() }),
+            inner: Mutex::new(Inner {
+                disks: BTreeMap::new(),
+                bars: BTreeMap::new(),
+                last_emit: Instant::now(),
+            }),
             bars: tty.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
             started: Instant::now(),
         }
@@ -50,13 +54,19 @@ impl TaskView {
     pub fn with_state(&self, f: impl FnOnce(&mut State) -> anyhow::Result<()>) {
         if let Ok(mut s) = self.state.lock() {
             if let Err(e) = f(&mut s) {
-                eprintln!("vmbackup: warning: cannot record task {} progress: {e:#}", self.task);
+                eprintln!(
+                    "vmbackup: warning: cannot record task {} progress: {e:#}",
+                    self.task
+                );
             }
         }
     }
 
     fn totals(inner: &Inner) -> (u64, u64) {
-        inner.disks.values().fold((0, 0), |(t, d), (tt, dd)| (t + tt, d + dd))
+        inner
+            .disks
+            .values()
+            .fold((0, 0), |(t, d), (tt, dd)| (t + tt, d + dd))
     }
 
     fn emit(&self, inner: &mut Inner, force: bool) {
@@ -69,7 +79,11 @@ impl TaskView {
         if self.json {
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
             let rate = done as f64 / secs;
-            let eta = if rate > 0.0 && total > done { Some(((total - done) as f64 / rate).round() as u64) } else { None };
+            let eta = if rate > 0.0 && total > done {
+                Some(((total - done) as f64 / rate).round() as u64)
+            } else {
+                None
+            };
             let line = serde_json::json!({
                 "type": "progress", "task": self.task, "vm": self.vm,
                 "bytes_done": done, "bytes_total": total,
@@ -85,7 +99,10 @@ impl Progress for TaskView {
     fn phase(&self, phase: Phase) {
         self.with_state(|s| s.set_task_phase(self.task, phase.as_str()));
         if self.json {
-            println!("{}", serde_json::json!({ "type": "phase", "task": self.task, "vm": self.vm, "phase": phase.as_str() }));
+            println!(
+                "{}",
+                serde_json::json!({ "type": "phase", "task": self.task, "vm": self.vm, "phase": phase.as_str() })
+            );
         } else if !self.quiet && self.bars.is_none() {
             eprintln!("vmbackup: {}: {}", self.vm, phase.as_str());
         }
@@ -93,19 +110,26 @@ impl Progress for TaskView {
 
     fn level(&self, level: Level) {
         if self.json {
-            println!("{}", serde_json::json!({ "type": "level", "task": self.task, "vm": self.vm, "level": level }));
+            println!(
+                "{}",
+                serde_json::json!({ "type": "level", "task": self.task, "vm": self.vm, "level": level })
+            );
         }
     }
 
     fn disk_total(&self, disk: &str, total: u64) {
-        let Ok(mut inner) = self.inner.lock() else { return };
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
         inner.disks.insert(disk.to_string(), (total, 0));
         if let Some(mb) = &self.bars {
             let bar = mb.add(ProgressBar::new(total));
             bar.set_style(
-                ProgressStyle::with_template("{prefix:>16} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix:>16} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             bar.set_prefix(format!("{}/{disk}", self.vm));
             inner.bars.insert(disk.to_string(), bar);
@@ -114,7 +138,9 @@ impl Progress for TaskView {
     }
 
     fn advance(&self, disk: &str, bytes: u64) {
-        let Ok(mut inner) = self.inner.lock() else { return };
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
         if let Some(e) = inner.disks.get_mut(disk) {
             e.1 += bytes;
         }
@@ -127,7 +153,10 @@ impl Progress for TaskView {
     fn log(&self, level: LogLevel, message: &str) {
         self.with_state(|s| s.log(self.task, level.as_str(), message));
         if self.json {
-            println!("{}", serde_json::json!({ "type": "log", "task": self.task, "vm": self.vm, "level": level.as_str(), "message": message }));
+            println!(
+                "{}",
+                serde_json::json!({ "type": "log", "task": self.task, "vm": self.vm, "level": level.as_str(), "message": message })
+            );
         } else if !self.quiet || level != LogLevel::Info {
             let line = format!("vmbackup: {}: {}: {message}", self.vm, level.as_str());
             match &self.bars {

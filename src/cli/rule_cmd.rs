@@ -59,7 +59,10 @@ fn set_state(ctx: &Ctx, name: &str, vm: Option<&str>, to: &str) -> Result<ExitCo
 }
 
 fn parse_windows(specs: &[String]) -> Result<Vec<Window>> {
-    let windows = specs.iter().map(|s| s.parse::<Window>()).collect::<Result<Vec<_>>>()?;
+    let windows = specs
+        .iter()
+        .map(|s| s.parse::<Window>())
+        .collect::<Result<Vec<_>>>()?;
     validate_windows(&windows)?;
     Ok(windows)
 }
@@ -69,7 +72,11 @@ fn check_subdir(subdir: &str) -> Result<()> {
     let ok = !subdir.is_empty()
         && !subdir.starts_with('/')
         && subdir.split('/').all(|c| {
-            !c.is_empty() && c != "." && c != ".." && c.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
         });
     if ok {
         Ok(())
@@ -80,7 +87,12 @@ fn check_subdir(subdir: &str) -> Result<()> {
 
 fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
     let now = Local::now().naive_local();
-    let policy = build_policy(a.policy.once.as_deref(), &a.policy.schedule, a.policy.retention, now)?;
+    let policy = build_policy(
+        a.policy.once.as_deref(),
+        &a.policy.schedule,
+        a.policy.retention,
+        now,
+    )?;
     let bandwidth = parse_windows(&a.policy.bandwidth)?;
     let subdir = a.path.clone().unwrap_or_else(|| a.name.clone());
     check_subdir(&subdir)?;
@@ -97,13 +109,26 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
         bandwidth,
     };
     ctx.state()?.add_rule(&a.name, &settings, &a.vm)?;
-    done(ctx, &format!("rule '{}' added with {} VM(s)", a.name, a.vm.len()));
+    done(
+        ctx,
+        &format!("rule '{}' added with {} VM(s)", a.name, a.vm.len()),
+    );
     Ok(ExitCode::Ok)
 }
 
 fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
-    let PolicyArgs { once, schedule, retention, bandwidth } = &a.policy;
-    if once.is_none() && schedule.is_empty() && retention.is_none() && bandwidth.is_empty() && !a.clear_bandwidth {
+    let PolicyArgs {
+        once,
+        schedule,
+        retention,
+        bandwidth,
+    } = &a.policy;
+    if once.is_none()
+        && schedule.is_empty()
+        && retention.is_none()
+        && bandwidth.is_empty()
+        && !a.clear_bandwidth
+    {
         return Err(refused(
             "rule edit: nothing to change; give --once, --schedule, --retention, --bandwidth or --clear-bandwidth (R34)",
         ));
@@ -121,7 +146,11 @@ fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
                 build_policy(None, &specs, *retention, now)?
             }
             Policy::Once { .. } => {
-                return Err(invalid("--retention", retention.unwrap_or_default(), "applies to periodic policies only; this rule runs once (R15)"))
+                return Err(invalid(
+                    "--retention",
+                    retention.unwrap_or_default(),
+                    "applies to periodic policies only; this rule runs once (R15)",
+                ))
             }
         }
     } else {
@@ -167,8 +196,18 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
     }
     let mut t = Table::new(&["NAME", "PLATFORM", "TARGET", "VMS", "POLICY"]);
     for r in &rules {
-        let vms: Vec<String> = r.vms.iter().map(|v| format!("{}({})", v.vm, v.state)).collect();
-        t.row(vec![r.name.clone(), r.settings.platform.clone(), r.settings.target.clone(), vms.join(","), r.settings.policy.to_string()]);
+        let vms: Vec<String> = r
+            .vms
+            .iter()
+            .map(|v| format!("{}({})", v.vm, v.state))
+            .collect();
+        t.row(vec![
+            r.name.clone(),
+            r.settings.platform.clone(),
+            r.settings.target.clone(),
+            vms.join(","),
+            r.settings.policy.to_string(),
+        ]);
     }
     t.print();
     Ok(ExitCode::Ok)
@@ -198,9 +237,13 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     let rule = state.require_rule(name)?;
     let s = &rule.settings;
     let schedules: Vec<ScheduleView> = match &s.policy {
-        Policy::Periodic { schedules, .. } => {
-            schedules.iter().map(|sc| ScheduleView { spec: sc.to_string(), cron: sc.cron_exprs() }).collect()
-        }
+        Policy::Periodic { schedules, .. } => schedules
+            .iter()
+            .map(|sc| ScheduleView {
+                spec: sc.to_string(),
+                cron: sc.cron_exprs(),
+            })
+            .collect(),
         Policy::Once { .. } => Vec::new(),
     };
     let now = Local::now().naive_local();
@@ -208,12 +251,21 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
         .policy
         .next_runs(now, 5)
         .into_iter()
-        .map(|(at, level)| NextRun { at: at.format("%Y-%m-%d %H:%M").to_string(), level: level.to_string() })
+        .map(|(at, level)| NextRun {
+            at: at.format("%Y-%m-%d %H:%M").to_string(),
+            level: level.to_string(),
+        })
         .collect();
     let vms: Vec<VmView> = rule
         .vms
         .iter()
-        .map(|v| Ok(VmView { vm: v.vm.clone(), state: vm_state(&state, &rule, &v.vm, &v.state)?, last_task: state.last_task(&rule.name, &v.vm)? }))
+        .map(|v| {
+            Ok(VmView {
+                vm: v.vm.clone(),
+                state: vm_state(&state, &rule, &v.vm, &v.state)?,
+                last_task: state.last_task(&rule.name, &v.vm)?,
+            })
+        })
         .collect::<Result<_>>()?;
     if ctx.json {
         let mut v = serde_json::to_value(&rule)?;
@@ -227,7 +279,11 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     println!("name:         {}", rule.name);
     println!("platform:     {}", s.platform);
     println!("target:       {} (sub-directory {})", s.target, s.subdir);
-    let cbt = if s.auto_cbt { "auto (when the VM supports it)".to_string() } else { yes_no(s.cbt) };
+    let cbt = if s.auto_cbt {
+        "auto (when the VM supports it)".to_string()
+    } else {
+        yes_no(s.cbt)
+    };
     println!("quick backup: {cbt}");
     println!("lan-free:     {}", yes_no(s.lan_free));
     println!("delete data:  {}", yes_no(s.delete_data));
@@ -240,7 +296,14 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
         println!("bandwidth:    unlimited");
     } else {
         for (i, w) in s.bandwidth.iter().enumerate() {
-            println!("{}{w}", if i == 0 { "bandwidth:    " } else { "              " });
+            println!(
+                "{}{w}",
+                if i == 0 {
+                    "bandwidth:    "
+                } else {
+                    "              "
+                }
+            );
         }
     }
     println!("next runs:");
@@ -254,7 +317,11 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     let mut t = Table::new(&["VM", "STATE", "LAST TASK", "RESULT", "POINT"]);
     for v in &vms {
         let (when, result, point) = match &v.last_task {
-            Some(t) => (t.started_at.clone().unwrap_or_default(), t.state.clone(), t.point.clone().unwrap_or_default()),
+            Some(t) => (
+                t.started_at.clone().unwrap_or_default(),
+                t.state.clone(),
+                t.point.clone().unwrap_or_default(),
+            ),
             None => (String::new(), String::new(), String::new()),
         };
         t.row(vec![v.vm.clone(), v.state.clone(), when, result, point]);

@@ -29,8 +29,12 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
         TargetCmd::Show { name } => {
             let state = ctx.state()?;
             let t = state.require_target(&name)?;
-            let users: Vec<String> =
-                state.rules()?.into_iter().filter(|r| r.settings.target == name).map(|r| r.name).collect();
+            let users: Vec<String> = state
+                .rules()?
+                .into_iter()
+                .filter(|r| r.settings.target == name)
+                .map(|r| r.name)
+                .collect();
             if ctx.json {
                 let mut v = serde_json::to_value(&t)?;
                 v["rules"] = serde_json::json!(users);
@@ -39,7 +43,14 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
                 println!("name:     {}", t.name);
                 println!("path:     {}", t.path);
                 println!("created:  {}", t.created_at);
-                println!("rules:    {}", if users.is_empty() { "(none)".into() } else { users.join(", ") });
+                println!(
+                    "rules:    {}",
+                    if users.is_empty() {
+                        "(none)".into()
+                    } else {
+                        users.join(", ")
+                    }
+                );
             }
             Ok(ExitCode::Ok)
         }
@@ -60,12 +71,27 @@ fn add(ctx: &Ctx, name: &str, path: &Path) -> Result<ExitCode> {
     // A missing directory is refused rather than created: it is often an unmounted
     // mount point, and backups written beneath it would fill the root file system.
     if !path.is_dir() {
-        return Err(invalid("--path", path.display(), "must be an existing directory (create or mount it first)"));
+        return Err(invalid(
+            "--path",
+            path.display(),
+            "must be an existing directory (create or mount it first)",
+        ));
     }
-    if rustix::fs::access(path, rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK).is_err() {
-        return Err(invalid("--path", path.display(), "must be a directory this user can write to"));
+    if rustix::fs::access(
+        path,
+        rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+    )
+    .is_err()
+    {
+        return Err(invalid(
+            "--path",
+            path.display(),
+            "must be a directory this user can write to",
+        ));
     }
-    let abs = path.canonicalize().with_context(|| format!("cannot resolve {}", path.display()))?;
+    let abs = path
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", path.display()))?;
     ctx.state()?.add_target(name, &abs.to_string_lossy())?;
     if ctx.json {
         print_json(&serde_json::json!({ "target": name, "path": abs }));

@@ -58,12 +58,7 @@ impl NbdClient {
         let max_request = negotiated.max_block.min(MAX_REQUEST);
         let inflight = Arc::new(Inflight::default());
         let (requests, queued) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_requests(
-            queued,
-            wr,
-            inflight.clone(),
-            label.clone(),
-        ));
+        let writer = tokio::spawn(write_requests(queued, wr, inflight.clone(), label.clone()));
         let reader = tokio::spawn(reader::run(rd, inflight.clone(), label, max_request));
         Ok(NbdClient {
             export: export.to_string(),
@@ -143,8 +138,9 @@ impl NbdClient {
                 length: step,
                 chunks: Vec::new(),
             };
-            let Op::BlockStatus { chunks, .. } =
-                self.submit(proto::CMD_BLOCK_STATUS, pos, step, op, None).await?
+            let Op::BlockStatus { chunks, .. } = self
+                .submit(proto::CMD_BLOCK_STATUS, pos, step, op, None)
+                .await?
             else {
                 bail!("internal error: block status request completed as another kind");
             };

@@ -75,7 +75,9 @@ pub struct Inflight {
 impl Inflight {
     fn lock(&self) -> MutexGuard<'_, Table> {
         // A panic elsewhere while holding the lock leaves the table usable.
-        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Add a request; its cookie and the channel its result arrives on. Fails

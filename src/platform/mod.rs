@@ -168,6 +168,10 @@ pub trait VmHandle: Send {
 pub fn connect(kind: &str, qmp_dir: &std::path::Path) -> anyhow::Result<Box<dyn Platform>> {
     match kind {
         "qemu" => Ok(Box::new(qemu::QemuPlatform::new(qmp_dir.to_path_buf()))),
-        other => Err(crate::error::invalid("platform type", other, "allowed: qemu")),
+        other => Err(crate::error::invalid(
+            "platform type",
+            other,
+            "allowed: qemu",
+        )),
     }
 }

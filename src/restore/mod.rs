@@ -73,40 +73,77 @@ pub struct RestoreReport {
 pub fn select_point(repo: &Repository, vm_key: &str, point: Option<&str>) -> Result<Manifest> {
     let points = repo.list_points(vm_key)?;
     match point {
-        None => points.into_iter().last().ok_or_else(|| crate::error::refused(format!("VM '{vm_key}' has no restore points"))),
+        None => points
+            .into_iter()
+            .last()
+            .ok_or_else(|| crate::error::refused(format!("VM '{vm_key}' has no restore points"))),
         Some(id) => {
             let ids: Vec<String> = points.iter().map(|p| p.point.clone()).collect();
             points.into_iter().find(|p| p.point == id).ok_or_else(|| {
-                invalid("--point", id, format!("no such point; points: {}", if ids.is_empty() { "(none)".into() } else { ids.join(", ") }))
+                invalid(
+                    "--point",
+                    id,
+                    format!(
+                        "no such point; points: {}",
+                        if ids.is_empty() {
+                            "(none)".into()
+                        } else {
+                            ids.join(", ")
+                        }
+                    ),
+                )
             })
         }
     }
 }
 
 /// Restore every disk of the chosen point into `dest`.
-pub fn restore_point(req: &RestoreRequest, progress: &dyn Progress, cancel: &AtomicBool) -> Result<RestoreReport> {
+pub fn restore_point(
+    req: &RestoreRequest,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<RestoreReport> {
     let manifest = select_point(req.repo, req.vm_key, req.point)?;
     let targets: Vec<(String, PathBuf)> = manifest
         .disks
         .iter()
-        .map(|d| (d.name.clone(), req.dest.join(format!("{}.{}", encode_name(&d.name), req.format.ext()))))
+        .map(|d| {
+            (
+                d.name.clone(),
+                req.dest
+                    .join(format!("{}.{}", encode_name(&d.name), req.format.ext())),
+            )
+        })
         .collect();
     // Refuse before writing anything.
     for (_, path) in &targets {
         if path.exists() && !req.force {
-            return Err(invalid("--to", req.dest.display(), format!("{} exists; pass --force to overwrite", path.display())));
+            return Err(invalid(
+                "--to",
+                req.dest.display(),
+                format!("{} exists; pass --force to overwrite", path.display()),
+            ));
         }
     }
-    fs::create_dir_all(req.dest).with_context(|| format!("cannot create {}", req.dest.display()))?;
+    fs::create_dir_all(req.dest)
+        .with_context(|| format!("cannot create {}", req.dest.display()))?;
     let mut disks = Vec::new();
     for (d, (_, path)) in manifest.disks.iter().zip(&targets) {
         let index = req.repo.load_index(req.vm_key, &manifest.point, &d.name)?;
         let written = restore_disk(req, &d.name, &index, path, progress, cancel)
             .with_context(|| format!("restore of point {} disk '{}'", manifest.point, d.name))?;
-        disks.push(RestoredDisk { disk: d.name.clone(), path: path.clone(), size: index.disk_size, bytes_written: written });
+        disks.push(RestoredDisk {
+            disk: d.name.clone(),
+            path: path.clone(),
+            size: index.disk_size,
+            bytes_written: written,
+        });
     }
     sync_dir(req.dest)?;
-    Ok(RestoreReport { point: manifest.point, disks })
+    Ok(RestoreReport {
+        point: manifest.point,
+        disks,
+    })
 }
 
 /// Removes the file at `path` on drop unless disarmed.
@@ -128,11 +165,21 @@ impl Drop for Partial {
 }
 
 fn partial_path(final_path: &Path, suffix: &str) -> PathBuf {
-    let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = final_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     final_path.with_file_name(format!(".{name}.partial-{}{suffix}", std::process::id()))
 }
 
-fn restore_disk(req: &RestoreRequest, disk: &str, index: &DiskIndex, final_path: &Path, progress: &dyn Progress, cancel: &AtomicBool) -> Result<u64> {
+fn restore_disk(
+    req: &RestoreRequest,
+    disk: &str,
+    index: &DiskIndex,
+    final_path: &Path,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<u64> {
     let raw_path = partial_path(final_path, ".raw");
     let raw_guard = Partial(Some(raw_path.clone()));
     let file = OpenOptions::new()
@@ -141,7 +188,9 @@ fn restore_disk(req: &RestoreRequest, disk: &str, index: &DiskIndex, final_path:
         .open(&raw_path)
         .with_context(|| format!("cannot create {}", raw_path.display()))?;
     file.set_len(index.disk_size)?;
-    let chunk_slots: Vec<usize> = (0..index.slots.len()).filter(|&i| matches!(index.slots[i], Slot::Chunk(_))).collect();
+    let chunk_slots: Vec<usize> = (0..index.slots.len())
+        .filter(|&i| matches!(index.slots[i], Slot::Chunk(_)))
+        .collect();
     let total: u64 = chunk_slots.iter().map(|&i| index.slot_len(i) as u64).sum();
     progress.disk_total(disk, total);
 
@@ -155,15 +204,27 @@ fn restore_disk(req: &RestoreRequest, disk: &str, index: &DiskIndex, final_path:
                     return;
                 }
                 let k = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&slot) = chunk_slots.get(k) else { return };
+                let Some(&slot) = chunk_slots.get(k) else {
+                    return;
+                };
                 let res = (|| -> Result<usize> {
                     if cancel.load(Ordering::Relaxed) {
                         return Err(Error::Interrupted.into());
                     }
-                    let Slot::Chunk(d) = index.slots[slot] else { unreachable!("filtered to chunk slots") };
-                    let data = req.repo.chunks().get(&d).with_context(|| format!("slot {slot}"))?;
+                    let Slot::Chunk(d) = index.slots[slot] else {
+                        unreachable!("filtered to chunk slots")
+                    };
+                    let data = req
+                        .repo
+                        .chunks()
+                        .get(&d)
+                        .with_context(|| format!("slot {slot}"))?;
                     if data.len() != index.slot_len(slot) {
-                        bail!("slot {slot}: chunk has {} bytes, the index expects {}", data.len(), index.slot_len(slot));
+                        bail!(
+                            "slot {slot}: chunk has {} bytes, the index expects {}",
+                            data.len(),
+                            index.slot_len(slot)
+                        );
                     }
                     let n = write_sparse(&file, index.slot_offset(slot), &data)?;
                     progress.advance(disk, data.len() as u64);
@@ -203,7 +264,10 @@ fn restore_disk(req: &RestoreRequest, disk: &str, index: &DiskIndex, final_path:
                 .output()
                 .context("cannot run qemu-img (package qemu-utils)")?;
             if !out.status.success() {
-                bail!("qemu-img convert failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+                bail!(
+                    "qemu-img convert failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
             File::open(&qcow)?.sync_all()?;
             fs::rename(&qcow, final_path)?;
@@ -221,11 +285,13 @@ fn write_sparse(file: &File, offset: u64, data: &[u8]) -> Result<usize> {
     let mut i = 0;
     while i < data.len() {
         // Find the next run of non-zero blocks.
-        while i < data.len() && crate::backup::disk::is_zero(&data[i..(i + BLOCK).min(data.len())]) {
+        while i < data.len() && crate::backup::disk::is_zero(&data[i..(i + BLOCK).min(data.len())])
+        {
             i += BLOCK;
         }
         let start = i;
-        while i < data.len() && !crate::backup::disk::is_zero(&data[i..(i + BLOCK).min(data.len())]) {
+        while i < data.len() && !crate::backup::disk::is_zero(&data[i..(i + BLOCK).min(data.len())])
+        {
             i += BLOCK;
         }
         let end = i.min(data.len());

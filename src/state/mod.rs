@@ -63,7 +63,10 @@ impl State {
                 let _ = fs::set_permissions(&p, fs::Permissions::from_mode(0o600));
             }
         }
-        let mut state = State { conn, path: path.to_path_buf() };
+        let mut state = State {
+            conn,
+            path: path.to_path_buf(),
+        };
         schema::migrate(&mut state.conn)
             .with_context(|| format!("cannot migrate state file {}", path.display()))?;
         Ok(state)
@@ -101,8 +104,13 @@ pub fn now_text() -> String {
 pub fn check_name(field: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {

@@ -42,15 +42,23 @@ const COLS: &str = "name, kind, qmp_dir, created_at, refreshed_at, inventory";
 
 impl State {
     pub fn platforms(&self) -> Result<Vec<PlatformRow>> {
-        let mut st = self.conn().prepare(&format!("SELECT {COLS} FROM platforms ORDER BY name"))?;
-        let rows = st.query_map([], from_row)?.collect::<rusqlite::Result<_>>()?;
+        let mut st = self
+            .conn()
+            .prepare(&format!("SELECT {COLS} FROM platforms ORDER BY name"))?;
+        let rows = st
+            .query_map([], from_row)?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
     pub fn platform(&self, name: &str) -> Result<Option<PlatformRow>> {
         Ok(self
             .conn()
-            .query_row(&format!("SELECT {COLS} FROM platforms WHERE name = ?1"), [name], from_row)
+            .query_row(
+                &format!("SELECT {COLS} FROM platforms WHERE name = ?1"),
+                [name],
+                from_row,
+            )
             .optional()?)
     }
 
@@ -61,13 +69,22 @@ impl State {
             None => Err(crate::error::invalid(
                 "--platform",
                 name,
-                format!("not a registered platform (R2); registered: {}", list_or_none(self.platforms()?.iter().map(|p| p.name.as_str()))),
+                format!(
+                    "not a registered platform (R2); registered: {}",
+                    list_or_none(self.platforms()?.iter().map(|p| p.name.as_str()))
+                ),
             )),
         }
     }
 
     /// Register a platform with its first inventory. Refuses a duplicate name.
-    pub fn add_platform(&mut self, name: &str, kind: &str, qmp_dir: &str, vms: &[VmInfo]) -> Result<()> {
+    pub fn add_platform(
+        &mut self,
+        name: &str,
+        kind: &str,
+        qmp_dir: &str,
+        vms: &[VmInfo],
+    ) -> Result<()> {
         let inv = serde_json::to_string(vms)?;
         self.write(|tx| {
             let exists: bool = tx.query_row("SELECT COUNT(*) > 0 FROM platforms WHERE name = ?1", [name], |r| r.get(0))?;
@@ -99,7 +116,11 @@ impl State {
     /// Remove a platform; refused while a rule uses it.
     pub fn remove_platform(&mut self, name: &str) -> Result<()> {
         self.write(|tx| {
-            let rules = names_using(tx, "SELECT name FROM rules WHERE platform = ?1 ORDER BY name", name)?;
+            let rules = names_using(
+                tx,
+                "SELECT name FROM rules WHERE platform = ?1 ORDER BY name",
+                name,
+            )?;
             if !rules.is_empty() {
                 return Err(crate::error::refused(format!(
                     "platform '{name}' is used by rule(s) {}; remove those rules first",
@@ -108,7 +129,11 @@ impl State {
             }
             let n = tx.execute("DELETE FROM platforms WHERE name = ?1", [name])?;
             if n == 0 {
-                return Err(crate::error::invalid("platform", name, "not a registered platform"));
+                return Err(crate::error::invalid(
+                    "platform",
+                    name,
+                    "not a registered platform",
+                ));
             }
             Ok(())
         })
@@ -117,7 +142,9 @@ impl State {
 
 pub(crate) fn names_using(tx: &rusqlite::Transaction, sql: &str, arg: &str) -> Result<Vec<String>> {
     let mut st = tx.prepare(sql)?;
-    let v = st.query_map([arg], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
+    let v = st
+        .query_map([arg], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
     Ok(v)
 }
 

@@ -59,7 +59,15 @@ impl RuleRow {
     /// The VM called `vm`, or a validation error listing the rule's VMs.
     pub fn require_vm(&self, vm: &str) -> Result<&RuleVm> {
         self.vms.iter().find(|v| v.vm == vm).ok_or_else(|| {
-            invalid("--vm", vm, format!("not in rule '{}'; its VMs: {}", self.name, list_or_none(self.vms.iter().map(|v| v.vm.as_str()))))
+            invalid(
+                "--vm",
+                vm,
+                format!(
+                    "not in rule '{}'; its VMs: {}",
+                    self.name,
+                    list_or_none(self.vms.iter().map(|v| v.vm.as_str()))
+                ),
+            )
         })
     }
 }
@@ -69,7 +77,9 @@ const COLS: &str = "name, platform, target, subdir, auto_cbt, cbt, lan_free, del
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
     let policy: String = r.get(9)?;
     let bandwidth: String = r.get(10)?;
-    let bad = |e: serde_json::Error| rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Text, Box::new(e));
+    let bad = |e: serde_json::Error| {
+        rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Text, Box::new(e))
+    };
     Ok(RuleRow {
         name: r.get(0)?,
         settings: RuleSettings {
@@ -90,17 +100,28 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
 }
 
 fn load_vms(conn: &rusqlite::Connection, rule: &mut RuleRow) -> Result<()> {
-    let mut st = conn.prepare("SELECT vm, state, added_at FROM rule_vms WHERE rule = ?1 ORDER BY vm")?;
+    let mut st =
+        conn.prepare("SELECT vm, state, added_at FROM rule_vms WHERE rule = ?1 ORDER BY vm")?;
     rule.vms = st
-        .query_map([&rule.name], |r| Ok(RuleVm { vm: r.get(0)?, state: r.get(1)?, added_at: r.get(2)? }))?
+        .query_map([&rule.name], |r| {
+            Ok(RuleVm {
+                vm: r.get(0)?,
+                state: r.get(1)?,
+                added_at: r.get(2)?,
+            })
+        })?
         .collect::<rusqlite::Result<_>>()?;
     Ok(())
 }
 
 impl State {
     pub fn rules(&self) -> Result<Vec<RuleRow>> {
-        let mut st = self.conn().prepare(&format!("SELECT {COLS} FROM rules ORDER BY name"))?;
-        let mut rules: Vec<RuleRow> = st.query_map([], from_row)?.collect::<rusqlite::Result<_>>()?;
+        let mut st = self
+            .conn()
+            .prepare(&format!("SELECT {COLS} FROM rules ORDER BY name"))?;
+        let mut rules: Vec<RuleRow> = st
+            .query_map([], from_row)?
+            .collect::<rusqlite::Result<_>>()?;
         for r in &mut rules {
             load_vms(self.conn(), r)?;
         }
@@ -110,7 +131,11 @@ impl State {
     pub fn rule(&self, name: &str) -> Result<Option<RuleRow>> {
         let row = self
             .conn()
-            .query_row(&format!("SELECT {COLS} FROM rules WHERE name = ?1"), [name], from_row)
+            .query_row(
+                &format!("SELECT {COLS} FROM rules WHERE name = ?1"),
+                [name],
+                from_row,
+            )
             .optional()?;
         match row {
             Some(mut r) => {
@@ -128,7 +153,10 @@ impl State {
             None => Err(invalid(
                 "rule",
                 name,
-                format!("no such rule; rules: {}", list_or_none(self.rules()?.iter().map(|r| r.name.as_str()))),
+                format!(
+                    "no such rule; rules: {}",
+                    list_or_none(self.rules()?.iter().map(|r| r.name.as_str()))
+                ),
             )),
         }
     }
@@ -137,7 +165,11 @@ impl State {
     pub fn rule_of_vm(&self, platform: &str, vm: &str) -> Result<Option<String>> {
         Ok(self
             .conn()
-            .query_row("SELECT rule FROM rule_vms WHERE platform = ?1 AND vm = ?2", [platform, vm], |r| r.get(0))
+            .query_row(
+                "SELECT rule FROM rule_vms WHERE platform = ?1 AND vm = ?2",
+                [platform, vm],
+                |r| r.get(0),
+            )
             .optional()?)
     }
 
@@ -181,17 +213,28 @@ impl State {
     }
 
     /// Change only the policy and bandwidth windows of a rule (R34).
-    pub fn edit_rule_policy(&mut self, rule: &str, policy: &Policy, bandwidth: &[Window]) -> Result<()> {
+    pub fn edit_rule_policy(
+        &mut self,
+        rule: &str,
+        policy: &Policy,
+        bandwidth: &[Window],
+    ) -> Result<()> {
         let p = serde_json::to_string(policy)?;
         let b = serde_json::to_string(bandwidth)?;
         self.write(|tx| {
-            let n = tx.execute("UPDATE rules SET policy = ?2, bandwidth = ?3 WHERE name = ?1", params![rule, p, b])?;
+            let n = tx.execute(
+                "UPDATE rules SET policy = ?2, bandwidth = ?3 WHERE name = ?1",
+                params![rule, p, b],
+            )?;
             if n == 0 {
                 return Err(invalid("rule", rule, "no such rule"));
             }
             // A new one-time start re-arms VMs that had completed the old one.
             if matches!(policy, Policy::Once { .. }) {
-                tx.execute("UPDATE rule_vms SET state = 'started' WHERE rule = ?1 AND state = 'completed'", [rule])?;
+                tx.execute(
+                    "UPDATE rule_vms SET state = 'started' WHERE rule = ?1 AND state = 'completed'",
+                    [rule],
+                )?;
             }
             Ok(())
         })
@@ -205,8 +248,14 @@ impl State {
         }
         self.write(|tx| {
             match vm {
-                Some(vm) => tx.execute("UPDATE rule_vms SET state = ?3 WHERE rule = ?1 AND vm = ?2", params![rule, vm, state])?,
-                None => tx.execute("UPDATE rule_vms SET state = ?2 WHERE rule = ?1", params![rule, state])?,
+                Some(vm) => tx.execute(
+                    "UPDATE rule_vms SET state = ?3 WHERE rule = ?1 AND vm = ?2",
+                    params![rule, vm, state],
+                )?,
+                None => tx.execute(
+                    "UPDATE rule_vms SET state = ?2 WHERE rule = ?1",
+                    params![rule, state],
+                )?,
             };
             Ok(())
         })
@@ -268,7 +317,11 @@ fn admit_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> R
         return Err(refused(format!("VM '{vm}' cannot be queried: {err}")));
     }
     let owner: Option<String> = tx
-        .query_row("SELECT rule FROM rule_vms WHERE platform = ?1 AND vm = ?2", [&platform.name, vm], |r| r.get(0))
+        .query_row(
+            "SELECT rule FROM rule_vms WHERE platform = ?1 AND vm = ?2",
+            [&platform.name, vm],
+            |r| r.get(0),
+        )
         .optional()?;
     if let Some(owner) = owner {
         let msg = if owner == rule {

@@ -68,7 +68,13 @@ pub struct LogLine {
 
 impl State {
     /// Record a task that starts running now in this process.
-    pub fn start_task(&mut self, kind: &str, rule: &str, vm: &str, level: Option<&str>) -> Result<i64> {
+    pub fn start_task(
+        &mut self,
+        kind: &str,
+        rule: &str,
+        vm: &str,
+        level: Option<&str>,
+    ) -> Result<i64> {
         let pid = std::process::id() as i64;
         self.write(|tx| {
             let now = super::now_text();
@@ -84,14 +90,21 @@ impl State {
     /// Move a running task to R31 phase `phase`.
     pub fn set_task_phase(&mut self, id: i64, phase: &str) -> Result<()> {
         self.write(|tx| {
-            tx.execute("UPDATE tasks SET phase = ?2 WHERE id = ?1", params![id, phase])?;
+            tx.execute(
+                "UPDATE tasks SET phase = ?2 WHERE id = ?1",
+                params![id, phase],
+            )?;
             Ok(())
         })
     }
 
     /// Record progress of a running task.
     pub fn set_task_progress(&mut self, id: i64, done: u64, total: u64) -> Result<()> {
-        let pct = if total == 0 { 0.0 } else { (done as f64 * 100.0 / total as f64).min(100.0) };
+        let pct = if total == 0 {
+            0.0
+        } else {
+            (done as f64 * 100.0 / total as f64).min(100.0)
+        };
         self.write(|tx| {
             tx.execute(
                 "UPDATE tasks SET phase = 'running', bytes_done = ?2, bytes_total = ?3, percent = ?4 WHERE id = ?1",
@@ -102,7 +115,13 @@ impl State {
     }
 
     /// Finish a task: `state` is completed / failed / interrupted / skipped.
-    pub fn finish_task(&mut self, id: i64, state: &str, point: Option<&str>, message: Option<&str>) -> Result<()> {
+    pub fn finish_task(
+        &mut self,
+        id: i64,
+        state: &str,
+        point: Option<&str>,
+        message: Option<&str>,
+    ) -> Result<()> {
         self.write(|tx| {
             tx.execute(
                 "UPDATE tasks SET state = ?2, phase = NULL, point = COALESCE(?3, point), message = ?4,
@@ -116,15 +135,27 @@ impl State {
     pub fn task(&self, id: i64) -> Result<Option<TaskRow>> {
         Ok(self
             .conn()
-            .query_row(&format!("SELECT {COLS} FROM tasks WHERE id = ?1"), [id], from_row)
+            .query_row(
+                &format!("SELECT {COLS} FROM tasks WHERE id = ?1"),
+                [id],
+                from_row,
+            )
             .optional()?)
     }
 
     /// Tasks, newest first; `active_only` keeps queued/pending/running.
     pub fn tasks(&self, active_only: bool, limit: u32) -> Result<Vec<TaskRow>> {
-        let filter = if active_only { format!("WHERE state IN {ACTIVE_STATES}") } else { String::new() };
-        let mut st = self.conn().prepare(&format!("SELECT {COLS} FROM tasks {filter} ORDER BY id DESC LIMIT ?1"))?;
-        let rows = st.query_map([limit], from_row)?.collect::<rusqlite::Result<_>>()?;
+        let filter = if active_only {
+            format!("WHERE state IN {ACTIVE_STATES}")
+        } else {
+            String::new()
+        };
+        let mut st = self.conn().prepare(&format!(
+            "SELECT {COLS} FROM tasks {filter} ORDER BY id DESC LIMIT ?1"
+        ))?;
+        let rows = st
+            .query_map([limit], from_row)?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
@@ -133,7 +164,9 @@ impl State {
         Ok(self
             .conn()
             .query_row(
-                &format!("SELECT {COLS} FROM tasks WHERE rule = ?1 AND vm = ?2 ORDER BY id DESC LIMIT 1"),
+                &format!(
+                    "SELECT {COLS} FROM tasks WHERE rule = ?1 AND vm = ?2 ORDER BY id DESC LIMIT 1"
+                ),
                 [rule, vm],
                 from_row,
             )
@@ -152,11 +185,18 @@ impl State {
     }
 
     pub fn task_logs(&self, task: i64) -> Result<Vec<LogLine>> {
-        let mut st = self
-            .conn()
-            .prepare("SELECT task, ts, level, message FROM task_logs WHERE task = ?1 ORDER BY id")?;
+        let mut st = self.conn().prepare(
+            "SELECT task, ts, level, message FROM task_logs WHERE task = ?1 ORDER BY id",
+        )?;
         let rows = st
-            .query_map([task], |r| Ok(LogLine { task: r.get(0)?, ts: r.get(1)?, level: r.get(2)?, message: r.get(3)? }))?
+            .query_map([task], |r| {
+                Ok(LogLine {
+                    task: r.get(0)?,
+                    ts: r.get(1)?,
+                    level: r.get(2)?,
+                    message: r.get(3)?,
+                })
+            })?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }

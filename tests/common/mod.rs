@@ -386,3 +386,141 @@ pub fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// An isolated vmbackup environment: its own state file, system.conf and QMP dir.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub state: PathBuf,
+    pub config: PathBuf,
+    pub qmp_dir: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state/state.db");
+        let config = dir.path().join("system.conf");
+        fs::write(&config, "# test defaults\n").unwrap();
+        let qmp_dir = dir.path().join("qmp");
+        fs::create_dir_all(&qmp_dir).unwrap();
+        Env {
+            dir,
+            state,
+            config,
+            qmp_dir,
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Start a QSD test VM whose QMP socket is in this env's QMP dir.
+    pub fn vm(&self, name: &str, disks: &[DiskSpec], nbd: bool) -> TestVm {
+        TestVm::start(
+            &self.qmp_dir,
+            &self.path(&format!("vms/{name}")),
+            name,
+            disks,
+            nbd,
+        )
+    }
+
+    /// `vmbackup` with this env's state and config.
+    pub fn cmd(&self) -> assert_cmd::Command {
+        let mut c = assert_cmd::Command::cargo_bin("vmbackup").unwrap();
+        c.env("VMBACKUP_STATE", &self.state)
+            .env("VMBACKUP_CONFIG", &self.config)
+            .env_remove("XDG_STATE_HOME");
+        c
+    }
+
+    /// Run, expect exit 0, return stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "vmbackup {args:?} failed ({:?}):\n{}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run, expect exit `code`, return stderr.
+    pub fn fails(&self, code: i32, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "vmbackup {args:?}: expected exit {code}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Run with `--json`, expect exit 0, parse stdout.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+
+    /// Every row of every table, for "a refused command changes nothing" checks.
+    pub fn dump(&self) -> String {
+        if !self.state.exists() {
+            return "(no state file)".into();
+        }
+        let conn = rusqlite::Connection::open(&self.state).unwrap();
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mut out = String::new();
+        for t in tables {
+            let mut st = conn.prepare(&format!("SELECT * FROM {t}")).unwrap();
+            let n = st.column_count();
+            let mut rows: Vec<String> = st
+                .query_map([], |r| {
+                    let mut line = Vec::new();
+                    for i in 0..n {
+                        let v: rusqlite::types::Value = r.get(i)?;
+                        line.push(format!("{v:?}"));
+                    }
+                    Ok(line.join("|"))
+                })
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            rows.sort();
+            out.push_str(&format!("[{t}]\n{}\n", rows.join("\n")));
+        }
+        out
+    }
+
+    /// Expect `args` to be refused with exit 2, a one-line error containing
+    /// every one of `needles`, and no change to the state.
+    pub fn refused(&self, args: &[&str], needles: &[&str]) {
+        let before = self.dump();
+        let err = self.fails(2, args);
+        for n in needles {
+            assert!(err.contains(n), "error for {args:?} lacks {n:?}:\n{err}");
+        }
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "error is not one line:\n{err}"
+        );
+        assert_eq!(
+            before,
+            self.dump(),
+            "refused command {args:?} changed the state"
+        );
+    }
+}
