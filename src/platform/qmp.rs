@@ -1,1 +1,216 @@
-//! (placeholder: being written)
+//! QMP client: one synchronous conversation with a QEMU monitor over a unix socket.
+//!
+//! QMP is newline-delimited JSON. The server greets (`{"QMP": ...}`), we enable
+//! commands with `qmp_capabilities`, then send `{"execute", "arguments", "id"}` and
+//! read `{"return", "id"}` or `{"error": {"class", "desc"}, "id"}`. Events
+//! (`{"event", "data", "timestamp"}`) may arrive between any two messages; they are
+//! queued and handed out by [`Qmp::wait_event`].
+//!
+//! Every read has a deadline ([`DEFAULT_TIMEOUT`] unless changed), so a hung QEMU
+//! makes a command fail instead of hanging vmbackup.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+/// How long one command (or the greeting) may take before we give up.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Events kept for [`Qmp::wait_event`]; older ones are dropped beyond this.
+const MAX_QUEUED_EVENTS: usize = 4096;
+
+/// A command QEMU answered with an error.
+#[derive(Debug, thiserror::Error)]
+#[error("QMP command '{command}' failed: {desc}")]
+pub struct QmpError {
+    pub command: String,
+    /// QMP error class (`GenericError`, `CommandNotFound`, `DeviceNotFound`, ...).
+    pub class: String,
+    pub desc: String,
+}
+
+/// An open QMP session.
+pub struct Qmp {
+    socket: PathBuf,
+    stream: UnixStream,
+    /// Bytes read from the socket that do not form a complete line yet.
+    pending: Vec<u8>,
+    next_id: u64,
+    events: VecDeque<Value>,
+    timeout: Duration,
+}
+
+impl Qmp {
+    /// Connect, read the greeting and negotiate capabilities.
+    pub fn connect(socket: &Path) -> Result<Qmp> {
+        Qmp::connect_with_timeout(socket, DEFAULT_TIMEOUT)
+    }
+
+    /// [`Qmp::connect`] with a per-command timeout.
+    pub fn connect_with_timeout(socket: &Path, timeout: Duration) -> Result<Qmp> {
+        let stream = UnixStream::connect(socket)
+            .with_context(|| format!("connect to QMP socket {}", socket.display()))?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .with_context(|| format!("set write timeout on QMP socket {}", socket.display()))?;
+        let mut qmp = Qmp {
+            socket: socket.to_path_buf(),
+            stream,
+            pending: Vec::new(),
+            next_id: 1,
+            events: VecDeque::new(),
+            timeout,
+        };
+        let greeting = qmp.read_message(Instant::now() + timeout)?;
+        if greeting.get("QMP").is_none() {
+            bail!(
+                "QMP socket {} did not greet with a QMP banner: {greeting}",
+                socket.display()
+            );
+        }
+        qmp.execute("qmp_capabilities", Value::Null)?;
+        Ok(qmp)
+    }
+
+    /// The socket this session talks to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Run one command; `args` is `Value::Null` for none. Returns the `return` value.
+    /// A QMP error becomes a [`QmpError`] (inside anyhow) naming the command.
+    pub fn execute(&mut self, command: &str, args: Value) -> Result<Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut request = json!({ "execute": command, "id": id });
+        if !args.is_null() {
+            request["arguments"] = args;
+        }
+        let mut line = request.to_string();
+        line.push('\n');
+        self.stream.write_all(line.as_bytes()).with_context(|| {
+            format!("send QMP command '{command}' to {}", self.socket.display())
+        })?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let msg = self
+                .read_message(deadline)
+                .with_context(|| format!("QMP command '{command}'"))?;
+            if msg.get("event").is_some() {
+                self.queue_event(msg);
+                continue;
+            }
+            match msg.get("id").and_then(Value::as_u64) {
+                // A reply to an earlier command that timed out: skip it.
+                Some(other) if other != id => continue,
+                _ => {}
+            }
+            if let Some(err) = msg.get("error") {
+                return Err(QmpError {
+                    command: command.to_string(),
+                    class: err["class"].as_str().unwrap_or("").to_string(),
+                    desc: err["desc"].as_str().unwrap_or("").to_string(),
+                }
+                .into());
+            }
+            return match msg.get("return") {
+                Some(ret) => Ok(ret.clone()),
+                None => bail!("QMP command '{command}': unexpected reply {msg}"),
+            };
+        }
+    }
+
+    /// Wait for an event named `name` whose message satisfies `matches` (it gets the
+    /// whole event object, `data` included). Events already queued count. Other
+    /// events stay queued.
+    pub fn wait_event(
+        &mut self,
+        name: &str,
+        matches: impl Fn(&Value) -> bool,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let is_wanted = |ev: &Value| ev["event"] == name && matches(ev);
+        if let Some(pos) = self.events.iter().position(is_wanted) {
+            return Ok(self.events.remove(pos).unwrap_or(Value::Null));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let msg = self
+                .read_message(deadline)
+                .with_context(|| format!("wait for QMP event {name}"))?;
+            if msg.get("event").is_none() {
+                continue;
+            }
+            if is_wanted(&msg) {
+                return Ok(msg);
+            }
+            self.queue_event(msg);
+        }
+    }
+
+    /// The pid of the QEMU process at the other end (SO_PEERCRED).
+    pub fn peer_pid(&self) -> Result<u32> {
+        let cred = rustix::net::sockopt::get_socket_peercred(&self.stream).with_context(|| {
+            format!(
+                "read peer credentials of QMP socket {}",
+                self.socket.display()
+            )
+        })?;
+        Ok(cred.pid.as_raw_nonzero().get() as u32)
+    }
+
+    fn queue_event(&mut self, event: Value) {
+        if self.events.len() >= MAX_QUEUED_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
+    }
+
+    /// Next JSON message, reading more from the socket until `deadline`.
+    fn read_message(&mut self, deadline: Instant) -> Result<Value> {
+        loop {
+            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim();
+                if text.is_empty() {
+                    continue;
+                }
+                return serde_json::from_str(text).with_context(|| {
+                    format!("bad JSON from QMP socket {}: {text}", self.socket.display())
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!("timed out reading QMP socket {}", self.socket.display());
+            }
+            let wait = (deadline - now).max(Duration::from_millis(1));
+            self.stream
+                .set_read_timeout(Some(wait))
+                .with_context(|| format!("set read timeout on {}", self.socket.display()))?;
+            let mut chunk = [0u8; 8192];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => bail!("QMP socket {} closed by QEMU", self.socket.display()),
+                Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("read QMP socket {}", self.socket.display()))
+                }
+            }
+        }
+    }
+}
+
+/// Whether `err` is a QMP error whose description contains `text`.
+pub fn is_qmp_error(err: &anyhow::Error, text: &str) -> bool {
+    err.chain()
+        .filter_map(|c| c.downcast_ref::<QmpError>())
+        .any(|e| e.desc.contains(text) || e.class == text)
+}
