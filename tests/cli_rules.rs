@@ -379,7 +379,7 @@ fn r29_bandwidth_windows_parse_and_overlaps_are_refused() {
                 "fri 17:00-20:00 pause",
             ],
         ),
-        &["--bandwidth", "overlap"],
+        &["overlap", "fri", "R29"],
     );
     l.env.refused(
         &add_rule(

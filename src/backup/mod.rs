@@ -320,14 +320,31 @@ fn write_point(
     Ok(totals)
 }
 
-/// A point id for now, strictly after the newest existing point.
+/// A point id for now, strictly after the newest existing point. Ids have
+/// one-second resolution, so two backups within one second get consecutive ids.
 fn next_point_id(latest: Option<&str>) -> Result<String> {
-    let mut now = Utc::now();
-    if let Some(l) = latest {
-        let last = parse_point_id(l)?;
-        if now <= last {
-            now = last + chrono::Duration::seconds(1);
-        }
+    let now = new_point_id(Utc::now());
+    match latest {
+        Some(l) if now.as_str() <= l => Ok(new_point_id(
+            parse_point_id(l)? + chrono::Duration::seconds(1),
+        )),
+        _ => Ok(now),
     }
-    Ok(new_point_id(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn point_ids_increase_even_within_one_second() {
+        let a = next_point_id(None).unwrap();
+        let b = next_point_id(Some(&a)).unwrap();
+        let c = next_point_id(Some(&b)).unwrap();
+        assert!(a < b && b < c, "{a} {b} {c}");
+        assert_eq!(
+            next_point_id(Some("20000101T000000Z")).unwrap().len(),
+            a.len()
+        );
+    }
 }
