@@ -58,12 +58,7 @@ impl NbdClient {
         let max_request = negotiated.max_block.min(MAX_REQUEST);
         let inflight = Arc::new(Inflight::default());
         let (requests, queued) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_requests(
-            queued,
-            wr,
-            inflight.clone(),
-            label.clone(),
-        ));
+        let writer = tokio::spawn(write_requests(queued, wr, inflight.clone(), label.clone()));
         let reader = tokio::spawn(reader::run(rd, inflight.clone(), label, max_request));
         Ok(NbdClient {
             export: export.to_string(),
@@ -109,6 +104,11 @@ impl NbdClient {
         &self.export
     }
 
+    /// Requests sent (or queued) and not yet fully answered.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.count()
+    }
+
     /// Extents of `context` covering exactly [offset, offset+length): loops
     /// BLOCK_STATUS until covered (servers may answer short), clips the last
     /// extent, merges adjacent equal-flag extents.
@@ -138,13 +138,10 @@ impl NbdClient {
         let mut pos = offset;
         while pos < end {
             let step = (end - pos).min(BLOCK_STATUS_STEP) as u32;
-            let op = Op::BlockStatus {
-                offset: pos,
-                length: step,
-                chunks: Vec::new(),
-            };
-            let Op::BlockStatus { chunks, .. } =
-                self.submit(proto::CMD_BLOCK_STATUS, pos, step, op, None).await?
+            let op = Op::BlockStatus { chunks: Vec::new() };
+            let Op::BlockStatus { chunks } = self
+                .submit(proto::CMD_BLOCK_STATUS, pos, step, op, None)
+                .await?
             else {
                 bail!("internal error: block status request completed as another kind");
             };

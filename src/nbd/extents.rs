@@ -32,11 +32,14 @@ pub fn append(out: &mut Vec<Extent>, at: u64, end: u64, descriptors: &[(u32, u32
             "server sent a zero-length extent at offset {pos}"
         );
         let length = u64::from(length).min(end - pos);
-        push_merged(out, Extent {
-            offset: pos,
-            length,
-            flags,
-        });
+        push_merged(
+            out,
+            Extent {
+                offset: pos,
+                length,
+                flags,
+            },
+        );
         pos += length;
     }
     ensure!(pos > at, "server sent no extents for offset {at}");
@@ -68,7 +71,13 @@ mod tests {
     #[test]
     fn clips_the_last_extent_and_merges_equal_neighbours() {
         let mut out = Vec::new();
-        let pos = append(&mut out, 100, 1000, &[(50, 0), (50, 0), (200, 3), (5000, 0)]).unwrap();
+        let pos = append(
+            &mut out,
+            100,
+            1000,
+            &[(50, 0), (50, 0), (200, 3), (5000, 0)],
+        )
+        .unwrap();
         assert_eq!(pos, 1000);
         assert_eq!(out, vec![e(100, 100, 0), e(200, 200, 3), e(400, 600, 0)]);
     }

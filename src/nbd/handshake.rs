@@ -233,8 +233,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> OptionConn<'_, R, W> {
     /// `NBD_OPT_GO`: export size, flags and block sizes; ends the handshake.
     async fn go(&mut self) -> Result<Negotiated> {
         let option = proto::OPT_GO;
-        self.send_option(option, &proto::go_data(self.export, &[proto::INFO_BLOCK_SIZE]))
-            .await?;
+        self.send_option(
+            option,
+            &proto::go_data(self.export, &[proto::INFO_BLOCK_SIZE]),
+        )
+        .await?;
         let mut export_info = None;
         let mut block = (
             proto::DEFAULT_MIN_BLOCK,

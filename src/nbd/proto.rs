@@ -153,8 +153,15 @@ impl OptionReplyHeader {
 /// One `NBD_REP_INFO` payload the client cares about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Info {
-    Export { size: u64, flags: u16 },
-    BlockSize { min: u32, preferred: u32, max: u32 },
+    Export {
+        size: u64,
+        flags: u16,
+    },
+    BlockSize {
+        min: u32,
+        preferred: u32,
+        max: u32,
+    },
     /// An information type this client does not use (names, descriptions).
     Other(u16),
 }
@@ -353,7 +360,11 @@ pub fn parse_error_chunk(kind: u16, payload: &[u8]) -> Result<ChunkError> {
 
 /// `NBD_REPLY_TYPE_OFFSET_HOLE` payload: offset and length of the hole.
 pub fn parse_hole(payload: &[u8]) -> Result<(u64, u32)> {
-    ensure!(payload.len() == 12, "OFFSET_HOLE chunk of {} bytes", payload.len());
+    ensure!(
+        payload.len() == 12,
+        "OFFSET_HOLE chunk of {} bytes",
+        payload.len()
+    );
     Ok((be_u64(&payload[0..8]), be_u32(&payload[8..12])))
 }
 

@@ -27,7 +27,8 @@ pub fn parse_uri(uri: &str) -> Result<(NbdAddr, String)> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
     };
-    let export = decode(path.strip_prefix('/').unwrap_or(path)).ok_or_else(|| bad("bad % escape"))?;
+    let export =
+        decode(path.strip_prefix('/').unwrap_or(path)).ok_or_else(|| bad("bad % escape"))?;
     let mut socket = None;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -146,7 +147,10 @@ mod tests {
             parse_uri("nbd://[::1]:1234/x").unwrap(),
             (tcp("::1", 1234), "x".into())
         );
-        assert_eq!(parse_uri("nbd://[::1]").unwrap(), (tcp("::1", 10809), "".into()));
+        assert_eq!(
+            parse_uri("nbd://[::1]").unwrap(),
+            (tcp("::1", 10809), "".into())
+        );
     }
 
     #[test]
