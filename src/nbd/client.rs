@@ -104,6 +104,11 @@ impl NbdClient {
         &self.export
     }
 
+    /// Requests sent (or queued) and not yet fully answered.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.count()
+    }
+
     /// Extents of `context` covering exactly [offset, offset+length): loops
     /// BLOCK_STATUS until covered (servers may answer short), clips the last
     /// extent, merges adjacent equal-flag extents.
@@ -133,12 +138,8 @@ impl NbdClient {
         let mut pos = offset;
         while pos < end {
             let step = (end - pos).min(BLOCK_STATUS_STEP) as u32;
-            let op = Op::BlockStatus {
-                offset: pos,
-                length: step,
-                chunks: Vec::new(),
-            };
-            let Op::BlockStatus { chunks, .. } = self
+            let op = Op::BlockStatus { chunks: Vec::new() };
+            let Op::BlockStatus { chunks } = self
                 .submit(proto::CMD_BLOCK_STATUS, pos, step, op, None)
                 .await?
             else {

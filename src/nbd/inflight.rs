@@ -23,11 +23,7 @@ pub enum Op {
         covered: u64,
     },
     /// `NBD_CMD_BLOCK_STATUS`: one (context id, descriptors) entry per chunk.
-    BlockStatus {
-        offset: u64,
-        length: u32,
-        chunks: Vec<(u32, Vec<(u32, u32)>)>,
-    },
+    BlockStatus { chunks: Vec<(u32, Vec<(u32, u32)>)> },
     /// Commands whose reply carries nothing but success or an error (write, flush).
     Plain,
 }
@@ -150,7 +146,7 @@ impl Inflight {
     }
 
     /// Number of requests waiting for replies.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.lock().pending.len()
     }
 }
@@ -178,7 +174,7 @@ mod tests {
             inflight.register(Op::Plain).unwrap_err().to_string(),
             "server went away"
         );
-        assert_eq!(inflight.len(), 0);
+        assert_eq!(inflight.count(), 0);
     }
 
     #[test]

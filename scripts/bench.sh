@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Benchmark: vmbackup against qemu-img convert and nbdcopy on the same source.
+#
+# Builds a 4 GiB qcow2 disk (about 40% random, 30% compressible text, 30% zero, in
+# interleaved 64 MiB regions), serves it from qemu-storage-daemon over an NBD unix
+# socket, and prints the median wall time and peak RSS of RUNS runs of:
+#   qemu-img convert  NBD -> raw file            (the baseline)
+#   nbdcopy           NBD -> raw file
+#   vmbackup full     into a fresh repository
+#   vmbackup inc      after 1% of the disk changed
+#   vmbackup restore  of the newest point to a raw file
+# Before every timed step, ~4 GiB are written to and deleted from /dev/shm
+# (untimed, the same for every tool): this machine's memory balloon makes writes
+# into a cold page cache 3-5x slower than into a warm one, which would swamp the
+# ratios. Output: a table and the targets' verdicts (issue 3). Not a test.
+#
+#   scripts/bench.sh        env: RUNS=3 SIZE_GIB=4 BENCH_DIR=/var/tmp/vmbackup-bench VMB=<binary>
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+RUNS=${RUNS:-3}
+SIZE_GIB=${SIZE_GIB:-4}
+B=${BENCH_DIR:-/var/tmp/vmbackup-bench}
+
+if [ "$(id -u)" = 0 ]; then
+  scripts/install-deps.sh
+  command -v /usr/bin/time >/dev/null || apt-get install -y -q time >/dev/null
+fi
+if [ -z "${VMB:-}" ]; then   # VMB=/path/to/vmbackup benchmarks that binary instead
+  cargo build --release --quiet
+  VMB="$ROOT/target/release/vmbackup"
+fi
+
+rm -rf "$B"; mkdir -p "$B/qmp" "$B/target" "$B/state"
+export VMBACKUP_STATE="$B/state/state.db" VMBACKUP_CONFIG="$B/system.conf"
+printf 'bk_tsk_thd = 8\ni2vp_transbuffer = 4M\nMax_ThreadNum_PerHost = 4\n' > "$VMBACKUP_CONFIG"
+
+echo "== building a ${SIZE_GIB} GiB disk (40% random, 30% text, 30% zero)"
+RAW="$B/source.raw"
+truncate -s "${SIZE_GIB}G" "$RAW"
+python3 - "$RAW" "$SIZE_GIB" <<'PY'
+import os, random, sys
+path, gib = sys.argv[1], int(sys.argv[2])
+region = 64 << 20
+text = b"".join(b"2026-11-24 12:%02d:%02d host%03d kernel: eth0 link up, 1000 Mbps full duplex seq=%d\n"
+                % (i % 60, i % 59, i % 997, i) for i in range(200000))
+with open(path, "r+b") as f:
+    for r in range((gib << 30) // region):
+        kind = r % 10   # 0-3 random, 4-6 text, 7-9 zero (hole)
+        f.seek(r * region)
+        if kind < 4:
+            f.write(os.urandom(region))
+        elif kind < 7:
+            off = 0
+            while off < region:
+                n = min(len(text), region - off)
+                f.write(text[:n]); off += n
+PY
+qemu-img convert -f raw -O qcow2 "$RAW" "$B/disk.qcow2"
+rm -f "$RAW"
+
+NBD="$B/nbd.sock"; PIDFILE="$B/qsd.pid"
+qemu-storage-daemon \
+  --blockdev driver=file,node-name=vda-file,filename="$B/disk.qcow2" \
+  --blockdev driver=qcow2,node-name=vda,file=vda-file \
+  --chardev socket,id=qmp0,path="$B/qmp/bench.qmp",server=on,wait=off --monitor chardev=qmp0 \
+  --nbd-server addr.type=unix,addr.path="$NBD" \
+  --export type=nbd,id=guest,node-name=vda,name=guest,writable=on \
+  --pidfile "$PIDFILE" --daemonize
+trap 'kill $(cat "$PIDFILE") 2>/dev/null || true' EXIT
+GUEST="nbd+unix:///guest?socket=$NBD"
+
+"$VMB" -q platform add lab --type qemu --qmp-dir "$B/qmp"
+"$VMB" -q target add t --path "$B/target"
+"$VMB" -q rule add bench --platform lab --vm bench --target t --schedule "full daily at 01:00"
+
+warm() { # write and delete ~4 GiB in /dev/shm (untimed)
+  dd if=/dev/zero of=/dev/shm/vmbackup-bench-warm bs=4M count=1024 status=none
+  rm -f /dev/shm/vmbackup-bench-warm
+}
+# timed NAME CMD...: run once, record seconds and peak RSS (KiB)
+timed() {
+  local name=$1; shift
+  local tf="$B/time.out"
+  /usr/bin/time -f '%e %M' -o "$tf" "$@" >/dev/null 2>"$B/last.err" || { cat "$B/last.err" >&2; exit 1; }
+  read -r secs rss < "$tf"
+  echo "$name $secs $rss" >> "$B/results"
+}
+change_one_percent() { # 1% of the disk, random bytes at scattered places
+  local n=$(( (SIZE_GIB << 30) / 100 / (256 << 10) ))
+  head -c $((256 << 10)) /dev/urandom > "$B/piece"
+  local cmds=()
+  for i in $(seq 1 "$n"); do
+    cmds+=(-c "write -s $B/piece $(( (RANDOM * 32768 + RANDOM) % ((SIZE_GIB << 30) / (256 << 10)) * (256 << 10) )) 256k")
+  done
+  qemu-io -f raw "${cmds[@]}" "$GUEST" >/dev/null
+}
+
+: > "$B/results"
+for run in $(seq 1 "$RUNS"); do
+  echo "== run $run/$RUNS"
+  rm -f "$B/out.raw"; warm; timed qemu-img-convert qemu-img convert -f raw -O raw "$GUEST" "$B/out.raw"
+  rm -f "$B/out.raw"; warm; timed nbdcopy nbdcopy "$GUEST" "$B/out.raw"
+  rm -f "$B/out.raw"
+  rm -rf "$B/target/bench"; warm; timed vmbackup-full "$VMB" -q run-now bench --level full
+  change_one_percent; warm; timed vmbackup-inc "$VMB" -q run-now bench --level inc
+  rm -rf "$B/restore"; warm; timed vmbackup-restore "$VMB" -q restore bench --vm bench --to "$B/restore"
+done
+STORED=$(du -sk "$B/target/bench/chunks" | cut -f1)
+
+python3 - "$B/results" "$SIZE_GIB" "$STORED" <<'PY'
+import statistics, sys
+from collections import defaultdict
+res, gib, stored = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+t, m = defaultdict(list), defaultdict(list)
+for line in open(res):
+    name, secs, rss = line.split()
+    t[name].append(float(secs)); m[name].append(int(rss))
+size = gib << 30
+print(f"\n{'step':<18} {'median s':>9} {'GiB/s':>7} {'peak RSS MiB':>13}   runs (s)")
+for name in ["qemu-img-convert", "nbdcopy", "vmbackup-full", "vmbackup-inc", "vmbackup-restore"]:
+    med = statistics.median(t[name])
+    rate = (size / med / (1 << 30)) if name != "vmbackup-inc" else float("nan")
+    print(f"{name:<18} {med:>9.2f} {rate:>7.2f} {max(m[name]) / 1024:>13.1f}   {', '.join(f'{x:.2f}' for x in t[name])}")
+base = statistics.median(t["qemu-img-convert"])
+full = statistics.median(t["vmbackup-full"])
+inc = statistics.median(t["vmbackup-inc"])
+rest = statistics.median(t["vmbackup-restore"])
+budget = 64 + 3 * 8 * 4
+rss = max(max(m[n]) for n in ["vmbackup-full", "vmbackup-inc", "vmbackup-restore"]) / 1024
+print(f"\nrepository after {len(t['vmbackup-full'])} fulls + incs: {stored / 1024:.0f} MiB of chunks for a {gib} GiB disk")
+def verdict(ok): return "met" if ok else "NOT met"
+print(f"full throughput   {base / full:.2f}x qemu-img convert (target >= 0.8x): {verdict(base / full >= 0.8)}")
+print(f"incremental       {inc:.2f} s vs {0.03 * full + 0.5:.2f} s = 3% of full + 0.5 s: {verdict(inc <= 0.03 * full + 0.5)}")
+print(f"restore           {base / rest:.2f}x qemu-img convert (target >= 0.9x): {verdict(base / rest >= 0.9)}")
+print(f"peak RSS          {rss:.1f} MiB vs 64 MiB + 3 x 8 x 4 MiB = {budget} MiB: {verdict(rss <= budget)}")
+PY
