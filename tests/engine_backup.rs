@@ -385,7 +385,7 @@ fn identical_vms_share_chunks_in_one_repository() {
         .map(|v| v["outcome"]["totals"]["bytes_written"].as_u64().unwrap())
         .collect();
     assert!(
-        written.iter().any(|&w| w == 0),
+        written.contains(&0),
         "the second VM stored nothing new: {written:?}"
     );
     for vm in ["a", "b"] {
