@@ -109,6 +109,9 @@ mod tests {
         // One minute of clock time is one second of real time at speed 60.
         let wait = clock.real_until(&(start + chrono::Duration::minutes(1)));
         assert!(wait <= Duration::from_secs(1) && wait > Duration::from_millis(500));
-        assert_eq!(clock.real_until(&(start - chrono::Duration::minutes(1))), Duration::ZERO);
+        assert_eq!(
+            clock.real_until(&(start - chrono::Duration::minutes(1))),
+            Duration::ZERO
+        );
     }
 }

@@ -38,7 +38,12 @@ fn spawn(env: &Env, args: &[&str], test_now: Option<&str>) -> Proc {
 }
 
 fn run_with_clock(env: &Env, args: &[&str], now: &str) -> (i32, String) {
-    let out = env.cmd().env("VMBACKUP_TEST_NOW", now).args(args).output().unwrap();
+    let out = env
+        .cmd()
+        .env("VMBACKUP_TEST_NOW", now)
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -46,12 +51,26 @@ fn run_with_clock(env: &Env, args: &[&str], now: &str) -> (i32, String) {
 }
 
 fn setup(env: &Env, platform: &str, qmp_dir: &std::path::Path) {
-    env.ok(&["platform", "add", platform, "--type", "qemu", "--qmp-dir", qmp_dir.to_str().unwrap()]);
+    env.ok(&[
+        "platform",
+        "add",
+        platform,
+        "--type",
+        "qemu",
+        "--qmp-dir",
+        qmp_dir.to_str().unwrap(),
+    ]);
 }
 
 fn target(env: &Env) {
     std::fs::create_dir_all(env.path("target")).unwrap();
-    env.ok(&["target", "add", "t1", "--path", env.path("target").to_str().unwrap()]);
+    env.ok(&[
+        "target",
+        "add",
+        "t1",
+        "--path",
+        env.path("target").to_str().unwrap(),
+    ]);
 }
 
 /// (id, rule, vm, state, started_at, finished_at) of every task.
@@ -62,16 +81,29 @@ fn task_rows(env: &Env) -> Vec<Row> {
     let mut st = conn
         .prepare("SELECT id, rule, vm, state, started_at, finished_at FROM tasks ORDER BY id")
         .unwrap();
-    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+    st.query_map([], |r| {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
 }
 
 fn task_field(env: &Env, id: i64, col: &str) -> Option<String> {
     let conn = rusqlite::Connection::open(&env.state).unwrap();
-    conn.query_row(&format!("SELECT CAST({col} AS TEXT) FROM tasks WHERE id = ?1"), [id], |r| r.get(0))
-        .unwrap()
+    conn.query_row(
+        &format!("SELECT CAST({col} AS TEXT) FROM tasks WHERE id = ?1"),
+        [id],
+        |r| r.get(0),
+    )
+    .unwrap()
 }
 
 fn waited(env: &Env, id: i64) -> bool {
@@ -116,8 +148,19 @@ fn r38_r41_two_global_slots_five_vms_never_more_than_two_running() {
     }
     setup(&env, "lab", &env.qmp_dir);
     target(&env);
-    env.ok(&["rule", "add", "r", "--platform", "lab", "--vm", &names.join(","), "--target", "t1",
-        "--schedule", "full daily at 01:00"]);
+    env.ok(&[
+        "rule",
+        "add",
+        "r",
+        "--platform",
+        "lab",
+        "--vm",
+        &names.join(","),
+        "--target",
+        "t1",
+        "--schedule",
+        "full daily at 01:00",
+    ]);
     let out = env.ok(&["--json", "run-now", "r", "--level", "full"]);
     let summary: serde_json::Value =
         serde_json::from_str(out.lines().last().unwrap()).expect("summary line");
@@ -127,9 +170,15 @@ fn r38_r41_two_global_slots_five_vms_never_more_than_two_running() {
     assert_eq!(rows.len(), 5);
     assert!(rows.iter().all(|r| r.3 == "completed"), "{rows:?}");
     let refs: Vec<&Row> = rows.iter().collect();
-    assert!(max_concurrent(&refs) <= 2, "more than 2 ran at once: {rows:?}");
+    assert!(
+        max_concurrent(&refs) <= 2,
+        "more than 2 ran at once: {rows:?}"
+    );
     let pending = rows.iter().filter(|r| waited(&env, r.0)).count();
-    assert!(pending >= 3, "5 tasks, 2 slots: at least 3 waited pending, saw {pending}");
+    assert!(
+        pending >= 3,
+        "5 tasks, 2 slots: at least 3 waited pending, saw {pending}"
+    );
     // Nothing is left active or leased.
     let list = env.json(&["task", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
@@ -145,8 +194,13 @@ fn r42_per_host_limit_holds_across_two_platforms_and_processes() {
         vms.push(env.vm(n, &[DiskSpec::qcow2("disk0", 32 * MIB)], true));
     }
     for n in ["b1", "b2"] {
-        vms.push(TestVm::start(&qmp2, &env.path(&format!("vms/{n}")), n,
-            &[DiskSpec::qcow2("disk0", 32 * MIB)], true));
+        vms.push(TestVm::start(
+            &qmp2,
+            &env.path(&format!("vms/{n}")),
+            n,
+            &[DiskSpec::qcow2("disk0", 32 * MIB)],
+            true,
+        ));
     }
     for (i, vm) in vms.iter().enumerate() {
         vm.write_random("disk0", 0, 8 * MIB, i as u64 + 10);
@@ -154,8 +208,32 @@ fn r42_per_host_limit_holds_across_two_platforms_and_processes() {
     setup(&env, "lab", &env.qmp_dir);
     setup(&env, "lab2", &qmp2);
     target(&env);
-    env.ok(&["rule", "add", "ra", "--platform", "lab", "--vm", "a1,a2", "--target", "t1", "--once", &Local::now().format("%Y-%m-%d 23:59").to_string()]);
-    env.ok(&["rule", "add", "rb", "--platform", "lab2", "--vm", "b1,b2", "--target", "t1", "--once", &Local::now().format("%Y-%m-%d 23:59").to_string()]);
+    env.ok(&[
+        "rule",
+        "add",
+        "ra",
+        "--platform",
+        "lab",
+        "--vm",
+        "a1,a2",
+        "--target",
+        "t1",
+        "--once",
+        &Local::now().format("%Y-%m-%d 23:59").to_string(),
+    ]);
+    env.ok(&[
+        "rule",
+        "add",
+        "rb",
+        "--platform",
+        "lab2",
+        "--vm",
+        "b1,b2",
+        "--target",
+        "t1",
+        "--once",
+        &Local::now().format("%Y-%m-%d 23:59").to_string(),
+    ]);
     let mut a = spawn(&env, &["run-now", "ra", "--level", "full"], None);
     let mut b = spawn(&env, &["run-now", "rb", "--level", "full"], None);
     assert_eq!(a.0.wait().unwrap().code(), Some(0));
@@ -165,8 +243,15 @@ fn r42_per_host_limit_holds_across_two_platforms_and_processes() {
     for rule in ["ra", "rb"] {
         let mine: Vec<&Row> = rows.iter().filter(|r| r.1 == rule).collect();
         assert!(mine.iter().all(|r| r.3 == "completed"), "{rows:?}");
-        assert_eq!(max_concurrent(&mine), 1, "two tasks ran at once on one host: {mine:?}");
-        assert!(mine.iter().any(|r| waited(&env, r.0)), "one of {rule}'s tasks waited for its host slot");
+        assert_eq!(
+            max_concurrent(&mine),
+            1,
+            "two tasks ran at once on one host: {mine:?}"
+        );
+        assert!(
+            mine.iter().any(|r| waited(&env, r.0)),
+            "one of {rule}'s tasks waited for its host slot"
+        );
     }
 }
 
@@ -177,17 +262,44 @@ fn r29_r28_pause_holds_progress_then_completes_and_a_new_slot_is_skipped() {
     vm.write_random("disk0", 0, 4 * MIB, 7);
     setup(&env, "lab", &env.qmp_dir);
     target(&env);
-    env.ok(&["rule", "add", "r", "--platform", "lab", "--vm", "web", "--target", "t1",
-        "--schedule", "full daily at 01:00", "--bandwidth", "mon-sun 01:00-01:01 pause"]);
-    let day1 = (Local::now() + Days::days(1)).format("%Y-%m-%d").to_string();
-    let day2 = (Local::now() + Days::days(2)).format("%Y-%m-%d").to_string();
+    env.ok(&[
+        "rule",
+        "add",
+        "r",
+        "--platform",
+        "lab",
+        "--vm",
+        "web",
+        "--target",
+        "t1",
+        "--schedule",
+        "full daily at 01:00",
+        "--bandwidth",
+        "mon-sun 01:00-01:01 pause",
+    ]);
+    let day1 = (Local::now() + Days::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let day2 = (Local::now() + Days::days(2))
+        .format("%Y-%m-%d")
+        .to_string();
     // Five seconds before the pause window ends.
     let began = Instant::now();
     let mut first = spawn(&env, &["run-due"], Some(&format!("{day1} 01:00:55")));
-    wait_for(|| task_rows(&env).first().is_some_and(|r| r.3 == "running"), "task running");
+    wait_for(
+        || task_rows(&env).first().is_some_and(|r| r.3 == "running"),
+        "task running",
+    );
     let id = task_rows(&env)[0].0;
-    wait_for(|| task_field(&env, id, "bw_limit").as_deref() == Some("pause"), "pause reported");
-    assert_eq!(task_field(&env, id, "bytes_done").as_deref(), Some("0"), "a paused task reads nothing");
+    wait_for(
+        || task_field(&env, id, "bw_limit").as_deref() == Some("pause"),
+        "pause reported",
+    );
+    assert_eq!(
+        task_field(&env, id, "bytes_done").as_deref(),
+        Some("0"),
+        "a paused task reads nothing"
+    );
     let list = env.json(&["task", "list"]);
     assert_eq!(list[0]["bw_limit"], "pause", "{list}");
     assert_eq!(list[0]["state"], "running", "{list}");
@@ -196,7 +308,10 @@ fn r29_r28_pause_holds_progress_then_completes_and_a_new_slot_is_skipped() {
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("R28"), "{err}");
     assert_eq!(first.0.wait().unwrap().code(), Some(0));
-    assert!(began.elapsed() >= Duration::from_secs(3), "the pause held the task");
+    assert!(
+        began.elapsed() >= Duration::from_secs(3),
+        "the pause held the task"
+    );
     let rows = task_rows(&env);
     assert_eq!(rows[0].3, "completed");
     assert_eq!(rows[1].3, "skipped");
@@ -215,29 +330,77 @@ fn r44_sigkilled_daemon_task_is_reclaimed_cleaned_and_next_inc_restores_exactly(
     vm.write_random("disk0", 0, 4 * MIB, 1);
     setup(&env, "lab", &env.qmp_dir);
     target(&env);
-    env.ok(&["rule", "add", "r", "--platform", "lab", "--vm", "web", "--target", "t1",
-        "--schedule", "inc daily at 01:00"]);
+    env.ok(&[
+        "rule",
+        "add",
+        "r",
+        "--platform",
+        "lab",
+        "--vm",
+        "web",
+        "--target",
+        "t1",
+        "--schedule",
+        "inc daily at 01:00",
+    ]);
     env.ok(&["run-now", "r", "--level", "full"]);
     vm.write_random("disk0", 8 * MIB, 2 * MIB, 2);
-    env.ok(&["rule", "edit", "r", "--bandwidth", "mon-sun 01:00-01:30 pause"]);
-    let day1 = (Local::now() + Days::days(1)).format("%Y-%m-%d").to_string();
+    env.ok(&[
+        "rule",
+        "edit",
+        "r",
+        "--bandwidth",
+        "mon-sun 01:00-01:30 pause",
+    ]);
+    let day1 = (Local::now() + Days::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
     let mut daemon = spawn(&env, &["daemon"], Some(&format!("{day1} 01:00:10")));
-    wait_for(|| task_rows(&env).get(1).is_some_and(|r| r.3 == "running"), "daemon task running");
+    wait_for(
+        || task_rows(&env).get(1).is_some_and(|r| r.3 == "running"),
+        "daemon task running",
+    );
     let id = task_rows(&env)[1].0;
-    wait_for(|| task_field(&env, id, "bw_limit").as_deref() == Some("pause"), "task paused mid-backup");
+    wait_for(
+        || task_field(&env, id, "bw_limit").as_deref() == Some("pause"),
+        "task paused mid-backup",
+    );
     daemon.0.kill().unwrap();
     daemon.0.wait().unwrap();
-    assert_eq!(task_field(&env, id, "state").as_deref(), Some("running"), "a dead task still looks running");
+    assert_eq!(
+        task_field(&env, id, "state").as_deref(),
+        Some("running"),
+        "a dead task still looks running"
+    );
     env.ok(&["rule", "edit", "r", "--clear-bandwidth"]);
-    vm.write_random("disk0", 16 * MIB, 1 * MIB, 3);
+    vm.write_random("disk0", 16 * MIB, MIB, 3);
     let out = env.ok(&["--json", "run-now", "r", "--level", "inc"]);
-    assert_eq!(task_field(&env, id, "state").as_deref(), Some("interrupted"));
+    assert_eq!(
+        task_field(&env, id, "state").as_deref(),
+        Some("interrupted")
+    );
     let logs = env.ok(&["logs", "r", "--task", &id.to_string()]);
     assert!(logs.contains("cleanup after the interrupted run"), "{logs}");
     let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(summary["vms"][0]["outcome"]["level"], "inc", "{summary}");
     let dest = env.path("restored");
-    env.ok(&["restore", "r", "--vm", "web", "--to", dest.to_str().unwrap()]);
-    let img = std::fs::read_dir(&dest).unwrap().next().unwrap().unwrap().path();
-    assert_eq!(file_digest(&img), vm.shadow_digest("disk0"), "restored inc differs from the disk");
+    env.ok(&[
+        "restore",
+        "r",
+        "--vm",
+        "web",
+        "--to",
+        dest.to_str().unwrap(),
+    ]);
+    let img = std::fs::read_dir(&dest)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        file_digest(&img),
+        vm.shadow_digest("disk0"),
+        "restored inc differs from the disk"
+    );
 }

@@ -139,7 +139,11 @@ mod tests {
             t.acquire(256 * 1024).await;
         }
         // 2 MiB at 4 MiB/s from an empty bucket: at least half a second.
-        assert!(began.elapsed() >= Duration::from_millis(450), "{:?}", began.elapsed());
+        assert!(
+            began.elapsed() >= Duration::from_millis(450),
+            "{:?}",
+            began.elapsed()
+        );
         assert_eq!(t.limit_now(), Some(Limit::Rate(4 * 1024 * 1024)));
     }
 
@@ -155,7 +159,11 @@ mod tests {
         assert_eq!(t.limit_now(), Some(Limit::Pause));
         let began = Instant::now();
         t.acquire(1).await;
-        assert!(began.elapsed() >= Duration::from_millis(1500), "{:?}", began.elapsed());
+        assert!(
+            began.elapsed() >= Duration::from_millis(1500),
+            "{:?}",
+            began.elapsed()
+        );
         assert_eq!(t.limit_now(), None);
     }
 
@@ -163,7 +171,11 @@ mod tests {
     async fn cancel_ends_a_pause() {
         let start = Local.with_ymd_and_hms(2026, 5, 4, 7, 0, 0).unwrap();
         let cancel = Arc::new(AtomicBool::new(true));
-        let t = Throttle::new(windows("mon 07:00-08:00 pause"), Clock::starting_at(start, 1.0), cancel);
+        let t = Throttle::new(
+            windows("mon 07:00-08:00 pause"),
+            Clock::starting_at(start, 1.0),
+            cancel,
+        );
         let began = Instant::now();
         t.acquire(1).await;
         assert!(began.elapsed() < Duration::from_secs(1));
@@ -172,7 +184,11 @@ mod tests {
     #[tokio::test]
     async fn outside_every_window_nothing_waits() {
         let start = Local.with_ymd_and_hms(2026, 5, 4, 20, 0, 0).unwrap();
-        let t = Throttle::new(windows("mon 07:00-08:00 pause"), Clock::starting_at(start, 1.0), Arc::new(AtomicBool::new(false)));
+        let t = Throttle::new(
+            windows("mon 07:00-08:00 pause"),
+            Clock::starting_at(start, 1.0),
+            Arc::new(AtomicBool::new(false)),
+        );
         let began = Instant::now();
         t.acquire(1 << 30).await;
         assert!(began.elapsed() < Duration::from_secs(1));

@@ -22,12 +22,12 @@ use crate::clock::Clock;
 use crate::error::{exit_code_of, is_interrupted, ExitCode};
 use crate::level::Level;
 use crate::platform;
-use crate::runner::recover::cleanup_vm;
-use crate::runner::{Runner, RunnerConfig, TaskResult, TaskSpec, ViewFactory};
-use crate::state::slots::{Admission, Limits};
 use crate::repo::{vm_key, Repository};
 use crate::restore::{restore_point, ImageFormat, RestoreRequest};
+use crate::runner::recover::cleanup_vm;
+use crate::runner::{Runner, RunnerConfig, TaskResult, TaskSpec, ViewFactory};
 use crate::state::rules::RuleRow;
+use crate::state::slots::{Admission, Limits};
 use crate::state::State;
 use crate::units::format_size;
 
@@ -251,7 +251,11 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     crate::restore::select_point(&repo, &key, point)?;
     let task = match state.admit_task("restore", &rule.name, &a.vm, None, None)? {
         Some(Admission::Queued(task)) => task,
-        _ => anyhow::bail!("rule '{}' VM '{}': the restore task was not admitted", rule.name, a.vm),
+        _ => anyhow::bail!(
+            "rule '{}' VM '{}': the restore task was not admitted",
+            rule.name,
+            a.vm
+        ),
     };
     reclaim_dead(ctx)?;
     let rt = runtime()?;
@@ -261,7 +265,11 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let cancel = match runner.take_slot_for(&mut state, task, &rule.settings.platform) {
         Ok(flag) => flag,
         Err(err) => {
-            let status = if is_interrupted(&err) { "interrupted" } else { "failed" };
+            let status = if is_interrupted(&err) {
+                "interrupted"
+            } else {
+                "failed"
+            };
             state.end_task(task, status, None, Some(&format!("{err:#}")))?;
             return Err(err);
         }

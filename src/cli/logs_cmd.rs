@@ -32,7 +32,10 @@ pub fn logs(ctx: &Ctx, a: LogsArgs) -> Result<ExitCode> {
             if ctx.json {
                 println!("{}", serde_json::to_string(&l)?);
             } else {
-                println!("{} {:<5} task {} {}: {}", l.ts, l.level, l.task, l.vm, l.message);
+                println!(
+                    "{} {:<5} task {} {}: {}",
+                    l.ts, l.level, l.task, l.vm, l.message
+                );
             }
             filter.after = l.id;
             printed += 1;

@@ -37,7 +37,17 @@ fn list(ctx: &Ctx, all: bool) -> Result<ExitCode> {
         return Ok(ExitCode::Ok);
     }
     let mut t = Table::new(&[
-        "ID", "KIND", "RULE", "VM", "LEVEL", "STATE", "PHASE", "PERCENT", "RATE", "LIMIT", "WAITING FOR",
+        "ID",
+        "KIND",
+        "RULE",
+        "VM",
+        "LEVEL",
+        "STATE",
+        "PHASE",
+        "PERCENT",
+        "RATE",
+        "LIMIT",
+        "WAITING FOR",
     ]);
     for r in &tasks {
         let running = r.state == "running";
@@ -60,7 +70,10 @@ fn list(ctx: &Ctx, all: bool) -> Result<ExitCode> {
             } else {
                 "-".into()
             },
-            r.waiting.clone().or_else(|| (!running).then(|| r.message.clone()).flatten()).unwrap_or_else(|| "-".into()),
+            r.waiting
+                .clone()
+                .or_else(|| (!running).then(|| r.message.clone()).flatten())
+                .unwrap_or_else(|| "-".into()),
         ]);
     }
     if tasks.is_empty() && !ctx.quiet {

@@ -268,7 +268,9 @@ impl Runner {
                     format_size(out.totals.bytes_written)
                 );
                 record(&mut state, task, "info", &msg);
-                if let Err(e) = state.end_task(task, "completed", Some(&out.point), out.fallback.as_deref()) {
+                if let Err(e) =
+                    state.end_task(task, "completed", Some(&out.point), out.fallback.as_deref())
+                {
                     eprintln!("vmbackup: warning: cannot record the end of task {task}: {e:#}");
                 }
                 if !self.cfg.json && !self.cfg.quiet {
@@ -389,4 +391,3 @@ fn record(state: &mut State, task: i64, level: &str, msg: &str) {
         eprintln!("vmbackup: warning: cannot record a log line of task {task}: {e:#}");
     }
 }
-

@@ -154,7 +154,10 @@ mod tests {
 
     #[test]
     fn missed_slots_fold_into_one_run_at_the_strongest_level_and_are_reported() {
-        let p = periodic(&["full weekly on sun at 01:00", "inc weekly on mon-sat at 01:00"]);
+        let p = periodic(&[
+            "full weekly on sun at 01:00",
+            "inc weekly on mon-sat at 01:00",
+        ]);
         // 2026-03-07 is a Saturday. Down from Saturday 02:00 to Tuesday 09:00:
         // Sun full, Mon inc, Tue inc were missed; one run, a full, at Tuesday's slot.
         let d = due(&p, "2026-03-07 01:00", "2026-03-10 09:00").unwrap();
@@ -203,13 +206,22 @@ mod tests {
     fn dst_fall_back_runs_once_in_the_repeated_hour() {
         // 2026-10-25 02:00-03:00 happens twice in Berlin.
         let p = periodic(&["full daily at 02:30"]);
-        let first = Berlin.with_ymd_and_hms(2026, 10, 25, 2, 30, 0).earliest().unwrap();
-        let second = Berlin.with_ymd_and_hms(2026, 10, 25, 2, 30, 0).latest().unwrap();
+        let first = Berlin
+            .with_ymd_and_hms(2026, 10, 25, 2, 30, 0)
+            .earliest()
+            .unwrap();
+        let second = Berlin
+            .with_ymd_and_hms(2026, 10, 25, 2, 30, 0)
+            .latest()
+            .unwrap();
         let d = due_run(&p, berlin("2026-10-24 03:00").with_timezone(&Utc), &first).unwrap();
         assert_eq!(d.slot, first.with_timezone(&Utc));
         // At the second 02:30 (an hour later), the recorded slot means nothing is due.
         assert_eq!(due_run(&p, d.slot, &second), None);
-        assert_eq!(due_run(&p, d.slot, &(second + chrono::Duration::minutes(40))), None);
+        assert_eq!(
+            due_run(&p, d.slot, &(second + chrono::Duration::minutes(40))),
+            None
+        );
     }
 
     #[test]

@@ -38,7 +38,9 @@ pub fn due_specs(state: &State, now: DateTime<Local>) -> Result<(Vec<TaskSpec>, 
         for v in rule.vms.iter().filter(|v| v.state == "started") {
             let mark = watermark(state, &rule.name, &v.vm, &v.added_at)?;
             let Some(due) = due_run(&rule.settings.policy, mark, &now) else {
-                if mark > now.with_timezone(&Utc) && state.last_schedule_slot(&rule.name, &v.vm)?.is_some() {
+                if mark > now.with_timezone(&Utc)
+                    && state.last_schedule_slot(&rule.name, &v.vm)?.is_some()
+                {
                     notes.push(format!(
                         "rule '{}' VM '{}': the host clock ({}) is before the last run slot ({}); nothing runs twice, the next run is the first slot after it",
                         rule.name, v.vm, now.format("%Y-%m-%d %H:%M:%S"), mark.with_timezone(&Local).format("%Y-%m-%d %H:%M")
@@ -91,7 +93,10 @@ pub fn next_wake(state: &State, now: DateTime<Local>) -> Result<Option<DateTime<
 fn mark_once_completed(state: &mut State, spec: &TaskSpec) {
     if matches!(spec.rule.settings.policy, Policy::Once { .. }) {
         if let Err(e) = state.set_rule_vm_state(&spec.rule.name, Some(&spec.vm), "completed") {
-            eprintln!("vmbackup: warning: rule '{}' VM '{}': cannot mark completed: {e:#}", spec.rule.name, spec.vm);
+            eprintln!(
+                "vmbackup: warning: rule '{}' VM '{}': cannot mark completed: {e:#}",
+                spec.rule.name, spec.vm
+            );
         }
     }
 }
@@ -124,7 +129,10 @@ pub fn run_due(runner: &std::sync::Arc<Runner>) -> Result<Vec<TaskResult>> {
 
 /// Run rules until cancelled (`daemon`): wake at the next due slot, at a rule
 /// change made by any process, or at a signal; never a busy loop.
-pub fn daemon(runner: &std::sync::Arc<Runner>, on_result: &dyn Fn(&TaskResult)) -> Result<Vec<TaskResult>> {
+pub fn daemon(
+    runner: &std::sync::Arc<Runner>,
+    on_result: &dyn Fn(&TaskResult),
+) -> Result<Vec<TaskResult>> {
     let mut state = State::open(&runner.config().state_path)?;
     let clock = runner.config().clock;
     let mut running: Vec<JoinHandle<TaskResult>> = Vec::new();
@@ -157,7 +165,8 @@ pub fn daemon(runner: &std::sync::Arc<Runner>, on_result: &dyn Fn(&TaskResult)) 
             );
         }
         loop {
-            let (done, still): (Vec<_>, Vec<_>) = running.into_iter().partition(|h| h.is_finished());
+            let (done, still): (Vec<_>, Vec<_>) =
+                running.into_iter().partition(|h| h.is_finished());
             running = still;
             for h in done {
                 let r = join(h);

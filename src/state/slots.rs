@@ -35,7 +35,10 @@ pub struct Limits {
 pub enum Admission {
     Queued(i64),
     /// Recorded as skipped (R28): `task` is the skipped row, `reason` says why.
-    Skipped { task: i64, reason: String },
+    Skipped {
+        task: i64,
+        reason: String,
+    },
 }
 
 /// What asking for a slot did.
@@ -70,7 +73,10 @@ pub fn pid_alive(pid: i64) -> bool {
     if pid == std::process::id() as i64 {
         return true;
     }
-    let Some(p) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+    let Some(p) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
         return false;
     };
     match rustix::process::test_kill_process(p) {
@@ -168,7 +174,12 @@ impl State {
     }
 
     /// Take a global and a per-platform slot for `task`, or mark it pending (R41).
-    pub fn try_take_slot(&mut self, task: i64, platform: &str, limits: Limits) -> Result<SlotAnswer> {
+    pub fn try_take_slot(
+        &mut self,
+        task: i64,
+        platform: &str,
+        limits: Limits,
+    ) -> Result<SlotAnswer> {
         let pid = std::process::id() as i64;
         self.write(|tx| {
             let cancel: i64 = tx.query_row(
@@ -325,9 +336,9 @@ impl State {
     /// Ask the process running task `id` to stop it cleanly. A task whose process
     /// is gone is marked interrupted here.
     pub fn request_cancel(&mut self, id: i64) -> Result<TaskRow> {
-        let task = self
-            .task(id)?
-            .ok_or_else(|| crate::error::invalid("task", id, "no such task; see 'vmbackup task list --all'"))?;
+        let task = self.task(id)?.ok_or_else(|| {
+            crate::error::invalid("task", id, "no such task; see 'vmbackup task list --all'")
+        })?;
         if !matches!(task.state.as_str(), "queued" | "pending" | "running") {
             return Err(refused(format!(
                 "task {id} is already {}; only queued, pending or running tasks can be cancelled",
