@@ -15,6 +15,7 @@
 
 pub mod backup;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod level;
@@ -23,5 +24,6 @@ pub mod platform;
 pub mod policy;
 pub mod repo;
 pub mod restore;
+pub mod runner;
 pub mod state;
 pub mod units;

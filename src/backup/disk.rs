@@ -42,6 +42,8 @@ pub struct Pipeline {
     pub permits: Arc<Semaphore>,
     pub progress: Arc<dyn Progress>,
     pub cancel: Arc<AtomicBool>,
+    /// Bandwidth windows of the rule (R29): every source read waits for tokens.
+    pub throttle: Arc<super::throttle::Throttle>,
 }
 
 /// Counters for the manifest.
@@ -220,7 +222,11 @@ impl SlotJob {
                 }
                 let n = self.piece.min(b - off);
                 let client = self.client.clone();
-                reads.spawn(async move { client.read(off, n as u32).await.map(|d| (off, d)) });
+                let throttle = self.pipe.throttle.clone();
+                reads.spawn(async move {
+                    throttle.acquire(n).await;
+                    client.read(off, n as u32).await.map(|d| (off, d))
+                });
                 off += n;
             }
         }

@@ -18,6 +18,7 @@ pub mod disk;
 pub mod extents;
 pub mod plan;
 pub mod progress;
+pub mod throttle;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -57,6 +58,8 @@ pub struct BackupJob {
     pub run_dir: PathBuf,
     /// Chunk buffers in flight for this task (memory bound: this × chunk size).
     pub buffers: usize,
+    /// The rule's bandwidth windows, applied to source reads (R29).
+    pub bandwidth: Arc<throttle::Throttle>,
 }
 
 /// What a finished backup produced.
@@ -256,6 +259,7 @@ fn write_point(
         permits: Arc::new(Semaphore::new(job.buffers.max(1))),
         progress: progress.clone(),
         cancel,
+        throttle: job.bandwidth.clone(),
     };
     let results = rt.block_on(async {
         let mut set = tokio::task::JoinSet::new();

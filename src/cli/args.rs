@@ -59,8 +59,17 @@ pub enum Command {
     /// Show the effective system configuration (R38-R42)
     #[command(subcommand)]
     Config(ConfigCmd),
-    /// Back up a rule's VMs now, in this process (R32)
+    /// Back up a rule's VMs now, in this process, within the slot limits (R32, R38)
     RunNow(RunNowArgs),
+    /// Run rules unattended in the foreground: wake at each due run (for systemd)
+    Daemon,
+    /// Run whatever is due now (and missed slots, once), wait, exit (for cron/timers)
+    RunDue,
+    /// List or cancel tasks (R41)
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Show the log lines of a rule's tasks (R32)
+    Logs(LogsArgs),
     /// List the restore points of a VM
     Points(PointsArgs),
     /// Restore a point to image files
@@ -252,6 +261,35 @@ pub struct RunNowArgs {
     /// Backup level; inc/diff run as full when no full exists or CBT is unavailable (R26, R27)
     #[arg(long, value_enum)]
     pub level: LevelArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCmd {
+    /// Pending and running tasks: rule, VM, level, state, percent, rate, why pending
+    List {
+        /// Also finished tasks (the newest 100)
+        #[arg(long)]
+        all: bool,
+    },
+    /// Stop a task cleanly (bitmap merged back, exports removed); it ends interrupted
+    Cancel {
+        #[arg(value_name = "ID")]
+        id: i64,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    pub rule: String,
+    /// Only this VM's tasks
+    #[arg(long, value_name = "VM")]
+    pub vm: Option<String>,
+    /// Only this task
+    #[arg(long, value_name = "ID")]
+    pub task: Option<i64>,
+    /// Keep printing new lines as they are written
+    #[arg(short, long)]
+    pub follow: bool,
 }
 
 #[derive(Debug, Args)]

@@ -18,24 +18,22 @@ use super::output::{print_json, Table};
 use super::progress_view::TaskView;
 use super::Ctx;
 use crate::backup::progress::Progress;
-use crate::backup::{run_backup, BackupJob, BackupOutcome};
+use crate::clock::Clock;
 use crate::error::{exit_code_of, is_interrupted, ExitCode};
 use crate::level::Level;
 use crate::platform;
 use crate::repo::{vm_key, Repository};
 use crate::restore::{restore_point, ImageFormat, RestoreRequest};
+use crate::runner::recover::cleanup_vm;
+use crate::runner::{Runner, RunnerConfig, TaskResult, TaskSpec, ViewFactory};
 use crate::state::rules::RuleRow;
+use crate::state::slots::{Admission, Limits};
 use crate::state::State;
 use crate::units::format_size;
 
-/// Chunk buffers in flight per task: with `bk_tsk_thd` tasks this keeps memory
-/// under 64 MiB + 3 × bk_tsk_thd × i2vp_transbuffer.
-const BUFFERS_PER_TASK: usize = 3;
-
 /// The repository directory of a rule: target path / sub-directory (R5).
 pub fn repo_root(state: &State, rule: &RuleRow) -> Result<PathBuf> {
-    let target = state.require_target(&rule.settings.target)?;
-    Ok(Path::new(&target.path).join(&rule.settings.subdir))
+    crate::runner::repo_root(state, rule)
 }
 
 /// A flag set by the first SIGINT/SIGTERM; the second one exits at once (130).
@@ -78,18 +76,57 @@ fn level_of(l: LevelArg) -> Level {
     }
 }
 
-#[derive(Serialize)]
-struct VmResult {
-    vm: String,
-    task: i64,
-    status: &'static str,
-    exit_code: u8,
-    #[serde(skip)]
-    code: ExitCode,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    outcome: Option<BackupOutcome>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+/// A runner for this command: limits from system.conf, progress through [`TaskView`].
+pub fn make_runner(
+    ctx: &Ctx,
+    rt: &tokio::runtime::Runtime,
+    cancel: Arc<AtomicBool>,
+) -> Result<Arc<Runner>> {
+    let cfg = ctx.system_config()?;
+    let json = ctx.json;
+    let quiet = ctx.quiet;
+    let state_path = ctx.state_path.clone();
+    let views: ViewFactory = Arc::new(move |task, vm, throttle| {
+        let state = State::open(&state_path)?;
+        let view = TaskView::new(task, vm, state, json, quiet).with_throttle(throttle);
+        Ok(Arc::new(view) as Arc<dyn Progress>)
+    });
+    Runner::start(
+        RunnerConfig {
+            state_path: ctx.state_path.clone(),
+            run_dir: ctx.run_dir(),
+            limits: Limits {
+                global: cfg.bk_tsk_thd,
+                per_host: cfg.max_threads_per_host,
+            },
+            chunk_size: cfg.i2vp_transbuffer as u32,
+            quiet: ctx.quiet,
+            json: ctx.json,
+            clock: Clock::process(),
+        },
+        rt.handle().clone(),
+        cancel,
+        views,
+    )
+}
+
+/// Reclaim what dead processes left behind (R44), reporting on stderr.
+pub fn reclaim_dead(ctx: &Ctx) -> Result<()> {
+    let mut state = ctx.state()?;
+    for line in crate::runner::recover::reclaim(&mut state, &ctx.run_dir())? {
+        eprintln!("vmbackup: {line}");
+    }
+    Ok(())
+}
+
+/// The worst exit code of a set of task results.
+pub fn worst_of(results: &[TaskResult], cancelled: bool) -> ExitCode {
+    let worst = results.iter().map(|r| r.code).max().unwrap_or(ExitCode::Ok);
+    if cancelled {
+        worst.max(ExitCode::Interrupted)
+    } else {
+        worst
+    }
 }
 
 pub fn run_now(ctx: &Ctx, a: RunNowArgs) -> Result<ExitCode> {
@@ -99,102 +136,38 @@ pub fn run_now(ctx: &Ctx, a: RunNowArgs) -> Result<ExitCode> {
         Some(vm) => vec![rule.require_vm(vm)?.vm.clone()],
         None => rule.vms.iter().map(|v| v.vm.clone()).collect(),
     };
-    let cfg = ctx.system_config()?;
-    let prow = state.require_platform(&rule.settings.platform)?;
-    let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
-    let root = repo_root(&state, &rule)?;
+    state.require_platform(&rule.settings.platform)?;
+    repo_root(&state, &rule)?;
     drop(state);
+    reclaim_dead(ctx)?;
     let rt = runtime()?;
     let cancel = cancel_on_signals(&rt);
-    let mut results = Vec::new();
-    let mut worst = ExitCode::Ok;
-    for vm in vms {
-        if cancel.load(Ordering::SeqCst) {
-            worst = worst.max(ExitCode::Interrupted);
-            break;
-        }
-        let job = BackupJob {
-            platform: prow.name.clone(),
-            vm: vm.clone(),
-            repo_root: root.clone(),
-            requested: level_of(a.level),
-            auto_cbt: rule.settings.auto_cbt,
-            cbt: rule.settings.cbt,
-            quiesce: rule.settings.quiesce,
-            chunk_size: cfg.i2vp_transbuffer as u32,
-            run_dir: ctx.run_dir(),
-            buffers: BUFFERS_PER_TASK,
-        };
-        let mut state = ctx.state()?;
-        let task = state.start_task("backup", &rule.name, &vm, Some(job.requested.as_str()))?;
-        let view = Arc::new(TaskView::new(task, &vm, state, ctx.json, ctx.quiet));
-        let progress: Arc<dyn Progress> = view.clone();
-        let res = run_backup(&job, plat.as_ref(), progress, cancel.clone(), rt.handle());
-        let r = match res {
-            Ok(out) => {
-                let code = if out.fallback.is_some() || !out.warnings.is_empty() {
-                    ExitCode::Warning
-                } else {
-                    ExitCode::Ok
-                };
-                let msg = format!(
-                    "{} point {} (requested {}), read {}, stored {}",
-                    out.level,
-                    out.point,
-                    out.requested,
-                    format_size(out.totals.bytes_read),
-                    format_size(out.totals.bytes_written)
-                );
-                view.with_state(|s| {
-                    s.log(task, "info", &msg)?;
-                    s.finish_task(task, "completed", Some(&out.point), out.fallback.as_deref())
-                });
-                if !ctx.json && !ctx.quiet {
-                    println!("{vm}: {msg}");
-                }
-                VmResult {
-                    vm,
-                    task,
-                    status: "completed",
-                    exit_code: code.code(),
-                    code,
-                    outcome: Some(out),
-                    error: None,
-                }
-            }
-            Err(err) => {
-                let code = exit_code_of(&err);
-                let status = if is_interrupted(&err) {
-                    "interrupted"
-                } else if code == ExitCode::Busy {
-                    "skipped"
-                } else {
-                    "failed"
-                };
-                let msg = format!("{err:#}");
-                view.with_state(|s| {
-                    s.log(task, "error", &msg)?;
-                    s.finish_task(task, status, None, Some(&msg))
-                });
-                eprintln!("vmbackup: {vm}: {status}: {msg}");
-                VmResult {
-                    vm,
-                    task,
-                    status,
-                    exit_code: code.code(),
-                    code,
-                    outcome: None,
-                    error: Some(msg),
-                }
-            }
-        };
-        worst = worst.max(r.code);
-        results.push(r);
-    }
+    let runner = make_runner(ctx, &rt, cancel.clone())?;
+    let specs = vms
+        .into_iter()
+        .map(|vm| TaskSpec {
+            rule: rule.clone(),
+            vm,
+            level: level_of(a.level),
+            slot: None,
+        })
+        .collect();
+    let results = runner.run_all(specs)?;
+    let worst = worst_of(&results, cancel.load(Ordering::SeqCst));
     if ctx.json {
+        let vms: Vec<serde_json::Value> = results
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("rule");
+                }
+                v
+            })
+            .collect();
         println!(
             "{}",
-            serde_json::json!({ "type": "summary", "rule": rule.name, "exit_code": worst.code(), "vms": results })
+            serde_json::json!({ "type": "summary", "rule": rule.name, "exit_code": worst.code(), "vms": vms })
         );
     }
     Ok(worst)
@@ -276,10 +249,32 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let point = (a.point != "latest").then_some(a.point.as_str());
     // Validate the point before recording a task (bad input changes nothing).
     crate::restore::select_point(&repo, &key, point)?;
-    let task = state.start_task("restore", &rule.name, &a.vm, None)?;
-    let view = TaskView::new(task, &a.vm, state, ctx.json, ctx.quiet);
+    let task = match state.admit_task("restore", &rule.name, &a.vm, None, None)? {
+        Some(Admission::Queued(task)) => task,
+        _ => anyhow::bail!(
+            "rule '{}' VM '{}': the restore task was not admitted",
+            rule.name,
+            a.vm
+        ),
+    };
+    reclaim_dead(ctx)?;
     let rt = runtime()?;
-    let cancel = cancel_on_signals(&rt);
+    let signals = cancel_on_signals(&rt);
+    // Restores take slots too (R38); the flag also follows `task cancel`.
+    let runner = make_runner(ctx, &rt, signals)?;
+    let cancel = match runner.take_slot_for(&mut state, task, &rule.settings.platform) {
+        Ok(flag) => flag,
+        Err(err) => {
+            let status = if is_interrupted(&err) {
+                "interrupted"
+            } else {
+                "failed"
+            };
+            state.end_task(task, status, None, Some(&format!("{err:#}")))?;
+            return Err(err);
+        }
+    };
+    let view = TaskView::new(task, &a.vm, state, ctx.json, ctx.quiet);
     let req = RestoreRequest {
         repo: &repo,
         vm_key: &key,
@@ -294,7 +289,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     };
     match restore_point(&req, &view, &cancel) {
         Ok(report) => {
-            view.with_state(|s| s.finish_task(task, "completed", Some(&report.point), None));
+            view.with_state(|s| s.end_task(task, "completed", Some(&report.point), None));
             if ctx.json {
                 println!(
                     "{}",
@@ -320,7 +315,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
             } else {
                 "failed"
             };
-            view.with_state(|s| s.finish_task(task, status, None, Some(&format!("{err:#}"))));
+            view.with_state(|s| s.end_task(task, status, None, Some(&format!("{err:#}"))));
             Err(err)
         }
     }
@@ -412,42 +407,8 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
         let prow = state.require_platform(&rule.settings.platform)?;
         let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
         let root = repo_root(&state, rule)?;
-        let repo = if root.join(crate::repo::CONFIG_FILE).exists() {
-            Some(Repository::open(&root)?)
-        } else {
-            None
-        };
         for v in &rule.vms {
-            let res = (|| -> Result<Vec<String>> {
-                let mut done = Vec::new();
-                let key = vm_key(&prow.name, &v.vm);
-                let (lock, latest, latest_full) = match &repo {
-                    Some(repo) => {
-                        let lock = repo.lock_vm(&key)?;
-                        for p in repo.remove_incomplete_points(&lock)? {
-                            done.push(format!("removed incomplete point {p}"));
-                        }
-                        let points = repo.list_points(&key)?;
-                        let latest = points.last().map(|p| p.point.clone());
-                        let full = points
-                            .iter()
-                            .rev()
-                            .find(|p| p.level == Level::Full)
-                            .map(|p| p.point.clone());
-                        (Some(lock), latest, full)
-                    }
-                    None => (None, None, None),
-                };
-                let mut handle = plat.open_vm(&v.vm)?;
-                std::fs::create_dir_all(ctx.run_dir())?;
-                done.extend(
-                    handle
-                        .cleanup(latest.as_deref(), latest_full.as_deref(), &ctx.run_dir())?
-                        .actions,
-                );
-                drop(lock);
-                Ok(done)
-            })();
+            let res = cleanup_vm(plat.as_ref(), &root, &prow.name, &v.vm, &ctx.run_dir());
             match res {
                 Ok(done) => {
                     for d in &done {

@@ -9,11 +9,14 @@
 pub mod args;
 mod backup_cmd;
 mod config_cmd;
+mod daemon_cmd;
+mod logs_cmd;
 mod output;
 mod platform_cmd;
 mod progress_view;
 mod rule_cmd;
 mod target_cmd;
+mod task_cmd;
 
 use std::path::{Path, PathBuf};
 
@@ -137,6 +140,10 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
             Ok(ExitCode::Ok)
         }
         Command::RunNow(a) => backup_cmd::run_now(ctx, a),
+        Command::Daemon => daemon_cmd::daemon(ctx),
+        Command::RunDue => daemon_cmd::run_due(ctx),
+        Command::Task(c) => task_cmd::run(ctx, c),
+        Command::Logs(a) => logs_cmd::logs(ctx, a),
         Command::Points(a) => backup_cmd::points(ctx, a),
         Command::Restore(a) => backup_cmd::restore(ctx, a),
         Command::Verify(a) => backup_cmd::verify(ctx, a),

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use std::sync::Arc;
+
 use crate::backup::progress::{LogLevel, Phase, Progress};
+use crate::backup::throttle::Throttle;
 use crate::level::Level;
 use crate::state::State;
 
@@ -23,12 +26,16 @@ pub struct TaskView {
     inner: Mutex<Inner>,
     bars: Option<MultiProgress>,
     started: Instant,
+    /// The task's bandwidth windows: the limit in force is shown with the rate (R29).
+    throttle: Option<Arc<Throttle>>,
 }
 
 struct Inner {
     disks: BTreeMap<String, (u64, u64)>,
     bars: BTreeMap<String, ProgressBar>,
     last_emit: Instant,
+    /// Bytes done at `last_emit`, for the current rate (R30).
+    last_done: u64,
 }
 
 impl TaskView {
@@ -44,9 +51,25 @@ impl TaskView {
                 disks: BTreeMap::new(),
                 bars: BTreeMap::new(),
                 last_emit: Instant::now(),
+                last_done: 0,
             }),
             bars: tty.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
             started: Instant::now(),
+            throttle: None,
+        }
+    }
+
+    /// Report the bandwidth limit in force from these windows.
+    pub fn with_throttle(mut self, throttle: Arc<Throttle>) -> TaskView {
+        self.throttle = Some(throttle);
+        self
+    }
+
+    /// The limit in force now: `unlimited`, `20MiB/s` or `pause`.
+    fn limit_text(&self) -> String {
+        match self.throttle.as_ref().and_then(|t| t.limit_now()) {
+            Some(l) => l.to_string(),
+            None => "unlimited".into(),
         }
     }
 
@@ -70,12 +93,23 @@ impl TaskView {
     }
 
     fn emit(&self, inner: &mut Inner, force: bool) {
-        if !force && inner.last_emit.elapsed() < Duration::from_secs(1) {
+        let since = inner.last_emit.elapsed();
+        if !force && since < Duration::from_secs(1) {
             return;
         }
         inner.last_emit = Instant::now();
         let (total, done) = Self::totals(inner);
-        self.with_state(|s| s.set_task_progress(self.task, done, total));
+        let current = if since.as_secs_f64() > 0.0 {
+            (done.saturating_sub(inner.last_done) as f64 / since.as_secs_f64()).round() as u64
+        } else {
+            0
+        };
+        inner.last_done = done;
+        let limit = self.limit_text();
+        self.with_state(|s| {
+            s.set_task_progress(self.task, done, total)?;
+            s.set_task_rate(self.task, current, &limit)
+        });
         if self.json {
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
             let rate = done as f64 / secs;
@@ -89,6 +123,7 @@ impl TaskView {
                 "bytes_done": done, "bytes_total": total,
                 "percent": if total == 0 { 100.0 } else { (done as f64 * 1000.0 / total as f64).round() / 10.0 },
                 "rate_bytes_per_sec": rate.round() as u64, "eta_seconds": eta,
+                "current_rate_bytes_per_sec": current, "limit": limit,
             });
             println!("{line}");
         }

@@ -173,13 +173,28 @@ fn vm_state(state: &State, rule: &RuleRow, vm: &str, stored: &str) -> Result<Str
     if let Some(t) = state.last_task(&rule.name, vm)? {
         if t.state == "running" {
             return Ok(match t.phase.as_deref() {
-                Some("running") | None => format!("running {:.0}%", t.percent),
+                Some("running") | None => format!(
+                    "running {:.0}% {}/s ({})",
+                    t.percent,
+                    crate::units::format_size(t.rate),
+                    t.bw_limit.as_deref().unwrap_or("unlimited")
+                ),
                 Some(p) => p.to_string(),
             });
         }
         if t.state == "pending" || t.state == "queued" {
             return Ok(t.state);
         }
+    }
+    // R31 unknown: the platform's QMP directory or the target cannot be reached.
+    let reachable = state
+        .platform(&rule.settings.platform)?
+        .is_some_and(|p| std::path::Path::new(&p.qmp_dir).is_dir())
+        && state
+            .target(&rule.settings.target)?
+            .is_some_and(|t| std::path::Path::new(&t.path).is_dir());
+    if !reachable && stored != "stopped" {
+        return Ok("unknown".into());
     }
     Ok(match stored {
         "started" => "idle".into(),

@@ -9,9 +9,11 @@
 //! The repository on the target is the source of truth for backup data; this store
 //! is the source of truth for configuration and task history.
 
+pub mod logs;
 pub mod platforms;
 pub mod rules;
 pub mod schema;
+pub mod slots;
 pub mod targets;
 pub mod tasks;
 

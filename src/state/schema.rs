@@ -75,6 +75,48 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX task_logs_by_task ON task_logs(task, id);
     "#,
+    // 2: the runner: slot leases, schedule bookkeeping, live rate and limit of a
+    // task, cancel requests, and a generation counter bumped by every rule change.
+    r#"
+    ALTER TABLE tasks ADD COLUMN rate INTEGER NOT NULL DEFAULT 0;   -- bytes/s now (R30)
+    ALTER TABLE tasks ADD COLUMN bw_limit TEXT;                      -- window in force (R29)
+    ALTER TABLE tasks ADD COLUMN waiting TEXT;                       -- why pending (R41)
+    ALTER TABLE tasks ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX tasks_by_state ON tasks(state);
+    CREATE TABLE slot_leases (
+        task      INTEGER PRIMARY KEY REFERENCES tasks(id) ON DELETE CASCADE,
+        pid       INTEGER NOT NULL,
+        platform  TEXT NOT NULL,
+        heartbeat INTEGER NOT NULL                -- unix seconds, real time
+    );
+    CREATE TABLE schedule_runs (
+        rule        TEXT NOT NULL,
+        vm          TEXT NOT NULL,
+        slot        TEXT NOT NULL,                -- the scheduled instant, RFC 3339 UTC
+        level       TEXT NOT NULL,
+        task        INTEGER,
+        outcome     TEXT NOT NULL,                -- queued | skipped
+        recorded_at TEXT NOT NULL,
+        PRIMARY KEY (rule, vm, slot)
+    );
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    INSERT INTO meta (key, value) VALUES ('config_generation', 0);
+    CREATE TRIGGER rules_ins AFTER INSERT ON rules BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'config_generation'; END;
+    CREATE TRIGGER rules_upd AFTER UPDATE ON rules BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'config_generation'; END;
+    CREATE TRIGGER rules_del AFTER DELETE ON rules BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'config_generation'; END;
+    CREATE TRIGGER rule_vms_ins AFTER INSERT ON rule_vms BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'config_generation'; END;
+    CREATE TRIGGER rule_vms_upd AFTER UPDATE ON rule_vms BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'config_generation'; END;
+    CREATE TRIGGER rule_vms_del AFTER DELETE ON rule_vms BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'config_generation'; END;
+    "#,
 ];
 
 /// The schema version this binary writes.

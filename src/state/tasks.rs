@@ -32,9 +32,15 @@ pub struct TaskRow {
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// Bytes per second over the last progress interval, while running (R30).
+    pub rate: u64,
+    /// The bandwidth window in force while running: `unlimited`, `20MiB/s`, `pause`.
+    pub bw_limit: Option<String>,
+    /// Why a pending task waits (R41).
+    pub waiting: Option<String>,
 }
 
-const COLS: &str = "id, kind, rule, vm, level, state, phase, percent, bytes_done, bytes_total, point, message, pid, created_at, started_at, finished_at";
+const COLS: &str = "id, kind, rule, vm, level, state, phase, percent, bytes_done, bytes_total, point, message, pid, created_at, started_at, finished_at, rate, bw_limit, waiting";
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
     Ok(TaskRow {
@@ -54,6 +60,9 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
         created_at: r.get(13)?,
         started_at: r.get(14)?,
         finished_at: r.get(15)?,
+        rate: r.get::<_, i64>(16)? as u64,
+        bw_limit: r.get(17)?,
+        waiting: r.get(18)?,
     })
 }
 

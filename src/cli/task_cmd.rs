@@ -1,0 +1,85 @@
+//! `task list` and `task cancel` (R41): what runs, what waits and why.
+
+use anyhow::Result;
+
+use super::args::TaskCmd;
+use super::output::{print_json, Table};
+use super::Ctx;
+use crate::error::ExitCode;
+use crate::units::format_size;
+
+pub fn run(ctx: &Ctx, cmd: TaskCmd) -> Result<ExitCode> {
+    match cmd {
+        TaskCmd::List { all } => list(ctx, all),
+        TaskCmd::Cancel { id } => {
+            let task = ctx.state()?.request_cancel(id)?;
+            let msg = format!(
+                "task {id} ({} rule '{}' VM '{}'): cancel requested; it stops cleanly and ends interrupted",
+                task.kind, task.rule, task.vm
+            );
+            if ctx.json {
+                print_json(&serde_json::json!({ "ok": msg, "task": id }));
+            } else if !ctx.quiet {
+                println!("{msg}");
+            }
+            Ok(ExitCode::Ok)
+        }
+    }
+}
+
+fn list(ctx: &Ctx, all: bool) -> Result<ExitCode> {
+    let mut state = ctx.state()?;
+    // A listing never shows a dead process's task as running.
+    state.reclaim_dead()?;
+    let tasks = state.tasks(!all, if all { 100 } else { 10_000 })?;
+    if ctx.json {
+        print_json(&tasks);
+        return Ok(ExitCode::Ok);
+    }
+    let mut t = Table::new(&[
+        "ID",
+        "KIND",
+        "RULE",
+        "VM",
+        "LEVEL",
+        "STATE",
+        "PHASE",
+        "PERCENT",
+        "RATE",
+        "LIMIT",
+        "WAITING FOR",
+    ]);
+    for r in &tasks {
+        let running = r.state == "running";
+        t.row(vec![
+            r.id.to_string(),
+            r.kind.clone(),
+            r.rule.clone(),
+            r.vm.clone(),
+            r.level.clone().unwrap_or_else(|| "-".into()),
+            r.state.clone(),
+            r.phase.clone().unwrap_or_else(|| "-".into()),
+            format!("{:.0}%", r.percent),
+            if running {
+                format!("{}/s", format_size(r.rate))
+            } else {
+                "-".into()
+            },
+            if running {
+                r.bw_limit.clone().unwrap_or_else(|| "unlimited".into())
+            } else {
+                "-".into()
+            },
+            r.waiting
+                .clone()
+                .or_else(|| (!running).then(|| r.message.clone()).flatten())
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    if tasks.is_empty() && !ctx.quiet {
+        println!("no {}tasks", if all { "" } else { "pending or running " });
+        return Ok(ExitCode::Ok);
+    }
+    t.print();
+    Ok(ExitCode::Ok)
+}

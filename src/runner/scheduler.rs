@@ -1,0 +1,192 @@
+//! `run-due` and `daemon`: turn rule policies into tasks (R11-R14, R28).
+//!
+//! For every started VM of every rule, [`due_specs`] finds the run due now from
+//! the VM's watermark (see `schedule.rs`) and logs what it folds or notices (missed
+//! slots, a clock behind the watermark). Admission records the slot, so a slot runs
+//! at most once across all processes. A one-time rule's VM is marked `completed`
+//! when its run is admitted.
+
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Result;
+use chrono::{DateTime, Local, Utc};
+
+use super::schedule::{due_run, next_slot, parse_slot, slot_text};
+use super::{join, Runner, TaskResult, TaskSpec};
+use crate::policy::Policy;
+use crate::state::State;
+
+/// The daemon looks at rule changes and signals this often.
+const TICK: Duration = Duration::from_secs(1);
+
+/// The watermark of a VM: its newest recorded slot, else when it joined the rule.
+fn watermark(state: &State, rule: &str, vm: &str, added_at: &str) -> Result<DateTime<Utc>> {
+    let text = state.last_schedule_slot(rule, vm)?;
+    Ok(text
+        .as_deref()
+        .and_then(parse_slot)
+        .or_else(|| parse_slot(added_at))
+        .unwrap_or_else(Utc::now))
+}
+
+/// Everything due at `now`, with notes for the log (missed slots, clock behind).
+pub fn due_specs(state: &State, now: DateTime<Local>) -> Result<(Vec<TaskSpec>, Vec<String>)> {
+    let mut specs = Vec::new();
+    let mut notes = Vec::new();
+    for rule in state.rules()? {
+        for v in rule.vms.iter().filter(|v| v.state == "started") {
+            let mark = watermark(state, &rule.name, &v.vm, &v.added_at)?;
+            let Some(due) = due_run(&rule.settings.policy, mark, &now) else {
+                if mark > now.with_timezone(&Utc)
+                    && state.last_schedule_slot(&rule.name, &v.vm)?.is_some()
+                {
+                    notes.push(format!(
+                        "rule '{}' VM '{}': the host clock ({}) is before the last run slot ({}); nothing runs twice, the next run is the first slot after it",
+                        rule.name, v.vm, now.format("%Y-%m-%d %H:%M:%S"), mark.with_timezone(&Local).format("%Y-%m-%d %H:%M")
+                    ));
+                }
+                continue;
+            };
+            let slot = slot_text(due.slot);
+            if matches!(rule.settings.policy, Policy::Once { .. })
+                && state.schedule_slot_recorded(&rule.name, &v.vm, &slot)?
+            {
+                continue;
+            }
+            if !due.missed.is_empty() {
+                notes.push(format!(
+                    "rule '{}' VM '{}': {} earlier slot(s) were missed (first {}); they run once now, as one {} backup",
+                    rule.name,
+                    v.vm,
+                    due.missed.len(),
+                    due.missed[0].with_timezone(&Local).format("%Y-%m-%d %H:%M"),
+                    due.level
+                ));
+            }
+            specs.push(TaskSpec {
+                rule: rule.clone(),
+                vm: v.vm.clone(),
+                level: due.level,
+                slot: Some(slot),
+            });
+        }
+    }
+    Ok((specs, notes))
+}
+
+/// The earliest next slot of any started VM, for the daemon's sleep.
+pub fn next_wake(state: &State, now: DateTime<Local>) -> Result<Option<DateTime<Utc>>> {
+    let mut best: Option<DateTime<Utc>> = None;
+    for rule in state.rules()? {
+        for v in rule.vms.iter().filter(|v| v.state == "started") {
+            let mark = watermark(state, &rule.name, &v.vm, &v.added_at)?;
+            if let Some(at) = next_slot(&rule.settings.policy, mark, &now) {
+                best = Some(best.map_or(at, |b| b.min(at)));
+            }
+        }
+    }
+    Ok(best)
+}
+
+/// After admission: a one-time rule's VM is done for good (R11).
+fn mark_once_completed(state: &mut State, spec: &TaskSpec) {
+    if matches!(spec.rule.settings.policy, Policy::Once { .. }) {
+        if let Err(e) = state.set_rule_vm_state(&spec.rule.name, Some(&spec.vm), "completed") {
+            eprintln!(
+                "vmbackup: warning: rule '{}' VM '{}': cannot mark completed: {e:#}",
+                spec.rule.name, spec.vm
+            );
+        }
+    }
+}
+
+/// Run what is due now and wait for it (`run-due`).
+pub fn run_due(runner: &std::sync::Arc<Runner>) -> Result<Vec<TaskResult>> {
+    let mut state = State::open(&runner.config().state_path)?;
+    let (specs, notes) = due_specs(&state, runner.config().clock.now())?;
+    for n in &notes {
+        eprintln!("vmbackup: {n}");
+    }
+    let mut started = Vec::new();
+    for spec in specs {
+        if runner.cancelled() {
+            break;
+        }
+        if let Some(s) = runner.submit(spec.clone())? {
+            mark_once_completed(&mut state, &spec);
+            started.push(s);
+        }
+    }
+    Ok(started
+        .into_iter()
+        .map(|s| match s {
+            Ok(h) => join(h),
+            Err(skipped) => skipped,
+        })
+        .collect())
+}
+
+/// Run rules until cancelled (`daemon`): wake at the next due slot, at a rule
+/// change made by any process, or at a signal; never a busy loop.
+pub fn daemon(
+    runner: &std::sync::Arc<Runner>,
+    on_result: &dyn Fn(&TaskResult),
+) -> Result<Vec<TaskResult>> {
+    let mut state = State::open(&runner.config().state_path)?;
+    let clock = runner.config().clock;
+    let mut running: Vec<JoinHandle<TaskResult>> = Vec::new();
+    let mut finished = Vec::new();
+    while !runner.cancelled() {
+        let now = clock.now();
+        let (specs, notes) = due_specs(&state, now)?;
+        for n in &notes {
+            eprintln!("vmbackup: {n}");
+        }
+        for spec in specs {
+            match runner.submit(spec.clone())? {
+                Some(Ok(h)) => {
+                    mark_once_completed(&mut state, &spec);
+                    running.push(h);
+                }
+                Some(Err(skipped)) => {
+                    on_result(&skipped);
+                    finished.push(skipped);
+                }
+                None => {}
+            }
+        }
+        let generation = state.config_generation()?;
+        let wake = next_wake(&state, clock.now())?;
+        if let Some(at) = wake {
+            eprintln!(
+                "vmbackup: next run at {}",
+                at.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S")
+            );
+        }
+        loop {
+            let (done, still): (Vec<_>, Vec<_>) =
+                running.into_iter().partition(|h| h.is_finished());
+            running = still;
+            for h in done {
+                let r = join(h);
+                on_result(&r);
+                finished.push(r);
+            }
+            if runner.cancelled() || state.config_generation()? != generation {
+                break;
+            }
+            if wake.is_some_and(|at| clock.now() >= at) {
+                break;
+            }
+            let sleep = wake.map_or(TICK, |at| clock.real_until(&at).min(TICK));
+            std::thread::sleep(sleep.max(Duration::from_millis(10)));
+        }
+    }
+    for h in running {
+        let r = join(h);
+        on_result(&r);
+        finished.push(r);
+    }
+    Ok(finished)
+}
