@@ -47,6 +47,7 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
         chunk_size: MIB as u32,
         run_dir: dir.join("run"),
         buffers: 2,
+        bandwidth: Arc::new(vmbackup::backup::throttle::Throttle::unlimited()),
     }
 }
 
