@@ -476,6 +476,8 @@ fn r44_sigkill_mid_backup_then_cleanup_then_inc_restores() {
     assert!(names.contains(&inc_bitmap(&full)), "{names:?}");
     assert!(names.contains(&diff_bitmap(&full)), "{names:?}");
     assert!(!lab.leftovers().is_empty(), "a killed run leaves its view");
+    // Tracked only by the killed run's new bitmap: cleanup must merge it back.
+    lab.vm.write(DISK, 240 * MIB, MIB, 0xa1);
 
     let out = lab.env.ok(&["cleanup", RULE]);
     assert!(
@@ -503,6 +505,7 @@ fn r44_sigkill_mid_backup_next_run_cleans_up_by_itself() {
     signal(child.pid(), "KILL");
     assert_eq!(child.wait().code, None);
     assert!(!lab.leftovers().is_empty());
+    lab.vm.write(DISK, 240 * MIB, MIB, 0xa2);
 
     let expected = lab.vm.keep_shadow(DISK, "inc");
     let run = lab.run_now("inc");
@@ -529,9 +532,37 @@ fn r44_sigkill_mid_backup_next_run_cleans_up_by_itself() {
 }
 
 #[test]
+fn r44_sigkill_mid_diff_then_cleanup_removes_the_frozen_copy() {
+    let (lab, full) = lab_with_big_change();
+    let child = lab.stopped_mid_backup("diff");
+    signal(child.pid(), "KILL");
+    assert_eq!(child.wait().code, None);
+    let left = lab.leftovers();
+    assert!(
+        left.iter().any(|l| l.starts_with("bitmap vmbackup-tmp-")),
+        "a diff exports a frozen copy of the diff bitmap: {left:?}"
+    );
+    lab.vm.write(DISK, 240 * MIB, MIB, 0xa4);
+
+    let out = lab.env.ok(&["cleanup", RULE]);
+    assert!(
+        out.contains("removed temporary bitmap vmbackup-tmp-"),
+        "{out}"
+    );
+    assert_eq!(lab.leftovers(), Vec::<String>::new());
+    assert_eq!(lab.bitmaps(), tracking_since(&full));
+
+    let expected = lab.vm.keep_shadow(DISK, "diff");
+    let diff = lab.backup("diff");
+    lab.assert_restores(&diff, &expected);
+}
+
+#[test]
 fn sigint_mid_backup_exits_130_and_rolls_back() {
     let (lab, full) = lab_with_big_change();
     let child = lab.stopped_mid_backup("inc");
+    // A write during the run: after the snapshot, so only the rollback keeps it.
+    lab.vm.write(DISK, 240 * MIB, MIB, 0xa3);
     signal(child.pid(), "INT");
     signal(child.pid(), "CONT");
     let run = child.wait();

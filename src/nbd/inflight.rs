@@ -153,6 +153,11 @@ impl Inflight {
     pub fn len(&self) -> usize {
         self.lock().pending.len()
     }
+
+    /// Whether no request is waiting for a reply.
+    pub fn is_empty(&self) -> bool {
+        self.lock().pending.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -179,6 +184,7 @@ mod tests {
             "server went away"
         );
         assert_eq!(inflight.len(), 0);
+        assert!(inflight.is_empty());
     }
 
     #[test]
