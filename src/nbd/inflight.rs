@@ -149,6 +149,11 @@ impl Inflight {
     pub fn count(&self) -> usize {
         self.lock().pending.len()
     }
+
+    /// Whether no request is waiting for a reply.
+    pub fn is_empty(&self) -> bool {
+        self.lock().pending.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -175,6 +180,7 @@ mod tests {
             "server went away"
         );
         assert_eq!(inflight.count(), 0);
+        assert!(inflight.is_empty());
     }
 
     #[test]

@@ -80,6 +80,7 @@ impl QemuPlatform {
             kind: state.kind,
             qmp,
             active: None,
+            removed_inconsistent: Vec::new(),
         })
     }
 }
@@ -137,6 +138,9 @@ pub struct QemuVm {
     kind: VmKind,
     qmp: Qmp,
     active: Option<ActiveBackup>,
+    /// `(node, bitmap)` pairs `cleanup` removed as inconsistent, so that
+    /// `begin_backup` can tell why an inc/diff's base bitmap is gone (R26).
+    removed_inconsistent: Vec<(String, String)>,
 }
 
 impl QemuVm {
@@ -191,7 +195,8 @@ impl VmHandle for QemuVm {
             bail!("VM '{}': a backup view is already open", self.name);
         }
         let state = query_vm(&mut self.qmp, &self.stem)?;
-        let (active, snapshot) = backup::begin(&mut self.qmp, &state, req)?;
+        let (active, snapshot) =
+            backup::begin(&mut self.qmp, &state, req, &self.removed_inconsistent)?;
         self.active = Some(active);
         Ok(snapshot)
     }
@@ -215,13 +220,26 @@ impl VmHandle for QemuVm {
                 self.name
             );
         }
-        cleanup::cleanup(
+        let inconsistent: Vec<(String, String)> = query_vm(&mut self.qmp, &self.stem)?
+            .graph
+            .our_bitmaps()
+            .into_iter()
+            .flat_map(|(node, bitmaps)| {
+                bitmaps
+                    .into_iter()
+                    .filter(|b| b.inconsistent)
+                    .map(|b| (node.name.clone(), b.name.clone()))
+            })
+            .collect();
+        let report = cleanup::cleanup(
             &mut self.qmp,
             &self.name,
             latest_point,
             latest_full,
             run_dir,
-        )
+        )?;
+        self.removed_inconsistent.extend(inconsistent);
+        Ok(report)
     }
 }
 

@@ -66,10 +66,13 @@ struct DiskRun {
 }
 
 /// Check, then set up the view. On error nothing of ours is left in QEMU.
+/// `removed_inconsistent`: `(node, bitmap)` pairs a cleanup of this session
+/// removed because they were inconsistent, so a missing base says why.
 pub fn begin(
     qmp: &mut Qmp,
     state: &VmState,
     req: &BackupRequest,
+    removed_inconsistent: &[(String, String)],
 ) -> Result<(ActiveBackup, Snapshot)> {
     let vm = state.info.name.as_str();
     for disk in &state.info.disks {
@@ -95,7 +98,7 @@ pub fn begin(
                 disk.node, disk.name
             )
         })?;
-        disks.push(plan_disk(vm, index, disk, node, req)?);
+        disks.push(plan_disk(vm, index, disk, node, req, removed_inconsistent)?);
     }
     let mut active = ActiveBackup {
         level: req.level,
@@ -120,6 +123,7 @@ fn plan_disk(
     disk: &DiskInfo,
     node: &BlockNode,
     req: &BackupRequest,
+    removed_inconsistent: &[(String, String)],
 ) -> Result<DiskRun> {
     let unavailable = |reason: String| -> anyhow::Error {
         CbtUnavailable {
@@ -163,9 +167,16 @@ fn plan_disk(
                 Level::Inc => (names::inc_bitmap(base), format!("point {base}")),
                 _ => (names::diff_bitmap(base), format!("full {base}")),
             };
-            let bitmap = node
-                .bitmap(&name)
-                .ok_or_else(|| unavailable(format!("no bitmap for {what}")))?;
+            let removed = removed_inconsistent
+                .iter()
+                .any(|(n, b)| *n == disk.node && *b == name);
+            let bitmap = node.bitmap(&name).ok_or_else(|| {
+                unavailable(if removed {
+                    format!("bitmap for {what} was inconsistent (QEMU stopped uncleanly) and was removed")
+                } else {
+                    format!("no bitmap for {what}")
+                })
+            })?;
             if bitmap.inconsistent {
                 return Err(unavailable(
                     "bitmap inconsistent (QEMU stopped uncleanly)".into(),
