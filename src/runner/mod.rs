@@ -43,6 +43,8 @@ const BUFFERS_PER_TASK: usize = 3;
 const SLOT_RETRY: Duration = Duration::from_millis(500);
 /// How often leases are refreshed and cancel requests read.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How soon a SIGINT/SIGTERM reaches the running tasks' cancel flags.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
 
 /// The repository directory of a rule: target path / sub-directory (R5).
 pub fn repo_root(state: &State, rule: &RuleRow) -> Result<PathBuf> {
@@ -123,15 +125,23 @@ impl Runner {
         let stop = runner.stop_heartbeat.clone();
         let mut state = State::open(&runner.cfg.state_path)?;
         std::thread::spawn(move || {
+            let mut last_beat: Option<std::time::Instant> = None;
             while !stop.load(Ordering::SeqCst) {
                 let Some(r) = weak.upgrade() else { return };
-                let cancelled = state.heartbeat().unwrap_or_else(|e| {
-                    eprintln!("vmbackup: warning: cannot refresh slot leases: {e:#}");
+                // Leases and `task cancel` requests once per HEARTBEAT; the
+                // process-wide signal flag on every tick.
+                let requested = if last_beat.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
+                    last_beat = Some(std::time::Instant::now());
+                    state.heartbeat().unwrap_or_else(|e| {
+                        eprintln!("vmbackup: warning: cannot refresh slot leases: {e:#}");
+                        Vec::new()
+                    })
+                } else {
                     Vec::new()
-                });
-                r.forward_cancels(&cancelled);
+                };
+                r.forward_cancels(&requested);
                 drop(r);
-                std::thread::sleep(HEARTBEAT);
+                std::thread::sleep(CANCEL_POLL);
             }
         });
         Ok(runner)
