@@ -141,6 +141,12 @@ fn full_inc_diff_chain_every_point_restores_byte_exact() {
         disks.map(|d| vm.keep_shadow(d, "p2")),
     ));
     assert_eq!(p2["base"], p1["point"]);
+    // Partly changed slots are stored as deltas (changed bytes only), not as
+    // rewritten 1 MiB chunks: slots 0 and 1 alone would be 2 MiB of random data.
+    assert!(
+        p2["totals"]["bytes_written"].as_u64().unwrap() < CHUNK,
+        "inc stored whole chunks: {p2}"
+    );
     assert!(
         p2["totals"]["bytes_read"].as_u64().unwrap() < 2 * MIB,
         "inc read only changed data: {p2}"
@@ -157,6 +163,8 @@ fn full_inc_diff_chain_every_point_restores_byte_exact() {
 
     // p4 inc after a diff: based on the diff.
     vm.write_random("disk0", 2 * MIB, 256 * 1024, 4);
+    // More than half of slot 12 changes: stored as a whole chunk again.
+    vm.write_random("disk0", 12 * MIB, 700 * 1024, 6);
     let p4 = backup(env, "inc");
     expect.push((
         p4["point"].as_str().unwrap().to_string(),
@@ -400,4 +408,82 @@ fn identical_vms_share_chunks_in_one_repository() {
             a.shadow_digest("disk0")
         );
     }
+}
+
+/// Chunk-store files (chunks and deltas) under the repository.
+fn objects(env: &Env) -> std::collections::BTreeSet<std::path::PathBuf> {
+    fn walk(dir: &Path, out: &mut std::collections::BTreeSet<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.insert(p);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&env.path("target/r/chunks"), &mut out);
+    out
+}
+
+#[test]
+fn damaged_delta_or_missing_base_chunk_fails_verify_and_restore() {
+    let l = lab("vm1", &[DiskSpec::qcow2("disk0", 4 * MIB)]);
+    l.vm.write_random("disk0", 0, MIB, 21);
+    let full = backup(&l.env, "full");
+    let base_objects = objects(&l.env);
+    assert_eq!(base_objects.len(), 1, "one chunk");
+    l.vm.write("disk0", 8192, 4096, 0x77);
+    let inc = backup(&l.env, "inc");
+    let new: Vec<_> = objects(&l.env).difference(&base_objects).cloned().collect();
+    assert_eq!(new.len(), 1, "one delta object: {new:?}");
+    let delta = &new[0];
+    assert!(std::fs::read(delta).unwrap().starts_with(b"VMBDLTA1"));
+    l.env.ok(&["verify", "r"]);
+
+    // A flipped byte in the delta: the inc is damaged, the full is not.
+    let good = std::fs::read(delta).unwrap();
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x20;
+    std::fs::write(delta, &bad).unwrap();
+    let out = l.env.cmd().args(["verify", "r"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let inc_line = text
+        .lines()
+        .find(|l| l.contains(inc["point"].as_str().unwrap()))
+        .unwrap();
+    assert!(inc_line.contains("PROBLEM"), "{text}");
+    assert!(text.contains("corrupt"), "{text}");
+    let full_line = text
+        .lines()
+        .find(|l| l.contains(full["point"].as_str().unwrap()))
+        .unwrap();
+    assert!(full_line.ends_with("ok"), "{text}");
+    let err = l.env.fails(
+        3,
+        &[
+            "restore",
+            "r",
+            "--vm",
+            "vm1",
+            "--to",
+            l.env.path("out").to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("delta") && err.contains("corrupt"), "{err}");
+    std::fs::write(delta, &good).unwrap();
+
+    // The base chunk gone: both points need it.
+    let chunk = base_objects.iter().next().unwrap();
+    std::fs::rename(chunk, l.env.path("aside")).unwrap();
+    let out = l.env.cmd().args(["verify", "r"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("missing").count(), 2, "{text}");
+    std::fs::rename(l.env.path("aside"), chunk).unwrap();
+    let got = restored(&l.env, "vm1", inc["point"].as_str().unwrap(), &["disk0"]);
+    assert_eq!(got, [l.vm.shadow_digest("disk0")]);
 }

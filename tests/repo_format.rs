@@ -96,10 +96,7 @@ fn restore(repo: &Repository, key: &str, point: &str) -> Vec<u8> {
     let index = repo.load_index(key, point, "vda").unwrap();
     let mut out = Vec::new();
     for (i, slot) in index.slots.iter().enumerate() {
-        match slot {
-            Slot::Zero => out.extend(vec![0u8; index.slot_len(i)]),
-            Slot::Chunk(d) => out.extend(repo.chunks().get(d).unwrap()),
-        }
+        out.extend(repo.chunks().read_slot(slot, index.slot_len(i)).unwrap());
     }
     out
 }

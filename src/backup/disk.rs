@@ -1,11 +1,13 @@
 //! One disk of a backup: extents → pipelined NBD reads → chunks → `DiskIndex`.
 //!
 //! The disk is cut into slots of `chunk_size` bytes. A full reads every allocated
-//! extent (`base:allocation` without the zero flag); an inc/diff starts from the
-//! base point's index and reads only dirty extents that hold data, zero-filling
-//! dirty extents that now read as zeros. A slot that is only partly dirty is
-//! patched from the base point's chunk, so only changed bytes cross the transport
-//! (R7). Slots no read touches keep the base's digest (or stay zero for a full).
+//! extent (`base:allocation` without the zero flag) and stores each slot as a
+//! chunk. An inc/diff starts from the base point's index and reads only dirty
+//! extents that hold data (dirty extents that now read as zeros are zero
+//! patches, not reads). A slot changed only in part is stored as a delta: its
+//! changed bytes against the base point's chunk, which is not even read, so both
+//! transfer and storage follow the changed bytes (R7; repo/delta.rs). Slots no
+//! read touches keep the base's entry.
 //!
 //! Concurrency: up to `permits` slots are in flight per task (shared by the VM's
 //! disks; each holds one chunk buffer), and each slot's reads are split into
@@ -24,7 +26,7 @@ use super::progress::Progress;
 use crate::error::Error;
 use crate::nbd::{NbdClient, DIRTY, STATE_ZERO};
 use crate::platform::DiskExport;
-use crate::repo::{DiskIndex, Repository, Slot};
+use crate::repo::{Delta, DiskIndex, Patch, Repository, Slot};
 
 /// What to back up for one disk.
 pub struct DiskPlan {
@@ -111,7 +113,9 @@ pub async fn backup_disk(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, D
     let touched =
         ExtentSet::from_ranges(read.ranges().iter().chain(zero.ranges()).copied().collect())
             .slots(cs);
-    let piece = (client.max_request() as u64).min((cs / 4).max(256 * 1024));
+    // One request per contiguous range of a slot (a chunk is at most 32 MiB, the
+    // NBD maximum); slots in flight keep several requests outstanding.
+    let piece = client.max_request() as u64;
     let read = Arc::new(read);
     let zero = Arc::new(zero);
     let mut index = index;
@@ -192,27 +196,31 @@ struct SlotJob {
 impl SlotJob {
     async fn run(self) -> Result<SlotDone> {
         let end = self.start + self.len as u64;
-        // Start from the base point's bytes (zeros for a full or a zero slot).
-        let mut buf = match self.base {
-            Slot::Zero => vec![0u8; self.len],
-            Slot::Chunk(d) => {
-                let repo = self.pipe.repo.clone();
-                let data = tokio::task::spawn_blocking(move || repo.chunks().get(&d)).await??;
-                if data.len() != self.len {
-                    bail!(
-                        "disk '{}': base chunk of slot {} has {} bytes, expected {}",
-                        self.disk,
-                        self.slot,
-                        data.len(),
-                        self.len
-                    );
-                }
-                data
-            }
-        };
+        let mut patches = self.fetch(end).await?;
+        let bytes_read = patches.iter().map(|p| p.data.len() as u64).sum();
         for (a, b) in self.zero.clip(self.start, end) {
-            buf[(a - self.start) as usize..(b - self.start) as usize].fill(0);
+            patches.push(Patch {
+                offset: (a - self.start) as u32,
+                data: vec![0u8; (b - a) as usize],
+            });
         }
+        let repo = self.pipe.repo.clone();
+        let (base, len) = (self.base, self.len);
+        let (result, written) =
+            tokio::task::spawn_blocking(move || store_slot(&repo, base, len, patches))
+                .await?
+                .with_context(|| format!("disk '{}' slot {}", self.disk, self.slot))?;
+        Ok(SlotDone {
+            slot: self.slot,
+            result,
+            bytes_read,
+            written,
+        })
+    }
+
+    /// Read this slot's dirty (or, for a full, allocated) bytes from the source:
+    /// one request per contiguous range, all in flight together.
+    async fn fetch(&self, end: u64) -> Result<Vec<Patch>> {
         let mut reads = JoinSet::new();
         for (a, b) in self.read.clip(self.start, end) {
             let mut off = a;
@@ -230,33 +238,69 @@ impl SlotJob {
                 off += n;
             }
         }
-        let mut bytes_read = 0u64;
+        let mut patches = Vec::new();
         while let Some(r) = reads.join_next().await {
             let (off, data) = r
                 .context("read task panicked")?
                 .with_context(|| format!("disk '{}': read", self.disk))?;
-            let at = (off - self.start) as usize;
-            buf[at..at + data.len()].copy_from_slice(&data);
-            bytes_read += data.len() as u64;
             self.pipe.progress.advance(&self.disk, data.len() as u64);
+            patches.push(Patch {
+                offset: (off - self.start) as u32,
+                data,
+            });
         }
-        let repo = self.pipe.repo.clone();
-        let (result, written) =
-            tokio::task::spawn_blocking(move || -> Result<(Slot, Option<u64>)> {
-                if is_zero(&buf) {
-                    return Ok((Slot::Zero, None));
-                }
-                let ins = repo.chunks().insert(&buf)?;
-                Ok((Slot::Chunk(ins.digest), ins.new.then_some(ins.stored_bytes)))
-            })
-            .await??;
-        Ok(SlotDone {
-            slot: self.slot,
-            result,
-            bytes_read,
-            written,
-        })
+        Ok(patches)
     }
+}
+
+/// Store a slot whose new content is `patches` (slot-relative, disjoint) laid
+/// over `base`. A partly changed slot with stored content becomes a delta: only
+/// the changed bytes are written, and the base chunk is not even read. A slot
+/// whose patches would cover more than half of it becomes a chunk again, as does
+/// every slot of a full, of a zero base, or rewritten whole.
+fn store_slot(
+    repo: &Repository,
+    base: Slot,
+    len: usize,
+    patches: Vec<Patch>,
+) -> Result<(Slot, Option<u64>)> {
+    let covered: usize = patches.iter().map(|p| p.data.len()).sum();
+    if covered < len && base != Slot::Zero {
+        let delta = match base {
+            Slot::Delta(id) => repo.chunks().get_delta(&id)?.updated(patches)?,
+            Slot::Chunk(b) => Delta::new(b, len as u32, patches)?,
+            Slot::Zero => unreachable!("checked above"),
+        };
+        if delta.patch_bytes() * 2 <= len as u64 {
+            let ins = repo.chunks().insert_delta(&delta)?;
+            return Ok((Slot::Delta(ins.digest), ins.new.then_some(ins.stored_bytes)));
+        }
+        let mut data = repo.chunks().get(&delta.base)?;
+        delta.apply(&mut data)?;
+        return store_chunk(repo, &data);
+    }
+    store_chunk(repo, &assemble(len, patches))
+}
+
+/// The slot's bytes from patches over zeros; a single patch covering the slot is
+/// used as it is (no copy).
+fn assemble(len: usize, mut patches: Vec<Patch>) -> Vec<u8> {
+    if patches.len() == 1 && patches[0].offset == 0 && patches[0].data.len() == len {
+        return patches.pop().map(|p| p.data).unwrap_or_default();
+    }
+    let mut buf = vec![0u8; len];
+    for p in &patches {
+        buf[p.offset as usize..p.offset as usize + p.data.len()].copy_from_slice(&p.data);
+    }
+    buf
+}
+
+fn store_chunk(repo: &Repository, data: &[u8]) -> Result<(Slot, Option<u64>)> {
+    if is_zero(data) {
+        return Ok((Slot::Zero, None));
+    }
+    let ins = repo.chunks().insert(data)?;
+    Ok((Slot::Chunk(ins.digest), ins.new.then_some(ins.stored_bytes)))
 }
 
 /// True when every byte is zero (16-byte word compares; the compiler vectorises them).

@@ -280,11 +280,7 @@ fn write_point(
     for ((_, (index, stats)), export) in results.into_iter().zip(&snapshot.exports) {
         let name = &export.disk.name;
         writer.write_index(name, &index)?;
-        let chunk_slots = index
-            .slots
-            .iter()
-            .filter(|s| matches!(s, Slot::Chunk(_)))
-            .count() as u64;
+        let chunk_slots = index.slots.iter().filter(|s| **s != Slot::Zero).count() as u64;
         disks.push(ManifestDisk {
             name: name.clone(),
             size: index.disk_size,

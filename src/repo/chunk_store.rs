@@ -1,4 +1,5 @@
-//! The chunk store: `chunks/ab/cd/<64-hex digest>`, one chunk object per file.
+//! The chunk store: `chunks/ab/cd/<64-hex id>`, one object per file: a chunk
+//! (id = digest of its content) or a delta (id = digest of its encoding, see `delta`).
 //!
 //! A chunk file is written once and never rewritten: its data is fsynced before its
 //! name exists, so an existing name is trusted. Directory fsyncs (which make the
@@ -14,10 +15,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use super::atomic;
 use super::chunk::{decode_chunk, digest_hex, digest_of, encode_chunk, Digest};
+use super::delta::{decode_delta, encode_delta, Delta};
+use super::index::Slot;
 
 /// What [`ChunkStore::insert`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +74,26 @@ impl ChunkStore {
     /// Hash `data`, and store it compressed unless a chunk with that digest exists.
     pub fn insert(&self, data: &[u8]) -> Result<Inserted> {
         let digest = digest_of(data);
+        self.store_object(digest, || {
+            encode_chunk(data)
+                .with_context(|| format!("cannot encode chunk {}", digest_hex(&digest)))
+        })
+    }
+
+    /// Store a delta object (a base chunk plus patches) unless it exists.
+    pub fn insert_delta(&self, delta: &Delta) -> Result<Inserted> {
+        let id = delta.id();
+        self.store_object(id, || {
+            encode_delta(delta).with_context(|| format!("cannot encode delta {}", digest_hex(&id)))
+        })
+    }
+
+    /// Write the object `encode` builds under `digest`, unless that name exists.
+    fn store_object(
+        &self,
+        digest: Digest,
+        encode: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<Inserted> {
         let path = self.path_of(&digest);
         let leaf = leaf_of(&digest);
         if path.exists() {
@@ -83,14 +106,13 @@ impl ChunkStore {
                 stored_bytes: 0,
             });
         }
-        let object = encode_chunk(data)
-            .with_context(|| format!("cannot encode chunk {}", digest_hex(&digest)))?;
+        let object = encode()?;
         let leaf_dir = self.leaf_dir(leaf);
         fs::create_dir_all(&leaf_dir)
             .with_context(|| format!("cannot create chunk directory {}", leaf_dir.display()))?;
         self.record_dir(leaf);
         atomic::write_file_defer_dir_sync(&path, &object)
-            .with_context(|| format!("cannot store chunk {}", digest_hex(&digest)))?;
+            .with_context(|| format!("cannot store object {}", digest_hex(&digest)))?;
         Ok(Inserted {
             digest,
             new: true,
@@ -106,36 +128,65 @@ impl ChunkStore {
     /// Read a chunk, decompress it and check its digest. A missing or corrupt
     /// chunk is an error naming the digest and the file.
     pub fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
-        self.read_checked(digest).map_err(|e| {
-            let hex = digest_hex(digest);
-            match e {
-                ChunkError::Missing { path } => {
-                    anyhow!("chunk {hex} is missing ({})", path.display())
-                }
-                ChunkError::Corrupt { path, reason } => {
-                    anyhow!("chunk {hex} is corrupt ({}): {reason}", path.display())
-                }
-                ChunkError::Unreadable { path, source } => {
-                    anyhow!("cannot read chunk {hex} ({}): {source}", path.display())
-                }
+        self.read_checked(digest)
+            .map_err(|e| loud("chunk", digest, e))
+    }
+
+    /// Read a delta object and check its id (its base is not read).
+    pub fn get_delta(&self, id: &Digest) -> Result<Delta> {
+        self.read_delta_checked(id)
+            .map_err(|e| loud("delta", id, e))
+    }
+
+    /// The bytes of a slot of `len` bytes: zeros, a chunk, or a delta applied to
+    /// its base chunk. Everything read is verified.
+    pub fn read_slot(&self, slot: &Slot, len: usize) -> Result<Vec<u8>> {
+        let data = match slot {
+            Slot::Zero => vec![0u8; len],
+            Slot::Chunk(d) => self.get(d)?,
+            Slot::Delta(id) => {
+                let delta = self.get_delta(id)?;
+                let mut data = self.get(&delta.base)?;
+                delta
+                    .apply(&mut data)
+                    .with_context(|| format!("delta {}", digest_hex(id)))?;
+                data
             }
-        })
+        };
+        if data.len() != len {
+            bail!(
+                "slot content is {} bytes, the index expects {len}",
+                data.len()
+            );
+        }
+        Ok(data)
     }
 
     /// Like [`ChunkStore::get`], with the kind of failure as a value (for verify).
     pub fn read_checked(&self, digest: &Digest) -> Result<Vec<u8>, ChunkError> {
-        let path = self.path_of(digest);
-        let object = match fs::read(&path) {
-            Ok(object) => object,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(ChunkError::Missing { path })
-            }
-            Err(source) => return Err(ChunkError::Unreadable { path, source }),
-        };
+        let (path, object) = self.read_object(digest)?;
         decode_chunk(&object, digest).map_err(|e| ChunkError::Corrupt {
             path,
             reason: format!("{e:#}"),
         })
+    }
+
+    /// Like [`ChunkStore::get_delta`], with the kind of failure as a value.
+    pub fn read_delta_checked(&self, id: &Digest) -> Result<Delta, ChunkError> {
+        let (path, object) = self.read_object(id)?;
+        decode_delta(&object, id).map_err(|e| ChunkError::Corrupt {
+            path,
+            reason: format!("{e:#}"),
+        })
+    }
+
+    fn read_object(&self, digest: &Digest) -> Result<(PathBuf, Vec<u8>), ChunkError> {
+        let path = self.path_of(digest);
+        match fs::read(&path) {
+            Ok(object) => Ok((path, object)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ChunkError::Missing { path }),
+            Err(source) => Err(ChunkError::Unreadable { path, source }),
+        }
     }
 
     /// fsync every chunk directory touched since the last call (leaf, its parent,
@@ -173,6 +224,20 @@ impl ChunkStore {
         self.dir
             .join(format!("{:02x}", leaf >> 8))
             .join(format!("{:02x}", leaf & 0xff))
+    }
+}
+
+/// A [`ChunkError`] as a one-line error naming the object and its file.
+fn loud(what: &str, digest: &Digest, e: ChunkError) -> anyhow::Error {
+    let hex = digest_hex(digest);
+    match e {
+        ChunkError::Missing { path } => anyhow!("{what} {hex} is missing ({})", path.display()),
+        ChunkError::Corrupt { path, reason } => {
+            anyhow!("{what} {hex} is corrupt ({}): {reason}", path.display())
+        }
+        ChunkError::Unreadable { path, source } => {
+            anyhow!("cannot read {what} {hex} ({}): {source}", path.display())
+        }
     }
 }
 

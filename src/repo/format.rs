@@ -21,6 +21,8 @@ pub const CONFIG_FILE: &str = "vmbackup-repo.toml";
 
 /// Magic of a chunk object, version 1.
 pub const CHUNK_MAGIC: [u8; 8] = *b"VMBCHNK1";
+/// Magic of a delta object (a base chunk plus patches), version 1.
+pub const DELTA_MAGIC: [u8; 8] = *b"VMBDLTA1";
 /// Magic of a disk index object, version 1.
 pub const INDEX_MAGIC: [u8; 8] = *b"VMBINDX1";
 

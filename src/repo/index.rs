@@ -13,7 +13,8 @@
 //! 20      4      reserved, zero
 //! 24      8      slot count, u64 little-endian (= ceil(disk size / chunk size))
 //! 32     32      checksum: BLAKE3(bytes 0..32 || entries)
-//! 64     33*n    entries: kind u8 (0 zero, 1 chunk) + 32-byte digest (zeros for kind 0)
+//! 64     33*n    entries: kind u8 (0 zero, 1 chunk, 2 delta) + 32-byte digest or delta id
+//!                (zeros for kind 0)
 //! ```
 
 use anyhow::{bail, Context, Result};
@@ -28,6 +29,7 @@ pub const INDEX_ENTRY_LEN: usize = 33;
 
 const KIND_ZERO: u8 = 0;
 const KIND_CHUNK: u8 = 1;
+const KIND_DELTA: u8 = 2;
 
 /// One chunk-sized slot of a disk.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -36,6 +38,8 @@ pub enum Slot {
     Zero,
     /// The slot's bytes are the chunk with this digest.
     Chunk(Digest),
+    /// The slot's bytes are the delta object with this id applied to its base chunk.
+    Delta(Digest),
 }
 
 /// A disk's content at one point, as chunk slots.
@@ -108,6 +112,10 @@ impl DiskIndex {
                     bytes.push(KIND_CHUNK);
                     bytes.extend_from_slice(digest);
                 }
+                Slot::Delta(id) => {
+                    bytes.push(KIND_DELTA);
+                    bytes.extend_from_slice(id);
+                }
             }
         }
         let checksum = checksum_of(&bytes);
@@ -178,6 +186,7 @@ fn decode_entry(entry: &[u8]) -> Result<Slot> {
         KIND_ZERO if digest == [0u8; 32] => Ok(Slot::Zero),
         KIND_ZERO => bail!("zero slot with a non-zero digest"),
         KIND_CHUNK => Ok(Slot::Chunk(digest)),
+        KIND_DELTA => Ok(Slot::Delta(digest)),
         other => bail!("unknown slot kind {other}"),
     }
 }

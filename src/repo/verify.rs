@@ -1,5 +1,6 @@
-//! Verifying a point: every chunk its indexes refer to is read, decompressed and
-//! re-hashed. Each distinct chunk is checked once per point.
+//! Verifying a point: every chunk and delta its indexes refer to (and each
+//! delta's base chunk) is read, decompressed and re-hashed. Each distinct object
+//! is checked once per point.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -81,37 +82,80 @@ pub(crate) fn verify_indexes(
             );
         }
         for (slot, entry) in index.slots.iter().enumerate() {
-            let Slot::Chunk(digest) = entry else { continue };
-            if !seen.insert(*digest) {
+            let len = index.slot_len(slot);
+            // A delta needs itself and its base chunk; each object is checked once.
+            let chunk = match entry {
+                Slot::Zero => continue,
+                Slot::Chunk(digest) => *digest,
+                Slot::Delta(id) => {
+                    if !seen.insert(*id) {
+                        continue;
+                    }
+                    report.chunks_checked += 1;
+                    match store.read_delta_checked(id) {
+                        Ok(delta) if delta.len as usize == len => delta.base,
+                        Ok(delta) => {
+                            let why =
+                                format!("delta for {} bytes, the slot needs {len}", delta.len);
+                            report.problems.push(problem(
+                                disk,
+                                slot,
+                                id,
+                                ProblemKind::Corrupt(why),
+                            ));
+                            continue;
+                        }
+                        Err(e) => {
+                            let kind = problem_kind(e, "delta", id)?;
+                            report.problems.push(problem(disk, slot, id, kind));
+                            continue;
+                        }
+                    }
+                }
+            };
+            if !seen.insert(chunk) {
                 continue;
             }
             report.chunks_checked += 1;
-            let kind = match store.read_checked(digest) {
-                Ok(data) if data.len() == index.slot_len(slot) => continue,
-                Ok(data) => ProblemKind::Corrupt(format!(
-                    "{} bytes long, the slot needs {}",
-                    data.len(),
-                    index.slot_len(slot)
-                )),
-                Err(ChunkError::Missing { .. }) => ProblemKind::Missing,
-                Err(ChunkError::Corrupt { reason, .. }) => ProblemKind::Corrupt(reason),
-                Err(ChunkError::Unreadable { path, source }) => {
-                    return Err(source).with_context(|| {
-                        format!(
-                            "cannot read chunk {} ({})",
-                            digest_hex(digest),
-                            path.display()
-                        )
-                    })
+            let kind = match store.read_checked(&chunk) {
+                Ok(data) if data.len() == len => continue,
+                Ok(data) => {
+                    ProblemKind::Corrupt(format!("{} bytes long, the slot needs {len}", data.len()))
                 }
+                Err(e) => problem_kind(e, "chunk", &chunk)?,
             };
-            report.problems.push(Problem {
-                disk: disk.name.clone(),
-                slot: slot as u64,
-                digest: *digest,
-                kind,
-            });
+            report.problems.push(problem(disk, slot, &chunk, kind));
         }
     }
     Ok(report)
+}
+
+fn problem(
+    disk: &super::manifest::ManifestDisk,
+    slot: usize,
+    digest: &Digest,
+    kind: ProblemKind,
+) -> Problem {
+    Problem {
+        disk: disk.name.clone(),
+        slot: slot as u64,
+        digest: *digest,
+        kind,
+    }
+}
+
+/// A missing or corrupt object is a problem to report; an unreadable one (I/O,
+/// permissions) stops verification with an error.
+fn problem_kind(e: ChunkError, what: &str, digest: &Digest) -> Result<ProblemKind> {
+    match e {
+        ChunkError::Missing { .. } => Ok(ProblemKind::Missing),
+        ChunkError::Corrupt { reason, .. } => Ok(ProblemKind::Corrupt(reason)),
+        ChunkError::Unreadable { path, source } => Err(source).with_context(|| {
+            format!(
+                "cannot read {what} {} ({})",
+                digest_hex(digest),
+                path.display()
+            )
+        }),
+    }
 }

@@ -189,7 +189,7 @@ fn restore_disk(
         .with_context(|| format!("cannot create {}", raw_path.display()))?;
     file.set_len(index.disk_size)?;
     let chunk_slots: Vec<usize> = (0..index.slots.len())
-        .filter(|&i| matches!(index.slots[i], Slot::Chunk(_)))
+        .filter(|&i| index.slots[i] != Slot::Zero)
         .collect();
     let total: u64 = chunk_slots.iter().map(|&i| index.slot_len(i) as u64).sum();
     progress.disk_total(disk, total);
@@ -211,21 +211,11 @@ fn restore_disk(
                     if cancel.load(Ordering::Relaxed) {
                         return Err(Error::Interrupted.into());
                     }
-                    let Slot::Chunk(d) = index.slots[slot] else {
-                        unreachable!("filtered to chunk slots")
-                    };
                     let data = req
                         .repo
                         .chunks()
-                        .get(&d)
+                        .read_slot(&index.slots[slot], index.slot_len(slot))
                         .with_context(|| format!("slot {slot}"))?;
-                    if data.len() != index.slot_len(slot) {
-                        bail!(
-                            "slot {slot}: chunk has {} bytes, the index expects {}",
-                            data.len(),
-                            index.slot_len(slot)
-                        );
-                    }
                     let n = write_sparse(&file, index.slot_offset(slot), &data)?;
                     progress.advance(disk, data.len() as u64);
                     Ok(n)
