@@ -20,14 +20,6 @@ pub const TMP_INFIX: &str = ".tmp-";
 
 /// Write `bytes` to `path` atomically and durably (tmp, fsync, rename, fsync dir).
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_file_defer_dir_sync(path, bytes)?;
-    sync_dir(parent_of(path)?)
-}
-
-/// Like [`write_file`] without the final directory fsync: the caller must fsync
-/// the directory before anything refers to `path` (the chunk store batches these).
-/// The file's data is durable before its name exists.
-pub fn write_file_defer_dir_sync(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path)?;
     let staged = stage(&tmp, bytes).and_then(|()| {
         fs::rename(&tmp, path)
@@ -37,7 +29,8 @@ pub fn write_file_defer_dir_sync(path: &Path, bytes: &[u8]) -> Result<()> {
         // Best effort: the error that matters is the one being returned.
         let _ = fs::remove_file(&tmp);
     }
-    staged
+    staged?;
+    sync_dir(parent_of(path)?)
 }
 
 /// fsync a directory, making renames and creations inside it durable.
@@ -45,6 +38,64 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("cannot fsync directory {}", dir.display()))
+}
+
+/// A file written under its staging name, not yet durable nor published.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+/// Write `bytes` under a staging name next to `path`, without fsync. Call
+/// [`Staged::publish`] (fsync, rename) to make it appear under `path`.
+pub fn stage_file(path: &Path, bytes: &[u8]) -> Result<Staged> {
+    let tmp = tmp_path(path)?;
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))
+        .and_then(|mut f| {
+            f.write_all(bytes)
+                .with_context(|| format!("cannot write {}", tmp.display()))
+        });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(Staged {
+        tmp,
+        path: path.to_path_buf(),
+    })
+}
+
+impl Staged {
+    /// The final name the file will have.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// fsync the staged data, then rename it to its final name (the directory
+    /// fsync is the caller's). On failure the staging file is removed.
+    pub fn publish(self) -> Result<()> {
+        let done = File::open(&self.tmp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("cannot fsync {}", self.tmp.display()))
+            .and_then(|()| {
+                fs::rename(&self.tmp, &self.path).with_context(|| {
+                    format!(
+                        "cannot rename {} to {}",
+                        self.tmp.display(),
+                        self.path.display()
+                    )
+                })
+            });
+        if done.is_err() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+        done
+    }
 }
 
 /// True when `name` is a staging file name (see [`TMP_INFIX`]).

@@ -1,7 +1,9 @@
 //! The chunk store: `chunks/ab/cd/<64-hex id>`, one object per file: a chunk
 //! (id = digest of its content) or a delta (id = digest of its encoding, see `delta`).
 //!
-//! A chunk file is written once and never rewritten: its data is fsynced before its
+//! Objects are staged (written under a `.tmp-` name) by `insert`, then fsynced and
+//! renamed by background threads (`publisher`), so a backup never waits for a disk
+//! flush per chunk. A chunk file is written once and never rewritten: its data is fsynced before its
 //! name exists, so an existing name is trusted. Directory fsyncs (which make the
 //! names durable) are batched: every insert records the chunk's directories, and
 //! [`ChunkStore::sync_dirs`] fsyncs them all before a point's manifest is written.
@@ -21,6 +23,7 @@ use super::atomic;
 use super::chunk::{decode_chunk, digest_hex, digest_of, encode_chunk, Digest};
 use super::delta::{decode_delta, encode_delta, Delta};
 use super::index::Slot;
+use super::publisher::Publisher;
 
 /// What [`ChunkStore::insert`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +53,8 @@ pub struct ChunkStore {
     dir: PathBuf,
     /// Leaf directories (`ab/cd` as a u16) holding chunk names not yet fsynced.
     dirs_to_sync: Mutex<BTreeSet<u16>>,
+    /// fsync + rename of staged objects, in the background.
+    publisher: Publisher,
 }
 
 impl ChunkStore {
@@ -58,6 +63,7 @@ impl ChunkStore {
         ChunkStore {
             dir,
             dirs_to_sync: Mutex::new(BTreeSet::new()),
+            publisher: Publisher::default(),
         }
     }
 
@@ -96,7 +102,7 @@ impl ChunkStore {
     ) -> Result<Inserted> {
         let path = self.path_of(&digest);
         let leaf = leaf_of(&digest);
-        if path.exists() {
+        if path.exists() || self.publisher.is_pending(&path) {
             // Another writer may have renamed it in without its directory fsync
             // yet: whoever commits a point referring to it must fsync this dir.
             self.record_dir(leaf);
@@ -111,8 +117,9 @@ impl ChunkStore {
         fs::create_dir_all(&leaf_dir)
             .with_context(|| format!("cannot create chunk directory {}", leaf_dir.display()))?;
         self.record_dir(leaf);
-        atomic::write_file_defer_dir_sync(&path, &object)
+        let staged = atomic::stage_file(&path, &object)
             .with_context(|| format!("cannot store object {}", digest_hex(&digest)))?;
+        self.publisher.submit(staged)?;
         Ok(Inserted {
             digest,
             new: true,
@@ -189,11 +196,19 @@ impl ChunkStore {
         }
     }
 
+    /// Wait until every object inserted so far is durable under its final name
+    /// (inserts return once the object is staged; see the module docs).
+    pub fn flush(&self) -> Result<()> {
+        self.publisher.flush()
+    }
+
     /// fsync every chunk directory touched since the last call (leaf, its parent,
     /// and the store root), so every chunk name inserted so far is durable.
     /// Holds the set while syncing: a concurrent caller returns only once the
     /// directories it needs are durable.
     pub fn sync_dirs(&self) -> Result<()> {
+        // Every staged object must have its name before the names are made durable.
+        self.publisher.flush()?;
         let mut pending = self
             .dirs_to_sync
             .lock()
@@ -265,6 +280,9 @@ mod tests {
         let first = store.insert(&data).unwrap();
         assert!(first.new);
         assert!(first.stored_bytes > 0 && first.stored_bytes < data.len() as u64);
+        // Still being published: a second insert does not stage it again.
+        assert!(!store.insert(&data).unwrap().new);
+        store.flush().unwrap();
         let path = store.path_of(&first.digest);
         let hex = digest_hex(&first.digest);
         assert!(path.ends_with(format!("{}/{}/{hex}", &hex[..2], &hex[2..4])));
@@ -286,6 +304,7 @@ mod tests {
         let (_dir, store) = store();
         let a = store.insert(&b"a".repeat(5000)).unwrap().digest;
         let b = store.insert(&b"b".repeat(5000)).unwrap().digest;
+        store.flush().unwrap();
         let path_a = store.path_of(&a);
         let mut bytes = fs::read(&path_a).unwrap();
         let last = bytes.len() - 1;

@@ -46,6 +46,7 @@ mod lock;
 mod manifest;
 mod names;
 mod point;
+mod publisher;
 mod verify;
 
 use std::fs;
