@@ -637,3 +637,240 @@ fn task_cancel_stops_a_running_backup_cleanly_and_the_next_inc_restores_exactly(
         "restored inc differs from the disk"
     );
 }
+
+fn day(offset: i64) -> String {
+    (Local::now() + Days::days(offset))
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
+/// `mon`..`sun` of the day `offset` days from today. Weekly schedules on days
+/// other than today make the due slots independent of the real time of day (a
+/// daily slot later today would be due too).
+fn weekday(offset: i64) -> String {
+    (Local::now() + Days::days(offset))
+        .format("%a")
+        .to_string()
+        .to_lowercase()
+}
+
+/// `vmbackup daemon` on the test clock, stderr into `log`.
+fn daemon(env: &Env, now: &str, speed: &str, log: &std::path::Path) -> Proc {
+    let mut c = vmbackup(env, &["daemon"]);
+    c.env("VMBACKUP_TEST_NOW", now)
+        .env("VMBACKUP_TEST_CLOCK_SPEED", speed)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    Proc(c.spawn().expect("start daemon"))
+}
+
+#[test]
+fn r38_r41_daemon_and_run_now_together_respect_bk_tsk_thd() {
+    let env = Env::new();
+    std::fs::write(&env.config, "bk_tsk_thd = 2\nMax_ThreadNum_PerHost = 2\n").unwrap();
+    let vms: Vec<TestVm> = ["d1", "d2", "m1"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let v = env.vm(n, &[DiskSpec::qcow2("disk0", 16 * MIB)], true);
+            v.write_random("disk0", 0, 4 * MIB, i as u64 + 30);
+            v
+        })
+        .collect();
+    setup(&env, "lab", &env.qmp_dir);
+    target(&env);
+    // The daemon's two tasks hold both slots through a minute of paused clock time
+    // (6 s at speed 10), so the manual run has to wait.
+    let schedule = format!("full weekly on {} at 01:00", weekday(1));
+    for (rule, vm, extra) in [
+        ("rd", "d1,d2", "mon-sun 01:00-01:01 pause"),
+        ("rm", "m1", "mon-sun 05:00-06:00 pause"),
+    ] {
+        env.ok(&[
+            "rule",
+            "add",
+            rule,
+            "--platform",
+            "lab",
+            "--vm",
+            vm,
+            "--target",
+            "t1",
+            "--schedule",
+            &schedule,
+            "--bandwidth",
+            extra,
+        ]);
+    }
+    env.ok(&["rule", "stop", "rm"]);
+    let log = env.path("daemon.log");
+    let _daemon = daemon(&env, &format!("{} 00:59:58", day(1)), "10", &log);
+    wait_for(
+        || task_rows(&env).iter().filter(|r| r.3 == "running").count() == 2,
+        "the daemon's two tasks running",
+    );
+    let mut manual = spawn(&env, &["run-now", "rm", "--level", "full"], None);
+    wait_for(
+        || {
+            task_rows(&env)
+                .iter()
+                .any(|r| r.2 == "m1" && r.3 == "pending")
+        },
+        "the manual task pending",
+    );
+    let list = env.json(&["task", "list"]);
+    let m1 = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["vm"] == "m1")
+        .expect("m1 listed");
+    assert_eq!(m1["state"], "pending", "{list}");
+    let why = m1["waiting"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("2 of 2") && why.contains("bk_tsk_thd"),
+        "{list}"
+    );
+
+    assert_eq!(manual.0.wait().unwrap().code(), Some(0));
+    wait_for(
+        || task_rows(&env).iter().all(|r| r.3 == "completed"),
+        "every task completed",
+    );
+    let rows = task_rows(&env);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let refs: Vec<&Row> = rows.iter().collect();
+    assert_eq!(max_concurrent(&refs), 2, "{rows:?}");
+    let manual_row = rows.iter().find(|r| r.2 == "m1").unwrap();
+    assert!(waited(&env, manual_row.0));
+    drop(vms);
+}
+
+#[test]
+fn daemon_picks_up_a_rule_edit_and_a_new_once_rule_without_a_restart() {
+    let env = Env::new();
+    let a = env.vm("a", &[DiskSpec::qcow2("disk0", 16 * MIB)], true);
+    let b = env.vm("b", &[DiskSpec::qcow2("disk0", 16 * MIB)], true);
+    a.write_random("disk0", 0, MIB, 41);
+    b.write_random("disk0", 0, MIB, 42);
+    setup(&env, "lab", &env.qmp_dir);
+    target(&env);
+    env.ok(&[
+        "rule",
+        "add",
+        "ra",
+        "--platform",
+        "lab",
+        "--vm",
+        "a",
+        "--target",
+        "t1",
+        "--schedule",
+        &format!("full weekly on {} at 03:00", weekday(1)),
+    ]);
+    let log = env.path("daemon.log");
+    let day1 = day(1);
+    let _daemon = daemon(&env, &format!("{day1} 00:59:58"), "1", &log);
+    let next_runs = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("next run at")
+            .count()
+    };
+    wait_for(|| next_runs() > 0, "the daemon planning");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(&format!("next run at {day1} 03:00:00")),
+        "{text}"
+    );
+
+    // Edited by another process: the daemon runs at the new time, not at 03:00.
+    let at_one = format!("full weekly on {} at 01:00", weekday(1));
+    env.ok(&["rule", "edit", "ra", "--schedule", &at_one]);
+    wait_for(
+        || task_rows(&env).first().is_some_and(|r| r.3 == "completed"),
+        "ra's task after the edit",
+    );
+    // A one-time rule added meanwhile runs once, and its VM shows completed.
+    env.ok(&[
+        "rule",
+        "add",
+        "rb",
+        "--platform",
+        "lab",
+        "--vm",
+        "b",
+        "--target",
+        "t1",
+        "--once",
+        &format!("{day1} 01:00"),
+    ]);
+    wait_for(
+        || {
+            task_rows(&env)
+                .iter()
+                .any(|r| r.2 == "b" && r.3 == "completed")
+        },
+        "the once rule's task",
+    );
+    let show = env.json(&["rule", "show", "rb"]);
+    assert_eq!(show["vms"][0]["state"], "completed", "{show}");
+    // Another change makes the daemon look at every rule again: nothing reruns.
+    let seen = next_runs();
+    env.ok(&[
+        "rule",
+        "edit",
+        "ra",
+        "--bandwidth",
+        "mon-sun 05:00-06:00 pause",
+    ]);
+    wait_for(|| next_runs() > seen, "the daemon re-planning");
+    let rows = task_rows(&env);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!((rows[0].2.as_str(), rows[1].2.as_str()), ("a", "b"));
+    // Nor in another process on the same clock.
+    let (code, _) = run_with_clock(&env, &["run-due"], &format!("{day1} 01:00:30"));
+    assert_eq!(code, 0);
+    assert_eq!(task_rows(&env).len(), 2);
+}
+
+#[test]
+fn r14_run_due_runs_missed_slots_once_even_when_started_twice_at_once() {
+    let env = Env::new();
+    let days = format!("{},{},{}", weekday(1), weekday(2), weekday(3));
+    let schedule = format!("full weekly on {days} at 01:00");
+    let vm = one_vm_rule(&env, "r", "web", MIB, &["--schedule", &schedule]);
+    // Three slots passed since the VM joined (the host was off).
+    let now = format!("{} 01:00:30", day(3));
+    let both: Vec<std::process::Output> = (0..2)
+        .map(|_| {
+            vmbackup(&env, &["run-due"])
+                .env("VMBACKUP_TEST_NOW", &now)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    assert!(both.iter().all(|o| o.status.code() == Some(0)), "{both:?}");
+    let stderr: String = both
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    assert!(stderr.contains("2 earlier slot(s) were missed"), "{stderr}");
+    let rows = task_rows(&env);
+    assert_eq!(rows.len(), 1, "one run for three slots: {rows:?}");
+    assert_eq!(rows[0].3, "completed");
+    // Later that day nothing is due; the next day's slot runs, with nothing missed.
+    let (code, _) = run_with_clock(&env, &["run-due"], &format!("{} 23:00:00", day(3)));
+    assert_eq!(code, 0);
+    assert_eq!(task_rows(&env).len(), 1);
+    let (code, err) = run_with_clock(&env, &["run-due"], &format!("{} 01:00:30", day(8)));
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("missed"), "{err}");
+    assert_eq!(task_rows(&env).len(), 2);
+    drop(vm);
+}
