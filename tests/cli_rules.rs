@@ -623,3 +623,70 @@ fn concurrent_invocations_never_corrupt_state_and_r35_holds() {
         .unwrap();
     assert_eq!(ok, "ok");
 }
+
+#[test]
+fn r43_vm_with_a_read_only_disk_is_refused_at_rule_admission() {
+    let l = lab();
+    let _mixed = l.env.vm(
+        "mixed",
+        &[
+            DiskSpec::qcow2("disk0", 8 * MIB),
+            DiskSpec::qcow2_read_only("iso0", 4 * MIB),
+        ],
+        false,
+    );
+    l.env.ok(&["platform", "refresh", "lab"]);
+
+    // `platform vms` marks the read-only disk, and only it.
+    let vms = l.env.json(&["platform", "vms", "lab"]);
+    let mixed = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "mixed")
+        .expect("mixed listed after refresh");
+    let disk = |node: &str| {
+        mixed["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["node"] == node)
+            .unwrap_or_else(|| panic!("no disk {node}: {mixed}"))
+            .clone()
+    };
+    assert_eq!(disk("iso0")["uncoverable"], "read-only disk", "{mixed}");
+    assert!(disk("disk0")["uncoverable"].is_null(), "{mixed}");
+    let text = l.env.ok(&["platform", "vms", "lab"]);
+    assert!(
+        text.lines().any(|line| line.contains("iso0")
+            && line.contains("not coverable")
+            && line.contains("R43")),
+        "{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|line| line.contains("mixed") && line.contains("not coverable")),
+        "the writable disk0 row is not marked:\n{text}"
+    );
+
+    // `rule add`: alone, and next to an admissible VM (all or nothing).
+    let needles = ["mixed", "iso0", "R43"];
+    l.env
+        .refused(&add_rule("r1", "mixed", &["--schedule", DAILY]), &needles);
+    l.env.refused(
+        &add_rule("r1", "web,mixed", &["--schedule", DAILY]),
+        &needles,
+    );
+
+    // `rule add-vm`: alone, and after an admissible VM in the same command.
+    l.env.ok(&add_rule("r1", "web", &["--schedule", DAILY]));
+    l.env
+        .refused(&["rule", "add-vm", "r1", "--vm", "mixed"], &needles);
+    l.env.refused(
+        &["rule", "add-vm", "r1", "--vm", "db", "--vm", "mixed"],
+        &needles,
+    );
+    let vms = l.env.json(&["rule", "show", "r1"])["vms"].clone();
+    assert_eq!(vms.as_array().unwrap().len(), 1, "{vms}");
+}

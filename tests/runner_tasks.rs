@@ -1,6 +1,8 @@
 //! The task runner against real QEMU (qemu-storage-daemon VMs): slot limits across
-//! tasks and processes (R38, R41, R42), bandwidth pause and R28 skips under
-//! `run-due` with the test clock, and a SIGKILLed daemon's task reclaimed (R44).
+//! tasks and processes (R38, R41, R42), including a daemon and `run-now` together;
+//! bandwidth rate and pause windows (R29, R30) and R28 skips under `run-due` with
+//! the test clock; the daemon picking up rule changes and one-time rules; missed
+//! slots run once; `task cancel`; a SIGKILLed daemon's task reclaimed (R44).
 //!
 //! Concurrency is asserted from the task rows' start and end times (milliseconds).
 
@@ -23,18 +25,78 @@ impl Drop for Proc {
 }
 
 fn spawn(env: &Env, args: &[&str], test_now: Option<&str>) -> Proc {
-    let mut c = Command::new(assert_cmd::cargo::cargo_bin("vmbackup"));
-    c.env("VMBACKUP_STATE", &env.state)
-        .env("VMBACKUP_CONFIG", &env.config)
-        .env_remove("XDG_STATE_HOME")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut c = vmbackup(env, args);
+    c.stdout(Stdio::null()).stderr(Stdio::null());
     if let Some(now) = test_now {
         c.env("VMBACKUP_TEST_NOW", now);
     }
     Proc(c.spawn().expect("start vmbackup"))
+}
+
+/// `vmbackup ARGS` with this env's state and config, stdin closed.
+fn vmbackup(env: &Env, args: &[&str]) -> Command {
+    let mut c = Command::new(assert_cmd::cargo::cargo_bin("vmbackup"));
+    c.env("VMBACKUP_STATE", &env.state)
+        .env("VMBACKUP_CONFIG", &env.config)
+        .env_remove("XDG_STATE_HOME")
+        .env_remove("VMBACKUP_TEST_NOW")
+        .env_remove("VMBACKUP_TEST_CLOCK_SPEED")
+        .args(args)
+        .stdin(Stdio::null());
+    c
+}
+
+/// Milliseconds between two stored RFC 3339 times.
+fn millis_between(from: &str, to: &str) -> i64 {
+    let parse = |t: &str| chrono::DateTime::parse_from_rfc3339(t).expect("RFC 3339 time");
+    (parse(to) - parse(from)).num_milliseconds()
+}
+
+/// What `vmbackup` left on a VM: exports, jobs and nodes named `vmbackup-*`, and
+/// temporary bitmaps. Persistent tracking bitmaps (`vmbackup-inc-*`) are not
+/// leftovers: they are how the next incremental finds the changes.
+fn leftovers(vm: &TestVm) -> Vec<String> {
+    let r = vm.qmp(&[
+        r#"{"execute":"query-block-exports"}"#,
+        r#"{"execute":"query-block-jobs"}"#,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+    ]);
+    let mut found = Vec::new();
+    for e in r[0]["return"].as_array().expect("exports") {
+        let id = e["id"].as_str().unwrap_or_default();
+        if id.starts_with("vmbackup-") {
+            found.push(format!("export {id}"));
+        }
+    }
+    for j in r[1]["return"].as_array().expect("jobs") {
+        found.push(format!("job {}", j["device"]));
+    }
+    for n in r[2]["return"].as_array().expect("nodes") {
+        let name = n["node-name"].as_str().unwrap_or_default();
+        if name.starts_with("vmbackup-") {
+            found.push(format!("node {name}"));
+        }
+        for b in n["dirty-bitmaps"].as_array().cloned().unwrap_or_default() {
+            let b = b["name"].as_str().unwrap_or_default().to_string();
+            if b.starts_with("vmbackup-tmp-") {
+                found.push(format!("bitmap {b} on {name}"));
+            }
+        }
+    }
+    found
+}
+
+/// Restore the newest point of `vm` into a fresh directory; BLAKE3 of its one image.
+fn restored_digest(env: &Env, rule: &str, vm: &str, dir: &str) -> String {
+    let dest = env.path(dir);
+    env.ok(&["restore", rule, "--vm", vm, "--to", dest.to_str().unwrap()]);
+    let img = std::fs::read_dir(&dest)
+        .unwrap()
+        .next()
+        .expect("one restored image")
+        .unwrap()
+        .path();
+    file_digest(&img)
 }
 
 fn run_with_clock(env: &Env, args: &[&str], now: &str) -> (i32, String) {
@@ -403,4 +465,412 @@ fn r44_sigkilled_daemon_task_is_reclaimed_cleaned_and_next_inc_restores_exactly(
         vm.shadow_digest("disk0"),
         "restored inc differs from the disk"
     );
+}
+
+/// A rule's VM with `data` bytes of incompressible data written, platform `lab`,
+/// target `t1`, rule `rule` with `extra` policy arguments.
+fn one_vm_rule(env: &Env, rule: &str, vm: &str, data: u64, extra: &[&str]) -> TestVm {
+    let v = env.vm(vm, &[DiskSpec::qcow2("disk0", 64 * MIB)], true);
+    v.write_random("disk0", 0, data, 99);
+    setup(env, "lab", &env.qmp_dir);
+    target(env);
+    let mut args = vec![
+        "rule",
+        "add",
+        rule,
+        "--platform",
+        "lab",
+        "--vm",
+        vm,
+        "--target",
+        "t1",
+    ];
+    args.extend_from_slice(extra);
+    env.ok(&args);
+    v
+}
+
+#[test]
+fn r29_r30_rate_window_bounds_the_backup_and_progress_shows_rate_and_limit() {
+    const RATE: u64 = 4 * MIB;
+    let env = Env::new();
+    let _vm = one_vm_rule(
+        &env,
+        "r",
+        "web",
+        40 * MIB,
+        &[
+            "--schedule",
+            "full daily at 01:00",
+            "--bandwidth",
+            "mon-sun 00:00-24:00 4MiB/s",
+        ],
+    );
+    let mut child = vmbackup(&env, &["--json", "run-now", "r", "--level", "full"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start run-now");
+    let stdout = child.stdout.take().unwrap();
+    let mut proc = Proc(child);
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(&l.unwrap()).unwrap())
+            .collect::<Vec<_>>()
+    });
+
+    // While it runs, `task list` shows the limit in force and a live rate.
+    wait_for(
+        || {
+            let list = env.json(&["task", "list"]);
+            list.get(0)
+                .is_some_and(|t| t["state"] == "running" && t["rate"].as_u64() > Some(0))
+        },
+        "a running task with a rate",
+    );
+    let list = env.json(&["task", "list"]);
+    assert_eq!(list[0]["bw_limit"], "4MiB/s", "{list}");
+    assert!(list[0]["rate"].as_u64().unwrap() > 0, "{list}");
+
+    assert_eq!(proc.0.wait().unwrap().code(), Some(0));
+    let lines = reader.join().unwrap();
+    let summary = lines.last().expect("summary");
+    assert_eq!(summary["type"], "summary", "{summary}");
+    let bytes_read = summary["vms"][0]["outcome"]["totals"]["bytes_read"]
+        .as_u64()
+        .expect("bytes_read");
+    assert!(bytes_read >= 40 * MIB, "{summary}");
+
+    // Lower bound: every byte read waited for a token, and the bucket starts empty;
+    // allow the 250 ms burst.
+    let rows = task_rows(&env);
+    let took = millis_between(rows[0].4.as_deref().unwrap(), rows[0].5.as_deref().unwrap());
+    let floor = (bytes_read * 1000 / RATE) as i64 - 250;
+    assert!(took >= floor, "{bytes_read} bytes in {took} ms at 4 MiB/s");
+
+    // JSON progress: the limit in force on every line, a current rate while
+    // running, and an average that never beats the limit by more than one burst.
+    let progress: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["type"] == "progress").collect();
+    assert!(progress.len() >= 3, "{lines:?}");
+    assert!(
+        progress.iter().all(|p| p["limit"] == "4MiB/s"),
+        "{progress:?}"
+    );
+    assert!(
+        progress
+            .iter()
+            .any(|p| p["current_rate_bytes_per_sec"].as_u64() > Some(0)),
+        "{progress:?}"
+    );
+    let last = progress.last().unwrap();
+    assert_eq!(last["bytes_done"], last["bytes_total"], "{last}");
+    let average = last["rate_bytes_per_sec"].as_u64().unwrap();
+    assert!(
+        average <= RATE + RATE / 4,
+        "average {average} B/s over a 4 MiB/s limit"
+    );
+}
+
+#[test]
+fn task_cancel_stops_a_running_backup_cleanly_and_the_next_inc_restores_exactly() {
+    let env = Env::new();
+    let vm = one_vm_rule(
+        &env,
+        "r",
+        "web",
+        4 * MIB,
+        &["--schedule", "inc daily at 01:00"],
+    );
+    env.ok(&["run-now", "r", "--level", "full"]);
+    vm.write_random("disk0", 8 * MIB, 16 * MIB, 2);
+    env.ok(&[
+        "rule",
+        "edit",
+        "r",
+        "--bandwidth",
+        "mon-sun 00:00-24:00 2MiB/s",
+    ]);
+    let mut run = spawn(&env, &["run-now", "r", "--level", "inc"], None);
+    wait_for(
+        || {
+            task_rows(&env).get(1).is_some_and(|r| r.3 == "running")
+                && task_field(&env, 2, "bytes_done").is_some_and(|b| b != "0")
+        },
+        "the inc transferring",
+    );
+    let out = env.ok(&["task", "cancel", "2"]);
+    assert!(out.contains("cancel requested"), "{out}");
+    assert_eq!(run.0.wait().unwrap().code(), Some(130));
+
+    assert_eq!(task_field(&env, 2, "state").as_deref(), Some("interrupted"));
+    let done: u64 = task_field(&env, 2, "bytes_done").unwrap().parse().unwrap();
+    assert!(
+        done < 16 * MIB,
+        "the cancel came mid-transfer: {done} bytes"
+    );
+    assert_eq!(leftovers(&vm), Vec::<String>::new());
+    let scratch: Vec<_> = std::fs::read_dir(env.state.parent().unwrap().join("run"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        scratch
+            .iter()
+            .all(|n| !n.to_string_lossy().starts_with("vmbackup-fleece")),
+        "{scratch:?}"
+    );
+    let points = env.json(&["points", "r", "--vm", "web"]);
+    assert_eq!(points.as_array().unwrap().len(), 1, "{points}");
+    assert!(env.json(&["task", "list"]).as_array().unwrap().is_empty());
+
+    // No change was lost: the next inc (still an inc) restores byte-exact.
+    env.ok(&["rule", "edit", "r", "--clear-bandwidth"]);
+    vm.write_random("disk0", 40 * MIB, MIB, 3);
+    let out = env.ok(&["--json", "run-now", "r", "--level", "inc"]);
+    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["vms"][0]["outcome"]["level"], "inc", "{summary}");
+    assert_eq!(
+        restored_digest(&env, "r", "web", "restored"),
+        vm.shadow_digest("disk0"),
+        "restored inc differs from the disk"
+    );
+}
+
+fn day(offset: i64) -> String {
+    (Local::now() + Days::days(offset))
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
+/// `mon`..`sun` of the day `offset` days from today. Weekly schedules on days
+/// other than today make the due slots independent of the real time of day (a
+/// daily slot later today would be due too).
+fn weekday(offset: i64) -> String {
+    (Local::now() + Days::days(offset))
+        .format("%a")
+        .to_string()
+        .to_lowercase()
+}
+
+/// `vmbackup daemon` on the test clock, stderr into `log`.
+fn daemon(env: &Env, now: &str, speed: &str, log: &std::path::Path) -> Proc {
+    let mut c = vmbackup(env, &["daemon"]);
+    c.env("VMBACKUP_TEST_NOW", now)
+        .env("VMBACKUP_TEST_CLOCK_SPEED", speed)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    Proc(c.spawn().expect("start daemon"))
+}
+
+#[test]
+fn r38_r41_daemon_and_run_now_together_respect_bk_tsk_thd() {
+    let env = Env::new();
+    std::fs::write(&env.config, "bk_tsk_thd = 2\nMax_ThreadNum_PerHost = 2\n").unwrap();
+    let vms: Vec<TestVm> = ["d1", "d2", "m1"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let v = env.vm(n, &[DiskSpec::qcow2("disk0", 16 * MIB)], true);
+            v.write_random("disk0", 0, 4 * MIB, i as u64 + 30);
+            v
+        })
+        .collect();
+    setup(&env, "lab", &env.qmp_dir);
+    target(&env);
+    // The daemon's two tasks hold both slots through a minute of paused clock time
+    // (6 s at speed 10), so the manual run has to wait.
+    let schedule = format!("full weekly on {} at 01:00", weekday(1));
+    for (rule, vm, extra) in [
+        ("rd", "d1,d2", "mon-sun 01:00-01:01 pause"),
+        ("rm", "m1", "mon-sun 05:00-06:00 pause"),
+    ] {
+        env.ok(&[
+            "rule",
+            "add",
+            rule,
+            "--platform",
+            "lab",
+            "--vm",
+            vm,
+            "--target",
+            "t1",
+            "--schedule",
+            &schedule,
+            "--bandwidth",
+            extra,
+        ]);
+    }
+    env.ok(&["rule", "stop", "rm"]);
+    let log = env.path("daemon.log");
+    let _daemon = daemon(&env, &format!("{} 00:59:58", day(1)), "10", &log);
+    wait_for(
+        || task_rows(&env).iter().filter(|r| r.3 == "running").count() == 2,
+        "the daemon's two tasks running",
+    );
+    let mut manual = spawn(&env, &["run-now", "rm", "--level", "full"], None);
+    wait_for(
+        || {
+            task_rows(&env)
+                .iter()
+                .any(|r| r.2 == "m1" && r.3 == "pending")
+        },
+        "the manual task pending",
+    );
+    let list = env.json(&["task", "list"]);
+    let m1 = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["vm"] == "m1")
+        .expect("m1 listed");
+    assert_eq!(m1["state"], "pending", "{list}");
+    let why = m1["waiting"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("2 of 2") && why.contains("bk_tsk_thd"),
+        "{list}"
+    );
+
+    assert_eq!(manual.0.wait().unwrap().code(), Some(0));
+    wait_for(
+        || task_rows(&env).iter().all(|r| r.3 == "completed"),
+        "every task completed",
+    );
+    let rows = task_rows(&env);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let refs: Vec<&Row> = rows.iter().collect();
+    assert_eq!(max_concurrent(&refs), 2, "{rows:?}");
+    let manual_row = rows.iter().find(|r| r.2 == "m1").unwrap();
+    assert!(waited(&env, manual_row.0));
+    drop(vms);
+}
+
+#[test]
+fn daemon_picks_up_a_rule_edit_and_a_new_once_rule_without_a_restart() {
+    let env = Env::new();
+    let a = env.vm("a", &[DiskSpec::qcow2("disk0", 16 * MIB)], true);
+    let b = env.vm("b", &[DiskSpec::qcow2("disk0", 16 * MIB)], true);
+    a.write_random("disk0", 0, MIB, 41);
+    b.write_random("disk0", 0, MIB, 42);
+    setup(&env, "lab", &env.qmp_dir);
+    target(&env);
+    env.ok(&[
+        "rule",
+        "add",
+        "ra",
+        "--platform",
+        "lab",
+        "--vm",
+        "a",
+        "--target",
+        "t1",
+        "--schedule",
+        &format!("full weekly on {} at 03:00", weekday(1)),
+    ]);
+    let log = env.path("daemon.log");
+    let day1 = day(1);
+    let _daemon = daemon(&env, &format!("{day1} 00:59:58"), "1", &log);
+    let next_runs = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("next run at")
+            .count()
+    };
+    wait_for(|| next_runs() > 0, "the daemon planning");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(&format!("next run at {day1} 03:00:00")),
+        "{text}"
+    );
+
+    // Edited by another process: the daemon runs at the new time, not at 03:00.
+    let at_one = format!("full weekly on {} at 01:00", weekday(1));
+    env.ok(&["rule", "edit", "ra", "--schedule", &at_one]);
+    wait_for(
+        || task_rows(&env).first().is_some_and(|r| r.3 == "completed"),
+        "ra's task after the edit",
+    );
+    // A one-time rule added meanwhile runs once, and its VM shows completed.
+    env.ok(&[
+        "rule",
+        "add",
+        "rb",
+        "--platform",
+        "lab",
+        "--vm",
+        "b",
+        "--target",
+        "t1",
+        "--once",
+        &format!("{day1} 01:00"),
+    ]);
+    wait_for(
+        || {
+            task_rows(&env)
+                .iter()
+                .any(|r| r.2 == "b" && r.3 == "completed")
+        },
+        "the once rule's task",
+    );
+    let show = env.json(&["rule", "show", "rb"]);
+    assert_eq!(show["vms"][0]["state"], "completed", "{show}");
+    // Another change makes the daemon look at every rule again: nothing reruns.
+    let seen = next_runs();
+    env.ok(&[
+        "rule",
+        "edit",
+        "ra",
+        "--bandwidth",
+        "mon-sun 05:00-06:00 pause",
+    ]);
+    wait_for(|| next_runs() > seen, "the daemon re-planning");
+    let rows = task_rows(&env);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!((rows[0].2.as_str(), rows[1].2.as_str()), ("a", "b"));
+    // Nor in another process on the same clock.
+    let (code, _) = run_with_clock(&env, &["run-due"], &format!("{day1} 01:00:30"));
+    assert_eq!(code, 0);
+    assert_eq!(task_rows(&env).len(), 2);
+}
+
+#[test]
+fn r14_run_due_runs_missed_slots_once_even_when_started_twice_at_once() {
+    let env = Env::new();
+    let days = format!("{},{},{}", weekday(1), weekday(2), weekday(3));
+    let schedule = format!("full weekly on {days} at 01:00");
+    let vm = one_vm_rule(&env, "r", "web", MIB, &["--schedule", &schedule]);
+    // Three slots passed since the VM joined (the host was off).
+    let now = format!("{} 01:00:30", day(3));
+    let both: Vec<std::process::Output> = (0..2)
+        .map(|_| {
+            vmbackup(&env, &["run-due"])
+                .env("VMBACKUP_TEST_NOW", &now)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    assert!(both.iter().all(|o| o.status.code() == Some(0)), "{both:?}");
+    let stderr: String = both
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    assert!(stderr.contains("2 earlier slot(s) were missed"), "{stderr}");
+    let rows = task_rows(&env);
+    assert_eq!(rows.len(), 1, "one run for three slots: {rows:?}");
+    assert_eq!(rows[0].3, "completed");
+    // Later that day nothing is due; the next day's slot runs, with nothing missed.
+    let (code, _) = run_with_clock(&env, &["run-due"], &format!("{} 23:00:00", day(3)));
+    assert_eq!(code, 0);
+    assert_eq!(task_rows(&env).len(), 1);
+    let (code, err) = run_with_clock(&env, &["run-due"], &format!("{} 01:00:30", day(8)));
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("missed"), "{err}");
+    assert_eq!(task_rows(&env).len(), 2);
+    drop(vm);
 }

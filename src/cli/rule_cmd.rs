@@ -19,10 +19,7 @@ pub fn run(ctx: &Ctx, cmd: RuleCmd) -> Result<ExitCode> {
         RuleCmd::Add(a) => add(ctx, a),
         RuleCmd::Edit(a) => edit(ctx, a),
         RuleCmd::AddVm { name, vm } => {
-            let mut state = ctx.state()?;
-            for v in &vm {
-                state.add_rule_vm(&name, v)?;
-            }
+            ctx.state()?.add_rule_vms(&name, &vm)?;
             done(ctx, &format!("rule '{name}': added {}", vm.join(", ")));
             Ok(ExitCode::Ok)
         }

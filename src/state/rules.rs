@@ -202,13 +202,17 @@ impl State {
         })
     }
 
-    /// Add a VM to a rule; it inherits the rule's settings and policy (R34).
-    pub fn add_rule_vm(&mut self, rule: &str, vm: &str) -> Result<()> {
+    /// Add VMs to a rule; they inherit the rule's settings and policy (R34). All
+    /// are admitted in one transaction: one refused VM adds none of them.
+    pub fn add_rule_vms(&mut self, rule: &str, vms: &[String]) -> Result<()> {
         let r = self.require_rule(rule)?;
         let platform = self.require_platform(&r.settings.platform)?;
         self.write(|tx| {
-            admit_vm(tx, rule, &platform, vm)?;
-            insert_vm(tx, rule, &platform.name, vm)
+            for vm in vms {
+                admit_vm(tx, rule, &platform, vm)?;
+                insert_vm(tx, rule, &platform.name, vm)?;
+            }
+            Ok(())
         })
     }
 

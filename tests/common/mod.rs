@@ -25,6 +25,8 @@ pub struct DiskSpec {
     pub node: String,
     pub size: u64,
     pub format: &'static str,
+    /// Opened `read-only=on` (both blockdevs): a disk a snapshot cannot cover (R43).
+    pub read_only: bool,
 }
 
 impl DiskSpec {
@@ -33,6 +35,14 @@ impl DiskSpec {
             node: node.into(),
             size,
             format: "qcow2",
+            read_only: false,
+        }
+    }
+    /// A qcow2 disk the VM opens read-only (an attached ISO, a shared base): R43.
+    pub fn qcow2_read_only(node: &str, size: u64) -> DiskSpec {
+        DiskSpec {
+            read_only: true,
+            ..DiskSpec::qcow2(node, size)
         }
     }
     pub fn raw(node: &str, size: u64) -> DiskSpec {
@@ -40,6 +50,7 @@ impl DiskSpec {
             node: node.into(),
             size,
             format: "raw",
+            read_only: false,
         }
     }
 }
@@ -93,15 +104,16 @@ impl TestVm {
         let mut args: Vec<String> = Vec::new();
         for d in &self.disks {
             let img = self.image(&d.node);
+            let ro = if d.read_only { ",read-only=on" } else { "" };
             args.push("--blockdev".into());
             args.push(format!(
-                "driver=file,node-name={}-file,filename={}",
+                "driver=file,node-name={}-file,filename={}{ro}",
                 d.node,
                 img.display()
             ));
             args.push("--blockdev".into());
             args.push(format!(
-                "driver={},node-name={},file={}-file",
+                "driver={},node-name={},file={}-file{ro}",
                 d.format, d.node, d.node
             ));
         }
@@ -119,8 +131,9 @@ impl TestVm {
             for d in &self.disks {
                 args.push("--export".into());
                 args.push(format!(
-                    "type=nbd,id=guest-{n},node-name={n},name=guest-{n},writable=on",
-                    n = d.node
+                    "type=nbd,id=guest-{n},node-name={n},name=guest-{n},writable={w}",
+                    n = d.node,
+                    w = if d.read_only { "off" } else { "on" }
                 ));
             }
         }
