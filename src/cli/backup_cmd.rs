@@ -4,7 +4,7 @@
 //! then calls `backup::run_backup` / `restore::restore_point` / the repository.
 //! Every backup or restore is a task row with log lines (R31, R32).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -26,15 +26,10 @@ use crate::repo::{vm_key, Repository};
 use crate::restore::{restore_point, ImageFormat, RestoreRequest};
 use crate::runner::recover::cleanup_vm;
 use crate::runner::{Runner, RunnerConfig, TaskResult, TaskSpec, ViewFactory};
-use crate::state::rules::RuleRow;
 use crate::state::slots::{Admission, Limits};
+use crate::runner::repo_root;
 use crate::state::State;
 use crate::units::format_size;
-
-/// The repository directory of a rule: target path / sub-directory (R5).
-pub fn repo_root(state: &State, rule: &RuleRow) -> Result<PathBuf> {
-    crate::runner::repo_root(state, rule)
-}
 
 /// A flag set by the first SIGINT/SIGTERM; the second one exits at once (130).
 pub fn cancel_on_signals(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
@@ -195,10 +190,9 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
     rule.require_vm(&a.vm)?;
     let root = repo_root(&state, &rule)?;
     let key = vm_key(&rule.settings.platform, &a.vm);
-    let points = if root.join(crate::repo::CONFIG_FILE).exists() {
-        Repository::open(&root)?.list_points(&key)?
-    } else {
-        Vec::new()
+    let points = match Repository::open_if_exists(&root)? {
+        Some(repo) => repo.list_points(&key)?,
+        None => Vec::new(),
     };
     let rows: Vec<PointRow> = points
         .iter()
@@ -343,10 +337,9 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
             None => rule.vms.iter().map(|v| v.vm.clone()).collect(),
         };
         let root = repo_root(&state, rule)?;
-        if !root.join(crate::repo::CONFIG_FILE).exists() {
+        let Some(repo) = Repository::open_if_exists(&root)? else {
             continue;
-        }
-        let repo = Repository::open(&root)?;
+        };
         for vm in vms {
             let key = vm_key(&rule.settings.platform, &vm);
             let points: Vec<String> = match &a.point {

@@ -96,6 +96,15 @@ impl Repository {
         Repository::open(root)
     }
 
+    /// The repository at `root`, or `None` when no backup has created one yet.
+    pub fn open_if_exists(root: &Path) -> Result<Option<Repository>> {
+        if root.join(CONFIG_FILE).exists() {
+            Repository::open(root).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Open the existing repository at `root`.
     pub fn open(root: &Path) -> Result<Repository> {
         if !root.is_dir() {

@@ -24,11 +24,7 @@ pub fn cleanup_vm(
 ) -> Result<Vec<String>> {
     let mut done = Vec::new();
     let key = vm_key(platform_name, vm);
-    let repo = if repo_root.join(crate::repo::CONFIG_FILE).exists() {
-        Some(Repository::open(repo_root)?)
-    } else {
-        None
-    };
+    let repo = Repository::open_if_exists(repo_root)?;
     let (lock, latest, latest_full) = match &repo {
         Some(repo) => {
             let lock = repo.lock_vm(&key)?;
