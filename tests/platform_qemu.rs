@@ -584,3 +584,43 @@ fn nbd_server_stopped(vm: &TestVm, dir: &Path) -> bool {
     let _ = std::fs::remove_file(dir.join("probe.sock"));
     r[0].get("return").is_some()
 }
+
+#[test]
+fn qmp_client_reports_errors_peer_pid_and_does_not_hang() {
+    use std::time::Duration;
+    use vmbackup::platform::qmp::{Qmp, QmpError};
+    let lab = lab();
+    let vm = lab.vm("q", &[DiskSpec::qcow2("disk0", MIB)], false);
+    let mut qmp = Qmp::connect(&vm.qmp_sock).unwrap();
+    assert_eq!(qmp.peer_pid().unwrap(), vm.pid());
+    let err = qmp
+        .execute(
+            "block-dirty-bitmap-remove",
+            serde_json::json!({"node": "disk0", "name": "nope"}),
+        )
+        .unwrap_err();
+    let qmp_err = err.downcast_ref::<QmpError>().unwrap();
+    assert_eq!(qmp_err.command, "block-dirty-bitmap-remove");
+    assert!(
+        err.to_string().contains("Dirty bitmap 'nope' not found"),
+        "{err}"
+    );
+    // Replies stay matched to their commands after an error.
+    let nodes = qmp
+        .execute("query-named-block-nodes", serde_json::Value::Null)
+        .unwrap();
+    assert!(nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["node-name"] == "disk0"));
+
+    // A socket that accepts but never greets: an error, not a hang.
+    let silent = lab.qmp_dir.join("silent.qmp");
+    let _listener = UnixListener::bind(&silent).unwrap();
+    let err = Qmp::connect_with_timeout(&silent, Duration::from_millis(200)).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("timed out reading QMP socket"),
+        "{err:#}"
+    );
+}

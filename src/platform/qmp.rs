@@ -208,6 +208,15 @@ impl Qmp {
     }
 }
 
+impl std::fmt::Debug for Qmp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qmp")
+            .field("socket", &self.socket)
+            .field("queued_events", &self.events.len())
+            .finish()
+    }
+}
+
 /// Whether `err` is a QMP error whose description contains `text`.
 pub fn is_qmp_error(err: &anyhow::Error, text: &str) -> bool {
     err.chain()
