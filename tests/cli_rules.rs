@@ -690,3 +690,14 @@ fn r43_vm_with_a_read_only_disk_is_refused_at_rule_admission() {
     let vms = l.env.json(&["rule", "show", "r1"])["vms"].clone();
     assert_eq!(vms.as_array().unwrap().len(), 1, "{vms}");
 }
+
+#[test]
+fn r10_quiesce_is_refused_where_the_platform_cannot_freeze_guests() {
+    let l = lab();
+    l.env.refused(
+        &add_rule("r1", "web", &["--schedule", DAILY, "--quiesce"]),
+        &["--quiesce", "lab", "R10"],
+    );
+    l.env.ok(&add_rule("r1", "web", &["--schedule", DAILY]));
+    assert_eq!(l.env.json(&["rule", "show", "r1"])["quiesce"], false);
+}

@@ -199,7 +199,8 @@ pub struct RuleAddArgs {
     /// Delete the rule's backup data when the rule is removed (R9)
     #[arg(long)]
     pub delete_data: bool,
-    /// Freeze guest file systems while the snapshot is taken (R10)
+    /// Freeze guest file systems while the snapshot is taken (R10); refused on
+    /// platforms that cannot (qemu, for now: snapshots are crash-consistent)
     #[arg(long)]
     pub quiesce: bool,
     #[command(flatten)]

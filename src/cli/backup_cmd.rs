@@ -25,9 +25,9 @@ use crate::platform;
 use crate::repo::{vm_key, Repository};
 use crate::restore::{restore_point, ImageFormat, RestoreRequest};
 use crate::runner::recover::cleanup_vm;
+use crate::runner::repo_root;
 use crate::runner::{Runner, RunnerConfig, TaskResult, TaskSpec, ViewFactory};
 use crate::state::slots::{Admission, Limits};
-use crate::runner::repo_root;
 use crate::state::State;
 use crate::units::format_size;
 

@@ -175,3 +175,11 @@ pub fn connect(kind: &str, qmp_dir: &std::path::Path) -> anyhow::Result<Box<dyn 
         )),
     }
 }
+
+/// Whether a platform type can freeze guest file systems around its snapshot
+/// (R10). None can yet: QEMU's guest agent listens on a socket of its own, which
+/// the `qemu` driver does not reach, so its snapshots are crash-consistent. Rules
+/// asking for quiesced snapshots are refused rather than silently not quiesced.
+pub fn can_quiesce(_kind: &str) -> bool {
+    false
+}
