@@ -27,23 +27,7 @@ fn lab() -> Lab {
         ),
         env.vm("rawvm", &[DiskSpec::raw("disk0", 8 * MIB)], false),
     ];
-    env.ok(&[
-        "platform",
-        "add",
-        "lab",
-        "--type",
-        "qemu",
-        "--qmp-dir",
-        env.qmp_dir.to_str().unwrap(),
-    ]);
-    std::fs::create_dir_all(env.path("target")).unwrap();
-    env.ok(&[
-        "target",
-        "add",
-        "t1",
-        "--path",
-        env.path("target").to_str().unwrap(),
-    ]);
+    env.add_lab("t1");
     Lab { env, _vms: vms }
 }
 

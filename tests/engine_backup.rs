@@ -19,23 +19,7 @@ fn lab(name: &str, disks: &[DiskSpec]) -> Lab {
     let env = Env::new();
     std::fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
     let vm = env.vm(name, disks, true);
-    env.ok(&[
-        "platform",
-        "add",
-        "lab",
-        "--type",
-        "qemu",
-        "--qmp-dir",
-        env.qmp_dir.to_str().unwrap(),
-    ]);
-    std::fs::create_dir_all(env.path("target")).unwrap();
-    env.ok(&[
-        "target",
-        "add",
-        "t",
-        "--path",
-        env.path("target").to_str().unwrap(),
-    ]);
+    env.add_lab("t");
     env.ok(&[
         "rule",
         "add",
@@ -344,23 +328,7 @@ fn identical_vms_share_chunks_in_one_repository() {
     for vm in [&a, &b] {
         vm.write_random("disk0", 0, 4 * MIB, 77);
     }
-    env.ok(&[
-        "platform",
-        "add",
-        "lab",
-        "--type",
-        "qemu",
-        "--qmp-dir",
-        env.qmp_dir.to_str().unwrap(),
-    ]);
-    std::fs::create_dir_all(env.path("target")).unwrap();
-    env.ok(&[
-        "target",
-        "add",
-        "t",
-        "--path",
-        env.path("target").to_str().unwrap(),
-    ]);
+    env.add_lab("t");
     env.ok(&[
         "rule",
         "add",

@@ -439,6 +439,23 @@ impl Env {
         )
     }
 
+    /// Register this env's QMP dir as platform `lab` and the directory
+    /// `<env>/target` as target `target`.
+    pub fn add_lab(&self, target: &str) {
+        self.ok(&[
+            "platform",
+            "add",
+            "lab",
+            "--type",
+            "qemu",
+            "--qmp-dir",
+            self.qmp_dir.to_str().unwrap(),
+        ]);
+        let dir = self.path("target");
+        fs::create_dir_all(&dir).unwrap();
+        self.ok(&["target", "add", target, "--path", dir.to_str().unwrap()]);
+    }
+
     /// `vmbackup` with this env's state and config.
     pub fn cmd(&self) -> assert_cmd::Command {
         let mut c = assert_cmd::Command::cargo_bin("vmbackup").unwrap();
