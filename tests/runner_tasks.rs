@@ -864,6 +864,18 @@ fn r14_run_due_runs_missed_slots_once_even_when_started_twice_at_once() {
     let rows = task_rows(&env);
     assert_eq!(rows.len(), 1, "one run for three slots: {rows:?}");
     assert_eq!(rows[0].3, "completed");
+    // The fold is in the task's own log too (R32), not only on stderr.
+    let logs = env.ok(&["--json", "logs", "r", "--vm", "web"]);
+    assert!(
+        logs.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .any(|l| l["level"] == "warn"
+                && l["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("2 earlier slot(s) were missed")),
+        "{logs}"
+    );
     // Later that day nothing is due; the next day's slot runs, with nothing missed.
     let (code, _) = run_with_clock(&env, &["run-due"], &format!("{} 23:00:00", day(3)));
     assert_eq!(code, 0);

@@ -145,6 +145,7 @@ pub fn run_now(ctx: &Ctx, a: RunNowArgs) -> Result<ExitCode> {
             vm,
             level: level_of(a.level),
             slot: None,
+            notes: Vec::new(),
         })
         .collect();
     let results = runner.run_all(specs)?;

@@ -64,6 +64,9 @@ pub struct TaskSpec {
     pub level: Level,
     /// The schedule slot (RFC 3339 UTC) this run is for; `None` for `run-now`.
     pub slot: Option<String>,
+    /// What the scheduler noticed about this run (missed slots folded into it);
+    /// written to the task's log once it has an id (R32).
+    pub notes: Vec<String>,
 }
 
 /// How one task ended, as `run-now`/`run-due` print it (README "JSON output").
@@ -216,6 +219,11 @@ impl Runner {
             Some(spec.level.as_str()),
             spec.slot.as_deref(),
         )?;
+        if let Some(Admission::Skipped { task, .. } | Admission::Queued(task)) = &admission {
+            for note in &spec.notes {
+                state.log(*task, "warn", note)?;
+            }
+        }
         match admission {
             None => Ok(None),
             Some(Admission::Skipped { task, reason }) => {

@@ -54,14 +54,17 @@ pub fn due_specs(state: &State, now: DateTime<Local>) -> Result<(Vec<TaskSpec>, 
             {
                 continue;
             }
+            let mut task_notes = Vec::new();
             if !due.missed.is_empty() {
-                notes.push(format!(
-                    "rule '{}' VM '{}': {} earlier slot(s) were missed (first {}); they run once now, as one {} backup",
-                    rule.name,
-                    v.vm,
+                task_notes.push(format!(
+                    "{} earlier slot(s) were missed (first {}); they run once now, as one {} backup",
                     due.missed.len(),
                     due.missed[0].with_timezone(&Local).format("%Y-%m-%d %H:%M"),
                     due.level
+                ));
+                notes.push(format!(
+                    "rule '{}' VM '{}': {}",
+                    rule.name, v.vm, task_notes[0]
                 ));
             }
             specs.push(TaskSpec {
@@ -69,6 +72,7 @@ pub fn due_specs(state: &State, now: DateTime<Local>) -> Result<(Vec<TaskSpec>, 
                 vm: v.vm.clone(),
                 level: due.level,
                 slot: Some(slot),
+                notes: task_notes,
             });
         }
     }
