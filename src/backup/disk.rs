@@ -113,8 +113,9 @@ pub async fn backup_disk(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, D
     let touched =
         ExtentSet::from_ranges(read.ranges().iter().chain(zero.ranges()).copied().collect())
             .slots(cs);
-    // One request per contiguous range of a slot (a chunk is at most 32 MiB, the
-    // NBD maximum); slots in flight keep several requests outstanding.
+    // One request per contiguous range of a slot: reads are clipped to their slot,
+    // so no request is larger than the chunk size (i2vp_transbuffer, R39), nor than
+    // the server's maximum. Slots in flight keep several requests outstanding.
     let piece = client.max_request() as u64;
     let read = Arc::new(read);
     let zero = Arc::new(zero);
