@@ -198,6 +198,9 @@ impl SlotJob {
     async fn run(self) -> Result<SlotDone> {
         let end = self.start + self.len as u64;
         let mut patches = self.fetch(end).await?;
+        if self.pipe.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted.into());
+        }
         let bytes_read = patches.iter().map(|p| p.data.len() as u64).sum();
         for (a, b) in self.zero.clip(self.start, end) {
             patches.push(Patch {
@@ -233,7 +236,7 @@ impl SlotJob {
                 let client = self.client.clone();
                 let throttle = self.pipe.throttle.clone();
                 reads.spawn(async move {
-                    throttle.acquire(n).await;
+                    throttle.acquire(n).await?;
                     client.read(off, n as u32).await.map(|d| (off, d))
                 });
                 off += n;

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
+use crate::error::Error;
 use crate::policy::bandwidth::{limit_at, next_change, Limit, Window};
 
 /// The longest a waiter sleeps before it looks at the windows again.
@@ -58,19 +59,21 @@ impl Throttle {
         limit_at(&self.windows, self.clock.now_naive())
     }
 
-    /// Wait until `bytes` may be read under the window in force.
-    pub async fn acquire(&self, bytes: u64) {
-        if self.windows.is_empty() {
-            return;
-        }
+    /// Wait until `bytes` may be read under the window in force. Fails with
+    /// [`Error::Interrupted`] once the task is cancelled, so no read starts after a
+    /// cancel (a wait in a `pause` window ends at once).
+    pub async fn acquire(&self, bytes: u64) -> Result<(), Error> {
         loop {
             if self.cancel.load(Ordering::Relaxed) {
-                return;
+                return Err(Error::Interrupted);
+            }
+            if self.windows.is_empty() {
+                return Ok(());
             }
             let wait = match self.limit_now() {
                 None => {
                     self.reset();
-                    return;
+                    return Ok(());
                 }
                 Some(Limit::Pause) => {
                     self.reset();
@@ -81,7 +84,7 @@ impl Throttle {
                         .max(Duration::from_millis(10))
                 }
                 Some(Limit::Rate(rate)) => match self.take(bytes, rate) {
-                    None => return,
+                    None => return Ok(()),
                     Some(wait) => wait.min(RECHECK),
                 },
             };
@@ -136,7 +139,7 @@ mod tests {
         );
         let began = Instant::now();
         for _ in 0..8 {
-            t.acquire(256 * 1024).await;
+            t.acquire(256 * 1024).await.unwrap();
         }
         // 2 MiB at 4 MiB/s from an empty bucket: at least half a second.
         assert!(
@@ -158,7 +161,7 @@ mod tests {
         );
         assert_eq!(t.limit_now(), Some(Limit::Pause));
         let began = Instant::now();
-        t.acquire(1).await;
+        t.acquire(1).await.unwrap();
         assert!(
             began.elapsed() >= Duration::from_millis(1500),
             "{:?}",
@@ -177,7 +180,7 @@ mod tests {
             cancel,
         );
         let began = Instant::now();
-        t.acquire(1).await;
+        assert!(matches!(t.acquire(1).await, Err(Error::Interrupted)));
         assert!(began.elapsed() < Duration::from_secs(1));
     }
 
@@ -190,7 +193,7 @@ mod tests {
             Arc::new(AtomicBool::new(false)),
         );
         let began = Instant::now();
-        t.acquire(1 << 30).await;
+        t.acquire(1 << 30).await.unwrap();
         assert!(began.elapsed() < Duration::from_secs(1));
     }
 }
