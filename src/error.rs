@@ -11,7 +11,11 @@
 use std::fmt::Display;
 
 /// The process exit codes, documented in README.md and the man page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+///
+/// Ordered by severity, not by number, so the worst of several results is their
+/// `max`: interrupted > failed > busy/skipped > usage > warning > ok. (A failed
+/// VM must not hide behind another VM's skip.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitCode {
     /// Everything asked for was done.
     Ok = 0,
@@ -30,6 +34,29 @@ pub enum ExitCode {
 impl ExitCode {
     pub fn code(self) -> u8 {
         self as u8
+    }
+
+    fn severity(self) -> u8 {
+        match self {
+            ExitCode::Ok => 0,
+            ExitCode::Warning => 1,
+            ExitCode::Usage => 2,
+            ExitCode::Busy => 3,
+            ExitCode::Failed => 4,
+            ExitCode::Interrupted => 5,
+        }
+    }
+}
+
+impl Ord for ExitCode {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.severity().cmp(&other.severity())
+    }
+}
+
+impl PartialOrd for ExitCode {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -103,6 +130,13 @@ mod tests {
             .unwrap_err();
         assert_eq!(exit_code_of(&e), ExitCode::Busy);
         assert_eq!(exit_code_of(&anyhow::anyhow!("io")), ExitCode::Failed);
+        // The worst of several results: a failure outranks a skip.
+        assert_eq!(ExitCode::Busy.max(ExitCode::Failed), ExitCode::Failed);
+        assert_eq!(
+            ExitCode::Failed.max(ExitCode::Interrupted),
+            ExitCode::Interrupted
+        );
+        assert_eq!(ExitCode::Ok.max(ExitCode::Warning), ExitCode::Warning);
         assert_eq!(
             invalid("--retention", 65, "allowed 0..=64").to_string(),
             "invalid --retention '65': allowed 0..=64"
