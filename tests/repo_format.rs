@@ -454,3 +454,22 @@ fn walk_files(dir: &Path) -> usize {
         })
         .sum()
 }
+
+/// Backups of several VMs may create one repository at the same moment.
+#[test]
+fn concurrent_first_opens_of_a_new_repository_all_succeed() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join(format!("repo{round}"));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let root = root.clone();
+                std::thread::spawn(move || Repository::init_or_open(&root).map(|_| ()))
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        Repository::open(&root).unwrap();
+    }
+}

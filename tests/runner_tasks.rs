@@ -679,11 +679,11 @@ fn r38_r41_daemon_and_run_now_together_respect_bk_tsk_thd() {
         .collect();
     setup(&env, "lab", &env.qmp_dir);
     target(&env);
-    // The daemon's two tasks hold both slots through a minute of paused clock time
-    // (6 s at speed 10), so the manual run has to wait.
+    // The daemon's two tasks hold both slots in a paused window until the test
+    // cancels them, so the manual run has to wait (no race against the clock).
     let schedule = format!("full weekly on {} at 01:00", weekday(1));
     for (rule, vm, extra) in [
-        ("rd", "d1,d2", "mon-sun 01:00-01:01 pause"),
+        ("rd", "d1,d2", "mon-sun 00:00-24:00 pause"),
         ("rm", "m1", "mon-sun 05:00-06:00 pause"),
     ] {
         env.ok(&[
@@ -732,10 +732,22 @@ fn r38_r41_daemon_and_run_now_together_respect_bk_tsk_thd() {
         "{list}"
     );
 
+    // Free both slots: the manual task then takes one and completes.
+    for r in task_rows(&env).iter().filter(|r| r.1 == "rd") {
+        env.ok(&["task", "cancel", &r.0.to_string()]);
+    }
     assert_eq!(manual.0.wait().unwrap().code(), Some(0));
     wait_for(
-        || task_rows(&env).iter().all(|r| r.3 == "completed"),
-        "every task completed",
+        || {
+            task_rows(&env).iter().all(|r| {
+                r.3 == if r.1 == "rd" {
+                    "interrupted"
+                } else {
+                    "completed"
+                }
+            })
+        },
+        "the daemon's tasks interrupted and the manual one completed",
     );
     let rows = task_rows(&env);
     assert_eq!(rows.len(), 3, "{rows:?}");

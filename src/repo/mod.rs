@@ -313,27 +313,37 @@ impl Repository {
 
 /// Create the layout at `root`: directories first, the config file last.
 fn init(root: &Path) -> Result<()> {
-    if root.exists() {
-        for name in list_dir_names_any(root)? {
-            if !ALLOWED_IN_NEW_ROOT.contains(&name.as_str()) {
-                bail!(
-                    "{} is not empty and is not a vmbackup repository (found '{name}')",
-                    root.display()
-                );
-            }
-        }
-    } else {
-        fs::create_dir_all(root)
-            .with_context(|| format!("cannot create directory {}", root.display()))?;
-        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
-            atomic::sync_dir(parent)?;
+    fs::create_dir_all(root)
+        .with_context(|| format!("cannot create directory {}", root.display()))?;
+    if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+        atomic::sync_dir(parent)?;
+    }
+    // Backups of several VMs may create the same repository at once: one creates
+    // it under an exclusive lock on the directory, the others then find it made.
+    let dir = fs::File::open(root)
+        .with_context(|| format!("cannot open directory {}", root.display()))?;
+    rustix::fs::flock(&dir, rustix::fs::FlockOperation::LockExclusive)
+        .with_context(|| format!("cannot lock directory {}", root.display()))?;
+    if root.join(CONFIG_FILE).exists() {
+        return Ok(());
+    }
+    for name in list_dir_names_any(root)? {
+        if !ALLOWED_IN_NEW_ROOT.contains(&name.as_str()) && !atomic::is_tmp_name(&name) {
+            bail!(
+                "{} is not empty and is not a vmbackup repository (found '{name}')",
+                root.display()
+            );
         }
     }
     for dir in [CHUNKS_DIR, VMS_DIR] {
         let path = root.join(dir);
-        if !path.is_dir() {
-            fs::create_dir(&path)
-                .with_context(|| format!("cannot create directory {}", path.display()))?;
+        match fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot create directory {}", path.display()))
+            }
         }
     }
     atomic::sync_dir(root)?;
