@@ -109,6 +109,13 @@ fn completions_and_usage_errors() {
         assert!(out.contains("vmbackup") && out.contains("run-now"), "{sh}");
     }
     env.fails(2, &["no-such-command"]);
+    // Usage errors are one line naming the argument and the allowed values.
+    let err = env.fails(2, &["run-now", "r", "--level", "bogus"]);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--level") && err.contains("full, inc, diff"),
+        "{err}"
+    );
     env.fails(2, &["rule", "add"]);
     env.ok(&["--help"]);
 }

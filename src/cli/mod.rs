@@ -101,14 +101,20 @@ fn default_state_path() -> Result<PathBuf> {
 pub fn main() -> std::process::ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            let msg = one_line(&e);
+            eprintln!("vmbackup: {msg} (see 'vmbackup --help')");
+            if std::env::args().any(|a| a == "--json") {
+                output::print_json(
+                    &serde_json::json!({ "error": msg, "exit_code": ExitCode::Usage.code() }),
+                );
+            }
+            return std::process::ExitCode::from(ExitCode::Usage.code());
+        }
         Err(e) => {
+            // --help, --version
             let _ = e.print();
-            let code = if e.use_stderr() {
-                ExitCode::Usage
-            } else {
-                ExitCode::Ok
-            };
-            return std::process::ExitCode::from(code.code());
+            return std::process::ExitCode::SUCCESS;
         }
     };
     let json = cli.global.json;
@@ -127,6 +133,18 @@ pub fn main() -> std::process::ExitCode {
         }
     };
     std::process::ExitCode::from(code.code())
+}
+
+/// A clap usage error as one line: its first paragraph (which names the argument
+/// and, for a bad value, the possible values), without the usage block.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    first.join(" ").trim_start_matches("error: ").to_string()
 }
 
 fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
