@@ -119,3 +119,22 @@ fn completions_and_usage_errors() {
     env.fails(2, &["rule", "add"]);
     env.ok(&["--help"]);
 }
+
+#[test]
+fn closed_stdout_pipe_is_not_a_crash() {
+    // `vmbackup ... | head -1`: the reader goes away; the command must not panic.
+    let env = Env::new();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmbackup"))
+        .env("VMBACKUP_STATE", &env.state)
+        .env("VMBACKUP_CONFIG", &env.config)
+        .args(["completions", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}

@@ -161,7 +161,7 @@ pub fn run_now(ctx: &Ctx, a: RunNowArgs) -> Result<ExitCode> {
                 v
             })
             .collect();
-        println!(
+        out!(
             "{}",
             serde_json::json!({ "type": "summary", "rule": rule.name, "exit_code": worst.code(), "vms": vms })
         );
@@ -286,13 +286,13 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
         Ok(report) => {
             view.with_state(|s| s.end_task(task, "completed", Some(&report.point), None));
             if ctx.json {
-                println!(
+                out!(
                     "{}",
                     serde_json::json!({ "type": "summary", "task": task, "restore": report })
                 );
             } else if !ctx.quiet {
                 for d in &report.disks {
-                    println!(
+                    out!(
                         "{}: point {} disk {} -> {} ({})",
                         a.vm,
                         report.point,
@@ -366,12 +366,15 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
                     } else {
                         format!("{} PROBLEM(S)", item.problems.len())
                     };
-                    println!(
+                    out!(
                         "{} {} {}: {} chunks checked, {verdict}",
-                        item.rule, item.vm, item.point, item.chunks_checked
+                        item.rule,
+                        item.vm,
+                        item.point,
+                        item.chunks_checked
                     );
                     for pr in &item.problems {
-                        println!("  {pr}");
+                        out!("  {pr}");
                     }
                 }
                 items.push(item);
@@ -407,7 +410,7 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
                 Ok(done) => {
                     for d in &done {
                         if !ctx.json && !ctx.quiet {
-                            println!("{} {}: {d}", rule.name, v.vm);
+                            out!("{} {}: {d}", rule.name, v.vm);
                         }
                         actions.push(
                             serde_json::json!({ "rule": rule.name, "vm": v.vm, "action": d }),
@@ -425,7 +428,7 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
     if ctx.json {
         print_json(&serde_json::json!({ "actions": actions, "exit_code": worst.code() }));
     } else if actions.is_empty() && !ctx.quiet {
-        println!("nothing to clean up");
+        out!("nothing to clean up");
     }
     Ok(worst)
 }

@@ -15,7 +15,7 @@ pub fn run(ctx: &Ctx, cmd: ConfigCmd) -> Result<ExitCode> {
             if ctx.json {
                 print_json(&serde_json::json!({ "file": ctx.config_path, "settings": entries }));
             } else {
-                println!("file: {}", ctx.config_path.display());
+                out!("file: {}", ctx.config_path.display());
                 let mut t = Table::new(&["KEY", "VALUE", "SOURCE"]);
                 for e in &entries {
                     t.row(vec![e.key.to_string(), e.value.clone(), e.source.clone()]);

@@ -22,12 +22,12 @@ pub fn run_due(ctx: &Ctx) -> Result<ExitCode> {
     let results = scheduler::run_due(&runner)?;
     let worst = worst_of(&results, cancel.load(Ordering::SeqCst));
     if ctx.json {
-        println!(
+        out!(
             "{}",
             serde_json::json!({ "type": "summary", "exit_code": worst.code(), "tasks": results })
         );
     } else if results.is_empty() && !ctx.quiet {
-        println!("nothing due");
+        out!("nothing due");
     }
     Ok(worst)
 }
@@ -42,7 +42,7 @@ pub fn daemon(ctx: &Ctx) -> Result<ExitCode> {
     let json = ctx.json;
     let report = move |r: &TaskResult| {
         if json {
-            println!("{}", serde_json::json!({ "type": "task_end", "result": r }));
+            out!("{}", serde_json::json!({ "type": "task_end", "result": r }));
         } else {
             eprintln!(
                 "vmbackup: task {} rule '{}' VM '{}': {}",

@@ -30,11 +30,15 @@ pub fn logs(ctx: &Ctx, a: LogsArgs) -> Result<ExitCode> {
     loop {
         for l in state.rule_logs(&filter)? {
             if ctx.json {
-                println!("{}", serde_json::to_string(&l)?);
+                out!("{}", serde_json::to_string(&l)?);
             } else {
-                println!(
+                out!(
                     "{} {:<5} task {} {}: {}",
-                    l.ts, l.level, l.task, l.vm, l.message
+                    l.ts,
+                    l.level,
+                    l.task,
+                    l.vm,
+                    l.message
                 );
             }
             filter.after = l.id;

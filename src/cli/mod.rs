@@ -6,12 +6,22 @@
 //! (`vmbackup: <error>: <cause>`), and mapped to an exit code by
 //! [`crate::error::exit_code_of`].
 
+/// `println!` for command output, through [`output::stdout_line`].
+macro_rules! out {
+    () => {
+        $crate::cli::output::stdout_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::stdout_line(format_args!($($arg)*))
+    };
+}
+
 pub mod args;
 mod backup_cmd;
 mod config_cmd;
 mod daemon_cmd;
 mod logs_cmd;
-mod output;
+pub mod output;
 mod platform_cmd;
 mod progress_view;
 mod rule_cmd;
@@ -154,7 +164,9 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
         Command::Rule(c) => rule_cmd::run(ctx, c),
         Command::Config(c) => config_cmd::run(ctx, c),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut command(), "vmbackup", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command(), "vmbackup", &mut script);
+            out!("{}", String::from_utf8_lossy(&script).trim_end());
             Ok(ExitCode::Ok)
         }
         Command::RunNow(a) => backup_cmd::run_now(ctx, a),

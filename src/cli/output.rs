@@ -3,12 +3,36 @@
 //! JSON field names are part of the interface (documented in README.md); tables
 //! are not meant to be parsed.
 
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::Serialize;
+
+/// Set once stdout cannot be written (its reader went away).
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Write one line of command output. When stdout's reader has gone away
+/// (`vmbackup task list | head -1`), later output is dropped silently and the
+/// command carries on: a backup is never abandoned because a pipe closed.
+/// Every line the CLI prints to stdout goes through here (macro `out!`).
+pub fn stdout_line(args: std::fmt::Arguments) {
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .is_err()
+    {
+        STDOUT_CLOSED.store(true, Ordering::Relaxed);
+    }
+}
 
 /// Print a value as pretty JSON on stdout.
 pub fn print_json<T: Serialize + ?Sized>(value: &T) {
     match serde_json::to_string_pretty(value) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => out!("{s}"),
         Err(e) => eprintln!("vmbackup: cannot encode JSON: {e}"),
     }
 }
@@ -48,7 +72,7 @@ impl Table {
                     line.push_str(&format!("{c:<w$}  ", w = width[i]));
                 }
             }
-            println!("{}", line.trim_end());
+            out!("{}", line.trim_end());
         }
     }
 }

@@ -27,7 +27,7 @@ pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
         PlatformCmd::Remove { name } => {
             ctx.state()?.remove_platform(&name)?;
             if !ctx.quiet && !ctx.json {
-                println!("platform '{name}' removed");
+                out!("platform '{name}' removed");
             }
             if ctx.json {
                 print_json(&serde_json::json!({ "removed": name }));
@@ -97,12 +97,12 @@ fn report_inventory(ctx: &Ctx, name: &str, vms: &[VmInfo], verb: &str) {
     if ctx.json {
         print_json(&serde_json::json!({ "platform": name, "vms": vms.len(), "unreachable": bad }));
     } else if !ctx.quiet {
-        println!(
+        out!(
             "platform '{name}' {verb}: {} VM(s), {bad} unreachable",
             vms.len()
         );
         for v in vms.iter().filter(|v| v.error.is_some()) {
-            println!("  {}: {}", v.name, v.error.as_deref().unwrap_or_default());
+            out!("  {}: {}", v.name, v.error.as_deref().unwrap_or_default());
         }
     }
 }
@@ -155,16 +155,16 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
         print_json(&v);
         return Ok(ExitCode::Ok);
     }
-    println!("name:       {}", p.name);
-    println!("type:       {}", p.kind);
-    println!("qmp-dir:    {}", p.qmp_dir);
-    println!("created:    {}", p.created_at);
-    println!(
+    out!("name:       {}", p.name);
+    out!("type:       {}", p.kind);
+    out!("qmp-dir:    {}", p.qmp_dir);
+    out!("created:    {}", p.created_at);
+    out!(
         "refreshed:  {}",
         p.refreshed_at.as_deref().unwrap_or("never")
     );
-    println!("vms:        {}", p.vms.len());
-    println!();
+    out!("vms:        {}", p.vms.len());
+    out!();
     print_vm_table(&vm_items(&state, &p)?);
     Ok(ExitCode::Ok)
 }

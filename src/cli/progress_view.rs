@@ -125,7 +125,7 @@ impl TaskView {
                 "rate_bytes_per_sec": rate.round() as u64, "eta_seconds": eta,
                 "current_rate_bytes_per_sec": current, "limit": limit,
             });
-            println!("{line}");
+            out!("{line}");
         }
     }
 }
@@ -134,7 +134,7 @@ impl Progress for TaskView {
     fn phase(&self, phase: Phase) {
         self.with_state(|s| s.set_task_phase(self.task, phase.as_str()));
         if self.json {
-            println!(
+            out!(
                 "{}",
                 serde_json::json!({ "type": "phase", "task": self.task, "vm": self.vm, "phase": phase.as_str() })
             );
@@ -145,7 +145,7 @@ impl Progress for TaskView {
 
     fn level(&self, level: Level) {
         if self.json {
-            println!(
+            out!(
                 "{}",
                 serde_json::json!({ "type": "level", "task": self.task, "vm": self.vm, "level": level })
             );
@@ -188,7 +188,7 @@ impl Progress for TaskView {
     fn log(&self, level: LogLevel, message: &str) {
         self.with_state(|s| s.log(self.task, level.as_str(), message));
         if self.json {
-            println!(
+            out!(
                 "{}",
                 serde_json::json!({ "type": "log", "task": self.task, "vm": self.vm, "level": level.as_str(), "message": message })
             );

@@ -42,7 +42,7 @@ fn done(ctx: &Ctx, msg: &str) {
     if ctx.json {
         print_json(&serde_json::json!({ "ok": msg }));
     } else if !ctx.quiet {
-        println!("{msg}");
+        out!("{msg}");
     }
 }
 
@@ -288,27 +288,27 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
         print_json(&v);
         return Ok(ExitCode::Ok);
     }
-    println!("name:         {}", rule.name);
-    println!("platform:     {}", s.platform);
-    println!("target:       {} (sub-directory {})", s.target, s.subdir);
+    out!("name:         {}", rule.name);
+    out!("platform:     {}", s.platform);
+    out!("target:       {} (sub-directory {})", s.target, s.subdir);
     let cbt = if s.auto_cbt {
         "auto (when the VM supports it)".to_string()
     } else {
         yes_no(s.cbt)
     };
-    println!("quick backup: {cbt}");
-    println!("lan-free:     {}", yes_no(s.lan_free));
-    println!("delete data:  {}", yes_no(s.delete_data));
-    println!("quiesce:      {}", yes_no(s.quiesce));
-    println!("policy:       {}", s.policy);
+    out!("quick backup: {cbt}");
+    out!("lan-free:     {}", yes_no(s.lan_free));
+    out!("delete data:  {}", yes_no(s.delete_data));
+    out!("quiesce:      {}", yes_no(s.quiesce));
+    out!("policy:       {}", s.policy);
     for sc in &schedules {
-        println!("  {}  =>  cron {}", sc.spec, sc.cron.join(" | "));
+        out!("  {}  =>  cron {}", sc.spec, sc.cron.join(" | "));
     }
     if s.bandwidth.is_empty() {
-        println!("bandwidth:    unlimited");
+        out!("bandwidth:    unlimited");
     } else {
         for (i, w) in s.bandwidth.iter().enumerate() {
-            println!(
+            out!(
                 "{}{w}",
                 if i == 0 {
                     "bandwidth:    "
@@ -318,14 +318,14 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
             );
         }
     }
-    println!("next runs:");
+    out!("next runs:");
     if next.is_empty() {
-        println!("  (none)");
+        out!("  (none)");
     }
     for n in &next {
-        println!("  {}  {}", n.at, n.level);
+        out!("  {}  {}", n.at, n.level);
     }
-    println!();
+    out!();
     let mut t = Table::new(&["VM", "STATE", "LAST TASK", "RESULT", "POINT"]);
     for v in &vms {
         let (when, result, point) = match &v.last_task {

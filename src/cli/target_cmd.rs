@@ -40,10 +40,10 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
                 v["rules"] = serde_json::json!(users);
                 print_json(&v);
             } else {
-                println!("name:     {}", t.name);
-                println!("path:     {}", t.path);
-                println!("created:  {}", t.created_at);
-                println!(
+                out!("name:     {}", t.name);
+                out!("path:     {}", t.path);
+                out!("created:  {}", t.created_at);
+                out!(
                     "rules:    {}",
                     if users.is_empty() {
                         "(none)".into()
@@ -59,7 +59,7 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
             if ctx.json {
                 print_json(&serde_json::json!({ "removed": name }));
             } else if !ctx.quiet {
-                println!("target '{name}' removed (its data stays on disk)");
+                out!("target '{name}' removed (its data stays on disk)");
             }
             Ok(ExitCode::Ok)
         }
@@ -96,7 +96,7 @@ fn add(ctx: &Ctx, name: &str, path: &Path) -> Result<ExitCode> {
     if ctx.json {
         print_json(&serde_json::json!({ "target": name, "path": abs }));
     } else if !ctx.quiet {
-        println!("target '{name}' added: {}", abs.display());
+        out!("target '{name}' added: {}", abs.display());
     }
     Ok(ExitCode::Ok)
 }

@@ -20,7 +20,7 @@ pub fn run(ctx: &Ctx, cmd: TaskCmd) -> Result<ExitCode> {
             if ctx.json {
                 print_json(&serde_json::json!({ "ok": msg, "task": id }));
             } else if !ctx.quiet {
-                println!("{msg}");
+                out!("{msg}");
             }
             Ok(ExitCode::Ok)
         }
@@ -43,6 +43,7 @@ fn list(ctx: &Ctx, all: bool) -> Result<ExitCode> {
         "VM",
         "LEVEL",
         "STATE",
+        "ELAPSED",
         "PHASE",
         "PERCENT",
         "RATE",
@@ -58,6 +59,7 @@ fn list(ctx: &Ctx, all: bool) -> Result<ExitCode> {
             r.vm.clone(),
             r.level.clone().unwrap_or_else(|| "-".into()),
             r.state.clone(),
+            elapsed(r),
             r.phase.clone().unwrap_or_else(|| "-".into()),
             format!("{:.0}%", r.percent),
             if running {
@@ -77,9 +79,34 @@ fn list(ctx: &Ctx, all: bool) -> Result<ExitCode> {
         ]);
     }
     if tasks.is_empty() && !ctx.quiet {
-        println!("no {}tasks", if all { "" } else { "pending or running " });
+        out!("no {}tasks", if all { "" } else { "pending or running " });
         return Ok(ExitCode::Ok);
     }
     t.print();
     Ok(ExitCode::Ok)
+}
+
+/// How long a task has been around (running or waiting) or took, e.g. `3m 12s`.
+fn elapsed(r: &crate::state::tasks::TaskRow) -> String {
+    use chrono::{DateTime, Utc};
+    let parse = |t: &str| {
+        DateTime::parse_from_rfc3339(t)
+            .ok()
+            .map(|d| d.with_timezone(&Utc))
+    };
+    let Some(start) = r
+        .started_at
+        .as_deref()
+        .or(Some(r.created_at.as_str()))
+        .and_then(parse)
+    else {
+        return "-".into();
+    };
+    let end = r
+        .finished_at
+        .as_deref()
+        .and_then(parse)
+        .unwrap_or_else(Utc::now);
+    let secs = (end - start).num_seconds().max(0) as u64;
+    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }

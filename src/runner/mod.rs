@@ -292,7 +292,7 @@ impl Runner {
                     eprintln!("vmbackup: warning: cannot record the end of task {task}: {e:#}");
                 }
                 if !self.cfg.json && !self.cfg.quiet {
-                    println!("{}: {msg}", spec.vm);
+                    crate::cli::output::stdout_line(format_args!("{}: {msg}", spec.vm));
                 }
                 ("completed", code, Some(out), None)
             }

@@ -116,7 +116,9 @@ impl State {
         };
         self.write(|tx| {
             tx.execute(
-                "UPDATE tasks SET phase = 'running', bytes_done = ?2, bytes_total = ?3, percent = ?4 WHERE id = ?1",
+                // A last update may arrive after the task ended: it keeps its final state.
+                "UPDATE tasks SET phase = CASE WHEN state = 'running' THEN 'running' ELSE phase END,
+                 bytes_done = ?2, bytes_total = ?3, percent = ?4 WHERE id = ?1",
                 params![id, done as i64, total as i64, pct],
             )?;
             Ok(())
