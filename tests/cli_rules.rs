@@ -685,3 +685,24 @@ fn r10_quiesce_is_refused_where_the_platform_cannot_freeze_guests() {
     l.env.ok(&add_rule("r1", "web", &["--schedule", DAILY]));
     assert_eq!(l.env.json(&["rule", "show", "r1"])["quiesce"], false);
 }
+
+#[test]
+fn r31_vm_state_is_unknown_while_the_target_cannot_be_reached() {
+    let l = lab();
+    l.env.ok(&add_rule("r1", "web", &["--schedule", DAILY]));
+    let state = |env: &Env| {
+        env.json(&["rule", "show", "r1"])["vms"][0]["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(state(&l.env), "idle");
+    let target = l.env.path("target");
+    let aside = l.env.path("target-away");
+    std::fs::rename(&target, &aside).unwrap(); // e.g. an unmounted NFS target
+    assert_eq!(state(&l.env), "unknown");
+    std::fs::rename(&aside, &target).unwrap();
+    assert_eq!(state(&l.env), "idle");
+    l.env.ok(&["rule", "stop", "r1"]);
+    assert_eq!(state(&l.env), "stopped");
+}

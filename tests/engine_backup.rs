@@ -455,3 +455,32 @@ fn damaged_delta_or_missing_base_chunk_fails_verify_and_restore() {
     let got = restored(&l.env, "vm1", inc["point"].as_str().unwrap(), &["disk0"]);
     assert_eq!(got, [l.vm.shadow_digest("disk0")]);
 }
+
+#[test]
+fn r31_run_now_reports_each_phase_in_order() {
+    let l = lab("vm1", &[DiskSpec::qcow2("disk0", 4 * MIB)]);
+    l.vm.write("disk0", 0, MIB, 0x31);
+    let out = l
+        .env
+        .cmd()
+        .args(["--json", "run-now", "r", "--level", "full"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let phases: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "phase")
+        .map(|v| v["phase"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "preparing",
+            "backing up VM configuration",
+            "querying changed data",
+            "checking data",
+            "running"
+        ]
+    );
+}
