@@ -345,9 +345,10 @@ fn r29_r28_pause_holds_progress_then_completes_and_a_new_slot_is_skipped() {
     let day2 = (Local::now() + Days::days(2))
         .format("%Y-%m-%d")
         .to_string();
-    // Five seconds before the pause window ends.
+    // Ten seconds before the pause window ends: the margin for seeing the task
+    // paused and for the next slot's run-due to find it still running.
     let began = Instant::now();
-    let mut first = spawn(&env, &["run-due"], Some(&format!("{day1} 01:00:55")));
+    let mut first = spawn(&env, &["run-due"], Some(&format!("{day1} 01:00:50")));
     wait_for(
         || task_rows(&env).first().is_some_and(|r| r.3 == "running"),
         "task running",
@@ -897,4 +898,35 @@ fn r14_run_due_runs_missed_slots_once_even_when_started_twice_at_once() {
     assert!(!err.contains("missed"), "{err}");
     assert_eq!(task_rows(&env).len(), 2);
     drop(vm);
+}
+
+#[test]
+fn daemon_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    use std::os::unix::net::UnixDatagram;
+    let env = Env::new();
+    let path = env.path("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmbackup"))
+        .env("VMBACKUP_STATE", &env.state)
+        .env("VMBACKUP_CONFIG", &env.config)
+        .env("NOTIFY_SOCKET", &path)
+        .arg("daemon")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("READY=1 from the daemon");
+    assert_eq!(&buf[..n], b"READY=1");
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let n = sock.recv(&mut buf).expect("STOPPING=1 from the daemon");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert_eq!(child.wait().unwrap().code(), Some(130));
 }

@@ -392,6 +392,10 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
     Ok(ExitCode::Ok)
 }
 
+/// Staging files at least this old are leftovers of killed writers (a running
+/// backup publishes its staged chunks within seconds).
+const STALE_STAGING: std::time::Duration = std::time::Duration::from_secs(3600);
+
 pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rules = match &a.rule {
@@ -422,6 +426,25 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
                     eprintln!("vmbackup: cleanup {} {}: {e:#}", rule.name, v.vm);
                     actions.push(serde_json::json!({ "rule": rule.name, "vm": v.vm, "error": format!("{e:#}") }));
                 }
+            }
+        }
+    }
+    // Staging files of writers killed between staging and publishing a chunk,
+    // once per repository (rules may share one).
+    let mut roots: Vec<std::path::PathBuf> = rules
+        .iter()
+        .map(|r| repo_root(&state, r))
+        .collect::<Result<_>>()?;
+    roots.sort();
+    roots.dedup();
+    for root in roots {
+        if let Some(repo) = Repository::open_if_exists(&root)? {
+            for p in repo.chunks().remove_stale_staging(STALE_STAGING)? {
+                let d = format!("removed stale staging file {}", p.display());
+                if !ctx.json && !ctx.quiet {
+                    out!("{}: {d}", root.display());
+                }
+                actions.push(serde_json::json!({ "repository": root, "action": d }));
             }
         }
     }

@@ -39,6 +39,7 @@ pub fn daemon(ctx: &Ctx) -> Result<ExitCode> {
     let cancel = cancel_on_signals(&rt);
     let runner = make_runner(ctx, &rt, cancel.clone())?;
     eprintln!("vmbackup: daemon started (pid {})", std::process::id());
+    sd_notify("READY=1");
     let json = ctx.json;
     let report = move |r: &TaskResult| {
         if json {
@@ -53,7 +54,30 @@ pub fn daemon(ctx: &Ctx) -> Result<ExitCode> {
             );
         }
     };
-    scheduler::daemon(&runner, &report)?;
+    let ended = scheduler::daemon(&runner, &report);
+    sd_notify("STOPPING=1");
+    ended?;
     eprintln!("vmbackup: daemon stopped");
     Ok(ExitCode::Interrupted)
+}
+
+/// Tell systemd how the daemon is doing (`Type=notify` in
+/// etc/systemd/vmbackup.service): a datagram to `$NOTIFY_SOCKET`, a path or an
+/// abstract name (`@...`). Without that variable (not started by systemd), nothing.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let target = target.to_string_lossy().into_owned();
+    let addr = match target.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&target),
+    };
+    let sent = UnixDatagram::unbound()
+        .and_then(|sock| addr.and_then(|a| sock.send_to_addr(state.as_bytes(), &a)));
+    if let Err(e) = sent {
+        eprintln!("vmbackup: warning: cannot notify systemd at {target}: {e}");
+    }
 }

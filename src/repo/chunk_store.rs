@@ -196,6 +196,41 @@ impl ChunkStore {
         }
     }
 
+    /// Remove staging files (`*.tmp-*`) at least `min_age` old: what a writer
+    /// killed between staging and publishing left behind. Younger ones may belong
+    /// to a backup in progress (removing one of those would only fail that backup).
+    pub fn remove_stale_staging(&self, min_age: std::time::Duration) -> Result<Vec<PathBuf>> {
+        let now = std::time::SystemTime::now();
+        let mut removed = Vec::new();
+        for outer in sub_dirs(&self.dir)? {
+            for leaf in sub_dirs(&outer)? {
+                for entry in fs::read_dir(&leaf)
+                    .with_context(|| format!("cannot list {}", leaf.display()))?
+                {
+                    let entry = entry.with_context(|| format!("cannot list {}", leaf.display()))?;
+                    if !atomic::is_tmp_name(&entry.file_name().to_string_lossy()) {
+                        continue;
+                    }
+                    let modified = entry.metadata().and_then(|m| m.modified());
+                    let old = modified
+                        .is_ok_and(|m| now.duration_since(m).is_ok_and(|age| age >= min_age));
+                    if old {
+                        let path = entry.path();
+                        match fs::remove_file(&path) {
+                            Ok(()) => removed.push(path),
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            Err(e) => {
+                                return Err(e)
+                                    .with_context(|| format!("cannot remove {}", path.display()))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Wait until every object inserted so far is durable under its final name
     /// (inserts return once the object is staged; see the module docs).
     pub fn flush(&self) -> Result<()> {
@@ -242,6 +277,18 @@ impl ChunkStore {
     }
 }
 
+/// The sub-directories of `dir` (the `ab` and `cd` levels of the store).
+fn sub_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            out.push(entry.path());
+        }
+    }
+    Ok(out)
+}
+
 /// A [`ChunkError`] as a one-line error naming the object and its file.
 fn loud(what: &str, digest: &Digest, e: ChunkError) -> anyhow::Error {
     let hex = digest_hex(digest);
@@ -271,6 +318,35 @@ mod tests {
         let chunks = dir.path().join("chunks");
         fs::create_dir(&chunks).unwrap();
         (dir, ChunkStore::new(chunks))
+    }
+
+    #[test]
+    fn stale_staging_files_are_removed_young_ones_kept() {
+        let (_dir, store) = store();
+        let digest = store.insert(b"published").unwrap().digest;
+        store.flush().unwrap();
+        let leaf = store.path_of(&digest).parent().unwrap().to_path_buf();
+        let stale = leaf.join("deadbeef.tmp-1-0000000000000001");
+        let young = leaf.join("deadbeef.tmp-1-0000000000000002");
+        fs::write(&stale, b"x").unwrap();
+        fs::write(&young, b"y").unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 3600);
+        fs::File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        let removed = store
+            .remove_stale_staging(std::time::Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(removed, vec![stale.clone()]);
+        assert!(!stale.exists() && young.exists());
+        assert_eq!(
+            store.get(&digest).unwrap(),
+            b"published",
+            "published chunks are untouched"
+        );
     }
 
     #[test]
