@@ -33,13 +33,20 @@ use crate::units::format_size;
 
 /// A flag set by the first SIGINT/SIGTERM; the second one exits at once (130).
 pub fn cancel_on_signals(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
+    use tokio::signal::unix::{signal, SignalKind};
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
+    // Install the handlers now, before any work starts: registered later (inside
+    // the task), an early signal would still kill the process the default way.
+    let _in_runtime = rt.enter();
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        eprintln!("vmbackup: warning: cannot install SIGINT/SIGTERM handlers");
+        return cancel;
+    };
     rt.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-            return;
-        };
         for n in 0.. {
             tokio::select! {
                 _ = int.recv() => {}
