@@ -20,7 +20,7 @@ pub mod plan;
 pub mod progress;
 pub mod throttle;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -34,7 +34,7 @@ use crate::level::Level;
 use crate::platform::{BackupRequest, CbtUnavailable, Platform, Snapshot, VmHandle};
 use crate::repo::{
     index_file_name, new_point_id, parse_point_id, vm_key, Manifest, ManifestDisk, ManifestTotals,
-    ManifestVm, PointStatus, Repository, Slot,
+    ManifestVm, PointStatus, Repository, Slot, VmLock,
 };
 use disk::{DiskPlan, Pipeline};
 use plan::{Fallback, LevelPlan, Tracking};
@@ -88,12 +88,6 @@ pub fn run_backup(
     let repo = Repository::init_or_open(&job.repo_root)?;
     let key = vm_key(&job.platform, &job.vm);
     let lock = repo.lock_vm(&key)?;
-    for gone in repo.remove_incomplete_points(&lock)? {
-        progress.log(
-            LogLevel::Warn,
-            &format!("removed incomplete point {gone} left by an interrupted run"),
-        );
-    }
     let mut vm = platform
         .open_vm(&job.vm)
         .with_context(|| format!("VM '{}'", job.vm))?;
@@ -109,22 +103,14 @@ pub fn run_backup(
             d.uncoverable.as_deref().unwrap_or_default()
         )));
     }
-    let points = repo.list_points(&key)?;
-    let latest = points.last().map(|p| p.point.clone());
-    let latest_full = points
-        .iter()
-        .rev()
-        .find(|p| p.level == Level::Full)
-        .map(|p| p.point.clone());
-    std::fs::create_dir_all(&job.run_dir)
-        .with_context(|| format!("cannot create {}", job.run_dir.display()))?;
-    let cleaned = vm.cleanup(latest.as_deref(), latest_full.as_deref(), &job.run_dir)?;
-    for a in &cleaned.actions {
+    let (points, repaired) = repair_leftovers(&repo, &lock, vm.as_mut(), &job.run_dir)?;
+    for a in &repaired {
         progress.log(
             LogLevel::Warn,
             &format!("cleaned up after an interrupted run: {a}"),
         );
     }
+    let latest = points.last().map(|p| p.point.clone());
 
     progress.phase(Phase::BackingUpConfig);
     let vm_config = vm.config()?;
@@ -195,6 +181,43 @@ pub fn run_backup(
     })
 }
 
+/// The newest point and the newest full among committed points (oldest first):
+/// what a VM's changed-block tracking is relative to.
+pub fn chain_heads(points: &[Manifest]) -> (Option<&Manifest>, Option<&Manifest>) {
+    (
+        points.last(),
+        points.iter().rev().find(|p| p.level == Level::Full),
+    )
+}
+
+/// Repair what an interrupted run left (R44), under the VM's repository lock:
+/// drop incomplete points, then let the platform remove its leftovers and
+/// reconcile tracking with the newest committed point and full. Returns the
+/// committed points (oldest first) and one line per repair.
+pub fn repair_leftovers(
+    repo: &Repository,
+    lock: &VmLock,
+    vm: &mut dyn VmHandle,
+    run_dir: &Path,
+) -> Result<(Vec<Manifest>, Vec<String>)> {
+    let mut done: Vec<String> = repo
+        .remove_incomplete_points(lock)?
+        .into_iter()
+        .map(|p| format!("removed incomplete point {p}"))
+        .collect();
+    let points = repo.list_points(lock.vm_key())?;
+    let (latest, latest_full) = chain_heads(&points);
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let report = vm.cleanup(
+        latest.map(|p| p.point.as_str()),
+        latest_full.map(|p| p.point.as_str()),
+        run_dir,
+    )?;
+    done.extend(report.actions);
+    Ok((points, done))
+}
+
 /// End the platform view: committed → drop old tracking; failed → restore it.
 fn finish(
     vm: &mut dyn VmHandle,
@@ -224,7 +247,7 @@ fn finish(
 fn write_point(
     job: &BackupJob,
     repo: &Repository,
-    lock: &crate::repo::VmLock,
+    lock: &VmLock,
     key: &str,
     point: &str,
     lp: &LevelPlan,

@@ -52,8 +52,7 @@ pub fn plan_level(
     chunk_size: u32,
     tracking: &Tracking,
 ) -> LevelPlan {
-    let latest = points.last();
-    let latest_full = points.iter().rev().find(|p| p.level == Level::Full);
+    let (latest, latest_full) = super::chain_heads(points);
     let full = |reason: String| LevelPlan {
         level: Level::Full,
         base: None,

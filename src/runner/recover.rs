@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::level::Level;
+use crate::backup::repair_leftovers;
 use crate::platform::Platform;
 use crate::repo::{vm_key, Repository};
 use crate::state::State;
@@ -22,36 +22,19 @@ pub fn cleanup_vm(
     vm: &str,
     run_dir: &Path,
 ) -> Result<Vec<String>> {
-    let mut done = Vec::new();
-    let key = vm_key(platform_name, vm);
-    let repo = Repository::open_if_exists(repo_root)?;
-    let (lock, latest, latest_full) = match &repo {
-        Some(repo) => {
-            let lock = repo.lock_vm(&key)?;
-            for p in repo.remove_incomplete_points(&lock)? {
-                done.push(format!("removed incomplete point {p}"));
-            }
-            let points = repo.list_points(&key)?;
-            let latest = points.last().map(|p| p.point.clone());
-            let full = points
-                .iter()
-                .rev()
-                .find(|p| p.level == Level::Full)
-                .map(|p| p.point.clone());
-            (Some(lock), latest, full)
-        }
-        None => (None, None, None),
-    };
     let mut handle = plat.open_vm(vm).with_context(|| format!("VM '{vm}'"))?;
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    done.extend(
-        handle
-            .cleanup(latest.as_deref(), latest_full.as_deref(), run_dir)?
-            .actions,
-    );
-    drop(lock);
-    Ok(done)
+    match Repository::open_if_exists(repo_root)? {
+        Some(repo) => {
+            let lock = repo.lock_vm(&vm_key(platform_name, vm))?;
+            Ok(repair_leftovers(&repo, &lock, handle.as_mut(), run_dir)?.1)
+        }
+        // No backup ever reached this repository: nothing to reconcile with.
+        None => {
+            std::fs::create_dir_all(run_dir)
+                .with_context(|| format!("cannot create {}", run_dir.display()))?;
+            Ok(handle.cleanup(None, None, run_dir)?.actions)
+        }
+    }
 }
 
 /// Reclaim the leases and tasks of dead processes and clean up their VMs. Each
