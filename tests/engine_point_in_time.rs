@@ -54,10 +54,12 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
 fn restore_digest(dir: &std::path::Path, point: &str) -> String {
     let repo = Repository::open(&dir.join("repo")).unwrap();
     let to = dir.join(format!("restore-{point}"));
+    let key = vmbackup::repo::vm_key("lab", "vm1");
+    let manifest = vmbackup::restore::select_point(&repo, &key, Some(point)).unwrap();
     let req = RestoreRequest {
         repo: &repo,
-        vm_key: &vmbackup::repo::vm_key("lab", "vm1"),
-        point: Some(point),
+        vm_key: &key,
+        point: &manifest,
         dest: &to,
         format: ImageFormat::Raw,
         force: false,

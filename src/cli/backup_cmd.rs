@@ -249,8 +249,8 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let repo = Repository::open(&root).with_context(|| format!("rule '{}'", rule.name))?;
     let key = vm_key(&rule.settings.platform, &a.vm);
     let point = (a.point != "latest").then_some(a.point.as_str());
-    // Validate the point before recording a task (bad input changes nothing).
-    crate::restore::select_point(&repo, &key, point)?;
+    // Chosen (and so validated) before a task is recorded: bad input changes nothing.
+    let manifest = crate::restore::select_point(&repo, &key, point)?;
     let task = match state.admit_task("restore", &rule.name, &a.vm, None, None)? {
         Some(Admission::Queued(task)) => task,
         _ => anyhow::bail!(
@@ -280,7 +280,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let req = RestoreRequest {
         repo: &repo,
         vm_key: &key,
-        point,
+        point: &manifest,
         dest: &a.to,
         format: match a.format {
             ImageArg::Raw => ImageFormat::Raw,

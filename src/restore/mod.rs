@@ -44,8 +44,8 @@ impl ImageFormat {
 pub struct RestoreRequest<'a> {
     pub repo: &'a Repository,
     pub vm_key: &'a str,
-    /// A point id, or `None` for the newest point.
-    pub point: Option<&'a str>,
+    /// The point to restore (see [`select_point`]).
+    pub point: &'a Manifest,
     pub dest: &'a Path,
     pub format: ImageFormat,
     pub force: bool,
@@ -103,7 +103,7 @@ pub fn restore_point(
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<RestoreReport> {
-    let manifest = select_point(req.repo, req.vm_key, req.point)?;
+    let manifest = req.point;
     let targets: Vec<(String, PathBuf)> = manifest
         .disks
         .iter()
@@ -141,7 +141,7 @@ pub fn restore_point(
     }
     sync_dir(req.dest)?;
     Ok(RestoreReport {
-        point: manifest.point,
+        point: manifest.point.clone(),
         disks,
     })
 }
