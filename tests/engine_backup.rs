@@ -20,19 +20,13 @@ fn lab(name: &str, disks: &[DiskSpec]) -> Lab {
     std::fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
     let vm = env.vm(name, disks, true);
     env.add_lab("t");
-    env.ok(&[
-        "rule",
-        "add",
+    env.add_rule(
         "r",
-        "--platform",
         "lab",
-        "--vm",
         name,
-        "--target",
         "t",
-        "--schedule",
-        "full daily at 01:00",
-    ]);
+        &["--schedule", "full daily at 01:00"],
+    );
     Lab { env, vm }
 }
 
@@ -329,19 +323,13 @@ fn identical_vms_share_chunks_in_one_repository() {
         vm.write_random("disk0", 0, 4 * MIB, 77);
     }
     env.add_lab("t");
-    env.ok(&[
-        "rule",
-        "add",
+    env.add_rule(
         "r",
-        "--platform",
         "lab",
-        "--vm",
         "a,b",
-        "--target",
         "t",
-        "--schedule",
-        "full daily at 01:00",
-    ]);
+        &["--schedule", "full daily at 01:00"],
+    );
     // One after the other: the second VM finds every chunk already stored.
     let written: Vec<u64> = ["a", "b"]
         .iter()

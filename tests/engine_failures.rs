@@ -59,23 +59,20 @@ impl Lab {
             &qmp_dir,
         ]);
         env.ok(&["target", "add", "t", "--path", target.to_str().unwrap()]);
-        env.ok(&[
-            "rule",
-            "add",
+        env.add_rule(
             RULE,
-            "--platform",
             "lab",
-            "--vm",
             VM,
-            "--target",
             "t",
-            "--schedule",
-            "full weekly on sun at 01:00",
-            "--schedule",
-            "inc weekly on mon-sat at 01:00",
-            "--retention",
-            "2",
-        ]);
+            &[
+                "--schedule",
+                "full weekly on sun at 01:00",
+                "--schedule",
+                "inc weekly on mon-sat at 01:00",
+                "--retention",
+                "2",
+            ],
+        );
         Lab {
             vm,
             mount,

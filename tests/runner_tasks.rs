@@ -210,19 +210,13 @@ fn r38_r41_two_global_slots_five_vms_never_more_than_two_running() {
     }
     setup(&env, "lab", &env.qmp_dir);
     target(&env);
-    env.ok(&[
-        "rule",
-        "add",
+    env.add_rule(
         "r",
-        "--platform",
         "lab",
-        "--vm",
         &names.join(","),
-        "--target",
         "t1",
-        "--schedule",
-        "full daily at 01:00",
-    ]);
+        &["--schedule", "full daily at 01:00"],
+    );
     let out = env.ok(&["--json", "run-now", "r", "--level", "full"]);
     let summary: serde_json::Value =
         serde_json::from_str(out.lines().last().unwrap()).expect("summary line");
@@ -270,32 +264,20 @@ fn r42_per_host_limit_holds_across_two_platforms_and_processes() {
     setup(&env, "lab", &env.qmp_dir);
     setup(&env, "lab2", &qmp2);
     target(&env);
-    env.ok(&[
-        "rule",
-        "add",
+    env.add_rule(
         "ra",
-        "--platform",
         "lab",
-        "--vm",
         "a1,a2",
-        "--target",
         "t1",
-        "--once",
-        &Local::now().format("%Y-%m-%d 23:59").to_string(),
-    ]);
-    env.ok(&[
-        "rule",
-        "add",
+        &["--once", &Local::now().format("%Y-%m-%d 23:59").to_string()],
+    );
+    env.add_rule(
         "rb",
-        "--platform",
         "lab2",
-        "--vm",
         "b1,b2",
-        "--target",
         "t1",
-        "--once",
-        &Local::now().format("%Y-%m-%d 23:59").to_string(),
-    ]);
+        &["--once", &Local::now().format("%Y-%m-%d 23:59").to_string()],
+    );
     let mut a = spawn(&env, &["run-now", "ra", "--level", "full"], None);
     let mut b = spawn(&env, &["run-now", "rb", "--level", "full"], None);
     assert_eq!(a.0.wait().unwrap().code(), Some(0));
@@ -324,21 +306,18 @@ fn r29_r28_pause_holds_progress_then_completes_and_a_new_slot_is_skipped() {
     vm.write_random("disk0", 0, 4 * MIB, 7);
     setup(&env, "lab", &env.qmp_dir);
     target(&env);
-    env.ok(&[
-        "rule",
-        "add",
+    env.add_rule(
         "r",
-        "--platform",
         "lab",
-        "--vm",
         "web",
-        "--target",
         "t1",
-        "--schedule",
-        "full daily at 01:00",
-        "--bandwidth",
-        "mon-sun 01:00-01:01 pause",
-    ]);
+        &[
+            "--schedule",
+            "full daily at 01:00",
+            "--bandwidth",
+            "mon-sun 01:00-01:01 pause",
+        ],
+    );
     let day1 = (Local::now() + Days::days(1))
         .format("%Y-%m-%d")
         .to_string();
@@ -393,19 +372,13 @@ fn r44_sigkilled_daemon_task_is_reclaimed_cleaned_and_next_inc_restores_exactly(
     vm.write_random("disk0", 0, 4 * MIB, 1);
     setup(&env, "lab", &env.qmp_dir);
     target(&env);
-    env.ok(&[
-        "rule",
-        "add",
+    env.add_rule(
         "r",
-        "--platform",
         "lab",
-        "--vm",
         "web",
-        "--target",
         "t1",
-        "--schedule",
-        "inc daily at 01:00",
-    ]);
+        &["--schedule", "inc daily at 01:00"],
+    );
     env.ok(&["run-now", "r", "--level", "full"]);
     vm.write_random("disk0", 8 * MIB, 2 * MIB, 2);
     env.ok(&[
@@ -475,19 +448,7 @@ fn one_vm_rule(env: &Env, rule: &str, vm: &str, data: u64, extra: &[&str]) -> Te
     v.write_random("disk0", 0, data, 99);
     setup(env, "lab", &env.qmp_dir);
     target(env);
-    let mut args = vec![
-        "rule",
-        "add",
-        rule,
-        "--platform",
-        "lab",
-        "--vm",
-        vm,
-        "--target",
-        "t1",
-    ];
-    args.extend_from_slice(extra);
-    env.ok(&args);
+    env.add_rule(rule, "lab", vm, "t1", extra);
     v
 }
 
@@ -687,21 +648,13 @@ fn r38_r41_daemon_and_run_now_together_respect_bk_tsk_thd() {
         ("rd", "d1,d2", "mon-sun 00:00-24:00 pause"),
         ("rm", "m1", "mon-sun 05:00-06:00 pause"),
     ] {
-        env.ok(&[
-            "rule",
-            "add",
+        env.add_rule(
             rule,
-            "--platform",
             "lab",
-            "--vm",
             vm,
-            "--target",
             "t1",
-            "--schedule",
-            &schedule,
-            "--bandwidth",
-            extra,
-        ]);
+            &["--schedule", &schedule, "--bandwidth", extra],
+        );
     }
     env.ok(&["rule", "stop", "rm"]);
     let log = env.path("daemon.log");
@@ -768,19 +721,16 @@ fn daemon_picks_up_a_rule_edit_and_a_new_once_rule_without_a_restart() {
     b.write_random("disk0", 0, MIB, 42);
     setup(&env, "lab", &env.qmp_dir);
     target(&env);
-    env.ok(&[
-        "rule",
-        "add",
+    env.add_rule(
         "ra",
-        "--platform",
         "lab",
-        "--vm",
         "a",
-        "--target",
         "t1",
-        "--schedule",
-        &format!("full weekly on {} at 03:00", weekday(1)),
-    ]);
+        &[
+            "--schedule",
+            &format!("full weekly on {} at 03:00", weekday(1)),
+        ],
+    );
     let log = env.path("daemon.log");
     let day1 = day(1);
     let _daemon = daemon(&env, &format!("{day1} 00:59:58"), "1", &log);
@@ -805,19 +755,13 @@ fn daemon_picks_up_a_rule_edit_and_a_new_once_rule_without_a_restart() {
         "ra's task after the edit",
     );
     // A one-time rule added meanwhile runs once, and its VM shows completed.
-    env.ok(&[
-        "rule",
-        "add",
+    env.add_rule(
         "rb",
-        "--platform",
         "lab",
-        "--vm",
         "b",
-        "--target",
         "t1",
-        "--once",
-        &format!("{day1} 01:00"),
-    ]);
+        &["--once", &format!("{day1} 01:00")],
+    );
     wait_for(
         || {
             task_rows(&env)

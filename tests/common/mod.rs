@@ -456,6 +456,23 @@ impl Env {
         self.ok(&["target", "add", target, "--path", dir.to_str().unwrap()]);
     }
 
+    /// `rule add NAME --platform P --vm VMS --target T EXTRA...`, expecting success.
+    pub fn add_rule(&self, name: &str, platform: &str, vms: &str, target: &str, extra: &[&str]) {
+        let mut args = vec![
+            "rule",
+            "add",
+            name,
+            "--platform",
+            platform,
+            "--vm",
+            vms,
+            "--target",
+            target,
+        ];
+        args.extend_from_slice(extra);
+        self.ok(&args);
+    }
+
     /// `vmbackup` with this env's state and config.
     pub fn cmd(&self) -> assert_cmd::Command {
         let mut c = assert_cmd::Command::cargo_bin("vmbackup").unwrap();
