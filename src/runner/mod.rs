@@ -46,12 +46,6 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How soon a SIGINT/SIGTERM reaches the running tasks' cancel flags.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
 
-/// The repository directory of a rule: target path / sub-directory (R5).
-pub fn repo_root(state: &State, rule: &RuleRow) -> Result<PathBuf> {
-    let target = state.require_target(&rule.settings.target)?;
-    Ok(Path::new(&target.path).join(&rule.settings.subdir))
-}
-
 /// Builds the progress receiver of a task (terminal bars, JSON lines, state rows).
 pub type ViewFactory =
     Arc<dyn Fn(i64, &str, Arc<Throttle>) -> Result<Arc<dyn Progress>> + Send + Sync>;
@@ -368,7 +362,7 @@ impl Runner {
         let job = BackupJob {
             platform: prow.name.clone(),
             vm: spec.vm.clone(),
-            repo_root: repo_root(&state, rule)?,
+            repo: crate::lifecycle::repository_for_backup(&state, rule)?,
             requested: spec.level,
             auto_cbt: rule.settings.auto_cbt,
             cbt: rule.settings.cbt,
