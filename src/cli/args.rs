@@ -122,15 +122,9 @@ pub enum PlatformKind {
 
 #[derive(Debug, Subcommand)]
 pub enum TargetCmd {
-    /// Register a target: a directory under which backup repositories live;
-    /// writes the target marker into it
-    Add {
-        /// Name for the target (1-64 of A-Z a-z 0-9 . _ -)
-        name: String,
-        /// An existing directory (a mounted backup disk, NFS share, ...)
-        #[arg(long, value_name = "DIR")]
-        path: PathBuf,
-    },
+    /// Register a target: a directory, or an S3 bucket, under which backup
+    /// repositories live; writes the target marker into it (or adopts the one there)
+    Add(TargetAddArgs),
     /// Write the target marker into a target registered without one (or adopt
     /// the marker found there) once it is mounted; backups refuse an unmarked target
     Mark {
@@ -143,6 +137,70 @@ pub enum TargetCmd {
     Show { name: String },
     /// Remove a target (refused while a rule uses it; data stays on disk)
     Remove { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct TargetAddArgs {
+    /// Name for the target (1-64 of A-Z a-z 0-9 . _ -)
+    pub name: String,
+    /// An existing directory (a mounted backup disk, NFS share, ...)
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "s3",
+        conflicts_with = "s3"
+    )]
+    pub path: Option<PathBuf>,
+    /// S3-compatible object store endpoint, https://HOST[:PORT] (plain http only
+    /// to loopback, or with --allow-http)
+    #[arg(long, value_name = "URL", requires = "bucket")]
+    pub s3: Option<String>,
+    /// Bucket (it must exist)
+    #[arg(long, value_name = "BUCKET", requires = "s3")]
+    pub bucket: Option<String>,
+    /// Key prefix inside the bucket [default: none]
+    #[arg(long, value_name = "PREFIX", requires = "s3")]
+    pub prefix: Option<String>,
+    /// Region to sign requests for
+    #[arg(
+        long,
+        value_name = "REGION",
+        requires = "s3",
+        default_value = "us-east-1"
+    )]
+    pub region: String,
+    /// AWS shared-credentials file (read by every process that opens the
+    /// target; only its path is stored)
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "s3",
+        conflicts_with = "credentials"
+    )]
+    pub credentials_file: Option<PathBuf>,
+    /// Profile in the credentials file
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "credentials_file",
+        default_value = "default"
+    )]
+    pub profile: String,
+    /// Take credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY of each process
+    #[arg(long, value_enum, value_name = "SOURCE", requires = "s3")]
+    pub credentials: Option<CredentialSource>,
+    /// PEM file of CA certificates to trust for the endpoint
+    #[arg(long, value_name = "FILE", requires = "s3")]
+    pub ca_file: Option<PathBuf>,
+    /// Allow plain http to a host that is not loopback (data and signatures in clear)
+    #[arg(long, requires = "s3")]
+    pub allow_http: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CredentialSource {
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)
+    Environment,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,6 +1,8 @@
 //! `vmbackup target ...`: where backup repositories live (R4, R5).
 //!
-//! `target add` registers a directory and writes the target marker into it;
+//! `target add` registers a directory or an S3 bucket (credentials are read
+//! from a file or the environment by each process; only where they come from
+//! is stored) and writes the target marker into it;
 //! `target mark` writes (or adopts) the marker of a target registered before
 //! markers existed, once it is mounted (docs/FORMAT.md, "Target marker").
 
@@ -8,17 +10,18 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::args::TargetCmd;
+use super::args::{CredentialSource, TargetAddArgs, TargetCmd};
 use super::output::{print_json, Table};
 use super::Ctx;
 use crate::error::{invalid, refused, ExitCode};
+use crate::repo::store::{S3Credentials, S3Spec, S3Store};
 use crate::repo::target::{read_marker, write_marker, TargetMarker};
 use crate::repo::TargetSpec;
 use crate::state::check_name;
 
 pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
     match cmd {
-        TargetCmd::Add { name, path } => add(ctx, &name, &path),
+        TargetCmd::Add(args) => add(ctx, args),
         TargetCmd::Mark { name } => mark(ctx, &name),
         TargetCmd::List => {
             let rows = ctx.state()?.targets()?;
@@ -94,8 +97,42 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
     }
 }
 
-fn add(ctx: &Ctx, name: &str, path: &Path) -> Result<ExitCode> {
+fn add(ctx: &Ctx, args: TargetAddArgs) -> Result<ExitCode> {
+    let name = args.name.as_str();
     check_name("target name", name)?;
+    let spec = match (&args.path, &args.s3) {
+        (Some(path), _) => directory_spec(path)?,
+        (None, Some(endpoint)) => s3_spec(&args, endpoint)?,
+        (None, None) => return Err(invalid("--path", "(none)", "give --path DIR or --s3 URL")),
+    };
+    let mut state = ctx.state()?;
+    if let Some(t) = state.target(name)? {
+        return Err(invalid(
+            "target name",
+            &t.name,
+            "already registered; pick another name",
+        ));
+    }
+    let store = spec.open()?;
+    if let TargetSpec::S3(_) = &spec {
+        // Endpoint, bucket and credentials, checked before anything is written.
+        check_s3_access(&spec)?;
+    }
+    // The marker first (a target already marked keeps its id: the same disk or
+    // bucket registered again, e.g. in a new state store), then the row.
+    let marker = write_marker(store.as_ref(), &TargetMarker::new(name))?;
+    state.add_target(name, &spec, &marker.target_id)?;
+    if ctx.json {
+        print_json(
+            &serde_json::json!({ "target": name, "spec": spec, "marker_id": marker.target_id }),
+        );
+    } else if !ctx.quiet {
+        out!("target '{name}' added: {}", spec.location());
+    }
+    Ok(ExitCode::Ok)
+}
+
+fn directory_spec(path: &Path) -> Result<TargetSpec> {
     // A missing directory is refused rather than created: it is often an unmounted
     // mount point, and backups written beneath it would fill the root file system.
     if !path.is_dir() {
@@ -120,28 +157,75 @@ fn add(ctx: &Ctx, name: &str, path: &Path) -> Result<ExitCode> {
     let abs = path
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", path.display()))?;
-    let spec = TargetSpec::Directory { path: abs.clone() };
-    let mut state = ctx.state()?;
-    if let Some(t) = state.target(name)? {
-        return Err(invalid(
-            "target name",
-            &t.name,
-            "already registered; pick another name",
-        ));
+    Ok(TargetSpec::Directory { path: abs })
+}
+
+fn s3_spec(args: &TargetAddArgs, endpoint: &str) -> Result<TargetSpec> {
+    let credentials = match (&args.credentials_file, args.credentials) {
+        (Some(file), _) => {
+            if !file.is_file() {
+                return Err(invalid(
+                    "--credentials-file",
+                    file.display(),
+                    "must be an existing AWS shared-credentials file",
+                ));
+            }
+            let abs = file
+                .canonicalize()
+                .with_context(|| format!("cannot resolve {}", file.display()))?;
+            S3Credentials::File {
+                path: abs,
+                profile: args.profile.clone(),
+            }
+        }
+        (None, Some(CredentialSource::Environment)) => S3Credentials::Environment,
+        (None, None) => {
+            return Err(invalid(
+                "--credentials-file",
+                "(none)",
+                "give --credentials-file FILE [--profile NAME] or --credentials environment",
+            ))
+        }
+    };
+    let ca_file = match &args.ca_file {
+        Some(f) if !f.is_file() => {
+            return Err(invalid(
+                "--ca-file",
+                f.display(),
+                "must be an existing PEM file",
+            ))
+        }
+        Some(f) => Some(
+            f.canonicalize()
+                .with_context(|| format!("cannot resolve {}", f.display()))?,
+        ),
+        None => None,
+    };
+    let spec = S3Spec {
+        endpoint: endpoint.trim_end_matches('/').to_string(),
+        bucket: args.bucket.clone().unwrap_or_default(),
+        prefix: args
+            .prefix
+            .as_deref()
+            .unwrap_or("")
+            .trim_matches('/')
+            .to_string(),
+        region: args.region.clone(),
+        credentials,
+        ca_file,
+        allow_http: args.allow_http,
+    };
+    spec.check()?;
+    Ok(TargetSpec::S3(spec))
+}
+
+/// `target add` checks an S3 target by listing its bucket: a wrong endpoint,
+/// bucket or key fails here (exit 3), before anything is registered.
+fn check_s3_access(spec: &TargetSpec) -> Result<()> {
+    if let TargetSpec::S3(s3) = spec {
+        S3Store::open(s3)?.check_access()?;
     }
-    // The marker first (a directory already marked keeps its id: the same disk
-    // registered again, e.g. in a new state store), then the row.
-    let store = spec.open()?;
-    let marker = write_marker(store.as_ref(), &TargetMarker::new(name))?;
-    state.add_target(name, &spec, &marker.target_id)?;
-    if ctx.json {
-        print_json(
-            &serde_json::json!({ "target": name, "spec": spec, "marker_id": marker.target_id }),
-        );
-    } else if !ctx.quiet {
-        out!("target '{name}' added: {}", abs.display());
-    }
-    Ok(ExitCode::Ok)
+    Ok(())
 }
 
 /// Write the marker into a registered target (or adopt the one there) and

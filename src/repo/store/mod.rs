@@ -23,6 +23,7 @@
 mod atomic;
 mod local;
 mod publisher;
+mod s3;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -37,6 +38,7 @@ use crate::error::invalid;
 pub use atomic::sync_dir;
 pub(crate) use atomic::unique_u64;
 pub use local::LocalStore;
+pub use s3::{S3Credentials, S3Spec, S3Store, MULTIPART_THRESHOLD};
 
 /// One object as a listing reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +110,8 @@ pub trait Store: Send + Sync + fmt::Debug {
 pub enum TargetSpec {
     /// A directory on a local or mounted file system.
     Directory { path: PathBuf },
+    /// A bucket (and key prefix) of an S3-compatible object store.
+    S3(S3Spec),
 }
 
 impl TargetSpec {
@@ -116,6 +120,7 @@ impl TargetSpec {
     pub fn open(&self) -> Result<Arc<dyn Store>> {
         match self {
             TargetSpec::Directory { path } => Ok(Arc::new(LocalStore::open(path)?)),
+            TargetSpec::S3(spec) => Ok(Arc::new(S3Store::open(spec)?)),
         }
     }
 
@@ -123,6 +128,7 @@ impl TargetSpec {
     pub fn location(&self) -> String {
         match self {
             TargetSpec::Directory { path } => path.display().to_string(),
+            TargetSpec::S3(spec) => spec.location(),
         }
     }
 }
@@ -131,6 +137,7 @@ impl fmt::Display for TargetSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TargetSpec::Directory { path } => write!(f, "directory {}", path.display()),
+            TargetSpec::S3(spec) => write!(f, "s3 {}", spec.location()),
         }
     }
 }
@@ -276,6 +283,24 @@ mod tests {
         assert_eq!(json, r#"{"type":"directory","path":"/mnt/backup"}"#);
         assert_eq!(serde_json::from_str::<TargetSpec>(&json).unwrap(), spec);
         assert!(serde_json::from_str::<TargetSpec>(r#"{"type":"tape"}"#).is_err());
+        let s3 = TargetSpec::S3(S3Spec {
+            endpoint: "https://s3.example.net".into(),
+            bucket: "b".into(),
+            prefix: "site".into(),
+            region: "us-east-1".into(),
+            credentials: S3Credentials::File {
+                path: "/etc/vmbackup/s3".into(),
+                profile: "default".into(),
+            },
+            ca_file: None,
+            allow_http: false,
+        });
+        let json = serde_json::to_string(&s3).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"s3","endpoint":"https://s3.example.net","bucket":"b","prefix":"site","region":"us-east-1","credentials":{"file":{"path":"/etc/vmbackup/s3","profile":"default"}},"ca_file":null,"allow_http":false}"#
+        );
+        assert_eq!(serde_json::from_str::<TargetSpec>(&json).unwrap(), s3);
     }
 
     #[test]
