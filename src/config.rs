@@ -1,8 +1,9 @@
 //! `system.conf`: the global limits (R38-R42), read once at start-up.
 //!
-//! Format: `key = value` lines (`key=value` too), `#` comments on their own line or
-//! after an unquoted value, blank lines; a value may be in single or double quotes.
-//! Keys, spelled exactly:
+//! Format: UTF-8 text (a leading byte order mark is ignored) of at most 1 MiB;
+//! `key = value` lines (`key=value` too), `#` comments on their own line or after an
+//! unquoted value, blank lines; a value may be in single or double quotes. Binary
+//! content (invalid UTF-8, control characters) is refused. Keys, spelled exactly:
 //!
 //! | key | meaning | default | allowed |
 //! |---|---|---|---|
@@ -87,6 +88,20 @@ impl Default for SystemConfig {
     }
 }
 
+/// system.conf is read up to this size: a larger file, or one that never ends
+/// (`/dev/zero`), is refused instead of filling memory.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// At most `MAX_FILE_BYTES + 1` bytes of `path` (one more tells "too large").
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// One setting as `config show` prints it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ConfigEntry {
@@ -103,8 +118,8 @@ impl SystemConfig {
     /// Read `path`. A missing file gives the defaults unless the path was given
     /// explicitly (`--config`), when it is an error.
     pub fn load(path: &Path, explicit: bool) -> anyhow::Result<SystemConfig> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
+        let bytes = match read_bounded(path) {
+            Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
                 return Ok(SystemConfig::default())
             }
@@ -118,7 +133,27 @@ impl SystemConfig {
                 return Err(e).with_context(|| format!("reading system.conf '{}'", path.display()))
             }
         };
-        SystemConfig::parse(&text, path)
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(refused(format!(
+                "system.conf '{}' is larger than {} (a text file of a few lines is expected; is it the right file?)",
+                path.display(),
+                format_size(MAX_FILE_BYTES)
+            )));
+        }
+        // A UTF-8 byte order mark (some editors write one) is not part of the text.
+        let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let line = bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
+            refused(format!(
+                "{}:{line}: not text: invalid UTF-8 (system.conf holds 'key = value' lines)",
+                path.display()
+            ))
+        })?;
+        SystemConfig::parse(text, path)
     }
 
     /// Parse system.conf text; `origin` names the file in messages and sources.
@@ -128,6 +163,12 @@ impl SystemConfig {
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
             let at = |err: anyhow::Error| refused(format!("{}:{line}: {err}", origin.display()));
+            if let Some(c) = raw.chars().find(|c| c.is_control() && *c != '\t') {
+                return Err(at(refused(format!(
+                    "not text: control character U+{:04X} (system.conf holds 'key = value' lines)",
+                    u32::from(c)
+                ))));
+            }
             let Some((key, value)) = split_line(raw).map_err(at)? else {
                 continue;
             };

@@ -24,6 +24,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Events kept for [`Qmp::wait_event`]; older ones are dropped beyond this.
 const MAX_QUEUED_EVENTS: usize = 4096;
 
+/// The longest message accepted. Real ones stay far below (the largest reply,
+/// `query-named-block-nodes` of a big VM, is a few MiB); a peer that sends more
+/// without a newline is not a QMP monitor, and is not buffered without end.
+pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
 /// A command QEMU answered with an error.
 #[derive(Debug, thiserror::Error)]
 #[error("QMP command '{command}' failed: {desc}")]
@@ -40,6 +45,8 @@ pub struct Qmp {
     stream: UnixStream,
     /// Bytes read from the socket that do not form a complete line yet.
     pending: Vec<u8>,
+    /// How much of `pending` is known to hold no newline (each byte is searched once).
+    scanned: usize,
     next_id: u64,
     events: VecDeque<Value>,
     timeout: Duration,
@@ -62,6 +69,7 @@ impl Qmp {
             socket: socket.to_path_buf(),
             stream,
             pending: Vec::new(),
+            scanned: 0,
             next_id: 1,
             events: VecDeque::new(),
             timeout,
@@ -174,8 +182,12 @@ impl Qmp {
     /// Next JSON message, reading more from the socket until `deadline`.
     fn read_message(&mut self, deadline: Instant) -> Result<Value> {
         loop {
-            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.pending.drain(..=end).collect();
+            let newline = self.pending[self.scanned..]
+                .iter()
+                .position(|&b| b == b'\n');
+            if let Some(at) = newline {
+                let line: Vec<u8> = self.pending.drain(..=self.scanned + at).collect();
+                self.scanned = 0;
                 let text = String::from_utf8_lossy(&line);
                 let text = text.trim();
                 if text.is_empty() {
@@ -184,6 +196,14 @@ impl Qmp {
                 return serde_json::from_str(text).with_context(|| {
                     format!("bad JSON from QMP socket {}: {text}", self.socket.display())
                 });
+            }
+            self.scanned = self.pending.len();
+            if self.pending.len() > MAX_MESSAGE {
+                bail!(
+                    "QMP socket {} sent a message longer than {} MiB: not a QMP monitor?",
+                    self.socket.display(),
+                    MAX_MESSAGE >> 20
+                );
             }
             let now = Instant::now();
             if now >= deadline {
