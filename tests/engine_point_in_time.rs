@@ -63,7 +63,9 @@ fn restore_digest(dir: &std::path::Path, point: &str) -> String {
         dest: &to,
         format: ImageFormat::Raw,
         force: false,
+        mode: vmbackup::restore::DEFAULT_MODE,
         workers: 2,
+        on_staging: &|_| Ok(()),
     };
     restore_point(
         &req,

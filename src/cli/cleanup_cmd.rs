@@ -6,11 +6,12 @@ use anyhow::Result;
 
 use super::args::CleanupArgs;
 use super::output::print_json;
+use super::process::reclaim_dead;
 use super::Ctx;
 use crate::error::{exit_code_of, ExitCode};
 use crate::platform;
 use crate::repo::Repository;
-use crate::runner::recover::cleanup_vm;
+use crate::runner::recover::{cleanup_vm, remove_stale_restores};
 use crate::runner::repo_root;
 
 /// Staging files at least this old are leftovers of killed writers (a running
@@ -18,13 +19,22 @@ use crate::runner::repo_root;
 const STALE_STAGING: std::time::Duration = std::time::Duration::from_secs(3600);
 
 pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
-    let state = ctx.state()?;
+    let mut state = ctx.state()?;
     let rules = match &a.rule {
         Some(r) => vec![state.require_rule(r)?],
         None => state.rules()?,
     };
+    // Tasks of dead processes first: their VMs are cleaned and their restores end.
+    reclaim_dead(ctx)?;
     let mut actions: Vec<serde_json::Value> = Vec::new();
     let mut worst = ExitCode::Ok;
+    let names: Vec<String> = rules.iter().map(|r| r.name.clone()).collect();
+    for d in remove_stale_restores(&mut state, None, Some(&names))? {
+        if !ctx.json && !ctx.quiet {
+            out!("{d}");
+        }
+        actions.push(serde_json::json!({ "action": d }));
+    }
     for rule in &rules {
         let prow = state.require_platform(&rule.settings.platform)?;
         let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;

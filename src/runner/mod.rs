@@ -85,6 +85,8 @@ pub enum Job {
         dest: PathBuf,
         format: ImageFormat,
         force: bool,
+        /// Mode of the image files (`restore::DEFAULT_MODE` unless asked otherwise).
+        mode: u32,
     },
 }
 

@@ -1,8 +1,9 @@
 //! Taking back what dead processes left (R44): their slot leases, their tasks
 //! (marked interrupted) and, on the VM, the engine's leftovers (fleecing nodes,
-//! exports, frozen bitmaps), removed by the platform's cleanup under the VM's lock.
+//! exports, frozen bitmaps), removed by the platform's cleanup under the VM's lock;
+//! and the staging directories of killed restores, recorded with their tasks.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -69,6 +70,46 @@ pub fn reclaim(state: &mut State, run_dir: &Path) -> Result<Vec<String>> {
         };
         state.log(t.id, level, &msg)?;
         lines.push(format!("task {} VM '{}': {msg}", t.id, t.vm));
+    }
+    Ok(lines)
+}
+
+/// Remove the staging directories that ended restores left (killed ones: a
+/// finished restore removes its own), optionally only those into `dest` or of
+/// the rules `rules`. Returns one line per directory removed or refused.
+pub fn remove_stale_restores(
+    state: &mut State,
+    dest: Option<&Path>,
+    rules: Option<&[String]>,
+) -> Result<Vec<String>> {
+    let dest = match dest.map(Path::canonicalize) {
+        Some(Ok(d)) => Some(d.to_string_lossy().into_owned()),
+        // A destination that does not exist holds nothing to remove.
+        Some(Err(_)) => return Ok(Vec::new()),
+        None => None,
+    };
+    let mut lines = Vec::new();
+    for t in state.ended_restores_with_staging(dest.as_deref())? {
+        if rules.is_some_and(|r| !r.contains(&t.rule)) {
+            continue;
+        }
+        let (Some(staging), Some(task_dest)) = (t.staging.as_deref(), t.dest.as_deref()) else {
+            continue;
+        };
+        let path = PathBuf::from(staging);
+        match crate::restore::remove_stale_staging(&path) {
+            Ok(true) => lines.push(format!(
+                "removed {} left by restore task {} (rule '{}' VM '{}')",
+                path.display(),
+                t.id,
+                t.rule,
+                t.vm
+            )),
+            Ok(false) => {}
+            // Not ours (replaced by someone else): left alone, and forgotten.
+            Err(e) => lines.push(format!("restore task {}: {e:#}", t.id)),
+        }
+        state.set_task_staging(t.id, task_dest, None)?;
     }
     Ok(lines)
 }

@@ -117,6 +117,12 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER rule_vms_del AFTER DELETE ON rule_vms BEGIN
         UPDATE meta SET value = value + 1 WHERE key = 'config_generation'; END;
     "#,
+    // 3: hardening (issue 8): where a restore writes, so what a killed one left is
+    // found and removed.
+    r#"
+    ALTER TABLE tasks ADD COLUMN dest TEXT;      -- restore: destination directory (absolute)
+    ALTER TABLE tasks ADD COLUMN staging TEXT;   -- restore: its private staging directory, while it may exist
+    "#,
 ];
 
 /// The schema version this binary writes.

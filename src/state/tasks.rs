@@ -39,9 +39,13 @@ pub struct TaskRow {
     pub bw_limit: Option<String>,
     /// Why a pending task waits (R41).
     pub waiting: Option<String>,
+    /// A restore's destination directory.
+    pub dest: Option<String>,
+    /// A restore's private staging directory, while it may exist.
+    pub staging: Option<String>,
 }
 
-const COLS: &str = "id, kind, rule, vm, level, state, phase, percent, bytes_done, bytes_total, point, message, pid, created_at, started_at, finished_at, rate, bw_limit, waiting";
+const COLS: &str = "id, kind, rule, vm, level, state, phase, percent, bytes_done, bytes_total, point, message, pid, created_at, started_at, finished_at, rate, bw_limit, waiting, dest, staging";
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
     Ok(TaskRow {
@@ -64,6 +68,8 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
         rate: r.get::<_, i64>(16)? as u64,
         bw_limit: r.get(17)?,
         waiting: r.get(18)?,
+        dest: r.get(19)?,
+        staging: r.get(20)?,
     })
 }
 
@@ -104,6 +110,31 @@ impl State {
             )?;
             Ok(())
         })
+    }
+
+    /// Record where a restore writes: its destination and private staging
+    /// directory (`None` once the staging directory is gone).
+    pub fn set_task_staging(&mut self, id: i64, dest: &str, staging: Option<&str>) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET dest = ?2, staging = ?3 WHERE id = ?1",
+                params![id, dest, staging],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Restores that ended (their process finished or died: reclaimed first) with
+    /// a staging directory recorded, optionally only those into `dest`.
+    pub fn ended_restores_with_staging(&self, dest: Option<&str>) -> Result<Vec<TaskRow>> {
+        let mut st = self.conn().prepare(&format!(
+            "SELECT {COLS} FROM tasks WHERE kind = ?1 AND staging IS NOT NULL
+             AND state NOT IN {ACTIVE_STATES} AND (?2 IS NULL OR dest = ?2) ORDER BY id"
+        ))?;
+        let rows = st
+            .query_map(params![TaskKind::Restore, dest], from_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
     }
 
     pub fn task(&self, id: i64) -> Result<Option<TaskRow>> {
