@@ -22,6 +22,7 @@ pub mod level;
 pub mod nbd;
 pub mod platform;
 pub mod policy;
+pub mod private_dir;
 pub mod repo;
 pub mod restore;
 pub mod runner;

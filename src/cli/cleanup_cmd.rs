@@ -6,7 +6,6 @@ use anyhow::Result;
 
 use super::args::CleanupArgs;
 use super::output::print_json;
-use super::process::reclaim_dead;
 use super::Ctx;
 use crate::error::{exit_code_of, ExitCode};
 use crate::platform;
@@ -24,8 +23,7 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
         Some(r) => vec![state.require_rule(r)?],
         None => state.rules()?,
     };
-    // Tasks of dead processes first: their VMs are cleaned and their restores end.
-    reclaim_dead(ctx)?;
+    let run_dir = ctx.run_dir()?;
     let mut actions: Vec<serde_json::Value> = Vec::new();
     let mut worst = ExitCode::Ok;
     let names: Vec<String> = rules.iter().map(|r| r.name.clone()).collect();
@@ -40,7 +38,7 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
         let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
         let root = repo_root(&state, rule)?;
         for v in &rule.vms {
-            let res = cleanup_vm(plat.as_ref(), &root, &prow.name, &v.vm, &ctx.run_dir());
+            let res = cleanup_vm(plat.as_ref(), &root, &prow.name, &v.vm, &run_dir);
             match res {
                 Ok(done) => {
                     for d in &done {

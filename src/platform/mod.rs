@@ -96,7 +96,8 @@ pub struct BackupRequest {
     pub track: bool,
     /// Freeze guest file systems while the snapshot is taken (R10).
     pub quiesce: bool,
-    /// Where the driver may put scratch files (fleecing images, sockets).
+    /// This VM's private scratch directory (0700, its name bounded in length):
+    /// where the driver puts fleecing images and sockets.
     pub run_dir: PathBuf,
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::backup::repair_leftovers;
+use crate::backup::{repair_leftovers, scratch_dir};
 use crate::platform::Platform;
 use crate::repo::{vm_key, Repository};
 use crate::state::State;
@@ -25,17 +25,14 @@ pub fn cleanup_vm(
     run_dir: &Path,
 ) -> Result<Vec<String>> {
     let mut handle = plat.open_vm(vm).with_context(|| format!("VM '{vm}'"))?;
+    let scratch = scratch_dir(run_dir, platform_name, vm)?;
     match Repository::open_if_exists(repo_root)? {
         Some(repo) => {
             let lock = repo.lock_vm(&vm_key(platform_name, vm))?;
-            Ok(repair_leftovers(&repo, &lock, handle.as_mut(), run_dir)?.1)
+            Ok(repair_leftovers(&repo, &lock, handle.as_mut(), &scratch.path)?.1)
         }
         // No backup ever reached this repository: nothing to reconcile with.
-        None => {
-            std::fs::create_dir_all(run_dir)
-                .with_context(|| format!("cannot create {}", run_dir.display()))?;
-            Ok(handle.cleanup(None, None, run_dir)?.actions)
-        }
+        None => Ok(handle.cleanup(None, None, &scratch.path)?.actions),
     }
 }
 

@@ -124,17 +124,20 @@ impl State {
         })
     }
 
-    /// Restores that ended (their process finished or died: reclaimed first) with
-    /// a staging directory recorded, optionally only those into `dest`.
+    /// Restores with a staging directory recorded that no process runs any more
+    /// (they ended, or their process died), optionally only those into `dest`.
     pub fn ended_restores_with_staging(&self, dest: Option<&str>) -> Result<Vec<TaskRow>> {
         let mut st = self.conn().prepare(&format!(
             "SELECT {COLS} FROM tasks WHERE kind = ?1 AND staging IS NOT NULL
-             AND state NOT IN {ACTIVE_STATES} AND (?2 IS NULL OR dest = ?2) ORDER BY id"
+             AND (?2 IS NULL OR dest = ?2) ORDER BY id"
         ))?;
-        let rows = st
+        let rows: Vec<TaskRow> = st
             .query_map(params![TaskKind::Restore, dest], from_row)?
             .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
+        Ok(rows
+            .into_iter()
+            .filter(|t| !t.state.is_active() || !t.pid.is_some_and(super::slots::pid_alive))
+            .collect())
     }
 
     pub fn task(&self, id: i64) -> Result<Option<TaskRow>> {
