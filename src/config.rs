@@ -10,6 +10,7 @@
 //! | `bk_tsk_thd` | max concurrent tasks (R38) | 8 | integer >= 1 |
 //! | `i2vp_transbuffer` | transfer block = chunk size (R39) | 4M | power of two, 64K..=32M; bare number = MiB |
 //! | `Max_ThreadNum_PerHost` | max concurrent tasks per host (R42) | 4 | integer >= 1, <= `bk_tsk_thd` |
+//! | `io_timeout` | how long a sent QMP command or NBD request may wait for its answer | 120 | 1 s..=1 day; `120`, `90s`, `2m` (a bare number is seconds) |
 //!
 //! and `bk_tsk_thd * i2vp_transbuffer <= 32 MiB` (R40). When `Max_ThreadNum_PerHost`
 //! is not set and `bk_tsk_thd` is below its default 4, it defaults to `bk_tsk_thd`
@@ -18,6 +19,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -27,7 +29,8 @@ use crate::units::{format_size, parse_size, KIB, MIB};
 pub const KEY_TASKS: &str = "bk_tsk_thd";
 pub const KEY_TRANSBUFFER: &str = "i2vp_transbuffer";
 pub const KEY_PER_HOST: &str = "Max_ThreadNum_PerHost";
-const KNOWN_KEYS: [&str; 3] = [KEY_TASKS, KEY_TRANSBUFFER, KEY_PER_HOST];
+pub const KEY_IO_TIMEOUT: &str = "io_timeout";
+const KNOWN_KEYS: [&str; 4] = [KEY_TASKS, KEY_TRANSBUFFER, KEY_PER_HOST, KEY_IO_TIMEOUT];
 
 pub const DEFAULT_TASKS: u32 = 8;
 pub const DEFAULT_TRANSBUFFER: u64 = 4 * MIB;
@@ -36,6 +39,11 @@ pub const MIN_TRANSBUFFER: u64 = 64 * KIB;
 pub const MAX_TRANSBUFFER: u64 = 32 * MIB;
 /// Ceiling of `bk_tsk_thd * i2vp_transbuffer` (R40).
 pub const MAX_BUFFERED: u64 = 32 * MIB;
+/// How long a sent QMP command or NBD request may wait for its answer: a
+/// hypervisor that answers nothing for this long is taken to be stuck. Time a
+/// task spends in a bandwidth pause does not count (no request is out).
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(120);
+const MAX_IO_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Where a setting's value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +67,7 @@ pub struct Sources {
     pub bk_tsk_thd: Source,
     pub i2vp_transbuffer: Source,
     pub max_threads_per_host: Source,
+    pub io_timeout: Source,
 }
 
 /// The global limits.
@@ -70,6 +79,8 @@ pub struct SystemConfig {
     pub i2vp_transbuffer: u64,
     /// Max concurrent tasks per virtualization host (R42).
     pub max_threads_per_host: u32,
+    /// The deadline of every QMP command and NBD request ([`DEFAULT_IO_TIMEOUT`]).
+    pub io_timeout: Duration,
     pub sources: Sources,
 }
 
@@ -79,10 +90,12 @@ impl Default for SystemConfig {
             bk_tsk_thd: DEFAULT_TASKS,
             i2vp_transbuffer: DEFAULT_TRANSBUFFER,
             max_threads_per_host: DEFAULT_PER_HOST,
+            io_timeout: DEFAULT_IO_TIMEOUT,
             sources: Sources {
                 bk_tsk_thd: Source::Default,
                 i2vp_transbuffer: Source::Default,
                 max_threads_per_host: Source::Default,
+                io_timeout: Source::Default,
             },
         }
     }
@@ -193,6 +206,10 @@ impl SystemConfig {
                     config.i2vp_transbuffer = parse_transbuffer(value).map_err(at)?;
                     config.sources.i2vp_transbuffer = source;
                 }
+                KEY_IO_TIMEOUT => {
+                    config.io_timeout = parse_io_timeout(value).map_err(at)?;
+                    config.sources.io_timeout = source;
+                }
                 _ => {
                     config.max_threads_per_host =
                         parse_count(key, value, "an integer >= 1, at most bk_tsk_thd (R42)")
@@ -258,6 +275,12 @@ impl SystemConfig {
                 value: self.max_threads_per_host.to_string(),
                 bytes_or_number: u64::from(self.max_threads_per_host),
                 source: self.sources.max_threads_per_host.to_string(),
+            },
+            ConfigEntry {
+                key: KEY_IO_TIMEOUT,
+                value: humantime::format_duration(self.io_timeout).to_string(),
+                bytes_or_number: self.io_timeout.as_secs(),
+                source: self.sources.io_timeout.to_string(),
             },
         ]
     }
@@ -326,6 +349,25 @@ fn parse_transbuffer(value: &str) -> anyhow::Result<u64> {
             KEY_TRANSBUFFER,
             value,
             "allowed a power of two from 64K to 32M, e.g. 512K, 4M, 4MiB (a bare number is MiB) (R39)",
+        )),
+    }
+}
+
+/// `120` (seconds), `90s`, `2m`: whole seconds from 1 s to a day.
+fn parse_io_timeout(value: &str) -> anyhow::Result<Duration> {
+    let parsed = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        value.parse::<u64>().ok().map(Duration::from_secs)
+    } else {
+        humantime::parse_duration(value).ok()
+    };
+    match parsed {
+        Some(d) if d >= Duration::from_secs(1) && d <= MAX_IO_TIMEOUT && d.subsec_nanos() == 0 => {
+            Ok(d)
+        }
+        _ => Err(invalid(
+            KEY_IO_TIMEOUT,
+            value,
+            "allowed whole seconds from 1 to 86400, e.g. 120, 90s, 2m (a bare number is seconds)",
         )),
     }
 }
@@ -471,11 +513,33 @@ mod tests {
     }
 
     #[test]
+    fn io_timeout_spellings_and_limits() {
+        assert_eq!(parse("").unwrap().io_timeout, Duration::from_secs(120));
+        for (value, secs) in [
+            ("2", 2),
+            ("90s", 90),
+            ("2m", 120),
+            ("'1h'", 3600),
+            ("86400", 86400),
+        ] {
+            let config = parse(&format!("io_timeout = {value}")).unwrap();
+            assert_eq!(config.io_timeout, Duration::from_secs(secs), "{value}");
+        }
+        for bad in ["0", "0s", "500ms", "1.5", "2 days", "-1", "x", ""] {
+            let msg = error(&format!("io_timeout = {bad}"));
+            assert!(
+                msg.starts_with(&format!("/etc/vmbackup/system.conf:1: invalid io_timeout '{bad}': allowed whole seconds from 1 to 86400")),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_key_named_with_known_ones() {
         let msg = error("bk_tsk_thd = 4\nthreads = 4");
         assert_eq!(
             msg,
-            "/etc/vmbackup/system.conf:2: unknown key 'threads'; known keys: bk_tsk_thd, i2vp_transbuffer, Max_ThreadNum_PerHost"
+            "/etc/vmbackup/system.conf:2: unknown key 'threads'; known keys: bk_tsk_thd, i2vp_transbuffer, Max_ThreadNum_PerHost, io_timeout"
         );
         let msg = error("max_threadnum_perhost = 4");
         assert!(msg.contains("did you mean Max_ThreadNum_PerHost?"), "{msg}");
@@ -532,6 +596,7 @@ mod tests {
                     "/etc/vmbackup/system.conf:2"
                 ),
                 ("Max_ThreadNum_PerHost", "4", 4, "default"),
+                ("io_timeout", "2m", 120, "default"),
             ]
         );
         let json = serde_json::to_string(&entries[1]).unwrap();

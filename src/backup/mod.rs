@@ -56,6 +56,8 @@ pub struct BackupJob {
     /// The run directory; the VM's own scratch directory inside it
     /// ([`scratch_dir`]) goes to the platform (fleecing images, sockets).
     pub run_dir: PathBuf,
+    /// How long an NBD request may wait for its answer (system.conf `io_timeout`).
+    pub io_timeout: std::time::Duration,
     /// Chunk buffers in flight for this task (memory bound: this × chunk size).
     pub buffers: usize,
     /// The rule's bandwidth windows, applied to source reads (R29).
@@ -91,6 +93,7 @@ pub fn run_backup(
     let mut vm = platform
         .open_vm(&job.vm)
         .with_context(|| format!("VM '{}'", job.vm))?;
+    vm.watch_cancel(cancel.clone());
     let info = vm.info()?;
     if let Some(err) = &info.error {
         anyhow::bail!("VM '{}' cannot be queried: {err}", job.vm);
@@ -318,6 +321,7 @@ fn write_point(
         progress: progress.clone(),
         cancel,
         throttle: job.bandwidth.clone(),
+        io_timeout: job.io_timeout,
     };
     let results = rt.block_on(async {
         let mut set = tokio::task::JoinSet::new();

@@ -24,6 +24,7 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
         None => state.rules()?,
     };
     let run_dir = ctx.run_dir()?;
+    let io_timeout = ctx.system_config()?.io_timeout;
     let mut actions: Vec<serde_json::Value> = Vec::new();
     let mut worst = ExitCode::Ok;
     let names: Vec<String> = rules.iter().map(|r| r.name.clone()).collect();
@@ -35,7 +36,7 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
     }
     for rule in &rules {
         let prow = state.require_platform(&rule.settings.platform)?;
-        let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
+        let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir), io_timeout)?;
         let root = repo_root(&state, rule)?;
         for v in &rule.vms {
             let res = cleanup_vm(plat.as_ref(), &root, &prow.name, &v.vm, &run_dir);

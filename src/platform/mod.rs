@@ -155,6 +155,11 @@ pub trait VmHandle: Send {
     fn begin_backup(&mut self, req: &BackupRequest) -> anyhow::Result<Snapshot>;
     /// End the view; `committed` says whether the point was committed.
     fn finish_backup(&mut self, committed: bool) -> anyhow::Result<()>;
+    /// Once `cancel` is set, stop waiting for the hypervisor soon (a few
+    /// seconds: enough to tear the view down on a healthy one), so a cancelled
+    /// task on a stuck hypervisor ends at once; its leftovers are repaired by the
+    /// next `cleanup`. The default (a driver that never blocks long) does nothing.
+    fn watch_cancel(&mut self, _cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) {}
     /// Remove leftovers of interrupted runs and reconcile tracking with the newest
     /// committed point / full (R44). Idempotent; safe when nothing is left over.
     fn cleanup(
@@ -165,10 +170,17 @@ pub trait VmHandle: Send {
     ) -> anyhow::Result<CleanupReport>;
 }
 
-/// Connect to a registered platform from its stored kind and parameters.
-pub fn connect(kind: &str, qmp_dir: &std::path::Path) -> anyhow::Result<Box<dyn Platform>> {
+/// Connect to a registered platform from its stored kind and parameters; every
+/// request to it waits at most `io_timeout` (system.conf) for its answer.
+pub fn connect(
+    kind: &str,
+    qmp_dir: &std::path::Path,
+    io_timeout: std::time::Duration,
+) -> anyhow::Result<Box<dyn Platform>> {
     match kind {
-        "qemu" => Ok(Box::new(qemu::QemuPlatform::new(qmp_dir.to_path_buf()))),
+        "qemu" => Ok(Box::new(
+            qemu::QemuPlatform::new(qmp_dir.to_path_buf()).with_timeout(io_timeout),
+        )),
         other => Err(crate::error::invalid(
             "platform type",
             other,

@@ -41,7 +41,8 @@ impl QemuPlatform {
         }
     }
 
-    /// How long one QMP command may take (default 30 s).
+    /// How long one QMP command may wait for its answer (system.conf
+    /// `io_timeout`; default [`DEFAULT_TIMEOUT`]).
     pub fn with_timeout(mut self, timeout: Duration) -> QemuPlatform {
         self.timeout = timeout;
         self
@@ -206,6 +207,10 @@ impl VmHandle for QemuVm {
             bail!("VM '{}': no backup view is open", self.name);
         };
         backup::finish(&mut self.qmp, active, committed, &self.name)
+    }
+
+    fn watch_cancel(&mut self, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.qmp.watch_cancel(cancel);
     }
 
     fn cleanup(

@@ -113,7 +113,8 @@ fn backup(
     let state = State::open(&runner.cfg.state_path)?;
     let rule = &spec.rule;
     let prow = state.require_platform(&rule.settings.platform)?;
-    let plat = crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
+    let plat =
+        crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir), runner.cfg.io_timeout)?;
     let throttle = Arc::new(Throttle::new(
         rule.settings.bandwidth.clone(),
         runner.cfg.clock,
@@ -129,6 +130,7 @@ fn backup(
         quiesce: rule.settings.quiesce,
         chunk_size: runner.cfg.chunk_size,
         run_dir: runner.cfg.run_dir.clone(),
+        io_timeout: runner.cfg.io_timeout,
         buffers: BUFFERS_PER_TASK,
         bandwidth: throttle.clone(),
     };

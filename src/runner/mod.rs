@@ -151,6 +151,8 @@ pub struct TaskResult {
 pub struct RunnerConfig {
     pub state_path: PathBuf,
     pub run_dir: PathBuf,
+    /// How long a QMP command or NBD request may wait for its answer.
+    pub io_timeout: Duration,
     pub limits: Limits,
     pub chunk_size: u32,
     pub clock: Clock,

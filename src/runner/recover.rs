@@ -38,7 +38,11 @@ pub fn cleanup_vm(
 
 /// Reclaim the leases and tasks of dead processes and clean up their VMs. Each
 /// outcome is logged on the interrupted task and returned as a line for stderr.
-pub fn reclaim(state: &mut State, run_dir: &Path) -> Result<Vec<String>> {
+pub fn reclaim(
+    state: &mut State,
+    run_dir: &Path,
+    io_timeout: std::time::Duration,
+) -> Result<Vec<String>> {
     let mut lines = Vec::new();
     for r in state.reclaim_dead()? {
         let t = &r.task;
@@ -56,7 +60,7 @@ pub fn reclaim(state: &mut State, run_dir: &Path) -> Result<Vec<String>> {
         let res = (|| -> Result<Vec<String>> {
             let rule = state.require_rule(&t.rule)?;
             let prow = state.require_platform(&rule.settings.platform)?;
-            let plat = crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
+            let plat = crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir), io_timeout)?;
             let root = crate::runner::repo_root(state, &rule)?;
             cleanup_vm(plat.as_ref(), &root, &prow.name, &t.vm, run_dir)
         })();
