@@ -235,7 +235,7 @@ fn cancel_ends_a_task_stuck_on_a_stopped_hypervisor_at_once() {
     // The VM's lock is free: the next run does not report it busy.
     l.env.ok(&["cleanup", RULE]);
     assert_eq!(l.leftovers(), Vec::<String>::new());
-    assert_eq!(l.points(), [full.clone()]);
+    assert_eq!(l.points(), std::slice::from_ref(&full));
     l.env.ok(&["rule", "edit", RULE, "--clear-bandwidth"]);
     let inc = l.backup("inc");
     l.restores_exactly(&inc);
