@@ -57,6 +57,12 @@ pub struct VmInfo {
     /// Set when the VM could not be queried (e.g. its socket does not answer);
     /// the other fields are then empty. One bad VM never hides the others.
     pub error: Option<String>,
+    /// What makes this VM the same VM whichever platform reaches it, so that it
+    /// is in one rule only (R35): `qemu:<canonical path of its QMP socket>`; a
+    /// libvirt driver would use `libvirt:<host>/<domain UUID>`. `None` in
+    /// inventories cached before identities were recorded (refresh fills it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// One disk of a VM.
@@ -160,6 +166,12 @@ pub trait VmHandle: Send {
     /// task on a stuck hypervisor ends at once; its leftovers are repaired by the
     /// next `cleanup`. The default (a driver that never blocks long) does nothing.
     fn watch_cancel(&mut self, _cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) {}
+    /// What identifies the running VM itself (qemu: its QEMU process, however
+    /// many monitors reach it), so that two rules never back it up at once.
+    /// `None` when the driver cannot tell.
+    fn running_identity(&mut self) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
     /// Remove leftovers of interrupted runs and reconcile tracking with the newest
     /// committed point / full (R44). Idempotent; safe when nothing is left over.
     fn cleanup(

@@ -134,6 +134,15 @@ fn backup(
         buffers: BUFFERS_PER_TASK,
         bandwidth: throttle.clone(),
     };
+    // One running VM, one backup at a time, whichever rule and platform reach it.
+    let running = plat
+        .open_vm(&spec.vm)
+        .and_then(|mut vm| vm.running_identity())
+        .with_context(|| format!("VM '{}'", spec.vm))?;
+    let mut state = state;
+    if let Some(identity) = running {
+        state.claim_running_vm(task, &spec.vm, &identity)?;
+    }
     let display = runner.events.display(task, spec, Some(throttle.clone()));
     let recorder = Arc::new(TaskRecorder::new(task, state, display, Some(throttle)));
     let out = run_backup(&job, plat.as_ref(), recorder, cancel, &runner.rt)?;

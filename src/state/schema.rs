@@ -118,10 +118,15 @@ const MIGRATIONS: &[&str] = &[
         UPDATE meta SET value = value + 1 WHERE key = 'config_generation'; END;
     "#,
     // 3: hardening (issue 8): where a restore writes, so what a killed one left is
-    // found and removed.
+    // found and removed; VM identities.
     r#"
     ALTER TABLE tasks ADD COLUMN dest TEXT;      -- restore: destination directory (absolute)
     ALTER TABLE tasks ADD COLUMN staging TEXT;   -- restore: its private staging directory, while it may exist
+    -- One VM, one rule (R35) across platforms: the VM's identity (platform::VmInfo::identity),
+    -- and the running VM a backup task works on (VmHandle::running_identity).
+    ALTER TABLE rule_vms ADD COLUMN identity TEXT;
+    CREATE UNIQUE INDEX rule_vms_by_identity ON rule_vms(identity) WHERE identity IS NOT NULL;
+    ALTER TABLE tasks ADD COLUMN vm_identity TEXT;
     "#,
 ];
 

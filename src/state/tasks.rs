@@ -124,6 +124,43 @@ impl State {
         })
     }
 
+    /// Record that backup task `id` of rule `rule` works on the running VM
+    /// `identity` (`VmHandle::running_identity`), unless another active task of a
+    /// live process already does: then an error naming that task and its rule
+    /// (exit 3). Two rules reaching one QEMU through two platforms never back it
+    /// up at once (R35).
+    pub fn claim_running_vm(&mut self, id: i64, vm: &str, identity: &str) -> Result<()> {
+        self.write(|tx| {
+            let mut st = tx.prepare(&format!(
+                "SELECT id, rule, vm, pid FROM tasks WHERE vm_identity = ?1 AND id != ?2
+                 AND state IN {ACTIVE_STATES} ORDER BY id"
+            ))?;
+            let others = st
+                .query_map(params![identity, id], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            if let Some((other, rule, as_vm, _)) = others
+                .into_iter()
+                .find(|(_, _, _, pid)| pid.is_some_and(super::slots::pid_alive))
+            {
+                anyhow::bail!(
+                    "VM '{vm}' is being backed up right now by task {other} of rule '{rule}' (as VM '{as_vm}': the same QEMU process, reached through another platform); refusing a second backup of it at once (R35)"
+                );
+            }
+            tx.execute(
+                "UPDATE tasks SET vm_identity = ?2 WHERE id = ?1",
+                params![id, identity],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Restores with a staging directory recorded that no process runs any more
     /// (they ended, or their process died), optionally only those into `dest`.
     pub fn ended_restores_with_staging(&self, dest: Option<&str>) -> Result<Vec<TaskRow>> {
