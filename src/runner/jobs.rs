@@ -8,10 +8,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use super::record::TaskRecorder;
-use super::{repo_root, Job, Outcome, Runner, TaskSpec, BUFFERS_PER_TASK};
+use super::{Job, Outcome, Runner, TaskSpec, BUFFERS_PER_TASK};
 use crate::backup::{run_backup, BackupJob, BackupOutcome};
 use crate::error::ExitCode;
-use crate::repo::{vm_key, Repository};
+use crate::repo::vm_key;
 use crate::restore::{restore_point, RestoreReport, RestoreRequest};
 use crate::state::State;
 use crate::task::progress::{LogLevel, Progress};
@@ -45,8 +45,8 @@ pub fn run(runner: &Runner, spec: &TaskSpec, task: i64, cancel: Arc<AtomicBool>)
             // What killed restores into this destination left goes first.
             let removed = super::recover::remove_stale_restores(&mut state, Some(dest), None)?;
             let rule = &spec.rule;
-            let repo = Repository::open(&repo_root(&state, rule)?)
-                .with_context(|| format!("rule '{}'", rule.name))?;
+            let repo = crate::lifecycle::rule_repository(&state, rule)?
+                .with_context(|| format!("rule '{}' has no repository yet", rule.name))?;
             let display = runner.events.display(task, spec, None);
             let recorder = TaskRecorder::new(task, state, display, None);
             for line in &removed {
@@ -123,7 +123,7 @@ fn backup(
     let job = BackupJob {
         platform: prow.name.clone(),
         vm: spec.vm.clone(),
-        repo_root: repo_root(&state, rule)?,
+        repo: crate::lifecycle::repository_for_backup(&state, rule)?,
         requested: level,
         auto_cbt: rule.settings.auto_cbt,
         cbt: rule.settings.cbt,
