@@ -361,4 +361,8 @@ pub struct VerifyArgs {
 pub struct CleanupArgs {
     /// Only this rule [default: every rule]
     pub rule: Option<String>,
+    /// Also remove secret values (passwords, keys, `-object secret` data) from the
+    /// VM command lines stored in manifests written by earlier versions
+    #[arg(long)]
+    pub redact: bool,
 }

@@ -1,4 +1,5 @@
-//! `cleanup`: what killed runs left on VMs and in repositories (R44), now.
+//! `cleanup`: what killed runs left on VMs and in repositories (R44), now; with
+//! `--redact`, secrets in manifests written before redaction existed.
 
 use std::path::Path;
 
@@ -10,7 +11,7 @@ use super::Ctx;
 use crate::error::{exit_code_of, ExitCode};
 use crate::lifecycle::rule_repository;
 use crate::platform;
-use crate::runner::recover::{cleanup_vm, remove_stale_restores};
+use crate::runner::recover::{cleanup_vm, redact_manifests, remove_stale_restores};
 
 pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
     let mut state = ctx.state()?;
@@ -67,6 +68,14 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
                 out!("{}: {d}", repo.location());
             }
             actions.push(serde_json::json!({ "repository": repo.location(), "action": d }));
+        }
+        if a.redact {
+            for d in redact_manifests(&repo)? {
+                if !ctx.json && !ctx.quiet {
+                    out!("{}: {d}", repo.location());
+                }
+                actions.push(serde_json::json!({ "repository": repo.location(), "action": d }));
+            }
         }
     }
     if ctx.json {

@@ -30,6 +30,7 @@
 
 pub mod qemu;
 pub mod qmp;
+pub mod redact;
 
 use std::path::PathBuf;
 
