@@ -51,6 +51,7 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
         auto_cbt: true,
         cbt: true,
         quiesce: false,
+        allow_plain_tcp_export: false,
         chunk_size: MIB as u32,
         run_dir: dir.join("run"),
         buffers: 2,

@@ -51,6 +51,8 @@ pub struct BackupJob {
     pub auto_cbt: bool,
     pub cbt: bool,
     pub quiesce: bool,
+    /// The rule accepts exports through the VM's own plain-TCP NBD server.
+    pub allow_plain_tcp_export: bool,
     /// Chunk size = system.conf `i2vp_transbuffer` (R39).
     pub chunk_size: u32,
     /// The run directory; the VM's own scratch directory inside it
@@ -138,6 +140,7 @@ pub fn run_backup(
         latest_full: lp.latest_full.clone(),
         track: tracking == Tracking::On,
         quiesce: job.quiesce,
+        allow_plain_tcp_export: job.allow_plain_tcp_export,
         run_dir: scratch.path.clone(),
     };
     let snapshot = match vm.begin_backup(&req) {

@@ -212,6 +212,11 @@ pub struct RuleAddArgs {
     /// platforms that cannot (qemu, for now: snapshots are crash-consistent)
     #[arg(long)]
     pub quiesce: bool,
+    /// Accept backing up through an NBD server the VM's QEMU already runs on plain
+    /// TCP (no TLS): anyone reaching that port can read the disk during the backup.
+    /// Without it such a backup is refused
+    #[arg(long)]
+    pub allow_plain_tcp_export: bool,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }

@@ -103,6 +103,7 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
         lan_free: a.lan_free,
         delete_data: a.delete_data,
         quiesce: a.quiesce,
+        allow_plain_tcp_export: a.allow_plain_tcp_export,
         policy,
         bandwidth,
     };
@@ -302,6 +303,9 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     out!("lan-free:     {}", yes_no(s.lan_free));
     out!("delete data:  {}", yes_no(s.delete_data));
     out!("quiesce:      {}", yes_no(s.quiesce));
+    if s.allow_plain_tcp_export {
+        out!("exports:      plain TCP allowed (--allow-plain-tcp-export)");
+    }
     out!("policy:       {}", s.policy);
     for sc in &schedules {
         out!("  {}  =>  cron {}", sc.spec, sc.cron.join(" | "));

@@ -128,6 +128,7 @@ fn backup(
         auto_cbt: rule.settings.auto_cbt,
         cbt: rule.settings.cbt,
         quiesce: rule.settings.quiesce,
+        allow_plain_tcp_export: rule.settings.allow_plain_tcp_export,
         chunk_size: runner.cfg.chunk_size,
         run_dir: runner.cfg.run_dir.clone(),
         io_timeout: runner.cfg.io_timeout,

@@ -30,6 +30,9 @@ pub struct RuleSettings {
     pub lan_free: bool,
     pub delete_data: bool,
     pub quiesce: bool,
+    /// Back up through an NBD server the VM already runs on plain TCP, readable
+    /// by anyone reaching its port during the backup (refused otherwise).
+    pub allow_plain_tcp_export: bool,
     pub policy: Policy,
     pub bandwidth: Vec<Window>,
 }
@@ -72,7 +75,7 @@ impl RuleRow {
     }
 }
 
-const COLS: &str = "name, platform, target, subdir, auto_cbt, cbt, lan_free, delete_data, quiesce, policy, bandwidth, created_at";
+const COLS: &str = "name, platform, target, subdir, auto_cbt, cbt, lan_free, delete_data, quiesce, policy, bandwidth, created_at, allow_plain_tcp_export";
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
     let policy: String = r.get(9)?;
@@ -91,6 +94,7 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
             lan_free: r.get(6)?,
             delete_data: r.get(7)?,
             quiesce: r.get(8)?,
+            allow_plain_tcp_export: r.get(12)?,
             policy: serde_json::from_str(&policy).map_err(bad)?,
             bandwidth: serde_json::from_str(&bandwidth).map_err(bad)?,
         },
@@ -202,8 +206,8 @@ impl State {
                 admit_vm(tx, name, &platform, vm)?;
             }
             tx.execute(
-                &format!("INSERT INTO rules ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
-                params![name, s.platform, s.target, s.subdir, s.auto_cbt, s.cbt, s.lan_free, s.delete_data, s.quiesce, policy, bandwidth, super::now_text()],
+                &format!("INSERT INTO rules ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+                params![name, s.platform, s.target, s.subdir, s.auto_cbt, s.cbt, s.lan_free, s.delete_data, s.quiesce, policy, bandwidth, super::now_text(), s.allow_plain_tcp_export],
             )?;
             for vm in vms {
                 insert_vm(tx, name, &platform, vm)?;
