@@ -37,7 +37,18 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
         let repo = rule_repository(&state, rule)?;
         repos.extend(repo.clone());
         for v in &rule.vms {
-            let res = cleanup_vm(plat.as_ref(), repo.as_ref(), &prow.name, &v.vm, &run_dir);
+            // A VM being backed up now is busy: said at once, without asking
+            // its hypervisor (which may be the reason the task takes long).
+            let res = match state.running_backup_of(&rule.name, &v.vm)? {
+                Some(t) => Err(crate::error::busy(format!(
+                    "VM '{}' is being backed up by task {} (pid {}): cleanup would take its snapshot away; run it once the task has ended (or 'vmbackup task cancel {}')",
+                    v.vm,
+                    t.id,
+                    t.pid.unwrap_or_default(),
+                    t.id
+                ))),
+                None => cleanup_vm(plat.as_ref(), repo.as_ref(), &prow.name, &v.vm, &run_dir),
+            };
             match res {
                 Ok(done) => {
                     for d in &done {

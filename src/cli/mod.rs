@@ -138,7 +138,12 @@ pub fn main() -> std::process::ExitCode {
     };
     diag::init(cli.global.verbose);
     let json = cli.global.json;
-    let code = match Ctx::resolve(&cli.global).and_then(|ctx| dispatch(&ctx, cli.command)) {
+    let result = Ctx::resolve(&cli.global).and_then(|ctx| {
+        let state_path = ctx.state_path.clone();
+        // A state-store error from any query names the file (busy: exit 4).
+        dispatch(&ctx, cli.command).map_err(|e| crate::state::db_error(&state_path, e))
+    });
+    let code = match result {
         Ok(code) => code,
         Err(err) => {
             let code = exit_code_of(&err);
