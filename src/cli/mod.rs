@@ -48,6 +48,10 @@ pub fn command() -> clap::Command {
     Cli::command()
 }
 
+/// Longest state directory: `<dir>/run/<16>/nbd.sock` must fit the 107 bytes of
+/// a unix socket path (`backup::scratch_dir`, `platform::qemu` names).
+const MAX_STATE_DIR: usize = 107 - "/run/0123456789abcdef/nbd.sock".len();
+
 /// Resolved global settings every handler gets.
 pub struct Ctx {
     pub state_path: PathBuf,
@@ -62,9 +66,20 @@ pub struct Ctx {
 impl Ctx {
     fn resolve(g: &args::GlobalArgs) -> Result<Ctx> {
         let state_path = match &g.state {
-            Some(p) => p.clone(),
+            // Absolute: paths below it are handed to QEMU, whose working
+            // directory is not ours.
+            Some(p) => std::path::absolute(p)
+                .map_err(|e| crate::error::invalid("--state", p.display(), e))?,
             None => default_state_path()?,
         };
+        let dir_len = state_path.parent().map_or(0, |d| d.as_os_str().len());
+        if dir_len > MAX_STATE_DIR {
+            return Err(crate::error::invalid(
+                "--state",
+                state_path.display(),
+                format!("the state directory may be at most {MAX_STATE_DIR} bytes long: NBD sockets below it (run/<16 characters>/nbd.sock) must fit a unix socket path (108 bytes)"),
+            ));
+        }
         let (config_path, config_explicit) = match &g.config {
             Some(p) => (p.clone(), true),
             None => (PathBuf::from("/etc/vmbackup/system.conf"), false),

@@ -65,24 +65,6 @@ fn parse_windows(specs: &[String]) -> Result<Vec<Window>> {
     Ok(windows)
 }
 
-/// The repository sub-directory: relative, no `..`, names as for rules (R5).
-fn check_subdir(subdir: &str) -> Result<()> {
-    let ok = !subdir.is_empty()
-        && !subdir.starts_with('/')
-        && subdir.split('/').all(|c| {
-            !c.is_empty()
-                && c != "."
-                && c != ".."
-                && c.chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid("--path", subdir, "must be a relative sub-directory of the target (A-Z a-z 0-9 . _ - and /, no '..') (R5)"))
-    }
-}
-
 fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
     let now = Local::now().naive_local();
     let policy = build_policy(
@@ -93,7 +75,6 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
     )?;
     let bandwidth = parse_windows(&a.policy.bandwidth)?;
     let subdir = a.path.clone().unwrap_or_else(|| a.name.clone());
-    check_subdir(&subdir)?;
     let settings = RuleSettings {
         platform: a.platform,
         target: a.target,

@@ -180,6 +180,7 @@ impl State {
     /// Create a rule with its VMs, all checks in one transaction (see module docs).
     pub fn add_rule(&mut self, name: &str, s: &RuleSettings, vms: &[String]) -> Result<()> {
         super::check_name("rule name", name)?;
+        check_subdir(&s.subdir)?;
         if vms.is_empty() {
             return Err(invalid("--vm", "", "give at least one VM (R3)"));
         }
@@ -317,6 +318,34 @@ impl State {
     }
 }
 
+/// Longest repository sub-directory (R5): a file name's limit, so it always
+/// fits a path with the repository's own names below it.
+pub const MAX_SUBDIR: usize = 255;
+
+/// The repository sub-directory: relative, no `..`, names as for rules, at most
+/// [`MAX_SUBDIR`] bytes (R5). It defaults to the rule's name, which is checked first.
+fn check_subdir(subdir: &str) -> Result<()> {
+    let ok = !subdir.is_empty()
+        && subdir.len() <= MAX_SUBDIR
+        && !subdir.starts_with('/')
+        && subdir.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid("--path", subdir, format!("must be a relative sub-directory of the target of at most {MAX_SUBDIR} bytes (A-Z a-z 0-9 . _ - and /, no '..') (R5)")))
+    }
+}
+
+/// Longest encoded VM or disk name: a file name (a VM's directory in the
+/// repository, a disk's index file) must fit 255 bytes.
+const MAX_ENCODED_NAME: usize = 250;
+
 /// Checks R3, R35 and R43 for one VM joining `rule`.
 fn admit_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> Result<()> {
     let Some(info) = platform.vm(vm) else {
@@ -333,6 +362,20 @@ fn admit_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> R
     };
     if let Some(err) = &info.error {
         return Err(refused(format!("VM '{vm}' cannot be queried: {err}")));
+    }
+    let too_long = |name: &str| crate::repo::encode_name(name).len() > MAX_ENCODED_NAME;
+    if too_long(vm) {
+        return Err(invalid(
+            "--vm",
+            vm,
+            format!("the name is too long to name a directory in the repository (at most {MAX_ENCODED_NAME} bytes once encoded; rename the VM)"),
+        ));
+    }
+    if let Some(d) = info.disks.iter().find(|d| too_long(&d.name)) {
+        return Err(refused(format!(
+            "VM '{vm}' disk '{}': the name is too long to name a file in the repository (at most {MAX_ENCODED_NAME} bytes once encoded)",
+            d.name
+        )));
     }
     let owner: Option<String> = tx
         .query_row(
