@@ -54,6 +54,7 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
         chunk_size: MIB as u32,
         run_dir: dir.join("run"),
         buffers: 2,
+        clock: vmbackup::clock::Clock::real(),
         bandwidth: Arc::new(vmbackup::task::throttle::Throttle::unlimited()),
     }
 }

@@ -27,6 +27,7 @@ use chrono::Utc;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::clock::Clock;
 use crate::error::refused;
 use crate::level::Level;
 use crate::platform::{BackupRequest, CbtUnavailable, Platform, Snapshot, VmHandle};
@@ -57,6 +58,9 @@ pub struct BackupJob {
     pub run_dir: PathBuf,
     /// Chunk buffers in flight for this task (memory bound: this × chunk size).
     pub buffers: usize,
+    /// The wall clock point ids and manifest times are read from (the test
+    /// clock in tests: retention and point ids share one timeline).
+    pub clock: Clock,
     /// The rule's bandwidth windows, applied to source reads (R29).
     pub bandwidth: Arc<Throttle>,
 }
@@ -125,7 +129,7 @@ pub fn run_backup(
         job.chunk_size,
         &tracking,
     );
-    let point = next_point_id(latest.as_deref())?;
+    let point = next_point_id(latest.as_deref(), job.clock.now().with_timezone(&Utc))?;
     let mut req = BackupRequest {
         new_point: point.clone(),
         level: lp.level,
@@ -156,7 +160,7 @@ pub fn run_backup(
     }
     progress.level(lp.level);
 
-    let started = Utc::now();
+    let started = job.clock.now().with_timezone(&Utc);
     let result = write_point(
         job,
         repo,
@@ -334,7 +338,7 @@ fn write_point(
         full,
         status: PointStatus::Completed,
         started,
-        finished: Utc::now(),
+        finished: job.clock.now().with_timezone(&Utc),
         fallback_reason: lp.fallback.clone(),
         vm_config,
         disks,
@@ -346,8 +350,8 @@ fn write_point(
 
 /// A point id for now, strictly after the newest existing point. Ids have
 /// one-second resolution, so two backups within one second get consecutive ids.
-fn next_point_id(latest: Option<&str>) -> Result<String> {
-    let now = new_point_id(Utc::now());
+fn next_point_id(latest: Option<&str>, now: chrono::DateTime<Utc>) -> Result<String> {
+    let now = new_point_id(now);
     match latest {
         Some(l) if now.as_str() <= l => Ok(new_point_id(
             parse_point_id(l)? + chrono::Duration::seconds(1),
@@ -362,12 +366,13 @@ mod tests {
 
     #[test]
     fn point_ids_increase_even_within_one_second() {
-        let a = next_point_id(None).unwrap();
-        let b = next_point_id(Some(&a)).unwrap();
-        let c = next_point_id(Some(&b)).unwrap();
+        let now = Utc::now();
+        let a = next_point_id(None, now).unwrap();
+        let b = next_point_id(Some(&a), now).unwrap();
+        let c = next_point_id(Some(&b), now).unwrap();
         assert!(a < b && b < c, "{a} {b} {c}");
         assert_eq!(
-            next_point_id(Some("20000101T000000Z")).unwrap().len(),
+            next_point_id(Some("20000101T000000Z"), now).unwrap().len(),
             a.len()
         );
     }

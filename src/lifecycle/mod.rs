@@ -4,7 +4,11 @@
 //!
 //! - `repository.rs`: a rule's repository from the state store: the target's
 //!   marker, and "a missing repository is an error, never a new one".
+//! - `retention.rs`: the pure plan: points + retention + now → keep/remove.
+//! - `prune.rs`: applying it (`prune`), removing chosen points (`forget`).
 
+pub mod prune;
 pub mod repository;
+pub mod retention;
 
 pub use repository::{open_target, repository_for_backup, rule_repository};

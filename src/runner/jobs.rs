@@ -92,6 +92,7 @@ fn backup(
         chunk_size: runner.cfg.chunk_size,
         run_dir: runner.cfg.run_dir.clone(),
         buffers: BUFFERS_PER_TASK,
+        clock: runner.cfg.clock,
         bandwidth: throttle.clone(),
     };
     let display = runner.events.display(task, spec, Some(throttle.clone()));

@@ -90,6 +90,15 @@ impl Job {
         }
     }
 
+    /// The point a task reads (stored in its row from admission on: prune and
+    /// forget leave it alone while the task is active).
+    fn reads_point(&self) -> Option<&str> {
+        match self {
+            Job::Backup { .. } => None,
+            Job::Restore { point, .. } => Some(&point.point),
+        }
+    }
+
     /// The level a backup asks for (stored in the task row).
     fn level(&self) -> Option<Level> {
         match self {
@@ -261,6 +270,7 @@ impl Runner {
             &spec.rule.name,
             &spec.vm,
             spec.job.level().map(Level::as_str),
+            spec.job.reads_point(),
             slot,
         )?;
         if let Some(Admission::Skipped { task, .. } | Admission::Queued(task)) = &admission {

@@ -159,6 +159,30 @@ impl State {
         )?)
     }
 
+    /// Points of a rule's VM that active tasks read (restores, recoveries), with
+    /// why, e.g. "read by restore task 12 (running)": prune and forget keep them.
+    pub fn points_in_use(
+        &self,
+        rule: &str,
+        vm: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>> {
+        let mut st = self.conn().prepare(&format!(
+            "SELECT id, kind, state, point FROM tasks WHERE rule = ?1 AND vm = ?2
+             AND kind != 'backup' AND point IS NOT NULL AND state IN {ACTIVE_STATES}"
+        ))?;
+        let rows = st
+            .query_map([rule, vm], |r| {
+                let (id, kind, state, point): (i64, TaskKind, TaskState, String) =
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+                Ok((
+                    point,
+                    format!("read by {} task {id} ({})", kind.as_str(), state.as_str()),
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
     /// Append a log line to a task (R32).
     pub fn log(&mut self, task: i64, level: LogLevel, message: &str) -> Result<()> {
         self.write(|tx| {
