@@ -77,6 +77,9 @@ pub enum Command {
     Prune(PruneArgs),
     /// Remove chosen points of a VM (refused while a restore reads them)
     Forget(ForgetArgs),
+    /// Free the space of removed points: delete the objects no point refers to
+    #[command(after_long_help = GC_HELP)]
+    Gc(GcArgs),
     /// Restore a point to image files
     Restore(RestoreArgs),
     /// Re-read and re-hash backup data; report missing or corrupt chunks
@@ -361,6 +364,36 @@ pub struct ForgetArgs {
     #[arg(long)]
     pub dry_run: bool,
 }
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Only this rule's repository [default: the repositories of every rule]
+    #[arg(conflicts_with = "target")]
+    pub rule: Option<String>,
+    /// Only the repositories of the rules on this target
+    #[arg(long, value_name = "NAME")]
+    pub target: Option<String>,
+    /// Count what would be deleted without deleting anything (backups may run
+    /// meanwhile: their new objects count as garbage until they commit)
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// The man page text of `gc`.
+const GC_HELP: &str = "\
+HOW IT WORKS
+
+Garbage collection reads every index of every point of a repository and marks each chunk and delta they name (and each delta's base chunk), then deletes every other object, and staging files killed writers left more than an hour ago. It holds the repository's exclusive lock: backups that start meanwhile wait (pending) until it is done. A repository whose lock is busy is deferred, never waited for (exit 4). It refuses to sweep while any point's manifest or index cannot be read: 'vmbackup points' lists such damaged points, 'vmbackup forget' removes them. Quarantined objects are never deleted.
+
+The daemon and run-due run it automatically at most once a day per repository, after pruning, when the lock is free.
+
+EXAMPLES
+
+vmbackup gc --dry-run
+
+vmbackup gc web
+
+vmbackup --json gc --target nas";
 
 /// The man page text of `prune`: retention with the seed's examples.
 const PRUNE_HELP: &str = "\

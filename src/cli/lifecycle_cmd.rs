@@ -1,4 +1,5 @@
-//! `prune` and `forget`: removing points, by retention or by choice (R15-R21).
+//! `prune` and `forget`: removing points, by retention or by choice (R15-R21);
+//! `gc`: freeing what no point refers to.
 //!
 //! The decisions are `lifecycle::retention`'s pure plan; `lifecycle::prune`
 //! applies them under the repository's locks. Here: which rules, and output.
@@ -6,13 +7,15 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use super::args::{ForgetArgs, PruneArgs};
+use super::args::{ForgetArgs, GcArgs, PruneArgs};
 use super::output::print_json;
 use super::Ctx;
 use crate::clock::Clock;
 use crate::error::ExitCode;
+use crate::lifecycle::gc::{gc as collect, RepoGc, Selection};
 use crate::lifecycle::prune::{forget as forget_points, prune_rule, VmPrune};
 use crate::lifecycle::retention::{Action, Mark};
+use crate::units::format_size;
 
 #[derive(Serialize)]
 struct PruneDoc<'a> {
@@ -122,4 +125,56 @@ pub fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::Ok)
+}
+
+pub fn gc(ctx: &Ctx, a: GcArgs) -> Result<ExitCode> {
+    let state = ctx.state()?;
+    let selection = match (a.rule, a.target) {
+        (Some(r), _) => Selection::Rule(r),
+        (None, Some(t)) => Selection::Target(t),
+        (None, None) => Selection::All,
+    };
+    let repos = collect(&state, &selection, a.dry_run)?;
+    let worst = repos.iter().map(|r| r.code).max().unwrap_or(ExitCode::Ok);
+    if ctx.json {
+        print_json(&serde_json::json!({
+            "dry_run": a.dry_run,
+            "exit_code": worst.code(),
+            "repositories": repos,
+        }));
+        return Ok(worst);
+    }
+    for r in &repos {
+        print_gc(ctx, r);
+    }
+    if repos.is_empty() && !ctx.quiet {
+        out!("no repositories");
+    }
+    Ok(worst)
+}
+
+fn print_gc(ctx: &Ctx, r: &RepoGc) {
+    let name = format!("repository {} (rules {})", r.location, r.rules.join(", "));
+    match (&r.report, &r.error) {
+        (Some(g), _) if !ctx.quiet => {
+            let verb = if g.dry_run { "would remove" } else { "removed" };
+            out!(
+                "{name}: {verb} {} object(s) ({}), kept {} of {} referenced; {} staging file(s) removed",
+                g.objects_removed,
+                format_size(g.bytes_freed),
+                g.objects_kept,
+                g.referenced_count,
+                g.staging_removed
+            );
+            if g.missing_count > 0 {
+                out!(
+                    "{name}: {} referenced object(s) are missing ('vmbackup verify' says which points they damage)",
+                    g.missing_count
+                );
+            }
+        }
+        (Some(_), _) => {}
+        (None, Some(e)) => eprintln!("vmbackup: gc {name}: {e}"),
+        (None, None) => {}
+    }
 }

@@ -186,6 +186,7 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
         Command::Verify(a) => points_cmd::verify(ctx, a),
         Command::Prune(a) => lifecycle_cmd::prune(ctx, a),
         Command::Forget(a) => lifecycle_cmd::forget(ctx, a),
+        Command::Gc(a) => lifecycle_cmd::gc(ctx, a),
         Command::Cleanup(a) => cleanup_cmd::cleanup(ctx, a),
     }
 }
