@@ -79,9 +79,11 @@ pub struct BackupOutcome {
     pub warnings: Vec<String>,
 }
 
-/// Back up one VM. `rt` runs the disk pipelines; `cancel` aborts cleanly.
+/// Back up one VM, holding its lock (taken under the repository's shared lock:
+/// see `repo::lock`). `rt` runs the disk pipelines; `cancel` aborts cleanly.
 pub fn run_backup(
     job: &BackupJob,
+    lock: &VmLock,
     platform: &dyn Platform,
     progress: Arc<dyn Progress>,
     cancel: Arc<AtomicBool>,
@@ -90,8 +92,12 @@ pub fn run_backup(
     progress.phase(Phase::Preparing);
     let repo = &job.repo;
     let key = vm_key(&job.platform, &job.vm);
-    let repo_lock = repo.lock_shared("backup")?;
-    let lock = repo.lock_vm(&repo_lock, &key, "backup")?;
+    if lock.vm_key() != key {
+        anyhow::bail!(
+            "the lock of VM '{}' does not cover VM '{key}'",
+            lock.vm_key()
+        );
+    }
     let mut vm = platform
         .open_vm(&job.vm)
         .with_context(|| format!("VM '{}'", job.vm))?;
@@ -107,7 +113,7 @@ pub fn run_backup(
             d.uncoverable.as_deref().unwrap_or_default()
         )));
     }
-    let (listed, repaired) = repair_leftovers(repo, &lock, vm.as_mut(), &job.run_dir)?;
+    let (listed, repaired) = repair_leftovers(repo, lock, vm.as_mut(), &job.run_dir)?;
     let points = listed.points;
     for a in &repaired {
         progress.log(
@@ -164,7 +170,7 @@ pub fn run_backup(
     let result = write_point(
         job,
         repo,
-        &lock,
+        lock,
         &key,
         &point,
         &lp,

@@ -134,7 +134,8 @@ pub fn gc(ctx: &Ctx, a: GcArgs) -> Result<ExitCode> {
         (None, Some(t)) => Selection::Target(t),
         (None, None) => Selection::All,
     };
-    let repos = collect(&state, &selection, a.dry_run)?;
+    let now = Clock::process().now().with_timezone(&chrono::Utc);
+    let repos = collect(&state, &selection, a.dry_run, now)?;
     let worst = repos.iter().map(|r| r.code).max().unwrap_or(ExitCode::Ok);
     if ctx.json {
         print_json(&serde_json::json!({

@@ -46,8 +46,28 @@ pub struct RepoGc {
     pub code: ExitCode,
 }
 
+impl RepoGc {
+    /// A repository of `rule` that was not collected, and why.
+    pub fn not_run(rule: &RuleRow, why: &str) -> RepoGc {
+        RepoGc {
+            target: rule.settings.target.clone(),
+            location: rule.settings.subdir.clone(),
+            rules: vec![rule.name.clone()],
+            status: TaskState::Skipped,
+            report: None,
+            error: Some(why.to_string()),
+            code: ExitCode::Ok,
+        }
+    }
+}
+
 /// Collect the selected repositories (module docs); `dry_run` only counts.
-pub fn gc(state: &State, selection: &Selection, dry_run: bool) -> Result<Vec<RepoGc>> {
+pub fn gc(
+    state: &State,
+    selection: &Selection,
+    dry_run: bool,
+    now: DateTime<Utc>,
+) -> Result<Vec<RepoGc>> {
     let rules: Vec<RuleRow> = match selection {
         Selection::All => state.rules()?,
         Selection::Rule(r) => vec![state.require_rule(r)?],
@@ -83,7 +103,7 @@ pub fn gc(state: &State, selection: &Selection, dry_run: bool) -> Result<Vec<Rep
         match super::rule_repository(state, &rules[0]) {
             Ok(Some(repo)) => {
                 entry.location = repo.location().to_string();
-                collect_one(&repo, dry_run, &mut entry);
+                collect_one(&repo, dry_run, now, &mut entry);
             }
             Ok(None) => {
                 entry.status = TaskState::Skipped;
@@ -97,7 +117,7 @@ pub fn gc(state: &State, selection: &Selection, dry_run: bool) -> Result<Vec<Rep
 }
 
 /// Collect one repository unless its lock is busy (then deferred).
-fn collect_one(repo: &Repository, dry_run: bool, entry: &mut RepoGc) {
+fn collect_one(repo: &Repository, dry_run: bool, now: DateTime<Utc>, entry: &mut RepoGc) {
     let lock = if dry_run {
         repo.lock_shared("gc --dry-run")
     } else {
@@ -113,7 +133,7 @@ fn collect_one(repo: &Repository, dry_run: bool, entry: &mut RepoGc) {
         }
         Err(e) => return fail(entry, e),
     };
-    match collect(repo, &lock, dry_run) {
+    match collect(repo, &lock, dry_run, now) {
         Ok(r) => entry.report = Some(r),
         Err(e) => fail(entry, e),
     }
@@ -125,15 +145,23 @@ fn fail(entry: &mut RepoGc, e: anyhow::Error) {
     entry.error = Some(format!("{e:#}"));
 }
 
+/// True when the last garbage collection of `repo` finished more than
+/// [`AUTO_GC_INTERVAL`] before `now` (or never ran, or ran "in the future":
+/// the clock was set back).
+pub fn gc_due(repo: &Repository, now: DateTime<Utc>) -> Result<bool> {
+    let Some(last) = last_gc(repo)? else {
+        return Ok(true);
+    };
+    let finished = DateTime::parse_from_rfc3339(&last.finished).map(|t| t.with_timezone(&Utc));
+    Ok(!finished.is_ok_and(|t| now - t < AUTO_GC_INTERVAL && t <= now))
+}
+
 /// The automatic GC of one repository: only when the last one finished more
 /// than [`AUTO_GC_INTERVAL`] before `now`, and only when the exclusive lock is
 /// free at once (never waited for). `None` when it was not due.
 pub fn gc_if_due(repo: &Repository, now: DateTime<Utc>) -> Result<Option<RepoGc>> {
-    if let Some(last) = last_gc(repo)? {
-        let finished = DateTime::parse_from_rfc3339(&last.finished).map(|t| t.with_timezone(&Utc));
-        if finished.is_ok_and(|t| now - t < AUTO_GC_INTERVAL && t <= now) {
-            return Ok(None);
-        }
+    if !gc_due(repo, now)? {
+        return Ok(None);
     }
     let mut entry = RepoGc {
         target: String::new(),
@@ -144,6 +172,6 @@ pub fn gc_if_due(repo: &Repository, now: DateTime<Utc>) -> Result<Option<RepoGc>
         error: None,
         code: ExitCode::Ok,
     };
-    collect_one(repo, false, &mut entry);
+    collect_one(repo, false, now, &mut entry);
     Ok(Some(entry))
 }

@@ -156,9 +156,20 @@ pub fn prune_vm<Tz: TimeZone>(
         return Ok(plan(&repo.list_points(key)?, retention, now, protected));
     };
     let lock = repo.lock_vm(repo_lock, key, "prune")?;
-    let marks = plan(&repo.list_points(key)?, retention, now, protected);
+    prune_vm_locked(repo, &lock, retention, now, protected)
+}
+
+/// Plan the locked VM's points and remove what the plan removes, oldest first.
+pub fn prune_vm_locked<Tz: TimeZone>(
+    repo: &Repository,
+    lock: &crate::repo::VmLock,
+    retention: Retention,
+    now: &DateTime<Tz>,
+    protected: &BTreeMap<String, String>,
+) -> Result<Vec<Mark>> {
+    let marks = plan(&repo.list_points(lock.vm_key())?, retention, now, protected);
     for m in marks.iter().filter(|m| m.action == Action::Remove) {
-        repo.remove_point(&lock, &m.point)?;
+        repo.remove_point(lock, &m.point)?;
     }
     Ok(marks)
 }

@@ -186,8 +186,14 @@ pub fn mark(repo: &Repository) -> Result<(MarkSet, u64)> {
 }
 
 /// Collect garbage (module docs). `lock` must be the repository's exclusive
-/// lock, or, for a dry run, any repository lock.
-pub fn collect(repo: &Repository, lock: &RepoLock, dry_run: bool) -> Result<GcReport> {
+/// lock, or, for a dry run, any repository lock. `now` is recorded in
+/// `gc.json` (the clock the automatic collection's once-a-day rule reads).
+pub fn collect(
+    repo: &Repository,
+    lock: &RepoLock,
+    dry_run: bool,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<GcReport> {
     if !dry_run && lock.mode() != LockMode::Exclusive {
         bail!("garbage collection needs the repository's exclusive lock");
     }
@@ -228,7 +234,7 @@ pub fn collect(repo: &Repository, lock: &RepoLock, dry_run: bool) -> Result<GcRe
         report.staging_removed = repo.remove_stale_partials()?.len() as u64;
         repo.store().flush()?;
         let last = LastGc {
-            finished: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            finished: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             objects_removed: report.objects_removed,
             bytes_freed: report.bytes_freed,
         };

@@ -177,6 +177,28 @@ impl State {
         })
     }
 
+    /// Mark a task pending, with why it waits (a lock held by someone else).
+    pub fn set_task_waiting(&mut self, task: i64, reason: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET state = 'pending', waiting = ?2 WHERE id = ?1",
+                params![task, reason],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A task that takes no slot (prune, GC) starts running.
+    pub fn set_task_running(&mut self, task: i64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET state = 'running', waiting = NULL, started_at = ?2 WHERE id = ?1",
+                params![task, now_millis_text()],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Take a global and a per-platform slot for `task`, or mark it pending (R41).
     pub fn try_take_slot(
         &mut self,
