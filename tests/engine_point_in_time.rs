@@ -56,6 +56,7 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
         buffers: 2,
         clock: vmbackup::clock::Clock::real(),
         bandwidth: Arc::new(vmbackup::task::throttle::Throttle::unlimited()),
+        io_timeout: vmbackup::config::DEFAULT_IO_TIMEOUT,
     }
 }
 
@@ -71,7 +72,9 @@ fn restore_digest(dir: &std::path::Path, point: &str) -> String {
         dest: &to,
         format: ImageFormat::Raw,
         force: false,
+        mode: vmbackup::restore::DEFAULT_MODE,
         workers: 2,
+        on_staging: &|_| Ok(()),
     };
     restore_point(
         &req,

@@ -10,30 +10,33 @@ use super::Ctx;
 use crate::error::{exit_code_of, ExitCode};
 use crate::lifecycle::rule_repository;
 use crate::platform;
-use crate::runner::recover::cleanup_vm;
+use crate::runner::recover::{cleanup_vm, remove_stale_restores};
 
 pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
-    let state = ctx.state()?;
+    let mut state = ctx.state()?;
     let rules = match &a.rule {
         Some(r) => vec![state.require_rule(r)?],
         None => state.rules()?,
     };
+    let run_dir = ctx.run_dir()?;
+    let io_timeout = ctx.system_config()?.io_timeout;
     let mut actions: Vec<serde_json::Value> = Vec::new();
     let mut worst = ExitCode::Ok;
+    let names: Vec<String> = rules.iter().map(|r| r.name.clone()).collect();
+    for d in remove_stale_restores(&mut state, None, Some(&names))? {
+        if !ctx.json && !ctx.quiet {
+            out!("{d}");
+        }
+        actions.push(serde_json::json!({ "action": d }));
+    }
     let mut repos = Vec::new();
     for rule in &rules {
         let prow = state.require_platform(&rule.settings.platform)?;
-        let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
+        let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir), io_timeout)?;
         let repo = rule_repository(&state, rule)?;
         repos.extend(repo.clone());
         for v in &rule.vms {
-            let res = cleanup_vm(
-                plat.as_ref(),
-                repo.as_ref(),
-                &prow.name,
-                &v.vm,
-                &ctx.run_dir(),
-            );
+            let res = cleanup_vm(plat.as_ref(), repo.as_ref(), &prow.name, &v.vm, &run_dir);
             match res {
                 Ok(done) => {
                     for d in &done {

@@ -59,9 +59,9 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-pub use chunk::{digest_hex, digest_of, parse_digest_hex, Digest};
+pub use chunk::{decode_chunk, digest_hex, digest_of, parse_digest_hex, Digest};
 pub use chunk_store::{digest_of_key, object_key, ChunkError, ChunkStore, Inserted};
-pub use delta::{Delta, Patch};
+pub use delta::{decode_delta, Delta, Patch};
 pub use format::{
     check_chunk_size, RepoConfig, CONFIG_FILE, FORMAT_VERSION, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };

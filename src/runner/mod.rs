@@ -81,6 +81,8 @@ pub enum Job {
         dest: PathBuf,
         format: ImageFormat,
         force: bool,
+        /// Mode of the image files (`restore::DEFAULT_MODE` unless asked otherwise).
+        mode: u32,
     },
     /// Apply the rule's retention to the VM's points now (R17: the scheduler
     /// submits it after the VM's last scheduled backup of the day).
@@ -165,6 +167,8 @@ pub struct TaskResult {
 pub struct RunnerConfig {
     pub state_path: PathBuf,
     pub run_dir: PathBuf,
+    /// How long a QMP command or NBD request may wait for its answer.
+    pub io_timeout: Duration,
     pub limits: Limits,
     pub chunk_size: u32,
     pub clock: Clock,
