@@ -184,6 +184,9 @@ impl Cluster {
                 "-dataCenter=dc1",
                 &format!("-rack={rack}"),
                 &format!("-max={VOLUMES_PER_SERVER}"),
+                // An absolute floor: a shared disk that is 99% full still has
+                // room for the tests' few megabytes.
+                "-minFreeSpace=256MiB",
             ]);
             let log = dir.join(format!("volume{}.log", i + 1));
             let pid = spawn(args.clone(), log.file_name().unwrap().to_str().unwrap());
