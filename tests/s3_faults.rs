@@ -63,7 +63,7 @@ fn a_volume_server_killed_mid_backup_fails_the_task_cleanly_and_the_next_run_com
 
     // Changes for the incremental that will meet the dead server.
     vm.write_random("disk0", 4 * MIB, 24 * MIB, 2);
-    let mut child = env
+    let child = env
         .child_cmd()
         .args(["--json", "run-now", "r", "--level", "inc"])
         .stdout(Stdio::piped())
