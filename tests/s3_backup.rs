@@ -5,7 +5,7 @@
 //! backup waits, pending, until the lock object expires).
 
 mod common;
-use common::seaweedfs::{cluster, SECRET_KEY};
+use common::seaweedfs::{add_s3_target, cluster, SECRET_KEY};
 use common::*;
 
 use std::path::PathBuf;
@@ -24,36 +24,11 @@ struct Lab {
 }
 
 fn lab(extra: &[&str]) -> Lab {
-    let c = cluster();
     let env = Env::new();
     std::fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
     let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 16 * MIB)], true);
-    env.ok(&[
-        "platform",
-        "add",
-        "lab",
-        "--type",
-        "qemu",
-        "--qmp-dir",
-        env.qmp_dir.to_str().unwrap(),
-    ]);
-    let bucket = c.bucket();
-    let creds = c.credentials_file(env.dir.path(), "backup");
-    env.ok(&[
-        "target",
-        "add",
-        "s3t",
-        "--s3",
-        &c.endpoint,
-        "--bucket",
-        &bucket,
-        "--prefix",
-        "site/backups",
-        "--credentials-file",
-        creds.to_str().unwrap(),
-        "--profile",
-        "backup",
-    ]);
+    env.add_platform();
+    let (bucket, creds) = add_s3_target(&env, "s3t", "site/backups", "backup");
     let mut args = vec!["--schedule", "full daily at 01:00"];
     args.extend_from_slice(extra);
     env.add_rule("r", "lab", "vm1", "s3t", &args);
@@ -113,20 +88,7 @@ impl Lab {
     }
 
     fn restored_digest(&self, point: &str) -> String {
-        let dir = self.env.path(&format!("restore-{point}"));
-        self.env.ok(&[
-            "restore",
-            "r",
-            "--vm",
-            "vm1",
-            "--point",
-            point,
-            "--to",
-            dir.to_str().unwrap(),
-        ]);
-        let d = file_digest(&dir.join("disk0.raw"));
-        std::fs::remove_dir_all(dir).unwrap();
-        d
+        self.env.restored_digest("r", "vm1", point, "disk0")
     }
 }
 

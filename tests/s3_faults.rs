@@ -9,7 +9,7 @@
 //! changes the failed run had frozen were not lost.
 
 mod common;
-use common::seaweedfs::cluster;
+use common::seaweedfs::{add_s3_target, cluster};
 use common::*;
 
 use std::process::Stdio;
@@ -23,28 +23,8 @@ fn a_volume_server_killed_mid_backup_fails_the_task_cleanly_and_the_next_run_com
     let env = Env::new();
     std::fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
     let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 32 * MIB)], true);
-    env.ok(&[
-        "platform",
-        "add",
-        "lab",
-        "--type",
-        "qemu",
-        "--qmp-dir",
-        env.qmp_dir.to_str().unwrap(),
-    ]);
-    let bucket = c.bucket();
-    let creds = c.credentials_file(env.dir.path(), "default");
-    env.ok(&[
-        "target",
-        "add",
-        "s3t",
-        "--s3",
-        &c.endpoint,
-        "--bucket",
-        &bucket,
-        "--credentials-file",
-        creds.to_str().unwrap(),
-    ]);
+    env.add_platform();
+    add_s3_target(&env, "s3t", "", "default");
     env.add_rule(
         "r",
         "lab",
@@ -115,22 +95,7 @@ fn a_volume_server_killed_mid_backup_fails_the_task_cleanly_and_the_next_run_com
         .map(|p| p["point"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids.len(), if code == 0 { 2 } else { 1 }, "{points}");
-    let restore = |point: &str| {
-        let dir = env.path(&format!("restore-{point}"));
-        env.ok(&[
-            "restore",
-            "r",
-            "--vm",
-            "vm1",
-            "--point",
-            point,
-            "--to",
-            dir.to_str().unwrap(),
-        ]);
-        let d = file_digest(&dir.join("disk0.raw"));
-        std::fs::remove_dir_all(dir).unwrap();
-        d
-    };
+    let restore = |point: &str| env.restored_digest("r", "vm1", point, "disk0");
     assert_eq!(restore(&ids[0]), full_digest);
     if code == 3 {
         let error = summary.to_string();

@@ -499,6 +499,14 @@ impl Env {
     /// Register this env's QMP dir as platform `lab` and the directory
     /// `<env>/target` as target `target`.
     pub fn add_lab(&self, target: &str) {
+        self.add_platform();
+        let dir = self.path("target");
+        fs::create_dir_all(&dir).unwrap();
+        self.ok(&["target", "add", target, "--path", dir.to_str().unwrap()]);
+    }
+
+    /// Register this env's QMP dir as platform `lab`.
+    pub fn add_platform(&self) {
         self.ok(&[
             "platform",
             "add",
@@ -508,9 +516,17 @@ impl Env {
             "--qmp-dir",
             self.qmp_dir.to_str().unwrap(),
         ]);
-        let dir = self.path("target");
-        fs::create_dir_all(&dir).unwrap();
-        self.ok(&["target", "add", target, "--path", dir.to_str().unwrap()]);
+    }
+
+    /// Restore `point` of `vm` (rule `rule`) into a fresh directory; the
+    /// digest of `disk`'s raw image (the directory is removed again).
+    pub fn restored_digest(&self, rule: &str, vm: &str, point: &str, disk: &str) -> String {
+        let dir = self.path(&format!("restore-{rule}-{point}"));
+        let to = dir.to_str().unwrap();
+        self.ok(&["restore", rule, "--vm", vm, "--point", point, "--to", to]);
+        let digest = file_digest(&dir.join(format!("{disk}.raw")));
+        fs::remove_dir_all(dir).unwrap();
+        digest
     }
 
     /// `rule add NAME --platform P --vm VMS --target T EXTRA...`, expecting success.

@@ -473,3 +473,35 @@ pub fn start_incomplete_multipart(endpoint: &str, bucket: &str, key: &str) {
                 .unwrap();
         });
 }
+
+/// Register a new bucket of the cluster as S3 target `name` of `env` (under
+/// `prefix`, credentials file profile `profile`); the bucket and the
+/// credentials file.
+pub fn add_s3_target(
+    env: &super::Env,
+    name: &str,
+    prefix: &str,
+    profile: &str,
+) -> (String, PathBuf) {
+    let c = cluster();
+    let bucket = c.bucket();
+    let creds = c.credentials_file(env.dir.path(), profile);
+    let mut args = vec![
+        "target",
+        "add",
+        name,
+        "--s3",
+        &c.endpoint,
+        "--bucket",
+        &bucket,
+        "--credentials-file",
+        creds.to_str().unwrap(),
+        "--profile",
+        profile,
+    ];
+    if !prefix.is_empty() {
+        args.extend(["--prefix", prefix]);
+    }
+    env.ok(&args);
+    (bucket, creds)
+}
