@@ -683,7 +683,7 @@ fn r10_quiesce_is_refused_where_the_platform_cannot_freeze_guests() {
         &["--quiesce", "lab", "R10"],
     );
     l.env.ok(&add_rule("r1", "web", &["--schedule", DAILY]));
-    assert_eq!(l.env.json(&["rule", "show", "r1"])["quiesce"], false);
+    assert_eq!(l.env.json(&["rule", "show", "r1"])["quiesce"], "off");
 }
 
 #[test]

@@ -43,7 +43,7 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
         requested: level,
         auto_cbt: true,
         cbt: true,
-        quiesce: false,
+        quiesce: vmbackup::platform::Quiesce::Off,
         chunk_size: MIB as u32,
         run_dir: dir.join("run"),
         buffers: 2,

@@ -93,9 +93,9 @@ pub enum PlatformCmd {
         /// Platform type
         #[arg(long = "type", value_enum)]
         kind: PlatformKind,
-        /// Directory holding one QMP unix socket per VM (*.qmp or *.sock)
+        /// qemu: directory holding one QMP unix socket per VM (*.qmp or *.sock)
         #[arg(long, value_name = "DIR")]
-        qmp_dir: PathBuf,
+        qmp_dir: Option<PathBuf>,
     },
     /// List registered platforms
     List,
@@ -199,10 +199,12 @@ pub struct RuleAddArgs {
     /// Delete the rule's backup data when the rule is removed (R9)
     #[arg(long)]
     pub delete_data: bool,
-    /// Freeze guest file systems while the snapshot is taken (R10); refused on
-    /// platforms that cannot (qemu, for now: snapshots are crash-consistent)
-    #[arg(long)]
-    pub quiesce: bool,
+    /// Freeze guest file systems through the guest agent while the snapshot is
+    /// taken: "require" (the default when given bare) fails a backup whose guest agent
+    /// does not answer, "try" then takes a crash-consistent one with a warning
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true,
+          default_missing_value = "require", value_name = "MODE")]
+    pub quiesce: Option<QuiesceArg>,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -232,6 +234,12 @@ pub struct RuleEditArgs {
     /// Remove every bandwidth window
     #[arg(long, conflicts_with = "bandwidth")]
     pub clear_bandwidth: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuiesceArg {
+    Require,
+    Try,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -4,7 +4,6 @@
 //! then calls `backup::run_backup` / `restore::restore_point` / the repository.
 //! Every backup or restore is a task row with log lines (R31, R32).
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -413,7 +412,7 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
     let mut worst = ExitCode::Ok;
     for rule in &rules {
         let prow = state.require_platform(&rule.settings.platform)?;
-        let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
+        let plat = platform::connect(&prow.spec)?;
         let root = repo_root(&state, rule)?;
         for v in &rule.vms {
             let res = cleanup_vm(plat.as_ref(), &root, &prow.name, &v.vm, &ctx.run_dir());

@@ -25,7 +25,7 @@ use serde_json::json;
 use self::backup::ActiveBackup;
 use self::inventory::{query_vm, VmKind};
 use super::qmp::{Qmp, DEFAULT_TIMEOUT};
-use super::{BackupRequest, CleanupReport, Platform, Snapshot, VmHandle, VmInfo};
+use super::{BackupRequest, CleanupReport, Platform, Snapshot, TrackingToken, VmHandle, VmInfo};
 
 /// VMs whose QMP sockets live in one directory.
 pub struct QemuPlatform {
@@ -93,6 +93,14 @@ fn stem_of(socket: &Path) -> String {
 }
 
 impl Platform for QemuPlatform {
+    fn reachable(&self) -> Result<()> {
+        if self.qmp_dir.is_dir() {
+            Ok(())
+        } else {
+            bail!("QMP directory {} does not exist", self.qmp_dir.display())
+        }
+    }
+
     fn inventory(&self) -> Result<Vec<VmInfo>> {
         let mut vms = Vec::new();
         for socket in self.sockets()? {
@@ -201,11 +209,12 @@ impl VmHandle for QemuVm {
         Ok(snapshot)
     }
 
-    fn finish_backup(&mut self, committed: bool) -> Result<()> {
+    fn finish_backup(&mut self, stored: bool) -> Result<Option<TrackingToken>> {
         let Some(active) = self.active.take() else {
             bail!("VM '{}': no backup view is open", self.name);
         };
-        backup::finish(&mut self.qmp, active, committed, &self.name)
+        // Bitmaps are named after point ids: no token needed.
+        backup::finish(&mut self.qmp, active, stored, &self.name).map(|()| None)
     }
 
     fn cleanup(

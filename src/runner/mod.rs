@@ -359,7 +359,7 @@ impl Runner {
         let state = State::open(&self.cfg.state_path)?;
         let rule = &spec.rule;
         let prow = state.require_platform(&rule.settings.platform)?;
-        let plat = crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
+        let plat = crate::platform::connect(&prow.spec)?;
         let throttle = Arc::new(Throttle::new(
             rule.settings.bandwidth.clone(),
             self.cfg.clock,

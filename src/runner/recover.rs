@@ -57,7 +57,7 @@ pub fn reclaim(state: &mut State, run_dir: &Path) -> Result<Vec<String>> {
         let res = (|| -> Result<Vec<String>> {
             let rule = state.require_rule(&t.rule)?;
             let prow = state.require_platform(&rule.settings.platform)?;
-            let plat = crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
+            let plat = crate::platform::connect(&prow.spec)?;
             let root = crate::runner::repo_root(state, &rule)?;
             cleanup_vm(plat.as_ref(), &root, &prow.name, &t.vm, run_dir)
         })();

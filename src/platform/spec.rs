@@ -1,0 +1,74 @@
+//! What a registered platform is: its type and connection parameters, as one typed
+//! value stored as JSON in the state store (`platforms.spec`).
+//!
+//! Adding a platform type is adding a variant here and a driver module; nothing
+//! else in the state store, the runner or the CLI knows a type's parameters.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A platform's type with its connection parameters. Serialized with a `type` tag:
+/// `{"type":"qemu","qmp_dir":"/run/qemu"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum PlatformSpec {
+    /// QEMU processes, one QMP unix socket per VM in a directory.
+    Qemu { qmp_dir: PathBuf },
+}
+
+/// The type of a platform, without parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlatformKind {
+    Qemu,
+}
+
+impl std::fmt::Display for PlatformKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PlatformKind::Qemu => "qemu",
+        })
+    }
+}
+
+impl PlatformSpec {
+    pub fn kind(&self) -> PlatformKind {
+        match self {
+            PlatformSpec::Qemu { .. } => PlatformKind::Qemu,
+        }
+    }
+
+    /// Where the platform is, for listings: the QMP directory or the URI.
+    pub fn address(&self) -> String {
+        match self {
+            PlatformSpec::Qemu { qmp_dir } => qmp_dir.display().to_string(),
+        }
+    }
+
+    /// The JSON stored in the state store.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a platform spec always serializes")
+    }
+
+    /// Parse the stored JSON.
+    pub fn from_json(text: &str) -> anyhow::Result<PlatformSpec> {
+        serde_json::from_str(text)
+            .map_err(|e| anyhow::anyhow!("stored platform spec {text:?} is not valid: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_round_trip_through_tagged_json() {
+        let q = PlatformSpec::Qemu {
+            qmp_dir: "/run/qemu".into(),
+        };
+        assert_eq!(q.to_json(), r#"{"type":"qemu","qmp_dir":"/run/qemu"}"#);
+        assert_eq!(PlatformSpec::from_json(&q.to_json()).unwrap(), q);
+        assert!(PlatformSpec::from_json(r#"{"type":"vsphere"}"#).is_err());
+    }
+}
