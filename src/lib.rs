@@ -26,4 +26,5 @@ pub mod repo;
 pub mod restore;
 pub mod runner;
 pub mod state;
+pub mod task;
 pub mod units;

@@ -9,12 +9,12 @@ use common::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vmbackup::backup::progress::{LogLevel, Phase, Progress};
 use vmbackup::backup::{run_backup, BackupJob};
 use vmbackup::level::Level;
 use vmbackup::platform::qemu::QemuPlatform;
 use vmbackup::repo::Repository;
 use vmbackup::restore::{restore_point, ImageFormat, RestoreRequest};
+use vmbackup::task::progress::{LogLevel, Phase, Progress};
 
 /// Runs `action` once, at the first byte the engine reads.
 struct WriteOnFirstRead {
@@ -47,7 +47,7 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
         chunk_size: MIB as u32,
         run_dir: dir.join("run"),
         buffers: 2,
-        bandwidth: Arc::new(vmbackup::backup::throttle::Throttle::unlimited()),
+        bandwidth: Arc::new(vmbackup::task::throttle::Throttle::unlimited()),
     }
 }
 
@@ -67,7 +67,7 @@ fn restore_digest(dir: &std::path::Path, point: &str) -> String {
     };
     restore_point(
         &req,
-        &vmbackup::backup::progress::Silent,
+        &vmbackup::task::progress::Silent,
         &AtomicBool::new(false),
     )
     .unwrap();
@@ -128,7 +128,7 @@ fn write_during_backup_is_not_in_the_point_but_in_the_next() {
     let out = run_backup(
         &job(tmp.path(), Level::Inc),
         &platform,
-        Arc::new(vmbackup::backup::progress::Silent),
+        Arc::new(vmbackup::task::progress::Silent),
         cancel,
         rt.handle(),
     )

@@ -874,3 +874,87 @@ fn daemon_tells_systemd_when_it_is_ready_and_when_it_stops() {
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert_eq!(child.wait().unwrap().code(), Some(130));
 }
+
+#[test]
+fn restore_is_a_runner_task_recorded_and_logged_and_v_shows_qmp_commands() {
+    let env = Env::new();
+    let vm = one_vm_rule(
+        &env,
+        "r",
+        "web",
+        8 * MIB,
+        &["--schedule", "full daily at 01:00"],
+    );
+    // -v: debug diagnostics on stderr, with a timestamp, naming QMP commands.
+    let out = env
+        .cmd()
+        .args(["-v", "run-now", "r", "--level", "full"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let qmp_line = stderr
+        .lines()
+        .find(|l| l.contains("vmbackup: debug: QMP") && l.contains("transaction"))
+        .unwrap_or_else(|| panic!("no QMP debug line in:\n{stderr}"));
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(qmp_line.split(' ').next().unwrap()).is_ok(),
+        "no timestamp: {qmp_line}"
+    );
+    let quiet = env.cmd().args(["run-now", "r", "--level", "inc"]).output();
+    let quiet = String::from_utf8_lossy(&quiet.unwrap().stderr).into_owned();
+    assert!(
+        !quiet.contains("debug:"),
+        "debug lines without -v:\n{quiet}"
+    );
+
+    // A restore is a task: a row of kind restore, progress, its point, log lines.
+    let dest = env.path("restored");
+    let printed = env.ok(&[
+        "restore",
+        "r",
+        "--vm",
+        "web",
+        "--to",
+        dest.to_str().unwrap(),
+    ]);
+    let id = task_rows(&env).last().unwrap().0;
+    assert_eq!(task_field(&env, id, "kind").as_deref(), Some("restore"));
+    assert_eq!(task_field(&env, id, "state").as_deref(), Some("completed"));
+    let point = task_field(&env, id, "point").expect("restored point recorded");
+    assert_eq!(
+        task_field(&env, id, "bytes_done"),
+        task_field(&env, id, "bytes_total")
+    );
+    // Progress counts the data restored: the 8 MiB written, not the zero slots.
+    assert_eq!(
+        task_field(&env, id, "bytes_total").as_deref(),
+        Some((8 * MIB).to_string().as_str())
+    );
+    let logs = env.ok(&["logs", "r", "--task", &id.to_string()]);
+    let image = dest.join("disk0.raw");
+    assert!(
+        logs.contains(&point) && logs.contains(image.to_str().unwrap()),
+        "{logs}"
+    );
+    assert!(printed.contains(image.to_str().unwrap()), "{printed}");
+    assert_eq!(file_digest(&image), vm.shadow_digest("disk0"));
+
+    // A failed restore logs its error in its task, and says it once on stderr.
+    let err = env.fails(
+        2,
+        &[
+            "restore",
+            "r",
+            "--vm",
+            "web",
+            "--to",
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let failed = task_rows(&env).last().unwrap().0;
+    assert_eq!(task_field(&env, failed, "state").as_deref(), Some("failed"));
+    let logs = env.ok(&["logs", "r", "--task", &failed.to_string()]);
+    assert!(logs.contains("--force"), "{logs}");
+}

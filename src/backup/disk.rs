@@ -22,11 +22,11 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::extents::ExtentSet;
-use super::progress::Progress;
 use crate::error::Error;
 use crate::nbd::{NbdClient, DIRTY, STATE_ZERO};
 use crate::platform::{ChangedBlocks, DiskExport};
 use crate::repo::{Delta, DiskIndex, Patch, Repository, Slot};
+use crate::task::progress::Progress;
 
 /// What to back up for one disk.
 pub struct DiskPlan {
@@ -45,7 +45,7 @@ pub struct Pipeline {
     pub progress: Arc<dyn Progress>,
     pub cancel: Arc<AtomicBool>,
     /// Bandwidth windows of the rule (R29): every source read waits for tokens.
-    pub throttle: Arc<super::throttle::Throttle>,
+    pub throttle: Arc<crate::task::throttle::Throttle>,
 }
 
 /// Counters for the manifest.

@@ -17,8 +17,6 @@
 pub mod disk;
 pub mod extents;
 pub mod plan;
-pub mod progress;
-pub mod throttle;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -36,9 +34,10 @@ use crate::repo::{
     index_file_name, new_point_id, parse_point_id, vm_key, Manifest, ManifestDisk, ManifestTotals,
     ManifestVm, PointStatus, PointWriter, Repository, Slot, VmLock,
 };
+use crate::task::progress::{LogLevel, Phase, Progress};
+use crate::task::throttle::Throttle;
 use disk::{DiskPlan, Pipeline};
 use plan::{Fallback, LevelPlan, Tracking};
-use progress::{LogLevel, Phase, Progress};
 
 /// Everything a backup of one VM needs, resolved (no CLI types).
 #[derive(Debug, Clone)]
@@ -60,7 +59,7 @@ pub struct BackupJob {
     /// Chunk buffers in flight for this task (memory bound: this × chunk size).
     pub buffers: usize,
     /// The rule's bandwidth windows, applied to source reads (R29).
-    pub bandwidth: Arc<throttle::Throttle>,
+    pub bandwidth: Arc<Throttle>,
 }
 
 /// What a finished backup produced.

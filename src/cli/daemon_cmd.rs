@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::Result;
 
-use super::backup_cmd::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
+use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
 use super::Ctx;
 use crate::error::ExitCode;
 use crate::runner::{scheduler, TaskResult};

@@ -18,12 +18,17 @@ macro_rules! out {
 
 pub mod args;
 mod backup_cmd;
+mod cleanup_cmd;
 mod config_cmd;
 mod daemon_cmd;
+mod diag;
 mod logs_cmd;
 pub mod output;
 mod platform_cmd;
+mod points_cmd;
+mod process;
 mod progress_view;
+mod restore_cmd;
 mod rule_cmd;
 mod target_cmd;
 mod task_cmd;
@@ -127,6 +132,7 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::SUCCESS;
         }
     };
+    diag::init(cli.global.verbose);
     let json = cli.global.json;
     let code = match Ctx::resolve(&cli.global).and_then(|ctx| dispatch(&ctx, cli.command)) {
         Ok(code) => code,
@@ -174,9 +180,9 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
         Command::RunDue => daemon_cmd::run_due(ctx),
         Command::Task(c) => task_cmd::run(ctx, c),
         Command::Logs(a) => logs_cmd::logs(ctx, a),
-        Command::Points(a) => backup_cmd::points(ctx, a),
-        Command::Restore(a) => backup_cmd::restore(ctx, a),
-        Command::Verify(a) => backup_cmd::verify(ctx, a),
-        Command::Cleanup(a) => backup_cmd::cleanup(ctx, a),
+        Command::Points(a) => points_cmd::points(ctx, a),
+        Command::Restore(a) => restore_cmd::restore(ctx, a),
+        Command::Verify(a) => points_cmd::verify(ctx, a),
+        Command::Cleanup(a) => cleanup_cmd::cleanup(ctx, a),
     }
 }

@@ -14,6 +14,7 @@ use crate::policy::bandwidth::{validate_windows, Window};
 use crate::policy::{build_policy, Policy};
 use crate::state::rules::{RuleRow, RuleSettings};
 use crate::state::State;
+use crate::task::TaskState;
 
 pub fn run(ctx: &Ctx, cmd: RuleCmd) -> Result<ExitCode> {
     match cmd {
@@ -173,7 +174,7 @@ fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
 /// A VM's R31 state as `rule show` reports it.
 fn vm_state(state: &State, rule: &RuleRow, vm: &str, stored: &str) -> Result<String> {
     if let Some(t) = state.last_task(&rule.name, vm)? {
-        if t.state == "running" {
+        if t.state == TaskState::Running {
             return Ok(match t.phase.as_deref() {
                 Some("running") | None => format!(
                     "running {:.0}% {}/s ({})",
@@ -184,8 +185,8 @@ fn vm_state(state: &State, rule: &RuleRow, vm: &str, stored: &str) -> Result<Str
                 Some(p) => p.to_string(),
             });
         }
-        if t.state == "pending" || t.state == "queued" {
-            return Ok(t.state);
+        if matches!(t.state, TaskState::Pending | TaskState::Queued) {
+            return Ok(t.state.to_string());
         }
     }
     // R31 unknown: the platform or the target cannot be reached.
@@ -337,7 +338,7 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
         let (when, result, point) = match &v.last_task {
             Some(t) => (
                 t.started_at.clone().unwrap_or_default(),
-                t.state.clone(),
+                t.state.to_string(),
                 t.point.clone().unwrap_or_default(),
             ),
             None => (String::new(), String::new(), String::new()),

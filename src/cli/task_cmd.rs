@@ -6,6 +6,7 @@ use super::args::TaskCmd;
 use super::output::{print_json, Table};
 use super::Ctx;
 use crate::error::ExitCode;
+use crate::task::TaskState;
 use crate::units::format_size;
 
 pub fn run(ctx: &Ctx, cmd: TaskCmd) -> Result<ExitCode> {
@@ -51,14 +52,14 @@ fn list(ctx: &Ctx, all: bool) -> Result<ExitCode> {
         "WAITING FOR",
     ]);
     for r in &tasks {
-        let running = r.state == "running";
+        let running = r.state == TaskState::Running;
         t.row(vec![
             r.id.to_string(),
-            r.kind.clone(),
+            r.kind.to_string(),
             r.rule.clone(),
             r.vm.clone(),
             r.level.clone().unwrap_or_else(|| "-".into()),
-            r.state.clone(),
+            r.state.to_string(),
             elapsed(r),
             r.phase.clone().unwrap_or_else(|| "-".into()),
             format!("{:.0}%", r.percent),

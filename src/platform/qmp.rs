@@ -91,6 +91,8 @@ impl Qmp {
         if !args.is_null() {
             request["arguments"] = args;
         }
+        // Arguments are not logged: they may carry secrets.
+        tracing::debug!("QMP {}: {command}", self.socket.display());
         let mut line = request.to_string();
         line.push('\n');
         self.stream.write_all(line.as_bytes()).with_context(|| {

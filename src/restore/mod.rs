@@ -19,9 +19,9 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::backup::progress::Progress;
 use crate::error::{invalid, Error};
 use crate::repo::{encode_name, sync_dir, DiskIndex, Manifest, Repository, Slot};
+use crate::task::progress::Progress;
 
 /// Output image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -1,5 +1,5 @@
-//! The task runner: every backup goes through here, from `run-now`, `run-due` and
-//! `daemon` alike (R28, R38, R41, R42, R44).
+//! The task runner: every task goes through here — backups from `run-now`,
+//! `run-due` and `daemon`, restores from `restore` (R28, R38, R41, R42, R44).
 //!
 //! ```text
 //! admit (queued, or skipped R28) → slot lease (pending while none is free, R41)
@@ -10,7 +10,14 @@
 //! requests (made by any process) into the task's cancel flag. The first
 //! SIGINT/SIGTERM sets the runner's cancel flag: no new task starts, running ones
 //! stop cleanly (bitmap merged back, exports removed) and end `interrupted`.
+//!
+//! What a task does is its [`Job`] (`jobs.rs` runs each kind); what it records
+//! in the state store is `record.rs`; what is shown is up to the front end's
+//! [`Events`] (the runner never prints).
 
+pub mod events;
+mod jobs;
+pub mod record;
 pub mod recover;
 pub mod schedule;
 pub mod scheduler;
@@ -25,16 +32,17 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::backup::progress::Progress;
-use crate::backup::throttle::Throttle;
-use crate::backup::{run_backup, BackupJob, BackupOutcome};
+use crate::backup::BackupOutcome;
 use crate::clock::Clock;
 use crate::error::{exit_code_of, is_interrupted, ExitCode};
 use crate::level::Level;
+use crate::repo::Manifest;
+use crate::restore::{ImageFormat, RestoreReport};
 use crate::state::rules::RuleRow;
 use crate::state::slots::{Admission, Limits, SlotAnswer};
 use crate::state::State;
-use crate::units::format_size;
+use crate::task::{LogLevel, TaskKind, TaskState};
+pub use events::Events;
 
 /// Chunk buffers in flight per task: with `bk_tsk_thd` tasks this keeps memory
 /// under 64 MiB + 3 × bk_tsk_thd × i2vp_transbuffer.
@@ -52,21 +60,67 @@ pub fn repo_root(state: &State, rule: &RuleRow) -> Result<PathBuf> {
     Ok(Path::new(&target.path).join(&rule.settings.subdir))
 }
 
-/// Builds the progress receiver of a task (terminal bars, JSON lines, state rows).
-pub type ViewFactory =
-    Arc<dyn Fn(i64, &str, Arc<Throttle>) -> Result<Arc<dyn Progress>> + Send + Sync>;
-
-/// One backup to run.
+/// One task to run: what, for which VM of which rule.
 #[derive(Debug, Clone)]
 pub struct TaskSpec {
     pub rule: RuleRow,
     pub vm: String,
-    pub level: Level,
-    /// The schedule slot (RFC 3339 UTC) this run is for; `None` for `run-now`.
-    pub slot: Option<String>,
-    /// What the scheduler noticed about this run (missed slots folded into it);
-    /// written to the task's log once it has an id (R32).
-    pub notes: Vec<String>,
+    pub job: Job,
+}
+
+/// The work of a task, one variant per [`TaskKind`].
+#[derive(Debug, Clone)]
+pub enum Job {
+    Backup {
+        level: Level,
+        /// The schedule slot (RFC 3339 UTC) this run is for; `None` for `run-now`.
+        slot: Option<String>,
+        /// What the scheduler noticed about this run (missed slots folded into
+        /// it); written to the task's log once it has an id (R32).
+        notes: Vec<String>,
+    },
+    Restore {
+        /// The point, chosen (and so validated) before the task was admitted.
+        point: Box<Manifest>,
+        dest: PathBuf,
+        format: ImageFormat,
+        force: bool,
+    },
+}
+
+impl Job {
+    pub fn kind(&self) -> TaskKind {
+        match self {
+            Job::Backup { .. } => TaskKind::Backup,
+            Job::Restore { .. } => TaskKind::Restore,
+        }
+    }
+
+    /// The level a backup asks for (stored in the task row).
+    fn level(&self) -> Option<Level> {
+        match self {
+            Job::Backup { level, .. } => Some(*level),
+            Job::Restore { .. } => None,
+        }
+    }
+}
+
+/// What a completed task produced.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Outcome {
+    Backup(BackupOutcome),
+    Restore(RestoreReport),
+}
+
+impl Outcome {
+    /// The point a task wrote (backup) or read (restore).
+    pub fn point(&self) -> &str {
+        match self {
+            Outcome::Backup(o) => &o.point,
+            Outcome::Restore(r) => &r.point,
+        }
+    }
 }
 
 /// How one task ended, as `run-now`/`run-due` print it (README "JSON output").
@@ -76,14 +130,19 @@ pub struct TaskResult {
     pub rule: Option<String>,
     pub vm: String,
     pub task: i64,
-    pub status: &'static str,
+    #[serde(skip)]
+    pub kind: TaskKind,
+    pub status: TaskState,
     pub exit_code: u8,
     #[serde(skip)]
     pub code: ExitCode,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<BackupOutcome>,
+    pub outcome: Option<Outcome>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the task did, in lines for people (also in the task's log).
+    #[serde(skip)]
+    pub summary: Vec<String>,
 }
 
 /// Settings of a runner, resolved by the CLI.
@@ -92,8 +151,6 @@ pub struct RunnerConfig {
     pub run_dir: PathBuf,
     pub limits: Limits,
     pub chunk_size: u32,
-    pub quiet: bool,
-    pub json: bool,
     pub clock: Clock,
 }
 
@@ -102,7 +159,7 @@ pub struct Runner {
     cfg: RunnerConfig,
     rt: tokio::runtime::Handle,
     cancel: Arc<AtomicBool>,
-    views: ViewFactory,
+    events: Arc<dyn Events>,
     /// Cancel flags of this process's active tasks, by task id.
     flags: Mutex<HashMap<i64, Arc<AtomicBool>>>,
     stop_heartbeat: Arc<AtomicBool>,
@@ -114,13 +171,13 @@ impl Runner {
         cfg: RunnerConfig,
         rt: tokio::runtime::Handle,
         cancel: Arc<AtomicBool>,
-        views: ViewFactory,
+        events: Arc<dyn Events>,
     ) -> Result<Arc<Runner>> {
         let runner = Arc::new(Runner {
             cfg,
             rt,
             cancel,
-            views,
+            events,
             flags: Mutex::new(HashMap::new()),
             stop_heartbeat: Arc::new(AtomicBool::new(false)),
         });
@@ -136,7 +193,7 @@ impl Runner {
                 let requested = if last_beat.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
                     last_beat = Some(std::time::Instant::now());
                     state.heartbeat().unwrap_or_else(|e| {
-                        eprintln!("vmbackup: warning: cannot refresh slot leases: {e:#}");
+                        tracing::warn!("cannot refresh slot leases: {e:#}");
                         Vec::new()
                     })
                 } else {
@@ -158,20 +215,9 @@ impl Runner {
         self.cancel.load(Ordering::SeqCst)
     }
 
-    /// Take a slot for a task this process runs itself (a restore, R38): the
-    /// returned flag is set on SIGINT/SIGTERM or `task cancel`.
-    pub fn take_slot_for(
-        &self,
-        state: &mut State,
-        task: i64,
-        platform: &str,
-    ) -> Result<Arc<AtomicBool>> {
-        let flag = Arc::new(AtomicBool::new(self.cancelled()));
-        if let Ok(mut flags) = self.flags.lock() {
-            flags.insert(task, flag.clone());
-        }
-        self.wait_for_slot(state, task, platform, &flag)?;
-        Ok(flag)
+    /// The front end's receiver of events.
+    pub fn events(&self) -> &dyn Events {
+        self.events.as_ref()
     }
 
     fn forward_cancels(&self, requested: &[i64]) {
@@ -212,34 +258,39 @@ impl Runner {
         spec: TaskSpec,
     ) -> Result<Option<Result<JoinHandle<TaskResult>, TaskResult>>> {
         let mut state = State::open(&self.cfg.state_path)?;
+        let (slot, notes) = match &spec.job {
+            Job::Backup { slot, notes, .. } => (slot.as_deref(), notes.as_slice()),
+            Job::Restore { .. } => (None, &[][..]),
+        };
         let admission = state.admit_task(
-            "backup",
+            spec.job.kind(),
             &spec.rule.name,
             &spec.vm,
-            Some(spec.level.as_str()),
-            spec.slot.as_deref(),
+            spec.job.level().map(Level::as_str),
+            slot,
         )?;
         if let Some(Admission::Skipped { task, .. } | Admission::Queued(task)) = &admission {
-            for note in &spec.notes {
-                state.log(*task, "warn", note)?;
+            for note in notes {
+                state.log(*task, LogLevel::Warn, note)?;
             }
         }
         match admission {
             None => Ok(None),
             Some(Admission::Skipped { task, reason }) => {
-                if !self.cfg.json {
-                    eprintln!("vmbackup: {}: {reason}", spec.vm);
-                }
-                Ok(Some(Err(TaskResult {
+                let skipped = TaskResult {
                     rule: Some(spec.rule.name.clone()),
-                    vm: spec.vm,
+                    vm: spec.vm.clone(),
                     task,
-                    status: "skipped",
+                    kind: spec.job.kind(),
+                    status: TaskState::Skipped,
                     exit_code: ExitCode::Busy.code(),
                     code: ExitCode::Busy,
                     outcome: None,
                     error: Some(reason),
-                })))
+                    summary: Vec::new(),
+                };
+                self.events.ended(&skipped);
+                Ok(Some(Err(skipped)))
             }
             Some(Admission::Queued(task)) => {
                 let flag = Arc::new(AtomicBool::new(self.cancelled()));
@@ -259,7 +310,7 @@ impl Runner {
         }
     }
 
-    /// Wait for a slot (pending, R41), then back up, then record the end.
+    /// Wait for a slot (pending, R41), then do the job, then record the end.
     fn run_task(
         &self,
         spec: &TaskSpec,
@@ -268,71 +319,74 @@ impl Runner {
         mut state: State,
     ) -> TaskResult {
         let res = self
-            .wait_for_slot(&mut state, task, &spec.rule.settings.platform, &flag)
-            .and_then(|()| self.backup(spec, task, flag));
-        let (status, code, outcome, error) = match res {
-            Ok(out) => {
-                let code = if out.fallback.is_some() || !out.warnings.is_empty() {
-                    ExitCode::Warning
-                } else {
-                    ExitCode::Ok
+            .wait_for_slot(&mut state, task, spec, &flag)
+            .and_then(|()| jobs::run(self, spec, task, flag));
+        let kind = spec.job.kind();
+        let result = match res {
+            Ok(done) => {
+                for line in &done.summary {
+                    record(&mut state, task, LogLevel::Info, line);
+                }
+                let (point, note) = match &done.outcome {
+                    Outcome::Backup(o) => (o.point.as_str(), o.fallback.as_deref()),
+                    Outcome::Restore(r) => (r.point.as_str(), None),
                 };
-                let msg = format!(
-                    "{} point {} (requested {}), read {}, stored {}",
-                    out.level,
-                    out.point,
-                    out.requested,
-                    format_size(out.totals.bytes_read),
-                    format_size(out.totals.bytes_written)
-                );
-                record(&mut state, task, "info", &msg);
-                if let Err(e) =
-                    state.end_task(task, "completed", Some(&out.point), out.fallback.as_deref())
-                {
-                    eprintln!("vmbackup: warning: cannot record the end of task {task}: {e:#}");
+                if let Err(e) = state.end_task(task, TaskState::Completed, Some(point), note) {
+                    tracing::warn!("cannot record the end of task {task}: {e:#}");
                 }
-                if !self.cfg.json && !self.cfg.quiet {
-                    crate::cli::output::stdout_line(format_args!("{}: {msg}", spec.vm));
+                TaskResult {
+                    rule: Some(spec.rule.name.clone()),
+                    vm: spec.vm.clone(),
+                    task,
+                    kind,
+                    status: TaskState::Completed,
+                    exit_code: done.code.code(),
+                    code: done.code,
+                    outcome: Some(done.outcome),
+                    error: None,
+                    summary: done.summary,
                 }
-                ("completed", code, Some(out), None)
             }
             Err(err) => {
                 let code = exit_code_of(&err);
                 let status = if is_interrupted(&err) {
-                    "interrupted"
+                    TaskState::Interrupted
                 } else if code == ExitCode::Busy {
-                    "skipped"
+                    TaskState::Skipped
                 } else {
-                    "failed"
+                    TaskState::Failed
                 };
                 let msg = format!("{err:#}");
-                record(&mut state, task, "error", &msg);
+                record(&mut state, task, LogLevel::Error, &msg);
                 if let Err(e) = state.end_task(task, status, None, Some(&msg)) {
-                    eprintln!("vmbackup: warning: cannot record the end of task {task}: {e:#}");
+                    tracing::warn!("cannot record the end of task {task}: {e:#}");
                 }
-                eprintln!("vmbackup: {}: {status}: {msg}", spec.vm);
-                (status, code, None, Some(msg))
+                TaskResult {
+                    rule: Some(spec.rule.name.clone()),
+                    vm: spec.vm.clone(),
+                    task,
+                    kind,
+                    status,
+                    exit_code: code.code(),
+                    code,
+                    outcome: None,
+                    error: Some(msg),
+                    summary: Vec::new(),
+                }
             }
         };
-        TaskResult {
-            rule: Some(spec.rule.name.clone()),
-            vm: spec.vm.clone(),
-            task,
-            status,
-            exit_code: code.code(),
-            code,
-            outcome,
-            error,
-        }
+        self.events.ended(&result);
+        result
     }
 
     fn wait_for_slot(
         &self,
         state: &mut State,
         task: i64,
-        platform: &str,
+        spec: &TaskSpec,
         flag: &AtomicBool,
     ) -> Result<()> {
+        let platform = &spec.rule.settings.platform;
         let mut told = None;
         loop {
             if flag.load(Ordering::SeqCst) || self.cancelled() {
@@ -343,44 +397,14 @@ impl Runner {
                 SlotAnswer::Cancelled => return Err(crate::error::Error::Interrupted.into()),
                 SlotAnswer::Wait(reason) => {
                     if told.as_ref() != Some(&reason) {
-                        record(state, task, "info", &reason);
-                        if !self.cfg.json && !self.cfg.quiet {
-                            eprintln!("vmbackup: task {task}: pending: {reason}");
-                        }
+                        record(state, task, LogLevel::Info, &reason);
+                        self.events.pending(task, spec, &reason);
                         told = Some(reason);
                     }
                 }
             }
             std::thread::sleep(SLOT_RETRY);
         }
-    }
-
-    fn backup(&self, spec: &TaskSpec, task: i64, flag: Arc<AtomicBool>) -> Result<BackupOutcome> {
-        let state = State::open(&self.cfg.state_path)?;
-        let rule = &spec.rule;
-        let prow = state.require_platform(&rule.settings.platform)?;
-        let plat = crate::platform::connect(&prow.spec)?;
-        let throttle = Arc::new(Throttle::new(
-            rule.settings.bandwidth.clone(),
-            self.cfg.clock,
-            flag.clone(),
-        ));
-        let job = BackupJob {
-            platform: prow.name.clone(),
-            vm: spec.vm.clone(),
-            repo_root: repo_root(&state, rule)?,
-            requested: spec.level,
-            auto_cbt: rule.settings.auto_cbt,
-            cbt: rule.settings.cbt,
-            quiesce: rule.settings.quiesce,
-            chunk_size: self.cfg.chunk_size,
-            run_dir: self.cfg.run_dir.clone(),
-            buffers: BUFFERS_PER_TASK,
-            bandwidth: throttle.clone(),
-        };
-        drop(state);
-        let view = (self.views)(task, &spec.vm, throttle)?;
-        run_backup(&job, plat.as_ref(), view, flag, &self.rt)
     }
 }
 
@@ -396,16 +420,18 @@ pub fn join(handle: JoinHandle<TaskResult>) -> TaskResult {
         rule: None,
         vm: String::new(),
         task: 0,
-        status: "failed",
+        kind: TaskKind::Backup,
+        status: TaskState::Failed,
         exit_code: ExitCode::Failed.code(),
         code: ExitCode::Failed,
         outcome: None,
         error: Some("task thread panicked".into()),
+        summary: Vec::new(),
     })
 }
 
-fn record(state: &mut State, task: i64, level: &str, msg: &str) {
+fn record(state: &mut State, task: i64, level: LogLevel, msg: &str) {
     if let Err(e) = state.log(task, level, msg) {
-        eprintln!("vmbackup: warning: cannot record a log line of task {task}: {e:#}");
+        tracing::warn!("cannot record a log line of task {task}: {e:#}");
     }
 }

@@ -10,6 +10,7 @@ use crate::backup::repair_leftovers;
 use crate::platform::Platform;
 use crate::repo::{vm_key, Repository};
 use crate::state::State;
+use crate::task::LogLevel;
 
 /// Clean up one VM after an interrupted run: lock it in the repository (when the
 /// repository exists), drop incomplete points, then let the platform remove its
@@ -62,9 +63,9 @@ pub fn reclaim(state: &mut State, run_dir: &Path) -> Result<Vec<String>> {
             cleanup_vm(plat.as_ref(), &root, &prow.name, &t.vm, run_dir)
         })();
         let (level, msg) = match res {
-            Ok(actions) if actions.is_empty() => ("info", "cleanup after the interrupted run: nothing left over".to_string()),
-            Ok(actions) => ("info", format!("cleanup after the interrupted run: {}", actions.join("; "))),
-            Err(e) => ("warn", format!("cleanup after the interrupted run failed: {e:#}; the next backup of this VM or 'vmbackup cleanup' repeats it")),
+            Ok(actions) if actions.is_empty() => (LogLevel::Info, "cleanup after the interrupted run: nothing left over".to_string()),
+            Ok(actions) => (LogLevel::Info, format!("cleanup after the interrupted run: {}", actions.join("; "))),
+            Err(e) => (LogLevel::Warn, format!("cleanup after the interrupted run failed: {e:#}; the next backup of this VM or 'vmbackup cleanup' repeats it")),
         };
         state.log(t.id, level, &msg)?;
         lines.push(format!("task {} VM '{}': {msg}", t.id, t.vm));

@@ -13,7 +13,7 @@ use anyhow::Result;
 use chrono::{DateTime, Local, Utc};
 
 use super::schedule::{due_run, next_slot, parse_slot, slot_text};
-use super::{join, Runner, TaskResult, TaskSpec};
+use super::{join, Job, Runner, TaskResult, TaskSpec};
 use crate::policy::Policy;
 use crate::state::State;
 
@@ -70,9 +70,11 @@ pub fn due_specs(state: &State, now: DateTime<Local>) -> Result<(Vec<TaskSpec>, 
             specs.push(TaskSpec {
                 rule: rule.clone(),
                 vm: v.vm.clone(),
-                level: due.level,
-                slot: Some(slot),
-                notes: task_notes,
+                job: Job::Backup {
+                    level: due.level,
+                    slot: Some(slot),
+                    notes: task_notes,
+                },
             });
         }
     }
@@ -97,9 +99,10 @@ pub fn next_wake(state: &State, now: DateTime<Local>) -> Result<Option<DateTime<
 fn mark_once_completed(state: &mut State, spec: &TaskSpec) {
     if matches!(spec.rule.settings.policy, Policy::Once { .. }) {
         if let Err(e) = state.set_rule_vm_state(&spec.rule.name, Some(&spec.vm), "completed") {
-            eprintln!(
-                "vmbackup: warning: rule '{}' VM '{}': cannot mark completed: {e:#}",
-                spec.rule.name, spec.vm
+            tracing::warn!(
+                "rule '{}' VM '{}': cannot mark completed: {e:#}",
+                spec.rule.name,
+                spec.vm
             );
         }
     }
@@ -110,7 +113,7 @@ pub fn run_due(runner: &std::sync::Arc<Runner>) -> Result<Vec<TaskResult>> {
     let mut state = State::open(&runner.config().state_path)?;
     let (specs, notes) = due_specs(&state, runner.config().clock.now())?;
     for n in &notes {
-        eprintln!("vmbackup: {n}");
+        runner.events().note(n);
     }
     let mut started = Vec::new();
     for spec in specs {
@@ -145,7 +148,7 @@ pub fn daemon(
         let now = clock.now();
         let (specs, notes) = due_specs(&state, now)?;
         for n in &notes {
-            eprintln!("vmbackup: {n}");
+            runner.events().note(n);
         }
         for spec in specs {
             match runner.submit(spec.clone())? {
@@ -163,10 +166,10 @@ pub fn daemon(
         let generation = state.config_generation()?;
         let wake = next_wake(&state, clock.now())?;
         if let Some(at) = wake {
-            eprintln!(
-                "vmbackup: next run at {}",
+            runner.events().note(&format!(
+                "next run at {}",
                 at.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S")
-            );
+            ));
         }
         loop {
             let (done, still): (Vec<_>, Vec<_>) =

@@ -8,6 +8,7 @@ use rusqlite::{params, Transaction};
 use serde::Serialize;
 
 use super::State;
+use crate::task::LogLevel;
 
 /// The most log lines kept in the state store (documented in README.md).
 pub const MAX_LOG_ROWS: i64 = 200_000;
@@ -21,7 +22,7 @@ pub struct TaskLogLine {
     pub rule: String,
     pub vm: String,
     pub ts: String,
-    pub level: String,
+    pub level: LogLevel,
     pub message: String,
 }
 

@@ -17,6 +17,7 @@ use rusqlite::{params, OptionalExtension, Transaction};
 use super::tasks::{TaskRow, ACTIVE_STATES};
 use super::State;
 use crate::error::refused;
+use crate::task::{TaskKind, TaskState};
 
 /// A lease whose heartbeat is this old is taken to belong to a hung process.
 pub const STALE_AFTER_SECS: i64 = 120;
@@ -85,28 +86,29 @@ pub fn pid_alive(pid: i64) -> bool {
     }
 }
 
-fn active_task_of(tx: &Transaction, rule: &str, vm: &str) -> Result<Option<(i64, String)>> {
+fn active_task_of(tx: &Transaction, rule: &str, vm: &str) -> Result<Option<(i64, TaskState)>> {
     Ok(tx
         .query_row(
             &format!(
-                "SELECT id, state FROM tasks WHERE rule = ?1 AND vm = ?2 AND kind = 'backup'
+                "SELECT id, state FROM tasks WHERE rule = ?1 AND vm = ?2 AND kind = ?3
                  AND state IN {ACTIVE_STATES} ORDER BY id LIMIT 1"
             ),
-            params![rule, vm],
+            params![rule, vm, TaskKind::Backup],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?)
 }
 
 impl State {
-    /// Queue a task for this process, unless (for a backup) its rule+VM already has
-    /// a queued, pending or running one: then record a skipped row instead (R28).
+    /// Queue a task for this process, unless (for a kind that
+    /// [skips](TaskKind::skips_when_active)) its rule+VM already has a queued,
+    /// pending or running backup: then record a skipped row instead (R28).
     /// `slot` (a schedule's instant, RFC 3339) is recorded in `schedule_runs` in the
     /// same transaction, so a slot is admitted at most once across processes; an
     /// already recorded slot returns `None`.
     pub fn admit_task(
         &mut self,
-        kind: &str,
+        kind: TaskKind,
         rule: &str,
         vm: &str,
         level: Option<&str>,
@@ -127,7 +129,7 @@ impl State {
                 }
             }
             let now = now_millis_text();
-            let busy = if kind == "backup" {
+            let busy = if kind.skips_when_active() {
                 active_task_of(tx, rule, vm)?
             } else {
                 None
@@ -233,12 +235,11 @@ impl State {
         })
     }
 
-    /// Finish a task and release its slot in one step; `state` is completed /
-    /// failed / skipped / interrupted.
+    /// Finish a task and release its slot in one step; `state` is a final state.
     pub fn end_task(
         &mut self,
         task: i64,
-        state: &str,
+        state: TaskState,
         point: Option<&str>,
         message: Option<&str>,
     ) -> Result<()> {
@@ -289,7 +290,7 @@ impl State {
                     Ok((
                         r.get::<_, i64>(0)?,
                         r.get::<_, Option<i64>>(1)?,
-                        r.get::<_, String>(2)?,
+                        r.get::<_, TaskState>(2)?,
                         r.get::<_, Option<i64>>(3)?,
                     ))
                 })?
@@ -317,7 +318,7 @@ impl State {
                     "INSERT INTO task_logs (task, ts, level, message) VALUES (?1, ?2, 'warn', ?3)",
                     params![id, super::now_text(), why],
                 )?;
-                gone.push((id, state == "running"));
+                gone.push((id, state == TaskState::Running));
             }
             Ok(gone)
         })?;
@@ -325,7 +326,7 @@ impl State {
         for (id, was_running) in found {
             if let Some(task) = self.task(id)? {
                 out.push(Reclaimed {
-                    needs_cleanup: was_running && task.kind == "backup",
+                    needs_cleanup: was_running && task.kind.touches_the_vm(),
                     task,
                 });
             }
@@ -339,7 +340,7 @@ impl State {
         let task = self.task(id)?.ok_or_else(|| {
             crate::error::invalid("task", id, "no such task; see 'vmbackup task list --all'")
         })?;
-        if !matches!(task.state.as_str(), "queued" | "pending" | "running") {
+        if !task.state.is_active() {
             return Err(refused(format!(
                 "task {id} is already {}; only queued, pending or running tasks can be cancelled",
                 task.state

@@ -1,4 +1,4 @@
-//! Tasks (one backup or restore of one VM) and their log lines (R31, R32).
+//! Task rows (one run of one kind of work for one VM) and their log lines (R31, R32).
 //!
 //! A task row is written when the task starts and updated as it moves through the
 //! R31 phases; its final state is one of completed / failed / skipped /
@@ -10,18 +10,19 @@ use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 use super::State;
+use crate::task::{LogLevel, TaskKind, TaskState};
 
-/// Task states. `queued`/`pending`/`running` are active; the others final.
-pub const ACTIVE_STATES: &str = "('queued','pending','running')";
+/// `state IN` this list: the task is active.
+pub const ACTIVE_STATES: &str = TaskState::ACTIVE_SQL;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskRow {
     pub id: i64,
-    pub kind: String,
+    pub kind: TaskKind,
     pub rule: String,
     pub vm: String,
     pub level: Option<String>,
-    pub state: String,
+    pub state: TaskState,
     pub phase: Option<String>,
     pub percent: f64,
     pub bytes_done: u64,
@@ -71,31 +72,11 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
 pub struct LogLine {
     pub task: i64,
     pub ts: String,
-    pub level: String,
+    pub level: LogLevel,
     pub message: String,
 }
 
 impl State {
-    /// Record a task that starts running now in this process.
-    pub fn start_task(
-        &mut self,
-        kind: &str,
-        rule: &str,
-        vm: &str,
-        level: Option<&str>,
-    ) -> Result<i64> {
-        let pid = std::process::id() as i64;
-        self.write(|tx| {
-            let now = super::now_text();
-            tx.execute(
-                "INSERT INTO tasks (kind, rule, vm, level, state, phase, pid, created_at, started_at)
-                 VALUES (?1, ?2, ?3, ?4, 'running', 'preparing', ?5, ?6, ?6)",
-                params![kind, rule, vm, level, pid, now],
-            )?;
-            Ok(tx.last_insert_rowid())
-        })
-    }
-
     /// Move a running task to R31 phase `phase`.
     pub fn set_task_phase(&mut self, id: i64, phase: &str) -> Result<()> {
         self.write(|tx| {
@@ -120,24 +101,6 @@ impl State {
                 "UPDATE tasks SET phase = CASE WHEN state = 'running' THEN 'running' ELSE phase END,
                  bytes_done = ?2, bytes_total = ?3, percent = ?4 WHERE id = ?1",
                 params![id, done as i64, total as i64, pct],
-            )?;
-            Ok(())
-        })
-    }
-
-    /// Finish a task: `state` is completed / failed / interrupted / skipped.
-    pub fn finish_task(
-        &mut self,
-        id: i64,
-        state: &str,
-        point: Option<&str>,
-        message: Option<&str>,
-    ) -> Result<()> {
-        self.write(|tx| {
-            tx.execute(
-                "UPDATE tasks SET state = ?2, phase = NULL, point = COALESCE(?3, point), message = ?4,
-                 finished_at = ?5, percent = CASE WHEN ?2 = 'completed' THEN 100 ELSE percent END WHERE id = ?1",
-                params![id, state, point, message, super::now_text()],
             )?;
             Ok(())
         })
@@ -185,7 +148,7 @@ impl State {
     }
 
     /// Append a log line to a task (R32).
-    pub fn log(&mut self, task: i64, level: &str, message: &str) -> Result<()> {
+    pub fn log(&mut self, task: i64, level: LogLevel, message: &str) -> Result<()> {
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO task_logs (task, ts, level, message) VALUES (?1, ?2, ?3, ?4)",

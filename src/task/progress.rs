@@ -1,7 +1,8 @@
 //! How the engine reports what it is doing (R30, R31) without knowing who listens.
 //!
-//! The CLI implements [`Progress`] with terminal bars, JSON lines and state-store
-//! updates; tests use [`Silent`].
+//! The runner records every event in the task's row and log (`runner::record`)
+//! and hands it on to a display the CLI provides (terminal bars, JSON lines);
+//! tests use [`Silent`].
 
 use crate::level::Level;
 
@@ -28,8 +29,9 @@ impl Phase {
     }
 }
 
-/// Severity of an engine log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Severity of a task log line (R32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     Info,
     Warn,
@@ -37,6 +39,8 @@ pub enum LogLevel {
 }
 
 impl LogLevel {
+    pub const ALL: [LogLevel; 3] = [LogLevel::Info, LogLevel::Warn, LogLevel::Error];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LogLevel::Info => "info",

@@ -1,0 +1,62 @@
+//! `restore`: a restore point back to image files, as a task of the runner
+//! (it takes a slot, R38, and can be cancelled like a backup).
+
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, Result};
+
+use super::args::{ImageFormat as ImageArg, RestoreArgs};
+use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
+use super::Ctx;
+use crate::error::ExitCode;
+use crate::repo::{vm_key, Repository};
+use crate::restore::ImageFormat;
+use crate::runner::{repo_root, Job, TaskSpec};
+use crate::task::TaskState;
+
+pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
+    let state = ctx.state()?;
+    let rule = state.require_rule(&a.rule)?;
+    rule.require_vm(&a.vm)?;
+    let root = repo_root(&state, &rule)?;
+    let repo = Repository::open(&root).with_context(|| format!("rule '{}'", rule.name))?;
+    let key = vm_key(&rule.settings.platform, &a.vm);
+    let point = (a.point != "latest").then_some(a.point.as_str());
+    // Chosen (and so validated) before a task is recorded: bad input changes nothing.
+    let manifest = crate::restore::select_point(&repo, &key, point)?;
+    drop(state);
+    reclaim_dead(ctx)?;
+    let rt = runtime()?;
+    let cancel = cancel_on_signals(&rt);
+    let runner = make_runner(ctx, &rt, cancel.clone())?;
+    let spec = TaskSpec {
+        rule: rule.clone(),
+        vm: a.vm.clone(),
+        job: Job::Restore {
+            point: Box::new(manifest),
+            dest: a.to.clone(),
+            format: match a.format {
+                ImageArg::Raw => ImageFormat::Raw,
+                ImageArg::Qcow2 => ImageFormat::Qcow2,
+            },
+            force: a.force,
+        },
+    };
+    let results = runner.run_all(vec![spec])?;
+    let worst = worst_of(&results, cancel.load(Ordering::SeqCst));
+    if ctx.json {
+        for r in &results {
+            let summary = match (&r.status, &r.outcome) {
+                (TaskState::Completed, Some(report)) => {
+                    serde_json::json!({ "type": "summary", "task": r.task, "restore": report })
+                }
+                _ => serde_json::json!({
+                    "type": "summary", "task": r.task, "status": r.status,
+                    "error": r.error, "exit_code": r.exit_code,
+                }),
+            };
+            out!("{summary}");
+        }
+    }
+    Ok(worst)
+}

@@ -1,0 +1,138 @@
+//! Doing each kind of task once it holds its slot: resolve the rule into the
+//! engine's request, record and display progress, and say what it produced.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use super::record::TaskRecorder;
+use super::{repo_root, Job, Outcome, Runner, TaskSpec, BUFFERS_PER_TASK};
+use crate::backup::{run_backup, BackupJob, BackupOutcome};
+use crate::error::ExitCode;
+use crate::repo::{vm_key, Repository};
+use crate::restore::{restore_point, RestoreReport, RestoreRequest};
+use crate::state::State;
+use crate::task::throttle::Throttle;
+use crate::units::format_size;
+
+/// Threads fetching chunks for one restore.
+const RESTORE_WORKERS: usize = 4;
+
+/// What a job that completed produced.
+pub struct Done {
+    pub outcome: Outcome,
+    /// `Warning` when it completed with warnings (a fallback to full, R26/R27).
+    pub code: ExitCode,
+    /// Lines for people, also written to the task's log.
+    pub summary: Vec<String>,
+}
+
+/// Run the job of `spec` as task `task`.
+pub fn run(runner: &Runner, spec: &TaskSpec, task: i64, cancel: Arc<AtomicBool>) -> Result<Done> {
+    match &spec.job {
+        Job::Backup { level, .. } => backup(runner, spec, *level, task, cancel),
+        Job::Restore {
+            point,
+            dest,
+            format,
+            force,
+        } => {
+            let state = State::open(&runner.cfg.state_path)?;
+            let rule = &spec.rule;
+            let repo = Repository::open(&repo_root(&state, rule)?)
+                .with_context(|| format!("rule '{}'", rule.name))?;
+            let display = runner.events.display(task, spec, None);
+            let recorder = TaskRecorder::new(task, state, display, None);
+            let key = vm_key(&rule.settings.platform, &spec.vm);
+            let req = RestoreRequest {
+                repo: &repo,
+                vm_key: &key,
+                point,
+                dest,
+                format: *format,
+                force: *force,
+                workers: RESTORE_WORKERS,
+            };
+            let report = restore_point(&req, &recorder, &cancel)?;
+            Ok(Done {
+                summary: restore_summary(&report),
+                outcome: Outcome::Restore(report),
+                code: ExitCode::Ok,
+            })
+        }
+    }
+}
+
+fn backup(
+    runner: &Runner,
+    spec: &TaskSpec,
+    level: crate::level::Level,
+    task: i64,
+    cancel: Arc<AtomicBool>,
+) -> Result<Done> {
+    let state = State::open(&runner.cfg.state_path)?;
+    let rule = &spec.rule;
+    let prow = state.require_platform(&rule.settings.platform)?;
+    let plat = crate::platform::connect(&prow.spec)?;
+    let throttle = Arc::new(Throttle::new(
+        rule.settings.bandwidth.clone(),
+        runner.cfg.clock,
+        cancel.clone(),
+    ));
+    let job = BackupJob {
+        platform: prow.name.clone(),
+        vm: spec.vm.clone(),
+        repo_root: repo_root(&state, rule)?,
+        requested: level,
+        auto_cbt: rule.settings.auto_cbt,
+        cbt: rule.settings.cbt,
+        quiesce: rule.settings.quiesce,
+        chunk_size: runner.cfg.chunk_size,
+        run_dir: runner.cfg.run_dir.clone(),
+        buffers: BUFFERS_PER_TASK,
+        bandwidth: throttle.clone(),
+    };
+    let display = runner.events.display(task, spec, Some(throttle.clone()));
+    let recorder = Arc::new(TaskRecorder::new(task, state, display, Some(throttle)));
+    let out = run_backup(&job, plat.as_ref(), recorder, cancel, &runner.rt)?;
+    let code = if out.fallback.is_some() || !out.warnings.is_empty() {
+        ExitCode::Warning
+    } else {
+        ExitCode::Ok
+    };
+    Ok(Done {
+        summary: vec![backup_summary(&out)],
+        outcome: Outcome::Backup(out),
+        code,
+    })
+}
+
+/// `inc point 20261124T120000Z (requested inc), read 70MiB, stored 30MiB`.
+fn backup_summary(out: &BackupOutcome) -> String {
+    format!(
+        "{} point {} (requested {}), read {}, stored {}",
+        out.level,
+        out.point,
+        out.requested,
+        format_size(out.totals.bytes_read),
+        format_size(out.totals.bytes_written)
+    )
+}
+
+/// `point 20261124T120000Z disk vda -> /srv/restore/vda.raw (20GiB)`, one per disk.
+fn restore_summary(report: &RestoreReport) -> Vec<String> {
+    report
+        .disks
+        .iter()
+        .map(|d| {
+            format!(
+                "point {} disk {} -> {} ({})",
+                report.point,
+                d.disk,
+                d.path.display(),
+                format_size(d.size)
+            )
+        })
+        .collect()
+}
