@@ -96,6 +96,9 @@ pub enum PlatformCmd {
         /// qemu: directory holding one QMP unix socket per VM (*.qmp or *.sock)
         #[arg(long, value_name = "DIR")]
         qmp_dir: Option<PathBuf>,
+        /// libvirt: connection URI (qemu:///system, qemu+ssh://host/system, qemu+tls://host/system)
+        #[arg(long, value_name = "URI")]
+        uri: Option<String>,
     },
     /// List registered platforms
     List,
@@ -118,6 +121,8 @@ pub enum PlatformCmd {
 pub enum PlatformKind {
     /// QEMU processes (qemu-system, qemu-storage-daemon) reached over QMP sockets
     Qemu,
+    /// Domains of a libvirt daemon (checkpoints and pull-mode backups)
+    Libvirt,
 }
 
 #[derive(Debug, Subcommand)]

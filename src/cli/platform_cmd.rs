@@ -20,7 +20,8 @@ pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
             name,
             kind,
             qmp_dir,
-        } => add(ctx, &name, spec_of(kind, qmp_dir)?),
+            uri,
+        } => add(ctx, &name, spec_of(kind, qmp_dir, uri)?),
         PlatformCmd::List => list(ctx),
         PlatformCmd::Show { name } => show(ctx, &name),
         PlatformCmd::Refresh { name } => refresh(ctx, &name),
@@ -45,9 +46,20 @@ pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
 
 /// The platform spec from `platform add` arguments: each type's parameters are
 /// required with it and refused with another type.
-fn spec_of(kind: PlatformKind, qmp_dir: Option<PathBuf>) -> Result<PlatformSpec> {
+fn spec_of(
+    kind: PlatformKind,
+    qmp_dir: Option<PathBuf>,
+    uri: Option<String>,
+) -> Result<PlatformSpec> {
     match kind {
         PlatformKind::Qemu => {
+            if let Some(uri) = uri {
+                return Err(invalid(
+                    "--uri",
+                    uri,
+                    "only with --type libvirt; --type qemu takes --qmp-dir",
+                ));
+            }
             let Some(dir) = qmp_dir else {
                 return Err(invalid(
                     "--qmp-dir",
@@ -58,6 +70,30 @@ fn spec_of(kind: PlatformKind, qmp_dir: Option<PathBuf>) -> Result<PlatformSpec>
             Ok(PlatformSpec::Qemu {
                 qmp_dir: qemu_dir(&dir)?,
             })
+        }
+        PlatformKind::Libvirt => {
+            if let Some(dir) = qmp_dir {
+                return Err(invalid(
+                    "--qmp-dir",
+                    dir.display(),
+                    "only with --type qemu; --type libvirt takes --uri",
+                ));
+            }
+            let Some(uri) = uri else {
+                return Err(invalid(
+                    "--uri",
+                    "(missing)",
+                    "required with --type libvirt: a libvirt URI such as qemu:///system or qemu+ssh://host/system",
+                ));
+            };
+            if !uri.contains("://") {
+                return Err(invalid(
+                    "--uri",
+                    uri,
+                    "a libvirt URI such as qemu:///system or qemu+ssh://host/system",
+                ));
+            }
+            Ok(PlatformSpec::Libvirt { uri })
         }
     }
 }

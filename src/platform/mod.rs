@@ -39,14 +39,17 @@
 //! - `cleanup(latest_point, latest_full)` after a crash leaves tracking exactly as a
 //!   committed or failed run would have: relative to the newest committed point.
 
+pub mod libvirt;
 pub mod qemu;
 pub mod qmp;
+pub mod quiesce;
 pub mod spec;
 
 use std::path::PathBuf;
 
 use serde::Serialize;
 
+pub use quiesce::{freeze_marker, hold_frozen_for_tests, FreezeOutcome};
 pub use spec::{PlatformKind, PlatformSpec};
 
 use crate::level::Level;
@@ -71,6 +74,10 @@ pub struct VmInfo {
     /// Set when the VM could not be queried (e.g. its socket does not answer);
     /// the other fields are then empty. One bad VM never hides the others.
     pub error: Option<String>,
+    /// What identifies the VM beyond its name, when the platform has it (libvirt:
+    /// `libvirt://HOST/UUID`, the host's name and the domain's UUID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// One disk of a VM.
@@ -247,11 +254,15 @@ pub trait VmHandle: Send {
 pub fn connect(spec: &PlatformSpec) -> anyhow::Result<Box<dyn Platform>> {
     match spec {
         PlatformSpec::Qemu { qmp_dir } => Ok(Box::new(qemu::QemuPlatform::new(qmp_dir.clone()))),
+        PlatformSpec::Libvirt { uri } => Ok(Box::new(libvirt::LibvirtPlatform::connect(uri)?)),
     }
 }
 
 /// Whether a platform type can freeze guest file systems around its snapshot
 /// (R10). Rules asking for quiesced snapshots where it cannot are refused.
-pub fn can_quiesce(_kind: PlatformKind) -> bool {
-    false
+pub fn can_quiesce(kind: PlatformKind) -> bool {
+    match kind {
+        PlatformKind::Qemu => false,
+        PlatformKind::Libvirt => true,
+    }
 }

@@ -113,6 +113,7 @@ impl Platform for QemuPlatform {
                     status: String::new(),
                     disks: Vec::new(),
                     error: Some(format!("QMP socket {}: {e:#}", socket.display())),
+                    identity: None,
                 },
             });
         }

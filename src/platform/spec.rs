@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub enum PlatformSpec {
     /// QEMU processes, one QMP unix socket per VM in a directory.
     Qemu { qmp_dir: PathBuf },
+    /// Domains of a libvirt daemon (`qemu:///system`, `qemu+ssh://host/system`, ...).
+    Libvirt { uri: String },
 }
 
 /// The type of a platform, without parameters.
@@ -22,12 +24,14 @@ pub enum PlatformSpec {
 #[serde(rename_all = "lowercase")]
 pub enum PlatformKind {
     Qemu,
+    Libvirt,
 }
 
 impl std::fmt::Display for PlatformKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             PlatformKind::Qemu => "qemu",
+            PlatformKind::Libvirt => "libvirt",
         })
     }
 }
@@ -36,6 +40,7 @@ impl PlatformSpec {
     pub fn kind(&self) -> PlatformKind {
         match self {
             PlatformSpec::Qemu { .. } => PlatformKind::Qemu,
+            PlatformSpec::Libvirt { .. } => PlatformKind::Libvirt,
         }
     }
 
@@ -43,6 +48,7 @@ impl PlatformSpec {
     pub fn address(&self) -> String {
         match self {
             PlatformSpec::Qemu { qmp_dir } => qmp_dir.display().to_string(),
+            PlatformSpec::Libvirt { uri } => uri.clone(),
         }
     }
 
@@ -69,6 +75,11 @@ mod tests {
         };
         assert_eq!(q.to_json(), r#"{"type":"qemu","qmp_dir":"/run/qemu"}"#);
         assert_eq!(PlatformSpec::from_json(&q.to_json()).unwrap(), q);
+        let l = PlatformSpec::Libvirt {
+            uri: "qemu:///system".into(),
+        };
+        assert_eq!(l.to_json(), r#"{"type":"libvirt","uri":"qemu:///system"}"#);
+        assert_eq!(PlatformSpec::from_json(&l.to_json()).unwrap(), l);
         assert!(PlatformSpec::from_json(r#"{"type":"vsphere"}"#).is_err());
     }
 }

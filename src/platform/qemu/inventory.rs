@@ -70,6 +70,7 @@ pub fn query_vm(qmp: &mut Qmp, stem: &str) -> Result<VmState> {
             status,
             disks,
             error: None,
+            identity: None,
         },
         kind,
         graph,
