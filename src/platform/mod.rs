@@ -257,12 +257,3 @@ pub fn connect(spec: &PlatformSpec) -> anyhow::Result<Box<dyn Platform>> {
         PlatformSpec::Libvirt { uri } => Ok(Box::new(libvirt::LibvirtPlatform::connect(uri)?)),
     }
 }
-
-/// Whether a platform type can freeze guest file systems around its snapshot
-/// (R10). Rules asking for quiesced snapshots where it cannot are refused.
-pub fn can_quiesce(kind: PlatformKind) -> bool {
-    match kind {
-        PlatformKind::Qemu => false,
-        PlatformKind::Libvirt => true,
-    }
-}

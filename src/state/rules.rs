@@ -202,16 +202,6 @@ impl State {
         let policy = serde_json::to_string(&s.policy)?;
         let bandwidth = serde_json::to_string(&s.bandwidth)?;
         let platform = self.require_platform(&s.platform)?;
-        if s.quiesce != Quiesce::Off && !crate::platform::can_quiesce(platform.spec.kind()) {
-            return Err(invalid(
-                "--quiesce",
-                "on",
-                format!(
-                    "platform '{}' (type {}) cannot freeze guest file systems yet: it needs the QEMU guest agent, which vmbackup does not reach; snapshots are crash-consistent without --quiesce (R10)",
-                    platform.name, platform.spec.kind()
-                ),
-            ));
-        }
         self.require_target(&s.target)?;
         self.write(|tx| {
             let exists: bool = tx.query_row("SELECT COUNT(*) > 0 FROM rules WHERE name = ?1", [name], |r| r.get(0))?;

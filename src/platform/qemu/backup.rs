@@ -22,6 +22,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
+use super::agent::Quiescer;
 use super::graph::{BlockGraph, BlockNode};
 use super::inventory::VmState;
 use super::names::{self, BitmapKind};
@@ -76,6 +77,7 @@ pub fn begin(
     state: &VmState,
     req: &BackupRequest,
     removed_inconsistent: &[(String, String)],
+    quiescer: &mut Quiescer,
 ) -> Result<(ActiveBackup, Snapshot)> {
     let vm = state.info.name.as_str();
     for disk in &state.info.disks {
@@ -108,7 +110,7 @@ pub fn begin(
         transaction_done: false,
         nbd: None,
     };
-    match set_up(qmp, &mut active, req, vm) {
+    match set_up(qmp, &mut active, req, vm, quiescer) {
         Ok(snapshot) => Ok((active, snapshot)),
         Err(err) => match finish(qmp, active, false, vm) {
             Ok(()) => Err(err),
@@ -227,6 +229,7 @@ fn set_up(
     active: &mut ActiveBackup,
     req: &BackupRequest,
     vm: &str,
+    quiescer: &mut Quiescer,
 ) -> Result<Snapshot> {
     for run in &mut active.disks {
         create_fleece_image(&run.fleece_image, run.disk.size)?;
@@ -247,9 +250,15 @@ fn set_up(
         run.fleece_node_added = true;
     }
     let actions: Vec<Value> = active.disks.iter().flat_map(transaction_actions).collect();
-    qmp.execute("transaction", json!({ "actions": actions }))
-        .with_context(|| format!("VM '{vm}': start the snapshot transaction"))?;
+    // R10: guest file systems are frozen only around the transaction.
+    quiescer.freeze()?;
+    let started = qmp
+        .execute("transaction", json!({ "actions": actions }))
+        .with_context(|| format!("VM '{vm}': start the snapshot transaction"));
+    let thawed = quiescer.thaw();
+    started?;
     active.transaction_done = true;
+    thawed?;
     let server = nbd_server::start_or_find(qmp, &req.run_dir, vm)?;
     let addr = server.addr.clone();
     active.nbd = Some(server);
@@ -275,7 +284,7 @@ fn set_up(
     }
     Ok(Snapshot {
         exports,
-        notes: Vec::new(),
+        notes: quiescer.note().into_iter().collect(),
     })
 }
 
