@@ -628,3 +628,99 @@ fn quiesce_without_an_agent_fails_with_require_and_warns_with_try_r10() {
     assert_eq!(l2.restored(&p, "vda"), l2.dom.shadow_digest("vda"));
     let _ = virsh_try(&["list"]);
 }
+
+#[test]
+fn restore_as_a_new_domain_that_starts_and_reads_its_disk() {
+    let dom = TestDomain::define("src", &[Disk::qcow2("vda", 8 * MIB)], Boot::Checksum, false);
+    dom.write_random("vda", 0, 3 * MIB, 8); // shut off: into the image
+    dom.start();
+    let l = lab(dom, &[]);
+    let d = &l.dom;
+    d.write("vda", 5 * MIB, 64 * 1024, 0x31);
+    let (p1, _) = l.backup("full", "full", 0);
+    let expected = common::run("sha256sum", &[d.shadow("vda").to_str().unwrap()]);
+    let expected = expected.split_whitespace().next().unwrap().to_string();
+    d.destroy();
+    let _ = std::fs::remove_file(d.work.join("serial.log"));
+
+    let new = format!("{}-restored", d.name);
+    let to = d.work.join("restored");
+    // Bad input is refused before anything is written.
+    l.env.refused(
+        &[
+            "restore",
+            "r",
+            "--vm",
+            &d.name,
+            "--to",
+            to.to_str().unwrap(),
+            "--as-vm",
+            &d.name,
+        ],
+        &["--as-vm", "pick a new name"],
+    );
+    l.env.refused(
+        &[
+            "restore",
+            "r",
+            "--vm",
+            &d.name,
+            "--to",
+            to.to_str().unwrap(),
+            "--start",
+        ],
+        &["--as-vm"],
+    );
+    assert!(!to.exists());
+    let out = l.env.ok(&[
+        "--json",
+        "restore",
+        "r",
+        "--vm",
+        &d.name,
+        "--point",
+        &p1,
+        "--to",
+        to.to_str().unwrap(),
+        "--format",
+        "qcow2",
+        "--as-vm",
+        &new,
+        "--start",
+    ]);
+    let out: Value = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["type"] == "summary")
+        .unwrap_or_else(|| panic!("no summary: {out}"));
+    let _cleanup = Undefine(new.clone());
+    assert_eq!(out["restore"]["new_vm"]["name"], new.as_str(), "{out}");
+    assert_eq!(out["restore"]["new_vm"]["started"], true, "{out}");
+    let xml = virsh(&["dumpxml", &new]);
+    assert!(
+        xml.contains(&to.join("vda.qcow2").display().to_string()),
+        "{xml}"
+    );
+    assert_ne!(virsh(&["domuuid", &new]), virsh(&["domuuid", &d.name]));
+    // The new domain boots and reads its disk: the guest prints its checksum.
+    let console = d.wait_serial("VMB-SUM");
+    let sum = console
+        .lines()
+        .find_map(|l| l.strip_prefix("VMB-SUM "))
+        .unwrap()
+        .trim();
+    assert_eq!(
+        sum, expected,
+        "the restored domain reads the backed-up disk"
+    );
+}
+
+/// Destroys and undefines a domain the test made through vmbackup.
+struct Undefine(String);
+
+impl Drop for Undefine {
+    fn drop(&mut self) {
+        let _ = virsh_try(&["destroy", &self.0]);
+        let _ = virsh_try(&["undefine", &self.0, "--checkpoints-metadata", "--nvram"]);
+    }
+}

@@ -336,6 +336,13 @@ pub struct RestoreArgs {
     /// Overwrite existing image files
     #[arg(long)]
     pub force: bool,
+    /// Also define a new VM called NAME on the restored images, from the point's VM
+    /// configuration (libvirt: the domain XML, with a new UUID and new MAC addresses)
+    #[arg(long, value_name = "NAME")]
+    pub as_vm: Option<String>,
+    /// Start the new VM once defined
+    #[arg(long, requires = "as_vm")]
+    pub start: bool,
 }
 
 #[derive(Debug, Args)]

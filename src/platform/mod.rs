@@ -215,6 +215,26 @@ pub struct CleanupReport {
     pub actions: Vec<String>,
 }
 
+/// A new VM to define from a restored point ("restore as a new VM").
+#[derive(Debug, Clone)]
+pub struct NewVm<'a> {
+    pub name: &'a str,
+    /// The point's `vm_config`, as the platform gave it at backup time.
+    pub config: &'a serde_json::Value,
+    /// Each restored disk: its name in the point, image file and image format.
+    pub disks: Vec<(String, PathBuf, &'a str)>,
+    /// Start it once defined.
+    pub start: bool,
+}
+
+/// A VM `define_vm` made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DefinedVm {
+    pub name: String,
+    pub identity: Option<String>,
+    pub started: bool,
+}
+
 /// A virtualization host or manager.
 pub trait Platform: Send + Sync {
     /// Whether the platform answers now (R31 `unknown` when it does not); the
@@ -224,6 +244,12 @@ pub trait Platform: Send + Sync {
     fn inventory(&self) -> anyhow::Result<Vec<VmInfo>>;
     /// Open one VM by name for backup work.
     fn open_vm(&self, vm: &str) -> anyhow::Result<Box<dyn VmHandle>>;
+    /// Define (and maybe start) a new VM from a restored point's configuration
+    /// on its restored images. Platforms without VM definitions refuse
+    /// ([`PlatformSpec::why_no_new_vm`] says why).
+    fn define_vm(&self, vm: &NewVm) -> anyhow::Result<DefinedVm> {
+        anyhow::bail!("this platform cannot define VM '{}'", vm.name)
+    }
 }
 
 /// One VM, opened for backup work. Dropping it does not clean up: call

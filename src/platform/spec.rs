@@ -52,6 +52,21 @@ impl PlatformSpec {
         }
     }
 
+    /// Why a new VM cannot be defined on this platform from a point's `vm_config`
+    /// (restore as a new VM); `None` when it can. libvirt keeps domain definitions;
+    /// a directory of QMP sockets has none.
+    pub fn why_no_new_vm(&self, config: &serde_json::Value) -> Option<String> {
+        match self {
+            PlatformSpec::Qemu { .. } => Some(
+                "a qemu platform has no VM definitions; restore as a new VM needs a libvirt platform"
+                    .into(),
+            ),
+            PlatformSpec::Libvirt { .. } => super::libvirt::domain_xml_of(config).is_none().then(|| {
+                "the point holds no libvirt domain XML (taken on another platform type); restore to files instead".into()
+            }),
+        }
+    }
+
     /// The JSON stored in the state store.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a platform spec always serializes")

@@ -10,6 +10,7 @@ use super::record::TaskRecorder;
 use super::{repo_root, Job, Outcome, Runner, TaskSpec, BUFFERS_PER_TASK};
 use crate::backup::{run_backup, BackupJob, BackupOutcome};
 use crate::error::ExitCode;
+use crate::platform::NewVm;
 use crate::repo::{vm_key, Repository};
 use crate::restore::{restore_point, RestoreReport, RestoreRequest};
 use crate::state::State;
@@ -37,6 +38,7 @@ pub fn run(runner: &Runner, spec: &TaskSpec, task: i64, cancel: Arc<AtomicBool>)
             dest,
             format,
             force,
+            as_vm,
         } => {
             let state = State::open(&runner.cfg.state_path)?;
             let rule = &spec.rule;
@@ -54,7 +56,25 @@ pub fn run(runner: &Runner, spec: &TaskSpec, task: i64, cancel: Arc<AtomicBool>)
                 force: *force,
                 workers: RESTORE_WORKERS,
             };
-            let report = restore_point(&req, &recorder, &cancel)?;
+            let mut report = restore_point(&req, &recorder, &cancel)?;
+            if let Some((name, start)) = as_vm {
+                let prow = State::open(&runner.cfg.state_path)?
+                    .require_platform(&rule.settings.platform)?;
+                let new = NewVm {
+                    name,
+                    config: &point.vm_config,
+                    disks: report
+                        .disks
+                        .iter()
+                        .map(|d| (d.disk.clone(), d.path.clone(), format.ext()))
+                        .collect(),
+                    start: *start,
+                };
+                let defined = crate::platform::connect(&prow.spec)?
+                    .define_vm(&new)
+                    .with_context(|| format!("define VM '{name}' on platform '{}'", prow.name))?;
+                report.new_vm = Some(defined);
+            }
             Ok(Done {
                 summary: restore_summary(&report),
                 outcome: Outcome::Restore(report),
@@ -122,7 +142,7 @@ fn backup_summary(out: &BackupOutcome) -> String {
 
 /// `point 20261124T120000Z disk vda -> /srv/restore/vda.raw (20GiB)`, one per disk.
 fn restore_summary(report: &RestoreReport) -> Vec<String> {
-    report
+    let mut lines: Vec<String> = report
         .disks
         .iter()
         .map(|d| {
@@ -134,5 +154,13 @@ fn restore_summary(report: &RestoreReport) -> Vec<String> {
                 format_size(d.size)
             )
         })
-        .collect()
+        .collect();
+    if let Some(vm) = &report.new_vm {
+        lines.push(format!(
+            "defined VM '{}' on the restored images{}",
+            vm.name,
+            if vm.started { ", started" } else { "" }
+        ));
+    }
+    lines
 }

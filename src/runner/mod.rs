@@ -85,6 +85,9 @@ pub enum Job {
         dest: PathBuf,
         format: ImageFormat,
         force: bool,
+        /// Also define a new VM on the restored images: its name, and whether
+        /// to start it.
+        as_vm: Option<(String, bool)>,
     },
 }
 

@@ -18,6 +18,10 @@
 //! - Quiesce (R10, [`quiesce`]): `virDomainFSFreeze`/`FSThaw` through the guest
 //!   agent, around `virDomainBackupBegin` only.
 //!
+//! Restore as a new domain ([`xml::new_domain_xml`]): the point's domain XML with a
+//! new name, no UUID and MACs, its disks on the restored images; defined, maybe
+//! started.
+//!
 //! Remote URIs (`qemu+ssh://`, `qemu+tls://`) give inventory, configuration and
 //! restore-as-new-domain; their backups need an NBD export over TCP with TLS, which
 //! is refused with a clear error until vmbackup's NBD client speaks TLS.
@@ -37,7 +41,8 @@ use serde_json::json;
 
 use self::ffi::{Connection, Domain};
 use super::{
-    BackupRequest, CleanupReport, DiskInfo, Platform, Snapshot, TrackingToken, VmHandle, VmInfo,
+    BackupRequest, CleanupReport, DefinedVm, DiskInfo, NewVm, Platform, Snapshot, TrackingToken,
+    VmHandle, VmInfo,
 };
 
 /// A libvirt daemon, connected.
@@ -103,6 +108,41 @@ impl Platform for LibvirtPlatform {
         Ok(vms)
     }
 
+    fn define_vm(&self, vm: &NewVm) -> Result<DefinedVm> {
+        let Some(old) = domain_xml_of(vm.config) else {
+            bail!(
+                "the point's VM configuration holds no libvirt domain XML (was it taken on \
+                 a libvirt platform?); restore to files instead"
+            );
+        };
+        if self.conn.domain(vm.name).is_ok() {
+            return Err(crate::error::invalid(
+                "--as-vm",
+                vm.name,
+                "a domain of this name exists on the platform; pick a new name",
+            ));
+        }
+        let disks: Vec<xml::RestoredDisk> = vm
+            .disks
+            .iter()
+            .map(|(target, image, format)| xml::RestoredDisk {
+                target,
+                image,
+                format,
+            })
+            .collect();
+        let new_xml = xml::new_domain_xml(old, vm.name, &disks)?;
+        let dom = self.conn.define(&new_xml)?;
+        if vm.start {
+            dom.start()?;
+        }
+        Ok(DefinedVm {
+            name: dom.name(),
+            identity: Some(format!("libvirt://{}/{}", self.host, dom.uuid()?)),
+            started: vm.start,
+        })
+    }
+
     fn open_vm(&self, vm: &str) -> Result<Box<dyn VmHandle>> {
         let dom = self.conn.domain(vm)?;
         let uuid = dom.uuid()?;
@@ -116,6 +156,11 @@ impl Platform for LibvirtPlatform {
             active: None,
         }))
     }
+}
+
+/// The domain XML in a point's `vm_config` (see `VmHandle::config`).
+pub fn domain_xml_of(config: &serde_json::Value) -> Option<&str> {
+    config["domain_xml"].as_str()
 }
 
 /// One domain as the platform reports it.

@@ -254,6 +254,96 @@ pub fn checkpoint_bitmaps(xml: &str) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
+/// One restored disk of a new domain: its target, image and image format.
+pub struct RestoredDisk<'a> {
+    pub target: &'a str,
+    pub image: &'a Path,
+    pub format: &'a str,
+}
+
+/// A domain definition for a new domain made from a backed-up one: new name, no
+/// UUID and no MAC addresses (libvirt makes new ones), no NVRAM path (a fresh one
+/// from the template), each restored disk a file on its restored image, CD-ROMs
+/// empty. Everything else (devices, addresses, boot order, kernel) is kept.
+pub fn new_domain_xml(xml: &str, name: &str, disks: &[RestoredDisk]) -> Result<String> {
+    let doc = parse(xml)?;
+    let root = doc.root_element();
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    match child(root, "name") {
+        Some(n) => edits.push((n.range(), format!("<name>{}</name>", escape(name)))),
+        None => anyhow::bail!("the stored domain XML has no <name>"),
+    }
+    if let Some(u) = child(root, "uuid") {
+        edits.push((u.range(), String::new()));
+    }
+    if let Some(nvram) = child(root, "os").and_then(|os| child(os, "nvram")) {
+        edits.push((nvram.range(), String::new()));
+    }
+    let Some(devices) = child(root, "devices") else {
+        return apply(xml, edits);
+    };
+    for dev in devices.children().filter(|c| c.is_element()) {
+        if dev.has_tag_name("interface") {
+            if let Some(mac) = child(dev, "mac") {
+                edits.push((mac.range(), String::new()));
+            }
+            continue;
+        }
+        if !dev.has_tag_name("disk") {
+            continue;
+        }
+        let target = child(dev, "target")
+            .and_then(|t| t.attribute("dev"))
+            .unwrap_or("");
+        let device = dev.attribute("device").unwrap_or("disk");
+        if let Some(r) = disks.iter().find(|d| d.target == target) {
+            let mut kept = String::new();
+            for c in dev.children() {
+                let drop = c.is_element()
+                    && [
+                        "driver",
+                        "source",
+                        "backingStore",
+                        "auth",
+                        "mirror",
+                        "encryption",
+                        "reservations",
+                    ]
+                    .iter()
+                    .any(|t| c.has_tag_name(*t));
+                if !drop {
+                    kept.push_str(&xml[c.range()]);
+                }
+            }
+            edits.push((
+                dev.range(),
+                format!(
+                    "<disk type='file' device='{}'><driver name='qemu' type='{}'/><source file='{}'/>{kept}</disk>",
+                    escape(device),
+                    escape(r.format),
+                    escape(&r.image.to_string_lossy())
+                ),
+            ));
+        } else if matches!(device, "cdrom" | "floppy") {
+            if let Some(src) = child(dev, "source") {
+                edits.push((src.range(), String::new()));
+            }
+        }
+    }
+    apply(xml, edits)
+}
+
+/// Apply non-overlapping replacements of byte ranges.
+fn apply(xml: &str, mut edits: Vec<(std::ops::Range<usize>, String)>) -> Result<String> {
+    edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
+    let mut out = xml.to_string();
+    for (r, text) in edits {
+        out.replace_range(r, &text);
+    }
+    parse(&out).context("the rewritten domain XML does not parse")?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +418,48 @@ mod tests {
         let c = checkpoint_xml("vmbackup-P2", &[("vda", true), ("vdb", false)]);
         assert!(c.contains("<disk name='vdb' checkpoint='no'/>"), "{c}");
         roxmltree::Document::parse(&c).unwrap();
+    }
+
+    #[test]
+    fn a_new_domain_gets_a_new_name_no_uuid_no_macs_and_the_restored_disks() {
+        let xml = r#"<domain type='kvm'><name>web</name><uuid>8f0c0c47-1111-2222-3333-444455556666</uuid>
+  <os><type>hvm</type><nvram>/var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram></os>
+  <devices>
+    <disk type='network' device='disk'><driver name='qemu' type='raw' cache='none'/>
+      <source protocol='rbd' name='pool/web'><host name='mon1'/></source><auth username='x'><secret type='ceph' uuid='u'/></auth>
+      <target dev='vda' bus='virtio'/><boot order='1'/><address type='pci' slot='0x04'/></disk>
+    <disk type='file' device='cdrom'><source file='/iso/a.iso'/><target dev='sda' bus='sata'/><readonly/></disk>
+    <interface type='network'><mac address='52:54:00:aa:bb:cc'/><source network='default'/></interface>
+  </devices></domain>"#;
+        let out = new_domain_xml(
+            xml,
+            "web-restored",
+            &[RestoredDisk {
+                target: "vda",
+                image: Path::new("/srv/r/vda.qcow2"),
+                format: "qcow2",
+            }],
+        )
+        .unwrap();
+        assert!(out.contains("<name>web-restored</name>"), "{out}");
+        for gone in ["<uuid>", "52:54:00", "nvram", "rbd", "auth", "/iso/a.iso"] {
+            assert!(!out.contains(gone), "{gone} in {out}");
+        }
+        let disks = domain_disks(&out).unwrap();
+        assert_eq!(
+            (
+                disks[0].kind.as_str(),
+                disks[0].format.as_str(),
+                disks[0].source.as_deref()
+            ),
+            ("file", "qcow2", Some("/srv/r/vda.qcow2"))
+        );
+        assert!(
+            out.contains("<boot order='1'/>") && out.contains("slot='0x04'"),
+            "{out}"
+        );
+        assert_eq!(disks[1].device, "cdrom");
+        assert!(out.contains("<interface type='network'>"), "{out}");
     }
 
     #[test]
