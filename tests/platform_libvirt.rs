@@ -644,6 +644,7 @@ fn restore_as_a_new_domain_that_starts_and_reads_its_disk() {
     let _ = std::fs::remove_file(d.work.join("serial.log"));
 
     let new = format!("{}-restored", d.name);
+    let _cleanup = Undefine(new.clone());
     let to = d.work.join("restored");
     // Bad input is refused before anything is written.
     l.env.refused(
@@ -693,7 +694,6 @@ fn restore_as_a_new_domain_that_starts_and_reads_its_disk() {
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .find(|v| v["type"] == "summary")
         .unwrap_or_else(|| panic!("no summary: {out}"));
-    let _cleanup = Undefine(new.clone());
     assert_eq!(out["restore"]["new_vm"]["name"], new.as_str(), "{out}");
     assert_eq!(out["restore"]["new_vm"]["started"], true, "{out}");
     let xml = virsh(&["dumpxml", &new]);

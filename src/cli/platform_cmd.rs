@@ -120,7 +120,15 @@ fn add(ctx: &Ctx, name: &str, spec: PlatformSpec) -> Result<ExitCode> {
             "already registered; pick another name",
         ));
     }
-    let vms = platform::connect(&spec)?.inventory()?;
+    // A platform that cannot be reached is bad input here: nothing is registered.
+    let plat = platform::connect(&spec).map_err(|e| {
+        invalid(
+            "--uri",
+            spec.address(),
+            format!("cannot connect ({e:#}); check the URI and that libvirtd runs"),
+        )
+    })?;
+    let vms = plat.inventory()?;
     state.add_platform(name, &spec, &vms)?;
     report_inventory(ctx, name, &vms, "added");
     Ok(ExitCode::Ok)

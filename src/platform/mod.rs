@@ -75,8 +75,8 @@ pub struct VmInfo {
     /// the other fields are then empty. One bad VM never hides the others.
     pub error: Option<String>,
     /// What identifies the VM beyond its name, when the platform has it (libvirt:
-    /// `libvirt://HOST/UUID`, the host's name and the domain's UUID).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `libvirt://HOST/UUID`, the host's name and the domain's UUID); null otherwise.
+    #[serde(default)]
     pub identity: Option<String>,
 }
 
