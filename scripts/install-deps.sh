@@ -4,6 +4,7 @@
 #   qemu-storage-daemon, qemu-img, qemu-io, qemu-nbd  (package qemu-utils; 10.0.x expected)
 #   qemu-system-x86_64 of the SAME version as qemu-utils (TCG VMs in tests)
 #   nbdinfo, nbdcopy (libnbd-bin): independent NBD oracles in tests and the benchmark
+#   nbdkit with its delay and error filters: injected NBD faults in tests and scripts/faults.sh
 #   libvirtd, virtlogd, virsh, libvirt.so.0 (libvirt-daemon-system, libvirt-clients,
 #     libvirt-daemon-driver-qemu): the libvirt platform's tests run a private libvirtd
 #     (scripts/test-libvirtd.sh). vmbackup itself needs only libvirt.so.0 (libvirt0),
@@ -22,6 +23,7 @@ need=()
 have qemu-storage-daemon && have qemu-img && have qemu-io || need+=(qemu)
 have qemu-system-x86_64 || need+=(qemu-system)
 have nbdinfo && have nbdcopy || need+=(libnbd-bin)
+have nbdkit || need+=(nbdkit)
 have libvirtd && have virtlogd && have virsh || need+=(libvirt)
 have xz && have mkfs.ext4 || need+=(xz-utils e2fsprogs)
 if [ ${#need[@]} -eq 0 ]; then
@@ -41,6 +43,9 @@ if ! have qemu-storage-daemon || ! have qemu-img; then
 fi
 if ! have nbdinfo || ! have nbdcopy; then
   "${APT[@]}" libnbd-bin >/dev/null
+fi
+if ! have nbdkit; then
+  "${APT[@]}" nbdkit >/dev/null
 fi
 if ! have xz || ! have mkfs.ext4; then
   "${APT[@]}" xz-utils e2fsprogs >/dev/null
@@ -66,7 +71,7 @@ fi
 if ! have libvirtd || ! have virtlogd || ! have virsh; then
   "${APT[@]}" libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu >/dev/null
 fi
-for c in qemu-storage-daemon qemu-img qemu-io qemu-system-x86_64 nbdinfo nbdcopy libvirtd virtlogd virsh; do
+for c in qemu-storage-daemon qemu-img qemu-io qemu-system-x86_64 nbdinfo nbdcopy nbdkit libvirtd virtlogd virsh; do
   have "$c" || { echo "install-deps: $c still missing" >&2; exit 1; }
 done
-echo "install-deps: $(qemu-img --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1); $(libvirtd --version)"
+echo "install-deps: $(qemu-img --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1); $(nbdkit --version | head -1); $(libvirtd --version)"

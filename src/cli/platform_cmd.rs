@@ -121,7 +121,7 @@ fn add(ctx: &Ctx, name: &str, spec: PlatformSpec) -> Result<ExitCode> {
         ));
     }
     // A platform that cannot be reached is bad input here: nothing is registered.
-    let plat = platform::connect(&spec).map_err(|e| {
+    let plat = platform::connect(&spec, ctx.system_config()?.io_timeout).map_err(|e| {
         invalid(
             "--uri",
             spec.address(),
@@ -138,7 +138,8 @@ fn add(ctx: &Ctx, name: &str, spec: PlatformSpec) -> Result<ExitCode> {
 fn refresh_inventory(ctx: &Ctx, name: &str) -> Result<(State, Vec<VmInfo>)> {
     let mut state = ctx.state()?;
     let row = state.require_platform(name)?;
-    let vms = platform::connect(&row.spec)?
+    let io_timeout = ctx.system_config()?.io_timeout;
+    let vms = platform::connect(&row.spec, io_timeout)?
         .inventory()
         .with_context(|| format!("platform '{name}'"))?;
     state.set_inventory(name, &vms)?;

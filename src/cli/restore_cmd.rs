@@ -3,23 +3,28 @@
 
 use std::sync::atomic::Ordering;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::args::{ImageFormat as ImageArg, RestoreArgs};
 use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
-use crate::repo::{vm_key, Repository};
+use crate::lifecycle::rule_repository;
+use crate::repo::vm_key;
 use crate::restore::ImageFormat;
-use crate::runner::{repo_root, Job, TaskSpec};
+use crate::runner::{Job, TaskSpec};
 use crate::task::TaskState;
 
 pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rule = state.require_rule(&a.rule)?;
     rule.require_vm(&a.vm)?;
-    let root = repo_root(&state, &rule)?;
-    let repo = Repository::open(&root).with_context(|| format!("rule '{}'", rule.name))?;
+    let repo = rule_repository(&state, &rule)?.ok_or_else(|| {
+        crate::error::refused(format!(
+            "rule '{}' has no restore points yet (no backup completed)",
+            rule.name
+        ))
+    })?;
     let key = vm_key(&rule.settings.platform, &a.vm);
     let point = (a.point != "latest").then_some(a.point.as_str());
     // Chosen (and so validated) before a task is recorded: bad input changes nothing.
@@ -34,7 +39,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
                 format!("platform '{}': {why}", prow.name),
             ));
         }
-        let taken = crate::platform::connect(&prow.spec)?
+        let taken = crate::platform::connect(&prow.spec, ctx.system_config()?.io_timeout)?
             .inventory()?
             .iter()
             .any(|v| v.name == *name);
@@ -65,6 +70,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
                 ImageArg::Qcow2 => ImageFormat::Qcow2,
             },
             force: a.force,
+            mode: a.mode,
             as_vm: a.as_vm.clone().map(|n| (n, a.start)),
         },
     };

@@ -74,9 +74,11 @@ pub struct VmInfo {
     /// Set when the VM could not be queried (e.g. its socket does not answer);
     /// the other fields are then empty. One bad VM never hides the others.
     pub error: Option<String>,
-    /// What identifies the VM beyond its name, when the platform has it (libvirt:
-    /// `libvirt://HOST/UUID`, the host's name and the domain's UUID); null otherwise.
-    #[serde(default)]
+    /// What makes this VM the same VM whichever platform reaches it, so that it
+    /// is in one rule only (R35): `qemu:<canonical path of its QMP socket>`; libvirt:
+    /// `libvirt:<host>/<domain UUID>`. `None` in
+    /// inventories cached before identities were recorded (refresh fills it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
 }
 
@@ -119,7 +121,8 @@ pub struct BackupRequest {
     pub base_tracking: Option<TrackingToken>,
     /// Freeze guest file systems while the snapshot is taken (R10).
     pub quiesce: Quiesce,
-    /// Where the driver may put scratch files (fleecing images, sockets).
+    /// This VM's private scratch directory (0700, its name bounded in length):
+    /// where the driver puts fleecing images and sockets.
     pub run_dir: PathBuf,
 }
 
@@ -266,6 +269,17 @@ pub trait VmHandle: Send {
     /// about to be written; returns the new point's tracking token (see module docs).
     /// `stored = false`: the run failed; restore the tracking state it found.
     fn finish_backup(&mut self, stored: bool) -> anyhow::Result<Option<TrackingToken>>;
+    /// Once `cancel` is set, stop waiting for the hypervisor soon (a few
+    /// seconds: enough to tear the view down on a healthy one), so a cancelled
+    /// task on a stuck hypervisor ends at once; its leftovers are repaired by the
+    /// next `cleanup`. The default (a driver that never blocks long) does nothing.
+    fn watch_cancel(&mut self, _cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) {}
+    /// What identifies the running VM itself (qemu: its QEMU process, however
+    /// many monitors reach it), so that two rules never back it up at once.
+    /// `None` when the driver cannot tell.
+    fn running_identity(&mut self) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
     /// Remove leftovers of interrupted runs and reconcile tracking with the newest
     /// committed point / full (R44). Idempotent; safe when nothing is left over.
     fn cleanup(
@@ -276,10 +290,17 @@ pub trait VmHandle: Send {
     ) -> anyhow::Result<CleanupReport>;
 }
 
-/// Connect to a registered platform.
-pub fn connect(spec: &PlatformSpec) -> anyhow::Result<Box<dyn Platform>> {
+/// Connect to a registered platform; every request to a `qemu` platform waits at
+/// most `io_timeout` (system.conf) for its answer. libvirt calls are bounded by
+/// libvirt's own keepalive.
+pub fn connect(
+    spec: &PlatformSpec,
+    io_timeout: std::time::Duration,
+) -> anyhow::Result<Box<dyn Platform>> {
     match spec {
-        PlatformSpec::Qemu { qmp_dir } => Ok(Box::new(qemu::QemuPlatform::new(qmp_dir.clone()))),
+        PlatformSpec::Qemu { qmp_dir } => Ok(Box::new(
+            qemu::QemuPlatform::new(qmp_dir.clone()).with_timeout(io_timeout),
+        )),
         PlatformSpec::Libvirt { uri } => Ok(Box::new(libvirt::LibvirtPlatform::connect(uri)?)),
     }
 }

@@ -138,7 +138,7 @@ impl Platform for LibvirtPlatform {
         }
         Ok(DefinedVm {
             name: dom.name(),
-            identity: Some(format!("libvirt://{}/{}", self.host, dom.uuid()?)),
+            identity: Some(identity(&self.host, &dom.uuid()?)),
             started: vm.start,
         })
     }
@@ -156,6 +156,11 @@ impl Platform for LibvirtPlatform {
             active: None,
         }))
     }
+}
+
+/// A domain's identity (`VmInfo::identity`, R35): `libvirt:<host>/<UUID>`.
+fn identity(host: &str, uuid: &str) -> String {
+    format!("libvirt:{host}/{uuid}")
 }
 
 /// The domain XML in a point's `vm_config` (see `VmHandle::config`).
@@ -210,7 +215,7 @@ fn vm_info(dom: &Domain, host: &str) -> Result<VmInfo> {
         status,
         disks,
         error: None,
-        identity: Some(format!("libvirt://{host}/{}", dom.uuid()?)),
+        identity: Some(identity(host, &dom.uuid()?)),
     })
 }
 
@@ -308,6 +313,11 @@ impl VmHandle for LibvirtVm {
             Active::Online(view) => online::finish(&self.domain()?, view, stored),
             Active::Offline(view) => offline::finish(view, stored),
         }
+    }
+
+    /// The domain itself: one running QEMU per domain.
+    fn running_identity(&mut self) -> Result<Option<String>> {
+        Ok(Some(identity(&self.host, &self.uuid)))
     }
 
     fn cleanup(
