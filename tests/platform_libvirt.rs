@@ -673,6 +673,9 @@ fn restore_as_a_new_domain_that_starts_and_reads_its_disk() {
         &["--as-vm"],
     );
     assert!(!to.exists());
+    // QEMU (libvirt-qemu) must reach the restored images: a directory it can enter.
+    std::fs::create_dir(&to).unwrap();
+    std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = l.env.ok(&[
         "--json",
         "restore",
