@@ -119,6 +119,7 @@ XML
   lv_write 1M 256K
   run run-now demo-lv --level inc || [ $? = 1 ]
   virsh -c "$URI" checkpoint-list demo-lv
+  mkdir -m 0755 "$DEMO/lv-restore"   # QEMU's user must reach the restored image
   run restore demo-lv --vm demo-lv --to "$DEMO/lv-restore" --format qcow2 --as-vm demo-lv-copy
   qemu-img convert -U -O raw "$DEMO/lv-vda.qcow2" "$DEMO/lv-now.raw"
   qemu-img convert -O raw "$DEMO/lv-restore/vda.qcow2" "$DEMO/lv-restored.raw"
