@@ -56,6 +56,7 @@ impl Lab {
             latest_full: None,
             track: true,
             quiesce: vmbackup::platform::Quiesce::Off,
+            allow_plain_tcp_export: false,
             run_dir: self.run_dir.clone(),
         }
     }

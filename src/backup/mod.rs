@@ -27,6 +27,7 @@ use chrono::Utc;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::clock::Clock;
 use crate::error::refused;
 use crate::level::Level;
 use crate::platform::{BackupRequest, CbtUnavailable, Note, Platform, Quiesce, Snapshot, VmHandle};
@@ -52,6 +53,8 @@ pub struct BackupJob {
     pub cbt: bool,
     /// R10: freeze guest file systems around the snapshot.
     pub quiesce: Quiesce,
+    /// The rule accepts exports through the VM's own plain-TCP NBD server.
+    pub allow_plain_tcp_export: bool,
     /// Chunk size = system.conf `i2vp_transbuffer` (R39).
     pub chunk_size: u32,
     /// The run directory; the VM's own scratch directory inside it
@@ -61,6 +64,9 @@ pub struct BackupJob {
     pub io_timeout: std::time::Duration,
     /// Chunk buffers in flight for this task (memory bound: this × chunk size).
     pub buffers: usize,
+    /// The wall clock point ids and manifest times are read from (the test
+    /// clock in tests: retention and point ids share one timeline).
+    pub clock: Clock,
     /// The rule's bandwidth windows, applied to source reads (R29).
     pub bandwidth: Arc<Throttle>,
 }
@@ -79,9 +85,11 @@ pub struct BackupOutcome {
     pub warnings: Vec<String>,
 }
 
-/// Back up one VM. `rt` runs the disk pipelines; `cancel` aborts cleanly.
+/// Back up one VM, holding its lock (taken under the repository's shared lock:
+/// see `repo::lock`). `rt` runs the disk pipelines; `cancel` aborts cleanly.
 pub fn run_backup(
     job: &BackupJob,
+    lock: &VmLock,
     platform: &dyn Platform,
     progress: Arc<dyn Progress>,
     cancel: Arc<AtomicBool>,
@@ -90,8 +98,12 @@ pub fn run_backup(
     progress.phase(Phase::Preparing);
     let repo = &job.repo;
     let key = vm_key(&job.platform, &job.vm);
-    let repo_lock = repo.lock_shared("backup")?;
-    let lock = repo.lock_vm(&repo_lock, &key, "backup")?;
+    if lock.vm_key() != key {
+        anyhow::bail!(
+            "the lock of VM '{}' does not cover VM '{key}'",
+            lock.vm_key()
+        );
+    }
     let mut vm = platform
         .open_vm(&job.vm)
         .with_context(|| format!("VM '{}'", job.vm))?;
@@ -109,7 +121,7 @@ pub fn run_backup(
         )));
     }
     let scratch = scratch_dir(&job.run_dir, &job.platform, &job.vm)?;
-    let (listed, repaired) = repair_leftovers(repo, &lock, vm.as_mut(), &scratch.path)?;
+    let (listed, repaired) = repair_leftovers(repo, lock, vm.as_mut(), &scratch.path)?;
     let points = listed.points;
     for a in &repaired {
         progress.log(
@@ -133,7 +145,7 @@ pub fn run_backup(
         job.chunk_size,
         &tracking,
     );
-    let point = next_point_id(latest.as_deref())?;
+    let point = next_point_id(latest.as_deref(), job.clock.now().with_timezone(&Utc))?;
     let base_tracking = |base: &Option<String>| {
         base.as_ref()
             .and_then(|b| points.iter().find(|p| p.point == *b))
@@ -147,6 +159,7 @@ pub fn run_backup(
         latest_full: lp.latest_full.clone(),
         track: tracking == Tracking::On,
         quiesce: job.quiesce,
+        allow_plain_tcp_export: job.allow_plain_tcp_export,
         run_dir: scratch.path.clone(),
     };
     let snapshot = match vm.begin_backup(&req) {
@@ -177,11 +190,11 @@ pub fn run_backup(
     }
     progress.level(lp.level);
 
-    let started = Utc::now();
+    let started = job.clock.now().with_timezone(&Utc);
     let stored = write_point(
         job,
         repo,
-        &lock,
+        lock,
         &key,
         &point,
         &lp,
@@ -432,7 +445,7 @@ fn write_point<'a>(
         full,
         status: PointStatus::Completed,
         started,
-        finished: Utc::now(),
+        finished: job.clock.now().with_timezone(&Utc),
         fallback_reason: lp.fallback.clone(),
         vm_config,
         tracking: None,
@@ -444,8 +457,8 @@ fn write_point<'a>(
 
 /// A point id for now, strictly after the newest existing point. Ids have
 /// one-second resolution, so two backups within one second get consecutive ids.
-fn next_point_id(latest: Option<&str>) -> Result<String> {
-    let now = new_point_id(Utc::now());
+fn next_point_id(latest: Option<&str>, now: chrono::DateTime<Utc>) -> Result<String> {
+    let now = new_point_id(now);
     match latest {
         Some(l) if now.as_str() <= l => Ok(new_point_id(
             parse_point_id(l)? + chrono::Duration::seconds(1),
@@ -460,12 +473,13 @@ mod tests {
 
     #[test]
     fn point_ids_increase_even_within_one_second() {
-        let a = next_point_id(None).unwrap();
-        let b = next_point_id(Some(&a)).unwrap();
-        let c = next_point_id(Some(&b)).unwrap();
+        let now = Utc::now();
+        let a = next_point_id(None, now).unwrap();
+        let b = next_point_id(Some(&a), now).unwrap();
+        let c = next_point_id(Some(&b), now).unwrap();
         assert!(a < b && b < c, "{a} {b} {c}");
         assert_eq!(
-            next_point_id(Some("20000101T000000Z")).unwrap().len(),
+            next_point_id(Some("20000101T000000Z"), now).unwrap().len(),
             a.len()
         );
     }

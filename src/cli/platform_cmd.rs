@@ -44,6 +44,9 @@ pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
     }
 }
 
+/// Longest QMP directory: `<dir>/<name>.qmp` must fit a unix socket path.
+const MAX_QMP_DIR: usize = 100;
+
 /// The platform spec from `platform add` arguments: each type's parameters are
 /// required with it and refused with another type.
 fn spec_of(
@@ -106,8 +109,17 @@ fn qemu_dir(dir: &Path) -> Result<PathBuf> {
             "must be an existing directory holding QMP sockets (*.qmp, *.sock)",
         ));
     }
-    dir.canonicalize()
-        .with_context(|| format!("cannot resolve {}", dir.display()))
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    if dir.as_os_str().len() > MAX_QMP_DIR {
+        return Err(invalid(
+            "--qmp-dir",
+            dir.display(),
+            format!("must be at most {MAX_QMP_DIR} bytes long: the QMP sockets in it must fit a unix socket path (108 bytes)"),
+        ));
+    }
+    Ok(dir)
 }
 
 fn add(ctx: &Ctx, name: &str, spec: PlatformSpec) -> Result<ExitCode> {

@@ -43,6 +43,7 @@ pub mod libvirt;
 pub mod qemu;
 pub mod qmp;
 pub mod quiesce;
+pub mod redact;
 pub mod spec;
 
 use std::path::PathBuf;
@@ -121,6 +122,9 @@ pub struct BackupRequest {
     pub base_tracking: Option<TrackingToken>,
     /// Freeze guest file systems while the snapshot is taken (R10).
     pub quiesce: Quiesce,
+    /// Exports may go through an NBD server the VM already runs on plain TCP
+    /// (the rule's `--allow-plain-tcp-export`); otherwise such a backup is refused.
+    pub allow_plain_tcp_export: bool,
     /// This VM's private scratch directory (0700, its name bounded in length):
     /// where the driver puts fleecing images and sockets.
     pub run_dir: PathBuf,

@@ -247,7 +247,7 @@ impl VmHandle for LibvirtVm {
     }
 
     /// The domain XML (the persistent definition where there is one), fetched
-    /// without secure fields: no passwords.
+    /// without secure fields (no passwords) and redacted like command lines.
     fn config(&mut self) -> Result<serde_json::Value> {
         let dom = self.domain()?;
         let state = dom.state()?;
@@ -260,7 +260,7 @@ impl VmHandle for LibvirtVm {
             "kind": "libvirt",
             "uuid": self.uuid,
             "persistent": state.persistent,
-            "domain_xml": dom.xml(flags)?,
+            "domain_xml": xml::redact(&dom.xml(flags)?)?,
         }))
     }
 

@@ -254,6 +254,31 @@ pub fn checkpoint_bitmaps(xml: &str) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
+/// The XML with every secret attribute value replaced, by the rule that redacts
+/// command lines ([`crate::platform::redact::is_secret_key`]: `passwd`, `key`,
+/// `token`, ...; references such as `uuid` stay). libvirt already leaves out
+/// passwords when asked without `VIR_DOMAIN_XML_SECURE`; this is the second line.
+/// `keymap` (a keyboard layout) is not a secret.
+pub fn redact(xml: &str) -> Result<String> {
+    let doc = parse(xml)?;
+    let mut edits = Vec::new();
+    for n in doc.descendants().filter(|n| n.is_element()) {
+        for a in n.attributes() {
+            let name = a.name();
+            if crate::platform::redact::is_secret_key(name)
+                && name != "keymap"
+                && a.value() != crate::platform::redact::REDACTED
+            {
+                edits.push((a.range_value(), escape(crate::platform::redact::REDACTED)));
+            }
+        }
+    }
+    if edits.is_empty() {
+        return Ok(xml.to_string());
+    }
+    apply(xml, edits)
+}
+
 /// One restored disk of a new domain: its target, image and image format.
 pub struct RestoredDisk<'a> {
     pub target: &'a str,
@@ -460,6 +485,20 @@ mod tests {
         );
         assert_eq!(disks[1].device, "cdrom");
         assert!(out.contains("<interface type='network'>"), "{out}");
+    }
+
+    #[test]
+    fn secret_attributes_are_redacted_like_command_lines() {
+        let xml = "<domain><devices><graphics type='vnc' passwd='hunter2' keymap='de'/>\
+                   <disk><auth username='u'><secret type='ceph' uuid='abc'/></auth></disk>\
+                   </devices></domain>";
+        let r = redact(xml).unwrap();
+        assert!(
+            !r.contains("hunter2") && r.contains("passwd='&lt;redacted&gt;'"),
+            "{r}"
+        );
+        assert!(r.contains("keymap='de'") && r.contains("uuid='abc'"), "{r}");
+        assert_eq!(redact(&r).unwrap(), r);
     }
 
     #[test]
