@@ -18,7 +18,12 @@ mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.gz" ] && exit 0
 W=$(mktemp -d "$OUT/.build.XXXXXX")
 trap 'rm -rf "$W"' EXIT
-KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
+KPKG=$(kernel_pkg)
+if [ -z "$KPKG" ] && [ "$(id -u)" = 0 ]; then   # empty package lists on a fresh machine
+  apt-get update -q >/dev/null
+  KPKG=$(kernel_pkg)
+fi
 [ -n "$KPKG" ] || { echo "tiny-guest: no linux-image package known to apt (apt-get update?)" >&2; exit 1; }
 mkdir -p "$W/debs" "$W/x" "$W/root/bin" "$W/root/lib/modules" "$W/root/usr/sbin"
 (cd "$W/debs" && apt-get download -q "$KPKG" busybox-static qemu-guest-agent libnuma1 liburing2 >/dev/null 2>&1) || {
