@@ -553,6 +553,7 @@ fn quiesce_freezes_through_the_guest_agent_and_a_killed_run_is_thawed_r10_r44() 
     let l = lab(dom, &["--quiesce"]);
     let d = &l.dom;
     d.wait_serial("VMB-AGENT");
+    d.wait_agent();
     assert_eq!(
         d.agent(r#"{"execute":"guest-fsfreeze-status"}"#)["return"],
         "thawed"

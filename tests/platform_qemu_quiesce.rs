@@ -88,7 +88,8 @@ fn start_guest(env: &Env, name: &str, disk: &Path) -> GuestVm {
     let t = Instant::now();
     loop {
         let s = std::fs::read_to_string(&vm.serial).unwrap_or_default();
-        if s.contains("VMB-AGENT") {
+        // The agent answers once the guest started it and opened its port.
+        if s.contains("VMB-AGENT") && agent_try(&vm.qga, "guest-ping").is_some() {
             break;
         }
         assert!(
@@ -100,25 +101,30 @@ fn start_guest(env: &Env, name: &str, disk: &Path) -> GuestVm {
     vm
 }
 
-/// One guest agent command from the test (an independent client).
-fn agent(socket: &Path, cmd: &str) -> Value {
-    let s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut w = s.try_clone().unwrap();
+/// One guest agent command from the test (an independent client); `None` when
+/// the agent does not answer within 5 s.
+fn agent_try(socket: &Path, cmd: &str) -> Option<Value> {
+    let s = UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut w = s.try_clone().ok()?;
     let mut r = BufReader::new(s);
-    w.write_all(b"{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":4242}}\n")
-        .unwrap();
+    let sync = r#"{"execute":"guest-sync-delimited","arguments":{"id":4242}}"#;
+    w.write_all(format!("{sync}\n").as_bytes()).ok()?;
     let mut b = [0u8; 1];
     while b[0] != 0xff {
-        r.read_exact(&mut b).unwrap();
+        r.read_exact(&mut b).ok()?;
     }
     let mut line = String::new();
-    r.read_line(&mut line).unwrap();
+    r.read_line(&mut line).ok()?;
     w.write_all(format!("{{\"execute\":\"{cmd}\"}}\n").as_bytes())
-        .unwrap();
+        .ok()?;
     line.clear();
-    r.read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
+    r.read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+fn agent(socket: &Path, cmd: &str) -> Value {
+    agent_try(socket, cmd).unwrap_or_else(|| panic!("the guest agent did not answer {cmd}"))
 }
 
 fn run_now(env: &Env, level: &str, hold: Option<&Path>) -> Child {

@@ -341,6 +341,28 @@ impl TestDomain {
         }
     }
 
+    /// Wait until libvirt reaches the guest agent (the guest opens its port a little
+    /// after starting qemu-ga).
+    pub fn wait_agent(&self) {
+        let t = Instant::now();
+        loop {
+            let (ok, out) = virsh_try(&[
+                "qemu-agent-command",
+                &self.name,
+                r#"{"execute":"guest-ping"}"#,
+            ]);
+            if ok {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(180),
+                "the guest agent of {} never answered: {out}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// A guest agent command through libvirt (`virsh qemu-agent-command`).
     pub fn agent(&self, cmd: &str) -> serde_json::Value {
         let out = virsh(&["qemu-agent-command", &self.name, cmd]);
