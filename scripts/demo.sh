@@ -63,7 +63,8 @@ guest_write 0 8M; guest_write 64M 8M; guest_write 200M 8M
 run() { echo "\$ vmbackup $*"; "$VMB" "$@"; }
 run platform add lab --type qemu --qmp-dir "$DEMO/qmp"
 run platform vms lab
-run target add local --path "$DEMO/target"
+[ -e "$DEMO/demo.key" ] || run key generate "$DEMO/demo.key"  # the demo's target is encrypted (README "Encryption")
+run target add local --path "$DEMO/target" --encrypt --key-file "$DEMO/demo.key"
 run rule add demo --platform lab --vm demo --target local \
   --schedule "full weekly on sun at 01:00" --schedule "inc weekly on mon-sat at 01:00" --retention 2
 run rule show demo
@@ -74,6 +75,7 @@ guest_write 100M 512K; guest_write 3M 512K
 run run-now demo --level inc
 run points demo --vm demo
 run verify demo
+run key list local
 run restore demo --vm demo --to "$DEMO/restore"
 
 echo "== comparing the restored image with the VM's disk"

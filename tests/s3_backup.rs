@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vmbackup::repo::store::{S3Credentials, S3Spec, S3Store};
+use vmbackup::repo::store::S3Store;
 use vmbackup::repo::Store;
 
 struct Lab {
@@ -28,7 +28,7 @@ fn lab(extra: &[&str]) -> Lab {
     std::fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
     let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 16 * MIB)], true);
     env.add_platform();
-    let (bucket, creds) = add_s3_target(&env, "s3t", "site/backups", "backup");
+    let (bucket, creds) = add_s3_target(&env, "s3t", "site/backups", "backup", &[]);
     let mut args = vec!["--schedule", "full daily at 01:00"];
     args.extend_from_slice(extra);
     env.add_rule("r", "lab", "vm1", "s3t", &args);
@@ -43,19 +43,7 @@ fn lab(extra: &[&str]) -> Lab {
 impl Lab {
     /// The target's store, seen by the test (prefix `site/backups`).
     fn store(&self) -> S3Store {
-        S3Store::open(&S3Spec {
-            endpoint: cluster().endpoint.clone(),
-            bucket: self.bucket.clone(),
-            prefix: "site/backups".into(),
-            region: "us-east-1".into(),
-            credentials: S3Credentials::File {
-                path: self.creds.clone(),
-                profile: "backup".into(),
-            },
-            ca_file: None,
-            allow_http: false,
-        })
-        .unwrap()
+        cluster().store(&self.bucket, &self.creds, "site/backups", "backup")
     }
 
     /// `run-now --json`: exit code and the VM's entry of the summary.

@@ -24,7 +24,7 @@ fn a_volume_server_killed_mid_backup_fails_the_task_cleanly_and_the_next_run_com
     std::fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
     let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 32 * MIB)], true);
     env.add_platform();
-    add_s3_target(&env, "s3t", "", "default");
+    add_s3_target(&env, "s3t", "", "default", &[]);
     env.add_rule(
         "r",
         "lab",

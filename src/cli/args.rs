@@ -53,6 +53,9 @@ pub enum Command {
     /// Register and inspect backup targets (R4)
     #[command(subcommand)]
     Target(TargetCmd),
+    /// Client-side encryption keys: generate a key file, manage key slots
+    #[command(subcommand)]
+    Key(KeyCmd),
     /// Define, change, start, stop and remove backup rules (R1-R37)
     #[command(subcommand)]
     Rule(RuleCmd),
@@ -137,7 +140,7 @@ pub enum PlatformKind {
 pub enum TargetCmd {
     /// Register a target: a directory, or an S3 bucket, under which backup
     /// repositories live; writes the target marker into it (or adopts the one there)
-    Add(TargetAddArgs),
+    Add(Box<TargetAddArgs>),
     /// Write the target marker into a target registered without one (or adopt
     /// the marker found there) once it is mounted; backups refuse an unmarked target
     Mark {
@@ -208,6 +211,64 @@ pub struct TargetAddArgs {
     /// Allow plain http to a host that is not loopback (data and signatures in clear)
     #[arg(long, requires = "s3")]
     pub allow_http: bool,
+    /// Encrypt every repository created on this target (client-side, AES-256-GCM,
+    /// keyed chunk names); needs --key-file or --passphrase-file. A LOST KEY MEANS
+    /// LOST BACKUPS
+    #[arg(long)]
+    pub encrypt: bool,
+    /// Key file (64 hex digits, 'vmbackup key generate'); only its path is stored
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "encrypt",
+        conflicts_with = "passphrase_file"
+    )]
+    pub key_file: Option<PathBuf>,
+    /// File holding a passphrase (first line), stretched with Argon2id
+    #[arg(long, value_name = "FILE", requires = "encrypt")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Write a new key file: 32 random bytes as 64 hex digits, mode 0600 (never
+    /// over an existing file). Keep a copy somewhere safe: a lost key means lost backups
+    Generate {
+        /// Where to write it (must not exist)
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// List the key slots of the encrypted repositories of a target's rules
+    List {
+        /// The target
+        target: String,
+    },
+    /// Add a key slot for another key file or passphrase to every encrypted
+    /// repository of a target's rules (opened with the target's key)
+    Add {
+        /// The target (registered with --encrypt)
+        target: String,
+        /// The new key file ('vmbackup key generate')
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "passphrase_file",
+            conflicts_with = "passphrase_file"
+        )]
+        key_file: Option<PathBuf>,
+        /// A file holding the new passphrase (first line), stretched with Argon2id
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Remove a key slot from every repository of a target's rules (never the
+    /// last slot, nor the slot the target's registered key opens)
+    Remove {
+        /// The target
+        target: String,
+        /// Slot id, as 'vmbackup key list' shows it
+        #[arg(value_name = "SLOT")]
+        slot: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

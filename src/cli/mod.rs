@@ -22,6 +22,7 @@ mod cleanup_cmd;
 mod config_cmd;
 mod daemon_cmd;
 mod diag;
+mod key_cmd;
 mod lifecycle_cmd;
 mod logs_cmd;
 pub mod output;
@@ -192,6 +193,7 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Platform(c) => platform_cmd::run(ctx, c),
         Command::Target(c) => target_cmd::run(ctx, c),
+        Command::Key(c) => key_cmd::run(ctx, c),
         Command::Rule(c) => rule_cmd::run(ctx, c),
         Command::Config(c) => config_cmd::run(ctx, c),
         Command::Completions { shell } => {

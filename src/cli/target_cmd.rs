@@ -16,12 +16,12 @@ use super::Ctx;
 use crate::error::{invalid, refused, ExitCode};
 use crate::repo::store::{S3Credentials, S3Spec, S3Store};
 use crate::repo::target::{read_marker, write_marker, TargetMarker};
-use crate::repo::TargetSpec;
+use crate::repo::{KeySource, TargetSpec};
 use crate::state::check_name;
 
 pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
     match cmd {
-        TargetCmd::Add(args) => add(ctx, args),
+        TargetCmd::Add(args) => add(ctx, *args),
         TargetCmd::Mark { name } => mark(ctx, &name),
         TargetCmd::List => {
             let rows = ctx.state()?.targets()?;
@@ -117,6 +117,7 @@ fn add(ctx: &Ctx, args: TargetAddArgs) -> Result<ExitCode> {
             "already registered; pick another name",
         ));
     }
+    let key = key_source(&args)?;
     let store = spec.open()?;
     if let TargetSpec::S3(_) = &spec {
         // Endpoint, bucket and credentials, checked before anything is written.
@@ -125,7 +126,7 @@ fn add(ctx: &Ctx, args: TargetAddArgs) -> Result<ExitCode> {
     // The marker first (a target already marked keeps its id: the same disk or
     // bucket registered again, e.g. in a new state store), then the row.
     let marker = write_marker(store.as_ref(), &TargetMarker::new(name))?;
-    state.add_target(name, &spec, &marker.target_id)?;
+    state.add_target(name, &spec, &marker.target_id, key.as_ref())?;
     if ctx.json {
         print_json(
             &serde_json::json!({ "target": name, "spec": spec, "marker_id": marker.target_id }),
@@ -134,6 +135,34 @@ fn add(ctx: &Ctx, args: TargetAddArgs) -> Result<ExitCode> {
         out!("target '{name}' added: {}", spec.location());
     }
     Ok(ExitCode::Ok)
+}
+
+/// `--encrypt` with `--key-file` or `--passphrase-file`: the file must hold a
+/// key (or a passphrase) now; only its absolute path is stored.
+fn key_source(args: &TargetAddArgs) -> Result<Option<KeySource>> {
+    if !args.encrypt {
+        return Ok(None);
+    }
+    let (option, file, make): (&str, &Path, fn(std::path::PathBuf) -> KeySource) =
+        match (&args.key_file, &args.passphrase_file) {
+            (Some(f), _) => ("--key-file", f, KeySource::KeyFile),
+            (None, Some(f)) => ("--passphrase-file", f, KeySource::PassphraseFile),
+            (None, None) => {
+                return Err(invalid(
+                    "--encrypt",
+                    "(no key)",
+                    "give --key-file FILE (vmbackup key generate FILE) or --passphrase-file FILE",
+                ))
+            }
+        };
+    let abs = file
+        .canonicalize()
+        .map_err(|e| invalid(option, file.display(), format!("cannot be read ({e})")))?;
+    let source = make(abs);
+    source
+        .check()
+        .map_err(|e| invalid(option, file.display(), format!("{e:#}")))?;
+    Ok(Some(source))
 }
 
 fn directory_spec(path: &Path) -> Result<TargetSpec> {

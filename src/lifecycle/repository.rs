@@ -50,7 +50,7 @@ pub fn rule_repository(state: &State, rule: &RuleRow) -> Result<Option<Repositor
     let target = state.require_target(&rule.settings.target)?;
     let store = open_target(&target)?;
     if Repository::exists_in(store.clone(), &rule.settings.subdir)? {
-        return Repository::open_in(store, &rule.settings.subdir).map(Some);
+        return Repository::open_keyed(store, &rule.settings.subdir, target.key.as_ref()).map(Some);
     }
     if state.has_completed_backup(&rule.name, &rule.created_at)? {
         return Err(missing(&target, rule));
@@ -63,12 +63,12 @@ pub fn repository_for_backup(state: &State, rule: &RuleRow) -> Result<Repository
     let target = state.require_target(&rule.settings.target)?;
     let store = open_target(&target)?;
     if Repository::exists_in(store.clone(), &rule.settings.subdir)? {
-        return Repository::open_in(store, &rule.settings.subdir);
+        return Repository::open_keyed(store, &rule.settings.subdir, target.key.as_ref());
     }
     if state.has_completed_backup(&rule.name, &rule.created_at)? {
         return Err(missing(&target, rule));
     }
-    Repository::create_in(store, &rule.settings.subdir)
+    Repository::create_keyed(store, &rule.settings.subdir, target.key.as_ref())
 }
 
 fn missing(target: &TargetRow, rule: &RuleRow) -> anyhow::Error {

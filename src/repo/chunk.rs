@@ -15,6 +15,7 @@
 
 use anyhow::{bail, Context, Result};
 
+use super::crypto::Naming;
 use super::format::{CHUNK_MAGIC, MAX_CHUNK_SIZE};
 
 /// A chunk's id: BLAKE3 of its uncompressed bytes.
@@ -85,6 +86,11 @@ pub fn encode_chunk(data: &[u8]) -> Result<Vec<u8>> {
 /// Decode a chunk object and check that its content hashes to `expected`.
 /// Errors say what is wrong without naming the file; the caller adds that.
 pub fn decode_chunk(object: &[u8], expected: &Digest) -> Result<Vec<u8>> {
+    decode_chunk_named(object, expected, &Naming::Plain)
+}
+
+/// [`decode_chunk`] in a repository whose chunk ids are computed by `naming`.
+pub fn decode_chunk_named(object: &[u8], expected: &Digest, naming: &Naming) -> Result<Vec<u8>> {
     if object.len() < CHUNK_HEADER_LEN {
         bail!("truncated header ({} bytes)", object.len());
     }
@@ -120,7 +126,7 @@ pub fn decode_chunk(object: &[u8], expected: &Digest) -> Result<Vec<u8>> {
     if data.len() != len as usize {
         bail!("content is {} bytes, header says {len}", data.len());
     }
-    let actual = digest_of(&data);
+    let actual = naming.chunk_id(&data);
     if &actual != expected {
         bail!("content hashes to {}", digest_hex(&actual));
     }

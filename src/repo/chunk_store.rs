@@ -20,8 +20,9 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::Utc;
 
-use super::chunk::{decode_chunk, digest_hex, digest_of, encode_chunk, parse_digest_hex, Digest};
-use super::delta::{decode_delta, encode_delta, Delta, BASE_OFFSET};
+use super::chunk::{decode_chunk_named, digest_hex, encode_chunk, parse_digest_hex, Digest};
+use super::crypto::{Naming, Unauthentic};
+use super::delta::{decode_delta_named, encode_delta, Delta, BASE_OFFSET};
 use super::format::DELTA_MAGIC;
 use super::index::Slot;
 use super::store::Store;
@@ -58,6 +59,10 @@ pub enum ChunkError {
 #[derive(Debug)]
 pub struct ChunkStore {
     store: Arc<dyn Store>,
+    /// The same objects as stored (encrypted ones still sealed), for quarantine.
+    raw: Arc<dyn Store>,
+    /// How ids are computed (keyed in an encrypted repository).
+    naming: Naming,
 }
 
 /// The key of the object with id `digest`: `chunks/ab/cd/<hex>`.
@@ -76,13 +81,24 @@ pub fn digest_of_key(key: &str) -> Option<Digest> {
 
 impl ChunkStore {
     /// The objects in `store` (the repository's view).
+    #[cfg(test)]
     pub(crate) fn new(store: Arc<dyn Store>) -> ChunkStore {
-        ChunkStore { store }
+        ChunkStore::with_naming(store.clone(), store, Naming::Plain)
+    }
+
+    /// The objects in `store` (decrypting, when the repository is encrypted),
+    /// stored as in `raw`, named by `naming`.
+    pub(crate) fn with_naming(
+        store: Arc<dyn Store>,
+        raw: Arc<dyn Store>,
+        naming: Naming,
+    ) -> ChunkStore {
+        ChunkStore { store, raw, naming }
     }
 
     /// Hash `data`, and store it compressed unless a chunk with that digest exists.
     pub fn insert(&self, data: &[u8]) -> Result<Inserted> {
-        let digest = digest_of(data);
+        let digest = self.naming.chunk_id(data);
         self.store_object(digest, || {
             encode_chunk(data)
                 .with_context(|| format!("cannot encode chunk {}", digest_hex(&digest)))
@@ -91,7 +107,7 @@ impl ChunkStore {
 
     /// Store a delta object (a base chunk plus patches) unless it exists.
     pub fn insert_delta(&self, delta: &Delta) -> Result<Inserted> {
-        let id = delta.id();
+        let id = delta.id_with(&self.naming);
         self.store_object(id, || {
             encode_delta(delta).with_context(|| format!("cannot encode delta {}", digest_hex(&id)))
         })
@@ -184,19 +200,29 @@ impl ChunkStore {
     /// Like [`ChunkStore::get`], with the kind of failure as a value (for verify).
     pub fn read_checked(&self, digest: &Digest) -> Result<Vec<u8>, ChunkError> {
         let object = self.read_object(digest)?;
-        decode_chunk(&object, digest).map_err(|e| self.quarantine(digest, &object, e))
+        decode_chunk_named(&object, digest, &self.naming)
+            .map_err(|e| self.quarantine(digest, &object, e))
     }
 
     /// Like [`ChunkStore::get_delta`], with the kind of failure as a value.
     pub fn read_delta_checked(&self, id: &Digest) -> Result<Delta, ChunkError> {
         let object = self.read_object(id)?;
-        decode_delta(&object, id).map_err(|e| self.quarantine(id, &object, e))
+        decode_delta_named(&object, id, &self.naming).map_err(|e| self.quarantine(id, &object, e))
     }
 
     fn read_object(&self, digest: &Digest) -> Result<Vec<u8>, ChunkError> {
         match self.store.get(&object_key(digest)) {
             Ok(Some(object)) => Ok(object),
             Ok(None) => Err(ChunkError::Missing),
+            // An encrypted object that fails authentication is corrupt: the
+            // bytes as stored go to quarantine.
+            Err(e) if e.downcast_ref::<Unauthentic>().is_some() => {
+                match self.raw.get(&object_key(digest)) {
+                    Ok(Some(stored)) => Err(self.quarantine_raw(digest, &stored, e)),
+                    Ok(None) => Err(ChunkError::Missing),
+                    Err(source) => Err(ChunkError::Unreadable { source }),
+                }
+            }
             Err(source) => Err(ChunkError::Unreadable { source }),
         }
     }
@@ -204,6 +230,19 @@ impl ChunkStore {
     /// Move an object that failed decoding aside (module docs): a copy under
     /// `quarantine/`, then the original is deleted. Returns the error to report.
     fn quarantine(&self, digest: &Digest, object: &[u8], why: anyhow::Error) -> ChunkError {
+        if Arc::ptr_eq(&self.store, &self.raw) {
+            return self.quarantine_raw(digest, object, why);
+        }
+        // Encrypted: move the object as stored (the decoded bytes are not it).
+        match self.raw.get(&object_key(digest)) {
+            Ok(Some(stored)) => self.quarantine_raw(digest, &stored, why),
+            _ => ChunkError::Corrupt {
+                reason: format!("{why:#}; could not read it again to quarantine it"),
+            },
+        }
+    }
+
+    fn quarantine_raw(&self, digest: &Digest, object: &[u8], why: anyhow::Error) -> ChunkError {
         let reason = format!("{why:#}");
         let hex = digest_hex(digest);
         let stamp = super::names::new_point_id(Utc::now());
@@ -213,9 +252,9 @@ impl ChunkStore {
                     0 => format!("{QUARANTINE_PREFIX}{hex}.{stamp}"),
                     n => format!("{QUARANTINE_PREFIX}{hex}.{stamp}-{n}"),
                 };
-                if self.store.put_if_absent(&key, object)? {
-                    self.store.delete(&object_key(digest))?;
-                    self.store.flush()?;
+                if self.raw.put_if_absent(&key, object)? {
+                    self.raw.delete(&object_key(digest))?;
+                    self.raw.flush()?;
                     return Ok(key);
                 }
             }
@@ -273,6 +312,7 @@ fn loud(what: &str, digest: &Digest, e: ChunkError) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repo::chunk::digest_of;
     use crate::repo::store::LocalStore;
     use std::collections::BTreeSet;
     use std::fs;

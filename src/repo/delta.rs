@@ -30,6 +30,7 @@
 use anyhow::{bail, Context, Result};
 
 use super::chunk::{digest_hex, Digest};
+use super::crypto::Naming;
 use super::format::{DELTA_MAGIC, MAX_CHUNK_SIZE};
 
 /// Length of the fixed part of the delta header.
@@ -93,7 +94,12 @@ impl Delta {
 
     /// The delta's id.
     pub fn id(&self) -> Digest {
-        let mut h = blake3::Hasher::new();
+        self.id_with(&Naming::Plain)
+    }
+
+    /// The delta's id in a repository whose ids are computed by `naming`.
+    pub fn id_with(&self, naming: &Naming) -> Digest {
+        let mut h = naming.hasher();
         h.update(DOMAIN);
         h.update(&self.base);
         h.update(&self.len.to_le_bytes());
@@ -219,6 +225,11 @@ pub fn encode_delta(d: &Delta) -> Result<Vec<u8>> {
 
 /// Decode a delta object and check that it hashes to `expected`.
 pub fn decode_delta(object: &[u8], expected: &Digest) -> Result<Delta> {
+    decode_delta_named(object, expected, &Naming::Plain)
+}
+
+/// [`decode_delta`] in a repository whose ids are computed by `naming`.
+pub fn decode_delta_named(object: &[u8], expected: &Digest, naming: &Naming) -> Result<Delta> {
     if object.len() < DELTA_HEADER_LEN {
         bail!("truncated delta header ({} bytes)", object.len());
     }
@@ -280,7 +291,7 @@ pub fn decode_delta(object: &[u8], expected: &Digest) -> Result<Delta> {
     }
     let d = Delta { base, len, patches };
     d.check()?;
-    let actual = d.id();
+    let actual = d.id_with(naming);
     if &actual != expected {
         bail!("delta hashes to {}", digest_hex(&actual));
     }

@@ -81,6 +81,13 @@ pub struct RepoConfig {
     pub digest: String,
     /// Chunk compression; only `"zstd"` (chunks may still be stored raw).
     pub compression: String,
+    /// `"aes-256-gcm"` in an encrypted repository (with digest `"blake3-keyed"`);
+    /// absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
+    /// The id of the master key (16 hex digits) of an encrypted repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 impl RepoConfig {
@@ -90,6 +97,18 @@ impl RepoConfig {
             format: FORMAT_VERSION,
             digest: "blake3".to_string(),
             compression: "zstd".to_string(),
+            encryption: None,
+            key_id: None,
+        }
+    }
+
+    /// The config of a new encrypted repository whose master key has `key_id`.
+    pub fn encrypted(key_id: &str) -> RepoConfig {
+        RepoConfig {
+            digest: "blake3-keyed".to_string(),
+            encryption: Some(super::crypto::CIPHER.to_string()),
+            key_id: Some(key_id.to_string()),
+            ..RepoConfig::current()
         }
     }
 
@@ -115,8 +134,16 @@ impl RepoConfig {
                 self.format
             );
         }
-        if self.digest != "blake3" {
-            bail!("digest '{}' is not supported (only 'blake3')", self.digest);
+        match (self.digest.as_str(), self.encryption.as_deref(), &self.key_id) {
+            ("blake3", None, None) => {}
+            ("blake3-keyed", Some(super::crypto::CIPHER), Some(id))
+                if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {}
+            _ => bail!(
+                "digest '{}' with encryption '{}' is not supported (only 'blake3' without encryption, or 'blake3-keyed' with '{}' and a key id)",
+                self.digest,
+                self.encryption.as_deref().unwrap_or("none"),
+                super::crypto::CIPHER
+            ),
         }
         if self.compression != "zstd" {
             bail!(

@@ -41,6 +41,7 @@
 
 mod chunk;
 mod chunk_store;
+pub mod crypto;
 mod delta;
 mod format;
 pub mod gc;
@@ -61,6 +62,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub use chunk::{decode_chunk, digest_hex, digest_of, parse_digest_hex, Digest};
 pub use chunk_store::{digest_of_key, object_key, ChunkError, ChunkStore, Inserted};
+pub use crypto::{KeySource, Naming};
 pub use delta::{decode_delta, Delta, Patch};
 pub use format::{
     check_chunk_size, RepoConfig, CONFIG_FILE, FORMAT_VERSION, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
@@ -83,8 +85,12 @@ pub const STAGING_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(
 /// An open repository. Cheap to clone; clones share the chunk store.
 #[derive(Debug, Clone)]
 pub struct Repository {
-    /// The store, seen from the repository's prefix.
+    /// The store, seen from the repository's prefix (decrypting, when encrypted).
     store: Arc<dyn Store>,
+    /// The same objects as stored (key slots and config are read here).
+    raw: Arc<dyn Store>,
+    /// The master key's id of an encrypted repository.
+    key_id: Option<String>,
     chunks: Arc<ChunkStore>,
     location: String,
 }
@@ -136,19 +142,49 @@ impl Repository {
         Repository::open_in(spec.open()?, path)
     }
 
-    /// Open the existing repository under `path` of `store` (`""`: the whole store).
+    /// Open the existing unencrypted repository under `path` of `store`
+    /// (`""`: the whole store).
     pub fn open_in(store: Arc<dyn Store>, path: &str) -> Result<Repository> {
-        let store: Arc<dyn Store> = Arc::new(store::Prefixed::new(store, path)?);
-        let location = store.location();
-        let Some(text) = store.get(CONFIG_FILE)? else {
+        Repository::open_keyed(store, path, None)
+    }
+
+    /// Open the existing repository under `path` of `store`, with `key` when
+    /// the target is encrypted. An encrypted repository needs the key; a
+    /// target that requires encryption refuses an unencrypted repository
+    /// (it would otherwise take new backups in clear).
+    pub fn open_keyed(
+        store: Arc<dyn Store>,
+        path: &str,
+        key: Option<&KeySource>,
+    ) -> Result<Repository> {
+        let raw: Arc<dyn Store> = Arc::new(store::Prefixed::new(store, path)?);
+        let location = raw.location();
+        let Some(text) = raw.get(CONFIG_FILE)? else {
             bail!("{location} is not a vmbackup repository (no {CONFIG_FILE})");
         };
         let text =
             String::from_utf8(text).map_err(|_| anyhow!("{location}/{CONFIG_FILE} is not text"))?;
-        RepoConfig::parse(&text, &format!("{location}/{CONFIG_FILE}"))?;
+        let config = RepoConfig::parse(&text, &format!("{location}/{CONFIG_FILE}"))?;
+        let (store, naming) = match (&config.key_id, key) {
+            (None, None) => (raw.clone(), Naming::Plain),
+            (Some(id), Some(key)) => {
+                let master = Arc::new(crypto::unlock(raw.as_ref(), key, id)?);
+                let naming = Naming::Keyed(master.name_key());
+                let sealed: Arc<dyn Store> = Arc::new(crypto::Sealed::new(raw.clone(), master));
+                (sealed, naming)
+            }
+            (Some(_), None) => bail!(
+                "repository {location} is encrypted: register its target with --encrypt and the key (--key-file or --passphrase-file)"
+            ),
+            (None, Some(_)) => bail!(
+                "repository {location} is not encrypted, but its target requires encryption; refusing to read or write it in clear"
+            ),
+        };
         Ok(Repository {
-            chunks: Arc::new(ChunkStore::new(store.clone())),
+            chunks: Arc::new(ChunkStore::with_naming(store.clone(), raw.clone(), naming)),
             store,
+            raw,
+            key_id: config.key_id,
             location,
         })
     }
@@ -161,21 +197,80 @@ impl Repository {
     /// Create the repository under `path` of `store` (or open it, when another
     /// process created it meanwhile). A prefix holding anything else is refused.
     pub fn create_in(store: Arc<dyn Store>, path: &str) -> Result<Repository> {
+        Repository::create_keyed(store, path, None)
+    }
+
+    /// [`Repository::create_in`], encrypted with a new master key wrapped in a
+    /// key slot for `key` when given (docs/FORMAT.md, "Encryption").
+    pub fn create_keyed(
+        store: Arc<dyn Store>,
+        path: &str,
+        key: Option<&KeySource>,
+    ) -> Result<Repository> {
         let view = store::Prefixed::new(store.clone(), path)?;
         let location = view.location();
         if !view.exists(CONFIG_FILE)? {
             if let Some(found) = first_key(&view, "")? {
-                if found != CONFIG_FILE {
+                if found != CONFIG_FILE && !found.starts_with(crypto::KEYS_PREFIX) {
                     bail!("{location} is not empty and is not a vmbackup repository (found '{found}')");
                 }
             }
-            let config = RepoConfig::current().to_toml()?;
+            // The key slot before the config: a config always has its slot.
+            // Two creators racing each write a slot; the config that wins
+            // names its master key, and the other slot opens nothing of it.
+            let config = match key {
+                None => RepoConfig::current(),
+                Some(key) => RepoConfig::encrypted(crypto::create_master(&view, key)?.id()),
+            }
+            .to_toml()?;
             // Several backups may create the same repository at once: the
             // config is the one object that makes it, and only one is written.
             view.put_if_absent(CONFIG_FILE, config.as_bytes())
                 .with_context(|| format!("cannot create repository {location}"))?;
         }
-        Repository::open_in(store, path)
+        Repository::open_keyed(store, path, key)
+    }
+
+    /// True when the repository is encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.key_id.is_some()
+    }
+
+    /// The key slots of an encrypted repository (none otherwise).
+    pub fn key_slots(&self) -> Result<Vec<crypto::KeySlot>> {
+        crypto::read_slots(self.raw.as_ref())
+    }
+
+    /// Add a key slot for `new`, unwrapping the master key with `current`.
+    pub fn add_key_slot(&self, current: &KeySource, new: &KeySource) -> Result<String> {
+        let Some(id) = &self.key_id else {
+            bail!("repository {} is not encrypted", self.location);
+        };
+        crypto::add_slot(self.raw.as_ref(), current, id, new)
+    }
+
+    /// Remove key slot `slot`; never the last one, nor one `current` opens
+    /// (the key this host uses would stop working).
+    pub fn remove_key_slot(&self, current: &KeySource, slot: &str) -> Result<bool> {
+        let slots = self.key_slots()?;
+        let Some(found) = slots.iter().find(|s| s.id == slot) else {
+            return Ok(false);
+        };
+        if slots.len() == 1 {
+            return Err(crate::error::refused(format!(
+                "key slot {slot} is the last of repository {}: removing it would make every backup there unreadable",
+                self.location
+            )));
+        }
+        if found.opens(current)? {
+            return Err(crate::error::refused(format!(
+                "key slot {slot} of repository {} is the one the target's registered {current} opens; register another key first",
+                self.location
+            )));
+        }
+        self.raw.delete(&found.key())?;
+        self.raw.flush()?;
+        Ok(true)
     }
 
     /// Where the repository is, for messages (`/mnt/backup/web`).

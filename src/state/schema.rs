@@ -148,6 +148,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE platforms DROP COLUMN qmp_dir;
     ALTER TABLE platforms DROP COLUMN kind;
     "#,
+    // 6 (s3, issue 13): where an encrypted target's key comes from (JSON
+    // repo::KeySource: {"key_file": PATH} or {"passphrase_file": PATH}; never the
+    // key itself); NULL for an unencrypted target.
+    r#"
+    ALTER TABLE targets ADD COLUMN key TEXT;
+    "#,
 ];
 
 /// The schema version this binary writes.

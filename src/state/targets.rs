@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::platforms::{list_or_none, names_using};
 use super::State;
-use crate::repo::TargetSpec;
+use crate::repo::{KeySource, TargetSpec};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetRow {
@@ -18,9 +18,11 @@ pub struct TargetRow {
     /// registered before markers existed).
     pub marker_id: Option<String>,
     pub created_at: String,
+    /// Where the key of an encrypted target comes from; `None`: unencrypted.
+    pub key: Option<KeySource>,
 }
 
-const COLS: &str = "name, spec, marker_id, created_at";
+const COLS: &str = "name, spec, marker_id, created_at, key";
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TargetRow> {
     let spec: String = r.get(1)?;
@@ -32,6 +34,16 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TargetRow> {
         spec,
         marker_id: r.get(2)?,
         created_at: r.get(3)?,
+        key: match r.get::<_, Option<String>>(4)? {
+            None => None,
+            Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    4,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?),
+        },
     })
 }
 
@@ -72,8 +84,15 @@ impl State {
         }
     }
 
-    pub fn add_target(&mut self, name: &str, spec: &TargetSpec, marker_id: &str) -> Result<()> {
+    pub fn add_target(
+        &mut self,
+        name: &str,
+        spec: &TargetSpec,
+        marker_id: &str,
+        key: Option<&KeySource>,
+    ) -> Result<()> {
         let spec = serde_json::to_string(spec).context("cannot serialize the target spec")?;
+        let key = key.map(serde_json::to_string).transpose()?;
         self.write(|tx| {
             let exists: bool = tx.query_row(
                 "SELECT COUNT(*) > 0 FROM targets WHERE name = ?1",
@@ -88,8 +107,8 @@ impl State {
                 ));
             }
             tx.execute(
-                &format!("INSERT INTO targets ({COLS}) VALUES (?1, ?2, ?3, ?4)"),
-                params![name, spec, marker_id, super::now_text()],
+                &format!("INSERT INTO targets ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+                params![name, spec, marker_id, super::now_text(), key],
             )?;
             Ok(())
         })

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use vmbackup::repo::store::{S3Credentials, S3Spec, S3Store};
 
 /// Volumes each volume server may hold.
 const VOLUMES_PER_SERVER: usize = 30;
@@ -275,6 +276,24 @@ impl Cluster {
         path
     }
 
+    /// A test's own view of a bucket under `prefix`, with the credentials
+    /// file's `profile` (to inspect what vmbackup stored).
+    pub fn store(&self, bucket: &str, creds: &Path, prefix: &str, profile: &str) -> S3Store {
+        S3Store::open(&S3Spec {
+            endpoint: self.endpoint.clone(),
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            region: "us-east-1".into(),
+            credentials: S3Credentials::File {
+                path: creds.to_path_buf(),
+                profile: profile.into(),
+            },
+            ca_file: None,
+            allow_http: false,
+        })
+        .unwrap()
+    }
+
     /// Kill volume server `i` (0 or 1) with SIGKILL.
     pub fn kill_volume(&self, i: usize) {
         let mut volumes = self.volumes.lock().unwrap();
@@ -475,13 +494,14 @@ pub fn start_incomplete_multipart(endpoint: &str, bucket: &str, key: &str) {
 }
 
 /// Register a new bucket of the cluster as S3 target `name` of `env` (under
-/// `prefix`, credentials file profile `profile`); the bucket and the
-/// credentials file.
+/// `prefix`, credentials file profile `profile`, `extra` options of `target
+/// add`); the bucket and the credentials file.
 pub fn add_s3_target(
     env: &super::Env,
     name: &str,
     prefix: &str,
     profile: &str,
+    extra: &[&str],
 ) -> (String, PathBuf) {
     let c = cluster();
     let bucket = c.bucket();
@@ -502,6 +522,7 @@ pub fn add_s3_target(
     if !prefix.is_empty() {
         args.extend(["--prefix", prefix]);
     }
+    args.extend_from_slice(extra);
     env.ok(&args);
     (bucket, creds)
 }
