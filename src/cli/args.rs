@@ -85,6 +85,10 @@ pub enum Command {
     Gc(GcArgs),
     /// Restore a point to image files
     Restore(RestoreArgs),
+    /// Copy a rule's points to another target (an offsite copy): only the points
+    /// and objects it lacks, each checked before it is sent; resumes after an
+    /// interruption
+    Copy(CopyArgs),
     /// Re-read and re-hash backup data; report missing or corrupt chunks
     Verify(VerifyArgs),
     /// Remove leftovers of interrupted runs on platforms and targets (R44)
@@ -586,6 +590,9 @@ pub struct RestoreArgs {
     /// Start the new VM once defined
     #[arg(long, requires = "as_vm")]
     pub start: bool,
+    /// Read the rule's copy on this target ('vmbackup copy') instead of its own
+    #[arg(long, value_name = "TARGET")]
+    pub from: Option<String>,
 }
 
 /// An octal file mode without setuid, setgid or sticky bits: `0640`, `600`.
@@ -595,6 +602,21 @@ fn parse_mode(text: &str) -> Result<u32, String> {
         Ok(mode) if !digits.is_empty() && digits.len() <= 4 && mode <= 0o777 => Ok(mode),
         _ => Err("allowed an octal mode from 0000 to 0777, e.g. 0640".into()),
     }
+}
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// The rule whose repository is copied
+    pub rule: String,
+    /// Only this VM [default: every VM with points in the rule's repository]
+    #[arg(long, value_name = "VM")]
+    pub vm: Option<String>,
+    /// Only this point and the points it is based on ("latest": the newest)
+    #[arg(long, value_name = "ID", requires = "vm")]
+    pub point: Option<String>,
+    /// The target that receives the copy (the rule's path there)
+    #[arg(long, value_name = "TARGET")]
+    pub to: String,
 }
 
 #[derive(Debug, Args)]

@@ -20,6 +20,7 @@ pub mod args;
 mod backup_cmd;
 mod cleanup_cmd;
 mod config_cmd;
+mod copy_cmd;
 mod daemon_cmd;
 mod diag;
 mod key_cmd;
@@ -209,6 +210,7 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
         Command::Logs(a) => logs_cmd::logs(ctx, a),
         Command::Points(a) => points_cmd::points(ctx, a),
         Command::Restore(a) => restore_cmd::restore(ctx, a),
+        Command::Copy(a) => copy_cmd::run(ctx, a),
         Command::Verify(a) => points_cmd::verify(ctx, a),
         Command::Prune(a) => lifecycle_cmd::prune(ctx, a),
         Command::Forget(a) => lifecycle_cmd::forget(ctx, a),

@@ -9,7 +9,7 @@ use super::args::{ImageFormat as ImageArg, RestoreArgs};
 use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
-use crate::lifecycle::rule_repository;
+use crate::lifecycle::restore_repository;
 use crate::repo::vm_key;
 use crate::restore::ImageFormat;
 use crate::runner::{Job, TaskSpec};
@@ -19,12 +19,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rule = state.require_rule(&a.rule)?;
     rule.require_vm(&a.vm)?;
-    let repo = rule_repository(&state, &rule)?.ok_or_else(|| {
-        crate::error::refused(format!(
-            "rule '{}' has no restore points yet (no backup completed)",
-            rule.name
-        ))
-    })?;
+    let repo = restore_repository(&state, &rule, a.from.as_deref())?;
     let key = vm_key(&rule.settings.platform, &a.vm);
     let point = (a.point != "latest").then_some(a.point.as_str());
     // Chosen (and so validated) before a task is recorded: bad input changes nothing.
@@ -72,6 +67,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
             force: a.force,
             mode: a.mode,
             as_vm: a.as_vm.clone().map(|n| (n, a.start)),
+            from: a.from.clone(),
         },
     };
     let results = runner.run_all(vec![spec])?;

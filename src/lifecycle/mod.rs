@@ -14,4 +14,6 @@ pub mod prune;
 pub mod repository;
 pub mod retention;
 
-pub use repository::{open_target, repository_for_backup, rule_repository};
+pub use repository::{
+    copy_repository, open_target, repository_for_backup, restore_repository, rule_repository,
+};

@@ -71,6 +71,51 @@ pub fn repository_for_backup(state: &State, rule: &RuleRow) -> Result<Repository
     Repository::create_keyed(store, &rule.settings.subdir, target.key.as_ref())
 }
 
+/// The copy of the rule's repository `source` on target `to` (the rule's path
+/// there), created as a copy of `source` when absent (offsite copy).
+pub fn copy_repository(
+    state: &State,
+    rule: &RuleRow,
+    source: &Repository,
+    to: &str,
+) -> Result<Repository> {
+    let target = state.require_target(to)?;
+    if target.name == rule.settings.target {
+        return Err(crate::error::invalid(
+            "--to",
+            to,
+            "is the rule's own target; give another target",
+        ));
+    }
+    let store = open_target(&target)?;
+    source.create_copy(store, &rule.settings.subdir, target.key.as_ref())
+}
+
+/// The repository a restore of the rule reads: the rule's own, or its copy
+/// on target `from` (`restore --from`), which must exist there.
+pub fn restore_repository(state: &State, rule: &RuleRow, from: Option<&str>) -> Result<Repository> {
+    let Some(from) = from else {
+        return rule_repository(state, rule)?.ok_or_else(|| {
+            crate::error::refused(format!(
+                "rule '{}' has no restore points yet (no backup completed)",
+                rule.name
+            ))
+        });
+    };
+    let target = state.require_target(from)?;
+    let store = open_target(&target)?;
+    if !Repository::exists_in(store.clone(), &rule.settings.subdir)? {
+        return Err(anyhow!(
+            "target '{}' holds no copy of rule '{}' (no repository at {}/{})",
+            target.name,
+            rule.name,
+            target.spec.location(),
+            rule.settings.subdir
+        ));
+    }
+    Repository::open_keyed(store, &rule.settings.subdir, target.key.as_ref())
+}
+
 fn missing(target: &TargetRow, rule: &RuleRow) -> anyhow::Error {
     anyhow!(
         "target '{}' at {}: repository of rule '{}' missing; not mounted? (nothing was created)",

@@ -113,6 +113,32 @@ impl ChunkStore {
         })
     }
 
+    /// The object `id` as its writer encoded it (a chunk, or a delta when
+    /// `delta`), decoded and checked first (a corrupt one is quarantined): what
+    /// a copy sends to another repository. A delta's base chunk id comes with it.
+    pub fn read_encoded(
+        &self,
+        id: &Digest,
+        delta: bool,
+    ) -> Result<(Vec<u8>, Option<Digest>), ChunkError> {
+        let object = self.read_object(id)?;
+        let checked = if delta {
+            decode_delta_named(&object, id, &self.naming).map(|d| Some(d.base))
+        } else {
+            decode_chunk_named(&object, id, &self.naming).map(|_| None)
+        };
+        match checked {
+            Ok(base) => Ok((object, base)),
+            Err(e) => Err(self.quarantine(id, &object, e)),
+        }
+    }
+
+    /// Store an object read with [`ChunkStore::read_encoded`] from a repository
+    /// with the same naming, unless that name exists.
+    pub fn insert_encoded(&self, id: &Digest, object: Vec<u8>) -> Result<Inserted> {
+        self.store_object(*id, || Ok(object))
+    }
+
     /// Write the object `encode` builds under `digest`, unless that name exists.
     fn store_object(
         &self,
@@ -300,7 +326,7 @@ impl ChunkStore {
 }
 
 /// A [`ChunkError`] as a one-line error naming the object.
-fn loud(what: &str, digest: &Digest, e: ChunkError) -> anyhow::Error {
+pub(crate) fn loud(what: &str, digest: &Digest, e: ChunkError) -> anyhow::Error {
     let hex = digest_hex(digest);
     match e {
         ChunkError::Missing => anyhow!("{what} {hex} is missing"),

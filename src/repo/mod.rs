@@ -41,6 +41,7 @@
 
 mod chunk;
 mod chunk_store;
+pub mod copy;
 pub mod crypto;
 mod delta;
 mod format;
@@ -229,6 +230,62 @@ impl Repository {
                 .with_context(|| format!("cannot create repository {location}"))?;
         }
         Repository::open_keyed(store, path, key)
+    }
+
+    /// Make `path` of `store` a copy of this repository, or open it when it is
+    /// one already: the config and key slots are copied as they are, so the
+    /// copy has the same master key and object names, and `key` (the
+    /// destination target's) must open it. Anything else there is refused.
+    pub fn create_copy(
+        &self,
+        store: Arc<dyn Store>,
+        path: &str,
+        key: Option<&KeySource>,
+    ) -> Result<Repository> {
+        match (&self.key_id, key) {
+            (None, None) => {}
+            (Some(id), Some(key)) => {
+                crypto::unlock(self.raw.as_ref(), key, id).with_context(|| {
+                    format!("the destination's {key} cannot open repository {}", self.location)
+                })?;
+            }
+            (Some(_), None) => bail!(
+                "repository {} is encrypted: its copy goes to a target registered with --encrypt and a key that opens it",
+                self.location
+            ),
+            (None, Some(_)) => bail!(
+                "repository {} is not encrypted, and the destination target requires encryption",
+                self.location
+            ),
+        }
+        let view = store::Prefixed::new(store.clone(), path)?;
+        let location = view.location();
+        if !view.exists(CONFIG_FILE)? {
+            if let Some(found) = first_key(&view, "")? {
+                if found != CONFIG_FILE && !found.starts_with(crypto::KEYS_PREFIX) {
+                    bail!("{location} is not empty and is not a vmbackup repository (found '{found}')");
+                }
+            }
+            for slot in self.key_slots()? {
+                view.put_if_absent(&slot.key(), &serde_json::to_vec_pretty(&slot)?)?;
+            }
+            let config = self
+                .raw
+                .get(CONFIG_FILE)?
+                .with_context(|| format!("{} lost its {CONFIG_FILE}", self.location))?;
+            view.put_if_absent(CONFIG_FILE, &config)
+                .with_context(|| format!("cannot create repository {location}"))?;
+        }
+        let copy = Repository::open_keyed(store, path, key)?;
+        if copy.key_id != self.key_id {
+            bail!(
+                "{location} is another repository (key id {}, not {}): it cannot hold a copy of {}",
+                copy.key_id.as_deref().unwrap_or("none"),
+                self.key_id.as_deref().unwrap_or("none"),
+                self.location
+            );
+        }
+        Ok(copy)
     }
 
     /// True when the repository is encrypted.

@@ -78,8 +78,19 @@ impl<'a> PointWriter<'a> {
     /// the repository (its base and full must still exist), make every chunk
     /// name durable, check the locks are still ours, then write the manifest.
     /// Only then does the point exist.
-    pub fn commit(mut self, manifest: &Manifest) -> Result<()> {
-        self.check_manifest(manifest)
+    pub fn commit(self, manifest: &Manifest) -> Result<()> {
+        self.commit_with(manifest, true)
+    }
+
+    /// [`PointWriter::commit`] for a point copied from another repository: its
+    /// base and full may be gone (pruned at the source; every point's indexes
+    /// are complete), and every object it names was copied by this writer.
+    pub fn commit_copy(self, manifest: &Manifest) -> Result<()> {
+        self.commit_with(manifest, false)
+    }
+
+    fn commit_with(mut self, manifest: &Manifest, needs_base: bool) -> Result<()> {
+        self.check_manifest(manifest, needs_base)
             .with_context(|| format!("refusing to commit point {}", self.point))?;
         self.chunks
             .flush()
@@ -110,7 +121,7 @@ impl<'a> PointWriter<'a> {
         .with_context(|| format!("cannot remove aborted point {}", self.point))
     }
 
-    fn check_manifest(&self, manifest: &Manifest) -> Result<()> {
+    fn check_manifest(&self, manifest: &Manifest, needs_base: bool) -> Result<()> {
         manifest.check()?;
         if manifest.point != self.point {
             bail!("manifest names point {}", manifest.point);
@@ -138,7 +149,12 @@ impl<'a> PointWriter<'a> {
                 );
             }
         }
-        for dep in [&manifest.base, &manifest.full].into_iter().flatten() {
+        let deps = if needs_base {
+            [&manifest.base, &manifest.full]
+        } else {
+            [&None, &None]
+        };
+        for dep in deps.into_iter().flatten() {
             if !self.store.exists(&manifest_key(self.vm_key(), dep))? {
                 bail!("base point {dep} was removed during the backup; chunks might be missing");
             }

@@ -95,13 +95,13 @@ pub fn run(
             force,
             mode,
             as_vm,
+            from,
         } => {
             let mut state = State::open(&runner.cfg.state_path)?;
             // What killed restores into this destination left goes first.
             let removed = super::recover::remove_stale_restores(&mut state, Some(dest), None)?;
             let rule = &spec.rule;
-            let repo = crate::lifecycle::rule_repository(&state, rule)?
-                .with_context(|| format!("rule '{}' has no repository yet", rule.name))?;
+            let repo = crate::lifecycle::restore_repository(&state, rule, from.as_deref())?;
             let display = runner.events.display(task, spec, None);
             let recorder = TaskRecorder::new(task, state, display, None);
             for line in &removed {

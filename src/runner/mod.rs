@@ -86,6 +86,8 @@ pub enum Job {
         /// Also define a new VM on the restored images: its name, and whether
         /// to start it.
         as_vm: Option<(String, bool)>,
+        /// Read the rule's copy on this target instead of its own repository.
+        from: Option<String>,
     },
     /// Apply the rule's retention to the VM's points now (R17: the scheduler
     /// submits it after the VM's last scheduled backup of the day).
