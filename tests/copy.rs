@@ -189,6 +189,14 @@ fn copies_between_a_directory_and_s3_resume_and_restore_on_a_new_host() {
     assert_eq!(resumed["sent_count"], 2, "{resumed}");
     assert!(resumed["present_count"].as_u64().unwrap() >= 1, "{resumed}");
     assert_eq!(restored_from(&env, "r", "vm1", "offsite", &inc2), d_inc2);
+    let listed = env.json(&["points", "r", "--from", "offsite"]);
+    let listed: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["point"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [full.as_str(), inc.as_str(), inc2.as_str()]);
 
     // S3 -> directory: a rule on the S3 target, copied to the directory.
     env.add_rule("r2", "lab", "vm2", "offsite", &sched);

@@ -478,6 +478,9 @@ pub struct PointsArgs {
     /// Only this VM [default: every VM of the rule, and orphaned VM keys in its repository]
     #[arg(long, value_name = "VM")]
     pub vm: Option<String>,
+    /// List the rule's copy on this target ('vmbackup copy') instead of its own
+    #[arg(long, value_name = "TARGET")]
+    pub from: Option<String>,
 }
 
 #[derive(Debug, Args)]

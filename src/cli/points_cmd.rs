@@ -8,7 +8,7 @@ use super::output::{print_json, Table};
 use super::Ctx;
 use crate::error::ExitCode;
 use crate::level::Level;
-use crate::lifecycle::rule_repository;
+use crate::lifecycle::{restore_repository, rule_repository};
 use crate::repo::vm_key;
 use crate::units::format_size;
 
@@ -42,7 +42,11 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
         None => rule.vms.iter().map(|v| v.vm.clone()).collect(),
     };
     let mut rows = Vec::new();
-    if let Some(repo) = rule_repository(&state, &rule)? {
+    let repo = match &a.from {
+        Some(from) => Some(restore_repository(&state, &rule, Some(from))?),
+        None => rule_repository(&state, &rule)?,
+    };
+    if let Some(repo) = repo {
         let mut keys: Vec<(String, String, bool)> = vms
             .iter()
             .map(|vm| (vm.clone(), vm_key(&rule.settings.platform, vm), false))
