@@ -36,7 +36,11 @@ fi
 QSD_PID=""; WEED_PID=""
 cleanup() {
   [ -n "$QSD_PID" ] && kill "$QSD_PID" 2>/dev/null || true
-  [ -n "$WEED_PID" ] && kill "$WEED_PID" 2>/dev/null || true
+  if [ -n "$WEED_PID" ]; then   # `weed server` may linger after SIGTERM
+    kill "$WEED_PID" 2>/dev/null || true
+    for _ in $(seq 1 20); do kill -0 "$WEED_PID" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL "$WEED_PID" 2>/dev/null || true
+  fi
 }
 trap cleanup EXIT
 rm -rf "$B"; mkdir -p "$B/qmp" "$B/target" "$B/state" "$B/weed"
@@ -142,7 +146,9 @@ change_one_percent() { # 1% of the disk, 256 KiB of random bytes at scattered pl
 check_restore() { # DIR: the restored image equals the disk now
   local a b
   a=$(sha256sum < "$1/vda.raw" | cut -d' ' -f1)
-  b=$(qemu-img convert -f raw -O raw "$GUEST" /dev/stdout | sha256sum | cut -d' ' -f1)
+  qemu-img convert -f raw -O raw "$GUEST" "$B/now.raw"
+  b=$(sha256sum < "$B/now.raw" | cut -d' ' -f1)
+  rm -f "$B/now.raw"
   [ "$a" = "$b" ] || { echo "bench-s3: restore from $2 differs from the disk" >&2; exit 1; }
 }
 
