@@ -15,19 +15,6 @@ use std::time::Duration;
 use serde_json::Value;
 use vmbackup::repo::Store;
 
-fn run_now(env: &Env, rule: &str, level: &str) -> String {
-    let out = env.ok(&["--json", "run-now", rule, "--level", level]);
-    let summary: Value = out
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .find(|v: &Value| v["type"] == "summary")
-        .unwrap();
-    summary["vms"][0]["outcome"]["point"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 /// `copy ... --json`: the one VM's entry.
 fn copy(env: &Env, args: &[&str]) -> Value {
     let mut a = vec!["copy"];
@@ -105,7 +92,7 @@ fn copies_between_a_directory_and_s3_resume_and_restore_on_a_new_host() {
     env.ok(&["target", "add", "plain", "--path", plain.to_str().unwrap()]);
     vm.write_random("disk0", 0, 3 * MIB, 1);
     let d_full = vm.shadow_digest("disk0");
-    let full = run_now(&env, "r", "full");
+    let full = env.backup_point("r", "full");
     env.refused(&["copy", "r", "--to", "local"], &["--to", "own target"]);
     let err = env.fails(3, &["copy", "r", "--to", "plain"]);
     assert!(err.contains("encrypted"), "{err}");
@@ -114,7 +101,7 @@ fn copies_between_a_directory_and_s3_resume_and_restore_on_a_new_host() {
     vm.write("disk0", 2 * MIB + 100, 5000, 0x33);
     let d_inc = vm.shadow_digest("disk0");
     std::thread::sleep(Duration::from_millis(1100));
-    let inc = run_now(&env, "r", "inc");
+    let inc = env.backup_point("r", "inc");
     let first = copy(&env, &["r", "--to", "offsite"]);
     assert_eq!(ids(&first["points_copied"]), [full.clone(), inc.clone()]);
     assert!(first["sent_count"].as_u64().unwrap() >= 3, "{first}");
@@ -141,7 +128,7 @@ fn copies_between_a_directory_and_s3_resume_and_restore_on_a_new_host() {
     vm.write_random("disk0", 4 * MIB, 3 * MIB, 2);
     let d_inc2 = vm.shadow_digest("disk0");
     std::thread::sleep(Duration::from_millis(1100));
-    let inc2 = run_now(&env, "r", "inc");
+    let inc2 = env.backup_point("r", "inc");
     let before = chunk_keys(&s3);
     let mut child = env
         .child_cmd()
@@ -202,7 +189,7 @@ fn copies_between_a_directory_and_s3_resume_and_restore_on_a_new_host() {
     env.add_rule("r2", "lab", "vm2", "offsite", &sched);
     vm2.write_random("disk0", MIB, 2 * MIB, 3);
     let d_r2 = vm2.shadow_digest("disk0");
-    let r2 = run_now(&env, "r2", "full");
+    let r2 = env.backup_point("r2", "full");
     let back = copy(
         &env,
         &["r2", "--vm", "vm2", "--point", "latest", "--to", "local"],

@@ -24,19 +24,6 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-fn run_now(env: &Env, level: &str) -> String {
-    let out = env.ok(&["--json", "run-now", "r", "--level", level]);
-    let summary: serde_json::Value = out
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .find(|v: &serde_json::Value| v["type"] == "summary")
-        .unwrap();
-    summary["vms"][0]["outcome"]["point"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[test]
 fn encrypted_repository_restores_byte_exact_and_refuses_wrong_keys_and_tampering() {
     let env = Env::new();
@@ -101,11 +88,11 @@ fn encrypted_repository_restores_byte_exact_and_refuses_wrong_keys_and_tampering
 
     vm.write_random("disk0", 0, 3 * MIB, 11);
     let full_digest = vm.shadow_digest("disk0");
-    let full = run_now(&env, "full");
+    let full = env.backup_point("r", "full");
     vm.write("disk0", MIB + 10, 2000, 0x42);
     let inc_digest = vm.shadow_digest("disk0");
     std::thread::sleep(Duration::from_millis(1100));
-    let inc = run_now(&env, "inc");
+    let inc = env.backup_point("r", "inc");
     assert_eq!(env.restored_digest("r", "vm1", &full, "disk0"), full_digest);
     assert_eq!(env.restored_digest("r", "vm1", &inc, "disk0"), inc_digest);
     env.ok(&["verify", "r"]);
@@ -244,7 +231,7 @@ fn an_encrypted_s3_target_restores_byte_exact_and_stores_no_plaintext() {
         b'P', // a page of plain text the bucket must not show
     );
     let digest = vm.shadow_digest("disk0");
-    let full = run_now(&env, "full");
+    let full = env.backup_point("r", "full");
     assert_eq!(env.restored_digest("r", "vm1", &full, "disk0"), digest);
     let show = env.json(&["target", "show", "s3t"]);
     assert!(show.to_string().contains("passphrase_file"), "{show}");

@@ -211,11 +211,7 @@ impl Repository {
         let view = store::Prefixed::new(store.clone(), path)?;
         let location = view.location();
         if !view.exists(CONFIG_FILE)? {
-            if let Some(found) = first_key(&view, "")? {
-                if found != CONFIG_FILE && !found.starts_with(crypto::KEYS_PREFIX) {
-                    bail!("{location} is not empty and is not a vmbackup repository (found '{found}')");
-                }
-            }
+            refuse_foreign_objects(&view)?;
             // The key slot before the config: a config always has its slot.
             // Two creators racing each write a slot; the config that wins
             // names its master key, and the other slot opens nothing of it.
@@ -261,11 +257,7 @@ impl Repository {
         let view = store::Prefixed::new(store.clone(), path)?;
         let location = view.location();
         if !view.exists(CONFIG_FILE)? {
-            if let Some(found) = first_key(&view, "")? {
-                if found != CONFIG_FILE && !found.starts_with(crypto::KEYS_PREFIX) {
-                    bail!("{location} is not empty and is not a vmbackup repository (found '{found}')");
-                }
-            }
+            refuse_foreign_objects(&view)?;
             for slot in self.key_slots()? {
                 view.put_if_absent(&slot.key(), &serde_json::to_vec_pretty(&slot)?)?;
             }
@@ -646,6 +638,20 @@ fn manifest_key(vm_key: &str, point: &str) -> String {
 }
 
 /// The first key under `prefix`, if any (the listing stops there).
+/// A repository is created only under a prefix that holds nothing but, at
+/// most, the config and key slots (of a creator racing this one).
+fn refuse_foreign_objects(view: &dyn Store) -> Result<()> {
+    if let Some(found) = first_key(view, "")? {
+        if found != CONFIG_FILE && !found.starts_with(crypto::KEYS_PREFIX) {
+            bail!(
+                "{} is not empty and is not a vmbackup repository (found '{found}')",
+                view.location()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn first_key(store: &dyn Store, prefix: &str) -> Result<Option<String>> {
     const FOUND: &str = "first key found";
     let mut found = None;

@@ -530,6 +530,21 @@ impl Env {
         digest
     }
 
+    /// `run-now RULE --level LEVEL --json`, expecting success: the point made
+    /// for the rule's first VM.
+    pub fn backup_point(&self, rule: &str, level: &str) -> String {
+        let out = self.ok(&["--json", "run-now", rule, "--level", level]);
+        let summary: serde_json::Value = out
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .find(|v: &serde_json::Value| v["type"] == "summary")
+            .unwrap_or_else(|| panic!("no summary: {out}"));
+        summary["vms"][0]["outcome"]["point"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no point: {summary}"))
+            .to_string()
+    }
+
     /// `rule add NAME --platform P --vm VMS --target T EXTRA...`, expecting success.
     pub fn add_rule(&self, name: &str, platform: &str, vms: &str, target: &str, extra: &[&str]) {
         let mut args = vec![
