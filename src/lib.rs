@@ -27,4 +27,5 @@ pub mod restore;
 pub mod runner;
 pub mod state;
 pub mod task;
+pub mod timefmt;
 pub mod units;
