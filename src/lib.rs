@@ -26,6 +26,7 @@ pub mod repo;
 pub mod restore;
 pub mod runner;
 pub mod state;
+pub mod stats;
 pub mod task;
 pub mod timefmt;
 pub mod units;

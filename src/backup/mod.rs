@@ -73,6 +73,8 @@ pub struct BackupOutcome {
     pub totals: ManifestTotals,
     /// Problems that did not fail the backup.
     pub warnings: Vec<String>,
+    /// Points of this VM in the repository, this one included.
+    pub point_count: u64,
 }
 
 /// Back up one VM. `rt` runs the disk pipelines; `cancel` aborts cleanly.
@@ -110,6 +112,7 @@ pub fn run_backup(
         );
     }
     let latest = points.last().map(|p| p.point.clone());
+    let point_count = points.len() as u64 + 1;
 
     progress.phase(Phase::BackingUpConfig);
     let vm_config = vm.config()?;
@@ -177,6 +180,7 @@ pub fn run_backup(
         fallback: lp.fallback,
         totals,
         warnings,
+        point_count,
     })
 }
 

@@ -78,6 +78,9 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Remove leftovers of interrupted runs on platforms and targets (R44)
     Cleanup(CleanupArgs),
+    /// Statistics of a rule's backups: successes and failures per day and month,
+    /// bytes, points, last success, failed tasks not yet viewed
+    Stats(StatsArgs),
     /// Print a shell completion script
     Completions {
         #[arg(value_enum)]
@@ -339,4 +342,37 @@ pub struct VerifyArgs {
 pub struct CleanupArgs {
     /// Only this rule [default: every rule]
     pub rule: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PeriodArg {
+    /// The last 7 days, per day
+    Week,
+    /// The last 30 days, per day
+    Month,
+    /// The last 12 months, per month
+    Year,
+    /// All three charts
+    All,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The rule
+    pub rule: String,
+    /// Only this VM of the rule
+    #[arg(long, value_name = "VM")]
+    pub vm: Option<String>,
+    /// Which charts to show (and, with --tasks, which tasks to list)
+    #[arg(long, value_enum, default_value = "all")]
+    pub period: PeriodArg,
+    /// Do not mark the failures shown as viewed
+    #[arg(long)]
+    pub peek: bool,
+    /// Also list the tasks, with their errors
+    #[arg(long)]
+    pub tasks: bool,
+    /// With --tasks: only failed and interrupted tasks
+    #[arg(long, requires = "tasks")]
+    pub failed: bool,
 }

@@ -30,8 +30,10 @@ mod process;
 mod progress_view;
 mod restore_cmd;
 mod rule_cmd;
+mod stats_cmd;
 mod target_cmd;
 mod task_cmd;
+mod views;
 
 use std::path::{Path, PathBuf};
 
@@ -184,5 +186,6 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
         Command::Restore(a) => restore_cmd::restore(ctx, a),
         Command::Verify(a) => points_cmd::verify(ctx, a),
         Command::Cleanup(a) => cleanup_cmd::cleanup(ctx, a),
+        Command::Stats(a) => stats_cmd::stats(ctx, a),
     }
 }

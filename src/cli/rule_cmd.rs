@@ -7,11 +7,13 @@ use serde::Serialize;
 
 use super::args::{OnOff, PolicyArgs, RuleAddArgs, RuleCmd, RuleEditArgs};
 use super::output::{print_json, yes_no, Table};
+use super::views::LastBackup;
 use super::Ctx;
 use crate::error::{invalid, refused, ExitCode};
 use crate::policy::bandwidth::{validate_windows, Window};
 use crate::policy::{build_policy, Policy};
 use crate::state::rules::{RuleRow, RuleSettings};
+use crate::state::tasks::TaskRow;
 use crate::state::State;
 use crate::task::TaskState;
 
@@ -200,27 +202,85 @@ fn vm_state(state: &State, rule: &RuleRow, vm: &str, stored: &str) -> Result<Str
     })
 }
 
+/// A VM of a rule as `rule list` and `rule show` print it (R31, R33).
+#[derive(Serialize)]
+struct VmView {
+    vm: String,
+    /// The R31 state.
+    state: String,
+    #[serde(serialize_with = "crate::timefmt::stored")]
+    added: String,
+    unviewed_failures: u64,
+    last_backup: Option<LastBackup>,
+    last_task: Option<TaskRow>,
+}
+
+fn vm_views(state: &State, rule: &RuleRow) -> Result<Vec<VmView>> {
+    let now = crate::clock::Clock::process()
+        .now()
+        .with_timezone(&chrono::Utc);
+    let unviewed = state.unviewed_failures(&rule.name, None)?;
+    rule.vms
+        .iter()
+        .map(|v| {
+            Ok(VmView {
+                vm: v.vm.clone(),
+                state: vm_state(state, rule, &v.vm, &v.state)?,
+                added: v.added_at.clone(),
+                unviewed_failures: unviewed.get(&v.vm).copied().unwrap_or(0),
+                last_backup: state
+                    .last_backup(&rule.name, &v.vm)?
+                    .and_then(|r| LastBackup::of(&r, now)),
+                last_task: state.last_task(&rule.name, &v.vm)?,
+            })
+        })
+        .collect()
+}
+
 fn list(ctx: &Ctx) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rules = state.rules()?;
+    let views: Vec<(&RuleRow, Vec<VmView>)> = rules
+        .iter()
+        .map(|r| Ok((r, vm_views(&state, r)?)))
+        .collect::<Result<_>>()?;
     if ctx.json {
-        print_json(&rules);
+        let docs: Vec<serde_json::Value> = views
+            .iter()
+            .map(|(r, vms)| {
+                let mut v = serde_json::to_value(r)?;
+                v["vms"] = serde_json::to_value(vms)?;
+                Ok(v)
+            })
+            .collect::<Result<_>>()?;
+        print_json(&docs);
         return Ok(ExitCode::Ok);
     }
-    let mut t = Table::new(&["NAME", "PLATFORM", "TARGET", "VMS", "POLICY"]);
-    for r in &rules {
-        let vms: Vec<String> = r
-            .vms
-            .iter()
-            .map(|v| format!("{}({})", v.vm, v.state))
-            .collect();
-        t.row(vec![
-            r.name.clone(),
-            r.settings.platform.clone(),
-            r.settings.target.clone(),
-            vms.join(","),
-            r.settings.policy.to_string(),
-        ]);
+    let mut t = Table::new(&[
+        "RULE",
+        "VM",
+        "STATE",
+        "LAST BACKUP",
+        "UNVIEWED FAILURES",
+        "PLATFORM",
+        "TARGET",
+        "POLICY",
+    ]);
+    for (r, vms) in &views {
+        for v in vms {
+            t.row(vec![
+                r.name.clone(),
+                v.vm.clone(),
+                v.state.clone(),
+                v.last_backup
+                    .as_ref()
+                    .map_or("never".into(), LastBackup::human),
+                v.unviewed_failures.to_string(),
+                r.settings.platform.clone(),
+                r.settings.target.clone(),
+                r.settings.policy.to_string(),
+            ]);
+        }
     }
     t.print();
     Ok(ExitCode::Ok)
@@ -234,15 +294,9 @@ struct ScheduleView {
 
 #[derive(Serialize)]
 struct NextRun {
-    at: String,
+    #[serde(with = "crate::timefmt::json")]
+    time: chrono::DateTime<chrono::Utc>,
     level: String,
-}
-
-#[derive(Serialize)]
-struct VmView {
-    vm: String,
-    state: String,
-    last_task: Option<crate::state::tasks::TaskRow>,
 }
 
 fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
@@ -264,22 +318,15 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
         .policy
         .next_runs(now, 5)
         .into_iter()
-        .map(|(at, level)| NextRun {
-            at: at.format("%Y-%m-%d %H:%M").to_string(),
-            level: level.to_string(),
-        })
-        .collect();
-    let vms: Vec<VmView> = rule
-        .vms
-        .iter()
-        .map(|v| {
-            Ok(VmView {
-                vm: v.vm.clone(),
-                state: vm_state(&state, &rule, &v.vm, &v.state)?,
-                last_task: state.last_task(&rule.name, &v.vm)?,
+        .filter_map(|(at, level)| {
+            Some(NextRun {
+                time: crate::policy::schedule::place_in_zone(&Local, at)?
+                    .with_timezone(&chrono::Utc),
+                level: level.to_string(),
             })
         })
-        .collect::<Result<_>>()?;
+        .collect();
+    let vms = vm_views(&state, &rule)?;
     if ctx.json {
         let mut v = serde_json::to_value(&rule)?;
         v["policy_text"] = serde_json::json!(s.policy.to_string());
@@ -324,20 +371,35 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
         out!("  (none)");
     }
     for n in &next {
-        out!("  {}  {}", n.at, n.level);
+        out!("  {}  {}", crate::timefmt::human_time(n.time), n.level);
     }
     out!();
-    let mut t = Table::new(&["VM", "STATE", "LAST TASK", "RESULT", "POINT"]);
+    let mut t = Table::new(&[
+        "VM",
+        "STATE",
+        "LAST BACKUP",
+        "POINT",
+        "UNVIEWED FAILURES",
+        "LAST TASK",
+    ]);
     for v in &vms {
-        let (when, result, point) = match &v.last_task {
-            Some(t) => (
-                t.started_at.clone().unwrap_or_default(),
-                t.state.to_string(),
-                t.point.clone().unwrap_or_default(),
-            ),
-            None => (String::new(), String::new(), String::new()),
+        let last_task = match &v.last_task {
+            Some(t) => format!("{} {} {}", t.id, t.kind, t.state),
+            None => "-".into(),
         };
-        t.row(vec![v.vm.clone(), v.state.clone(), when, result, point]);
+        t.row(vec![
+            v.vm.clone(),
+            v.state.clone(),
+            v.last_backup
+                .as_ref()
+                .map_or("never".into(), LastBackup::human),
+            v.last_backup
+                .as_ref()
+                .and_then(|b| b.point.clone())
+                .unwrap_or_else(|| "-".into()),
+            v.unviewed_failures.to_string(),
+            last_task,
+        ]);
     }
     t.print();
     Ok(ExitCode::Ok)

@@ -327,6 +327,21 @@ impl Runner {
                 for line in &done.summary {
                     record(&mut state, task, LogLevel::Info, line);
                 }
+                if let Outcome::Backup(o) = &done.outcome {
+                    let figures = state
+                        .record_backup(
+                            task,
+                            o.level.as_str(),
+                            o.totals.bytes_read,
+                            o.totals.bytes_written,
+                        )
+                        .and_then(|()| {
+                            state.set_vm_points(&spec.rule.name, &spec.vm, o.point_count)
+                        });
+                    if let Err(e) = figures {
+                        tracing::warn!("cannot record what task {task} wrote: {e:#}");
+                    }
+                }
                 let (point, note) = match &done.outcome {
                     Outcome::Backup(o) => (o.point.as_str(), o.fallback.as_deref()),
                     Outcome::Restore(r) => (r.point.as_str(), None),

@@ -39,6 +39,7 @@ pub struct RuleSettings {
 pub struct RuleVm {
     pub vm: String,
     pub state: String,
+    #[serde(rename = "added", serialize_with = "crate::timefmt::stored")]
     pub added_at: String,
 }
 
@@ -47,6 +48,7 @@ pub struct RuleRow {
     pub name: String,
     #[serde(flatten)]
     pub settings: RuleSettings,
+    #[serde(rename = "created", serialize_with = "crate::timefmt::stored")]
     pub created_at: String,
     pub vms: Vec<RuleVm>,
 }
