@@ -19,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod level;
+pub mod monitor;
 pub mod nbd;
 pub mod platform;
 pub mod policy;

@@ -594,6 +594,7 @@ fn r26_qemu_killed_after_full_bitmap_missing_runs_full() {
     let o = run.outcome();
     assert_eq!(o["level"], "full");
     assert_eq!(o["requested"], "inc");
+    assert_eq!(o["fallback_planned"], false, "tracking lost is unexpected");
     let why = o["fallback"].as_str().unwrap();
     assert!(
         why.contains(&format!("no bitmap for point {full}")),

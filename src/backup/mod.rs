@@ -37,7 +37,7 @@ use crate::repo::{
 use crate::task::progress::{LogLevel, Phase, Progress};
 use crate::task::throttle::Throttle;
 use disk::{DiskPlan, Pipeline};
-use plan::{Fallback, LevelPlan, Tracking};
+use plan::{FullInstead, LevelPlan, Tracking};
 
 /// Everything a backup of one VM needs, resolved (no CLI types).
 #[derive(Debug, Clone)]
@@ -68,8 +68,11 @@ pub struct BackupOutcome {
     pub level: Level,
     pub requested: Level,
     pub base: Option<String>,
-    /// Why an inc/diff ran as a full (exit code 1).
+    /// Why an inc/diff ran as a full.
     pub fallback: Option<String>,
+    /// The full was planned by configuration (first backup, CBT off, raw disk):
+    /// no warning, exit code 0. Otherwise a fallback is a warning (exit code 1).
+    pub fallback_planned: bool,
     pub totals: ManifestTotals,
     /// Problems that did not fail the backup.
     pub warnings: Vec<String>,
@@ -144,7 +147,7 @@ pub fn run_backup(
                 level: Level::Full,
                 base: None,
                 latest_full: lp.latest_full.clone(),
-                fallback: Some(Fallback::cbt_unavailable(job.requested, cu)),
+                fallback: Some(FullInstead::cbt_unavailable(job.requested, cu)),
             };
             req.level = Level::Full;
             req.base = None;
@@ -153,7 +156,12 @@ pub fn run_backup(
         Err(e) => return Err(e),
     };
     if let Some(why) = &lp.fallback {
-        progress.log(LogLevel::Warn, why);
+        let level = if why.planned {
+            LogLevel::Info
+        } else {
+            LogLevel::Warn
+        };
+        progress.log(level, &why.reason);
     }
     progress.level(lp.level);
 
@@ -177,7 +185,8 @@ pub fn run_backup(
         level: lp.level,
         requested: job.requested,
         base: lp.base,
-        fallback: lp.fallback,
+        fallback_planned: lp.fallback.as_ref().is_some_and(|f| f.planned),
+        fallback: lp.fallback.map(|f| f.reason),
         totals,
         warnings,
         point_count,
@@ -337,7 +346,7 @@ fn write_point(
         status: PointStatus::Completed,
         started,
         finished: Utc::now(),
-        fallback_reason: lp.fallback.clone(),
+        fallback_reason: lp.fallback.as_ref().map(|f| f.reason.clone()),
         vm_config,
         disks,
         totals,

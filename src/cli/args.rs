@@ -81,6 +81,9 @@ pub enum Command {
     /// Statistics of a rule's backups: successes and failures per day and month,
     /// bytes, points, last success, failed tasks not yet viewed
     Stats(StatsArgs),
+    /// Test the notifications configured in system.conf (webhook, command)
+    #[command(subcommand)]
+    Notify(NotifyCmd),
     /// Print a shell completion script
     Completions {
         #[arg(value_enum)]
@@ -206,6 +209,9 @@ pub struct RuleAddArgs {
     /// platforms that cannot (qemu, for now: snapshots are crash-consistent)
     #[arg(long)]
     pub quiesce: bool,
+    /// This rule's webhook instead of system.conf's notify_url, or "none"
+    #[arg(long, value_name = "URL")]
+    pub notify_url: Option<String>,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -235,6 +241,10 @@ pub struct RuleEditArgs {
     /// Remove every bandwidth window
     #[arg(long, conflicts_with = "bandwidth")]
     pub clear_bandwidth: bool,
+    /// This rule's webhook: a URL, "none" (no webhook for this rule) or
+    /// "default" (system.conf's notify_url)
+    #[arg(long, value_name = "URL")]
+    pub notify_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -375,4 +385,14 @@ pub struct StatsArgs {
     /// With --tasks: only failed and interrupted tasks
     #[arg(long, requires = "tasks")]
     pub failed: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NotifyCmd {
+    /// Send a sample notification (event "test") now, on every configured channel
+    Test {
+        /// Use this rule's webhook setting (rule edit --notify-url)
+        #[arg(long)]
+        rule: Option<String>,
+    },
 }

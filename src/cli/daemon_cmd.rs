@@ -4,23 +4,18 @@
 //! `run-due` exits with the worst code of its tasks (0 when nothing was due);
 //! `daemon` runs until SIGINT/SIGTERM, then stops its tasks cleanly and exits 130.
 
-use std::sync::atomic::Ordering;
-
 use anyhow::Result;
 
-use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
+use super::process::TaskSession;
 use super::Ctx;
 use crate::error::ExitCode;
 use crate::runner::{scheduler, TaskResult};
 
 pub fn run_due(ctx: &Ctx) -> Result<ExitCode> {
     ctx.state()?;
-    reclaim_dead(ctx)?;
-    let rt = runtime()?;
-    let cancel = cancel_on_signals(&rt);
-    let runner = make_runner(ctx, &rt, cancel.clone())?;
-    let results = scheduler::run_due(&runner)?;
-    let worst = worst_of(&results, cancel.load(Ordering::SeqCst));
+    let session = TaskSession::start(ctx)?;
+    let results = scheduler::run_due(&session.runner)?;
+    let worst = session.exit_code(&results);
     if ctx.json {
         out!(
             "{}",
@@ -29,15 +24,13 @@ pub fn run_due(ctx: &Ctx) -> Result<ExitCode> {
     } else if results.is_empty() && !ctx.quiet {
         out!("nothing due");
     }
+    session.finish();
     Ok(worst)
 }
 
 pub fn daemon(ctx: &Ctx) -> Result<ExitCode> {
     ctx.state()?;
-    reclaim_dead(ctx)?;
-    let rt = runtime()?;
-    let cancel = cancel_on_signals(&rt);
-    let runner = make_runner(ctx, &rt, cancel.clone())?;
+    let session = TaskSession::start(ctx)?;
     eprintln!("vmbackup: daemon started (pid {})", std::process::id());
     sd_notify("READY=1");
     let json = ctx.json;
@@ -54,8 +47,9 @@ pub fn daemon(ctx: &Ctx) -> Result<ExitCode> {
             );
         }
     };
-    let ended = scheduler::daemon(&runner, &report);
+    let ended = scheduler::daemon(&session.runner, &report);
     sd_notify("STOPPING=1");
+    session.finish();
     ended?;
     eprintln!("vmbackup: daemon stopped");
     Ok(ExitCode::Interrupted)

@@ -23,6 +23,7 @@ mod config_cmd;
 mod daemon_cmd;
 mod diag;
 mod logs_cmd;
+mod notify_cmd;
 pub mod output;
 mod platform_cmd;
 mod points_cmd;
@@ -89,6 +90,11 @@ impl Ctx {
     /// Load and validate system.conf.
     pub fn system_config(&self) -> Result<SystemConfig> {
         SystemConfig::load(&self.config_path, self.config_explicit)
+    }
+
+    /// Metrics and notifications as system.conf configures them.
+    pub fn monitor(&self) -> Result<crate::monitor::Monitor> {
+        crate::monitor::Monitor::new(&self.system_config()?.monitoring, &self.state_path)
     }
 
     /// Scratch space for fleecing images and our own NBD sockets: `<state dir>/run`.
@@ -187,5 +193,6 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
         Command::Verify(a) => points_cmd::verify(ctx, a),
         Command::Cleanup(a) => cleanup_cmd::cleanup(ctx, a),
         Command::Stats(a) => stats_cmd::stats(ctx, a),
+        Command::Notify(c) => notify_cmd::run(ctx, c),
     }
 }

@@ -8,6 +8,7 @@ use super::output::{print_json, Table};
 use super::Ctx;
 use crate::error::ExitCode;
 use crate::level::Level;
+use crate::monitor::notify::{Event, Notification};
 use crate::repo::{vm_key, Repository};
 use crate::runner::repo_root;
 use crate::units::format_size;
@@ -77,7 +78,7 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
     Ok(ExitCode::Ok)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 struct VerifyItem {
     rule: String,
     vm: String,
@@ -87,7 +88,8 @@ struct VerifyItem {
 }
 
 pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
-    let state = ctx.state()?;
+    let mut state = ctx.state()?;
+    let monitor = ctx.monitor()?;
     let rules = match &a.rule {
         Some(r) => vec![state.require_rule(r)?],
         None => state.rules()?,
@@ -112,6 +114,7 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
                     .map(|m| m.point)
                     .collect(),
             };
+            let mut damaged: Vec<VerifyItem> = Vec::new();
             for p in points {
                 let report = repo.verify_point(&key, &p)?;
                 let item = VerifyItem {
@@ -138,10 +141,43 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
                         out!("  {pr}");
                     }
                 }
+                if !item.problems.is_empty() {
+                    damaged.push(VerifyItem {
+                        problems: item.problems.clone(),
+                        point: item.point.clone(),
+                        ..VerifyItem::default()
+                    });
+                }
                 items.push(item);
+            }
+            // Only a verify of every point says how many are damaged (R33 metrics).
+            if a.point.is_none() {
+                let now = crate::timefmt::json_time(chrono::Utc::now());
+                state.record_verify(&rule.name, &vm, &now, damaged.len() as u64)?;
+            }
+            if let Some(first) = damaged.first() {
+                let mut n = Notification::new(Event::Damaged);
+                n.rule = Some(rule.name.clone());
+                n.vm = Some(vm.clone());
+                n.kind = Some("verify".into());
+                n.point = Some(first.point.clone());
+                n.error = Some(format!(
+                    "{} point(s) have missing or corrupt chunks; first: point {}: {}",
+                    damaged.len(),
+                    first.point,
+                    first
+                        .problems
+                        .first()
+                        .map(String::as_str)
+                        .unwrap_or_default()
+                ));
+                n.exit_code = Some(ExitCode::Failed.code());
+                monitor.notify(&state, n);
             }
         }
     }
+    monitor.refresh(&state);
+    monitor.finish();
     let bad = items.iter().filter(|i| !i.problems.is_empty()).count();
     if ctx.json {
         print_json(&serde_json::json!({ "points": items, "points_with_problems": bad }));

@@ -1,12 +1,10 @@
 //! `restore`: a restore point back to image files, as a task of the runner
 //! (it takes a slot, R38, and can be cancelled like a backup).
 
-use std::sync::atomic::Ordering;
-
 use anyhow::{Context, Result};
 
 use super::args::{ImageFormat as ImageArg, RestoreArgs};
-use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
+use super::process::TaskSession;
 use super::Ctx;
 use crate::error::ExitCode;
 use crate::repo::{vm_key, Repository};
@@ -25,10 +23,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     // Chosen (and so validated) before a task is recorded: bad input changes nothing.
     let manifest = crate::restore::select_point(&repo, &key, point)?;
     drop(state);
-    reclaim_dead(ctx)?;
-    let rt = runtime()?;
-    let cancel = cancel_on_signals(&rt);
-    let runner = make_runner(ctx, &rt, cancel.clone())?;
+    let session = TaskSession::start(ctx)?;
     let spec = TaskSpec {
         rule: rule.clone(),
         vm: a.vm.clone(),
@@ -42,8 +37,8 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
             force: a.force,
         },
     };
-    let results = runner.run_all(vec![spec])?;
-    let worst = worst_of(&results, cancel.load(Ordering::SeqCst));
+    let results = session.runner.run_all(vec![spec])?;
+    let worst = session.exit_code(&results);
     if ctx.json {
         for r in &results {
             let summary = match (&r.status, &r.outcome) {
@@ -58,5 +53,6 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
             out!("{summary}");
         }
     }
+    session.finish();
     Ok(worst)
 }

@@ -108,7 +108,16 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
         policy,
         bandwidth,
     };
-    ctx.state()?.add_rule(&a.name, &settings, &a.vm)?;
+    let notify_url = a
+        .notify_url
+        .as_deref()
+        .map(|u| notify_setting(u, false))
+        .transpose()?;
+    let mut state = ctx.state()?;
+    state.add_rule(&a.name, &settings, &a.vm)?;
+    if let Some(url) = notify_url {
+        state.set_rule_notify_url(&a.name, url.as_deref())?;
+    }
     done(
         ctx,
         &format!("rule '{}' added with {} VM(s)", a.name, a.vm.len()),
@@ -128,11 +137,17 @@ fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
         && retention.is_none()
         && bandwidth.is_empty()
         && !a.clear_bandwidth
+        && a.notify_url.is_none()
     {
         return Err(refused(
-            "rule edit: nothing to change; give --once, --schedule, --retention, --bandwidth or --clear-bandwidth (R34)",
+            "rule edit: nothing to change; give --once, --schedule, --retention, --bandwidth, --clear-bandwidth or --notify-url (R34)",
         ));
     }
+    let notify_url = a
+        .notify_url
+        .as_deref()
+        .map(|u| notify_setting(u, true))
+        .transpose()?;
     let mut state = ctx.state()?;
     let rule = state.require_rule(&a.name)?;
     let now = Local::now().naive_local();
@@ -164,8 +179,32 @@ fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
         parse_windows(bandwidth)?
     };
     state.edit_rule_policy(&a.name, &policy, &windows)?;
+    if let Some(url) = notify_url {
+        state.set_rule_notify_url(&a.name, url.as_deref())?;
+    }
     done(ctx, &format!("rule '{}' updated", a.name));
     Ok(ExitCode::Ok)
+}
+
+/// `--notify-url`: a URL, `none`, or (for `rule edit`) `default`; `None` stands
+/// for system.conf's notify_url.
+fn notify_setting(value: &str, allow_default: bool) -> Result<Option<String>> {
+    match value {
+        crate::monitor::NOTIFY_URL_NONE => Ok(Some(value.to_string())),
+        "default" if allow_default => Ok(None),
+        url => match crate::config::parse_url("--notify-url", url) {
+            Ok(u) => Ok(Some(u)),
+            Err(_) => Err(invalid(
+                "--notify-url",
+                url,
+                if allow_default {
+                    "allowed an http:// or https:// URL, none, or default"
+                } else {
+                    "allowed an http:// or https:// URL, or none"
+                },
+            )),
+        },
+    }
 }
 
 /// A VM's R31 state as `rule show` reports it.

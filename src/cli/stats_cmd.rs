@@ -121,6 +121,10 @@ pub fn stats(ctx: &Ctx, a: StatsArgs) -> Result<ExitCode> {
     let figures = state.figures(Some(&rule.name), a.vm.as_deref())?;
     // Read and (unless --peek) reset in one step: what is shown is what is marked.
     let unviewed = state.take_unviewed_failures(&rule.name, a.vm.as_deref(), a.peek)?;
+    if !a.peek {
+        // vmbackup_unviewed_failures changed.
+        ctx.monitor()?.refresh(&state);
+    }
 
     let mut rule_totals = Totals::default();
     let mut per_vm = Vec::new();

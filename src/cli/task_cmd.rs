@@ -31,7 +31,9 @@ pub fn run(ctx: &Ctx, cmd: TaskCmd) -> Result<ExitCode> {
 fn list(ctx: &Ctx, all: bool) -> Result<ExitCode> {
     let mut state = ctx.state()?;
     // A listing never shows a dead process's task as running.
-    state.reclaim_dead()?;
+    let monitor = ctx.monitor()?;
+    crate::runner::recover::reclaim_tasks(&mut state, &monitor)?;
+    monitor.finish();
     let tasks = state.tasks(!all, if all { 100 } else { 10_000 })?;
     if ctx.json {
         print_json(&tasks);

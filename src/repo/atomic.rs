@@ -20,8 +20,18 @@ pub const TMP_INFIX: &str = ".tmp-";
 
 /// Write `bytes` to `path` atomically and durably (tmp, fsync, rename, fsync dir).
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    write(path, bytes, None)
+}
+
+/// [`write_file`] with the file's permission bits set to exactly `mode`, whatever
+/// the umask (e.g. 0644 for a file another user's service reads).
+pub fn write_file_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    write(path, bytes, Some(mode))
+}
+
+fn write(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<()> {
     let tmp = tmp_path(path)?;
-    let staged = stage(&tmp, bytes).and_then(|()| {
+    let staged = stage(&tmp, bytes, mode).and_then(|()| {
         fs::rename(&tmp, path)
             .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
     });
@@ -103,12 +113,18 @@ pub fn is_tmp_name(name: &str) -> bool {
     name.contains(TMP_INFIX)
 }
 
-fn stage(tmp: &Path, bytes: &[u8]) -> Result<()> {
+fn stage(tmp: &Path, bytes: &[u8], mode: Option<u32>) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(tmp)
         .with_context(|| format!("cannot create {}", tmp.display()))?;
+    if let Some(mode) = mode {
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", tmp.display()))?;
+    }
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", tmp.display()))
@@ -173,6 +189,17 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, vec!["taken".to_string()]);
+    }
+
+    #[test]
+    fn write_file_mode_sets_exact_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.prom");
+        write_file_mode(&path, b"x 1\n", 0o644).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        assert_eq!(fs::read(&path).unwrap(), b"x 1\n");
     }
 
     #[test]

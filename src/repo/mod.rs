@@ -56,7 +56,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-pub use atomic::{is_tmp_name, sync_dir, write_file};
+pub use atomic::{is_tmp_name, sync_dir, write_file, write_file_mode};
 pub use chunk::{digest_hex, digest_of, parse_digest_hex, Digest};
 pub use chunk_store::{ChunkError, ChunkStore, Inserted};
 pub use delta::{Delta, Patch};

@@ -36,6 +36,8 @@ use crate::backup::BackupOutcome;
 use crate::clock::Clock;
 use crate::error::{exit_code_of, is_interrupted, ExitCode};
 use crate::level::Level;
+use crate::monitor::notify::Event;
+use crate::monitor::Monitor;
 use crate::repo::Manifest;
 use crate::restore::{ImageFormat, RestoreReport};
 use crate::state::rules::RuleRow;
@@ -152,6 +154,8 @@ pub struct RunnerConfig {
     pub limits: Limits,
     pub chunk_size: u32,
     pub clock: Clock,
+    /// Metrics and notifications of tasks that end (system.conf monitoring).
+    pub monitor: Arc<Monitor>,
 }
 
 /// Runs tasks within the slot limits; shared by the threads it starts.
@@ -274,6 +278,11 @@ impl Runner {
                 state.log(*task, LogLevel::Warn, note)?;
             }
         }
+        if let Some(Admission::Skipped { task, .. }) = &admission {
+            self.cfg
+                .monitor
+                .task_ended(&state, *task, Some(Event::Skipped), ExitCode::Busy.code());
+        }
         match admission {
             None => Ok(None),
             Some(Admission::Skipped { task, reason }) => {
@@ -390,6 +399,16 @@ impl Runner {
                 }
             }
         };
+        let unexpected_full = matches!(
+            &result.outcome,
+            Some(Outcome::Backup(o)) if o.fallback.is_some() && !o.fallback_planned
+        );
+        self.cfg.monitor.task_ended(
+            &state,
+            task,
+            Event::of_end(result.status, unexpected_full),
+            result.exit_code,
+        );
         self.events.ended(&result);
         result
     }

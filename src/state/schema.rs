@@ -135,6 +135,11 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (rule, vm)
     );
     "#,
+    // 4 (operating): a rule's own webhook (NULL: system.conf's notify_url;
+    // 'none': no webhook for this rule).
+    r#"
+    ALTER TABLE rules ADD COLUMN notify_url TEXT;
+    "#,
 ];
 
 /// The schema version this binary writes.
