@@ -23,6 +23,7 @@ pub mod monitor;
 pub mod nbd;
 pub mod platform;
 pub mod policy;
+pub mod redact;
 pub mod repo;
 pub mod restore;
 pub mod runner;

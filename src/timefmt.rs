@@ -23,6 +23,14 @@ pub fn human_time(t: DateTime<Utc>) -> String {
         .to_string()
 }
 
+/// A diagnostic line's time: local, with milliseconds and the offset,
+/// `2026-12-03 09:30:00.123 +01:00`.
+pub fn log_time(t: DateTime<Utc>) -> String {
+    t.with_timezone(&Local)
+        .format("%Y-%m-%d %H:%M:%S%.3f %:z")
+        .to_string()
+}
+
 /// A stored or user-given RFC 3339 time, in UTC.
 pub fn parse(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text.trim())

@@ -897,8 +897,10 @@ fn restore_is_a_runner_task_recorded_and_logged_and_v_shows_qmp_commands() {
         .lines()
         .find(|l| l.contains("vmbackup: debug: QMP") && l.contains("transaction"))
         .unwrap_or_else(|| panic!("no QMP debug line in:\n{stderr}"));
+    // `2026-12-03 09:30:00.123 +01:00 vmbackup: debug: ...`: local time, offset.
+    let stamp: Vec<&str> = qmp_line.splitn(4, ' ').take(3).collect();
     assert!(
-        chrono::DateTime::parse_from_rfc3339(qmp_line.split(' ').next().unwrap()).is_ok(),
+        chrono::DateTime::parse_from_str(&stamp.join(" "), "%Y-%m-%d %H:%M:%S%.3f %:z").is_ok(),
         "no timestamp: {qmp_line}"
     );
     let quiet = env.cmd().args(["run-now", "r", "--level", "inc"]).output();

@@ -119,6 +119,13 @@ pub fn run_backup(
 
     progress.phase(Phase::BackingUpConfig);
     let vm_config = vm.config()?;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        tracing::debug!(
+            "VM '{}' configuration: {}",
+            job.vm,
+            crate::redact::json(&vm_config)
+        );
+    }
 
     progress.phase(Phase::QueryingChanges);
     let tracking = plan::tracking(job.auto_cbt, job.cbt, &info.disks);
@@ -163,6 +170,26 @@ pub fn run_backup(
         };
         progress.log(level, &why.reason);
     }
+    progress.log(
+        LogLevel::Info,
+        &match (&lp.base, &lp.latest_full) {
+            (Some(base), Some(full)) if base != full => format!(
+                "point {point}: {} against point {base} (chain from full {full}), {} disk(s)",
+                lp.level,
+                snapshot.exports.len()
+            ),
+            (Some(base), _) => format!(
+                "point {point}: {} against point {base}, {} disk(s)",
+                lp.level,
+                snapshot.exports.len()
+            ),
+            (None, _) => format!(
+                "point {point}: {} of every allocated block, {} disk(s)",
+                lp.level,
+                snapshot.exports.len()
+            ),
+        },
+    );
     progress.level(lp.level);
 
     let started = Utc::now();
@@ -316,6 +343,10 @@ fn write_point(
         let name = &export.disk.name;
         writer.write_index(name, &index)?;
         let chunk_slots = index.slots.iter().filter(|s| **s != Slot::Zero).count() as u64;
+        progress.log(
+            LogLevel::Info,
+            &disk_line(name, lp.level, index.disk_size, &stats, chunk_slots),
+        );
         disks.push(ManifestDisk {
             name: name.clone(),
             size: index.disk_size,
@@ -353,6 +384,34 @@ fn write_point(
     };
     writer.commit(&manifest)?;
     Ok(totals)
+}
+
+/// A disk's line in the task's log (R32): size, what the plan read (changed
+/// bytes for an inc/diff), what was read and stored, and how much was new.
+fn disk_line(
+    name: &str,
+    level: Level,
+    size: u64,
+    stats: &disk::DiskStats,
+    chunk_slots: u64,
+) -> String {
+    use crate::units::format_size;
+    let planned = match level {
+        Level::Full => format!("{} allocated", format_size(stats.to_read)),
+        _ => format!(
+            "{} changed ({} of it now zeros)",
+            format_size(stats.to_read + stats.zeroed),
+            format_size(stats.zeroed)
+        ),
+    };
+    format!(
+        "disk {name}: size {}, {planned}; read {}, stored {} ({} new chunk(s), {} reused)",
+        format_size(size),
+        format_size(stats.bytes_read),
+        format_size(stats.bytes_written),
+        stats.new_chunks,
+        chunk_slots.saturating_sub(stats.new_chunks)
+    )
 }
 
 /// A point id for now, strictly after the newest existing point. Ids have

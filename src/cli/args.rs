@@ -298,9 +298,16 @@ pub struct LogsArgs {
     /// Only this VM's tasks
     #[arg(long, value_name = "VM")]
     pub vm: Option<String>,
-    /// Only this task
+    /// Only this task (of this rule)
     #[arg(long, value_name = "ID")]
     pub task: Option<i64>,
+    /// Only lines written since this time: RFC 3339 (2026-12-03T08:00:00Z) or a
+    /// duration ago (30m, 2h, 1d)
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// Only the newest N lines (then, with --follow, new ones)
+    #[arg(short = 'n', long = "lines", value_name = "N")]
+    pub lines: Option<u32>,
     /// Keep printing new lines as they are written
     #[arg(short, long)]
     pub follow: bool,

@@ -6,6 +6,7 @@
 
 use anyhow::Result;
 
+use super::diag::stderr_line;
 use super::process::TaskSession;
 use super::Ctx;
 use crate::error::ExitCode;
@@ -31,27 +32,27 @@ pub fn run_due(ctx: &Ctx) -> Result<ExitCode> {
 pub fn daemon(ctx: &Ctx) -> Result<ExitCode> {
     ctx.state()?;
     let session = TaskSession::start(ctx)?;
-    eprintln!("vmbackup: daemon started (pid {})", std::process::id());
+    stderr_line(&format!("daemon started (pid {})", std::process::id()));
     sd_notify("READY=1");
     let json = ctx.json;
     let report = move |r: &TaskResult| {
         if json {
             out!("{}", serde_json::json!({ "type": "task_end", "result": r }));
         } else {
-            eprintln!(
-                "vmbackup: task {} rule '{}' VM '{}': {}",
+            stderr_line(&format!(
+                "task {} rule '{}' VM '{}': {}",
                 r.task,
                 r.rule.as_deref().unwrap_or(""),
                 r.vm,
                 r.status
-            );
+            ));
         }
     };
     let ended = scheduler::daemon(&session.runner, &report);
     sd_notify("STOPPING=1");
     session.finish();
     ended?;
-    eprintln!("vmbackup: daemon stopped");
+    stderr_line("daemon stopped");
     Ok(ExitCode::Interrupted)
 }
 
@@ -72,6 +73,6 @@ fn sd_notify(state: &str) {
     let sent = UnixDatagram::unbound()
         .and_then(|sock| addr.and_then(|a| sock.send_to_addr(state.as_bytes(), &a)));
     if let Err(e) = sent {
-        eprintln!("vmbackup: warning: cannot notify systemd at {target}: {e}");
+        tracing::warn!("cannot notify systemd at {target}: {e}");
     }
 }

@@ -38,7 +38,9 @@ fn cancel_on_signals(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
                 _ = term.recv() => {}
             }
             if n == 0 {
-                eprintln!("vmbackup: interrupted: stopping cleanly (send the signal again to exit at once)");
+                super::diag::stderr_line(
+                    "interrupted: stopping cleanly (send the signal again to exit at once)",
+                );
                 flag.store(true, Ordering::SeqCst);
             } else {
                 std::process::exit(ExitCode::Interrupted.code() as i32);
@@ -80,7 +82,7 @@ impl TaskSession {
             },
             rt.handle().clone(),
             cancel.clone(),
-            Arc::new(CliEvents::new(ctx.json, ctx.quiet)),
+            Arc::new(CliEvents::new(ctx.json, ctx.quiet, ctx.verbose > 0)),
         )?;
         Ok(TaskSession {
             _rt: rt,
@@ -117,7 +119,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn reclaim_dead(ctx: &Ctx, monitor: &Monitor) -> Result<()> {
     let mut state = ctx.state()?;
     for line in crate::runner::recover::reclaim(&mut state, &ctx.run_dir(), monitor)? {
-        eprintln!("vmbackup: {line}");
+        super::diag::stderr_line(&line);
     }
     Ok(())
 }

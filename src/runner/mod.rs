@@ -42,6 +42,7 @@ use crate::repo::Manifest;
 use crate::restore::{ImageFormat, RestoreReport};
 use crate::state::rules::RuleRow;
 use crate::state::slots::{Admission, Limits, SlotAnswer};
+use crate::state::tasks::TaskRow;
 use crate::state::State;
 use crate::task::{LogLevel, TaskKind, TaskState};
 pub use events::Events;
@@ -125,26 +126,83 @@ impl Outcome {
     }
 }
 
-/// How one task ended, as `run-now`/`run-due` print it (README "JSON output").
+/// How one task ended, as `run-now`, `run-due` and `restore` print it
+/// (docs/JSON.md, "Task results").
 #[derive(Debug, Serialize)]
 pub struct TaskResult {
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
     pub vm: String,
     pub task: i64,
-    #[serde(skip)]
     pub kind: TaskKind,
     pub status: TaskState,
     pub exit_code: u8,
     #[serde(skip)]
     pub code: ExitCode,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// When the task started running (it held a slot); `None` if it never did.
+    #[serde(with = "crate::timefmt::json_opt")]
+    pub started: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(with = "crate::timefmt::json_opt")]
+    pub finished: Option<chrono::DateTime<chrono::Utc>>,
+    /// From `started` to `finished`.
+    pub duration_seconds: Option<f64>,
+    /// Bytes read (from the VM for a backup, from the repository for a
+    /// restore) per second of `duration_seconds`.
+    pub rate_bytes_per_sec: Option<u64>,
     pub outcome: Option<Outcome>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// What the task did, in lines for people (also in the task's log).
     #[serde(skip)]
     pub summary: Vec<String>,
+}
+
+/// How a task ended, before its times are read back.
+struct Ended {
+    status: TaskState,
+    code: ExitCode,
+    outcome: Option<Outcome>,
+    error: Option<String>,
+    summary: Vec<String>,
+}
+
+impl TaskResult {
+    /// The result of task `task` of `spec`, its times and rate read from its
+    /// (ended) row.
+    fn of(spec: &TaskSpec, row: Option<&TaskRow>, task: i64, end: Ended) -> TaskResult {
+        let Ended {
+            status,
+            code,
+            outcome,
+            error,
+            summary,
+        } = end;
+        let time = |t: Option<&String>| t.and_then(|t| crate::timefmt::parse(t));
+        let started = time(row.and_then(|r| r.started_at.as_ref()));
+        let finished = time(row.and_then(|r| r.finished_at.as_ref()));
+        let duration = match (started, finished) {
+            (Some(s), Some(f)) => Some(crate::timefmt::seconds_between(s, f)),
+            _ => None,
+        };
+        let rate = match (duration, row) {
+            (Some(d), Some(r)) if d > 0.0 => Some((r.bytes_done as f64 / d).round() as u64),
+            _ => None,
+        };
+        TaskResult {
+            rule: Some(spec.rule.name.clone()),
+            vm: spec.vm.clone(),
+            task,
+            kind: spec.job.kind(),
+            status,
+            exit_code: code.code(),
+            code,
+            started,
+            finished,
+            duration_seconds: duration,
+            rate_bytes_per_sec: rate,
+            outcome,
+            error,
+            summary,
+        }
+    }
 }
 
 /// Settings of a runner, resolved by the CLI.
@@ -286,18 +344,19 @@ impl Runner {
         match admission {
             None => Ok(None),
             Some(Admission::Skipped { task, reason }) => {
-                let skipped = TaskResult {
-                    rule: Some(spec.rule.name.clone()),
-                    vm: spec.vm.clone(),
+                let row = state.task(task)?;
+                let skipped = TaskResult::of(
+                    &spec,
+                    row.as_ref(),
                     task,
-                    kind: spec.job.kind(),
-                    status: TaskState::Skipped,
-                    exit_code: ExitCode::Busy.code(),
-                    code: ExitCode::Busy,
-                    outcome: None,
-                    error: Some(reason),
-                    summary: Vec::new(),
-                };
+                    Ended {
+                        status: TaskState::Skipped,
+                        code: ExitCode::Busy,
+                        outcome: None,
+                        error: Some(reason),
+                        summary: Vec::new(),
+                    },
+                );
                 self.events.ended(&skipped);
                 Ok(Some(Err(skipped)))
             }
@@ -329,9 +388,11 @@ impl Runner {
     ) -> TaskResult {
         let res = self
             .wait_for_slot(&mut state, task, spec, &flag)
-            .and_then(|()| jobs::run(self, spec, task, flag));
-        let kind = spec.job.kind();
-        let result = match res {
+            .and_then(|()| {
+                record(&mut state, task, LogLevel::Info, &start_line(spec));
+                jobs::run(self, spec, task, flag)
+            });
+        let (status, code, outcome, error, summary) = match res {
             Ok(done) => {
                 for line in &done.summary {
                     record(&mut state, task, LogLevel::Info, line);
@@ -351,25 +412,13 @@ impl Runner {
                         tracing::warn!("cannot record what task {task} wrote: {e:#}");
                     }
                 }
-                let (point, note) = match &done.outcome {
-                    Outcome::Backup(o) => (o.point.as_str(), o.fallback.as_deref()),
-                    Outcome::Restore(r) => (r.point.as_str(), None),
-                };
-                if let Err(e) = state.end_task(task, TaskState::Completed, Some(point), note) {
-                    tracing::warn!("cannot record the end of task {task}: {e:#}");
-                }
-                TaskResult {
-                    rule: Some(spec.rule.name.clone()),
-                    vm: spec.vm.clone(),
-                    task,
-                    kind,
-                    status: TaskState::Completed,
-                    exit_code: done.code.code(),
-                    code: done.code,
-                    outcome: Some(done.outcome),
-                    error: None,
-                    summary: done.summary,
-                }
+                (
+                    TaskState::Completed,
+                    done.code,
+                    Some(done.outcome),
+                    None,
+                    done.summary,
+                )
             }
             Err(err) => {
                 let code = exit_code_of(&err);
@@ -382,23 +431,32 @@ impl Runner {
                 };
                 let msg = format!("{err:#}");
                 record(&mut state, task, LogLevel::Error, &msg);
-                if let Err(e) = state.end_task(task, status, None, Some(&msg)) {
-                    tracing::warn!("cannot record the end of task {task}: {e:#}");
-                }
-                TaskResult {
-                    rule: Some(spec.rule.name.clone()),
-                    vm: spec.vm.clone(),
-                    task,
-                    kind,
-                    status,
-                    exit_code: code.code(),
-                    code,
-                    outcome: None,
-                    error: Some(msg),
-                    summary: Vec::new(),
-                }
+                (status, code, None, Some(msg), Vec::new())
             }
         };
+        let last = end_line(&state, task, status);
+        record(&mut state, task, LogLevel::Info, &last);
+        let (point, note) = match &outcome {
+            Some(Outcome::Backup(o)) => (Some(o.point.as_str()), o.fallback.as_deref()),
+            Some(Outcome::Restore(r)) => (Some(r.point.as_str()), None),
+            None => (None, error.as_deref()),
+        };
+        if let Err(e) = state.end_task(task, status, point, note) {
+            tracing::warn!("cannot record the end of task {task}: {e:#}");
+        }
+        let row = state.task(task).ok().flatten();
+        let result = TaskResult::of(
+            spec,
+            row.as_ref(),
+            task,
+            Ended {
+                status,
+                code,
+                outcome,
+                error,
+                summary,
+            },
+        );
         let unexpected_full = matches!(
             &result.outcome,
             Some(Outcome::Backup(o)) if o.fallback.is_some() && !o.fallback_planned
@@ -458,10 +516,79 @@ pub fn join(handle: JoinHandle<TaskResult>) -> TaskResult {
         status: TaskState::Failed,
         exit_code: ExitCode::Failed.code(),
         code: ExitCode::Failed,
+        started: None,
+        finished: None,
+        duration_seconds: None,
+        rate_bytes_per_sec: None,
         outcome: None,
         error: Some("task thread panicked".into()),
         summary: Vec::new(),
     })
+}
+
+/// The first line of a task's log once it holds its slot (R32): what it was
+/// asked to do.
+fn start_line(spec: &TaskSpec) -> String {
+    match &spec.job {
+        Job::Backup { level, slot, .. } => match slot {
+            Some(slot) => format!(
+                "backup started: level {level} requested by the schedule slot {}",
+                crate::timefmt::json_of_stored(slot)
+            ),
+            None => format!("backup started: level {level} requested (run now)"),
+        },
+        Job::Restore {
+            point,
+            dest,
+            format,
+            ..
+        } => format!(
+            "restore started: point {} ({} disk(s)) to {} as {}",
+            point.point,
+            point.disks.len(),
+            dest.display(),
+            serde_json::to_value(format)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+/// The last line of a task's log (R32): how it ended, how long it took and how
+/// fast it read, from its row (start time, bytes done).
+fn end_line(state: &State, task: i64, status: TaskState) -> String {
+    let row = state.task(task).ok().flatten();
+    let started = row
+        .as_ref()
+        .and_then(|r| r.started_at.as_deref())
+        .and_then(crate::timefmt::parse);
+    let Some(started) = started else {
+        return format!("task {status} before it started");
+    };
+    let secs = crate::timefmt::seconds_between(started, chrono::Utc::now());
+    let done = row.map_or(0, |r| r.bytes_done);
+    format!(
+        "task {status} after {}: {} read at {}/s",
+        duration_text(secs),
+        crate::units::format_size(done),
+        crate::units::format_size(if secs > 0.0 {
+            (done as f64 / secs) as u64
+        } else {
+            0
+        })
+    )
+}
+
+/// `3.2s`, `2m 5s`, `1h 2m`.
+pub fn duration_text(secs: f64) -> String {
+    if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else if secs < 3600.0 {
+        format!("{}m {}s", secs as u64 / 60, secs as u64 % 60)
+    } else {
+        format!("{}h {}m", secs as u64 / 3600, secs as u64 % 3600 / 60)
+    }
 }
 
 fn record(state: &mut State, task: i64, level: LogLevel, msg: &str) {

@@ -213,7 +213,7 @@ impl State {
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO task_logs (task, ts, level, message) VALUES (?1, ?2, ?3, ?4)",
-                params![task, super::now_text(), level, message],
+                params![task, super::slots::now_millis_text(), level, message],
             )?;
             Ok(())
         })

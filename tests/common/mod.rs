@@ -62,6 +62,8 @@ pub struct TestVm {
     pub qmp_sock: PathBuf,
     pub nbd_sock: Option<PathBuf>,
     pub disks: Vec<DiskSpec>,
+    /// More qemu-storage-daemon arguments (e.g. `--object secret,...`).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -69,6 +71,18 @@ impl TestVm {
     /// Start a VM named `name` whose QMP socket is `<qmp_dir>/<name>.qmp`, its images
     /// and shadows under `work`. `nbd`: also start an NBD server with guest exports.
     pub fn start(qmp_dir: &Path, work: &Path, name: &str, disks: &[DiskSpec], nbd: bool) -> TestVm {
+        TestVm::start_with(qmp_dir, work, name, disks, nbd, &[])
+    }
+
+    /// [`TestVm::start`] with more qemu-storage-daemon arguments.
+    pub fn start_with(
+        qmp_dir: &Path,
+        work: &Path,
+        name: &str,
+        disks: &[DiskSpec],
+        nbd: bool,
+        extra_args: &[&str],
+    ) -> TestVm {
         fs::create_dir_all(qmp_dir).unwrap();
         fs::create_dir_all(work).unwrap();
         for d in disks {
@@ -93,6 +107,7 @@ impl TestVm {
             qmp_sock: qmp_dir.join(format!("{name}.qmp")),
             nbd_sock: nbd.then(|| work.join("nbd.sock")),
             disks: disks.to_vec(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         vm.launch();
@@ -117,6 +132,7 @@ impl TestVm {
                 d.format, d.node, d.node
             ));
         }
+        args.extend(self.extra_args.iter().cloned());
         args.push("--chardev".into());
         args.push(format!(
             "socket,id=qmp0,path={},server=on,wait=off",
