@@ -1,8 +1,10 @@
 //! `system.conf`: the global limits (R38-R42) and monitoring (Prometheus
 //! textfile, webhook, notify command), read once at start-up.
 //!
-//! Format: `key = value` lines (`key=value` too), `#` comments on their own line or
-//! after an unquoted value, blank lines; a value may be in single or double quotes.
+//! Format: UTF-8 text (a leading byte order mark is ignored) of at most 1 MiB;
+//! `key = value` lines (`key=value` too), `#` comments on their own line or after an
+//! unquoted value, blank lines; a value may be in single or double quotes. Binary
+//! content (invalid UTF-8, control characters) is refused.
 //! Keys are spelled exactly as in [`KEYS`], the one table that documents them
 //! (`config show`, the system.conf(5) man page and etc/system.conf.example are
 //! checked against it).
@@ -25,6 +27,7 @@ use crate::units::{format_size, parse_size, KIB, MIB};
 pub const KEY_TASKS: &str = "bk_tsk_thd";
 pub const KEY_TRANSBUFFER: &str = "i2vp_transbuffer";
 pub const KEY_PER_HOST: &str = "Max_ThreadNum_PerHost";
+pub const KEY_IO_TIMEOUT: &str = "io_timeout";
 pub const KEY_PROMETHEUS: &str = "prometheus_textfile";
 pub const KEY_NOTIFY_URL: &str = "notify_url";
 pub const KEY_NOTIFY_ON: &str = "notify_on";
@@ -43,7 +46,7 @@ pub struct KeyDoc {
 }
 
 /// Every key, in file order: the one list of what system.conf accepts.
-pub const KEYS: [KeyDoc; 9] = [
+pub const KEYS: [KeyDoc; 10] = [
     KeyDoc {
         key: KEY_TASKS,
         default: "8",
@@ -61,6 +64,12 @@ pub const KEYS: [KeyDoc; 9] = [
         default: "4",
         allowed: "an integer >= 1, at most bk_tsk_thd",
         meaning: "Maximum number of tasks running at once against one virtualization host (defaults to bk_tsk_thd when that is lower).",
+    },
+    KeyDoc {
+        key: KEY_IO_TIMEOUT,
+        default: "120",
+        allowed: "whole seconds from 1 to 86400: 120, 90s, 2m (a bare number is seconds)",
+        meaning: "How long a sent QMP command or NBD request may wait for its answer before the hypervisor is taken to be stuck and the task fails cleanly. Time in a bandwidth pause window does not count.",
     },
     KeyDoc {
         key: KEY_PROMETHEUS,
@@ -108,6 +117,11 @@ pub const MAX_TRANSBUFFER: u64 = 32 * MIB;
 /// Ceiling of `bk_tsk_thd * i2vp_transbuffer` (R40).
 pub const MAX_BUFFERED: u64 = 32 * MIB;
 pub const DEFAULT_NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a sent QMP command or NBD request may wait for its answer: a
+/// hypervisor that answers nothing for this long is taken to be stuck. Time a
+/// task spends in a bandwidth pause does not count (no request is out).
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(120);
+const MAX_IO_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Where a setting's value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +195,8 @@ pub struct SystemConfig {
     pub i2vp_transbuffer: u64,
     /// Max concurrent tasks per virtualization host (R42).
     pub max_threads_per_host: u32,
+    /// The deadline of every QMP command and NBD request ([`DEFAULT_IO_TIMEOUT`]).
+    pub io_timeout: Duration,
     pub monitoring: Monitoring,
     /// Where each key set in the file was set; keys not listed have their default.
     pub sources: BTreeMap<&'static str, Source>,
@@ -192,6 +208,7 @@ impl Default for SystemConfig {
             bk_tsk_thd: DEFAULT_TASKS,
             i2vp_transbuffer: DEFAULT_TRANSBUFFER,
             max_threads_per_host: DEFAULT_PER_HOST,
+            io_timeout: DEFAULT_IO_TIMEOUT,
             monitoring: Monitoring {
                 notify_timeout: DEFAULT_NOTIFY_TIMEOUT,
                 ..Monitoring::default()
@@ -199,6 +216,20 @@ impl Default for SystemConfig {
             sources: BTreeMap::new(),
         }
     }
+}
+
+/// system.conf is read up to this size: a larger file, or one that never ends
+/// (`/dev/zero`), is refused instead of filling memory.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// At most `MAX_FILE_BYTES + 1` bytes of `path` (one more tells "too large").
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// One setting as `config show` prints it.
@@ -218,8 +249,8 @@ impl SystemConfig {
     /// Read `path`. A missing file gives the defaults unless the path was given
     /// explicitly (`--config`), when it is an error.
     pub fn load(path: &Path, explicit: bool) -> anyhow::Result<SystemConfig> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
+        let bytes = match read_bounded(path) {
+            Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
                 return Ok(SystemConfig::default())
             }
@@ -233,7 +264,27 @@ impl SystemConfig {
                 return Err(e).with_context(|| format!("reading system.conf '{}'", path.display()))
             }
         };
-        SystemConfig::parse(&text, path)
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(refused(format!(
+                "system.conf '{}' is larger than {} (a text file of a few lines is expected; is it the right file?)",
+                path.display(),
+                format_size(MAX_FILE_BYTES)
+            )));
+        }
+        // A UTF-8 byte order mark (some editors write one) is not part of the text.
+        let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let line = bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
+            refused(format!(
+                "{}:{line}: not text: invalid UTF-8 (system.conf holds 'key = value' lines)",
+                path.display()
+            ))
+        })?;
+        SystemConfig::parse(text, path)
     }
 
     /// Where `key`'s value came from.
@@ -247,6 +298,12 @@ impl SystemConfig {
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
             let at = |err: anyhow::Error| refused(format!("{}:{line}: {err}", origin.display()));
+            if let Some(c) = raw.chars().find(|c| c.is_control() && *c != '\t') {
+                return Err(at(refused(format!(
+                    "not text: control character U+{:04X} (system.conf holds 'key = value' lines)",
+                    u32::from(c)
+                ))));
+            }
             let Some((key, value)) = split_line(raw).map_err(at)? else {
                 continue;
             };
@@ -278,6 +335,7 @@ impl SystemConfig {
                 self.max_threads_per_host =
                     parse_count(key, value, "an integer >= 1, at most bk_tsk_thd (R42)")?
             }
+            KEY_IO_TIMEOUT => self.io_timeout = parse_io_timeout(value)?,
             KEY_PROMETHEUS => self.monitoring.prometheus_textfile = Some(parse_textfile(value)?),
             KEY_NOTIFY_URL => self.monitoring.notify_url = Some(parse_url(key, value)?),
             KEY_NOTIFY_ON => self.monitoring.notify_on = parse_notify_on(value)?,
@@ -348,6 +406,10 @@ impl SystemConfig {
                     KEY_PER_HOST => (
                         Some(self.max_threads_per_host.to_string()),
                         Some(u64::from(self.max_threads_per_host)),
+                    ),
+                    KEY_IO_TIMEOUT => (
+                        Some(humantime::format_duration(self.io_timeout).to_string()),
+                        Some(self.io_timeout.as_secs()),
                     ),
                     KEY_PROMETHEUS => (path(&m.prometheus_textfile), None),
                     KEY_NOTIFY_URL => (m.notify_url.clone(), None),
@@ -532,6 +594,25 @@ fn parse_transbuffer(value: &str) -> anyhow::Result<u64> {
     }
 }
 
+/// `120` (seconds), `90s`, `2m`: whole seconds from 1 s to a day.
+fn parse_io_timeout(value: &str) -> anyhow::Result<Duration> {
+    let parsed = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        value.parse::<u64>().ok().map(Duration::from_secs)
+    } else {
+        humantime::parse_duration(value).ok()
+    };
+    match parsed {
+        Some(d) if d >= Duration::from_secs(1) && d <= MAX_IO_TIMEOUT && d.subsec_nanos() == 0 => {
+            Ok(d)
+        }
+        _ => Err(invalid(
+            KEY_IO_TIMEOUT,
+            value,
+            "allowed whole seconds from 1 to 86400, e.g. 120, 90s, 2m (a bare number is seconds)",
+        )),
+    }
+}
+
 fn largest_power_of_two_at_most(n: u64) -> u64 {
     if n == 0 {
         0
@@ -674,11 +755,33 @@ mod tests {
     }
 
     #[test]
+    fn io_timeout_spellings_and_limits() {
+        assert_eq!(parse("").unwrap().io_timeout, Duration::from_secs(120));
+        for (value, secs) in [
+            ("2", 2),
+            ("90s", 90),
+            ("2m", 120),
+            ("'1h'", 3600),
+            ("86400", 86400),
+        ] {
+            let config = parse(&format!("io_timeout = {value}")).unwrap();
+            assert_eq!(config.io_timeout, Duration::from_secs(secs), "{value}");
+        }
+        for bad in ["0", "0s", "500ms", "1.5", "2 days", "-1", "x", ""] {
+            let msg = error(&format!("io_timeout = {bad}"));
+            assert!(
+                msg.starts_with(&format!("/etc/vmbackup/system.conf:1: invalid io_timeout '{bad}': allowed whole seconds from 1 to 86400")),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_key_named_with_known_ones() {
         let msg = error("bk_tsk_thd = 4\nthreads = 4");
         assert_eq!(
             msg,
-            "/etc/vmbackup/system.conf:2: unknown key 'threads'; known keys: bk_tsk_thd, i2vp_transbuffer, Max_ThreadNum_PerHost, prometheus_textfile, notify_url, notify_on, notify_header_file, notify_command, notify_timeout"
+            "/etc/vmbackup/system.conf:2: unknown key 'threads'; known keys: bk_tsk_thd, i2vp_transbuffer, Max_ThreadNum_PerHost, io_timeout, prometheus_textfile, notify_url, notify_on, notify_header_file, notify_command, notify_timeout"
         );
         let msg = error("max_threadnum_perhost = 4");
         assert!(msg.contains("did you mean Max_ThreadNum_PerHost?"), "{msg}");
@@ -731,13 +834,14 @@ mod tests {
             ]
         );
         assert_eq!(entries.len(), KEYS.len());
-        assert_eq!(shown[3], ("prometheus_textfile", None, None, "default"));
+        assert_eq!(shown[3], ("io_timeout", Some("2m"), Some(120), "default"));
+        assert_eq!(shown[4], ("prometheus_textfile", None, None, "default"));
         assert_eq!(
-            shown[5],
+            shown[6],
             ("notify_on", Some("failure,fallback"), None, "default")
         );
         assert_eq!(
-            shown[8],
+            shown[9],
             ("notify_timeout", Some("10s"), Some(10), "default")
         );
         let json = serde_json::to_string(&entries[1]).unwrap();

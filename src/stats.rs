@@ -180,6 +180,8 @@ mod tests {
             rate: 0,
             bw_limit: None,
             waiting: None,
+            dest: None,
+            staging: None,
             bytes_read: None,
             bytes_written: None,
             run_level: None,

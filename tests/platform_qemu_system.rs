@@ -49,7 +49,7 @@ fn start(qmp_dir: &Path, name: &str, args: &[String]) -> SystemVm {
         .spawn()
         .expect("start qemu-system-x86_64");
     let vm = SystemVm { child, qmp };
-    common::wait_for(|| vm.qmp.exists(), "qemu-system QMP socket");
+    common::wait_for(|| common::accepts(&vm.qmp), "qemu-system QMP socket");
     vm
 }
 
@@ -189,7 +189,7 @@ fn full_and_inc_backup_of_a_qemu_system_vm() {
         run_dir: run_dir.clone(),
     };
     let snap = h.begin_backup(&req).unwrap();
-    let sock = run_dir.join("vmbackup-nbd-sys2.sock");
+    let sock = run_dir.join("nbd.sock");
     assert_eq!(snap.exports[0].addr, NbdAddr::Unix { path: sock.clone() });
     assert_eq!(snap.exports[0].disk.name, "vda");
     // While the view is open the guest device sits on our copy-before-write

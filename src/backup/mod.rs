@@ -32,7 +32,7 @@ use crate::level::Level;
 use crate::platform::{BackupRequest, CbtUnavailable, Platform, Snapshot, VmHandle};
 use crate::repo::{
     index_file_name, new_point_id, parse_point_id, vm_key, Manifest, ManifestDisk, ManifestTotals,
-    ManifestVm, PointStatus, Repository, Slot, VmLock,
+    ManifestVm, PointList, PointStatus, Repository, Slot, VmLock,
 };
 use crate::task::progress::{LogLevel, Phase, Progress};
 use crate::task::throttle::Throttle;
@@ -45,16 +45,19 @@ pub struct BackupJob {
     /// Registered platform name (part of the VM's key in the repository).
     pub platform: String,
     pub vm: String,
-    /// Repository directory: target path + rule sub-directory.
-    pub repo_root: PathBuf,
+    /// The rule's repository (see `lifecycle::repository_for_backup`).
+    pub repo: Repository,
     pub requested: Level,
     pub auto_cbt: bool,
     pub cbt: bool,
     pub quiesce: bool,
     /// Chunk size = system.conf `i2vp_transbuffer` (R39).
     pub chunk_size: u32,
-    /// Scratch directory for the platform (fleecing images, sockets).
+    /// The run directory; the VM's own scratch directory inside it
+    /// ([`scratch_dir`]) goes to the platform (fleecing images, sockets).
     pub run_dir: PathBuf,
+    /// How long an NBD request may wait for its answer (system.conf `io_timeout`).
+    pub io_timeout: std::time::Duration,
     /// Chunk buffers in flight for this task (memory bound: this × chunk size).
     pub buffers: usize,
     /// The rule's bandwidth windows, applied to source reads (R29).
@@ -89,12 +92,14 @@ pub fn run_backup(
     rt: &tokio::runtime::Handle,
 ) -> Result<BackupOutcome> {
     progress.phase(Phase::Preparing);
-    let repo = Repository::init_or_open(&job.repo_root)?;
+    let repo = &job.repo;
     let key = vm_key(&job.platform, &job.vm);
-    let lock = repo.lock_vm(&key)?;
+    let repo_lock = repo.lock_shared("backup")?;
+    let lock = repo.lock_vm(&repo_lock, &key, "backup")?;
     let mut vm = platform
         .open_vm(&job.vm)
         .with_context(|| format!("VM '{}'", job.vm))?;
+    vm.watch_cancel(cancel.clone());
     let info = vm.info()?;
     if let Some(err) = &info.error {
         anyhow::bail!("VM '{}' cannot be queried: {err}", job.vm);
@@ -107,7 +112,9 @@ pub fn run_backup(
             d.uncoverable.as_deref().unwrap_or_default()
         )));
     }
-    let (points, repaired) = repair_leftovers(&repo, &lock, vm.as_mut(), &job.run_dir)?;
+    let scratch = scratch_dir(&job.run_dir, &job.platform, &job.vm)?;
+    let (listed, repaired) = repair_leftovers(repo, &lock, vm.as_mut(), &scratch.path)?;
+    let points = listed.points;
     for a in &repaired {
         progress.log(
             LogLevel::Warn,
@@ -144,7 +151,7 @@ pub fn run_backup(
         latest_full: lp.latest_full.clone(),
         track: tracking == Tracking::On,
         quiesce: job.quiesce,
-        run_dir: job.run_dir.clone(),
+        run_dir: scratch.path.clone(),
     };
     let snapshot = match vm.begin_backup(&req) {
         Ok(s) => s,
@@ -195,7 +202,7 @@ pub fn run_backup(
     let started = Utc::now();
     let result = write_point(
         job,
-        &repo,
+        repo,
         &lock,
         &key,
         &point,
@@ -229,29 +236,63 @@ pub fn chain_heads(points: &[Manifest]) -> (Option<&Manifest>, Option<&Manifest>
     )
 }
 
+/// The private scratch directory of one VM inside the run directory, created
+/// (0700) if missing, removed again when it is dropped empty (a non-empty one
+/// holds what a failed teardown left; the next cleanup of the VM removes it).
+/// Its name is a hash of platform and VM name: unique per VM (names that differ
+/// only in odd characters do not collide) and 16 characters long whatever the VM
+/// is called, so the NBD socket in it always fits a unix socket path (README
+/// "Files" has the limit on the state directory's length). One backup or cleanup
+/// at a time uses it: the VM's repository lock is held.
+pub fn scratch_dir(run_dir: &Path, platform: &str, vm: &str) -> Result<ScratchDir> {
+    let mut h = blake3::Hasher::new();
+    h.update(platform.as_bytes());
+    h.update(&[0]);
+    h.update(vm.as_bytes());
+    let name: String = h.finalize().as_bytes()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = run_dir.join(name);
+    crate::private_dir::ensure(&path, "scratch directory")?;
+    Ok(ScratchDir { path })
+}
+
+/// A VM's scratch directory, in use (see [`scratch_dir`]).
+#[derive(Debug)]
+pub struct ScratchDir {
+    pub path: PathBuf,
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        // Fails (and keeps it) unless empty.
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
 /// Repair what an interrupted run left (R44), under the VM's repository lock:
-/// drop incomplete points, then let the platform remove its leftovers and
-/// reconcile tracking with the newest committed point and full. Returns the
-/// committed points (oldest first) and one line per repair.
+/// drop incomplete points, then let the platform remove its leftovers (scratch
+/// files in the VM's `scratch` directory among them) and reconcile tracking
+/// with the newest good point and full (damaged points are left alone). Returns
+/// the VM's points and one line per repair.
 pub fn repair_leftovers(
     repo: &Repository,
     lock: &VmLock,
     vm: &mut dyn VmHandle,
-    run_dir: &Path,
-) -> Result<(Vec<Manifest>, Vec<String>)> {
+    scratch: &Path,
+) -> Result<(PointList, Vec<String>)> {
     let mut done: Vec<String> = repo
         .remove_incomplete_points(lock)?
         .into_iter()
         .map(|p| format!("removed incomplete point {p}"))
         .collect();
     let points = repo.list_points(lock.vm_key())?;
-    let (latest, latest_full) = chain_heads(&points);
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let (latest, latest_full) = chain_heads(&points.points);
     let report = vm.cleanup(
         latest.map(|p| p.point.as_str()),
         latest_full.map(|p| p.point.as_str()),
-        run_dir,
+        scratch,
     )?;
     done.extend(report.actions);
     Ok((points, done))
@@ -322,6 +363,7 @@ fn write_point(
         progress: progress.clone(),
         cancel,
         throttle: job.bandwidth.clone(),
+        io_timeout: job.io_timeout,
     };
     let results = rt.block_on(async {
         let mut set = tokio::task::JoinSet::new();

@@ -128,11 +128,20 @@ pub enum PlatformKind {
 
 #[derive(Debug, Subcommand)]
 pub enum TargetCmd {
-    /// Register a target: a directory under which backup repositories live
+    /// Register a target: a directory under which backup repositories live;
+    /// writes the target marker into it
     Add {
+        /// Name for the target (1-64 of A-Z a-z 0-9 . _ -)
         name: String,
+        /// An existing directory (a mounted backup disk, NFS share, ...)
         #[arg(long, value_name = "DIR")]
         path: PathBuf,
+    },
+    /// Write the target marker into a target registered without one (or adopt
+    /// the marker found there) once it is mounted; backups refuse an unmarked target
+    Mark {
+        /// The registered target
+        name: String,
     },
     /// List registered targets
     List,
@@ -343,6 +352,19 @@ pub struct RestoreArgs {
     /// Overwrite existing image files
     #[arg(long)]
     pub force: bool,
+    /// Permissions of the image files, in octal (a disk holds everything the VM
+    /// holds: only root may read it unless you say otherwise)
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub mode: u32,
+}
+
+/// An octal file mode without setuid, setgid or sticky bits: `0640`, `600`.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if !digits.is_empty() && digits.len() <= 4 && mode <= 0o777 => Ok(mode),
+        _ => Err("allowed an octal mode from 0000 to 0777, e.g. 0640".into()),
+    }
 }
 
 #[derive(Debug, Args)]

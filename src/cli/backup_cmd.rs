@@ -7,7 +7,7 @@ use super::process::TaskSession;
 use super::Ctx;
 use crate::error::ExitCode;
 use crate::level::Level;
-use crate::runner::{repo_root, Job, TaskSpec};
+use crate::runner::{Job, TaskSpec};
 
 fn level_of(l: LevelArg) -> Level {
     match l {
@@ -25,7 +25,7 @@ pub fn run_now(ctx: &Ctx, a: RunNowArgs) -> Result<ExitCode> {
         None => rule.vms.iter().map(|v| v.vm.clone()).collect(),
     };
     state.require_platform(&rule.settings.platform)?;
-    repo_root(&state, &rule)?;
+    state.require_target(&rule.settings.target)?;
     drop(state);
     let session = TaskSession::start(ctx)?;
     let specs = vms

@@ -97,12 +97,16 @@ impl Ctx {
         crate::monitor::Monitor::new(&self.system_config()?.monitoring, &self.state_path)
     }
 
-    /// Scratch space for fleecing images and our own NBD sockets: `<state dir>/run`.
-    pub fn run_dir(&self) -> PathBuf {
-        self.state_path
+    /// Scratch space for fleecing images and our own NBD sockets: `<state dir>/run`,
+    /// created private (0700) or checked to be (`private_dir`).
+    pub fn run_dir(&self) -> Result<PathBuf> {
+        let dir = self
+            .state_path
             .parent()
             .unwrap_or(Path::new("."))
-            .join("run")
+            .join("run");
+        crate::private_dir::ensure(&dir, "run directory")?;
+        Ok(dir)
     }
 }
 

@@ -69,7 +69,8 @@ fn add(ctx: &Ctx, name: &str, kind: PlatformKind, qmp_dir: &Path) -> Result<Exit
             "already registered; pick another name",
         ));
     }
-    let vms = platform::connect(kind_name(kind), &dir)?.inventory()?;
+    let io_timeout = ctx.system_config()?.io_timeout;
+    let vms = platform::connect(kind_name(kind), &dir, io_timeout)?.inventory()?;
     state.add_platform(name, kind_name(kind), &dir.to_string_lossy(), &vms)?;
     report_inventory(ctx, name, &vms, "added");
     Ok(ExitCode::Ok)
@@ -79,7 +80,8 @@ fn add(ctx: &Ctx, name: &str, kind: PlatformKind, qmp_dir: &Path) -> Result<Exit
 fn refresh_inventory(ctx: &Ctx, name: &str) -> Result<(State, Vec<VmInfo>)> {
     let mut state = ctx.state()?;
     let row = state.require_platform(name)?;
-    let vms = platform::connect(&row.kind, Path::new(&row.qmp_dir))?
+    let io_timeout = ctx.system_config()?.io_timeout;
+    let vms = platform::connect(&row.kind, Path::new(&row.qmp_dir), io_timeout)?
         .inventory()
         .with_context(|| format!("platform '{name}'"))?;
     state.set_inventory(name, &vms)?;

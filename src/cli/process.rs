@@ -65,13 +65,14 @@ impl TaskSession {
     pub fn start(ctx: &Ctx) -> Result<TaskSession> {
         let cfg = ctx.system_config()?;
         let monitor = Arc::new(Monitor::new(&cfg.monitoring, &ctx.state_path)?);
-        reclaim_dead(ctx, &monitor)?;
+        reclaim_dead(ctx, cfg.io_timeout, &monitor)?;
         let rt = runtime()?;
         let cancel = cancel_on_signals(&rt);
         let runner = Runner::start(
             RunnerConfig {
                 state_path: ctx.state_path.clone(),
-                run_dir: ctx.run_dir(),
+                run_dir: ctx.run_dir()?,
+                io_timeout: cfg.io_timeout,
                 limits: Limits {
                     global: cfg.bk_tsk_thd,
                     per_host: cfg.max_threads_per_host,
@@ -116,9 +117,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Reclaim what dead processes left behind (R44), reporting on stderr.
-fn reclaim_dead(ctx: &Ctx, monitor: &Monitor) -> Result<()> {
+fn reclaim_dead(ctx: &Ctx, io_timeout: std::time::Duration, monitor: &Monitor) -> Result<()> {
     let mut state = ctx.state()?;
-    for line in crate::runner::recover::reclaim(&mut state, &ctx.run_dir(), monitor)? {
+    for line in crate::runner::recover::reclaim(&mut state, &ctx.run_dir()?, io_timeout, monitor)? {
         super::diag::stderr_line(&line);
     }
     Ok(())

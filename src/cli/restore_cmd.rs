@@ -1,23 +1,28 @@
 //! `restore`: a restore point back to image files, as a task of the runner
 //! (it takes a slot, R38, and can be cancelled like a backup).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::args::{ImageFormat as ImageArg, RestoreArgs};
 use super::process::TaskSession;
 use super::Ctx;
 use crate::error::ExitCode;
-use crate::repo::{vm_key, Repository};
+use crate::lifecycle::rule_repository;
+use crate::repo::vm_key;
 use crate::restore::ImageFormat;
-use crate::runner::{repo_root, Job, TaskSpec};
+use crate::runner::{Job, TaskSpec};
 use crate::task::TaskState;
 
 pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rule = state.require_rule(&a.rule)?;
     rule.require_vm(&a.vm)?;
-    let root = repo_root(&state, &rule)?;
-    let repo = Repository::open(&root).with_context(|| format!("rule '{}'", rule.name))?;
+    let repo = rule_repository(&state, &rule)?.ok_or_else(|| {
+        crate::error::refused(format!(
+            "rule '{}' has no restore points yet (no backup completed)",
+            rule.name
+        ))
+    })?;
     let key = vm_key(&rule.settings.platform, &a.vm);
     let point = (a.point != "latest").then_some(a.point.as_str());
     // Chosen (and so validated) before a task is recorded: bad input changes nothing.
@@ -35,6 +40,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
                 ImageArg::Qcow2 => ImageFormat::Qcow2,
             },
             force: a.force,
+            mode: a.mode,
         },
     };
     let results = session.runner.run_all(vec![spec])?;

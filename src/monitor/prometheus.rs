@@ -148,11 +148,49 @@ fn escape(v: &str) -> String {
 }
 
 /// Render and write the file at `path` atomically, mode 0644 (node_exporter
-/// runs as another user).
+/// runs as another user): staged as a hidden `.<name>.tmp-<pid>-<n>` (created
+/// `O_EXCL|O_NOFOLLOW`; node_exporter reads only `*.prom`), fsynced, renamed
+/// over the file, directory fsynced.
 pub fn write(state: &State, path: &Path) -> Result<()> {
     let text = render(state)?;
-    crate::repo::write_file_mode(path, text.as_bytes(), 0o644)
+    write_atomically(path, text.as_bytes())
         .with_context(|| format!("prometheus_textfile {}", path.display()))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dir = path.parent().context("no directory")?;
+    let name = path
+        .file_name()
+        .context("no file name")?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{:x}",
+        std::process::id(),
+        crate::repo::store::unique_u64()
+    ));
+    let staged = (|| -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .mode(0o644)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        // Exactly 0644 whatever the umask.
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    })();
+    if staged.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    staged?;
+    crate::repo::store::sync_dir(dir)
 }
 
 #[cfg(test)]
@@ -163,6 +201,23 @@ mod tests {
     fn label_values_are_escaped() {
         assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
         assert_eq!(escape("x\ny"), "x\\ny");
+    }
+
+    #[test]
+    fn the_file_is_replaced_atomically_with_mode_0644() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmbackup.prom");
+        write_atomically(&path, b"a 1\n").unwrap();
+        write_atomically(&path, b"a 2\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"a 2\n");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("vmbackup.prom")]);
     }
 
     #[test]

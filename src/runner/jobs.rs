@@ -8,12 +8,13 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use super::record::TaskRecorder;
-use super::{repo_root, Job, Outcome, Runner, TaskSpec, BUFFERS_PER_TASK};
+use super::{Job, Outcome, Runner, TaskSpec, BUFFERS_PER_TASK};
 use crate::backup::{run_backup, BackupJob, BackupOutcome};
 use crate::error::ExitCode;
-use crate::repo::{vm_key, Repository};
+use crate::repo::vm_key;
 use crate::restore::{restore_point, RestoreReport, RestoreRequest};
 use crate::state::State;
+use crate::task::progress::{LogLevel, Progress};
 use crate::task::throttle::Throttle;
 use crate::units::format_size;
 
@@ -38,14 +39,34 @@ pub fn run(runner: &Runner, spec: &TaskSpec, task: i64, cancel: Arc<AtomicBool>)
             dest,
             format,
             force,
+            mode,
         } => {
-            let state = State::open(&runner.cfg.state_path)?;
+            let mut state = State::open(&runner.cfg.state_path)?;
+            // What killed restores into this destination left goes first.
+            let removed = super::recover::remove_stale_restores(&mut state, Some(dest), None)?;
             let rule = &spec.rule;
-            let repo = Repository::open(&repo_root(&state, rule)?)
-                .with_context(|| format!("rule '{}'", rule.name))?;
+            let repo = crate::lifecycle::rule_repository(&state, rule)?
+                .with_context(|| format!("rule '{}' has no repository yet", rule.name))?;
             let display = runner.events.display(task, spec, None);
             let recorder = TaskRecorder::new(task, state, display, None);
+            for line in &removed {
+                recorder.log(LogLevel::Info, line);
+            }
             let key = vm_key(&rule.settings.platform, &spec.vm);
+            let row = std::sync::Mutex::new(State::open(&runner.cfg.state_path)?);
+            let recorded = std::sync::Mutex::new(None::<std::path::PathBuf>);
+            let on_staging = |staging: &Path| -> Result<()> {
+                let dest = staging.parent().unwrap_or(staging).to_string_lossy();
+                let mut state = row
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                state.set_task_staging(task, &dest, Some(&staging.to_string_lossy()))?;
+                *recorded
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(staging.to_path_buf());
+                Ok(())
+            };
             let req = RestoreRequest {
                 repo: &repo,
                 vm_key: &key,
@@ -53,9 +74,26 @@ pub fn run(runner: &Runner, spec: &TaskSpec, task: i64, cancel: Arc<AtomicBool>)
                 dest,
                 format: *format,
                 force: *force,
+                mode: *mode,
                 workers: RESTORE_WORKERS,
+                on_staging: &on_staging,
             };
-            let report = restore_point(&req, &recorder, &cancel)?;
+            let result = restore_point(&req, &recorder, &cancel);
+            // The staging directory is gone once restore_point returns (unless its
+            // removal failed: then the record stays for cleanup).
+            let staging = recorded
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(staging) = staging.filter(|s| !s.exists()) {
+                let dest = staging.parent().unwrap_or(&staging).to_string_lossy();
+                let mut state = row
+                    .into_inner()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Err(e) = state.set_task_staging(task, &dest, None) {
+                    tracing::warn!("cannot record the end of restore task {task}: {e:#}");
+                }
+            }
+            let report = result?;
             Ok(Done {
                 summary: restore_summary(&report),
                 outcome: Outcome::Restore(report),
@@ -75,7 +113,8 @@ fn backup(
     let state = State::open(&runner.cfg.state_path)?;
     let rule = &spec.rule;
     let prow = state.require_platform(&rule.settings.platform)?;
-    let plat = crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
+    let plat =
+        crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir), runner.cfg.io_timeout)?;
     let throttle = Arc::new(Throttle::new(
         rule.settings.bandwidth.clone(),
         runner.cfg.clock,
@@ -84,16 +123,26 @@ fn backup(
     let job = BackupJob {
         platform: prow.name.clone(),
         vm: spec.vm.clone(),
-        repo_root: repo_root(&state, rule)?,
+        repo: crate::lifecycle::repository_for_backup(&state, rule)?,
         requested: level,
         auto_cbt: rule.settings.auto_cbt,
         cbt: rule.settings.cbt,
         quiesce: rule.settings.quiesce,
         chunk_size: runner.cfg.chunk_size,
         run_dir: runner.cfg.run_dir.clone(),
+        io_timeout: runner.cfg.io_timeout,
         buffers: BUFFERS_PER_TASK,
         bandwidth: throttle.clone(),
     };
+    // One running VM, one backup at a time, whichever rule and platform reach it.
+    let running = plat
+        .open_vm(&spec.vm)
+        .and_then(|mut vm| vm.running_identity())
+        .with_context(|| format!("VM '{}'", spec.vm))?;
+    let mut state = state;
+    if let Some(identity) = running {
+        state.claim_running_vm(task, &spec.vm, &identity)?;
+    }
     let display = runner.events.display(task, spec, Some(throttle.clone()));
     let recorder = Arc::new(TaskRecorder::new(task, state, display, Some(throttle)));
     let out = run_backup(&job, plat.as_ref(), recorder, cancel, &runner.rt)?;

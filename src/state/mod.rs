@@ -20,7 +20,7 @@ pub mod tasks;
 pub mod vm_status;
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,17 +34,12 @@ pub struct State {
 }
 
 impl State {
-    /// Open (creating if needed) the state database at `path`: directory 0700,
+    /// Open (creating if needed) the state database at `path`: directory 0700
+    /// (`private_dir`: tightened if others can read it, refused if they can write),
     /// file 0600, WAL, busy timeout, schema migrated to the current version.
     pub fn open(path: &Path) -> Result<State> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .with_context(|| format!("cannot create state directory {}", dir.display()))?;
-            }
+            crate::private_dir::ensure(dir, "state directory")?;
         }
         if !path.exists() {
             fs::OpenOptions::new()

@@ -212,7 +212,7 @@ impl State {
                 params![name, s.platform, s.target, s.subdir, s.auto_cbt, s.cbt, s.lan_free, s.delete_data, s.quiesce, policy, bandwidth, super::now_text()],
             )?;
             for vm in vms {
-                insert_vm(tx, name, &s.platform, vm)?;
+                insert_vm(tx, name, &platform, vm)?;
             }
             Ok(())
         })
@@ -226,7 +226,7 @@ impl State {
         self.write(|tx| {
             for vm in vms {
                 admit_vm(tx, rule, &platform, vm)?;
-                insert_vm(tx, rule, &platform.name, vm)?;
+                insert_vm(tx, rule, &platform, vm)?;
             }
             Ok(())
         })
@@ -378,6 +378,20 @@ fn admit_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> R
         };
         return Err(refused(msg));
     }
+    if let Some(id) = &info.identity {
+        let other: Option<(String, String, String)> = tx
+            .query_row(
+                "SELECT rule, platform, vm FROM rule_vms WHERE identity = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        if let Some((owner, p, as_vm)) = other {
+            return Err(refused(format!(
+                "VM '{vm}' ({id}) is already protected by rule '{owner}' through platform '{p}' (as '{as_vm}'); a VM can be in one rule only (R35)"
+            )));
+        }
+    }
     if let Some(d) = info.disks.iter().find(|d| d.uncoverable.is_some()) {
         return Err(refused(format!(
             "VM '{vm}' disk '{}' cannot be covered by a snapshot: {} (R43)",
@@ -388,10 +402,11 @@ fn admit_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> R
     Ok(())
 }
 
-fn insert_vm(tx: &Transaction, rule: &str, platform: &str, vm: &str) -> Result<()> {
+fn insert_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> Result<()> {
+    let identity = platform.vm(vm).and_then(|v| v.identity.clone());
     tx.execute(
-        "INSERT INTO rule_vms (rule, platform, vm, state, added_at) VALUES (?1, ?2, ?3, 'started', ?4)",
-        params![rule, platform, vm, super::now_text()],
+        "INSERT INTO rule_vms (rule, platform, vm, state, added_at, identity) VALUES (?1, ?2, ?3, 'started', ?4, ?5)",
+        params![rule, platform.name, vm, super::now_text(), identity],
     )?;
     Ok(())
 }

@@ -117,7 +117,27 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER rule_vms_del AFTER DELETE ON rule_vms BEGIN
         UPDATE meta SET value = value + 1 WHERE key = 'config_generation'; END;
     "#,
-    // 3 (operating): what a finished backup produced, so stats and metrics read
+    // 3 (lifecycle): a target is a typed spec, one JSON column (repo::TargetSpec,
+    // e.g. {"type":"directory","path":"/mnt/backup"}), plus the id of the marker
+    // written into it (NULL for targets registered before markers: `target mark`).
+    r#"
+    ALTER TABLE targets ADD COLUMN spec TEXT NOT NULL DEFAULT '{}';
+    UPDATE targets SET spec = json_object('type', 'directory', 'path', path);
+    ALTER TABLE targets DROP COLUMN path;
+    ALTER TABLE targets ADD COLUMN marker_id TEXT;
+    "#,
+    // 4: hardening (issue 8): where a restore writes, so what a killed one left is
+    // found and removed; VM identities.
+    r#"
+    ALTER TABLE tasks ADD COLUMN dest TEXT;      -- restore: destination directory (absolute)
+    ALTER TABLE tasks ADD COLUMN staging TEXT;   -- restore: its private staging directory, while it may exist
+    -- One VM, one rule (R35) across platforms: the VM's identity (platform::VmInfo::identity),
+    -- and the running VM a backup task works on (VmHandle::running_identity).
+    ALTER TABLE rule_vms ADD COLUMN identity TEXT;
+    CREATE UNIQUE INDEX rule_vms_by_identity ON rule_vms(identity) WHERE identity IS NOT NULL;
+    ALTER TABLE tasks ADD COLUMN vm_identity TEXT;
+    "#,
+    // 5 (operating): what a finished backup produced, so stats and metrics read
     // only this store (R33), and per-VM counters: failed tasks viewed by `stats`,
     // points kept, the last verify and the damage it found.
     r#"
@@ -135,7 +155,7 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (rule, vm)
     );
     "#,
-    // 4 (operating): a rule's own webhook (NULL: system.conf's notify_url;
+    // 6 (operating): a rule's own webhook (NULL: system.conf's notify_url;
     // 'none': no webhook for this rule).
     r#"
     ALTER TABLE rules ADD COLUMN notify_url TEXT;
@@ -147,6 +167,11 @@ pub const VERSION: u32 = MIGRATIONS.len() as u32;
 
 /// Bring the database to [`VERSION`], each step in its own transaction.
 pub fn migrate(conn: &mut Connection) -> Result<()> {
+    migrate_to(conn, VERSION)
+}
+
+/// Bring the database to version `target` (tests start from older versions).
+pub(crate) fn migrate_to(conn: &mut Connection, target: u32) -> Result<()> {
     let current: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if current > VERSION {
         bail!(
@@ -154,7 +179,12 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
              use a newer vmbackup"
         );
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(target as usize)
+        .skip(current as usize)
+    {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Re-check under the write lock: another process may have migrated meanwhile.
         let now: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;

@@ -39,6 +39,10 @@ pub struct TaskRow {
     pub bw_limit: Option<String>,
     /// Why a pending task waits (R41).
     pub waiting: Option<String>,
+    /// A restore's destination directory.
+    pub dest: Option<String>,
+    /// A restore's private staging directory, while it may exist.
+    pub staging: Option<String>,
     /// A completed backup: bytes read from the source.
     pub bytes_read: Option<u64>,
     /// A completed backup: bytes of new data written to the target.
@@ -47,7 +51,7 @@ pub struct TaskRow {
     pub run_level: Option<String>,
 }
 
-const COLS: &str = "id, kind, rule, vm, level, state, phase, percent, bytes_done, bytes_total, point, message, pid, created_at, started_at, finished_at, rate, bw_limit, waiting, bytes_read, bytes_written, run_level";
+const COLS: &str = "id, kind, rule, vm, level, state, phase, percent, bytes_done, bytes_total, point, message, pid, created_at, started_at, finished_at, rate, bw_limit, waiting, dest, staging, bytes_read, bytes_written, run_level";
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
     Ok(TaskRow {
@@ -70,9 +74,11 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
         rate: r.get::<_, i64>(16)? as u64,
         bw_limit: r.get(17)?,
         waiting: r.get(18)?,
-        bytes_read: r.get::<_, Option<i64>>(19)?.map(|n| n as u64),
-        bytes_written: r.get::<_, Option<i64>>(20)?.map(|n| n as u64),
-        run_level: r.get(21)?,
+        dest: r.get(19)?,
+        staging: r.get(20)?,
+        bytes_read: r.get::<_, Option<i64>>(21)?.map(|n| n as u64),
+        bytes_written: r.get::<_, Option<i64>>(22)?.map(|n| n as u64),
+        run_level: r.get(23)?,
     })
 }
 
@@ -113,6 +119,71 @@ impl State {
             )?;
             Ok(())
         })
+    }
+
+    /// Record where a restore writes: its destination and private staging
+    /// directory (`None` once the staging directory is gone).
+    pub fn set_task_staging(&mut self, id: i64, dest: &str, staging: Option<&str>) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET dest = ?2, staging = ?3 WHERE id = ?1",
+                params![id, dest, staging],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Record that backup task `id` of rule `rule` works on the running VM
+    /// `identity` (`VmHandle::running_identity`), unless another active task of a
+    /// live process already does: then an error naming that task and its rule
+    /// (exit 3). Two rules reaching one QEMU through two platforms never back it
+    /// up at once (R35).
+    pub fn claim_running_vm(&mut self, id: i64, vm: &str, identity: &str) -> Result<()> {
+        self.write(|tx| {
+            let mut st = tx.prepare(&format!(
+                "SELECT id, rule, vm, pid FROM tasks WHERE vm_identity = ?1 AND id != ?2
+                 AND state IN {ACTIVE_STATES} ORDER BY id"
+            ))?;
+            let others = st
+                .query_map(params![identity, id], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            if let Some((other, rule, as_vm, _)) = others
+                .into_iter()
+                .find(|(_, _, _, pid)| pid.is_some_and(super::slots::pid_alive))
+            {
+                anyhow::bail!(
+                    "VM '{vm}' is being backed up right now by task {other} of rule '{rule}' (as VM '{as_vm}': the same QEMU process, reached through another platform); refusing a second backup of it at once (R35)"
+                );
+            }
+            tx.execute(
+                "UPDATE tasks SET vm_identity = ?2 WHERE id = ?1",
+                params![id, identity],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Restores with a staging directory recorded that no process runs any more
+    /// (they ended, or their process died), optionally only those into `dest`.
+    pub fn ended_restores_with_staging(&self, dest: Option<&str>) -> Result<Vec<TaskRow>> {
+        let mut st = self.conn().prepare(&format!(
+            "SELECT {COLS} FROM tasks WHERE kind = ?1 AND staging IS NOT NULL
+             AND (?2 IS NULL OR dest = ?2) ORDER BY id"
+        ))?;
+        let rows: Vec<TaskRow> = st
+            .query_map(params![TaskKind::Restore, dest], from_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows
+            .into_iter()
+            .filter(|t| !t.state.is_active() || !t.pid.is_some_and(super::slots::pid_alive))
+            .collect())
     }
 
     pub fn task(&self, id: i64) -> Result<Option<TaskRow>> {
@@ -206,6 +277,18 @@ impl State {
                 from_row,
             )
             .optional()?)
+    }
+
+    /// True when a backup of `rule` completed that was created at or after
+    /// `since` (RFC 3339 UTC; compared as times, the stored texts differ in
+    /// precision): the rule's repository must then exist.
+    pub fn has_completed_backup(&self, rule: &str, since: &str) -> Result<bool> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) > 0 FROM tasks WHERE kind = 'backup' AND state = 'completed'
+             AND rule = ?1 AND julianday(created_at) >= julianday(?2)",
+            [rule, since],
+            |r| r.get(0),
+        )?)
     }
 
     /// Append a log line to a task (R32).

@@ -65,6 +65,9 @@ pub struct TestVm {
     /// More qemu-storage-daemon arguments (e.g. `--object secret,...`).
     pub extra_args: Vec<String>,
     child: Option<Child>,
+    /// `(node, host byte offset)`: reads of the image file at that offset fail
+    /// with EIO (a `blkdebug` node between the format node and its file).
+    read_error: Option<(String, u64)>,
 }
 
 impl TestVm {
@@ -109,6 +112,7 @@ impl TestVm {
             disks: disks.to_vec(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
+            read_error: None,
         };
         vm.launch();
         vm
@@ -126,10 +130,23 @@ impl TestVm {
                 d.node,
                 img.display()
             ));
+            let mut file = format!("{}-file", d.node);
+            if let Some((_, offset)) = self.read_error.as_ref().filter(|(n, _)| *n == d.node) {
+                args.push("--blockdev".into());
+                args.push(format!(
+                    "driver=blkdebug,node-name={n}-dbg,image={n}-file,\
+                     inject-error.0.event=read_aio,inject-error.0.errno=5,\
+                     inject-error.0.once=off,inject-error.0.iotype=read,\
+                     inject-error.0.sector={}",
+                    offset / 512,
+                    n = d.node
+                ));
+                file = format!("{}-dbg", d.node);
+            }
             args.push("--blockdev".into());
             args.push(format!(
-                "driver={},node-name={},file={}-file{ro}",
-                d.format, d.node, d.node
+                "driver={},node-name={},file={file}{ro}",
+                d.format, d.node
             ));
         }
         args.extend(self.extra_args.iter().cloned());
@@ -161,9 +178,9 @@ impl TestVm {
             .spawn()
             .expect("start qemu-storage-daemon");
         self.child = Some(child);
-        wait_for(|| self.qmp_sock.exists(), "QMP socket");
+        wait_for(|| accepts(&self.qmp_sock), "QMP socket");
         if let Some(sock) = &self.nbd_sock {
-            wait_for(|| sock.exists(), "NBD socket");
+            wait_for(|| accepts(sock), "NBD socket");
         }
     }
 
@@ -281,6 +298,37 @@ impl TestVm {
         }
     }
 
+    /// Stop cleanly and start again with reads of the image file of `node` at
+    /// host byte `offset` failing with EIO (QEMU's blkdebug driver); `None`
+    /// removes the fault.
+    pub fn restart_with_read_error(&mut self, node: &str, offset: Option<u64>) {
+        self.quit();
+        self.read_error = offset.map(|o| (node.to_string(), o));
+        self.launch();
+    }
+
+    /// Where guest byte `guest_offset` of `node` lives in its image file
+    /// (`qemu-img map`; the image may be in use).
+    pub fn host_offset(&self, node: &str, guest_offset: u64) -> u64 {
+        let out = run(
+            "qemu-img",
+            &[
+                "map",
+                "-U",
+                "--output=json",
+                self.image(node).to_str().unwrap(),
+            ],
+        );
+        let map: serde_json::Value = serde_json::from_str(&out).unwrap();
+        for e in map.as_array().unwrap() {
+            let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            if (start..start + len).contains(&guest_offset) && e["data"] == true {
+                return e["offset"].as_u64().unwrap() + (guest_offset - start);
+            }
+        }
+        panic!("guest offset {guest_offset} of {node} is not allocated: {out}");
+    }
+
     /// Start again on the same images (after `kill` or `quit`).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "still running");
@@ -315,6 +363,12 @@ impl Drop for TestVm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether a server accepts connections on the unix socket `path`: the file
+/// appears at bind(2), a moment before listen(2), when a connect is still refused.
+pub fn accepts(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
 /// A QMP conversation for tests: greeting, capabilities, then `cmds`; events skipped.

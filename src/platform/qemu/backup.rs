@@ -98,7 +98,7 @@ pub fn begin(
                 disk.node, disk.name
             )
         })?;
-        disks.push(plan_disk(vm, index, disk, node, req, removed_inconsistent)?);
+        disks.push(plan_disk(index, disk, node, req, removed_inconsistent)?);
     }
     let mut active = ActiveBackup {
         level: req.level,
@@ -118,7 +118,6 @@ pub fn begin(
 /// Decide one disk's bitmaps, refusing with [`CbtUnavailable`] when the base is
 /// not provably tracked.
 fn plan_disk(
-    vm: &str,
     index: usize,
     disk: &DiskInfo,
     node: &BlockNode,
@@ -135,7 +134,7 @@ fn plan_disk(
     let fleece_node = names::fleece_node(&disk.node, index);
     let mut run = DiskRun {
         disk: disk.clone(),
-        fleece_image: names::fleece_image(&req.run_dir, vm, &disk.node),
+        fleece_image: names::fleece_image(&req.run_dir, index),
         fleece_node,
         export: names::export_id(&disk.node),
         job: names::job_id(&disk.node),
@@ -303,7 +302,17 @@ fn transaction_actions(run: &DiskRun) -> Vec<Value> {
     actions
 }
 
+/// Create the fleecing image: the file first, new and 0600 (`O_EXCL|O_NOFOLLOW`;
+/// it holds the disk's old data), then `qemu-img create` formats it in place.
 fn create_fleece_image(path: &PathBuf, size: u64) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .with_context(|| format!("cannot create fleecing image {}", path.display()))?;
     let out = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(path)
@@ -311,6 +320,7 @@ fn create_fleece_image(path: &PathBuf, size: u64) -> Result<()> {
         .output()
         .context("run qemu-img")?;
     if !out.status.success() {
+        let _ = std::fs::remove_file(path);
         bail!(
             "qemu-img create {} failed: {}",
             path.display(),

@@ -22,9 +22,10 @@ pub struct NbdServer {
     pub started: Option<PathBuf>,
 }
 
-/// Start a server on a unix socket in `run_dir`, or find the running one.
+/// Start a server on a unix socket in the VM's scratch directory `run_dir`, or
+/// find the running one.
 pub fn start_or_find(qmp: &mut Qmp, run_dir: &Path, vm: &str) -> Result<NbdServer> {
-    let socket = names::nbd_socket(run_dir, vm);
+    let socket = names::nbd_socket(run_dir);
     let args = json!({ "addr": { "type": "unix", "data": { "path": socket } } });
     match qmp.execute("nbd-server-start", args) {
         Ok(_) => Ok(NbdServer {
