@@ -65,7 +65,7 @@ fn platform_discovers_vms_disks_and_cbt_support() {
     // State persists across invocations.
     let list = l.env.json(&["platform", "list"]);
     assert_eq!(list[0]["name"], "lab");
-    assert_eq!(list[0]["vms"], 3);
+    assert_eq!(list[0]["vm_count"], 3);
 }
 
 #[test]

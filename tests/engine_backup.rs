@@ -48,7 +48,7 @@ fn run_now(env: &Env, level: &str) -> (i32, serde_json::Value) {
                 String::from_utf8_lossy(&out.stderr)
             )
         });
-    (out.status.code().unwrap(), summary["vms"][0].clone())
+    (out.status.code().unwrap(), summary["tasks"][0].clone())
 }
 
 fn backup(env: &Env, level: &str) -> serde_json::Value {
@@ -351,7 +351,7 @@ fn identical_vms_share_chunks_in_one_repository() {
                 .filter_map(|l| serde_json::from_str(l).ok())
                 .find(|v: &serde_json::Value| v["type"] == "summary")
                 .unwrap();
-            summary["vms"][0]["outcome"]["totals"]["bytes_written"]
+            summary["tasks"][0]["outcome"]["totals"]["bytes_written"]
                 .as_u64()
                 .unwrap()
         })

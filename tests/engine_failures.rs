@@ -310,7 +310,7 @@ impl Run {
     }
 
     fn vm(&self) -> &Value {
-        &self.summary()["vms"][0]
+        &self.summary()["tasks"][0]
     }
 
     fn outcome(&self) -> &Value {

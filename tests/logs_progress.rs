@@ -21,11 +21,7 @@ fn tasks(env: &Env) -> Vec<(i64, String, String)> {
             (
                 t["id"].as_i64().unwrap(),
                 t["kind"].as_str().unwrap().to_string(),
-                t["status"]
-                    .as_str()
-                    .or(t["state"].as_str())
-                    .unwrap()
-                    .to_string(),
+                t["status"].as_str().unwrap().to_string(),
             )
         })
         .collect();

@@ -174,7 +174,7 @@ fn a_backup_of_a_qemu_in_another_rules_running_task_is_refused() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|t| t["state"] == "running" && t["bytes_done"].as_u64().unwrap_or(0) > 0)
+                .any(|t| t["status"] == "running" && t["bytes_done"].as_u64().unwrap_or(0) > 0)
         },
         "r1's backup transferring",
     );

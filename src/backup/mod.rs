@@ -76,11 +76,28 @@ pub struct BackupOutcome {
     /// The full was planned by configuration (first backup, CBT off, raw disk):
     /// no warning, exit code 0. Otherwise a fallback is a warning (exit code 1).
     pub fallback_planned: bool,
+    #[serde(serialize_with = "totals_json")]
     pub totals: ManifestTotals,
     /// Problems that did not fail the backup.
     pub warnings: Vec<String>,
     /// Points of this VM in the repository, this one included.
     pub point_count: u64,
+}
+
+/// A point's totals under the names of docs/JSON.md (counts end in `_count`);
+/// the manifest keeps its own names (docs/FORMAT.md).
+fn totals_json<S: serde::Serializer>(t: &ManifestTotals, s: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(
+        &serde_json::json!({
+            "size": t.size,
+            "bytes_read": t.bytes_read,
+            "bytes_written": t.bytes_written,
+            "new_chunk_count": t.new_chunks,
+            "reused_chunk_count": t.reused_chunks,
+            "zero_slot_count": t.zero_slots,
+        }),
+        s,
+    )
 }
 
 /// Back up one VM. `rt` runs the disk pipelines; `cancel` aborts cleanly.

@@ -43,20 +43,7 @@ pub fn run_now(ctx: &Ctx, a: RunNowArgs) -> Result<ExitCode> {
     let results = session.runner.run_all(specs)?;
     let worst = session.exit_code(&results);
     if ctx.json {
-        let vms: Vec<serde_json::Value> = results
-            .iter()
-            .map(|r| {
-                let mut v = serde_json::to_value(r).unwrap_or_default();
-                if let Some(o) = v.as_object_mut() {
-                    o.remove("rule");
-                }
-                v
-            })
-            .collect();
-        out!(
-            "{}",
-            serde_json::json!({ "type": "summary", "rule": rule.name, "exit_code": worst.code(), "vms": vms })
-        );
+        session.print_summary(Some(&rule.name), &results, worst);
     }
     session.finish();
     Ok(worst)

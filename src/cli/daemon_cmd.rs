@@ -18,10 +18,7 @@ pub fn run_due(ctx: &Ctx) -> Result<ExitCode> {
     let results = scheduler::run_due(&session.runner)?;
     let worst = session.exit_code(&results);
     if ctx.json {
-        out!(
-            "{}",
-            serde_json::json!({ "type": "summary", "exit_code": worst.code(), "tasks": results })
-        );
+        session.print_summary(None, &results, worst);
     } else if results.is_empty() && !ctx.quiet {
         out!("nothing due");
     }
@@ -37,7 +34,14 @@ pub fn daemon(ctx: &Ctx) -> Result<ExitCode> {
     let json = ctx.json;
     let report = move |r: &TaskResult| {
         if json {
-            out!("{}", serde_json::json!({ "type": "task_end", "result": r }));
+            out!(
+                "{}",
+                serde_json::json!({
+                    "type": "task_end",
+                    "time": crate::timefmt::json_time(chrono::Utc::now()),
+                    "result": r,
+                })
+            );
         } else {
             stderr_line(&format!(
                 "task {} rule '{}' VM '{}': {}",

@@ -37,6 +37,21 @@ pub fn print_json<T: Serialize + ?Sized>(value: &T) {
     }
 }
 
+/// The result of an action command (`rule add`, `target remove`, ...): with
+/// `--json`, `{"message": ..., <fields>}` (docs/JSON.md); otherwise the message,
+/// unless `-q`.
+pub fn print_done(json: bool, quiet: bool, message: &str, fields: serde_json::Value) {
+    if json {
+        let mut doc = serde_json::json!({ "message": message });
+        if let (Some(d), serde_json::Value::Object(f)) = (doc.as_object_mut(), fields) {
+            d.extend(f);
+        }
+        print_json(&doc);
+    } else if !quiet {
+        out!("{message}");
+    }
+}
+
 /// A plain text table: a header row and aligned columns, two spaces apart.
 pub struct Table {
     header: Vec<String>,

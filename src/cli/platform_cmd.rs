@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::args::{PlatformCmd, PlatformKind};
-use super::output::{print_json, yes_no, Table};
+use super::output::{print_done, print_json, yes_no, Table};
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
 use crate::platform::{self, VmInfo};
@@ -26,12 +26,12 @@ pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
         PlatformCmd::Refresh { name } => refresh(ctx, &name),
         PlatformCmd::Remove { name } => {
             ctx.state()?.remove_platform(&name)?;
-            if !ctx.quiet && !ctx.json {
-                out!("platform '{name}' removed");
-            }
-            if ctx.json {
-                print_json(&serde_json::json!({ "removed": name }));
-            }
+            print_done(
+                ctx.json,
+                ctx.quiet,
+                &format!("platform '{name}' removed"),
+                serde_json::json!({ "platform": name }),
+            );
             Ok(ExitCode::Ok)
         }
         PlatformCmd::Vms { name, refresh: now } => {
@@ -96,13 +96,19 @@ fn refresh(ctx: &Ctx, name: &str) -> Result<ExitCode> {
 
 fn report_inventory(ctx: &Ctx, name: &str, vms: &[VmInfo], verb: &str) {
     let bad = vms.iter().filter(|v| v.error.is_some()).count();
+    let msg = format!(
+        "platform '{name}' {verb}: {} VM(s), {bad} unreachable",
+        vms.len()
+    );
     if ctx.json {
-        print_json(&serde_json::json!({ "platform": name, "vms": vms.len(), "unreachable": bad }));
-    } else if !ctx.quiet {
-        out!(
-            "platform '{name}' {verb}: {} VM(s), {bad} unreachable",
-            vms.len()
+        print_done(
+            true,
+            false,
+            &msg,
+            serde_json::json!({ "platform": name, "vm_count": vms.len(), "unreachable_count": bad }),
         );
+    } else if !ctx.quiet {
+        out!("{msg}");
         for v in vms.iter().filter(|v| v.error.is_some()) {
             out!("  {}: {}", v.name, v.error.as_deref().unwrap_or_default());
         }
@@ -118,8 +124,11 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
             #[serde(rename = "type")]
             kind: &'a str,
             qmp_dir: &'a str,
-            vms: usize,
-            refreshed_at: Option<&'a str>,
+            vm_count: usize,
+            #[serde(serialize_with = "crate::timefmt::stored")]
+            created: &'a str,
+            #[serde(serialize_with = "crate::timefmt::stored_opt")]
+            refreshed: Option<String>,
         }
         let items: Vec<Item> = rows
             .iter()
@@ -127,8 +136,9 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
                 name: &p.name,
                 kind: &p.kind,
                 qmp_dir: &p.qmp_dir,
-                vms: p.vms.len(),
-                refreshed_at: p.refreshed_at.as_deref(),
+                vm_count: p.vms.len(),
+                created: &p.created_at,
+                refreshed: p.refreshed_at.clone(),
             })
             .collect();
         print_json(&items);

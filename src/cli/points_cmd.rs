@@ -19,16 +19,19 @@ struct PointRow {
     point: String,
     level: Option<Level>,
     base: Option<String>,
-    started: Option<String>,
-    finished: Option<String>,
+    #[serde(with = "crate::timefmt::json_opt")]
+    started: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(with = "crate::timefmt::json_opt")]
+    finished: Option<chrono::DateTime<chrono::Utc>>,
     disks: Vec<String>,
     size: u64,
     bytes_read: u64,
     bytes_written: u64,
-    fallback_reason: Option<String>,
-    /// `completed`, or `damaged` (manifest or an index unreadable, see `reason`).
+    /// Why an inc/diff ran as a full.
+    fallback: Option<String>,
+    /// `completed`, or `damaged` (manifest or an index unreadable, see `error`).
     status: &'static str,
-    reason: Option<String>,
+    error: Option<String>,
 }
 
 pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
@@ -47,15 +50,15 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
             point: m.point.clone(),
             level: Some(m.level),
             base: m.base.clone(),
-            started: Some(m.started.to_rfc3339()),
-            finished: Some(m.finished.to_rfc3339()),
+            started: Some(m.started),
+            finished: Some(m.finished),
             disks: m.disks.iter().map(|d| d.name.clone()).collect(),
             size: m.totals.size,
             bytes_read: m.totals.bytes_read,
             bytes_written: m.totals.bytes_written,
-            fallback_reason: m.fallback_reason.clone(),
+            fallback: m.fallback_reason.clone(),
             status: "completed",
-            reason: None,
+            error: None,
         })
         .chain(list.damaged.iter().map(|d| PointRow {
             point: d.point.clone(),
@@ -67,9 +70,9 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
             size: 0,
             bytes_read: 0,
             bytes_written: 0,
-            fallback_reason: None,
+            fallback: None,
             status: "damaged",
-            reason: Some(d.reason.clone()),
+            error: Some(d.reason.clone()),
         }))
         .collect();
     rows.sort_by(|a, b| a.point.cmp(&b.point));
@@ -81,7 +84,7 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
         "POINT", "LEVEL", "BASE", "DISKS", "SIZE", "READ", "STORED", "STATUS",
     ]);
     for r in &rows {
-        let status = match &r.reason {
+        let status = match &r.error {
             Some(why) => format!("{}: {why}", r.status),
             None => r.status.into(),
         };
@@ -108,9 +111,10 @@ struct VerifyItem {
     /// `ok`, or `damaged`: objects missing, corrupt or quarantined, or the
     /// manifest or an index unreadable (`problems` says which).
     status: &'static str,
-    chunks_checked: u64,
+    /// Chunk and delta objects checked.
+    checked_count: u64,
     /// Objects once quarantined and whole again (a later backup stored them).
-    healed: u64,
+    healed_count: u64,
     problems: Vec<String>,
 }
 
@@ -120,7 +124,6 @@ struct VerifyRule {
     rule: String,
     /// `checked`, `no points yet`, or `failed` (`error` says why).
     status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
@@ -208,7 +211,7 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
         print_json(&serde_json::json!({
             "rules": summary,
             "points": items,
-            "points_with_problems": bad,
+            "damaged_count": bad,
         }));
     }
     if bad > 0 {
@@ -273,8 +276,8 @@ fn verify_one(
         vm: vm.to_string(),
         point: point.to_string(),
         status: if r.is_ok() { "ok" } else { "damaged" },
-        chunks_checked: r.chunks_checked,
-        healed: r.healed,
+        checked_count: r.chunks_checked,
+        healed_count: r.healed,
         problems,
     })
 }
@@ -283,7 +286,7 @@ fn print_verify_item(ctx: &Ctx, item: &VerifyItem) {
     if ctx.json || (ctx.quiet && item.problems.is_empty()) {
         return;
     }
-    let verdict = match (item.problems.len(), item.healed) {
+    let verdict = match (item.problems.len(), item.healed_count) {
         (0, 0) => "ok".to_string(),
         (0, n) => format!("ok, healed ({n} object(s) stored again by a later backup)"),
         (n, _) => format!("DAMAGED, {n} problem(s)"),
@@ -293,7 +296,7 @@ fn print_verify_item(ctx: &Ctx, item: &VerifyItem) {
         item.rule,
         item.vm,
         item.point,
-        item.chunks_checked
+        item.checked_count
     );
     for pr in &item.problems {
         out!("  {pr}");

@@ -59,10 +59,13 @@ pub struct TaskSession {
     pub cancel: Arc<AtomicBool>,
     pub runner: Arc<Runner>,
     pub monitor: Arc<Monitor>,
+    /// When this command began running tasks (the summary's `started`).
+    started: chrono::DateTime<chrono::Utc>,
 }
 
 impl TaskSession {
     pub fn start(ctx: &Ctx) -> Result<TaskSession> {
+        let started = chrono::Utc::now();
         let cfg = ctx.system_config()?;
         let monitor = Arc::new(Monitor::new(&cfg.monitoring, &ctx.state_path)?);
         reclaim_dead(ctx, cfg.io_timeout, &monitor)?;
@@ -90,7 +93,28 @@ impl TaskSession {
             cancel,
             runner,
             monitor,
+            started,
         })
+    }
+
+    /// The last JSON line of `run-now`, `run-due` and `restore` (docs/JSON.md,
+    /// "Summary"): every task's result, with the command's start, end and
+    /// duration.
+    pub fn print_summary(&self, rule: Option<&str>, results: &[TaskResult], code: ExitCode) {
+        let finished = chrono::Utc::now();
+        out!(
+            "{}",
+            serde_json::json!({
+                "type": "summary",
+                "time": crate::timefmt::json_time(finished),
+                "rule": rule,
+                "exit_code": code.code(),
+                "started": crate::timefmt::json_time(self.started),
+                "finished": crate::timefmt::json_time(finished),
+                "duration_seconds": crate::timefmt::seconds_between(self.started, finished),
+                "tasks": results,
+            })
+        );
     }
 
     /// A SIGINT/SIGTERM arrived.

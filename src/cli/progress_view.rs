@@ -118,7 +118,7 @@ impl Events for CliEvents {
                 "{}",
                 event(
                     "pending",
-                    json!({ "task": task, "rule": spec.rule.name, "vm": spec.vm, "reason": reason })
+                    json!({ "task": task, "rule": spec.rule.name, "vm": spec.vm, "waiting": reason })
                 )
             ),
             mode if !self.quiet => err_line(

@@ -11,7 +11,6 @@ use crate::lifecycle::rule_repository;
 use crate::repo::vm_key;
 use crate::restore::ImageFormat;
 use crate::runner::{Job, TaskSpec};
-use crate::task::TaskState;
 
 pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
@@ -46,18 +45,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let results = session.runner.run_all(vec![spec])?;
     let worst = session.exit_code(&results);
     if ctx.json {
-        for r in &results {
-            let summary = match (&r.status, &r.outcome) {
-                (TaskState::Completed, Some(report)) => {
-                    serde_json::json!({ "type": "summary", "task": r.task, "restore": report })
-                }
-                _ => serde_json::json!({
-                    "type": "summary", "task": r.task, "status": r.status,
-                    "error": r.error, "exit_code": r.exit_code,
-                }),
-            };
-            out!("{summary}");
-        }
+        session.print_summary(Some(&rule.name), &results, worst);
     }
     session.finish();
     Ok(worst)

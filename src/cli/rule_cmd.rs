@@ -6,7 +6,7 @@ use chrono::Local;
 use serde::Serialize;
 
 use super::args::{OnOff, PolicyArgs, RuleAddArgs, RuleCmd, RuleEditArgs};
-use super::output::{print_json, yes_no, Table};
+use super::output::{print_done, print_json, yes_no, Table};
 use super::views::LastBackup;
 use super::Ctx;
 use crate::error::{invalid, refused, ExitCode};
@@ -23,17 +23,22 @@ pub fn run(ctx: &Ctx, cmd: RuleCmd) -> Result<ExitCode> {
         RuleCmd::Edit(a) => edit(ctx, a),
         RuleCmd::AddVm { name, vm } => {
             ctx.state()?.add_rule_vms(&name, &vm)?;
-            done(ctx, &format!("rule '{name}': added {}", vm.join(", ")));
+            done(
+                ctx,
+                &format!("rule '{name}': added {}", vm.join(", ")),
+                serde_json::json!({ "rule": name, "vms": vm }),
+            );
             Ok(ExitCode::Ok)
         }
         RuleCmd::Start { name, vm } => set_state(ctx, &name, vm.as_deref(), "started"),
         RuleCmd::Stop { name, vm } => set_state(ctx, &name, vm.as_deref(), "stopped"),
         RuleCmd::Remove { name, vm } => {
             ctx.state()?.remove_rule(&name, vm.as_deref())?;
-            match vm {
-                Some(vm) => done(ctx, &format!("VM '{vm}' removed from rule '{name}'")),
-                None => done(ctx, &format!("rule '{name}' removed")),
-            }
+            let msg = match &vm {
+                Some(vm) => format!("VM '{vm}' removed from rule '{name}'"),
+                None => format!("rule '{name}' removed"),
+            };
+            done(ctx, &msg, serde_json::json!({ "rule": name, "vm": vm }));
             Ok(ExitCode::Ok)
         }
         RuleCmd::List => list(ctx),
@@ -41,20 +46,17 @@ pub fn run(ctx: &Ctx, cmd: RuleCmd) -> Result<ExitCode> {
     }
 }
 
-fn done(ctx: &Ctx, msg: &str) {
-    if ctx.json {
-        print_json(&serde_json::json!({ "ok": msg }));
-    } else if !ctx.quiet {
-        out!("{msg}");
-    }
+fn done(ctx: &Ctx, msg: &str, fields: serde_json::Value) {
+    print_done(ctx.json, ctx.quiet, msg, fields);
 }
 
 fn set_state(ctx: &Ctx, name: &str, vm: Option<&str>, to: &str) -> Result<ExitCode> {
     ctx.state()?.set_rule_vm_state(name, vm, to)?;
-    match vm {
-        Some(vm) => done(ctx, &format!("rule '{name}' VM '{vm}' {to}")),
-        None => done(ctx, &format!("rule '{name}' {to}")),
-    }
+    let msg = match vm {
+        Some(vm) => format!("rule '{name}' VM '{vm}' {to}"),
+        None => format!("rule '{name}' {to}"),
+    };
+    done(ctx, &msg, serde_json::json!({ "rule": name, "vm": vm }));
     Ok(ExitCode::Ok)
 }
 
@@ -121,6 +123,7 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
     done(
         ctx,
         &format!("rule '{}' added with {} VM(s)", a.name, a.vm.len()),
+        serde_json::json!({ "rule": a.name }),
     );
     Ok(ExitCode::Ok)
 }
@@ -182,7 +185,11 @@ fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
     if let Some(url) = notify_url {
         state.set_rule_notify_url(&a.name, url.as_deref())?;
     }
-    done(ctx, &format!("rule '{}' updated", a.name));
+    done(
+        ctx,
+        &format!("rule '{}' updated", a.name),
+        serde_json::json!({ "rule": a.name }),
+    );
     Ok(ExitCode::Ok)
 }
 
@@ -277,53 +284,40 @@ fn vm_views(state: &State, rule: &RuleRow) -> Result<Vec<VmView>> {
         .collect()
 }
 
-fn list(ctx: &Ctx) -> Result<ExitCode> {
-    let state = ctx.state()?;
-    let rules = state.rules()?;
-    let views: Vec<(&RuleRow, Vec<VmView>)> = rules
-        .iter()
-        .map(|r| Ok((r, vm_views(&state, r)?)))
-        .collect::<Result<_>>()?;
-    if ctx.json {
-        let docs: Vec<serde_json::Value> = views
-            .iter()
-            .map(|(r, vms)| {
-                let mut v = serde_json::to_value(r)?;
-                v["vms"] = serde_json::to_value(vms)?;
-                Ok(v)
-            })
-            .collect::<Result<_>>()?;
-        print_json(&docs);
-        return Ok(ExitCode::Ok);
-    }
-    let mut t = Table::new(&[
-        "RULE",
-        "VM",
-        "STATE",
-        "LAST BACKUP",
-        "UNVIEWED FAILURES",
-        "PLATFORM",
-        "TARGET",
-        "POLICY",
-    ]);
-    for (r, vms) in &views {
-        for v in vms {
-            t.row(vec![
-                r.name.clone(),
-                v.vm.clone(),
-                v.state.clone(),
-                v.last_backup
-                    .as_ref()
-                    .map_or("never".into(), LastBackup::human),
-                v.unviewed_failures.to_string(),
-                r.settings.platform.clone(),
-                r.settings.target.clone(),
-                r.settings.policy.to_string(),
-            ]);
-        }
-    }
-    t.print();
-    Ok(ExitCode::Ok)
+/// A rule as `rule list` and `rule show --json` print it (docs/JSON.md, "Rule").
+#[derive(Serialize)]
+struct RuleDoc {
+    name: String,
+    platform: String,
+    target: String,
+    subdir: String,
+    auto_cbt: bool,
+    cbt: bool,
+    lan_free: bool,
+    delete_data: bool,
+    quiesce: bool,
+    policy: PolicyDoc,
+    policy_text: String,
+    schedules: Vec<ScheduleView>,
+    next_runs: Vec<NextRun>,
+    /// Bandwidth windows as written (`mon-fri 08:00-18:00 20MiB/s`).
+    bandwidth: Vec<String>,
+    notify_url: Option<String>,
+    #[serde(serialize_with = "crate::timefmt::stored")]
+    created: String,
+    vms: Vec<VmView>,
+}
+
+/// A policy for scripts: its kind, the one-time run (UTC) or the schedules with
+/// their retention.
+#[derive(Serialize)]
+struct PolicyDoc {
+    /// `once` or `periodic`.
+    kind: &'static str,
+    #[serde(with = "crate::timefmt::json_opt")]
+    once: Option<chrono::DateTime<chrono::Utc>>,
+    schedules: Vec<String>,
+    retention: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -339,43 +333,123 @@ struct NextRun {
     level: String,
 }
 
-fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
-    let state = ctx.state()?;
-    let rule = state.require_rule(name)?;
+fn rule_doc(state: &State, rule: &RuleRow) -> Result<RuleDoc> {
     let s = &rule.settings;
-    let schedules: Vec<ScheduleView> = match &s.policy {
-        Policy::Periodic { schedules, .. } => schedules
-            .iter()
-            .map(|sc| ScheduleView {
-                spec: sc.to_string(),
-                cron: sc.cron_exprs(),
-            })
-            .collect(),
-        Policy::Once { .. } => Vec::new(),
+    let utc = |at: chrono::NaiveDateTime| {
+        crate::policy::schedule::place_in_zone(&Local, at).map(|t| t.with_timezone(&chrono::Utc))
     };
-    let now = Local::now().naive_local();
-    let next: Vec<NextRun> = s
+    let (policy, schedules) = match &s.policy {
+        Policy::Periodic {
+            schedules,
+            retention,
+        } => (
+            PolicyDoc {
+                kind: "periodic",
+                once: None,
+                schedules: schedules.iter().map(|sc| sc.to_string()).collect(),
+                retention: *retention,
+            },
+            schedules
+                .iter()
+                .map(|sc| ScheduleView {
+                    spec: sc.to_string(),
+                    cron: sc.cron_exprs(),
+                })
+                .collect(),
+        ),
+        Policy::Once { at } => (
+            PolicyDoc {
+                kind: "once",
+                once: utc(*at),
+                schedules: Vec::new(),
+                retention: None,
+            },
+            Vec::new(),
+        ),
+    };
+    let next_runs = s
         .policy
-        .next_runs(now, 5)
+        .next_runs(Local::now().naive_local(), 5)
         .into_iter()
         .filter_map(|(at, level)| {
             Some(NextRun {
-                time: crate::policy::schedule::place_in_zone(&Local, at)?
-                    .with_timezone(&chrono::Utc),
+                time: utc(at)?,
                 level: level.to_string(),
             })
         })
         .collect();
-    let vms = vm_views(&state, &rule)?;
+    Ok(RuleDoc {
+        name: rule.name.clone(),
+        platform: s.platform.clone(),
+        target: s.target.clone(),
+        subdir: s.subdir.clone(),
+        auto_cbt: s.auto_cbt,
+        cbt: s.cbt,
+        lan_free: s.lan_free,
+        delete_data: s.delete_data,
+        quiesce: s.quiesce,
+        policy,
+        policy_text: s.policy.to_string(),
+        schedules,
+        next_runs,
+        bandwidth: s.bandwidth.iter().map(|w| w.to_string()).collect(),
+        notify_url: rule.notify_url.clone(),
+        created: rule.created_at.clone(),
+        vms: vm_views(state, rule)?,
+    })
+}
+
+fn list(ctx: &Ctx) -> Result<ExitCode> {
+    let state = ctx.state()?;
+    let rules = state.rules()?;
+    let docs: Vec<RuleDoc> = rules
+        .iter()
+        .map(|r| rule_doc(&state, r))
+        .collect::<Result<_>>()?;
     if ctx.json {
-        let mut v = serde_json::to_value(&rule)?;
-        v["policy_text"] = serde_json::json!(s.policy.to_string());
-        v["schedules"] = serde_json::to_value(&schedules)?;
-        v["next_runs"] = serde_json::to_value(&next)?;
-        v["vms"] = serde_json::to_value(&vms)?;
-        print_json(&v);
+        print_json(&docs);
         return Ok(ExitCode::Ok);
     }
+    let mut t = Table::new(&[
+        "RULE",
+        "VM",
+        "STATE",
+        "LAST BACKUP",
+        "UNVIEWED FAILURES",
+        "PLATFORM",
+        "TARGET",
+        "POLICY",
+    ]);
+    for r in &docs {
+        for v in &r.vms {
+            t.row(vec![
+                r.name.clone(),
+                v.vm.clone(),
+                v.state.clone(),
+                v.last_backup
+                    .as_ref()
+                    .map_or("never".into(), LastBackup::human),
+                v.unviewed_failures.to_string(),
+                r.platform.clone(),
+                r.target.clone(),
+                r.policy_text.clone(),
+            ]);
+        }
+    }
+    t.print();
+    Ok(ExitCode::Ok)
+}
+
+fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
+    let state = ctx.state()?;
+    let rule = state.require_rule(name)?;
+    let doc = rule_doc(&state, &rule)?;
+    if ctx.json {
+        print_json(&doc);
+        return Ok(ExitCode::Ok);
+    }
+    let s = &rule.settings;
+    let (schedules, next, vms) = (&doc.schedules, &doc.next_runs, &doc.vms);
     out!("name:         {}", rule.name);
     out!("platform:     {}", s.platform);
     out!("target:       {} (sub-directory {})", s.target, s.subdir);
@@ -388,8 +462,16 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     out!("lan-free:     {}", yes_no(s.lan_free));
     out!("delete data:  {}", yes_no(s.delete_data));
     out!("quiesce:      {}", yes_no(s.quiesce));
+    out!(
+        "notify url:   {}",
+        match rule.notify_url.as_deref() {
+            None => "system.conf's notify_url".to_string(),
+            Some(u) if u == crate::monitor::NOTIFY_URL_NONE => "none".to_string(),
+            Some(u) => crate::monitor::notify::redact_url(u),
+        }
+    );
     out!("policy:       {}", s.policy);
-    for sc in &schedules {
+    for sc in schedules {
         out!("  {}  =>  cron {}", sc.spec, sc.cron.join(" | "));
     }
     if s.bandwidth.is_empty() {
@@ -410,7 +492,7 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     if next.is_empty() {
         out!("  (none)");
     }
-    for n in &next {
+    for n in next {
         out!("  {}  {}", crate::timefmt::human_time(n.time), n.level);
     }
     out!();
@@ -422,7 +504,7 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
         "UNVIEWED FAILURES",
         "LAST TASK",
     ]);
-    for v in &vms {
+    for v in vms {
         let last_task = match &v.last_task {
             Some(t) => format!("{} {} {}", t.id, t.kind, t.state),
             None => "-".into(),

@@ -18,11 +18,7 @@ pub fn run(ctx: &Ctx, cmd: TaskCmd) -> Result<ExitCode> {
                 "task {id} ({} rule '{}' VM '{}'): cancel requested; it stops cleanly and ends interrupted",
                 task.kind, task.rule, task.vm
             );
-            if ctx.json {
-                print_json(&serde_json::json!({ "ok": msg, "task": id }));
-            } else if !ctx.quiet {
-                out!("{msg}");
-            }
+            super::output::print_done(ctx.json, ctx.quiet, &msg, serde_json::json!({ "task": id }));
             Ok(ExitCode::Ok)
         }
     }

@@ -61,7 +61,7 @@ pub struct VmInfo {
     /// is in one rule only (R35): `qemu:<canonical path of its QMP socket>`; a
     /// libvirt driver would use `libvirt:<host>/<domain UUID>`. `None` in
     /// inventories cached before identities were recorded (refresh fills it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub identity: Option<String>,
 }
 

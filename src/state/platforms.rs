@@ -14,7 +14,9 @@ pub struct PlatformRow {
     #[serde(rename = "type")]
     pub kind: String,
     pub qmp_dir: String,
+    #[serde(rename = "created", serialize_with = "crate::timefmt::stored")]
     pub created_at: String,
+    #[serde(rename = "refreshed", serialize_with = "crate::timefmt::stored_opt")]
     pub refreshed_at: Option<String>,
     pub vms: Vec<VmInfo>,
 }

@@ -22,6 +22,7 @@ pub struct TaskRow {
     pub rule: String,
     pub vm: String,
     pub level: Option<String>,
+    #[serde(rename = "status")]
     pub state: TaskState,
     pub phase: Option<String>,
     pub percent: f64,
@@ -30,12 +31,17 @@ pub struct TaskRow {
     pub point: Option<String>,
     pub message: Option<String>,
     pub pid: Option<i64>,
+    #[serde(rename = "created", serialize_with = "crate::timefmt::stored")]
     pub created_at: String,
+    #[serde(rename = "started", serialize_with = "crate::timefmt::stored_opt")]
     pub started_at: Option<String>,
+    #[serde(rename = "finished", serialize_with = "crate::timefmt::stored_opt")]
     pub finished_at: Option<String>,
     /// Bytes per second over the last progress interval, while running (R30).
+    #[serde(rename = "current_rate_bytes_per_sec")]
     pub rate: u64,
     /// The bandwidth window in force while running: `unlimited`, `20MiB/s`, `pause`.
+    #[serde(rename = "limit")]
     pub bw_limit: Option<String>,
     /// Why a pending task waits (R41).
     pub waiting: Option<String>,
