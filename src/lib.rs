@@ -26,7 +26,6 @@ pub mod nbd;
 pub mod platform;
 pub mod policy;
 pub mod private_dir;
-pub mod redact;
 pub mod repo;
 pub mod restore;
 pub mod runner;

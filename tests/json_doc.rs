@@ -515,7 +515,14 @@ fn every_command_prints_what_docs_json_md_says() {
     s.run(&["run-due"]);
     s.run(&["rule", "list"]);
     s.run(&["rule", "show", "r1"]);
-    s.run(&["points", "r1", "--vm", "j1"]);
+    let points = s.run(&["points", "r1", "--vm", "j1"]);
+    let first: Value = serde_json::from_str(&points).unwrap();
+    let first = first[0]["point"].as_str().unwrap().to_string();
+    s.run(&["points", "r1"]);
+    s.run(&["prune", "r1", "--dry-run"]);
+    s.run(&["prune", "r1"]);
+    s.run(&["forget", "r1", "--vm", "j1", "--point", &first, "--dry-run"]);
+    s.run(&["gc", "r1", "--dry-run"]);
     s.run(&["verify", "r1"]);
     s.run(&["stats", "r1", "--tasks"]);
     s.run(&["logs", "r1"]);

@@ -331,13 +331,8 @@ fn notifications_add_at_most_four_timeouts_to_the_exit() {
     assert!(err.contains("notification by webhook"), "{err}");
     assert!(err.contains("after 3 attempt(s)"), "{err}");
     let task = env.json(&["task", "list", "--all"])[0].clone();
-    let finished = chrono::DateTime::parse_from_rfc3339(
-        task["finished"]
-            .as_str()
-            .or(task["finished_at"].as_str())
-            .unwrap(),
-    )
-    .unwrap();
+    let finished =
+        chrono::DateTime::parse_from_rfc3339(task["finished"].as_str().unwrap()).unwrap();
     let added = (exited - finished.with_timezone(&chrono::Utc)).num_milliseconds();
     // 3 attempts of 1 s and 0.3 s of backoff; never more than 4 s.
     assert!(

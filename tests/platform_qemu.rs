@@ -55,6 +55,7 @@ impl Lab {
             latest_full: None,
             track: true,
             quiesce: false,
+            allow_plain_tcp_export: false,
             run_dir: self.run_dir.clone(),
         }
     }

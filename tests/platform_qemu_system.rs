@@ -144,6 +144,7 @@ fn guest_devices_are_disks_and_uncoverable_ones_are_marked_r43() {
         latest_full: None,
         track: true,
         quiesce: false,
+        allow_plain_tcp_export: false,
         run_dir: dir.to_path_buf(),
     };
     let err = h.begin_backup(&req).unwrap_err();
@@ -186,6 +187,7 @@ fn full_and_inc_backup_of_a_qemu_system_vm() {
         latest_full: None,
         track: true,
         quiesce: false,
+        allow_plain_tcp_export: false,
         run_dir: run_dir.clone(),
     };
     let snap = h.begin_backup(&req).unwrap();

@@ -27,6 +27,7 @@ use chrono::Utc;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::clock::Clock;
 use crate::error::refused;
 use crate::level::Level;
 use crate::platform::{BackupRequest, CbtUnavailable, Platform, Snapshot, VmHandle};
@@ -51,6 +52,8 @@ pub struct BackupJob {
     pub auto_cbt: bool,
     pub cbt: bool,
     pub quiesce: bool,
+    /// The rule accepts exports through the VM's own plain-TCP NBD server.
+    pub allow_plain_tcp_export: bool,
     /// Chunk size = system.conf `i2vp_transbuffer` (R39).
     pub chunk_size: u32,
     /// The run directory; the VM's own scratch directory inside it
@@ -60,6 +63,9 @@ pub struct BackupJob {
     pub io_timeout: std::time::Duration,
     /// Chunk buffers in flight for this task (memory bound: this × chunk size).
     pub buffers: usize,
+    /// The wall clock point ids and manifest times are read from (the test
+    /// clock in tests: retention and point ids share one timeline).
+    pub clock: Clock,
     /// The rule's bandwidth windows, applied to source reads (R29).
     pub bandwidth: Arc<Throttle>,
 }
@@ -100,9 +106,11 @@ fn totals_json<S: serde::Serializer>(t: &ManifestTotals, s: S) -> Result<S::Ok, 
     )
 }
 
-/// Back up one VM. `rt` runs the disk pipelines; `cancel` aborts cleanly.
+/// Back up one VM, holding its lock (taken under the repository's shared lock:
+/// see `repo::lock`). `rt` runs the disk pipelines; `cancel` aborts cleanly.
 pub fn run_backup(
     job: &BackupJob,
+    lock: &VmLock,
     platform: &dyn Platform,
     progress: Arc<dyn Progress>,
     cancel: Arc<AtomicBool>,
@@ -111,8 +119,12 @@ pub fn run_backup(
     progress.phase(Phase::Preparing);
     let repo = &job.repo;
     let key = vm_key(&job.platform, &job.vm);
-    let repo_lock = repo.lock_shared("backup")?;
-    let lock = repo.lock_vm(&repo_lock, &key, "backup")?;
+    if lock.vm_key() != key {
+        anyhow::bail!(
+            "the lock of VM '{}' does not cover VM '{key}'",
+            lock.vm_key()
+        );
+    }
     let mut vm = platform
         .open_vm(&job.vm)
         .with_context(|| format!("VM '{}'", job.vm))?;
@@ -130,7 +142,7 @@ pub fn run_backup(
         )));
     }
     let scratch = scratch_dir(&job.run_dir, &job.platform, &job.vm)?;
-    let (listed, repaired) = repair_leftovers(repo, &lock, vm.as_mut(), &scratch.path)?;
+    let (listed, repaired) = repair_leftovers(repo, lock, vm.as_mut(), &scratch.path)?;
     let points = listed.points;
     for a in &repaired {
         progress.log(
@@ -147,7 +159,7 @@ pub fn run_backup(
         tracing::debug!(
             "VM '{}' configuration: {}",
             job.vm,
-            crate::redact::json(&vm_config)
+            crate::platform::redact::for_log(&vm_config)
         );
     }
 
@@ -160,7 +172,7 @@ pub fn run_backup(
         job.chunk_size,
         &tracking,
     );
-    let point = next_point_id(latest.as_deref())?;
+    let point = next_point_id(latest.as_deref(), job.clock.now().with_timezone(&Utc))?;
     let mut req = BackupRequest {
         new_point: point.clone(),
         level: lp.level,
@@ -168,6 +180,7 @@ pub fn run_backup(
         latest_full: lp.latest_full.clone(),
         track: tracking == Tracking::On,
         quiesce: job.quiesce,
+        allow_plain_tcp_export: job.allow_plain_tcp_export,
         run_dir: scratch.path.clone(),
     };
     let snapshot = match vm.begin_backup(&req) {
@@ -216,11 +229,11 @@ pub fn run_backup(
     );
     progress.level(lp.level);
 
-    let started = Utc::now();
+    let started = job.clock.now().with_timezone(&Utc);
     let result = write_point(
         job,
         repo,
-        &lock,
+        lock,
         &key,
         &point,
         &lp,
@@ -435,7 +448,7 @@ fn write_point(
         full,
         status: PointStatus::Completed,
         started,
-        finished: Utc::now(),
+        finished: job.clock.now().with_timezone(&Utc),
         fallback_reason: lp.fallback.as_ref().map(|f| f.reason.clone()),
         vm_config,
         disks,
@@ -475,8 +488,8 @@ fn disk_line(
 
 /// A point id for now, strictly after the newest existing point. Ids have
 /// one-second resolution, so two backups within one second get consecutive ids.
-fn next_point_id(latest: Option<&str>) -> Result<String> {
-    let now = new_point_id(Utc::now());
+fn next_point_id(latest: Option<&str>, now: chrono::DateTime<Utc>) -> Result<String> {
+    let now = new_point_id(now);
     match latest {
         Some(l) if now.as_str() <= l => Ok(new_point_id(
             parse_point_id(l)? + chrono::Duration::seconds(1),
@@ -491,12 +504,13 @@ mod tests {
 
     #[test]
     fn point_ids_increase_even_within_one_second() {
-        let a = next_point_id(None).unwrap();
-        let b = next_point_id(Some(&a)).unwrap();
-        let c = next_point_id(Some(&b)).unwrap();
+        let now = Utc::now();
+        let a = next_point_id(None, now).unwrap();
+        let b = next_point_id(Some(&a), now).unwrap();
+        let c = next_point_id(Some(&b), now).unwrap();
         assert!(a < b && b < c, "{a} {b} {c}");
         assert_eq!(
-            next_point_id(Some("20000101T000000Z")).unwrap().len(),
+            next_point_id(Some("20000101T000000Z"), now).unwrap().len(),
             a.len()
         );
     }

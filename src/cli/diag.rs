@@ -1,6 +1,6 @@
 //! Diagnostics on stderr through `tracing`: warnings always, `-v` adds debug
 //! detail (QMP traffic, NBD negotiation, extents; secrets redacted by
-//! `crate::redact`), `-vv` everything. Lines read `TIME vmbackup: LEVEL:
+//! `platform::redact`), `-vv` everything. Lines read `TIME vmbackup: LEVEL:
 //! message`; under systemd's journal (`JOURNAL_STREAM` set) the time is left to
 //! the journal. The CLI's own progress and daemon lines use [`stderr_line`],
 //! which stamps them the same way.

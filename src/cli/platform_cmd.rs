@@ -43,6 +43,9 @@ pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
     }
 }
 
+/// Longest QMP directory: `<dir>/<name>.qmp` must fit a unix socket path.
+const MAX_QMP_DIR: usize = 100;
+
 fn kind_name(k: PlatformKind) -> &'static str {
     match k {
         PlatformKind::Qemu => "qemu",
@@ -61,6 +64,13 @@ fn add(ctx: &Ctx, name: &str, kind: PlatformKind, qmp_dir: &Path) -> Result<Exit
     let dir = qmp_dir
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", qmp_dir.display()))?;
+    if dir.as_os_str().len() > MAX_QMP_DIR {
+        return Err(invalid(
+            "--qmp-dir",
+            dir.display(),
+            format!("must be at most {MAX_QMP_DIR} bytes long: the QMP sockets in it must fit a unix socket path (108 bytes)"),
+        ));
+    }
     let mut state = ctx.state()?;
     if state.platform(name)?.is_some() {
         return Err(invalid(

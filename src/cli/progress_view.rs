@@ -130,6 +130,11 @@ impl Events for CliEvents {
     }
 
     fn ended(&self, r: &TaskResult) {
+        // A repository task (GC) has no VM: name its rule.
+        let who = match (&r.vm, &r.rule) {
+            (vm, Some(rule)) if vm.is_empty() => format!("rule {rule}"),
+            (vm, _) => vm.clone(),
+        };
         match r.status {
             TaskState::Completed => {
                 // With --json, the summary at the end carries every result.
@@ -149,7 +154,7 @@ impl Events for CliEvents {
                 let print = || {
                     for (i, line) in r.summary.iter().enumerate() {
                         let tail = if i + 1 == n { timing.as_str() } else { "" };
-                        out!("{}: {line}{tail}", r.vm);
+                        out!("{who}: {line}{tail}");
                     }
                 };
                 // stdout and the bars may share the terminal: clear the bars
@@ -163,9 +168,9 @@ impl Events for CliEvents {
                 // The R28 reason already starts with "skipped: ...".
                 let msg = r.error.as_deref().unwrap_or_default();
                 if msg.starts_with(status.as_str()) {
-                    err_line(&self.mode, &format!("{}: {msg}", r.vm));
+                    err_line(&self.mode, &format!("{who}: {msg}"));
                 } else {
-                    err_line(&self.mode, &format!("{}: {status}: {msg}", r.vm));
+                    err_line(&self.mode, &format!("{who}: {status}: {msg}"));
                 }
             }
         }

@@ -30,6 +30,7 @@
 
 pub mod qemu;
 pub mod qmp;
+pub mod redact;
 
 use std::path::PathBuf;
 
@@ -102,6 +103,9 @@ pub struct BackupRequest {
     pub track: bool,
     /// Freeze guest file systems while the snapshot is taken (R10).
     pub quiesce: bool,
+    /// Exports may go through an NBD server the VM already runs on plain TCP
+    /// (the rule's `--allow-plain-tcp-export`); otherwise such a backup is refused.
+    pub allow_plain_tcp_export: bool,
     /// This VM's private scratch directory (0700, its name bounded in length):
     /// where the driver puts fleecing images and sockets.
     pub run_dir: PathBuf,

@@ -183,7 +183,13 @@ impl VmHandle for QemuVm {
                 })
             })
             .collect();
-        let cmdline = self.qmp.peer_pid().and_then(nbd_server::read_cmdline).ok();
+        // Secret values (`-object secret,data=...`, passwords) never leave here.
+        let cmdline = self
+            .qmp
+            .peer_pid()
+            .and_then(nbd_server::read_cmdline)
+            .ok()
+            .map(|args| crate::platform::redact::redact_args(&args));
         Ok(json!({
             "name": state.info.name,
             "kind": state.kind,

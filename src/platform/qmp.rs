@@ -134,7 +134,7 @@ impl Qmp {
         // -v shows the traffic, always through the secret redaction.
         if tracing::enabled!(tracing::Level::DEBUG) {
             let shown = match request.get("arguments") {
-                Some(a) => format!(" {}", crate::redact::json(a)),
+                Some(a) => format!(" {}", crate::platform::redact::for_log(a)),
                 None => String::new(),
             };
             tracing::debug!("QMP {} -> {command}{shown}", self.socket.display());
@@ -331,7 +331,7 @@ fn log_reply(socket: &Path, command: &str, msg: &Value) {
     if !tracing::enabled!(tracing::Level::DEBUG) {
         return;
     }
-    let text = crate::redact::json(msg).to_string();
+    let text = crate::platform::redact::for_log(msg).to_string();
     if tracing::enabled!(tracing::Level::TRACE) || text.len() <= DEBUG_REPLY_CHARS {
         tracing::debug!("QMP {} <- {command}: {text}", socket.display());
     } else {

@@ -50,6 +50,8 @@ pub use events::Events;
 /// Chunk buffers in flight per task: with `bk_tsk_thd` tasks this keeps memory
 /// under 64 MiB + 3 × bk_tsk_thd × i2vp_transbuffer.
 const BUFFERS_PER_TASK: usize = 3;
+/// How often a task waiting for a lock tries again.
+const LOCK_RETRY: Duration = Duration::from_secs(1);
 /// How often a pending task asks for a slot again.
 const SLOT_RETRY: Duration = Duration::from_millis(500);
 /// How often leases are refreshed and cancel requests read.
@@ -85,6 +87,12 @@ pub enum Job {
         /// Mode of the image files (`restore::DEFAULT_MODE` unless asked otherwise).
         mode: u32,
     },
+    /// Apply the rule's retention to the VM's points now (R17: the scheduler
+    /// submits it after the VM's last scheduled backup of the day).
+    Prune,
+    /// Garbage-collect the rule's repository if the last collection is a day
+    /// old and its lock is free at once (`vm` is empty: a repository task).
+    Gc,
 }
 
 impl Job {
@@ -92,6 +100,17 @@ impl Job {
         match self {
             Job::Backup { .. } => TaskKind::Backup,
             Job::Restore { .. } => TaskKind::Restore,
+            Job::Prune => TaskKind::Prune,
+            Job::Gc => TaskKind::Gc,
+        }
+    }
+
+    /// The point a task reads (stored in its row from admission on: prune and
+    /// forget leave it alone while the task is active).
+    fn reads_point(&self) -> Option<&str> {
+        match self {
+            Job::Restore { point, .. } => Some(&point.point),
+            _ => None,
         }
     }
 
@@ -99,7 +118,7 @@ impl Job {
     fn level(&self) -> Option<Level> {
         match self {
             Job::Backup { level, .. } => Some(*level),
-            Job::Restore { .. } => None,
+            _ => None,
         }
     }
 }
@@ -110,14 +129,17 @@ impl Job {
 pub enum Outcome {
     Backup(BackupOutcome),
     Restore(RestoreReport),
+    Prune(crate::lifecycle::prune::VmPrune),
+    Gc(crate::lifecycle::gc::RepoGc),
 }
 
 impl Outcome {
     /// The point a task wrote (backup) or read (restore).
-    pub fn point(&self) -> &str {
+    pub fn point(&self) -> Option<&str> {
         match self {
-            Outcome::Backup(o) => &o.point,
-            Outcome::Restore(r) => &r.point,
+            Outcome::Backup(o) => Some(&o.point),
+            Outcome::Restore(r) => Some(&r.point),
+            Outcome::Prune(_) | Outcome::Gc(_) => None,
         }
     }
 }
@@ -320,13 +342,14 @@ impl Runner {
         let mut state = State::open(&self.cfg.state_path)?;
         let (slot, notes) = match &spec.job {
             Job::Backup { slot, notes, .. } => (slot.as_deref(), notes.as_slice()),
-            Job::Restore { .. } => (None, &[][..]),
+            _ => (None, &[][..]),
         };
         let admission = state.admit_task(
             spec.job.kind(),
             &spec.rule.name,
             &spec.vm,
             spec.job.level().map(Level::as_str),
+            spec.job.reads_point(),
             slot,
         )?;
         if let Some(Admission::Skipped { task, .. } | Admission::Queued(task)) = &admission {
@@ -376,7 +399,8 @@ impl Runner {
         }
     }
 
-    /// Wait for a slot (pending, R41), then do the job, then record the end.
+    /// Take the job's locks and a slot, waiting (pending, R41) for both, then
+    /// do the job, then record the end.
     fn run_task(
         &self,
         spec: &TaskSpec,
@@ -384,12 +408,15 @@ impl Runner {
         flag: Arc<AtomicBool>,
         mut state: State,
     ) -> TaskResult {
-        let res = self
-            .wait_for_slot(&mut state, task, spec, &flag)
-            .and_then(|()| {
-                record(&mut state, task, LogLevel::Info, &start_line(spec));
-                jobs::run(self, spec, task, flag)
-            });
+        let res = jobs::prepare(self, spec, task, &flag, &mut state).and_then(|held| {
+            if spec.job.kind().takes_slot() {
+                self.wait_for_slot(&mut state, task, spec, &flag)?;
+            } else {
+                state.set_task_running(task)?;
+            }
+            record(&mut state, task, LogLevel::Info, &start_line(spec));
+            jobs::run(self, spec, task, flag, held)
+        });
         let (status, code, outcome, error, summary) = match res {
             Ok(done) => {
                 for line in &done.summary {
@@ -409,6 +436,9 @@ impl Runner {
                     if let Err(e) = figures {
                         tracing::warn!("cannot record what task {task} wrote: {e:#}");
                     }
+                }
+                if let Outcome::Prune(p) = &done.outcome {
+                    record_points_left(&mut state, p);
                 }
                 (
                     TaskState::Completed,
@@ -436,7 +466,7 @@ impl Runner {
         record(&mut state, task, LogLevel::Info, &last);
         let (point, note) = match &outcome {
             Some(Outcome::Backup(o)) => (Some(o.point.as_str()), o.fallback.as_deref()),
-            Some(Outcome::Restore(r)) => (Some(r.point.as_str()), None),
+            Some(o) => (o.point(), None),
             None => (None, error.as_deref()),
         };
         if let Err(e) = state.end_task(task, status, point, note) {
@@ -467,6 +497,37 @@ impl Runner {
         );
         self.events.ended(&result);
         result
+    }
+
+    /// Retry `attempt` while it fails busy (a lock someone else holds): the
+    /// task is pending meanwhile, with the reason (R41). Cancel stops the wait.
+    fn wait_while_busy<T>(
+        &self,
+        state: &mut State,
+        task: i64,
+        spec: &TaskSpec,
+        flag: &AtomicBool,
+        mut attempt: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        let mut told: Option<String> = None;
+        loop {
+            if flag.load(Ordering::SeqCst) || self.cancelled() {
+                return Err(crate::error::Error::Interrupted.into());
+            }
+            match attempt() {
+                Err(e) if exit_code_of(&e) == ExitCode::Busy => {
+                    let reason = format!("waiting: {e:#}");
+                    if told.as_ref() != Some(&reason) {
+                        state.set_task_waiting(task, &reason)?;
+                        record(state, task, LogLevel::Info, &reason);
+                        self.events.pending(task, spec, &reason);
+                        told = Some(reason);
+                    }
+                }
+                other => return other,
+            }
+            std::thread::sleep(LOCK_RETRY);
+        }
     }
 
     fn wait_for_slot(
@@ -550,6 +611,8 @@ fn start_line(spec: &TaskSpec) -> String {
                 .and_then(|v| v.as_str().map(String::from))
                 .unwrap_or_default()
         ),
+        Job::Prune => "prune started: points outside the rule's retention".to_string(),
+        Job::Gc => "garbage collection started: objects no point refers to".to_string(),
     }
 }
 
@@ -586,6 +649,16 @@ pub fn duration_text(secs: f64) -> String {
         format!("{}m {}s", secs as u64 / 60, secs as u64 % 60)
     } else {
         format!("{}h {}m", secs as u64 / 3600, secs as u64 % 3600 / 60)
+    }
+}
+
+/// After a prune, how many points its VM keeps (stats and metrics, R33).
+pub fn record_points_left(state: &mut State, p: &crate::lifecycle::prune::VmPrune) {
+    if p.error.is_some() || p.orphaned {
+        return;
+    }
+    if let Err(e) = state.set_vm_points(&p.rule, &p.vm, p.kept() as u64) {
+        tracing::warn!("cannot record the points of VM '{}': {e:#}", p.vm);
     }
 }
 

@@ -135,3 +135,24 @@ pub fn remove_stale_restores(
     }
     Ok(lines)
 }
+
+/// Redact the secrets in the VM configuration of every manifest of `repo`
+/// (`cleanup --redact`: manifests written before redaction existed), each
+/// rewritten atomically under its VM's lock. Returns one line per manifest.
+pub fn redact_manifests(repo: &Repository) -> Result<Vec<String>> {
+    let repo_lock = repo.lock_shared("cleanup --redact")?;
+    let mut lines = Vec::new();
+    for key in repo.list_vms()? {
+        let lock = repo.lock_vm(&repo_lock, &key, "cleanup --redact")?;
+        for mut manifest in repo.list_points(&key)?.points {
+            if crate::platform::redact::redact_vm_config(&mut manifest.vm_config) {
+                repo.rewrite_manifest(&lock, &manifest)?;
+                lines.push(format!(
+                    "redacted secrets in the manifest of point {} of VM '{}'",
+                    manifest.point, manifest.vm.name
+                ));
+            }
+        }
+    }
+    Ok(lines)
+}

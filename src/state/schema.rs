@@ -127,7 +127,7 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE targets ADD COLUMN marker_id TEXT;
     "#,
     // 4: hardening (issue 8): where a restore writes, so what a killed one left is
-    // found and removed; VM identities.
+    // found and removed; VM identities; plain-TCP exports allowed per rule.
     r#"
     ALTER TABLE tasks ADD COLUMN dest TEXT;      -- restore: destination directory (absolute)
     ALTER TABLE tasks ADD COLUMN staging TEXT;   -- restore: its private staging directory, while it may exist
@@ -136,6 +136,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE rule_vms ADD COLUMN identity TEXT;
     CREATE UNIQUE INDEX rule_vms_by_identity ON rule_vms(identity) WHERE identity IS NOT NULL;
     ALTER TABLE tasks ADD COLUMN vm_identity TEXT;
+    -- Exports through a VM's own NBD server on plain TCP only when the rule says so.
+    ALTER TABLE rules ADD COLUMN allow_plain_tcp_export INTEGER NOT NULL DEFAULT 0;
     "#,
     // 5 (operating): what a finished backup produced, so stats and metrics read
     // only this store (R33), and per-VM counters: failed tasks viewed by `stats`,

@@ -552,6 +552,17 @@ impl Env {
         c
     }
 
+    /// `vmbackup` with this env's state and config as a plain std Command, for
+    /// children a test runs side by side (spawn, signal, wait).
+    pub fn child_cmd(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmbackup"));
+        c.env("VMBACKUP_STATE", &self.state)
+            .env("VMBACKUP_CONFIG", &self.config)
+            .env_remove("XDG_STATE_HOME")
+            .stdin(Stdio::null());
+        c
+    }
+
     /// Run, expect exit 0, return stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.cmd().args(args).output().unwrap();

@@ -1,11 +1,12 @@
 //! The backup view of one VM: `begin_backup` and `finish_backup` of the CBT contract.
 //!
 //! begin: check every disk's preconditions first (nothing changes on refusal), then
-//! per disk a fleecing overlay (`qcow2` whose backing is the live disk), then ONE
-//! `transaction` that starts the bitmap generation of the new point and a
-//! `blockdev-backup sync=none` job per disk (the point in time), then the NBD server
-//! and one read-only export per disk on its fleecing node, with the frozen bitmap as
-//! meta context. Each step records what it did in [`ActiveBackup`], so a failure at
+//! the NBD server (ours on a unix socket, or the VM's own: refused on plain TCP
+//! unless the rule allows it), per disk a fleecing overlay (`qcow2` whose backing
+//! is the live disk, its image created 0600), then ONE `transaction` that starts
+//! the bitmap generation of the new point and a `blockdev-backup sync=none` job per
+//! disk (the point in time), then one read-only export per disk on its fleecing
+//! node, with the frozen bitmap as meta context. Each step records what it did in [`ActiveBackup`], so a failure at
 //! any step undoes exactly what exists.
 //!
 //! finish: remove exports (waiting for `BLOCK_EXPORT_DELETED`), cancel jobs (waiting
@@ -225,6 +226,11 @@ fn set_up(
     req: &BackupRequest,
     vm: &str,
 ) -> Result<Snapshot> {
+    // The NBD server first: one that must not serve disk data (plain TCP, not
+    // allowed) refuses the backup before the snapshot exists.
+    let server = nbd_server::start_or_find(qmp, &req.run_dir, vm, req.allow_plain_tcp_export)?;
+    let addr = server.addr.clone();
+    active.nbd = Some(server);
     for run in &mut active.disks {
         create_fleece_image(&run.fleece_image, run.disk.size)?;
         run.image_created = true;
@@ -247,9 +253,6 @@ fn set_up(
     qmp.execute("transaction", json!({ "actions": actions }))
         .with_context(|| format!("VM '{vm}': start the snapshot transaction"))?;
     active.transaction_done = true;
-    let server = nbd_server::start_or_find(qmp, &req.run_dir, vm)?;
-    let addr = server.addr.clone();
-    active.nbd = Some(server);
     let mut exports = Vec::new();
     for run in &mut active.disks {
         let mut args = json!({ "type": "nbd", "id": run.export, "name": run.export,
