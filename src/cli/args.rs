@@ -129,9 +129,12 @@ pub enum PlatformCmd {
         /// Platform type
         #[arg(long = "type", value_enum)]
         kind: PlatformKind,
-        /// Directory holding one QMP unix socket per VM (*.qmp or *.sock)
+        /// qemu: directory holding one QMP unix socket per VM (*.qmp or *.sock)
         #[arg(long, value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
-        qmp_dir: PathBuf,
+        qmp_dir: Option<PathBuf>,
+        /// libvirt: connection URI (qemu:///system, qemu+ssh://host/system, qemu+tls://host/system)
+        #[arg(long, value_name = "URI")]
+        uri: Option<String>,
     },
     /// List registered platforms
     List,
@@ -170,6 +173,8 @@ pub enum PlatformCmd {
 pub enum PlatformKind {
     /// QEMU processes (qemu-system, qemu-storage-daemon) reached over QMP sockets
     Qemu,
+    /// Domains of a libvirt daemon (checkpoints and pull-mode backups)
+    Libvirt,
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,10 +304,12 @@ pub struct RuleAddArgs {
     #[arg(long)]
     pub delete_data: bool,
     // R10
-    /// Freeze guest file systems while the snapshot is taken; refused on
-    /// platforms that cannot (qemu, for now: snapshots are crash-consistent)
-    #[arg(long)]
-    pub quiesce: bool,
+    /// Freeze guest file systems through the guest agent while the snapshot is
+    /// taken: "require" (the default when given bare) fails a backup whose guest agent
+    /// does not answer, "try" then takes a crash-consistent one with a warning
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true,
+          default_missing_value = "require", value_name = "MODE")]
+    pub quiesce: Option<QuiesceArg>,
     /// This rule's webhook instead of system.conf's notify_url, or "none"
     #[arg(long, value_name = "URL")]
     pub notify_url: Option<String>,
@@ -370,6 +377,14 @@ pub struct RuleEditArgs {
     /// "default" (system.conf's notify_url)
     #[arg(long, value_name = "URL")]
     pub notify_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuiesceArg {
+    /// A backup whose guest agent does not answer fails
+    Require,
+    /// Without an answering guest agent, a crash-consistent backup with a warning
+    Try,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -554,6 +569,13 @@ pub struct RestoreArgs {
     /// holds: only root may read it unless you say otherwise)
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     pub mode: u32,
+    /// Also define a new VM called NAME on the restored images, from the point's VM
+    /// configuration (libvirt: the domain XML, with a new UUID and new MAC addresses)
+    #[arg(long, value_name = "NAME")]
+    pub as_vm: Option<String>,
+    /// Start the new VM once defined
+    #[arg(long, requires = "as_vm")]
+    pub start: bool,
 }
 
 /// An octal file mode without setuid, setgid or sticky bits: `0640`, `600`.

@@ -25,7 +25,10 @@ vmbackup platform vms lab --refresh",
     (
         "vmbackup platform add",
         "# one QMP socket per VM (*.qmp, *.sock) in the directory
-vmbackup platform add lab --type qemu --qmp-dir /run/qemu",
+vmbackup platform add lab --type qemu --qmp-dir /run/qemu
+# the domains of a libvirt daemon, here or over ssh
+vmbackup platform add kvm1 --type libvirt --uri qemu:///system
+vmbackup platform add kvm2 --type libvirt --uri qemu+ssh://root@kvm2/system",
     ),
     ("vmbackup platform list", "vmbackup platform list\nvmbackup --json platform list"),
     ("vmbackup platform show", "vmbackup platform show lab"),
@@ -68,6 +71,9 @@ vmbackup target mark nas",
     --retention 4 --bandwidth \"mon-fri 08:00-18:00 20MiB/s\"
 # once, at a local time
 vmbackup rule add migrate --platform lab --vm db01 --target nas --once \"2026-12-24 22:00\"
+# file systems frozen through the guest agent when it answers
+vmbackup rule add files --platform kvm1 --vm fs01 --target nas \\
+    --schedule \"full daily at 03:00\" --quiesce=try
 # its own webhook
 vmbackup rule add db --platform lab --vm db01 --target nas \\
     --schedule \"full daily at 02:00\" --notify-url https://alerts.example.com/hooks/db",
@@ -153,7 +159,10 @@ vmbackup forget web --vm web01 --point 20261124T010000Z,20261125T010000Z",
     (
         "vmbackup restore",
         "vmbackup restore web --vm web01 --to /srv/restore
-vmbackup restore web --vm web01 --point 20261124T010000Z --to /srv/restore --format qcow2",
+vmbackup restore web --vm web01 --point 20261124T010000Z --to /srv/restore --format qcow2
+# libvirt: also define the restored point as a new domain, and start it
+vmbackup restore files --vm fs01 --to /var/lib/libvirt/images/fs01-copy --format qcow2 \\
+    --as-vm fs01-copy --start",
     ),
     (
         "vmbackup verify",

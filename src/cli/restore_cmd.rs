@@ -6,7 +6,7 @@ use anyhow::Result;
 use super::args::{ImageFormat as ImageArg, RestoreArgs};
 use super::process::TaskSession;
 use super::Ctx;
-use crate::error::ExitCode;
+use crate::error::{invalid, ExitCode};
 use crate::lifecycle::rule_repository;
 use crate::repo::vm_key;
 use crate::restore::ImageFormat;
@@ -26,6 +26,31 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let point = (a.point != "latest").then_some(a.point.as_str());
     // Chosen (and so validated) before a task is recorded: bad input changes nothing.
     let manifest = crate::restore::select_point(&repo, &key, point)?;
+    if let Some(name) = &a.as_vm {
+        crate::state::check_name("--as-vm", name)?;
+        let prow = state.require_platform(&rule.settings.platform)?;
+        if let Some(why) = prow.spec.why_no_new_vm(&manifest.vm_config) {
+            return Err(invalid(
+                "--as-vm",
+                name,
+                format!("platform '{}': {why}", prow.name),
+            ));
+        }
+        let taken = crate::platform::connect(&prow.spec, ctx.system_config()?.io_timeout)?
+            .inventory()?
+            .iter()
+            .any(|v| v.name == *name);
+        if taken {
+            return Err(invalid(
+                "--as-vm",
+                name,
+                format!(
+                    "platform '{}' has a VM of this name; pick a new name",
+                    prow.name
+                ),
+            ));
+        }
+    }
     drop(state);
     let session = TaskSession::start(ctx)?;
     let spec = TaskSpec {
@@ -40,6 +65,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
             },
             force: a.force,
             mode: a.mode,
+            as_vm: a.as_vm.clone().map(|n| (n, a.start)),
         },
     };
     let results = session.runner.run_all(vec![spec])?;

@@ -5,11 +5,14 @@ use anyhow::Result;
 use chrono::Local;
 use serde::Serialize;
 
-use super::args::{OnOff, PolicyArgs, RetentionArg, RuleAddArgs, RuleCmd, RuleEditArgs};
+use super::args::{
+    OnOff, PolicyArgs, QuiesceArg, RetentionArg, RuleAddArgs, RuleCmd, RuleEditArgs,
+};
 use super::output::{print_done, print_json, yes_no, Table};
 use super::views::LastBackup;
 use super::Ctx;
 use crate::error::{invalid, refused, ExitCode};
+use crate::platform::Quiesce;
 use crate::policy::bandwidth::{validate_windows, Window};
 use crate::policy::{build_policy, Policy};
 use crate::state::rules::{RuleRow, RuleSettings};
@@ -87,7 +90,11 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
         cbt: a.cbt.is_none_or(|c| c == OnOff::On),
         lan_free: a.lan_free,
         delete_data: a.delete_data,
-        quiesce: a.quiesce,
+        quiesce: match a.quiesce {
+            None => Quiesce::Off,
+            Some(QuiesceArg::Require) => Quiesce::Require,
+            Some(QuiesceArg::Try) => Quiesce::Try,
+        },
         allow_plain_tcp_export: a.allow_plain_tcp_export,
         policy,
         bandwidth,
@@ -261,14 +268,14 @@ fn vm_state(state: &State, rule: &RuleRow, vm: &str, stored: &str) -> Result<Str
             return Ok(t.state.to_string());
         }
     }
-    // R31 unknown: the platform's QMP directory or the target (with its
-    // marker) cannot be reached.
-    let reachable = state
-        .platform(&rule.settings.platform)?
-        .is_some_and(|p| std::path::Path::new(&p.qmp_dir).is_dir())
-        && state
-            .target(&rule.settings.target)?
-            .is_some_and(|t| crate::lifecycle::open_target(&t).is_ok());
+    // R31 unknown: the platform or the target (with its marker) cannot be reached.
+    let reachable = state.platform(&rule.settings.platform)?.is_some_and(|p| {
+        crate::platform::connect(&p.spec, crate::platform::qmp::DEFAULT_TIMEOUT)
+            .and_then(|p| p.reachable())
+            .is_ok()
+    }) && state
+        .target(&rule.settings.target)?
+        .is_some_and(|t| crate::lifecycle::open_target(&t).is_ok());
     if !reachable && stored != "stopped" {
         return Ok("unknown".into());
     }
@@ -324,7 +331,8 @@ struct RuleDoc {
     cbt: bool,
     lan_free: bool,
     delete_data: bool,
-    quiesce: bool,
+    /// `off`, `require` or `try`.
+    quiesce: String,
     allow_plain_tcp_export: bool,
     policy: PolicyDoc,
     policy_text: String,
@@ -417,7 +425,7 @@ fn rule_doc(state: &State, rule: &RuleRow) -> Result<RuleDoc> {
         cbt: s.cbt,
         lan_free: s.lan_free,
         delete_data: s.delete_data,
-        quiesce: s.quiesce,
+        quiesce: s.quiesce.to_string(),
         allow_plain_tcp_export: s.allow_plain_tcp_export,
         policy,
         policy_text: s.policy.to_string(),
@@ -492,7 +500,7 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     out!("quick backup: {cbt}");
     out!("lan-free:     {}", yes_no(s.lan_free));
     out!("delete data:  {}", yes_no(s.delete_data));
-    out!("quiesce:      {}", yes_no(s.quiesce));
+    out!("quiesce:      {}", s.quiesce);
     out!(
         "notify url:   {}",
         match rule.notify_url.as_deref() {
