@@ -106,7 +106,11 @@ fn completions_and_usage_errors() {
     let env = Env::new();
     for sh in ["bash", "zsh", "fish"] {
         let out = env.ok(&["completions", sh]);
-        assert!(out.contains("vmbackup") && out.contains("run-now"), "{sh}");
+        // The script calls vmbackup back for candidates (tests/cli_help.rs).
+        assert!(
+            out.contains("vmbackup") && out.contains("VMBACKUP_COMPLETE"),
+            "{sh}"
+        );
     }
     env.fails(2, &["no-such-command"]);
     // Usage errors are one line naming the argument and the allowed values.

@@ -171,6 +171,7 @@ fn completions_offer_names_from_the_state_and_directories() {
         let script = env.ok(&["completions", shell]);
         assert!(script.contains("VMBACKUP_COMPLETE"), "{shell}: {script}");
     }
+    assert_eq!(complete(&env, &["vmbackup", "run"]), ["run-now", "run-due"]);
     assert_eq!(complete(&env, &["vmbackup", "rule", "show", ""]), ["web"]);
     assert_eq!(complete(&env, &["vmbackup", "stats", "w"]), ["web"]);
     assert_eq!(
