@@ -459,6 +459,19 @@ fn notify_command_and_notify_test_and_a_rule_without_webhook() {
     );
     env.ok(&["rule", "edit", "nr", "--notify-url", "default"]);
     assert!(env.json(&["rule", "show", "nr"])["notify_url"].is_null());
+    // A rule's webhook URL (its token) never shows in full.
+    let secret = "https://hooks.example.com/services/T0/B0/s3cretT0ken";
+    env.ok(&["rule", "edit", "nr", "--notify-url", secret]);
+    let shown = env.json(&["rule", "show", "nr"])["notify_url"].clone();
+    assert_eq!(shown, "https://hooks.example.com/...");
+    for args in [
+        &["rule", "show", "nr"][..],
+        &["rule", "list"],
+        &["--json", "rule", "list"],
+    ] {
+        let out = env.ok(args);
+        assert!(!out.contains("s3cretT0ken"), "{out}");
+    }
 }
 
 #[test]

@@ -371,6 +371,19 @@ struct NextRun {
     level: String,
 }
 
+/// A rule's own webhook as listings show it: `none`, or only its scheme and
+/// host (a webhook URL often carries its token); `None` when the rule uses
+/// system.conf's.
+fn shown_notify_url(rule: &RuleRow) -> Option<String> {
+    rule.notify_url.as_deref().map(|u| {
+        if u == crate::monitor::NOTIFY_URL_NONE {
+            u.to_string()
+        } else {
+            crate::monitor::notify::redact_url(u)
+        }
+    })
+}
+
 fn rule_doc(state: &State, rule: &RuleRow) -> Result<RuleDoc> {
     let s = &rule.settings;
     let utc = |at: chrono::NaiveDateTime| {
@@ -432,7 +445,7 @@ fn rule_doc(state: &State, rule: &RuleRow) -> Result<RuleDoc> {
         schedules,
         next_runs,
         bandwidth: s.bandwidth.iter().map(|w| w.to_string()).collect(),
-        notify_url: rule.notify_url.clone(),
+        notify_url: shown_notify_url(rule),
         created: rule.created_at.clone(),
         vms: vm_views(state, rule)?,
     })
@@ -503,11 +516,7 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     out!("quiesce:      {}", s.quiesce);
     out!(
         "notify url:   {}",
-        match rule.notify_url.as_deref() {
-            None => "system.conf's notify_url".to_string(),
-            Some(u) if u == crate::monitor::NOTIFY_URL_NONE => "none".to_string(),
-            Some(u) => crate::monitor::notify::redact_url(u),
-        }
+        shown_notify_url(&rule).unwrap_or_else(|| "system.conf's notify_url".into())
     );
     if s.allow_plain_tcp_export {
         out!("exports:      plain TCP allowed (--allow-plain-tcp-export)");
