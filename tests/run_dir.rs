@@ -236,3 +236,96 @@ fn state_run_and_scratch_files_are_private() {
     let err = env.fails(2, &["rule", "list"]);
     assert!(err.contains(&state_dir.display().to_string()), "{err}");
 }
+
+/// A hypervisor that runs as another user (libvirt's qemu user, here `nobody`)
+/// must open its fleecing images and create its NBD socket: it gets its VM's
+/// scratch directory (0700, its own) and search permission on the directories
+/// above, nothing more (README "Files").
+#[test]
+fn a_hypervisor_running_as_another_user_reaches_its_scratch_directory_only() {
+    use std::os::unix::fs::chown;
+    const NOBODY: u32 = 65534;
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let work = env.path("vms/vm1");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::set_permissions(env.path("vms"), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let img = work.join("disk0.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x33 0 2M",
+            img.to_str().unwrap(),
+        ],
+    );
+    for p in [&work, &img, &env.qmp_dir] {
+        chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let sock = env.qmp_dir.join("vm1.qmp");
+    let mut qsd = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "qemu-storage-daemon",
+        ])
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=disk0-file,filename={}",
+            img.display()
+        ))
+        .args(["--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file"])
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=q,path={},server=on,wait=off",
+            sock.display()
+        ))
+        .args(["--monitor", "chardev=q"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(|| sock.exists(), "QSD running as nobody");
+    env.add_lab("t");
+    env.add_rule("r", "lab", "vm1", "t", &["--once", "2099-01-01 00:00"]);
+    let out = env
+        .cmd()
+        .args(["run-now", "r", "--level", "full"])
+        .output()
+        .unwrap();
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Search permission only: others cannot list the state or run directory.
+    let state_dir = env.state.parent().unwrap();
+    assert_eq!(mode(state_dir), 0o701);
+    assert_eq!(mode(&run_dir(&env)), 0o701);
+    assert_eq!(mode(&env.state), 0o600);
+    let dest = env.path("restored");
+    env.ok(&[
+        "restore",
+        "r",
+        "--vm",
+        "vm1",
+        "--to",
+        dest.to_str().unwrap(),
+    ]);
+    let mut want = vec![0x33u8; 2 * MIB as usize];
+    want.resize(8 * MIB as usize, 0);
+    let expected = env.path("expected.raw");
+    std::fs::write(&expected, want).unwrap();
+    assert_eq!(file_digest(&dest.join("disk0.raw")), file_digest(&expected));
+}
