@@ -67,16 +67,7 @@ fn cleanup_while_a_backup_of_the_vm_runs_is_busy_at_once_naming_the_task() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for(
-        || {
-            env.json(&["task", "list"])
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|t| t["state"] == "running" && t["bytes_done"].as_u64().unwrap_or(0) > 0)
-        },
-        "the backup transferring",
-    );
+    env.wait_transferring();
     // Even with the hypervisor not answering, cleanup says so at once.
     run("kill", &["-STOP", &vm.pid().to_string()]);
     let started = Instant::now();

@@ -93,18 +93,6 @@ impl Lab {
         self.env.json(&["task", "list", "--all"])[0].clone()
     }
 
-    /// Wait until the newest task is reading disk data.
-    fn wait_transferring(&self) -> i64 {
-        wait_for(
-            || {
-                let t = self.last_task();
-                t["state"] == "running" && t["bytes_done"].as_u64().unwrap_or(0) > 0
-            },
-            "the backup transferring",
-        );
-        self.last_task()["id"].as_i64().unwrap()
-    }
-
     fn points(&self) -> Vec<String> {
         self.env
             .json(&["points", RULE, "--vm", VM])
@@ -136,28 +124,9 @@ impl Lab {
         out
     }
 
-    /// vmbackup's exports, jobs, nodes in QEMU and files in the run directory.
+    /// vmbackup's jobs, exports and nodes in QEMU and entries in the run directory.
     fn leftovers(&self) -> Vec<String> {
-        let r = self.vm.qmp(&[
-            r#"{"execute":"query-block-exports"}"#,
-            r#"{"execute":"query-block-jobs"}"#,
-            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
-        ]);
-        let mut found = Vec::new();
-        for e in r[0]["return"].as_array().unwrap() {
-            if e["id"].as_str().unwrap().starts_with("vmbackup-") {
-                found.push(format!("export {}", e["id"]));
-            }
-        }
-        for j in r[1]["return"].as_array().unwrap() {
-            found.push(format!("job {}", j["device"]));
-        }
-        for n in r[2]["return"].as_array().unwrap() {
-            let name = n["node-name"].as_str().unwrap();
-            if name.starts_with("vmbackup-") {
-                found.push(format!("node {name}"));
-            }
-        }
+        let mut found = self.vm.qemu_leftovers();
         let run = self.env.state.parent().unwrap().join("run");
         for e in std::fs::read_dir(run).into_iter().flatten() {
             found.push(format!("run dir entry {:?}", e.unwrap().file_name()));
@@ -211,7 +180,7 @@ fn cancel_ends_a_task_stuck_on_a_stopped_hypervisor_at_once() {
         "mon-sun 00:00-24:00 1MiB/s",
     ]);
     let mut run = l.spawn(&["run-now", RULE, "--level", "inc"], &[]);
-    let task = l.wait_transferring();
+    let task = l.env.wait_transferring();
     signal(l.vm.pid(), "STOP");
     let cancelled = Instant::now();
     l.env.ok(&["task", "cancel", &task.to_string()]);
@@ -259,7 +228,7 @@ fn a_stalled_hypervisor_fails_the_task_at_the_io_timeout_at_every_level() {
         let points = l.points();
         let bitmaps = l.bitmaps();
         let mut run = l.spawn(&["run-now", RULE, "--level", level], &[]);
-        l.wait_transferring();
+        l.env.wait_transferring();
         signal(l.vm.pid(), "STOP");
         let stopped = Instant::now();
         let (code, err) = run.wait();

@@ -236,47 +236,22 @@ fn database_errors_name_the_database_file() {
 fn a_vm_name_too_long_for_the_repository_is_refused_at_rule_add() {
     let env = Env::new();
     let name = "é".repeat(100); // 200 bytes, 600 once encoded
-    let qmp = env.qmp_dir.join("long.qmp");
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "q35,accel=tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "64",
-            "-S",
-        ])
-        .args(["-name", &name])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(|| qmp.exists(), "QMP socket");
+    let _vm = qemu_system(&env.qmp_dir.join("long.qmp"), &name, &[]);
     env.add_lab("t");
-    let result = std::panic::catch_unwind(|| {
-        env.refused(
-            &[
-                "rule",
-                "add",
-                "r",
-                "--platform",
-                "lab",
-                "--vm",
-                &name,
-                "--target",
-                "t",
-                "--once",
-                "2099-01-01 00:00",
-            ],
-            &["--vm", "too long"],
-        )
-    });
-    let _ = child.kill();
-    let _ = child.wait();
-    result.unwrap();
+    env.refused(
+        &[
+            "rule",
+            "add",
+            "r",
+            "--platform",
+            "lab",
+            "--vm",
+            &name,
+            "--target",
+            "t",
+            "--once",
+            "2099-01-01 00:00",
+        ],
+        &["--vm", "too long"],
+    );
 }

@@ -8,7 +8,7 @@ use common::*;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 fn mode(p: &Path) -> u32 {
     std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
@@ -79,46 +79,22 @@ fn run_dir_names_stay_short_whatever_the_vm_is_called() {
     let env = Env::new();
     let name = "v".repeat(200);
     let img = env.path("disk0.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"],
+    qcow2_image(&img, 4 * MIB, 0, 0);
+    let _vm = qemu_system(
+        &env.qmp_dir.join("long.qmp"),
+        &name,
+        &[
+            "-blockdev".into(),
+            format!(
+                "driver=file,node-name=disk0-file,filename={}",
+                img.display()
+            ),
+            "-blockdev".into(),
+            "driver=qcow2,node-name=disk0,file=disk0-file".into(),
+            "-device".into(),
+            "virtio-blk-pci,drive=disk0,id=vda".into(),
+        ],
     );
-    let qmp = env.qmp_dir.join("long.qmp");
-    let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "q35,accel=tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "64",
-            "-S",
-        ])
-        .args(["-name", &name])
-        .arg("-blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0-file,filename={}",
-            img.display()
-        ))
-        .args(["-blockdev", "driver=qcow2,node-name=disk0,file=disk0-file"])
-        .args(["-device", "virtio-blk-pci,drive=disk0,id=vda"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _vm = Kill(child);
-    wait_for(|| qmp.exists(), "QMP socket");
     env.add_lab("t");
     env.add_rule(
         "r",
@@ -251,49 +227,15 @@ fn a_hypervisor_running_as_another_user_reaches_its_scratch_directory_only() {
     std::fs::create_dir_all(&work).unwrap();
     std::fs::set_permissions(env.path("vms"), std::fs::Permissions::from_mode(0o711)).unwrap();
     let img = work.join("disk0.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"],
-    );
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x33 0 2M",
-            img.to_str().unwrap(),
-        ],
-    );
+    qcow2_image(&img, 8 * MIB, 0x33, 2 * MIB);
     for p in [&work, &img, &env.qmp_dir] {
         chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
     }
-    let sock = env.qmp_dir.join("vm1.qmp");
-    let mut qsd = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "qemu-storage-daemon",
-        ])
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0-file,filename={}",
-            img.display()
-        ))
-        .args(["--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file"])
-        .arg("--chardev")
-        .arg(format!(
-            "socket,id=q,path={},server=on,wait=off",
-            sock.display()
-        ))
-        .args(["--monitor", "chardev=q"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(|| sock.exists(), "QSD running as nobody");
+    let qsd = Qsd::new()
+        .qcow2_disk("disk0", &img)
+        .qmp(&env.qmp_dir.join("vm1.qmp"))
+        .run_as(NOBODY)
+        .start();
     env.add_lab("t");
     env.add_rule("r", "lab", "vm1", "t", &["--once", "2099-01-01 00:00"]);
     let out = env
@@ -301,8 +243,7 @@ fn a_hypervisor_running_as_another_user_reaches_its_scratch_directory_only() {
         .args(["run-now", "r", "--level", "full"])
         .output()
         .unwrap();
-    let _ = qsd.kill();
-    let _ = qsd.wait();
+    drop(qsd);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -314,18 +255,8 @@ fn a_hypervisor_running_as_another_user_reaches_its_scratch_directory_only() {
     assert_eq!(mode(state_dir), 0o701);
     assert_eq!(mode(&run_dir(&env)), 0o701);
     assert_eq!(mode(&env.state), 0o600);
-    let dest = env.path("restored");
-    env.ok(&[
-        "restore",
-        "r",
-        "--vm",
-        "vm1",
-        "--to",
-        dest.to_str().unwrap(),
-    ]);
-    let mut want = vec![0x33u8; 2 * MIB as usize];
-    want.resize(8 * MIB as usize, 0);
-    let expected = env.path("expected.raw");
-    std::fs::write(&expected, want).unwrap();
-    assert_eq!(file_digest(&dest.join("disk0.raw")), file_digest(&expected));
+    assert_eq!(
+        env.restored_digest("r", "vm1", None, "disk0"),
+        pattern_digest(0x33, 2 * MIB, 8 * MIB)
+    );
 }

@@ -91,60 +91,14 @@ fn a_backup_of_a_qemu_in_another_rules_running_task_is_refused() {
     let work = env.path("vms/vm1");
     std::fs::create_dir_all(&work).unwrap();
     let img = work.join("disk0.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "32M"],
-    );
+    qcow2_image(&img, 32 * MIB, 0x42, 8 * MIB);
     let dir2 = env.path("qmp2");
     std::fs::create_dir_all(&dir2).unwrap();
-    let (sock1, sock2) = (env.qmp_dir.join("vm1.qmp"), dir2.join("vm1.qmp"));
-    let nbd = work.join("nbd.sock");
-    let mut qsd = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0-file,filename={}",
-            img.display()
-        ))
-        .args(["--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file"])
-        .arg("--chardev")
-        .arg(format!(
-            "socket,id=q1,path={},server=on,wait=off",
-            sock1.display()
-        ))
-        .args(["--monitor", "chardev=q1"])
-        .arg("--chardev")
-        .arg(format!(
-            "socket,id=q2,path={},server=on,wait=off",
-            sock2.display()
-        ))
-        .args(["--monitor", "chardev=q2"])
-        .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
-        .args([
-            "--export",
-            "type=nbd,id=g,node-name=disk0,name=guest,writable=on",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(
-        || sock1.exists() && sock2.exists() && nbd.exists(),
-        "QSD sockets",
-    );
-    let data = env.path("data.bin");
-    std::fs::write(&data, pseudo_random(8 * MIB as usize, 3)).unwrap();
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            &format!("write -s {} 0 {}", data.display(), 8 * MIB),
-            &format!("nbd+unix:///guest?socket={}", nbd.display()),
-        ],
-    );
+    let _vm = Qsd::new()
+        .qcow2_disk("disk0", &img)
+        .qmp(&env.qmp_dir.join("vm1.qmp"))
+        .qmp(&dir2.join("vm1.qmp"))
+        .start();
     env.add_lab("t");
     env.ok(&[
         "platform",
@@ -168,16 +122,7 @@ fn a_backup_of_a_qemu_in_another_rules_running_task_is_refused() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for(
-        || {
-            env.json(&["task", "list"])
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|t| t["state"] == "running" && t["bytes_done"].as_u64().unwrap_or(0) > 0)
-        },
-        "r1's backup transferring",
-    );
+    env.wait_transferring();
     let err = env.fails(3, &["run-now", "r2", "--level", "full"]);
     assert!(err.contains("rule 'r1'"), "{err}");
     assert!(err.contains("task 1"), "{err}");
@@ -191,6 +136,4 @@ fn a_backup_of_a_qemu_in_another_rules_running_task_is_refused() {
     assert_eq!(first.wait().unwrap().code(), Some(0), "r1: {first_err}");
     // Once r1's task has ended, r2 may back the VM up.
     env.ok(&["run-now", "r2", "--level", "full"]);
-    let _ = qsd.kill();
-    let _ = qsd.wait();
 }
