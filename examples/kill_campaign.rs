@@ -15,7 +15,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -40,15 +39,12 @@ fn main() {
         "lab",
         VM,
         "t",
+        // Slow enough that a kill lands in any phase of a run.
         &[
-            "--schedule",
-            "full weekly on sun at 01:00",
-            "--schedule",
-            "inc weekly on mon-sat at 01:00",
-            // Slow enough that a kill lands in any phase of a run.
-            "--bandwidth",
-            "mon-sun 00:00-24:00 32MiB/s",
-        ],
+            &WEEKLY_FULL_AND_INC[..],
+            &["--bandwidth", "mon-sun 00:00-24:00 32MiB/s"],
+        ]
+        .concat(),
     );
     let mut expected: BTreeMap<String, String> = BTreeMap::new();
     let record_new = |expected: &mut BTreeMap<String, String>, digest: &str| {
@@ -202,18 +198,10 @@ fn points(env: &Env) -> Vec<String> {
 
 /// Start `vmbackup ARGS`, SIGKILL it after `delay` (if it still runs), reap it.
 fn kill_after(env: &Env, args: &[&str], delay: Duration) {
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin("vmbackup"))
-        .env("VMBACKUP_STATE", &env.state)
-        .env("VMBACKUP_CONFIG", &env.config)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut proc = env.spawn(args, &[]);
     std::thread::sleep(delay);
-    let _ = child.kill();
-    let _ = child.wait();
+    let _ = proc.child().kill();
+    proc.wait();
 }
 
 fn count_entries(dir: &Path) -> usize {

@@ -8,7 +8,6 @@ use common::*;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 fn mode(p: &Path) -> u32 {
     std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
@@ -155,14 +154,7 @@ fn state_run_and_scratch_files_are_private() {
             "mon-sun 00:00-24:00 pause",
         ],
     );
-    let mut run = Command::new(assert_cmd::cargo::cargo_bin("vmbackup"))
-        .env("VMBACKUP_STATE", &env.state)
-        .env("VMBACKUP_CONFIG", &env.config)
-        .args(["run-now", "r", "--level", "full"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let run = env.spawn(&["run-now", "r", "--level", "full"], &[]);
     let fleece = || -> Vec<PathBuf> {
         let mut found = Vec::new();
         let Ok(entries) = std::fs::read_dir(run_dir(&env)) else {
@@ -192,7 +184,7 @@ fn state_run_and_scratch_files_are_private() {
         assert_eq!(mode(dir), 0o700, "{dir:?}");
     }
     env.ok(&["task", "cancel", "1"]);
-    assert_eq!(run.wait().unwrap().code(), Some(130));
+    assert_eq!(run.wait().0, Some(130));
 
     // A run directory others can write to is refused, naming it.
     std::fs::set_permissions(run_dir(&env), std::fs::Permissions::from_mode(0o777)).unwrap();

@@ -7,9 +7,6 @@
 mod common;
 use common::*;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-
 const ONCE: [&str; 2] = ["--once", "2099-01-01 00:00"];
 
 #[test]
@@ -61,19 +58,10 @@ fn a_vm_reached_through_two_platforms_joins_one_rule_only() {
         std::os::unix::fs::symlink(env.qmp_dir.join(&sock), other.join(&sock)).unwrap();
     }
     env.ok(&["platform", "refresh", "lab2"]);
-    let mut args = vec![
-        "rule",
-        "add",
-        "r2",
-        "--platform",
-        "lab2",
-        "--vm",
-        "vm1",
-        "--target",
-        "t",
-    ];
-    args.extend(ONCE);
-    env.refused(&args, &["rule 'r1'", "vm1"]);
+    env.refused(
+        &rule_add("r2", "lab2", "vm1", "t", &ONCE),
+        &["rule 'r1'", "vm1"],
+    );
     // vm2 joins a rule through lab2; through lab it cannot join r1 any more.
     env.add_rule("r3", "lab2", "vm2", "t", &ONCE);
     env.refused(
@@ -114,26 +102,13 @@ fn a_backup_of_a_qemu_in_another_rules_running_task_is_refused() {
     env.add_rule("r1", "lab", "vm1", "t", &r1);
     env.add_rule("r2", "lab2", "vm1", "t", &ONCE);
 
-    let mut first = Command::new(assert_cmd::cargo::cargo_bin("vmbackup"))
-        .env("VMBACKUP_STATE", &env.state)
-        .env("VMBACKUP_CONFIG", &env.config)
-        .args(["run-now", "r1", "--level", "full"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let first = env.spawn(&["run-now", "r1", "--level", "full"], &[]);
     env.wait_transferring();
     let err = env.fails(3, &["run-now", "r2", "--level", "full"]);
     assert!(err.contains("rule 'r1'"), "{err}");
     assert!(err.contains("task 1"), "{err}");
-    let mut first_err = String::new();
-    first
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut first_err)
-        .unwrap();
-    assert_eq!(first.wait().unwrap().code(), Some(0), "r1: {first_err}");
+    let (code, first_err) = first.wait();
+    assert_eq!(code, Some(0), "r1: {first_err}");
     // Once r1's task has ended, r2 may back the VM up.
     env.ok(&["run-now", "r2", "--level", "full"]);
 }

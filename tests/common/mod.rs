@@ -477,6 +477,37 @@ pub fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
     }
 }
 
+/// The arguments of `rule add NAME --platform P --vm VMS --target T EXTRA...`.
+pub fn rule_add<'a>(
+    name: &'a str,
+    platform: &'a str,
+    vms: &'a str,
+    target: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "rule",
+        "add",
+        name,
+        "--platform",
+        platform,
+        "--vm",
+        vms,
+        "--target",
+        target,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// A weekly full on Sunday and an incremental on the other days.
+pub const WEEKLY_FULL_AND_INC: [&str; 4] = [
+    "--schedule",
+    "full weekly on sun at 01:00",
+    "--schedule",
+    "inc weekly on mon-sat at 01:00",
+];
+
 /// An isolated vmbackup environment: its own state file, system.conf and QMP dir.
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -535,19 +566,7 @@ impl Env {
 
     /// `rule add NAME --platform P --vm VMS --target T EXTRA...`, expecting success.
     pub fn add_rule(&self, name: &str, platform: &str, vms: &str, target: &str, extra: &[&str]) {
-        let mut args = vec![
-            "rule",
-            "add",
-            name,
-            "--platform",
-            platform,
-            "--vm",
-            vms,
-            "--target",
-            target,
-        ];
-        args.extend_from_slice(extra);
-        self.ok(&args);
+        self.ok(&rule_add(name, platform, vms, target, extra));
     }
 
     /// `vmbackup` with this env's state and config.
@@ -650,19 +669,36 @@ impl Env {
 }
 
 /// A process a test starts itself (a hypervisor built by [`Qsd`] or
-/// [`qemu_system`]), killed when dropped.
-pub struct Proc(pub Child);
+/// [`qemu_system`], a `vmbackup` from [`Env::spawn`]), killed when dropped.
+pub struct Proc(Option<Child>);
 
 impl Proc {
     pub fn pid(&self) -> u32 {
-        self.0.id()
+        self.0.as_ref().expect("running").id()
+    }
+
+    /// The child, for `try_wait` or `kill`.
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("running")
+    }
+
+    /// Wait for it to end: its exit code and what it wrote to stderr (when piped).
+    pub fn wait(mut self) -> (Option<i32>, String) {
+        let mut child = self.0.take().expect("running");
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (child.wait().unwrap().code(), err)
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -765,7 +801,7 @@ impl Qsd {
             .stderr(Stdio::null())
             .spawn()
             .expect("start qemu-storage-daemon");
-        let proc = Proc(child);
+        let proc = Proc(Some(child));
         wait_for(
             || {
                 self.sockets.iter().all(|s| accepts(s))
@@ -802,7 +838,7 @@ pub fn qemu_system(qmp: &Path, name: &str, extra: &[String]) -> Proc {
         .stderr(Stdio::null())
         .spawn()
         .expect("start qemu-system-x86_64");
-    let proc = Proc(child);
+    let proc = Proc(Some(child));
     wait_for(|| accepts(qmp), "qemu-system QMP socket");
     proc
 }
@@ -837,6 +873,23 @@ pub fn pattern_digest(pattern: u8, len: u64, size: u64) -> String {
 }
 
 impl Env {
+    /// `vmbackup ARGS` in the background with this env's state and config and
+    /// the extra environment `vars` (stdout discarded, stderr piped).
+    pub fn spawn(&self, args: &[&str], vars: &[(&str, &str)]) -> Proc {
+        let mut c = Command::new(assert_cmd::cargo::cargo_bin("vmbackup"));
+        c.env("VMBACKUP_STATE", &self.state)
+            .env("VMBACKUP_CONFIG", &self.config)
+            .env_remove("XDG_STATE_HOME")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        Proc(Some(c.spawn().expect("start vmbackup")))
+    }
+
     /// Wait until a task of this env is running and has read data; its id.
     pub fn wait_transferring(&self) -> i64 {
         let running = || {
