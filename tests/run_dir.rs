@@ -134,8 +134,13 @@ fn state_run_and_scratch_files_are_private() {
     let state_dir = env.state.parent().unwrap().to_path_buf();
     std::fs::create_dir_all(&state_dir).unwrap();
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 8 * MIB)], true);
-    vm.write_random("disk0", 0, 4 * MIB, 1);
+    // A VM without an NBD server of its own: vmbackup starts one.
+    let img = env.path("disk0.qcow2");
+    qcow2_image(&img, 8 * MIB, 0x61, 4 * MIB);
+    let _vm = Qsd::new()
+        .qcow2_disk("disk0", &img)
+        .qmp(&env.qmp_dir.join("vm1.qmp"))
+        .start();
     env.add_lab("t");
     assert_eq!(
         mode(&state_dir),
@@ -182,6 +187,8 @@ fn state_run_and_scratch_files_are_private() {
         assert_eq!(mode(img), 0o600, "{img:?}");
         let dir = img.parent().unwrap();
         assert_eq!(mode(dir), 0o700, "{dir:?}");
+        // The NBD server vmbackup started serves disk data: its socket is 0600.
+        assert_eq!(mode(&dir.join("nbd.sock")), 0o600, "NBD socket");
     }
     env.ok(&["task", "cancel", "1"]);
     assert_eq!(run.wait().0, Some(130));
