@@ -50,11 +50,12 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
         requested: level,
         auto_cbt: true,
         cbt: true,
-        quiesce: false,
+        quiesce: vmbackup::platform::Quiesce::Off,
         allow_plain_tcp_export: false,
         chunk_size: MIB as u32,
         run_dir: dir.join("run"),
         buffers: 2,
+        clock: vmbackup::clock::Clock::real(),
         bandwidth: Arc::new(vmbackup::task::throttle::Throttle::unlimited()),
         io_timeout: vmbackup::config::DEFAULT_IO_TIMEOUT,
     }
@@ -111,8 +112,12 @@ fn write_during_backup_is_not_in_the_point_but_in_the_next() {
                 writer.write("disk0", 31 * MIB, 64 * 1024, 0xe0 + round)
             }))),
         });
+        let job = job(tmp.path(), level);
+        let shared = job.repo.lock_shared("backup").unwrap();
+        let lock = job.repo.lock_vm(&shared, "lab/vm1", "backup").unwrap();
         let out = run_backup(
-            &job(tmp.path(), level),
+            &job,
+            &lock,
             &platform,
             progress.clone(),
             cancel.clone(),
@@ -136,8 +141,12 @@ fn write_during_backup_is_not_in_the_point_but_in_the_next() {
         );
     }
     // A last incremental picks up the write made during the previous backup.
+    let job = job(tmp.path(), Level::Inc);
+    let shared = job.repo.lock_shared("backup").unwrap();
+    let lock = job.repo.lock_vm(&shared, "lab/vm1", "backup").unwrap();
     let out = run_backup(
-        &job(tmp.path(), Level::Inc),
+        &job,
+        &lock,
         &platform,
         Arc::new(vmbackup::task::progress::Silent),
         cancel,

@@ -27,12 +27,13 @@ use chrono::Utc;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::clock::Clock;
 use crate::error::refused;
 use crate::level::Level;
-use crate::platform::{BackupRequest, CbtUnavailable, Platform, Snapshot, VmHandle};
+use crate::platform::{BackupRequest, CbtUnavailable, Note, Platform, Quiesce, Snapshot, VmHandle};
 use crate::repo::{
     index_file_name, new_point_id, parse_point_id, vm_key, Manifest, ManifestDisk, ManifestTotals,
-    ManifestVm, PointList, PointStatus, Repository, Slot, VmLock,
+    ManifestVm, PointList, PointStatus, PointWriter, Repository, Slot, VmLock,
 };
 use crate::task::progress::{LogLevel, Phase, Progress};
 use crate::task::throttle::Throttle;
@@ -50,7 +51,8 @@ pub struct BackupJob {
     pub requested: Level,
     pub auto_cbt: bool,
     pub cbt: bool,
-    pub quiesce: bool,
+    /// R10: freeze guest file systems around the snapshot.
+    pub quiesce: Quiesce,
     /// The rule accepts exports through the VM's own plain-TCP NBD server.
     pub allow_plain_tcp_export: bool,
     /// Chunk size = system.conf `i2vp_transbuffer` (R39).
@@ -62,6 +64,9 @@ pub struct BackupJob {
     pub io_timeout: std::time::Duration,
     /// Chunk buffers in flight for this task (memory bound: this × chunk size).
     pub buffers: usize,
+    /// The wall clock point ids and manifest times are read from (the test
+    /// clock in tests: retention and point ids share one timeline).
+    pub clock: Clock,
     /// The rule's bandwidth windows, applied to source reads (R29).
     pub bandwidth: Arc<Throttle>,
 }
@@ -80,9 +85,11 @@ pub struct BackupOutcome {
     pub warnings: Vec<String>,
 }
 
-/// Back up one VM. `rt` runs the disk pipelines; `cancel` aborts cleanly.
+/// Back up one VM, holding its lock (taken under the repository's shared lock:
+/// see `repo::lock`). `rt` runs the disk pipelines; `cancel` aborts cleanly.
 pub fn run_backup(
     job: &BackupJob,
+    lock: &VmLock,
     platform: &dyn Platform,
     progress: Arc<dyn Progress>,
     cancel: Arc<AtomicBool>,
@@ -91,8 +98,12 @@ pub fn run_backup(
     progress.phase(Phase::Preparing);
     let repo = &job.repo;
     let key = vm_key(&job.platform, &job.vm);
-    let repo_lock = repo.lock_shared("backup")?;
-    let lock = repo.lock_vm(&repo_lock, &key, "backup")?;
+    if lock.vm_key() != key {
+        anyhow::bail!(
+            "the lock of VM '{}' does not cover VM '{key}'",
+            lock.vm_key()
+        );
+    }
     let mut vm = platform
         .open_vm(&job.vm)
         .with_context(|| format!("VM '{}'", job.vm))?;
@@ -113,7 +124,7 @@ pub fn run_backup(
     if let Some((uid, gid)) = vm.runs_as()? {
         scratch.hand_to(uid, gid)?;
     }
-    let (listed, repaired) = repair_leftovers(repo, &lock, vm.as_mut(), &scratch.path)?;
+    let (listed, repaired) = repair_leftovers(repo, lock, vm.as_mut(), &scratch.path)?;
     let points = listed.points;
     for a in &repaired {
         progress.log(
@@ -122,6 +133,8 @@ pub fn run_backup(
         );
     }
     let latest = points.last().map(|p| p.point.clone());
+    let (_, latest_full) = chain_heads(&points);
+    let old_heads = (latest.clone(), latest_full.map(|p| p.point.clone()));
 
     progress.phase(Phase::BackingUpConfig);
     let vm_config = vm.config()?;
@@ -135,11 +148,17 @@ pub fn run_backup(
         job.chunk_size,
         &tracking,
     );
-    let point = next_point_id(latest.as_deref())?;
+    let point = next_point_id(latest.as_deref(), job.clock.now().with_timezone(&Utc))?;
+    let base_tracking = |base: &Option<String>| {
+        base.as_ref()
+            .and_then(|b| points.iter().find(|p| p.point == *b))
+            .and_then(|p| p.tracking.clone())
+    };
     let mut req = BackupRequest {
         new_point: point.clone(),
         level: lp.level,
         base: lp.base.clone(),
+        base_tracking: base_tracking(&lp.base),
         latest_full: lp.latest_full.clone(),
         track: tracking == Tracking::On,
         quiesce: job.quiesce,
@@ -158,20 +177,27 @@ pub fn run_backup(
             };
             req.level = Level::Full;
             req.base = None;
+            req.base_tracking = None;
             vm.begin_backup(&req)?
         }
         Err(e) => return Err(e),
     };
+    for note in &snapshot.notes {
+        match note {
+            Note::Info(m) => progress.log(LogLevel::Info, m),
+            Note::Warn(m) => progress.log(LogLevel::Warn, m),
+        }
+    }
     if let Some(why) = &lp.fallback {
         progress.log(LogLevel::Warn, why);
     }
     progress.level(lp.level);
 
-    let started = Utc::now();
-    let result = write_point(
+    let started = job.clock.now().with_timezone(&Utc);
+    let stored = write_point(
         job,
         repo,
-        &lock,
+        lock,
         &key,
         &point,
         &lp,
@@ -182,7 +208,23 @@ pub fn run_backup(
         rt,
         started,
     );
-    finish(vm.as_mut(), result, progress.as_ref()).map(|(totals, warnings)| BackupOutcome {
+    let mut warnings: Vec<String> = snapshot
+        .notes
+        .iter()
+        .filter_map(|n| match n {
+            Note::Warn(m) => Some(m.clone()),
+            Note::Info(_) => None,
+        })
+        .collect();
+    let totals = commit(
+        vm.as_mut(),
+        stored,
+        old_heads,
+        &job.run_dir,
+        progress.as_ref(),
+        &mut warnings,
+    )?;
+    Ok(BackupOutcome {
         point,
         level: lp.level,
         requested: job.requested,
@@ -191,6 +233,57 @@ pub fn run_backup(
         totals,
         warnings,
     })
+}
+
+/// End the platform view and commit (see the CBT contract in `platform`): data
+/// stored → the platform hands over the new point's tracking token → manifest →
+/// the platform drops tracking no future backup needs. A failure before the
+/// manifest leaves the tracking state relative to the old newest point.
+fn commit(
+    vm: &mut dyn VmHandle,
+    stored: Result<(PointWriter<'_>, Manifest)>,
+    old_heads: (Option<String>, Option<String>),
+    run_dir: &Path,
+    progress: &dyn Progress,
+    warnings: &mut Vec<String>,
+) -> Result<ManifestTotals> {
+    let (writer, mut manifest) = match stored {
+        Ok(stored) => stored,
+        Err(err) => {
+            if let Err(e) = vm.finish_backup(false) {
+                progress.log(LogLevel::Error, &format!("ending the snapshot after a failure failed too: {e:#}; run 'vmbackup cleanup'"));
+            }
+            return Err(err);
+        }
+    };
+    match vm.finish_backup(true) {
+        Ok(token) => manifest.tracking = token,
+        Err(e) => {
+            let w = format!("ending the snapshot failed: {e:#}; the point is kept, 'vmbackup cleanup' repairs the VM");
+            progress.log(LogLevel::Warn, &w);
+            warnings.push(w);
+        }
+    }
+    let settle = |vm: &mut dyn VmHandle, latest: Option<&str>, full: Option<&str>| {
+        vm.cleanup(latest, full, run_dir).map(|r| r.actions)
+    };
+    if let Err(err) = writer.commit(&manifest) {
+        let (latest, full) = old_heads;
+        if let Err(e) = settle(vm, latest.as_deref(), full.as_deref()) {
+            progress.log(LogLevel::Error, &format!("restoring changed-block tracking after the failed commit failed too: {e:#}; run 'vmbackup cleanup'"));
+        }
+        return Err(err);
+    }
+    let full = match manifest.level {
+        Level::Full => Some(manifest.point.as_str()),
+        _ => manifest.full.as_deref(),
+    };
+    if let Err(e) = settle(vm, Some(&manifest.point), full) {
+        let w = format!("the point is committed, but dropping superseded changed-block tracking failed: {e:#}; the next run or 'vmbackup cleanup' repeats it");
+        progress.log(LogLevel::Warn, &w);
+        warnings.push(w);
+    }
+    Ok(manifest.totals)
 }
 
 /// The newest point and the newest full among committed points (oldest first):
@@ -299,36 +392,11 @@ pub fn repair_leftovers(
     Ok((points, done))
 }
 
-/// End the platform view: committed → drop old tracking; failed → restore it.
-fn finish(
-    vm: &mut dyn VmHandle,
-    result: Result<ManifestTotals>,
-    progress: &dyn Progress,
-) -> Result<(ManifestTotals, Vec<String>)> {
-    match result {
-        Ok(totals) => {
-            let mut warnings = Vec::new();
-            if let Err(e) = vm.finish_backup(true) {
-                let w = format!("the point is committed, but ending the snapshot failed: {e:#}; 'vmbackup cleanup' repairs it");
-                progress.log(LogLevel::Warn, &w);
-                warnings.push(w);
-            }
-            Ok((totals, warnings))
-        }
-        Err(err) => {
-            if let Err(e) = vm.finish_backup(false) {
-                progress.log(LogLevel::Error, &format!("ending the snapshot after a failure failed too: {e:#}; run 'vmbackup cleanup'"));
-            }
-            Err(err)
-        }
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
-fn write_point(
+fn write_point<'a>(
     job: &BackupJob,
     repo: &Repository,
-    lock: &VmLock,
+    lock: &'a VmLock,
     key: &str,
     point: &str,
     lp: &LevelPlan,
@@ -338,7 +406,7 @@ fn write_point(
     cancel: Arc<AtomicBool>,
     rt: &tokio::runtime::Handle,
     started: chrono::DateTime<Utc>,
-) -> Result<ManifestTotals> {
+) -> Result<(PointWriter<'a>, Manifest)> {
     progress.phase(Phase::CheckingData);
     let mut plans = Vec::new();
     for export in &snapshot.exports {
@@ -415,20 +483,20 @@ fn write_point(
         full,
         status: PointStatus::Completed,
         started,
-        finished: Utc::now(),
+        finished: job.clock.now().with_timezone(&Utc),
         fallback_reason: lp.fallback.clone(),
         vm_config,
+        tracking: None,
         disks,
         totals,
     };
-    writer.commit(&manifest)?;
-    Ok(totals)
+    Ok((writer, manifest))
 }
 
 /// A point id for now, strictly after the newest existing point. Ids have
 /// one-second resolution, so two backups within one second get consecutive ids.
-fn next_point_id(latest: Option<&str>) -> Result<String> {
-    let now = new_point_id(Utc::now());
+fn next_point_id(latest: Option<&str>, now: chrono::DateTime<Utc>) -> Result<String> {
+    let now = new_point_id(now);
     match latest {
         Some(l) if now.as_str() <= l => Ok(new_point_id(
             parse_point_id(l)? + chrono::Duration::seconds(1),
@@ -443,12 +511,13 @@ mod tests {
 
     #[test]
     fn point_ids_increase_even_within_one_second() {
-        let a = next_point_id(None).unwrap();
-        let b = next_point_id(Some(&a)).unwrap();
-        let c = next_point_id(Some(&b)).unwrap();
+        let now = Utc::now();
+        let a = next_point_id(None, now).unwrap();
+        let b = next_point_id(Some(&a), now).unwrap();
+        let c = next_point_id(Some(&b), now).unwrap();
         assert!(a < b && b < c, "{a} {b} {c}");
         assert_eq!(
-            next_point_id(Some("20000101T000000Z")).unwrap().len(),
+            next_point_id(Some("20000101T000000Z"), now).unwrap().len(),
             a.len()
         );
     }

@@ -22,6 +22,7 @@ mod cleanup_cmd;
 mod config_cmd;
 mod daemon_cmd;
 mod diag;
+mod lifecycle_cmd;
 mod logs_cmd;
 pub mod output;
 mod platform_cmd;
@@ -207,6 +208,9 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
         Command::Points(a) => points_cmd::points(ctx, a),
         Command::Restore(a) => restore_cmd::restore(ctx, a),
         Command::Verify(a) => points_cmd::verify(ctx, a),
+        Command::Prune(a) => lifecycle_cmd::prune(ctx, a),
+        Command::Forget(a) => lifecycle_cmd::forget(ctx, a),
+        Command::Gc(a) => lifecycle_cmd::gc(ctx, a),
         Command::Cleanup(a) => cleanup_cmd::cleanup(ctx, a),
     }
 }

@@ -80,11 +80,16 @@ impl Events for CliEvents {
     }
 
     fn ended(&self, r: &TaskResult) {
+        // A repository task (GC) has no VM: name its rule.
+        let who = match (&r.vm, &r.rule) {
+            (vm, Some(rule)) if vm.is_empty() => format!("rule {rule}"),
+            (vm, _) => vm.clone(),
+        };
         match r.status {
             TaskState::Completed => {
                 if !self.json && !self.quiet {
                     for line in &r.summary {
-                        out!("{}: {line}", r.vm);
+                        out!("{who}: {line}");
                     }
                 }
             }
@@ -92,9 +97,9 @@ impl Events for CliEvents {
                 // The R28 reason already starts with "skipped: ...".
                 let msg = r.error.as_deref().unwrap_or_default();
                 if msg.starts_with(status.as_str()) {
-                    self.err_line(format!("vmbackup: {}: {msg}", r.vm));
+                    self.err_line(format!("vmbackup: {who}: {msg}"));
                 } else {
-                    self.err_line(format!("vmbackup: {}: {status}: {msg}", r.vm));
+                    self.err_line(format!("vmbackup: {who}: {status}: {msg}"));
                 }
             }
         }

@@ -43,6 +43,7 @@ mod chunk;
 mod chunk_store;
 mod delta;
 mod format;
+pub mod gc;
 mod index;
 mod lock;
 mod manifest;

@@ -1,5 +1,7 @@
-//! Doing each kind of task once it holds its slot: resolve the rule into the
-//! engine's request, record and display progress, and say what it produced.
+//! Doing each kind of task: first the locks it needs in the repository (taken
+//! in `prepare`, waited for as `pending`), then, once it holds its slot, the
+//! work: resolve the rule into the engine's request, record and display
+//! progress, and say what it produced.
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -11,7 +13,8 @@ use super::record::TaskRecorder;
 use super::{Job, Outcome, Runner, TaskSpec, BUFFERS_PER_TASK};
 use crate::backup::{run_backup, BackupJob, BackupOutcome};
 use crate::error::ExitCode;
-use crate::repo::vm_key;
+use crate::platform::NewVm;
+use crate::repo::{vm_key, RepoLock, Repository, VmLock};
 use crate::restore::{restore_point, RestoreReport, RestoreRequest};
 use crate::state::State;
 use crate::task::progress::{LogLevel, Progress};
@@ -30,16 +33,68 @@ pub struct Done {
     pub summary: Vec<String>,
 }
 
-/// Run the job of `spec` as task `task`.
-pub fn run(runner: &Runner, spec: &TaskSpec, task: i64, cancel: Arc<AtomicBool>) -> Result<Done> {
+/// What a task holds in the repository before it starts.
+#[derive(Default)]
+pub struct Held {
+    /// The rule's repository (`None` for restores and GC, which open their own,
+    /// and for a prune of a rule with no repository yet).
+    repo: Option<Repository>,
+    repo_lock: Option<RepoLock>,
+    vm_lock: Option<VmLock>,
+}
+
+/// Take what the job of `spec` needs before its slot, waiting while it is busy:
+/// a backup and a prune hold the repository's shared lock and the VM's lock
+/// (a backup that meets a running GC waits as `pending`, never fails).
+pub fn prepare(
+    runner: &Runner,
+    spec: &TaskSpec,
+    task: i64,
+    cancel: &AtomicBool,
+    state: &mut State,
+) -> Result<Held> {
+    let rule = &spec.rule;
+    let repo = match &spec.job {
+        Job::Backup { .. } => Some(crate::lifecycle::repository_for_backup(state, rule)?),
+        Job::Prune => crate::lifecycle::rule_repository(state, rule)?,
+        Job::Restore { .. } | Job::Gc => None,
+    };
+    let Some(repo) = repo else {
+        return Ok(Held::default());
+    };
+    let purpose = spec.job.kind().as_str();
+    let repo_lock =
+        runner.wait_while_busy(state, task, spec, cancel, || repo.lock_shared(purpose))?;
+    let key = vm_key(&rule.settings.platform, &spec.vm);
+    let vm_lock = runner.wait_while_busy(state, task, spec, cancel, || {
+        repo.lock_vm(&repo_lock, &key, purpose)
+    })?;
+    Ok(Held {
+        repo: Some(repo),
+        repo_lock: Some(repo_lock),
+        vm_lock: Some(vm_lock),
+    })
+}
+
+/// Run the job of `spec` as task `task`, holding what `prepare` took.
+pub fn run(
+    runner: &Runner,
+    spec: &TaskSpec,
+    task: i64,
+    cancel: Arc<AtomicBool>,
+    held: Held,
+) -> Result<Done> {
     match &spec.job {
-        Job::Backup { level, .. } => backup(runner, spec, *level, task, cancel),
+        Job::Backup { level, .. } => backup(runner, spec, *level, task, cancel, held),
+        Job::Prune => prune(runner, spec, held),
+        Job::Gc => gc(runner, spec),
         Job::Restore {
             point,
             dest,
             format,
             force,
             mode,
+            as_vm,
         } => {
             let mut state = State::open(&runner.cfg.state_path)?;
             // What killed restores into this destination left goes first.
@@ -94,6 +149,25 @@ pub fn run(runner: &Runner, spec: &TaskSpec, task: i64, cancel: Arc<AtomicBool>)
                 }
             }
             let report = result?;
+            let mut report = report;
+            if let Some((name, start)) = as_vm {
+                let prow = State::open(&runner.cfg.state_path)?
+                    .require_platform(&rule.settings.platform)?;
+                let new = NewVm {
+                    name,
+                    config: &point.vm_config,
+                    disks: report
+                        .disks
+                        .iter()
+                        .map(|d| (d.disk.clone(), d.path.clone(), format.ext()))
+                        .collect(),
+                    start: *start,
+                };
+                let defined = crate::platform::connect(&prow.spec, runner.cfg.io_timeout)?
+                    .define_vm(&new)
+                    .with_context(|| format!("define VM '{name}' on platform '{}'", prow.name))?;
+                report.new_vm = Some(defined);
+            }
             Ok(Done {
                 summary: restore_summary(&report),
                 outcome: Outcome::Restore(report),
@@ -109,12 +183,16 @@ fn backup(
     level: crate::level::Level,
     task: i64,
     cancel: Arc<AtomicBool>,
+    held: Held,
 ) -> Result<Done> {
+    let (Some(repo), Some(_repo_lock), Some(vm_lock)) = (held.repo, held.repo_lock, held.vm_lock)
+    else {
+        anyhow::bail!("a backup needs its repository and locks");
+    };
     let state = State::open(&runner.cfg.state_path)?;
     let rule = &spec.rule;
     let prow = state.require_platform(&rule.settings.platform)?;
-    let plat =
-        crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir), runner.cfg.io_timeout)?;
+    let plat = crate::platform::connect(&prow.spec, runner.cfg.io_timeout)?;
     let throttle = Arc::new(Throttle::new(
         rule.settings.bandwidth.clone(),
         runner.cfg.clock,
@@ -123,7 +201,7 @@ fn backup(
     let job = BackupJob {
         platform: prow.name.clone(),
         vm: spec.vm.clone(),
-        repo: crate::lifecycle::repository_for_backup(&state, rule)?,
+        repo,
         requested: level,
         auto_cbt: rule.settings.auto_cbt,
         cbt: rule.settings.cbt,
@@ -133,6 +211,7 @@ fn backup(
         run_dir: runner.cfg.run_dir.clone(),
         io_timeout: runner.cfg.io_timeout,
         buffers: BUFFERS_PER_TASK,
+        clock: runner.cfg.clock,
         bandwidth: throttle.clone(),
     };
     // One running VM, one backup at a time, whichever rule and platform reach it.
@@ -146,7 +225,7 @@ fn backup(
     }
     let display = runner.events.display(task, spec, Some(throttle.clone()));
     let recorder = Arc::new(TaskRecorder::new(task, state, display, Some(throttle)));
-    let out = run_backup(&job, plat.as_ref(), recorder, cancel, &runner.rt)?;
+    let out = run_backup(&job, &vm_lock, plat.as_ref(), recorder, cancel, &runner.rt)?;
     let code = if out.fallback.is_some() || !out.warnings.is_empty() {
         ExitCode::Warning
     } else {
@@ -156,6 +235,101 @@ fn backup(
         summary: vec![backup_summary(&out)],
         outcome: Outcome::Backup(out),
         code,
+    })
+}
+
+/// Apply the rule's retention to the VM (R17); the scheduler checked R18.
+fn prune(runner: &Runner, spec: &TaskSpec, held: Held) -> Result<Done> {
+    let rule = &spec.rule;
+    let state = State::open(&runner.cfg.state_path)?;
+    let retention = crate::lifecycle::retention::Retention::of(&rule.settings.policy);
+    let mut report = crate::lifecycle::prune::VmPrune {
+        rule: rule.name.clone(),
+        vm: spec.vm.clone(),
+        orphaned: false,
+        retention: retention.to_string(),
+        points: Vec::new(),
+        error: None,
+        code: ExitCode::Ok,
+    };
+    if let (Some(repo), Some(vm_lock)) = (&held.repo, &held.vm_lock) {
+        let protected = state.points_in_use(&rule.name, &spec.vm)?;
+        let now = runner.cfg.clock.now();
+        report.points =
+            crate::lifecycle::prune::prune_vm_locked(repo, vm_lock, retention, &now, &protected)?;
+    }
+    drop(held);
+    let mut summary = Vec::new();
+    for m in report
+        .points
+        .iter()
+        .filter(|m| m.action == crate::lifecycle::retention::Action::Remove)
+    {
+        summary.push(format!("removed point {}: {}", m.point, m.reason));
+    }
+    let removed = summary.len();
+    summary.push(format!(
+        "{retention}: {} point(s) kept, {removed} removed",
+        report.points.len() - removed
+    ));
+    Ok(Done {
+        summary,
+        outcome: Outcome::Prune(report),
+        code: ExitCode::Ok,
+    })
+}
+
+/// Collect the rule's repository if due: the last collection is a day old and
+/// its lock is free at once (a busy lock defers it to the next run).
+fn gc(runner: &Runner, spec: &TaskSpec) -> Result<Done> {
+    let state = State::open(&runner.cfg.state_path)?;
+    let Some(repo) = crate::lifecycle::rule_repository(&state, &spec.rule)? else {
+        return Ok(Done {
+            summary: vec!["no repository yet".into()],
+            outcome: Outcome::Gc(crate::lifecycle::gc::RepoGc::not_run(
+                &spec.rule,
+                "no repository yet",
+            )),
+            code: ExitCode::Ok,
+        });
+    };
+    drop(state);
+    let now = runner.cfg.clock.now().with_timezone(&chrono::Utc);
+    let entry = match crate::lifecycle::gc::gc_if_due(&repo, now)? {
+        Some(mut entry) => {
+            entry.target = spec.rule.settings.target.clone();
+            entry.rules = vec![spec.rule.name.clone()];
+            entry
+        }
+        None => crate::lifecycle::gc::RepoGc::not_run(
+            &spec.rule,
+            "not due: the last garbage collection is less than a day old",
+        ),
+    };
+    if entry.status == crate::task::TaskState::Failed {
+        anyhow::bail!(
+            "{}",
+            entry
+                .error
+                .clone()
+                .unwrap_or_else(|| "garbage collection failed".into())
+        );
+    }
+    let summary = vec![match (&entry.report, &entry.error) {
+        (Some(r), _) => format!(
+            "garbage collection of {}: removed {} object(s) ({}), kept {}",
+            entry.location,
+            r.objects_removed,
+            format_size(r.bytes_freed),
+            r.objects_kept
+        ),
+        (None, Some(why)) => format!("garbage collection of {}: {why}", entry.location),
+        (None, None) => format!("garbage collection of {}", entry.location),
+    }];
+    Ok(Done {
+        summary,
+        outcome: Outcome::Gc(entry),
+        code: ExitCode::Ok,
     })
 }
 
@@ -173,7 +347,7 @@ fn backup_summary(out: &BackupOutcome) -> String {
 
 /// `point 20261124T120000Z disk vda -> /srv/restore/vda.raw (20GiB)`, one per disk.
 fn restore_summary(report: &RestoreReport) -> Vec<String> {
-    report
+    let mut lines: Vec<String> = report
         .disks
         .iter()
         .map(|d| {
@@ -185,5 +359,13 @@ fn restore_summary(report: &RestoreReport) -> Vec<String> {
                 format_size(d.size)
             )
         })
-        .collect()
+        .collect();
+    if let Some(vm) = &report.new_vm {
+        lines.push(format!(
+            "defined VM '{}' on the restored images{}",
+            vm.name,
+            if vm.started { ", started" } else { "" }
+        ));
+    }
+    lines
 }

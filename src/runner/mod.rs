@@ -47,6 +47,8 @@ pub use events::Events;
 /// Chunk buffers in flight per task: with `bk_tsk_thd` tasks this keeps memory
 /// under 64 MiB + 3 × bk_tsk_thd × i2vp_transbuffer.
 const BUFFERS_PER_TASK: usize = 3;
+/// How often a task waiting for a lock tries again.
+const LOCK_RETRY: Duration = Duration::from_secs(1);
 /// How often a pending task asks for a slot again.
 const SLOT_RETRY: Duration = Duration::from_millis(500);
 /// How often leases are refreshed and cancel requests read.
@@ -81,7 +83,16 @@ pub enum Job {
         force: bool,
         /// Mode of the image files (`restore::DEFAULT_MODE` unless asked otherwise).
         mode: u32,
+        /// Also define a new VM on the restored images: its name, and whether
+        /// to start it.
+        as_vm: Option<(String, bool)>,
     },
+    /// Apply the rule's retention to the VM's points now (R17: the scheduler
+    /// submits it after the VM's last scheduled backup of the day).
+    Prune,
+    /// Garbage-collect the rule's repository if the last collection is a day
+    /// old and its lock is free at once (`vm` is empty: a repository task).
+    Gc,
 }
 
 impl Job {
@@ -89,6 +100,17 @@ impl Job {
         match self {
             Job::Backup { .. } => TaskKind::Backup,
             Job::Restore { .. } => TaskKind::Restore,
+            Job::Prune => TaskKind::Prune,
+            Job::Gc => TaskKind::Gc,
+        }
+    }
+
+    /// The point a task reads (stored in its row from admission on: prune and
+    /// forget leave it alone while the task is active).
+    fn reads_point(&self) -> Option<&str> {
+        match self {
+            Job::Restore { point, .. } => Some(&point.point),
+            _ => None,
         }
     }
 
@@ -96,7 +118,7 @@ impl Job {
     fn level(&self) -> Option<Level> {
         match self {
             Job::Backup { level, .. } => Some(*level),
-            Job::Restore { .. } => None,
+            _ => None,
         }
     }
 }
@@ -107,14 +129,17 @@ impl Job {
 pub enum Outcome {
     Backup(BackupOutcome),
     Restore(RestoreReport),
+    Prune(crate::lifecycle::prune::VmPrune),
+    Gc(crate::lifecycle::gc::RepoGc),
 }
 
 impl Outcome {
     /// The point a task wrote (backup) or read (restore).
-    pub fn point(&self) -> &str {
+    pub fn point(&self) -> Option<&str> {
         match self {
-            Outcome::Backup(o) => &o.point,
-            Outcome::Restore(r) => &r.point,
+            Outcome::Backup(o) => Some(&o.point),
+            Outcome::Restore(r) => Some(&r.point),
+            Outcome::Prune(_) | Outcome::Gc(_) => None,
         }
     }
 }
@@ -258,13 +283,14 @@ impl Runner {
         let mut state = State::open(&self.cfg.state_path)?;
         let (slot, notes) = match &spec.job {
             Job::Backup { slot, notes, .. } => (slot.as_deref(), notes.as_slice()),
-            Job::Restore { .. } => (None, &[][..]),
+            _ => (None, &[][..]),
         };
         let admission = state.admit_task(
             spec.job.kind(),
             &spec.rule.name,
             &spec.vm,
             spec.job.level().map(Level::as_str),
+            spec.job.reads_point(),
             slot,
         )?;
         if let Some(Admission::Skipped { task, .. } | Admission::Queued(task)) = &admission {
@@ -308,7 +334,8 @@ impl Runner {
         }
     }
 
-    /// Wait for a slot (pending, R41), then do the job, then record the end.
+    /// Take the job's locks and a slot, waiting (pending, R41) for both, then
+    /// do the job, then record the end.
     fn run_task(
         &self,
         spec: &TaskSpec,
@@ -316,20 +343,26 @@ impl Runner {
         flag: Arc<AtomicBool>,
         mut state: State,
     ) -> TaskResult {
-        let res = self
-            .wait_for_slot(&mut state, task, spec, &flag)
-            .and_then(|()| jobs::run(self, spec, task, flag));
+        let res = jobs::prepare(self, spec, task, &flag, &mut state).and_then(|held| {
+            if spec.job.kind().takes_slot() {
+                self.wait_for_slot(&mut state, task, spec, &flag)?;
+            } else {
+                state.set_task_running(task)?;
+            }
+            jobs::run(self, spec, task, flag, held)
+        });
         let kind = spec.job.kind();
         let result = match res {
             Ok(done) => {
                 for line in &done.summary {
                     record(&mut state, task, LogLevel::Info, line);
                 }
-                let (point, note) = match &done.outcome {
-                    Outcome::Backup(o) => (o.point.as_str(), o.fallback.as_deref()),
-                    Outcome::Restore(r) => (r.point.as_str(), None),
+                let note = match &done.outcome {
+                    Outcome::Backup(o) => o.fallback.as_deref(),
+                    _ => None,
                 };
-                if let Err(e) = state.end_task(task, TaskState::Completed, Some(point), note) {
+                let point = done.outcome.point();
+                if let Err(e) = state.end_task(task, TaskState::Completed, point, note) {
                     tracing::warn!("cannot record the end of task {task}: {e:#}");
                 }
                 TaskResult {
@@ -375,6 +408,37 @@ impl Runner {
         };
         self.events.ended(&result);
         result
+    }
+
+    /// Retry `attempt` while it fails busy (a lock someone else holds): the
+    /// task is pending meanwhile, with the reason (R41). Cancel stops the wait.
+    fn wait_while_busy<T>(
+        &self,
+        state: &mut State,
+        task: i64,
+        spec: &TaskSpec,
+        flag: &AtomicBool,
+        mut attempt: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        let mut told: Option<String> = None;
+        loop {
+            if flag.load(Ordering::SeqCst) || self.cancelled() {
+                return Err(crate::error::Error::Interrupted.into());
+            }
+            match attempt() {
+                Err(e) if exit_code_of(&e) == ExitCode::Busy => {
+                    let reason = format!("waiting: {e:#}");
+                    if told.as_ref() != Some(&reason) {
+                        state.set_task_waiting(task, &reason)?;
+                        record(state, task, LogLevel::Info, &reason);
+                        self.events.pending(task, spec, &reason);
+                        told = Some(reason);
+                    }
+                }
+                other => return other,
+            }
+            std::thread::sleep(LOCK_RETRY);
+        }
     }
 
     fn wait_for_slot(

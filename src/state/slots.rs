@@ -105,13 +105,15 @@ impl State {
     /// pending or running backup: then record a skipped row instead (R28).
     /// `slot` (a schedule's instant, RFC 3339) is recorded in `schedule_runs` in the
     /// same transaction, so a slot is admitted at most once across processes; an
-    /// already recorded slot returns `None`.
+    /// already recorded slot returns `None`. `point` is the point a task reads
+    /// (a restore): recorded from admission on, so prune and forget leave it alone.
     pub fn admit_task(
         &mut self,
         kind: TaskKind,
         rule: &str,
         vm: &str,
         level: Option<&str>,
+        point: Option<&str>,
         slot: Option<&str>,
     ) -> Result<Option<Admission>> {
         let pid = std::process::id() as i64;
@@ -153,9 +155,9 @@ impl State {
                 }
                 None => {
                     tx.execute(
-                        "INSERT INTO tasks (kind, rule, vm, level, state, pid, created_at)
-                         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6)",
-                        params![kind, rule, vm, level, pid, now],
+                        "INSERT INTO tasks (kind, rule, vm, level, state, pid, created_at, point)
+                         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7)",
+                        params![kind, rule, vm, level, pid, now, point],
                     )?;
                     Admission::Queued(tx.last_insert_rowid())
                 }
@@ -172,6 +174,28 @@ impl State {
                 )?;
             }
             Ok(Some(admission))
+        })
+    }
+
+    /// Mark a task pending, with why it waits (a lock held by someone else).
+    pub fn set_task_waiting(&mut self, task: i64, reason: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET state = 'pending', waiting = ?2 WHERE id = ?1",
+                params![task, reason],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A task that takes no slot (prune, GC) starts running.
+    pub fn set_task_running(&mut self, task: i64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET state = 'running', waiting = NULL, started_at = ?2 WHERE id = ?1",
+                params![task, now_millis_text()],
+            )?;
+            Ok(())
         })
     }
 

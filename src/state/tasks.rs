@@ -244,6 +244,52 @@ impl State {
         )?)
     }
 
+    /// Why retention must not run for a VM now, if it must not: its newest
+    /// backup that ran (skipped ones did not) failed or was interrupted (R18).
+    pub fn prune_blocked(&self, rule: &str, vm: &str) -> Result<Option<String>> {
+        let newest: Option<(i64, TaskState)> = self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT id, state FROM tasks WHERE kind = 'backup' AND rule = ?1 AND vm = ?2
+                     AND state NOT IN {ACTIVE_STATES} AND state != 'skipped' ORDER BY id DESC LIMIT 1"
+                ),
+                [rule, vm],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(match newest {
+            Some((id, state)) if matches!(state, TaskState::Failed | TaskState::Interrupted) => Some(format!(
+                "the newest backup of VM '{vm}' (task {id}) {state}: nothing expired is pruned until a backup completes (R18)"
+            )),
+            _ => None,
+        })
+    }
+
+    /// Points of a rule's VM that active tasks read (restores, recoveries), with
+    /// why, e.g. "read by restore task 12 (running)": prune and forget keep them.
+    pub fn points_in_use(
+        &self,
+        rule: &str,
+        vm: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>> {
+        let mut st = self.conn().prepare(&format!(
+            "SELECT id, kind, state, point FROM tasks WHERE rule = ?1 AND vm = ?2
+             AND kind != 'backup' AND point IS NOT NULL AND state IN {ACTIVE_STATES}"
+        ))?;
+        let rows = st
+            .query_map([rule, vm], |r| {
+                let (id, kind, state, point): (i64, TaskKind, TaskState, String) =
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+                Ok((
+                    point,
+                    format!("read by {} task {id} ({})", kind.as_str(), state.as_str()),
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
     /// Append a log line to a task (R32).
     pub fn log(&mut self, task: i64, level: LogLevel, message: &str) -> Result<()> {
         self.write(|tx| {

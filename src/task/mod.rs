@@ -25,16 +25,34 @@ pub enum TaskKind {
     Backup,
     /// A restore point written back to image files.
     Restore,
+    /// Retention applied to one VM's points after its last scheduled backup
+    /// of the day (R17).
+    Prune,
+    /// Garbage collection of a rule's repository (at most once a day).
+    Gc,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 2] = [TaskKind::Backup, TaskKind::Restore];
+    pub const ALL: [TaskKind; 4] = [
+        TaskKind::Backup,
+        TaskKind::Restore,
+        TaskKind::Prune,
+        TaskKind::Gc,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             TaskKind::Backup => "backup",
             TaskKind::Restore => "restore",
+            TaskKind::Prune => "prune",
+            TaskKind::Gc => "gc",
         }
+    }
+
+    /// Whether a task of this kind takes a slot (R38 counts backup, restore and
+    /// migration tasks; prune and GC move no VM data).
+    pub fn takes_slot(self) -> bool {
+        matches!(self, TaskKind::Backup | TaskKind::Restore)
     }
 
     /// Whether a second task of this kind for the same rule and VM is skipped

@@ -10,6 +10,8 @@
 //! time is what a restore of that point must match.
 #![allow(dead_code)]
 
+pub mod libvirt;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -575,6 +577,17 @@ impl Env {
         c.env("VMBACKUP_STATE", &self.state)
             .env("VMBACKUP_CONFIG", &self.config)
             .env_remove("XDG_STATE_HOME");
+        c
+    }
+
+    /// `vmbackup` with this env's state and config as a plain std Command, for
+    /// children a test runs side by side (spawn, signal, wait).
+    pub fn child_cmd(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmbackup"));
+        c.env("VMBACKUP_STATE", &self.state)
+            .env("VMBACKUP_CONFIG", &self.config)
+            .env_remove("XDG_STATE_HOME")
+            .stdin(Stdio::null());
         c
     }
 
