@@ -82,19 +82,8 @@ impl Lab {
     }
 
     fn restores_exactly(&self, point: &str) {
-        let to = self.env.path(&format!("restore-{point}"));
-        self.env.ok(&[
-            "restore",
-            RULE,
-            "--vm",
-            VM,
-            "--point",
-            point,
-            "--to",
-            to.to_str().unwrap(),
-        ]);
         assert_eq!(
-            file_digest(&to.join(format!("{DISK}.raw"))),
+            self.env.restored_digest(RULE, VM, Some(point), DISK),
             self.vm.shadow_digest(DISK),
             "point {point} differs from the disk"
         );
