@@ -206,7 +206,10 @@ fn copies_between_a_directory_and_s3_resume_and_restore_on_a_new_host() {
     env.add_rule("r", "lab", "vm1", "offsite", &sched);
     env.ok(&["verify", "r"]);
     for (point, digest) in [(&full, &d_full), (&inc, &d_inc), (&inc2, &d_inc2)] {
-        assert_eq!(&env.restored_digest("r", "vm1", point, "disk0"), digest);
+        assert_eq!(
+            &env.restored_digest("r", "vm1", Some(point), "disk0"),
+            digest
+        );
     }
 }
 

@@ -93,8 +93,14 @@ fn encrypted_repository_restores_byte_exact_and_refuses_wrong_keys_and_tampering
     let inc_digest = vm.shadow_digest("disk0");
     std::thread::sleep(Duration::from_millis(1100));
     let inc = env.backup_point("r", "inc");
-    assert_eq!(env.restored_digest("r", "vm1", &full, "disk0"), full_digest);
-    assert_eq!(env.restored_digest("r", "vm1", &inc, "disk0"), inc_digest);
+    assert_eq!(
+        env.restored_digest("r", "vm1", Some(&full), "disk0"),
+        full_digest
+    );
+    assert_eq!(
+        env.restored_digest("r", "vm1", Some(&inc), "disk0"),
+        inc_digest
+    );
     env.ok(&["verify", "r"]);
 
     // Every object but the config and the key slots is encrypted; nothing
@@ -232,7 +238,10 @@ fn an_encrypted_s3_target_restores_byte_exact_and_stores_no_plaintext() {
     );
     let digest = vm.shadow_digest("disk0");
     let full = env.backup_point("r", "full");
-    assert_eq!(env.restored_digest("r", "vm1", &full, "disk0"), digest);
+    assert_eq!(
+        env.restored_digest("r", "vm1", Some(&full), "disk0"),
+        digest
+    );
     let show = env.json(&["target", "show", "s3t"]);
     assert!(show.to_string().contains("passphrase_file"), "{show}");
 

@@ -76,7 +76,7 @@ impl Lab {
     }
 
     fn restored_digest(&self, point: &str) -> String {
-        self.env.restored_digest("r", "vm1", point, "disk0")
+        self.env.restored_digest("r", "vm1", Some(point), "disk0")
     }
 }
 

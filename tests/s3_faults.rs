@@ -95,7 +95,7 @@ fn a_volume_server_killed_mid_backup_fails_the_task_cleanly_and_the_next_run_com
         .map(|p| p["point"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids.len(), if code == 0 { 2 } else { 1 }, "{points}");
-    let restore = |point: &str| env.restored_digest("r", "vm1", point, "disk0");
+    let restore = |point: &str| env.restored_digest("r", "vm1", Some(point), "disk0");
     assert_eq!(restore(&ids[0]), full_digest);
     if code == 3 {
         let error = summary.to_string();

@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::args::{CredentialSource, TargetAddArgs, TargetCmd};
-use super::output::{print_json, Table};
+use super::output::{print_done, print_json, Table};
 use super::Ctx;
 use crate::error::{invalid, refused, ExitCode};
 use crate::repo::store::{S3Credentials, S3Spec, S3Store};
@@ -56,9 +56,7 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
                 let mut v = serde_json::to_value(&t)?;
                 v["rules"] = serde_json::json!(users);
                 v["reachable"] = serde_json::json!(reachable.is_ok());
-                if let Err(e) = &reachable {
-                    v["problem"] = serde_json::json!(format!("{e:#}"));
-                }
+                v["error"] = serde_json::json!(reachable.as_ref().err().map(|e| format!("{e:#}")));
                 print_json(&v);
             } else {
                 out!("name:     {}", t.name);
@@ -87,11 +85,12 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
         }
         TargetCmd::Remove { name } => {
             ctx.state()?.remove_target(&name)?;
-            if ctx.json {
-                print_json(&serde_json::json!({ "removed": name }));
-            } else if !ctx.quiet {
-                out!("target '{name}' removed (its data and marker stay on disk)");
-            }
+            print_done(
+                ctx.json,
+                ctx.quiet,
+                &format!("target '{name}' removed (its data and marker stay on disk)"),
+                serde_json::json!({ "target": name }),
+            );
             Ok(ExitCode::Ok)
         }
     }
@@ -127,13 +126,12 @@ fn add(ctx: &Ctx, args: TargetAddArgs) -> Result<ExitCode> {
     // bucket registered again, e.g. in a new state store), then the row.
     let marker = write_marker(store.as_ref(), &TargetMarker::new(name))?;
     state.add_target(name, &spec, &marker.target_id, key.as_ref())?;
-    if ctx.json {
-        print_json(
-            &serde_json::json!({ "target": name, "spec": spec, "marker_id": marker.target_id }),
-        );
-    } else if !ctx.quiet {
-        out!("target '{name}' added: {}", spec.location());
-    }
+    print_done(
+        ctx.json,
+        ctx.quiet,
+        &format!("target '{name}' added: {}", spec.location()),
+        serde_json::json!({ "target": name, "spec": spec, "marker_id": marker.target_id }),
+    );
     Ok(ExitCode::Ok)
 }
 
@@ -288,14 +286,15 @@ fn mark(ctx: &Ctx, name: &str) -> Result<ExitCode> {
         (None, _) => write_marker(store.as_ref(), &TargetMarker::new(name))?,
     };
     state.set_target_marker(name, &marker.target_id)?;
-    if ctx.json {
-        print_json(&serde_json::json!({ "target": name, "marker_id": marker.target_id }));
-    } else if !ctx.quiet {
-        out!(
+    print_done(
+        ctx.json,
+        ctx.quiet,
+        &format!(
             "target '{name}' marked at {} (id {})",
             t.spec.location(),
             marker.target_id
-        );
-    }
+        ),
+        serde_json::json!({ "target": name, "marker_id": marker.target_id }),
+    );
     Ok(ExitCode::Ok)
 }
