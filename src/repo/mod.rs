@@ -41,6 +41,7 @@
 
 mod chunk;
 mod chunk_store;
+mod codec;
 mod delta;
 mod format;
 pub mod gc;
