@@ -36,6 +36,7 @@ use crate::repo::{
     ManifestVm, PointList, PointStatus, PointWriter, Repository, Slot, VmLock,
 };
 use crate::task::progress::{LogLevel, Phase, Progress};
+use crate::task::stopwatch::Stopwatch;
 use crate::task::throttle::Throttle;
 use disk::{DiskPlan, Pipeline};
 use plan::{Fallback, LevelPlan, Tracking};
@@ -62,8 +63,9 @@ pub struct BackupJob {
     pub run_dir: PathBuf,
     /// How long an NBD request may wait for its answer (system.conf `io_timeout`).
     pub io_timeout: std::time::Duration,
-    /// Chunk buffers in flight for this task (memory bound: this × chunk size).
-    pub buffers: usize,
+    /// Chunk buffers in flight, shared with the process's other backups
+    /// (memory bound: permits × chunk size).
+    pub buffers: Arc<Semaphore>,
     /// The wall clock point ids and manifest times are read from (the test
     /// clock in tests: retention and point ids share one timeline).
     pub clock: Clock,
@@ -96,6 +98,7 @@ pub fn run_backup(
     rt: &tokio::runtime::Handle,
 ) -> Result<BackupOutcome> {
     progress.phase(Phase::Preparing);
+    let mut watch = Stopwatch::start(format!("backup of VM '{}'", job.vm));
     let repo = &job.repo;
     let key = vm_key(&job.platform, &job.vm);
     if lock.vm_key() != key {
@@ -120,6 +123,7 @@ pub fn run_backup(
             d.uncoverable.as_deref().unwrap_or_default()
         )));
     }
+    watch.lap("open and query the VM");
     let scratch = scratch_dir(&job.run_dir, &job.platform, &job.vm)?;
     let (listed, repaired) = repair_leftovers(repo, lock, vm.as_mut(), &scratch.path)?;
     let points = listed.points;
@@ -129,12 +133,14 @@ pub fn run_backup(
             &format!("cleaned up after an interrupted run: {a}"),
         );
     }
+    watch.lap("list points, repair leftovers");
     let latest = points.last().map(|p| p.point.clone());
     let (_, latest_full) = chain_heads(&points);
     let old_heads = (latest.clone(), latest_full.map(|p| p.point.clone()));
 
     progress.phase(Phase::BackingUpConfig);
     let vm_config = vm.config()?;
+    watch.lap("read the VM configuration");
 
     progress.phase(Phase::QueryingChanges);
     let tracking = plan::tracking(job.auto_cbt, job.cbt, &info.disks);
@@ -179,6 +185,7 @@ pub fn run_backup(
         }
         Err(e) => return Err(e),
     };
+    watch.lap("begin the snapshot (QMP transaction, fleecing, exports)");
     for note in &snapshot.notes {
         match note {
             Note::Info(m) => progress.log(LogLevel::Info, m),
@@ -204,6 +211,7 @@ pub fn run_backup(
         cancel,
         rt,
         started,
+        &mut watch,
     );
     let mut warnings: Vec<String> = snapshot
         .notes
@@ -220,7 +228,9 @@ pub fn run_backup(
         &job.run_dir,
         progress.as_ref(),
         &mut warnings,
+        &mut watch,
     )?;
+    watch.total();
     Ok(BackupOutcome {
         point,
         level: lp.level,
@@ -243,6 +253,7 @@ fn commit(
     run_dir: &Path,
     progress: &dyn Progress,
     warnings: &mut Vec<String>,
+    watch: &mut Stopwatch,
 ) -> Result<ManifestTotals> {
     let (writer, mut manifest) = match stored {
         Ok(stored) => stored,
@@ -261,6 +272,7 @@ fn commit(
             warnings.push(w);
         }
     }
+    watch.lap("end the snapshot");
     let settle = |vm: &mut dyn VmHandle, latest: Option<&str>, full: Option<&str>| {
         vm.cleanup(latest, full, run_dir).map(|r| r.actions)
     };
@@ -271,6 +283,7 @@ fn commit(
         }
         return Err(err);
     }
+    watch.lap("commit the point (manifest, fsyncs)");
     let full = match manifest.level {
         Level::Full => Some(manifest.point.as_str()),
         _ => manifest.full.as_deref(),
@@ -280,6 +293,7 @@ fn commit(
         progress.log(LogLevel::Warn, &w);
         warnings.push(w);
     }
+    watch.lap("drop superseded tracking");
     Ok(manifest.totals)
 }
 
@@ -368,6 +382,7 @@ fn write_point<'a>(
     cancel: Arc<AtomicBool>,
     rt: &tokio::runtime::Handle,
     started: chrono::DateTime<Utc>,
+    watch: &mut Stopwatch,
 ) -> Result<(PointWriter<'a>, Manifest)> {
     progress.phase(Phase::CheckingData);
     let mut plans = Vec::new();
@@ -386,11 +401,13 @@ fn write_point<'a>(
         });
     }
     let mut writer = repo.begin_point(lock, point)?;
+    watch.lap("load base indexes, begin the point");
 
     progress.phase(Phase::Running);
     let pipe = Pipeline {
         repo: Arc::new(repo.clone()),
-        permits: Arc::new(Semaphore::new(job.buffers.max(1))),
+        permits: Arc::new(Semaphore::new(disk::task_slots())),
+        buffers: job.buffers.clone(),
         progress: progress.clone(),
         cancel,
         throttle: job.bandwidth.clone(),
@@ -410,6 +427,7 @@ fn write_point<'a>(
         out.sort_by_key(|(i, _)| *i);
         anyhow::Ok(out)
     })?;
+    watch.lap("read and store the data");
 
     let mut disks = Vec::new();
     for ((_, (index, stats)), export) in results.into_iter().zip(&snapshot.exports) {
@@ -428,6 +446,7 @@ fn write_point<'a>(
             zero_slots: index.zero_slots(),
         });
     }
+    watch.lap("write the indexes");
     let totals = ManifestTotals::of(&disks);
     let (base, full) = match lp.level {
         Level::Full => (None, None),
