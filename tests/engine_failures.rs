@@ -700,6 +700,42 @@ fn corrupt_chunk_fails_verify_and_restore_with_exit_3() {
     assert!(left.is_empty(), "restore left files behind: {left:?}");
 }
 
+/// The compress-then-check guarantee (docs/FORMAT.md, "What guarantees a chunk
+/// decodes to its digest"): with the test fault hook flipping a byte of every
+/// compressed payload, the backup fails and stores no chunk, no point; without
+/// it, the next full stores and restores byte-exact.
+#[test]
+fn corrupted_compressor_output_fails_the_backup_and_stores_nothing() {
+    let lab = Lab::new(16 * MIB);
+    lab.vm.write(DISK, 0, 8 * MIB, 0x41);
+    let out = lab
+        .env
+        .cmd()
+        .env("VMBACKUP_TEST_CORRUPT_COMPRESSOR", "1")
+        .args(["--json", "run-now", RULE, "--level", "full"])
+        .output()
+        .unwrap();
+    let run = Run::parse(out.status.code(), &out.stdout, &out.stderr);
+    assert_eq!(run.code, Some(3), "{run:?}");
+    assert!(
+        run.stderr.contains("zstd round trip of a new payload"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(lab.points(), vec![]);
+    assert_eq!(lab.point_dirs(), Vec::<String>::new());
+    assert_eq!(
+        files_named(&lab.repo().join("chunks"), ""),
+        Vec::<PathBuf>::new()
+    );
+    assert_eq!(files_named(&lab.repo(), ".tmp-"), Vec::<PathBuf>::new());
+    assert_eq!(lab.leftovers(), Vec::<String>::new());
+
+    let expected = lab.vm.keep_shadow(DISK, "full");
+    let full = lab.backup("full");
+    lab.assert_restores(&full, &expected);
+}
+
 #[test]
 fn target_full_fails_cleanly_and_keeps_changes_tracked() {
     let lab = Lab::on_tmpfs(64 * MIB, 4 * MIB);

@@ -54,7 +54,7 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
         allow_plain_tcp_export: false,
         chunk_size: MIB as u32,
         run_dir: dir.join("run"),
-        buffers: 2,
+        buffers: Arc::new(tokio::sync::Semaphore::new(2)),
         clock: vmbackup::clock::Clock::real(),
         bandwidth: Arc::new(vmbackup::task::throttle::Throttle::unlimited()),
         io_timeout: vmbackup::config::DEFAULT_IO_TIMEOUT,

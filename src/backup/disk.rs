@@ -9,17 +9,21 @@
 //! transfer and storage follow the changed bytes (R7; repo/delta.rs). Slots no
 //! read touches keep the base's entry.
 //!
-//! Concurrency: up to `permits` slots are in flight per task (shared by the VM's
-//! disks; each holds one chunk buffer), and each slot's reads are split into
-//! pieces issued together, so several NBD requests are always outstanding.
-//! Hashing, compression and chunk writes run on blocking threads.
+//! Concurrency: up to [`task_slots`] slots are in flight per task (shared by
+//! the VM's disks), each holding one chunk buffer of the process's pool (shared
+//! with its other backups: the memory bound), and each slot's reads are split
+//! into pieces issued together, so several NBD requests are always outstanding.
+//! Hashing, compression and chunk writes run on blocking threads, at most one
+//! per core ([`cpu_count`]) in the whole process: the other slots in flight keep
+//! reading meanwhile, and the codec's per-thread buffers stay one set per core
+//! however many backups run.
 //!
 //! Every NBD request waits at most `io_timeout` for its answer; once the task is
 //! cancelled, its connection is closed at once (reads in flight fail), so a
 //! stuck hypervisor cannot hold a cancelled task.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -45,8 +49,12 @@ pub struct DiskPlan {
 #[derive(Clone)]
 pub struct Pipeline {
     pub repo: Arc<Repository>,
-    /// Chunk buffers in flight for the whole task (bounds memory).
+    /// Slots in flight for the whole task: one per core compressing, two more
+    /// reading ([`task_slots`]).
     pub permits: Arc<Semaphore>,
+    /// Chunk buffers of the whole process, shared with its other backups
+    /// (bounds memory: 3 × bk_tsk_thd; see `runner`).
+    pub buffers: Arc<Semaphore>,
     pub progress: Arc<dyn Progress>,
     pub cancel: Arc<AtomicBool>,
     /// Bandwidth windows of the rule (R29): every source read waits for tokens.
@@ -97,6 +105,24 @@ impl Drop for CancelWatch {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Cores this process may use (hashing and compression of backups, decoding of
+/// restores); 2 when the system does not say.
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Slots in flight per backup task: one per core being hashed and compressed,
+/// two more being read meanwhile.
+pub fn task_slots() -> usize {
+    cpu_count() + 2
+}
+
+/// Slots being hashed, compressed and stored at once in this process: one per core.
+fn cpu_slots() -> &'static Semaphore {
+    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
+    SLOTS.get_or_init(|| Semaphore::new(cpu_count()))
 }
 
 /// Counters for the manifest and the task's log.
@@ -218,6 +244,12 @@ async fn back_up(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, DiskStats
             .acquire_owned()
             .await
             .context("permit pool closed")?;
+        let buffer = pipe
+            .buffers
+            .clone()
+            .acquire_owned()
+            .await
+            .context("buffer pool closed")?;
         while let Some(done) = tasks.try_join_next() {
             apply(&mut index, &mut stats, done.context("slot task panicked")??);
         }
@@ -239,7 +271,7 @@ async fn back_up(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, DiskStats
             disk: name.clone(),
         };
         tasks.spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, buffer);
             job.run().await
         });
     }
@@ -298,6 +330,7 @@ impl SlotJob {
         }
         let repo = self.pipe.repo.clone();
         let (base, len) = (self.base, self.len);
+        let _core = cpu_slots().acquire().await.context("CPU pool closed")?;
         let (result, written) =
             tokio::task::spawn_blocking(move || store_slot(&repo, base, len, patches))
                 .await?

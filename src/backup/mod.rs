@@ -36,6 +36,7 @@ use crate::repo::{
     ManifestVm, PointList, PointStatus, PointWriter, Repository, Slot, VmLock,
 };
 use crate::task::progress::{LogLevel, Phase, Progress};
+use crate::task::stopwatch::Stopwatch;
 use crate::task::throttle::Throttle;
 use disk::{DiskPlan, Pipeline};
 use plan::{FullInstead, LevelPlan, Tracking};
@@ -62,8 +63,9 @@ pub struct BackupJob {
     pub run_dir: PathBuf,
     /// How long an NBD request may wait for its answer (system.conf `io_timeout`).
     pub io_timeout: std::time::Duration,
-    /// Chunk buffers in flight for this task (memory bound: this × chunk size).
-    pub buffers: usize,
+    /// Chunk buffers in flight, shared with the process's other backups
+    /// (memory bound: permits × chunk size).
+    pub buffers: Arc<Semaphore>,
     /// The wall clock point ids and manifest times are read from (the test
     /// clock in tests: retention and point ids share one timeline).
     pub clock: Clock,
@@ -118,6 +120,7 @@ pub fn run_backup(
     rt: &tokio::runtime::Handle,
 ) -> Result<BackupOutcome> {
     progress.phase(Phase::Preparing);
+    let mut watch = Stopwatch::start(format!("backup of VM '{}'", job.vm));
     let repo = &job.repo;
     let key = vm_key(&job.platform, &job.vm);
     if lock.vm_key() != key {
@@ -142,6 +145,7 @@ pub fn run_backup(
             d.uncoverable.as_deref().unwrap_or_default()
         )));
     }
+    watch.lap("open and query the VM");
     let scratch = scratch_dir(&job.run_dir, &job.platform, &job.vm)?;
     if let Some((uid, gid)) = vm.runs_as()? {
         scratch.hand_to(uid, gid)?;
@@ -154,6 +158,7 @@ pub fn run_backup(
             &format!("cleaned up after an interrupted run: {a}"),
         );
     }
+    watch.lap("list points, repair leftovers");
     let latest = points.last().map(|p| p.point.clone());
     let point_count = points.len() as u64 + 1;
     let (_, latest_full) = chain_heads(&points);
@@ -168,6 +173,7 @@ pub fn run_backup(
             crate::platform::redact::for_log(&vm_config)
         );
     }
+    watch.lap("read the VM configuration");
 
     progress.phase(Phase::QueryingChanges);
     let tracking = plan::tracking(job.auto_cbt, job.cbt, &info.disks);
@@ -212,6 +218,7 @@ pub fn run_backup(
         }
         Err(e) => return Err(e),
     };
+    watch.lap("begin the snapshot (QMP transaction, fleecing, exports)");
     for note in &snapshot.notes {
         match note {
             Note::Info(m) => progress.log(LogLevel::Info, m),
@@ -262,6 +269,7 @@ pub fn run_backup(
         cancel,
         rt,
         started,
+        &mut watch,
     );
     let mut warnings: Vec<String> = snapshot
         .notes
@@ -278,7 +286,9 @@ pub fn run_backup(
         &job.run_dir,
         progress.as_ref(),
         &mut warnings,
+        &mut watch,
     )?;
+    watch.total();
     Ok(BackupOutcome {
         point,
         level: lp.level,
@@ -303,6 +313,7 @@ fn commit(
     run_dir: &Path,
     progress: &dyn Progress,
     warnings: &mut Vec<String>,
+    watch: &mut Stopwatch,
 ) -> Result<ManifestTotals> {
     let (writer, mut manifest) = match stored {
         Ok(stored) => stored,
@@ -321,6 +332,7 @@ fn commit(
             warnings.push(w);
         }
     }
+    watch.lap("end the snapshot");
     let settle = |vm: &mut dyn VmHandle, latest: Option<&str>, full: Option<&str>| {
         vm.cleanup(latest, full, run_dir).map(|r| r.actions)
     };
@@ -331,6 +343,7 @@ fn commit(
         }
         return Err(err);
     }
+    watch.lap("commit the point (manifest, fsyncs)");
     let full = match manifest.level {
         Level::Full => Some(manifest.point.as_str()),
         _ => manifest.full.as_deref(),
@@ -340,6 +353,7 @@ fn commit(
         progress.log(LogLevel::Warn, &w);
         warnings.push(w);
     }
+    watch.lap("drop superseded tracking");
     Ok(manifest.totals)
 }
 
@@ -463,6 +477,7 @@ fn write_point<'a>(
     cancel: Arc<AtomicBool>,
     rt: &tokio::runtime::Handle,
     started: chrono::DateTime<Utc>,
+    watch: &mut Stopwatch,
 ) -> Result<(PointWriter<'a>, Manifest)> {
     progress.phase(Phase::CheckingData);
     let mut plans = Vec::new();
@@ -481,11 +496,13 @@ fn write_point<'a>(
         });
     }
     let mut writer = repo.begin_point(lock, point)?;
+    watch.lap("load base indexes, begin the point");
 
     progress.phase(Phase::Running);
     let pipe = Pipeline {
         repo: Arc::new(repo.clone()),
-        permits: Arc::new(Semaphore::new(job.buffers.max(1))),
+        permits: Arc::new(Semaphore::new(disk::task_slots())),
+        buffers: job.buffers.clone(),
         progress: progress.clone(),
         cancel,
         throttle: job.bandwidth.clone(),
@@ -505,6 +522,7 @@ fn write_point<'a>(
         out.sort_by_key(|(i, _)| *i);
         anyhow::Ok(out)
     })?;
+    watch.lap("read and store the data");
 
     let mut disks = Vec::new();
     for ((_, (index, stats)), export) in results.into_iter().zip(&snapshot.exports) {
@@ -527,6 +545,7 @@ fn write_point<'a>(
             zero_slots: index.zero_slots(),
         });
     }
+    watch.lap("write the indexes");
     let totals = ManifestTotals::of(&disks);
     let (base, full) = match lp.level {
         Level::Full => (None, None),

@@ -184,6 +184,8 @@ pub fn main() -> std::process::ExitCode {
         }
     };
     diag::init(cli.global.verbose);
+    // -v: the whole command's time, next to the steps of its tasks (fixed costs).
+    let watch = crate::task::stopwatch::Stopwatch::start("the command");
     let json = cli.global.json;
     let result = Ctx::resolve(&cli.global).and_then(|ctx| {
         let state_path = ctx.state_path.clone();
@@ -204,6 +206,7 @@ pub fn main() -> std::process::ExitCode {
             code
         }
     };
+    watch.total();
     std::process::ExitCode::from(code.code())
 }
 

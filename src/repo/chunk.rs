@@ -16,6 +16,7 @@
 use anyhow::{bail, Context, Result};
 
 use super::crypto::Naming;
+use super::codec::Codec;
 use super::format::{CHUNK_MAGIC, MAX_CHUNK_SIZE};
 
 /// A chunk's id: BLAKE3 of its uncompressed bytes.
@@ -23,9 +24,6 @@ pub type Digest = [u8; 32];
 
 /// Length of the chunk object header.
 pub const CHUNK_HEADER_LEN: usize = 20;
-
-/// zstd level used for new chunks (fast; the win is dedup and zero slots).
-const ZSTD_LEVEL: i32 = 1;
 
 const COMPRESSION_RAW: u8 = 0;
 const COMPRESSION_ZSTD: u8 = 1;
@@ -54,33 +52,56 @@ pub fn digest_of(data: &[u8]) -> Digest {
     *blake3::hash(data).as_bytes()
 }
 
-/// Encode `data` as a chunk object: zstd when that shrinks it, raw otherwise.
-/// The compressed form is decompressed and compared before it is returned.
-pub fn encode_chunk(data: &[u8]) -> Result<Vec<u8>> {
+/// A chunk object ready to be stored: its header, and a payload that borrows
+/// either the content (raw) or the codec's output (zstd). Written as two parts,
+/// so the content is never copied into an object buffer first.
+pub struct EncodedChunk<'a> {
+    header: [u8; CHUNK_HEADER_LEN],
+    payload: &'a [u8],
+}
+
+impl EncodedChunk<'_> {
+    /// The object's bytes, in order.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        [&self.header, self.payload]
+    }
+
+    /// The object's length in bytes.
+    pub fn len(&self) -> usize {
+        CHUNK_HEADER_LEN + self.payload.len()
+    }
+
+    /// The object as one buffer.
+    #[cfg(test)]
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.parts().concat()
+    }
+}
+
+/// Encode `data` as a chunk object: zstd when that shrinks it (checked by the
+/// codec: the payload decompresses to `data`), raw otherwise.
+pub fn encode_chunk_with<'a>(codec: &'a mut Codec, data: &'a [u8]) -> Result<EncodedChunk<'a>> {
     let len = u32::try_from(data.len())
         .ok()
         .filter(|&n| n <= MAX_CHUNK_SIZE)
         .with_context(|| format!("chunk of {} bytes exceeds the 32 MiB limit", data.len()))?;
-    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).context("zstd compression failed")?;
-    let (compression, payload) = if compressed.len() < data.len() {
-        let check = zstd::bulk::decompress(&compressed, data.len())
-            .context("zstd round trip of a new chunk failed")?;
-        if check != data {
-            bail!("zstd round trip of a new chunk returned different bytes");
-        }
-        (COMPRESSION_ZSTD, compressed.as_slice())
-    } else {
-        (COMPRESSION_RAW, data)
+    let (compression, payload) = match codec.compress(data)? {
+        Some(packed) => (COMPRESSION_ZSTD, packed),
+        None => (COMPRESSION_RAW, data),
     };
     let payload_len = u32::try_from(payload.len()).context("chunk payload too large")?;
-    let mut object = Vec::with_capacity(CHUNK_HEADER_LEN + payload.len());
-    object.extend_from_slice(&CHUNK_MAGIC);
-    object.push(compression);
-    object.extend_from_slice(&[0u8; 3]);
-    object.extend_from_slice(&len.to_le_bytes());
-    object.extend_from_slice(&payload_len.to_le_bytes());
-    object.extend_from_slice(payload);
-    Ok(object)
+    let mut header = [0u8; CHUNK_HEADER_LEN];
+    header[..8].copy_from_slice(&CHUNK_MAGIC);
+    header[8] = compression;
+    header[12..16].copy_from_slice(&len.to_le_bytes());
+    header[16..20].copy_from_slice(&payload_len.to_le_bytes());
+    Ok(EncodedChunk { header, payload })
+}
+
+/// [`encode_chunk_with`] this thread's codec, as one buffer.
+#[cfg(test)]
+pub fn encode_chunk(data: &[u8]) -> Result<Vec<u8>> {
+    Codec::with(|c| Ok(encode_chunk_with(c, data)?.to_vec()))
 }
 
 /// Decode a chunk object and check that its content hashes to `expected`.

@@ -20,7 +20,10 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::Utc;
 
-use super::chunk::{decode_chunk_named, digest_hex, encode_chunk, parse_digest_hex, Digest};
+use super::chunk::{
+    decode_chunk_named, digest_hex, encode_chunk_with, parse_digest_hex, Digest,
+};
+use super::codec::Codec;
 use super::crypto::{Naming, Unauthentic};
 use super::delta::{decode_delta_named, encode_delta, Delta, BASE_OFFSET};
 use super::format::DELTA_MAGIC;
@@ -99,17 +102,26 @@ impl ChunkStore {
     /// Hash `data`, and store it compressed unless a chunk with that digest exists.
     pub fn insert(&self, data: &[u8]) -> Result<Inserted> {
         let digest = self.naming.chunk_id(data);
-        self.store_object(digest, || {
-            encode_chunk(data)
-                .with_context(|| format!("cannot encode chunk {}", digest_hex(&digest)))
+        self.store_object(digest, |key| {
+            Codec::with(|codec| {
+                let object = encode_chunk_with(codec, data)
+                    .with_context(|| format!("cannot encode chunk {}", digest_hex(&digest)))?;
+                self.store
+                    .put_if_absent_deferred_parts(key, &object.parts())?;
+                Ok(object.len() as u64)
+            })
         })
     }
 
     /// Store a delta object (a base chunk plus patches) unless it exists.
     pub fn insert_delta(&self, delta: &Delta) -> Result<Inserted> {
         let id = delta.id_with(&self.naming);
-        self.store_object(id, || {
-            encode_delta(delta).with_context(|| format!("cannot encode delta {}", digest_hex(&id)))
+        self.store_object(id, |key| {
+            let object = encode_delta(delta)
+                .with_context(|| format!("cannot encode delta {}", digest_hex(&id)))?;
+            let len = object.len() as u64;
+            self.store.put_if_absent_deferred(key, object)?;
+            Ok(len)
         })
     }
 
@@ -136,14 +148,19 @@ impl ChunkStore {
     /// Store an object read with [`ChunkStore::read_encoded`] from a repository
     /// with the same naming, unless that name exists.
     pub fn insert_encoded(&self, id: &Digest, object: Vec<u8>) -> Result<Inserted> {
-        self.store_object(*id, || Ok(object))
+        self.store_object(*id, |key| {
+            let len = object.len() as u64;
+            self.store.put_if_absent_deferred(key, object)?;
+            Ok(len)
+        })
     }
 
-    /// Write the object `encode` builds under `digest`, unless that name exists.
+    /// Unless an object named `digest` exists, let `put` encode and store it
+    /// (deferred) under the key it is given; `put` returns the stored length.
     fn store_object(
         &self,
         digest: Digest,
-        encode: impl FnOnce() -> Result<Vec<u8>>,
+        put: impl FnOnce(&str) -> Result<u64>,
     ) -> Result<Inserted> {
         let key = object_key(&digest);
         if self.store.exists(&key)? {
@@ -153,11 +170,8 @@ impl ChunkStore {
                 stored_bytes: 0,
             });
         }
-        let object = encode()?;
-        let stored_bytes = object.len() as u64;
-        self.store
-            .put_if_absent_deferred(&key, object)
-            .with_context(|| format!("cannot store object {}", digest_hex(&digest)))?;
+        let stored_bytes =
+            put(&key).with_context(|| format!("cannot store object {}", digest_hex(&digest)))?;
         Ok(Inserted {
             digest,
             new: true,

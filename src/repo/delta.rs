@@ -31,6 +31,7 @@ use anyhow::{bail, Context, Result};
 
 use super::chunk::{digest_hex, Digest};
 use super::crypto::Naming;
+use super::codec::Codec;
 use super::format::{DELTA_MAGIC, MAX_CHUNK_SIZE};
 
 /// Length of the fixed part of the delta header.
@@ -38,7 +39,6 @@ pub const DELTA_HEADER_LEN: usize = 60;
 /// Offset of the base chunk's digest in a delta object (after the magic).
 pub const BASE_OFFSET: usize = 8;
 const DOMAIN: &[u8] = b"vmbackup delta v1";
-const ZSTD_LEVEL: i32 = 1;
 
 /// Changed bytes at an offset of the slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,7 +186,8 @@ fn merge(older: Vec<Patch>, newer: Vec<Patch>) -> Vec<Patch> {
         .collect()
 }
 
-/// Encode a delta object; the compressed payload is checked before it is returned.
+/// Encode a delta object; its payload goes through the codec (compressed only
+/// when that shrinks it, and then checked), like a chunk's.
 pub fn encode_delta(d: &Delta) -> Result<Vec<u8>> {
     d.check()?;
     let mut bytes = Vec::with_capacity(d.patch_bytes() as usize);
@@ -194,33 +195,27 @@ pub fn encode_delta(d: &Delta) -> Result<Vec<u8>> {
         bytes.extend_from_slice(&p.data);
     }
     let raw_len = u32::try_from(bytes.len()).context("delta too large")?;
-    let compressed = zstd::bulk::compress(&bytes, ZSTD_LEVEL).context("zstd compression failed")?;
-    let (compression, payload) = if compressed.len() < bytes.len() {
-        if zstd::bulk::decompress(&compressed, bytes.len())
-            .context("zstd round trip of a delta failed")?
-            != bytes
-        {
-            bail!("zstd round trip of a delta returned different bytes");
+    Codec::with(|codec| {
+        let (compression, payload) = match codec.compress(&bytes)? {
+            Some(packed) => (1u8, packed),
+            None => (0u8, &bytes[..]),
+        };
+        let mut out = Vec::with_capacity(DELTA_HEADER_LEN + 8 * d.patches.len() + payload.len());
+        out.extend_from_slice(&DELTA_MAGIC);
+        out.extend_from_slice(&d.base);
+        out.extend_from_slice(&d.len.to_le_bytes());
+        out.extend_from_slice(&(d.patches.len() as u32).to_le_bytes());
+        out.push(compression);
+        out.extend_from_slice(&[0u8; 3]);
+        out.extend_from_slice(&raw_len.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        for p in &d.patches {
+            out.extend_from_slice(&p.offset.to_le_bytes());
+            out.extend_from_slice(&(p.data.len() as u32).to_le_bytes());
         }
-        (1u8, compressed)
-    } else {
-        (0u8, bytes)
-    };
-    let mut out = Vec::with_capacity(DELTA_HEADER_LEN + 8 * d.patches.len() + payload.len());
-    out.extend_from_slice(&DELTA_MAGIC);
-    out.extend_from_slice(&d.base);
-    out.extend_from_slice(&d.len.to_le_bytes());
-    out.extend_from_slice(&(d.patches.len() as u32).to_le_bytes());
-    out.push(compression);
-    out.extend_from_slice(&[0u8; 3]);
-    out.extend_from_slice(&raw_len.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    for p in &d.patches {
-        out.extend_from_slice(&p.offset.to_le_bytes());
-        out.extend_from_slice(&(p.data.len() as u32).to_le_bytes());
-    }
-    out.extend_from_slice(&payload);
-    Ok(out)
+        out.extend_from_slice(payload);
+        Ok(out)
+    })
 }
 
 /// Decode a delta object and check that it hashes to `expected`.

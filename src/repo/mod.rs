@@ -41,6 +41,7 @@
 
 mod chunk;
 mod chunk_store;
+mod codec;
 pub mod copy;
 pub mod crypto;
 mod delta;

@@ -22,7 +22,6 @@ use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -235,8 +234,12 @@ fn restore_disk(
     Ok((path, written))
 }
 
-/// Fetch, verify and write every stored slot of `index` into `file`, several
-/// threads at once. Returns the bytes written (zeros excluded).
+/// Fetch and verify every stored slot of `index` on `req.workers` threads, and
+/// write them into `file` from this thread alone: one writer, so no thread waits
+/// on the file's inode lock while another copies into the page cache (a restore
+/// profile showed 16% of its time spinning there with four writers). A bounded
+/// queue holds at most `workers` decoded slots. Returns the bytes written (zeros
+/// excluded).
 fn write_slots(
     req: &RestoreRequest,
     disk: &str,
@@ -251,50 +254,43 @@ fn write_slots(
     let total: u64 = chunk_slots.iter().map(|&i| index.slot_len(i) as u64).sum();
     progress.disk_total(disk, total);
 
+    let workers = req.workers.max(1);
     let next = AtomicUsize::new(0);
-    let written = AtomicUsize::new(0);
-    let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Vec<u8>)>>(workers);
     std::thread::scope(|s| {
-        for _ in 0..req.workers.max(1) {
-            s.spawn(|| loop {
-                if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
-                    return;
-                }
+        for _ in 0..workers {
+            let (tx, next, chunk_slots) = (tx.clone(), &next, &chunk_slots);
+            s.spawn(move || loop {
                 let k = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&slot) = chunk_slots.get(k) else {
                     return;
                 };
-                let res = (|| -> Result<usize> {
-                    if cancel.load(Ordering::Relaxed) {
-                        return Err(Error::Interrupted.into());
-                    }
-                    let data = req
-                        .repo
+                let res = if cancel.load(Ordering::Relaxed) {
+                    Err(Error::Interrupted.into())
+                } else {
+                    req.repo
                         .chunks()
                         .read_slot(&index.slots[slot], index.slot_len(slot))
-                        .with_context(|| format!("slot {slot}"))?;
-                    let n = write_sparse(file, index.slot_offset(slot), &data)?;
-                    progress.advance(disk, data.len() as u64);
-                    Ok(n)
-                })();
-                match res {
-                    Ok(n) => {
-                        written.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        if let Ok(mut f) = failure.lock() {
-                            f.get_or_insert(e);
-                        }
-                        return;
-                    }
+                        .with_context(|| format!("slot {slot}"))
+                };
+                let failed = res.is_err();
+                // A closed queue means the writer stopped (it failed): stop too.
+                if tx.send(res.map(|data| (slot, data))).is_err() || failed {
+                    return;
                 }
             });
         }
-    });
-    if let Some(e) = failure.into_inner().unwrap_or(None) {
-        return Err(e);
-    }
-    Ok(written.into_inner() as u64)
+        drop(tx);
+        // Returning drops the queue, which stops the workers at their next send.
+        let mut written = 0u64;
+        for item in rx {
+            let (slot, data) = item?;
+            written += write_sparse(file, index.slot_offset(slot), &data)
+                .with_context(|| format!("slot {slot}"))? as u64;
+            progress.advance(disk, data.len() as u64);
+        }
+        Ok(written)
+    })
 }
 
 /// Write `data` at `offset`, skipping all-zero 4 KiB blocks (the file is sparse).

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use super::record::TaskRecorder;
-use super::{Job, Outcome, Runner, TaskSpec, BUFFERS_PER_TASK};
+use super::{Job, Outcome, Runner, TaskSpec};
 use crate::backup::{run_backup, BackupJob, BackupOutcome};
 use crate::error::ExitCode;
 use crate::platform::NewVm;
@@ -20,9 +20,6 @@ use crate::state::State;
 use crate::task::progress::{LogLevel, Progress};
 use crate::task::throttle::Throttle;
 use crate::units::format_size;
-
-/// Threads fetching chunks for one restore.
-const RESTORE_WORKERS: usize = 4;
 
 /// What a job that completed produced.
 pub struct Done {
@@ -130,7 +127,7 @@ pub fn run(
                 format: *format,
                 force: *force,
                 mode: *mode,
-                workers: RESTORE_WORKERS,
+                workers: crate::backup::disk::cpu_count(),
                 on_staging: &on_staging,
             };
             let result = restore_point(&req, &recorder, &cancel);
@@ -210,7 +207,7 @@ fn backup(
         chunk_size: runner.cfg.chunk_size,
         run_dir: runner.cfg.run_dir.clone(),
         io_timeout: runner.cfg.io_timeout,
-        buffers: BUFFERS_PER_TASK,
+        buffers: runner.buffers.clone(),
         clock: runner.cfg.clock,
         bandwidth: throttle.clone(),
     };

@@ -47,8 +47,10 @@ use crate::state::State;
 use crate::task::{LogLevel, TaskKind, TaskState};
 pub use events::Events;
 
-/// Chunk buffers in flight per task: with `bk_tsk_thd` tasks this keeps memory
-/// under 64 MiB + 3 × bk_tsk_thd × i2vp_transbuffer.
+/// Chunk buffers in flight per task slot: a process holds `bk_tsk_thd` × this,
+/// shared by its backups, which keeps memory under 64 MiB + 3 × bk_tsk_thd ×
+/// i2vp_transbuffer; one backup takes at most `backup::disk::task_slots` of them
+/// (one per core compressing, two reading).
 const BUFFERS_PER_TASK: usize = 3;
 /// How often a task waiting for a lock tries again.
 const LOCK_RETRY: Duration = Duration::from_secs(1);
@@ -250,6 +252,8 @@ pub struct Runner {
     /// Cancel flags of this process's active tasks, by task id.
     flags: Mutex<HashMap<i64, Arc<AtomicBool>>>,
     stop_heartbeat: Arc<AtomicBool>,
+    /// Chunk buffers of this process's backups ([`BUFFERS_PER_TASK`]).
+    buffers: Arc<tokio::sync::Semaphore>,
 }
 
 impl Runner {
@@ -260,7 +264,9 @@ impl Runner {
         cancel: Arc<AtomicBool>,
         events: Arc<dyn Events>,
     ) -> Result<Arc<Runner>> {
+        let buffers = BUFFERS_PER_TASK * cfg.limits.global.max(1) as usize;
         let runner = Arc::new(Runner {
+            buffers: Arc::new(tokio::sync::Semaphore::new(buffers)),
             cfg,
             rt,
             cancel,

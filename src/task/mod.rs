@@ -1,6 +1,6 @@
 //! What a task is, for every part of the program: its kind, its state, the
-//! engine's progress events (`progress`) and the bandwidth throttle that paces
-//! its reads (`throttle`).
+//! engine's progress events (`progress`), the bandwidth throttle that paces
+//! its reads (`throttle`) and its per-step timings (`stopwatch`).
 //!
 //! A task is one run of one kind of work for one VM of a rule (SPEC "Task"):
 //! the runner (`crate::runner`) executes every kind through one path (admission,
@@ -9,6 +9,7 @@
 //! and [`TaskState::as_str`]; nothing else spells them.
 
 pub mod progress;
+pub mod stopwatch;
 pub mod throttle;
 
 use std::fmt;

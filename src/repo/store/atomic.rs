@@ -17,7 +17,7 @@
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, IoSlice, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,7 +57,15 @@ pub struct Staged {
 
 /// Write `bytes` under a staging name next to `path`, without fsync. Call
 /// [`Staged::publish`] (fsync, rename) to make it appear under `path`.
+#[cfg(test)]
 pub fn stage_file(path: &Path, bytes: &[u8]) -> Result<Staged> {
+    stage_parts(path, &[bytes])
+}
+
+/// Write the concatenation of `parts` under a staging name next to `path`
+/// (vectored writes: no joined copy), without fsync. Call [`Staged::publish`]
+/// (fsync, rename) to make it appear under `path`.
+pub fn stage_parts(path: &Path, parts: &[&[u8]]) -> Result<Staged> {
     let tmp = tmp_path(path)?;
     let written = OpenOptions::new()
         .write(true)
@@ -66,7 +74,7 @@ pub fn stage_file(path: &Path, bytes: &[u8]) -> Result<Staged> {
         .open(&tmp)
         .with_context(|| format!("cannot create {}", tmp.display()))
         .and_then(|mut f| {
-            f.write_all(bytes)
+            write_all_parts(&mut f, parts)
                 .with_context(|| format!("cannot write {}", tmp.display()))
         });
     if let Err(e) = written {
@@ -77,6 +85,22 @@ pub fn stage_file(path: &Path, bytes: &[u8]) -> Result<Staged> {
         tmp,
         path: path.to_path_buf(),
     })
+}
+
+/// Write every part, in order, with as few (vectored) writes as the kernel allows.
+fn write_all_parts(file: &mut File, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    IoSlice::advance_slices(&mut rest, 0);
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Staged {

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 
-use super::atomic::{is_not_found, is_tmp_name, stage_file, sync_dir, Publish, Staged};
+use super::atomic::{is_not_found, is_tmp_name, stage_parts, sync_dir, Publish, Staged};
 use super::publisher::Publisher;
 use super::{check_key, ObjectInfo, Store};
 
@@ -69,11 +69,11 @@ impl LocalStore {
 
     /// Stage `bytes` for `path`, creating its directories; retried when a
     /// concurrent delete removes an emptied directory in between.
-    fn stage(&self, path: &Path, bytes: &[u8]) -> Result<Staged> {
+    fn stage(&self, path: &Path, parts: &[&[u8]]) -> Result<Staged> {
         let mut attempt = 0;
         loop {
             self.create_parents(path)?;
-            match stage_file(path, bytes) {
+            match stage_parts(path, parts) {
                 Err(e) if is_not_found(&e) && attempt + 1 < DIR_RACE_RETRIES => attempt += 1,
                 other => return other,
             }
@@ -112,7 +112,7 @@ impl LocalStore {
 
     fn publish_now(&self, key: &str, bytes: &[u8], how: Publish) -> Result<bool> {
         let path = self.path_of(key)?;
-        let placed = self.stage(&path, bytes)?.publish(how)?;
+        let placed = self.stage(&path, &[bytes])?.publish(how)?;
         sync_dir(parent_of(&path)?)?;
         Ok(placed)
     }
@@ -253,8 +253,12 @@ impl Store for LocalStore {
     }
 
     fn put_if_absent_deferred(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        self.put_if_absent_deferred_parts(key, &[&bytes])
+    }
+
+    fn put_if_absent_deferred_parts(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
         let path = self.path_of(key)?;
-        let staged = self.stage(&path, &bytes)?;
+        let staged = self.stage(&path, parts)?;
         self.record_dir(parent_of(&path)?);
         self.publisher.submit(staged)
     }

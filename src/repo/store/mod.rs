@@ -85,6 +85,14 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// [`Store::flush`] returns, and a failure is reported at the latest there.
     fn put_if_absent_deferred(&self, key: &str, bytes: Vec<u8>) -> Result<()>;
 
+    /// [`Store::put_if_absent_deferred`] of the object made of `parts`, one after
+    /// another (a header and a payload), so a caller need not copy its payload
+    /// into one buffer first. The default joins them; a store that can write
+    /// the parts as they are (the directory store) does so.
+    fn put_if_absent_deferred_parts(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.put_if_absent_deferred(key, parts.concat())
+    }
+
     /// Wait for every deferred put of this handle, and make durable every name
     /// this handle created, saw exist or deleted.
     fn flush(&self) -> Result<()>;
@@ -203,6 +211,10 @@ impl Store for Prefixed {
     }
     fn put_if_absent_deferred(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
         self.inner.put_if_absent_deferred(&self.full(key), bytes)
+    }
+    fn put_if_absent_deferred_parts(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.inner
+            .put_if_absent_deferred_parts(&self.full(key), parts)
     }
     fn flush(&self) -> Result<()> {
         self.inner.flush()

@@ -1,0 +1,219 @@
+//! The payload codec: how the bytes of a chunk or delta object are compressed,
+//! and the check that makes a stored object decode to what was given (the one
+//! place to add another codec or wrap objects, e.g. encryption).
+//!
+//! [`Codec::compress`] returns zstd level 1 output only when it is smaller than
+//! its input and decompresses to exactly that input: every compressed payload
+//! is decompressed again and compared before anything is stored (docs/FORMAT.md,
+//! "What guarantees a chunk decodes to its digest"). A failed comparison is an
+//! error, so a faulty compressor (or memory) fails the backup instead of storing
+//! a chunk that would not decode to its digest.
+//!
+//! It is made cheap three ways: a probe of a few small samples skips the full
+//! compression of incompressible data (random bytes, encrypted or already
+//! compressed files) and stores it raw; the zstd contexts, the output buffer and
+//! the check's window are kept per thread and reused, so encoding allocates and
+//! zeroes nothing per chunk; and the check decompresses into a small window that
+//! stays in the CPU cache while it is compared, instead of a second chunk-sized
+//! buffer.
+
+use std::cell::RefCell;
+
+use anyhow::{bail, Context, Result};
+use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+
+/// zstd level of new payloads (fast; the big wins are dedup and zero slots).
+const ZSTD_LEVEL: i32 = 1;
+/// Bytes of each probe sample.
+const PROBE_LEN: usize = 16 * 1024;
+/// Samples probed, spread evenly over the payload.
+const PROBES: usize = 4;
+/// Payloads shorter than this are compressed without a probe.
+const PROBE_MIN: usize = 4 * PROBES * PROBE_LEN;
+/// A sample is compressible when zstd saves at least 1/32 of it.
+const PROBE_GAIN_DIV: usize = 32;
+/// Decompressed bytes compared per step of the check.
+const CHECK_WINDOW: usize = 128 * 1024;
+
+/// Tests only, like the test clock (`VMBACKUP_TEST_NOW`): when set, one byte of
+/// every compressed payload is flipped after compression and before the check
+/// (a compressor fault), so a test can see the check refuse to store it. Read
+/// nowhere else.
+const TEST_CORRUPT_COMPRESSOR: &str = "VMBACKUP_TEST_CORRUPT_COMPRESSOR";
+
+/// Per-thread zstd state and buffers (module docs).
+pub struct Codec {
+    compressor: zstd::bulk::Compressor<'static>,
+    checker: Decoder<'static>,
+    out: Vec<u8>,
+    window: Vec<u8>,
+    /// Flip a byte of every compressed payload (the test fault).
+    corrupt: bool,
+}
+
+thread_local! {
+    static CODEC: RefCell<Option<Codec>> = const { RefCell::new(None) };
+}
+
+impl Codec {
+    fn new() -> Result<Codec> {
+        Ok(Codec {
+            compressor: zstd::bulk::Compressor::new(ZSTD_LEVEL)
+                .context("cannot set up zstd compression")?,
+            checker: Decoder::new().context("cannot set up zstd decompression")?,
+            out: Vec::new(),
+            window: vec![0u8; CHECK_WINDOW],
+            corrupt: std::env::var_os(TEST_CORRUPT_COMPRESSOR).is_some(),
+        })
+    }
+
+    /// Run `f` with this thread's codec (created on first use).
+    pub fn with<R>(f: impl FnOnce(&mut Codec) -> Result<R>) -> Result<R> {
+        CODEC.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(Codec::new()?);
+            }
+            f(slot.as_mut().expect("just set"))
+        })
+    }
+
+    /// `data` compressed with zstd and checked, or `None` when it is better
+    /// stored raw (the probe found it incompressible, or compression did not
+    /// shrink it). An error when the compressed form does not decompress to
+    /// `data`: nothing may be stored then.
+    pub fn compress(&mut self, data: &[u8]) -> Result<Option<&[u8]>> {
+        if self.incompressible(data)? {
+            return Ok(None);
+        }
+        let n = self.compress_into_out(data)?;
+        if n >= data.len() {
+            return Ok(None);
+        }
+        if self.corrupt {
+            self.out[n / 2] ^= 0x20;
+        }
+        self.check(data)?;
+        Ok(Some(&self.out))
+    }
+
+    /// True when every probe sample of a large `data` stays incompressible.
+    fn incompressible(&mut self, data: &[u8]) -> Result<bool> {
+        if data.len() < PROBE_MIN {
+            return Ok(false);
+        }
+        let step = data.len() / PROBES;
+        for i in 0..PROBES {
+            let sample = &data[i * step..i * step + PROBE_LEN];
+            let n = self.compress_into_out(sample)?;
+            if n + PROBE_LEN / PROBE_GAIN_DIV <= PROBE_LEN {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Compress `data` into `self.out`; its length.
+    fn compress_into_out(&mut self, data: &[u8]) -> Result<usize> {
+        self.out.clear();
+        self.out
+            .reserve(zstd::zstd_safe::compress_bound(data.len()));
+        self.compressor
+            .compress_to_buffer(data, &mut self.out)
+            .context("zstd compression failed")
+    }
+
+    /// Decompress `self.out` window by window and compare it with `data`.
+    fn check(&mut self, data: &[u8]) -> Result<()> {
+        const WHAT: &str = "zstd round trip of a new payload";
+        self.checker
+            .reinit()
+            .context("cannot reset zstd decompression")?;
+        let mut input = InBuffer::around(&self.out);
+        let mut pos = 0;
+        loop {
+            let mut output = OutBuffer::around(&mut self.window[..]);
+            let hint = self
+                .checker
+                .run(&mut input, &mut output)
+                .with_context(|| format!("{WHAT} failed"))?;
+            let got = output.as_slice();
+            if got.len() > data.len() - pos || got != &data[pos..pos + got.len()] {
+                bail!("{WHAT} returned different bytes");
+            }
+            pos += got.len();
+            if hint == 0 {
+                break;
+            }
+            if got.is_empty() && input.pos() == self.out.len() {
+                bail!("{WHAT} ended early");
+            }
+        }
+        if pos != data.len() || input.pos() != self.out.len() {
+            bail!("{WHAT} returned {pos} of {} bytes", data.len());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(len: usize, mut x: u32) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compressible_payloads_round_trip_and_noise_is_left_raw() {
+        let text = b"the quick brown fox jumps over the lazy dog. ".repeat(100_000);
+        let small = b"abc".repeat(1000);
+        Codec::with(|c| {
+            let packed = c.compress(&text)?.expect("text shrinks").to_vec();
+            assert!(packed.len() < text.len() / 10);
+            assert_eq!(zstd::bulk::decompress(&packed, text.len())?, text);
+            assert!(
+                c.compress(&small)?.is_some(),
+                "small payloads skip the probe"
+            );
+            assert!(c.compress(&noise(4 << 20, 7))?.is_none(), "probe says raw");
+            assert!(c.compress(&noise(1000, 7))?.is_none(), "no gain, raw");
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_payload_half_noise_half_text_is_still_compressed() {
+        let mut data = noise(2 << 20, 3);
+        data.extend(b"lorem ipsum dolor sit amet ".repeat(80_000));
+        data.truncate(4 << 20);
+        Codec::with(|c| {
+            assert!(c.compress(&data)?.is_some());
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_corrupted_compressor_output_is_refused() {
+        let text = b"some text that compresses well. ".repeat(50_000);
+        let mut c = Codec::new().unwrap();
+        c.corrupt = true;
+        let err = c.compress(&text).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("zstd round trip of a new payload"),
+            "{err:#}"
+        );
+        // The same codec works again once the fault is gone.
+        c.corrupt = false;
+        assert!(c.compress(&text).unwrap().is_some());
+    }
+}
