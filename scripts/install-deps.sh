@@ -10,6 +10,7 @@
 #     (scripts/test-libvirtd.sh). vmbackup itself needs only libvirt.so.0 (libvirt0),
 #     and only for libvirt platforms: it loads the library at run time.
 #   xz-utils, e2fsprogs: the tiny test guest (scripts/tiny-guest.sh)
+#   openssl: test certificates for NBD over TLS (scripts/test-certs.sh)
 #
 # Debian bookworm's qemu-system-x86 is 7.2, and qemu-utils 10.x "Breaks" its
 # qemu-system-common: installing it plainly would REMOVE qemu-utils 10. When
@@ -26,6 +27,7 @@ have nbdinfo && have nbdcopy || need+=(libnbd-bin)
 have nbdkit || need+=(nbdkit)
 have libvirtd && have virtlogd && have virsh || need+=(libvirt)
 have xz && have mkfs.ext4 || need+=(xz-utils e2fsprogs)
+have openssl || need+=(openssl)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
@@ -46,6 +48,9 @@ if ! have nbdinfo || ! have nbdcopy; then
 fi
 if ! have nbdkit; then
   "${APT[@]}" nbdkit >/dev/null
+fi
+if ! have openssl; then
+  "${APT[@]}" openssl >/dev/null
 fi
 if ! have xz || ! have mkfs.ext4; then
   "${APT[@]}" xz-utils e2fsprogs >/dev/null
