@@ -9,7 +9,10 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::libvirt::{ext4_image, uri, virsh, virsh_try, Boot, Disk, TestDomain};
+use common::libvirt::{
+    ext4_image, remote_scratch_files, tcp_uri, tls_dir, uri, virsh, virsh_try, Boot, Disk,
+    TestDomain,
+};
 use common::{file_digest, Env, MIB};
 use serde_json::Value;
 
@@ -21,16 +24,15 @@ struct Lab {
 }
 
 fn lab(dom: TestDomain, rule_extra: &[&str]) -> Lab {
+    lab_on(dom, &["--uri", &uri()], rule_extra)
+}
+
+/// [`lab`] with the platform added with `platform_args` (`--uri ...`).
+fn lab_on(dom: TestDomain, platform_args: &[&str], rule_extra: &[&str]) -> Lab {
     let env = Env::new();
-    env.ok(&[
-        "platform",
-        "add",
-        "lv",
-        "--type",
-        "libvirt",
-        "--uri",
-        &uri(),
-    ]);
+    let mut add = vec!["platform", "add", "lv", "--type", "libvirt"];
+    add.extend_from_slice(platform_args);
+    env.ok(&add);
     let target = env.path("target");
     std::fs::create_dir_all(&target).unwrap();
     env.ok(&["target", "add", "t", "--path", target.to_str().unwrap()]);
@@ -727,4 +729,148 @@ impl Drop for Undefine {
         let _ = virsh_try(&["destroy", &self.0]);
         let _ = virsh_try(&["undefine", &self.0, "--checkpoints-metadata", "--nvram"]);
     }
+}
+
+/// A remote host (the private libvirtd reached over TCP, as `qemu+tcp://` would
+/// reach another machine): the backup export is NBD over TCP with TLS, verified
+/// with the CA and client certificate of `--tls-dir`; full + inc + an inc after a
+/// SIGKILL mid-backup restore byte-exact; no job, checkpoint or scratch file left.
+#[test]
+fn remote_host_backups_go_over_nbd_with_tls_and_restore_exact() {
+    let remote = tcp_uri();
+    let tls = tls_dir();
+    let tls = tls.to_str().unwrap();
+    // Bad --tls-dir input: exit 2 naming the field, nothing registered.
+    let env = Env::new();
+    env.refused(
+        &[
+            "platform",
+            "add",
+            "x",
+            "--type",
+            "libvirt",
+            "--uri",
+            &remote,
+            "--tls-dir",
+            "/nonexistent",
+        ],
+        &["--tls-dir", "ca-cert.pem"],
+    );
+    let empty = env.path("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    env.refused(
+        &[
+            "platform",
+            "add",
+            "x",
+            "--type",
+            "libvirt",
+            "--uri",
+            &remote,
+            "--tls-dir",
+            empty.to_str().unwrap(),
+        ],
+        &["--tls-dir", "ca-cert.pem"],
+    );
+    env.refused(
+        &[
+            "platform",
+            "add",
+            "x",
+            "--type",
+            "libvirt",
+            "--uri",
+            &uri(),
+            "--tls-dir",
+            tls,
+        ],
+        &["--tls-dir", "remote"],
+    );
+    assert_eq!(env.json(&["platform", "list"]), serde_json::json!([]));
+
+    let dom = TestDomain::define("remote", &[Disk::qcow2("vda", 32 * MIB)], Boot::None, false);
+    dom.start();
+    // Without --tls-dir a remote platform lists its domains, but a backup is refused.
+    let plain = lab_on(
+        TestDomain::define(
+            "remote-plain",
+            &[Disk::qcow2("vda", 8 * MIB)],
+            Boot::None,
+            false,
+        ),
+        &["--uri", &remote],
+        &[],
+    );
+    plain.dom.start();
+    let (code, vm, lines) = plain.run_now("full");
+    assert_ne!(code, 0, "{vm}");
+    let text = serde_json::to_string(&lines).unwrap();
+    assert!(text.contains("--tls-dir") && text.contains("TLS"), "{text}");
+    assert!(ours(&plain.dom.checkpoints()).is_empty());
+
+    let l = lab_on(dom, &["--uri", &remote, "--tls-dir", tls], &[]);
+    let d = &l.dom;
+    d.write_random("vda", 0, 6 * MIB, 21);
+    let (p1, _) = l.backup("full", "full", 0);
+    let e1 = d.shadow_digest("vda");
+    d.write_random("vda", 16 * MIB, 2 * MIB, 22);
+    d.write("vda", 31 * MIB, 4096, 0x77);
+    let (p2, _) = l.backup("inc", "inc", 0);
+    let e2 = d.shadow_digest("vda");
+    assert_eq!(
+        ours(&d.checkpoints()),
+        [format!("vmbackup-{p1}"), format!("vmbackup-{p2}")]
+    );
+
+    // SIGKILL while the inc's job is open: the next run ends the job (recognised
+    // by its scratch files' names on the host) and its inc is exact.
+    d.write_random("vda", 8 * MIB, MIB, 23);
+    l.env.ok(&[
+        "rule",
+        "edit",
+        "r",
+        "--bandwidth",
+        "mon-sun 00:00-24:00 pause",
+    ]);
+    let mut run = spawn(&l.env, &[], &["run-now", "r", "--level", "inc"]);
+    wait_until(
+        || d.has_backup_job() && ours(&d.checkpoints()).len() == 3,
+        "the inc's backup job",
+    );
+    let pid = run.0.as_ref().unwrap().id();
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let _ = run.0.take().unwrap().wait();
+    assert!(d.has_backup_job());
+    l.env.ok(&["rule", "edit", "r", "--clear-bandwidth"]);
+    let (p3, _) = l.backup("inc", "inc", 0);
+    let e3 = d.shadow_digest("vda");
+    let logs = l.env.ok(&["logs", "r"]);
+    assert!(
+        logs.contains("ended the backup job of an interrupted run"),
+        "{logs}"
+    );
+
+    for (p, e) in [(&p1, &e1), (&p2, &e2), (&p3, &e3)] {
+        assert_eq!(&l.restored(p, "vda"), e, "point {p}");
+    }
+    assert!(!d.has_backup_job());
+    assert_eq!(
+        ours(&d.checkpoints()),
+        [format!("vmbackup-{p1}"), format!("vmbackup-{p3}")]
+    );
+    assert!(
+        remote_scratch_files().is_empty(),
+        "{:?}",
+        remote_scratch_files()
+    );
+
+    // A shut-off domain of a remote host: refused, saying why.
+    d.destroy();
+    let (code, vm, lines) = l.run_now("inc");
+    assert_ne!(code, 0, "{vm}");
+    let text = serde_json::to_string(&lines).unwrap();
+    assert!(text.contains("shut off on a remote libvirt host"), "{text}");
 }

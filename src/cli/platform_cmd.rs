@@ -21,7 +21,8 @@ pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
             kind,
             qmp_dir,
             uri,
-        } => add(ctx, &name, spec_of(kind, qmp_dir, uri)?),
+            tls_dir,
+        } => add(ctx, &name, spec_of(kind, qmp_dir, uri, tls_dir)?),
         PlatformCmd::List => list(ctx),
         PlatformCmd::Show { name } => show(ctx, &name),
         PlatformCmd::Refresh { name } => refresh(ctx, &name),
@@ -53,9 +54,17 @@ fn spec_of(
     kind: PlatformKind,
     qmp_dir: Option<PathBuf>,
     uri: Option<String>,
+    tls_dir: Option<PathBuf>,
 ) -> Result<PlatformSpec> {
     match kind {
         PlatformKind::Qemu => {
+            if let Some(dir) = tls_dir {
+                return Err(invalid(
+                    "--tls-dir",
+                    dir.display(),
+                    "only with --type libvirt and a remote URI",
+                ));
+            }
             if let Some(uri) = uri {
                 return Err(invalid(
                     "--uri",
@@ -96,9 +105,37 @@ fn spec_of(
                     "a libvirt URI such as qemu:///system or qemu+ssh://host/system",
                 ));
             }
-            Ok(PlatformSpec::Libvirt { uri })
+            let tls_dir = tls_dir.map(|d| tls_dir_of(&uri, &d)).transpose()?;
+            Ok(PlatformSpec::Libvirt { uri, tls_dir })
         }
     }
+}
+
+/// `--tls-dir`: for a remote URI only; its certificates and key must load now.
+fn tls_dir_of(uri: &str, dir: &Path) -> Result<PathBuf> {
+    if !platform::libvirt::is_remote_uri(uri) {
+        return Err(invalid(
+            "--tls-dir",
+            dir.display(),
+            "only for a remote libvirt host (qemu+ssh://, qemu+tls://, qemu+tcp://); a local \
+             daemon's backups use a unix socket",
+        ));
+    }
+    let dir = dir.canonicalize().map_err(|e| {
+        invalid(
+            "--tls-dir",
+            dir.display(),
+            format!("must be an existing directory holding ca-cert.pem, client-cert.pem and client-key.pem ({e})"),
+        )
+    })?;
+    crate::nbd::tls::client_config(&dir).map_err(|e| {
+        invalid(
+            "--tls-dir",
+            dir.display(),
+            format!("must hold a CA (ca-cert.pem), a client certificate (client-cert.pem) and its key (client-key.pem): {e:#}"),
+        )
+    })?;
+    Ok(dir)
 }
 
 fn qemu_dir(dir: &Path) -> Result<PathBuf> {

@@ -318,6 +318,9 @@ pub fn connect(
         PlatformSpec::Qemu { qmp_dir } => Ok(Box::new(
             qemu::QemuPlatform::new(qmp_dir.clone()).with_timeout(io_timeout),
         )),
-        PlatformSpec::Libvirt { uri } => Ok(Box::new(libvirt::LibvirtPlatform::connect(uri)?)),
+        PlatformSpec::Libvirt { uri, tls_dir } => Ok(Box::new(libvirt::LibvirtPlatform::connect(
+            uri,
+            tls_dir.as_deref(),
+        )?)),
     }
 }
