@@ -483,10 +483,10 @@ mod tests {
             port: 10809,
             tls: true,
         };
-        let x = backup_xml(&tcp, &[], None);
+        let t = backup_xml(&tcp, &[], None);
         assert!(
-            x.contains("<server transport='tcp' tls='yes' name='kvm1.example' port='10809'/>"),
-            "{x}"
+            t.contains("<server transport='tcp' tls='yes' name='kvm1.example' port='10809'/>"),
+            "{t}"
         );
         let job = "<domainbackup mode='pull'><server transport='tcp' tls='yes' name='h' port='10810'/></domainbackup>";
         assert_eq!(
