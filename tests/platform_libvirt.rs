@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::libvirt::{
-    ext4_image, remote_scratch_files, tcp_uri, tls_dir, uri, virsh, virsh_try, Boot, Disk,
-    TestDomain,
+    ext4_image, libvirtd_pid, remote_scratch_files, tcp_uri, tls_dir, uri, virsh, virsh_try, Boot,
+    Disk, TestDomain,
 };
 use common::{file_digest, Env, MIB};
 use serde_json::Value;
@@ -873,4 +873,109 @@ fn remote_host_backups_go_over_nbd_with_tls_and_restore_exact() {
     assert_ne!(code, 0, "{vm}");
     let text = serde_json::to_string(&lines).unwrap();
     assert!(text.contains("shut off on a remote libvirt host"), "{text}");
+}
+
+/// A libvirtd that stops answering (SIGSTOP): every libvirt call is bounded by
+/// io_timeout (plus libvirt's keepalive), so vmbackup never waits for it forever.
+/// (a) Stopped while a backup's job is open and vmbackup is told to stop
+/// (SIGTERM, as systemd does): ending the job cannot reach the daemon, the run
+/// still exits while the daemon is stopped. (b) Stopped before a run: the run
+/// fails (exit 3) naming the libvirt call. Once the daemon runs again, `cleanup`
+/// ends the job and drops the uncommitted checkpoint; the next inc is exact (R44).
+#[test]
+fn a_stopped_libvirtd_fails_the_task_within_io_timeout_and_cleanup_repairs() {
+    let dom = TestDomain::define("stall", &[Disk::qcow2("vda", 32 * MIB)], Boot::None, false);
+    dom.start();
+    let l = lab(dom, &[]);
+    std::fs::write(&l.env.config, "io_timeout = 5\n").unwrap();
+    let d = &l.dom;
+    d.write_random("vda", 0, 4 * MIB, 31);
+    let (p1, _) = l.backup("full", "full", 0);
+    d.write_random("vda", 8 * MIB, 4 * MIB, 32);
+    let daemon = libvirtd_pid().to_string();
+    let signal = |sig: &str, pid: &str| {
+        Command::new("kill").args([sig, pid]).status().unwrap();
+    };
+    let start = |name: &str| {
+        let err_file = l.env.path(name);
+        let child = Command::new(assert_cmd::cargo::cargo_bin("vmbackup"))
+            .env("VMBACKUP_STATE", &l.env.state)
+            .env("VMBACKUP_CONFIG", &l.env.config)
+            .env_remove("XDG_STATE_HOME")
+            .args(["run-now", "r", "--level", "inc"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err_file).unwrap())
+            .spawn()
+            .unwrap();
+        (child, err_file)
+    };
+    // Wait for the run to end while the daemon is stopped; then resume it.
+    let end_while_stopped = |child: &mut Child, err_file: &std::path::Path| {
+        let stopped = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            // Hang guard only: without the deadlines vmbackup waits forever.
+            if stopped.elapsed() > Duration::from_secs(300) {
+                signal("-CONT", &daemon);
+                let _ = child.kill();
+                panic!("vmbackup still waits for a stopped libvirtd after 300 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        println!(
+            "FIGURE libvirtd_stall_to_exit_seconds={:.1}",
+            stopped.elapsed().as_secs_f64()
+        );
+        signal("-CONT", &daemon);
+        (status, std::fs::read_to_string(err_file).unwrap())
+    };
+
+    // (a) The job is open, the transfer paused; the daemon stops, vmbackup is told
+    // to stop.
+    l.env.ok(&[
+        "rule",
+        "edit",
+        "r",
+        "--bandwidth",
+        "mon-sun 00:00-24:00 pause",
+    ]);
+    let (mut child, err_file) = start("stall-a.err");
+    wait_until(
+        || d.has_backup_job() && ours(&d.checkpoints()).len() == 2,
+        "the inc's backup job",
+    );
+    signal("-STOP", &daemon);
+    signal("-TERM", &child.id().to_string());
+    let (status, err) = end_while_stopped(&mut child, &err_file);
+    assert_ne!(status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("did not answer virDomain")
+            || err.contains("keepalive")
+            || err.contains("socket is closed"),
+        "the error says libvirt did not answer: {err}"
+    );
+    l.env.ok(&["cleanup", "r"]);
+    assert!(!d.has_backup_job());
+    assert_eq!(ours(&d.checkpoints()), [format!("vmbackup-{p1}")]);
+    assert!(d.socket_dirs().is_empty(), "{:?}", d.socket_dirs());
+
+    // (b) The daemon is stopped before the run connects.
+    l.env.ok(&["rule", "edit", "r", "--clear-bandwidth"]);
+    signal("-STOP", &daemon);
+    let (mut child, err_file) = start("stall-b.err");
+    let (status, err) = end_while_stopped(&mut child, &err_file);
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("did not answer virConnectOpen within 5s"),
+        "{err}"
+    );
+    l.env.ok(&["cleanup", "r"]);
+    assert!(!d.has_backup_job());
+    assert_eq!(ours(&d.checkpoints()), [format!("vmbackup-{p1}")]);
+
+    let (p2, _) = l.backup("inc", "inc", 0);
+    assert_eq!(l.restored(&p2, "vda"), d.shadow_digest("vda"));
 }

@@ -321,6 +321,7 @@ pub fn connect(
         PlatformSpec::Libvirt { uri, tls_dir } => Ok(Box::new(libvirt::LibvirtPlatform::connect(
             uri,
             tls_dir.as_deref(),
+            io_timeout,
         )?)),
     }
 }

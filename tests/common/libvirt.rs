@@ -57,6 +57,16 @@ fn daemon_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// The private libvirtd's process id (to stop it in a test).
+pub fn libvirtd_pid() -> u32 {
+    let f = daemon_dir().join("run/libvirtd.pid");
+    std::fs::read_to_string(&f)
+        .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// The same daemon reached as a remote host: `qemu+tcp://127.0.0.1:PORT/system`.
 pub fn tcp_uri() -> String {
     let f = daemon_dir().join("run/tcp-uri");

@@ -56,8 +56,13 @@ pub struct LibvirtPlatform {
 }
 
 impl LibvirtPlatform {
-    pub fn connect(uri: &str, tls_dir: Option<&Path>) -> Result<LibvirtPlatform> {
-        let conn = Connection::open(uri)?;
+    /// Connect to `uri`; every libvirt call then waits at most `io_timeout`.
+    pub fn connect(
+        uri: &str,
+        tls_dir: Option<&Path>,
+        io_timeout: std::time::Duration,
+    ) -> Result<LibvirtPlatform> {
+        let conn = Connection::open(uri, io_timeout)?;
         let host = conn.hostname().unwrap_or_else(|_| "localhost".into());
         Ok(LibvirtPlatform {
             conn: Arc::new(conn),

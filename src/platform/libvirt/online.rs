@@ -77,7 +77,7 @@ pub fn begin(
     via: &Via,
 ) -> Result<(View, Snapshot)> {
     let name = dom.name();
-    if dom.backup_xml().is_some() {
+    if dom.backup_xml()?.is_some() {
         bail!("domain '{name}' already runs a backup job (another tool's?); wait for it to end");
     }
     let mut notes = Vec::new();
@@ -189,7 +189,7 @@ pub fn begin(
     let snapshot = (|| -> Result<Snapshot> {
         thawed.context("thaw the guest after the checkpoint")?;
         let job = dom
-            .backup_xml()
+            .backup_xml()?
             .context("libvirt reports no backup job right after starting one")?;
         let (server, job_disks) = xml::backup_job(&job)?;
         let addr = match (via, server) {
@@ -326,16 +326,16 @@ fn remote_ports(uuid: &str) -> impl Iterator<Item = u16> {
 
 /// Abort the domain's backup job and wait until libvirt reports none.
 fn end_job(dom: &Domain) -> Result<()> {
-    if dom.backup_xml().is_none() {
+    if dom.backup_xml()?.is_none() {
         return Ok(());
     }
     if let Err(e) = dom.abort_job() {
-        if dom.backup_xml().is_some() {
+        if dom.backup_xml()?.is_some() {
             return Err(e);
         }
     }
     let t = Instant::now();
-    while dom.backup_xml().is_some() {
+    while dom.backup_xml()?.is_some() {
         if t.elapsed() > JOB_END_TIMEOUT {
             bail!("the backup job did not end within {JOB_END_TIMEOUT:?} of being aborted");
         }
@@ -349,7 +349,7 @@ fn end_job(dom: &Domain) -> Result<()> {
 pub fn remove_leftovers(dom: &Domain, uuid: &str, actions: &mut Vec<String>) -> Result<()> {
     let prefix = format!("{SOCKET_PARENT}/vmbackup-{uuid}-");
     let remote_prefix = format!("{REMOTE_SCRATCH_DIR}/vmbackup-{uuid}-");
-    if let Some(job) = dom.backup_xml() {
+    if let Some(job) = dom.backup_xml()? {
         let (server, disks) = xml::backup_job(&job)?;
         // Ours: its socket is in one of our directories (local), or its scratch
         // files carry our names (remote host).
