@@ -10,7 +10,7 @@
 //! | `bk_tsk_thd` | max concurrent tasks (R38) | 8 | integer >= 1 |
 //! | `i2vp_transbuffer` | transfer block = chunk size (R39) | 4M | power of two, 64K..=32M; bare number = MiB |
 //! | `Max_ThreadNum_PerHost` | max concurrent tasks per host (R42) | 4 | integer >= 1, <= `bk_tsk_thd` |
-//! | `io_timeout` | how long a sent QMP command or NBD request may wait for its answer | 120 | 1 s..=1 day; `120`, `90s`, `2m` (a bare number is seconds) |
+//! | `io_timeout` | how long a sent QMP command, NBD request or libvirt call may wait for its answer | 120 | 1 s..=1 day; `120`, `90s`, `2m` (a bare number is seconds) |
 //!
 //! and `bk_tsk_thd * i2vp_transbuffer <= 32 MiB` (R40). When `Max_ThreadNum_PerHost`
 //! is not set and `bk_tsk_thd` is below its default 4, it defaults to `bk_tsk_thd`
@@ -39,7 +39,7 @@ pub const MIN_TRANSBUFFER: u64 = 64 * KIB;
 pub const MAX_TRANSBUFFER: u64 = 32 * MIB;
 /// Ceiling of `bk_tsk_thd * i2vp_transbuffer` (R40).
 pub const MAX_BUFFERED: u64 = 32 * MIB;
-/// How long a sent QMP command or NBD request may wait for its answer: a
+/// How long a sent QMP command, NBD request or libvirt call may wait for its answer: a
 /// hypervisor that answers nothing for this long is taken to be stuck. Time a
 /// task spends in a bandwidth pause does not count (no request is out).
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(120);

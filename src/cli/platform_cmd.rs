@@ -265,6 +265,12 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     out!("name:       {}", p.name);
     out!("type:       {}", p.spec.kind());
     out!("address:    {}", p.spec.address());
+    if let PlatformSpec::Libvirt {
+        tls_dir: Some(dir), ..
+    } = &p.spec
+    {
+        out!("tls dir:    {}", dir.display());
+    }
     out!("created:    {}", p.created_at);
     out!(
         "refreshed:  {}",
