@@ -809,6 +809,8 @@ fn remote_host_backups_go_over_nbd_with_tls_and_restore_exact() {
     assert!(ours(&plain.dom.checkpoints()).is_empty());
 
     let l = lab_on(dom, &["--uri", &remote, "--tls-dir", tls], &[]);
+    let shown = l.env.ok(&["platform", "show", "lv"]);
+    assert!(shown.contains(&format!("tls dir:    {tls}")), "{shown}");
     let d = &l.dom;
     d.write_random("vda", 0, 6 * MIB, 21);
     let (p1, _) = l.backup("full", "full", 0);
