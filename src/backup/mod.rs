@@ -38,7 +38,7 @@ use crate::repo::{
 use crate::task::progress::{LogLevel, Phase, Progress};
 use crate::task::throttle::Throttle;
 use disk::{DiskPlan, Pipeline};
-use plan::{Fallback, LevelPlan, Tracking};
+use plan::{FullInstead, LevelPlan, Tracking};
 
 /// Everything a backup of one VM needs, resolved (no CLI types).
 #[derive(Debug, Clone)]
@@ -78,11 +78,33 @@ pub struct BackupOutcome {
     pub level: Level,
     pub requested: Level,
     pub base: Option<String>,
-    /// Why an inc/diff ran as a full (exit code 1).
+    /// Why an inc/diff ran as a full.
     pub fallback: Option<String>,
+    /// The full was planned by configuration (first backup, CBT off, raw disk):
+    /// no warning, exit code 0. Otherwise a fallback is a warning (exit code 1).
+    pub fallback_planned: bool,
+    #[serde(serialize_with = "totals_json")]
     pub totals: ManifestTotals,
     /// Problems that did not fail the backup.
     pub warnings: Vec<String>,
+    /// Points of this VM in the repository, this one included.
+    pub point_count: u64,
+}
+
+/// A point's totals under the names of docs/JSON.md (counts end in `_count`);
+/// the manifest keeps its own names (docs/FORMAT.md).
+fn totals_json<S: serde::Serializer>(t: &ManifestTotals, s: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(
+        &serde_json::json!({
+            "size": t.size,
+            "bytes_read": t.bytes_read,
+            "bytes_written": t.bytes_written,
+            "new_chunk_count": t.new_chunks,
+            "reused_chunk_count": t.reused_chunks,
+            "zero_slot_count": t.zero_slots,
+        }),
+        s,
+    )
 }
 
 /// Back up one VM, holding its lock (taken under the repository's shared lock:
@@ -121,6 +143,9 @@ pub fn run_backup(
         )));
     }
     let scratch = scratch_dir(&job.run_dir, &job.platform, &job.vm)?;
+    if let Some((uid, gid)) = vm.runs_as()? {
+        scratch.hand_to(uid, gid)?;
+    }
     let (listed, repaired) = repair_leftovers(repo, lock, vm.as_mut(), &scratch.path)?;
     let points = listed.points;
     for a in &repaired {
@@ -130,11 +155,19 @@ pub fn run_backup(
         );
     }
     let latest = points.last().map(|p| p.point.clone());
+    let point_count = points.len() as u64 + 1;
     let (_, latest_full) = chain_heads(&points);
     let old_heads = (latest.clone(), latest_full.map(|p| p.point.clone()));
 
     progress.phase(Phase::BackingUpConfig);
     let vm_config = vm.config()?;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        tracing::debug!(
+            "VM '{}' configuration: {}",
+            job.vm,
+            crate::platform::redact::for_log(&vm_config)
+        );
+    }
 
     progress.phase(Phase::QueryingChanges);
     let tracking = plan::tracking(job.auto_cbt, job.cbt, &info.disks);
@@ -170,7 +203,7 @@ pub fn run_backup(
                 level: Level::Full,
                 base: None,
                 latest_full: lp.latest_full.clone(),
-                fallback: Some(Fallback::cbt_unavailable(job.requested, cu)),
+                fallback: Some(FullInstead::cbt_unavailable(job.requested, cu)),
             };
             req.level = Level::Full;
             req.base = None;
@@ -186,8 +219,33 @@ pub fn run_backup(
         }
     }
     if let Some(why) = &lp.fallback {
-        progress.log(LogLevel::Warn, why);
+        let level = if why.planned {
+            LogLevel::Info
+        } else {
+            LogLevel::Warn
+        };
+        progress.log(level, &why.reason);
     }
+    progress.log(
+        LogLevel::Info,
+        &match (&lp.base, &lp.latest_full) {
+            (Some(base), Some(full)) if base != full => format!(
+                "point {point}: {} against point {base} (chain from full {full}), {} disk(s)",
+                lp.level,
+                snapshot.exports.len()
+            ),
+            (Some(base), _) => format!(
+                "point {point}: {} against point {base}, {} disk(s)",
+                lp.level,
+                snapshot.exports.len()
+            ),
+            (None, _) => format!(
+                "point {point}: {} of every allocated block, {} disk(s)",
+                lp.level,
+                snapshot.exports.len()
+            ),
+        },
+    );
     progress.level(lp.level);
 
     let started = job.clock.now().with_timezone(&Utc);
@@ -226,9 +284,11 @@ pub fn run_backup(
         level: lp.level,
         requested: job.requested,
         base: lp.base,
-        fallback: lp.fallback,
+        fallback_planned: lp.fallback.as_ref().is_some_and(|f| f.planned),
+        fallback: lp.fallback.map(|f| f.reason),
         totals,
         warnings,
+        point_count,
     })
 }
 
@@ -310,6 +370,16 @@ pub fn scratch_dir(run_dir: &Path, platform: &str, vm: &str) -> Result<ScratchDi
         .map(|b| format!("{b:02x}"))
         .collect();
     let path = run_dir.join(name);
+    // Only vmbackup creates entries in the run directory: one owned by another
+    // user was handed to a hypervisor running as that user; take it back.
+    if let Ok(meta) = std::fs::symlink_metadata(&path) {
+        use std::os::unix::fs::MetadataExt;
+        let me = rustix::process::geteuid().as_raw();
+        if meta.is_dir() && meta.uid() != me {
+            std::os::unix::fs::chown(&path, Some(me), Some(rustix::process::getegid().as_raw()))
+                .with_context(|| format!("cannot take back {}", path.display()))?;
+        }
+    }
     crate::private_dir::ensure(&path, "scratch directory")?;
     Ok(ScratchDir { path })
 }
@@ -318,6 +388,31 @@ pub fn scratch_dir(run_dir: &Path, platform: &str, vm: &str) -> Result<ScratchDi
 #[derive(Debug)]
 pub struct ScratchDir {
     pub path: PathBuf,
+}
+
+impl ScratchDir {
+    /// Hand the directory to the hypervisor's user (`VmHandle::runs_as`) when it
+    /// is not ours: that user owns it (still 0700) and gets search permission
+    /// (`o+x`, not read) on the run and state directories above, so it reaches
+    /// this directory and nothing else.
+    pub fn hand_to(&self, uid: u32, gid: u32) -> Result<()> {
+        if uid == rustix::process::geteuid().as_raw() {
+            return Ok(());
+        }
+        use std::os::unix::fs::PermissionsExt;
+        for dir in self.path.ancestors().skip(1).take(2) {
+            let mode = std::fs::metadata(dir)
+                .with_context(|| format!("cannot stat {}", dir.display()))?
+                .permissions()
+                .mode();
+            if mode & 0o001 == 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001))
+                    .with_context(|| format!("cannot open {} to QEMU's user", dir.display()))?;
+            }
+        }
+        std::os::unix::fs::chown(&self.path, Some(uid), Some(gid))
+            .with_context(|| format!("cannot hand {} to uid {uid}", self.path.display()))
+    }
 }
 
 impl Drop for ScratchDir {
@@ -416,6 +511,10 @@ fn write_point<'a>(
         let name = &export.disk.name;
         writer.write_index(name, &index)?;
         let chunk_slots = index.slots.iter().filter(|s| **s != Slot::Zero).count() as u64;
+        progress.log(
+            LogLevel::Info,
+            &disk_line(name, lp.level, index.disk_size, &stats, chunk_slots),
+        );
         disks.push(ManifestDisk {
             name: name.clone(),
             size: index.disk_size,
@@ -446,13 +545,41 @@ fn write_point<'a>(
         status: PointStatus::Completed,
         started,
         finished: job.clock.now().with_timezone(&Utc),
-        fallback_reason: lp.fallback.clone(),
+        fallback_reason: lp.fallback.as_ref().map(|f| f.reason.clone()),
         vm_config,
         tracking: None,
         disks,
         totals,
     };
     Ok((writer, manifest))
+}
+
+/// A disk's line in the task's log (R32): size, what the plan read (changed
+/// bytes for an inc/diff), what was read and stored, and how much was new.
+fn disk_line(
+    name: &str,
+    level: Level,
+    size: u64,
+    stats: &disk::DiskStats,
+    chunk_slots: u64,
+) -> String {
+    use crate::units::format_size;
+    let planned = match level {
+        Level::Full => format!("{} allocated", format_size(stats.to_read)),
+        _ => format!(
+            "{} changed ({} of it now zeros)",
+            format_size(stats.to_read + stats.zeroed),
+            format_size(stats.zeroed)
+        ),
+    };
+    format!(
+        "disk {name}: size {}, {planned}; read {}, stored {} ({} new chunk(s), {} reused)",
+        format_size(size),
+        format_size(stats.bytes_read),
+        format_size(stats.bytes_written),
+        stats.new_chunks,
+        chunk_slots.saturating_sub(stats.new_chunks)
+    )
 }
 
 /// A point id for now, strictly after the newest existing point. Ids have

@@ -54,6 +54,7 @@ where
 {
     let mut conn = OptionConn { rd, wr, export: "" };
     let handshake_flags = conn.greeting().await?;
+    tracing::debug!("NBD server greeting: handshake flags {handshake_flags:#x}");
     let mut client_flags = proto::FLAG_C_FIXED_NEWSTYLE;
     if handshake_flags & proto::FLAG_NO_ZEROES != 0 {
         client_flags |= proto::FLAG_C_NO_ZEROES;
@@ -110,6 +111,15 @@ where
     let mut negotiated = conn.go().await?;
     negotiated.structured_replies = structured_replies;
     negotiated.contexts = contexts;
+    tracing::debug!(
+        "NBD export '{export}': size {} bytes, transmission flags {:#x}, structured replies {structured_replies}, block sizes {}/{}/{} (min/preferred/max), meta contexts {:?}",
+        negotiated.size,
+        negotiated.transmission_flags,
+        negotiated.min_block,
+        negotiated.preferred_block,
+        negotiated.max_block,
+        negotiated.contexts
+    );
     Ok(negotiated)
 }
 
