@@ -7,6 +7,7 @@
 #   chosen), cleanup (with manifests' secrets redacted), and a digest comparison
 #   between the restored image and the VM's disk. As root, the same with a libvirt
 #   domain (a private libvirtd, scripts/test-libvirtd.sh): checkpoints, quiesce=try,
+#   the same daemon reached as a remote host (backup over NBD with TLS),
 #   and a restore as a new domain.
 #
 #   scripts/demo.sh            (as root on a fresh Debian 12: installs QEMU tools first)
@@ -145,5 +146,24 @@ XML
   [ "$A" = "$B" ] || { echo "MISMATCH: the libvirt restore differs from the domain's disk" >&2; exit 1; }
   echo "OK: byte-identical; new domain 'demo-lv-copy' defined on the restored image:"
   virsh -c "$URI" list --all
+
+  echo "== libvirt as a remote host: the same daemon over TCP, backups over NBD with TLS"
+  RURI=$(cat "$LV/run/tcp-uri")   # qemu+tcp://127.0.0.1:PORT/system (test daemon: auth none)
+  run rule remove demo-lv          # a domain is in one rule only (R35)
+  run platform add kvm-remote --type libvirt --uri "$RURI" --tls-dir "$LV/etc/pki/qemu"
+  run rule add demo-remote --platform kvm-remote --vm demo-lv --target local \
+    --schedule "full weekly on sun at 01:00" --schedule "inc weekly on mon-sat at 01:00"
+  run run-now demo-remote --level full
+  lv_write 8M 512K
+  run run-now demo-remote --level inc
+  mkdir -m 0755 "$DEMO/lv-remote-restore"
+  run restore demo-remote --vm demo-lv --to "$DEMO/lv-remote-restore"
+  qemu-img convert -U -O raw "$DEMO/lv-vda.qcow2" "$DEMO/lv-now.raw"
+  A=$(sha256sum < "$DEMO/lv-remote-restore/vda.raw" | cut -d' ' -f1)
+  B=$(sha256sum < "$DEMO/lv-now.raw" | cut -d' ' -f1)
+  echo "restored over TLS: sha256 $A"
+  echo "domain disk now:   sha256 $B"
+  [ "$A" = "$B" ] || { echo "MISMATCH: the remote (TLS) restore differs from the domain's disk" >&2; exit 1; }
+  echo "OK: byte-identical through the TLS export"
 fi
 echo "(demo files kept in $DEMO)"

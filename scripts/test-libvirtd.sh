@@ -12,6 +12,13 @@
 # they share nothing with a libvirtd the host may run (its config, domains, sockets),
 # and the system's libvirt configuration is never edited. Clients outside the namespace
 # connect with qemu:///system?socket=DIR/run/libvirt-sock.
+#
+# The daemon also listens on TCP on 127.0.0.1 (a random free port, auth none: test
+# only), so tests reach it as a remote host would be reached; DIR/run/tcp-uri holds
+# that URI (qemu+tcp://127.0.0.1:PORT/system). Backups asked for over TCP are
+# exported with TLS: qemu.conf's backup_tls_x509_cert_dir is DIR/etc/pki/qemu, a
+# throw-away CA with QEMU's server certificate (for 127.0.0.1 and localhost) and
+# vmbackup's client certificate (scripts/test-certs.sh): vmbackup's --tls-dir.
 set -euo pipefail
 cmd=${1:-}; DIR=${2:-}
 [ -n "$cmd" ] && [ -n "$DIR" ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
@@ -34,6 +41,7 @@ stop() {
     fi
     rm -f "$f"
   done
+  rm -f "$DIR/run/tcp-uri"
 }
 
 case $cmd in
@@ -46,7 +54,7 @@ mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 URI="qemu:///system?socket=$DIR/run/libvirt-sock"
 if [ -f "$DIR/run/libvirtd.pid" ] && kill -0 "$(cat "$DIR/run/libvirtd.pid")" 2>/dev/null &&
-   virsh -c "$URI" uri >/dev/null 2>&1; then
+   [ -s "$DIR/run/tcp-uri" ] && virsh -c "$URI" uri >/dev/null 2>&1; then
   echo "$URI"; exit 0
 fi
 command -v libvirtd >/dev/null && command -v virtlogd >/dev/null || {
@@ -56,11 +64,27 @@ for d in etc etc/qemu run lib lib/qemu cache log; do mkdir -p "$DIR/$d"; done
 # QEMU (libvirt-qemu) traverses /var/lib/libvirt and /run/libvirt to its own dirs.
 chmod 0755 "$DIR/run" "$DIR/lib" "$DIR/cache" "$DIR/log" "$DIR/etc"
 chown libvirt-qemu:libvirt-qemu "$DIR/lib/qemu"
+# TLS for TCP backup exports: QEMU (libvirt-qemu) reads the server key.
+PKI=$DIR/etc/pki/qemu
+rm -rf "$DIR/etc/pki"
+"$(dirname "$0")/test-certs.sh" "$PKI" DNS:localhost IP:127.0.0.1
+chgrp libvirt-qemu "$PKI" "$PKI/server-key.pem"
+chmod 0755 "$DIR/etc/pki"; chmod 0750 "$PKI"; chmod 0640 "$PKI/server-key.pem"
+# A free TCP port on 127.0.0.1 (a refused connection: nobody listens there).
+while :; do
+  PORT=$((20000 + RANDOM % 40000))
+  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null || break
+done
 cat > "$DIR/etc/libvirtd.conf" <<CONF
 unix_sock_group = "root"
 unix_sock_rw_perms = "0700"
 auth_unix_rw = "none"
 auth_unix_ro = "none"
+listen_tls = 0
+listen_tcp = 1
+listen_addr = "127.0.0.1"
+tcp_port = "$PORT"
+auth_tcp = "none"
 log_outputs = "2:file:$DIR/log/libvirtd.log"
 CONF
 cat > "$DIR/etc/virtlogd.conf" <<CONF
@@ -69,6 +93,8 @@ CONF
 cat > "$DIR/etc/qemu.conf" <<CONF
 user = "libvirt-qemu"
 group = "libvirt-qemu"
+backup_tls_x509_cert_dir = "/etc/libvirt/pki/qemu"
+backup_tls_x509_verify = 1
 CONF
 : > "$DIR/etc/libvirt.conf"
 
@@ -90,10 +116,13 @@ unshare --mount --propagation private -- bash -euo pipefail -c '
     mount --bind "$DIR/dev/kvm" /dev/kvm
   fi
   virtlogd -d -p "$DIR/run/virtlogd.pid"
-  libvirtd -d -p "$DIR/run/libvirtd.pid"
+  libvirtd -d -l -p "$DIR/run/libvirtd.pid"
 ' _ "$DIR"
 for _ in $(seq 300); do
-  virsh -c "$URI" uri >/dev/null 2>&1 && { echo "$URI"; exit 0; }
+  if virsh -c "$URI" uri >/dev/null 2>&1; then
+    echo "qemu+tcp://127.0.0.1:$PORT/system" > "$DIR/run/tcp-uri"
+    echo "$URI"; exit 0
+  fi
   sleep 0.1
 done
 echo "test-libvirtd: libvirtd did not answer on $DIR/run/libvirt-sock in 30 s (log: $DIR/log/libvirtd.log)" >&2

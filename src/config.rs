@@ -69,7 +69,7 @@ pub const KEYS: [KeyDoc; 10] = [
         key: KEY_IO_TIMEOUT,
         default: "120",
         allowed: "whole seconds from 1 to 86400: 120, 90s, 2m (a bare number is seconds)",
-        meaning: "How long a sent QMP command or NBD request may wait for its answer before the hypervisor is taken to be stuck and the task fails cleanly. Time in a bandwidth pause window does not count.",
+        meaning: "How long a sent QMP command, NBD request or libvirt call may wait for its answer before the hypervisor is taken to be stuck and the task fails cleanly. Time in a bandwidth pause window does not count.",
     },
     KeyDoc {
         key: KEY_PROMETHEUS,
@@ -117,7 +117,7 @@ pub const MAX_TRANSBUFFER: u64 = 32 * MIB;
 /// Ceiling of `bk_tsk_thd * i2vp_transbuffer` (R40).
 pub const MAX_BUFFERED: u64 = 32 * MIB;
 pub const DEFAULT_NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a sent QMP command or NBD request may wait for its answer: a
+/// How long a sent QMP command, NBD request or libvirt call may wait for its answer: a
 /// hypervisor that answers nothing for this long is taken to be stuck. Time a
 /// task spends in a bandwidth pause does not count (no request is out).
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(120);

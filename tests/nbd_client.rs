@@ -88,7 +88,7 @@ impl QemuNbd {
         }
         match &self.addr {
             NbdAddr::Unix { path } => std::os::unix::net::UnixStream::connect(path).is_ok(),
-            NbdAddr::Tcp { host, port } => {
+            NbdAddr::Tcp { host, port } | NbdAddr::Tls { host, port, .. } => {
                 std::net::TcpStream::connect((host.as_str(), *port)).is_ok()
             }
         }
@@ -98,6 +98,7 @@ impl QemuNbd {
         match &self.addr {
             NbdAddr::Unix { path } => format!("nbd+unix:///disk?socket={}", path.display()),
             NbdAddr::Tcp { host, port } => format!("nbd://{host}:{port}/disk"),
+            NbdAddr::Tls { .. } => panic!("qemu-nbd in these tests serves no TLS"),
         }
     }
 
@@ -106,6 +107,7 @@ impl QemuNbd {
         match &self.addr {
             NbdAddr::Unix { path } => format!("unix:{}", path.display()),
             NbdAddr::Tcp { host, port } => format!("{host}:{port}"),
+            NbdAddr::Tls { host, port, .. } => format!("tls:{host}:{port}"),
         }
     }
 

@@ -77,6 +77,7 @@ fn uri(snap: &Snapshot, i: usize) -> String {
     match &e.addr {
         NbdAddr::Unix { path } => format!("nbd+unix:///{}?socket={}", e.export, path.display()),
         NbdAddr::Tcp { host, port } => format!("nbd://{host}:{port}/{}", e.export),
+        NbdAddr::Tls { .. } => panic!("the qemu platform exports no TLS address"),
     }
 }
 

@@ -142,6 +142,11 @@ pub enum PlatformCmd {
         /// libvirt: connection URI (qemu:///system, qemu+ssh://host/system, qemu+tls://host/system)
         #[arg(long, value_name = "URI")]
         uri: Option<String>,
+        /// libvirt, remote host: directory with ca-cert.pem, client-cert.pem and
+        /// client-key.pem; backups of its running domains are read over NBD with TLS
+        /// (the host's qemu.conf backup_tls_x509_cert_dir holds the server side)
+        #[arg(long, value_name = "DIR")]
+        tls_dir: Option<PathBuf>,
     },
     /// List registered platforms
     List,

@@ -21,7 +21,8 @@ pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
             kind,
             qmp_dir,
             uri,
-        } => add(ctx, &name, spec_of(kind, qmp_dir, uri)?),
+            tls_dir,
+        } => add(ctx, &name, spec_of(kind, qmp_dir, uri, tls_dir)?),
         PlatformCmd::List => list(ctx),
         PlatformCmd::Show { name } => show(ctx, &name),
         PlatformCmd::Refresh { name } => refresh(ctx, &name),
@@ -53,9 +54,17 @@ fn spec_of(
     kind: PlatformKind,
     qmp_dir: Option<PathBuf>,
     uri: Option<String>,
+    tls_dir: Option<PathBuf>,
 ) -> Result<PlatformSpec> {
     match kind {
         PlatformKind::Qemu => {
+            if let Some(dir) = tls_dir {
+                return Err(invalid(
+                    "--tls-dir",
+                    dir.display(),
+                    "only with --type libvirt and a remote URI",
+                ));
+            }
             if let Some(uri) = uri {
                 return Err(invalid(
                     "--uri",
@@ -96,9 +105,37 @@ fn spec_of(
                     "a libvirt URI such as qemu:///system or qemu+ssh://host/system",
                 ));
             }
-            Ok(PlatformSpec::Libvirt { uri })
+            let tls_dir = tls_dir.map(|d| tls_dir_of(&uri, &d)).transpose()?;
+            Ok(PlatformSpec::Libvirt { uri, tls_dir })
         }
     }
+}
+
+/// `--tls-dir`: for a remote URI only; its certificates and key must load now.
+fn tls_dir_of(uri: &str, dir: &Path) -> Result<PathBuf> {
+    if !platform::libvirt::is_remote_uri(uri) {
+        return Err(invalid(
+            "--tls-dir",
+            dir.display(),
+            "only for a remote libvirt host (qemu+ssh://, qemu+tls://, qemu+tcp://); a local \
+             daemon's backups use a unix socket",
+        ));
+    }
+    let dir = dir.canonicalize().map_err(|e| {
+        invalid(
+            "--tls-dir",
+            dir.display(),
+            format!("must be an existing directory holding ca-cert.pem, client-cert.pem and client-key.pem ({e})"),
+        )
+    })?;
+    crate::nbd::tls::client_config(&dir).map_err(|e| {
+        invalid(
+            "--tls-dir",
+            dir.display(),
+            format!("must hold a CA (ca-cert.pem), a client certificate (client-cert.pem) and its key (client-key.pem): {e:#}"),
+        )
+    })?;
+    Ok(dir)
 }
 
 fn qemu_dir(dir: &Path) -> Result<PathBuf> {
@@ -193,18 +230,25 @@ struct Address {
     kind: String,
     qmp_dir: Option<String>,
     uri: Option<String>,
+    /// libvirt, remote host: the `--tls-dir` its TLS backup exports are read with.
+    tls_dir: Option<String>,
 }
 
 impl Address {
     fn of(spec: &PlatformSpec) -> Address {
-        let (qmp_dir, uri) = match spec {
-            PlatformSpec::Qemu { qmp_dir } => (Some(qmp_dir.display().to_string()), None),
-            PlatformSpec::Libvirt { uri } => (None, Some(uri.clone())),
+        let (qmp_dir, uri, tls_dir) = match spec {
+            PlatformSpec::Qemu { qmp_dir } => (Some(qmp_dir.display().to_string()), None, None),
+            PlatformSpec::Libvirt { uri, tls_dir } => (
+                None,
+                Some(uri.clone()),
+                tls_dir.as_ref().map(|d| d.display().to_string()),
+            ),
         };
         Address {
             kind: spec.kind().to_string(),
             qmp_dir,
             uri,
+            tls_dir,
         }
     }
 }
@@ -277,6 +321,12 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     out!("name:       {}", p.name);
     out!("type:       {}", p.spec.kind());
     out!("address:    {}", p.spec.address());
+    if let PlatformSpec::Libvirt {
+        tls_dir: Some(dir), ..
+    } = &p.spec
+    {
+        out!("tls dir:    {}", dir.display());
+    }
     out!("created:    {}", p.created_at);
     out!(
         "refreshed:  {}",

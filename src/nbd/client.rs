@@ -29,6 +29,7 @@ use super::handshake::{self, Negotiated};
 use super::inflight::{Inflight, Op};
 use super::proto::{self, Request};
 use super::reader;
+use super::tls;
 use crate::platform::NbdAddr;
 
 /// Largest request size used even when a server allows more.
@@ -75,10 +76,10 @@ impl NbdClient {
     ) -> Result<NbdClient> {
         let label = addr_label(addr);
         let handshake = async {
-            let (mut rd, mut wr) = open(addr)
+            let (mut rd, mut wr) = open(addr, export)
                 .await
                 .with_context(|| format!("connecting to NBD server {label}"))?;
-            let negotiated = handshake::negotiate(&mut rd, &mut wr, export, contexts)
+            let negotiated = handshake::options(&mut rd, &mut wr, export, contexts)
                 .await
                 .with_context(|| format!("NBD handshake with {label} for export '{export}'"))?;
             anyhow::Ok((rd, wr, negotiated))
@@ -389,24 +390,49 @@ fn addr_label(addr: &NbdAddr) -> String {
         NbdAddr::Unix { path } => format!("unix:{}", path.display()),
         NbdAddr::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
         NbdAddr::Tcp { host, port } => format!("{host}:{port}"),
+        NbdAddr::Tls { host, port, .. } if host.contains(':') => format!("tls:[{host}]:{port}"),
+        NbdAddr::Tls { host, port, .. } => format!("tls:{host}:{port}"),
     }
 }
 
-async fn open(addr: &NbdAddr) -> Result<(ReadHalf, WriteHalf)> {
-    match addr {
+/// Connect and run the handshake up to the options: the greeting, the client
+/// flags and, for [`NbdAddr::Tls`], `NBD_OPT_STARTTLS` and the TLS handshake.
+async fn open(addr: &NbdAddr, export: &str) -> Result<(ReadHalf, WriteHalf)> {
+    let (mut rd, mut wr): (ReadHalf, WriteHalf) = match addr {
         NbdAddr::Unix { path } => {
-            let stream = UnixStream::connect(path).await?;
-            let (rd, wr) = stream.into_split();
-            Ok((Box::new(rd), Box::new(wr)))
+            let (rd, wr) = UnixStream::connect(path).await?.into_split();
+            (Box::new(rd), Box::new(wr))
         }
         NbdAddr::Tcp { host, port } => {
-            let stream = TcpStream::connect((host.as_str(), *port)).await?;
-            // Requests are small and pipelined; do not let Nagle hold them back.
-            stream.set_nodelay(true)?;
-            let (rd, wr) = stream.into_split();
-            Ok((Box::new(rd), Box::new(wr)))
+            let (rd, wr) = tcp(host, *port).await?.into_split();
+            (Box::new(rd), Box::new(wr))
         }
-    }
+        NbdAddr::Tls {
+            host,
+            port,
+            tls_dir,
+        } => {
+            // The certificates first: a bad directory is not the server's fault.
+            let config = tls::client_config(tls_dir)?;
+            let mut stream = tcp(host, *port).await?;
+            {
+                let (mut rd, mut wr) = stream.split();
+                handshake::begin(&mut rd, &mut wr).await?;
+                handshake::starttls(&mut rd, &mut wr, export).await?;
+            }
+            let (rd, wr) = tokio::io::split(tls::connect(config, host, stream).await?);
+            return Ok((Box::new(rd), Box::new(wr)));
+        }
+    };
+    handshake::begin(&mut rd, &mut wr).await?;
+    Ok((rd, wr))
+}
+
+async fn tcp(host: &str, port: u16) -> Result<TcpStream> {
+    let stream = TcpStream::connect((host, port)).await?;
+    // Requests are small and pipelined; do not let Nagle hold them back.
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// Write queued requests, batching what is queued into one flush; on a write

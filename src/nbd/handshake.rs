@@ -5,6 +5,10 @@
 //! `NBD_OPT_SET_META_CONTEXT` for the requested contexts (when any) → `NBD_OPT_GO`
 //! with `NBD_INFO_BLOCK_SIZE` requested. Options are sent one at a time; every
 //! error names the export and the option.
+//!
+//! Over TLS the sequence is split ([`begin`], [`starttls`], then [`options`] on
+//! the TLS stream): `NBD_OPT_STARTTLS` comes right after the client flags, and a
+//! server that does not accept it is refused (the data would cross in clear).
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -27,7 +31,7 @@ pub struct Negotiated {
     pub contexts: Vec<(String, u32)>,
 }
 
-/// Run the handshake for `export`, selecting `contexts`.
+/// Run the whole handshake (no TLS) for `export`, selecting `contexts`.
 pub async fn negotiate<R, W>(
     rd: &mut R,
     wr: &mut W,
@@ -38,8 +42,19 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut conn = OptionConn { rd, wr, export };
+    begin(rd, wr).await?;
+    options(rd, wr, export, contexts).await
+}
+
+/// The greeting and the client flags: what comes before any option.
+pub async fn begin<R, W>(rd: &mut R, wr: &mut W) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut conn = OptionConn { rd, wr, export: "" };
     let handshake_flags = conn.greeting().await?;
+    tracing::debug!("NBD server greeting: handshake flags {handshake_flags:#x}");
     let mut client_flags = proto::FLAG_C_FIXED_NEWSTYLE;
     if handshake_flags & proto::FLAG_NO_ZEROES != 0 {
         client_flags |= proto::FLAG_C_NO_ZEROES;
@@ -47,8 +62,42 @@ where
     conn.wr
         .write_all(&client_flags.to_be_bytes())
         .await
-        .context("sending client flags")?;
+        .context("sending client flags")
+}
 
+/// `NBD_OPT_STARTTLS`: after its acknowledgement the TLS handshake starts on the
+/// same stream. Any other answer is an error: vmbackup never falls back to clear
+/// text when TLS was asked for.
+pub async fn starttls<R, W>(rd: &mut R, wr: &mut W, export: &str) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut conn = OptionConn { rd, wr, export };
+    let option = proto::OPT_STARTTLS;
+    conn.send_option(option, &[]).await?;
+    let (reply, data) = conn.reply(option).await?;
+    match reply {
+        proto::REP_ACK => Ok(()),
+        _ => Err(conn
+            .option_error(option, reply, &data)
+            .context("the NBD server does not offer TLS; refusing to read the disk in clear text")),
+    }
+}
+
+/// Every option after the client flags (and after TLS when used): structured
+/// replies, meta contexts, `NBD_OPT_GO`.
+pub async fn options<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    export: &str,
+    contexts: &[&str],
+) -> Result<Negotiated>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut conn = OptionConn { rd, wr, export };
     let structured_replies = conn.structured_reply().await?;
     let contexts = if contexts.is_empty() {
         Vec::new()
@@ -63,7 +112,7 @@ where
     negotiated.structured_replies = structured_replies;
     negotiated.contexts = contexts;
     tracing::debug!(
-        "NBD export '{export}': handshake flags {handshake_flags:#x}, size {} bytes, transmission flags {:#x}, structured replies {structured_replies}, block sizes {}/{}/{} (min/preferred/max), meta contexts {:?}",
+        "NBD export '{export}': size {} bytes, transmission flags {:#x}, structured replies {structured_replies}, block sizes {}/{}/{} (min/preferred/max), meta contexts {:?}",
         negotiated.size,
         negotiated.transmission_flags,
         negotiated.min_block,

@@ -13,8 +13,8 @@
 //!
 //! Files: [`proto`] wire format (no I/O), [`handshake`] option haggling,
 //! [`client`] the public handle and writer, [`reader`] reply framing and routing,
-//! [`inflight`] the request table, [`extents`] block status assembly, [`uri`] NBD
-//! URIs. Errors name the export, the request (offset, length) and the server's
+//! [`inflight`] the request table, [`extents`] block status assembly, [`tls`] TLS
+//! (`NBD_OPT_STARTTLS`, x509 certificates), [`uri`] NBD URIs. Errors name the export, the request (offset, length) and the server's
 //! message; a broken connection fails every pending request with one reason.
 
 pub mod client;
@@ -23,6 +23,7 @@ pub mod handshake;
 pub mod inflight;
 pub mod proto;
 pub mod reader;
+pub mod tls;
 pub mod uri;
 
 pub use crate::platform::NbdAddr;

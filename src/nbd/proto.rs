@@ -30,6 +30,7 @@ pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
 // Options.
 pub const OPT_ABORT: u32 = 2;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
@@ -209,6 +210,7 @@ pub fn parse_meta_context(data: &[u8]) -> Result<(u32, String)> {
 pub fn option_name(option: u32) -> String {
     match option {
         OPT_ABORT => "NBD_OPT_ABORT".into(),
+        OPT_STARTTLS => "NBD_OPT_STARTTLS".into(),
         OPT_GO => "NBD_OPT_GO".into(),
         OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY".into(),
         OPT_LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT".into(),

@@ -59,8 +59,21 @@ use crate::level::Level;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum NbdAddr {
-    Unix { path: PathBuf },
-    Tcp { host: String, port: u16 },
+    Unix {
+        path: PathBuf,
+    },
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    /// TCP with TLS (`NBD_OPT_STARTTLS`): the server's certificate must chain to
+    /// `tls_dir/ca-cert.pem` and name `host`; the client certificate in
+    /// `tls_dir` is presented (see [`crate::nbd::tls`]).
+    Tls {
+        host: String,
+        port: u16,
+        tls_dir: PathBuf,
+    },
 }
 
 /// One VM as the platform reports it.
@@ -314,6 +327,10 @@ pub fn connect(
         PlatformSpec::Qemu { qmp_dir } => Ok(Box::new(
             qemu::QemuPlatform::new(qmp_dir.clone()).with_timeout(io_timeout),
         )),
-        PlatformSpec::Libvirt { uri } => Ok(Box::new(libvirt::LibvirtPlatform::connect(uri)?)),
+        PlatformSpec::Libvirt { uri, tls_dir } => Ok(Box::new(libvirt::LibvirtPlatform::connect(
+            uri,
+            tls_dir.as_deref(),
+            io_timeout,
+        )?)),
     }
 }

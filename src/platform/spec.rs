@@ -16,7 +16,13 @@ pub enum PlatformSpec {
     /// QEMU processes, one QMP unix socket per VM in a directory.
     Qemu { qmp_dir: PathBuf },
     /// Domains of a libvirt daemon (`qemu:///system`, `qemu+ssh://host/system`, ...).
-    Libvirt { uri: String },
+    /// `tls_dir`: for a remote host, the CA and client certificate its TLS backup
+    /// exports are read with (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`).
+    Libvirt {
+        uri: String,
+        #[serde(default)]
+        tls_dir: Option<PathBuf>,
+    },
 }
 
 /// The type of a platform, without parameters.
@@ -48,7 +54,7 @@ impl PlatformSpec {
     pub fn address(&self) -> String {
         match self {
             PlatformSpec::Qemu { qmp_dir } => qmp_dir.display().to_string(),
-            PlatformSpec::Libvirt { uri } => uri.clone(),
+            PlatformSpec::Libvirt { uri, .. } => uri.clone(),
         }
     }
 
@@ -92,9 +98,18 @@ mod tests {
         assert_eq!(PlatformSpec::from_json(&q.to_json()).unwrap(), q);
         let l = PlatformSpec::Libvirt {
             uri: "qemu:///system".into(),
+            tls_dir: None,
         };
-        assert_eq!(l.to_json(), r#"{"type":"libvirt","uri":"qemu:///system"}"#);
+        assert_eq!(
+            l.to_json(),
+            r#"{"type":"libvirt","uri":"qemu:///system","tls_dir":null}"#
+        );
         assert_eq!(PlatformSpec::from_json(&l.to_json()).unwrap(), l);
+        // Rows stored before tls_dir existed.
+        assert_eq!(
+            PlatformSpec::from_json(r#"{"type":"libvirt","uri":"qemu:///system"}"#).unwrap(),
+            l
+        );
         assert!(PlatformSpec::from_json(r#"{"type":"vsphere"}"#).is_err());
     }
 }

@@ -234,7 +234,7 @@ impl TaskResult {
 pub struct RunnerConfig {
     pub state_path: PathBuf,
     pub run_dir: PathBuf,
-    /// How long a QMP command or NBD request may wait for its answer.
+    /// How long a QMP command, NBD request or libvirt call may wait for its answer.
     pub io_timeout: Duration,
     pub limits: Limits,
     pub chunk_size: u32,

@@ -41,6 +41,62 @@ pub fn uri() -> String {
     .clone()
 }
 
+/// The private daemon's directory (scripts/test-libvirtd.sh's DIR), from its
+/// socket in [`uri`] (`...?socket=DIR/run/libvirt-sock`).
+fn daemon_dir() -> PathBuf {
+    let u = uri();
+    let socket = u
+        .split_once("socket=")
+        .map(|(_, s)| s.split('&').next().unwrap())
+        .unwrap_or_else(|| panic!("the test daemon's URI {u} names no socket"));
+    Path::new(socket)
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The private libvirtd's process id (to stop it in a test).
+pub fn libvirtd_pid() -> u32 {
+    let f = daemon_dir().join("run/libvirtd.pid");
+    std::fs::read_to_string(&f)
+        .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The same daemon reached as a remote host: `qemu+tcp://127.0.0.1:PORT/system`.
+pub fn tcp_uri() -> String {
+    let f = daemon_dir().join("run/tcp-uri");
+    std::fs::read_to_string(&f)
+        .unwrap_or_else(|e| panic!("{}: {e} (restart the test libvirtd)", f.display()))
+        .trim()
+        .to_string()
+}
+
+/// The CA and client certificate for the daemon's TLS backup exports (vmbackup's
+/// `--tls-dir`); QEMU's server side is in the same directory.
+pub fn tls_dir() -> PathBuf {
+    daemon_dir().join("etc/pki/qemu")
+}
+
+/// Scratch files of remote-style backups left in QEMU's directory of the daemon.
+pub fn remote_scratch_files() -> Vec<PathBuf> {
+    std::fs::read_dir(daemon_dir().join("lib/qemu"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmbackup-")
+        })
+        .collect()
+}
+
 /// The tiny guest's kernel and initramfs.
 pub fn guest() -> (PathBuf, PathBuf) {
     static DIR: OnceLock<PathBuf> = OnceLock::new();

@@ -10,11 +10,22 @@
 //! Errors: libvirt's default error handler prints to stderr; it is replaced by one
 //! that prints nothing, and each failed call is turned into an error carrying
 //! `virGetLastErrorMessage` and `virGetLastErrorCode`.
+//!
+//! Deadlines (a stuck hypervisor never hangs vmbackup): every call that talks to
+//! the daemon runs on a thread of its own and is waited for at most the
+//! connection's `io_timeout`; one that does not return in time fails with a
+//! message naming the libvirt function, and the connection is *abandoned*: every
+//! later call on it fails at once, and its objects are never freed (the stuck
+//! thread may still use them). libvirt's keepalive (an event loop thread, probes
+//! every `io_timeout / 4`, 3 unanswered = dead) closes a connection whose daemon
+//! stopped answering, which also releases the stuck thread.
 
 use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void, CStr, CString};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, OnceLock};
+use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 /// `VIR_ERR_NO_DOMAIN_CHECKPOINT`
 pub const ERR_NO_DOMAIN_CHECKPOINT: i32 = 103;
@@ -62,7 +73,6 @@ struct Api {
     connect_close: unsafe extern "C" fn(Conn) -> c_int,
     connect_is_alive: unsafe extern "C" fn(Conn) -> c_int,
     connect_get_hostname: unsafe extern "C" fn(Conn) -> *mut c_char,
-    connect_get_uri: unsafe extern "C" fn(Conn) -> *mut c_char,
     list_all_domains: unsafe extern "C" fn(Conn, *mut *mut Dom, c_uint) -> c_int,
     lookup_by_name: unsafe extern "C" fn(Conn, *const c_char) -> Dom,
     define_xml: unsafe extern "C" fn(Conn, *const c_char) -> Dom,
@@ -91,6 +101,7 @@ struct Api {
     checkpoint_free: unsafe extern "C" fn(Cp) -> c_int,
     last_error_message: unsafe extern "C" fn() -> *const c_char,
     last_error_code: unsafe extern "C" fn() -> c_int,
+    set_keep_alive: unsafe extern "C" fn(Conn, c_int, c_uint) -> c_int,
 }
 
 extern "C" {
@@ -128,19 +139,33 @@ fn load() -> std::result::Result<Api, String> {
     let init: unsafe extern "C" fn() -> c_int = sym!("virInitialize");
     let set_error_func: unsafe extern "C" fn(*mut c_void, extern "C" fn(*mut c_void, *mut c_void)) =
         sym!("virSetErrorFunc");
+    let register_events: unsafe extern "C" fn() -> c_int = sym!("virEventRegisterDefaultImpl");
+    let run_events: unsafe extern "C" fn() -> c_int = sym!("virEventRunDefaultImpl");
     // SAFETY: plain calls into the freshly loaded library.
     unsafe {
         if init() < 0 {
             return Err("virInitialize failed".into());
         }
         set_error_func(std::ptr::null_mut(), quiet_errors);
+        // The event loop keepalive needs; registered before any connection.
+        if register_events() < 0 {
+            return Err("virEventRegisterDefaultImpl failed".into());
+        }
     }
+    std::thread::Builder::new()
+        .name("libvirt-events".into())
+        // SAFETY: the default event loop, run from one thread as libvirt requires.
+        .spawn(move || loop {
+            if unsafe { run_events() } < 0 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .map_err(|e| format!("cannot start libvirt's event loop thread: {e}"))?;
     Ok(Api {
         connect_open: sym!("virConnectOpen"),
         connect_close: sym!("virConnectClose"),
         connect_is_alive: sym!("virConnectIsAlive"),
         connect_get_hostname: sym!("virConnectGetHostname"),
-        connect_get_uri: sym!("virConnectGetURI"),
         list_all_domains: sym!("virConnectListAllDomains"),
         lookup_by_name: sym!("virDomainLookupByName"),
         define_xml: sym!("virDomainDefineXML"),
@@ -168,6 +193,7 @@ fn load() -> std::result::Result<Api, String> {
         checkpoint_free: sym!("virDomainCheckpointFree"),
         last_error_message: sym!("virGetLastErrorMessage"),
         last_error_code: sym!("virGetLastErrorCode"),
+        set_keep_alive: sym!("virConnectSetKeepAlive"),
         _lib: lib,
     })
 }
@@ -181,14 +207,48 @@ pub struct VirError {
     pub code: i32,
 }
 
-fn last_error(api: &Api, what: impl Into<String>) -> anyhow::Error {
-    let (message, code) = read_last_error(api);
+/// libvirt's message and code for a failed call, read on the thread that made it.
+type Failure = (String, i32);
+
+fn vir_error(what: impl Into<String>, (message, code): Failure) -> anyhow::Error {
     VirError {
         what: what.into(),
         message,
         code,
     }
     .into()
+}
+
+/// A libvirt object pointer handed to the thread that makes a call.
+#[derive(Clone, Copy)]
+struct Raw(*mut c_void);
+
+// SAFETY: libvirt objects may be used from any thread; see `Connection::call`
+// for why they outlive a call that times out.
+unsafe impl Send for Raw {}
+
+impl Raw {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the field).
+    fn get(self) -> *mut c_void {
+        self.0
+    }
+}
+
+/// `rc < 0` → the calling thread's libvirt error.
+fn checked(api: &Api, rc: c_int) -> std::result::Result<c_int, Failure> {
+    if rc < 0 {
+        Err(read_last_error(api))
+    } else {
+        Ok(rc)
+    }
+}
+
+/// A malloc'ed string, or the calling thread's libvirt error when it is null.
+///
+/// # Safety
+/// As [`owned_string`].
+unsafe fn string_or_error(api: &Api, p: *mut c_char) -> std::result::Result<String, Failure> {
+    owned_string(p).ok_or_else(|| read_last_error(api))
 }
 
 /// The calling thread's last libvirt error. Read it before any other libvirt
@@ -233,6 +293,10 @@ unsafe fn owned_string(p: *mut c_char) -> Option<String> {
 pub struct Connection {
     ptr: Conn,
     api: &'static Api,
+    /// How long a call may take (the rule's or system.conf's `io_timeout`).
+    timeout: Duration,
+    /// A call did not return in time: the connection is abandoned.
+    stuck: AtomicBool,
 }
 
 // SAFETY: libvirt documents virConnectPtr as safe to use from several threads.
@@ -240,84 +304,193 @@ unsafe impl Send for Connection {}
 unsafe impl Sync for Connection {}
 
 impl Connection {
-    pub fn open(uri: &str) -> Result<Connection> {
+    /// Connect to `uri`; every call then waits at most `timeout` for the daemon.
+    pub fn open(uri: &str, timeout: Duration) -> Result<Connection> {
         let api = api()?;
         let c = cstring(uri, "URI")?;
-        // SAFETY: valid C string; returns null on failure.
-        let ptr = unsafe { (api.connect_open)(c.as_ptr()) };
-        if ptr.is_null() {
-            return Err(last_error(
-                api,
-                format!("cannot connect to libvirt at {uri}"),
-            ));
+        let what = format!("cannot connect to libvirt at {uri}");
+        let opened = bounded(timeout, "virConnectOpen", move || {
+            // SAFETY: valid C string; returns null on failure.
+            let ptr = unsafe { (api.connect_open)(c.as_ptr()) };
+            if ptr.is_null() {
+                Err(read_last_error(api))
+            } else {
+                Ok(Raw(ptr))
+            }
+        })
+        .with_context(|| what.clone())?;
+        let ptr = opened.map_err(|f| vir_error(what, f))?.get();
+        // Keepalive: probes every timeout/4 s, the connection is closed after 3
+        // unanswered ones (about the deadline of one call).
+        let interval = (timeout.as_secs() / 4).clamp(1, i32::MAX as u64) as c_int;
+        // SAFETY: live connection; a failure (e.g. a driver without keepalive) only
+        // leaves the per-call deadlines.
+        if unsafe { (api.set_keep_alive)(ptr, interval, 3) } < 0 {
+            tracing::debug!(
+                "libvirt keepalive not enabled for {uri}: {}",
+                read_last_error(api).0
+            );
         }
-        Ok(Connection { ptr, api })
+        Ok(Connection {
+            ptr,
+            api,
+            timeout,
+            stuck: AtomicBool::new(false),
+        })
+    }
+
+    /// Run one libvirt call (`function`, for messages) on its own thread and wait
+    /// at most the connection's timeout. On timeout the connection is marked
+    /// abandoned: the thread may still be inside libvirt with this connection's
+    /// objects, so none of them is freed from then on (see the `Drop`s).
+    fn call<T: Send + 'static>(
+        &self,
+        function: &str,
+        f: impl FnOnce(&'static Api) -> std::result::Result<T, Failure> + Send + 'static,
+    ) -> Result<std::result::Result<T, Failure>> {
+        if self.stuck.load(Ordering::SeqCst) {
+            bail!(
+                "{function} not called: an earlier libvirt call on this connection did not \
+                 return within {} (io_timeout)",
+                humantime::format_duration(self.timeout)
+            );
+        }
+        let api = self.api;
+        bounded(self.timeout, function, move || f(api)).inspect_err(|_| {
+            self.stuck.store(true, Ordering::SeqCst);
+        })
+    }
+
+    fn raw(&self) -> Raw {
+        Raw(self.ptr)
     }
 
     pub fn is_alive(&self) -> bool {
-        // SAFETY: live connection.
-        unsafe { (self.api.connect_is_alive)(self.ptr) == 1 }
+        let c = self.raw();
+        // SAFETY: live connection (a local check, no call to the daemon).
+        !self.stuck.load(Ordering::SeqCst) && unsafe { (self.api.connect_is_alive)(c.get()) == 1 }
     }
 
     pub fn hostname(&self) -> Result<String> {
-        // SAFETY: live connection; result is malloc'ed.
-        unsafe { owned_string((self.api.connect_get_hostname)(self.ptr)) }
-            .ok_or_else(|| last_error(self.api, "cannot read the libvirt host name"))
-    }
-
-    pub fn uri(&self) -> Result<String> {
-        // SAFETY: live connection; result is malloc'ed.
-        unsafe { owned_string((self.api.connect_get_uri)(self.ptr)) }
-            .ok_or_else(|| last_error(self.api, "cannot read the connection URI"))
+        let c = self.raw();
+        self.call("virConnectGetHostname", move |api| {
+            // SAFETY: live connection; result is malloc'ed.
+            unsafe { string_or_error(api, (api.connect_get_hostname)(c.get())) }
+        })?
+        .map_err(|f| vir_error("cannot read the libvirt host name", f))
     }
 
     /// Every domain, running or not (persistent and transient).
     pub fn domains(&self) -> Result<Vec<Domain<'_>>> {
-        let mut list: *mut Dom = std::ptr::null_mut();
-        // SAFETY: libvirt allocates the array; we free it and own each element.
-        let n = unsafe { (self.api.list_all_domains)(self.ptr, &mut list, 0) };
-        if n < 0 {
-            return Err(last_error(self.api, "cannot list domains"));
-        }
-        let mut out = Vec::with_capacity(n as usize);
-        for i in 0..n as usize {
-            // SAFETY: i < n elements were returned.
-            out.push(Domain {
-                ptr: unsafe { *list.add(i) },
+        let c = self.raw();
+        let raws = self
+            .call("virConnectListAllDomains", move |api| {
+                let mut list: *mut Dom = std::ptr::null_mut();
+                // SAFETY: libvirt allocates the array; we free it and own each element.
+                let n = checked(api, unsafe {
+                    (api.list_all_domains)(c.get(), &mut list, 0)
+                })?;
+                // SAFETY: n elements were returned; the array itself was malloc'ed.
+                let raws = (0..n as usize)
+                    .map(|i| Raw(unsafe { *list.add(i) }))
+                    .collect::<Vec<_>>();
+                unsafe { free(list.cast()) };
+                Ok(raws)
+            })?
+            .map_err(|f| vir_error("cannot list domains", f))?;
+        Ok(raws
+            .into_iter()
+            .map(|r| Domain {
+                ptr: r.get(),
                 conn: self,
-            });
-        }
-        // SAFETY: the array itself was malloc'ed by libvirt.
-        unsafe { free(list.cast()) };
-        Ok(out)
+            })
+            .collect())
     }
 
     pub fn domain(&self, name: &str) -> Result<Domain<'_>> {
-        let c = cstring(name, "domain name")?;
-        // SAFETY: valid C string.
-        let ptr = unsafe { (self.api.lookup_by_name)(self.ptr, c.as_ptr()) };
-        if ptr.is_null() {
-            return Err(last_error(self.api, format!("no domain '{name}'")));
-        }
-        Ok(Domain { ptr, conn: self })
+        let c = self.raw();
+        let n = cstring(name, "domain name")?;
+        let ptr = self
+            .call("virDomainLookupByName", move |api| {
+                // SAFETY: valid C string.
+                let ptr = unsafe { (api.lookup_by_name)(c.get(), n.as_ptr()) };
+                if ptr.is_null() {
+                    Err(read_last_error(api))
+                } else {
+                    Ok(Raw(ptr))
+                }
+            })?
+            .map_err(|f| vir_error(format!("no domain '{name}'"), f))?;
+        Ok(Domain {
+            ptr: ptr.get(),
+            conn: self,
+        })
     }
 
     /// Define a persistent domain from XML.
     pub fn define(&self, xml: &str) -> Result<Domain<'_>> {
-        let c = cstring(xml, "domain XML")?;
-        // SAFETY: valid C string.
-        let ptr = unsafe { (self.api.define_xml)(self.ptr, c.as_ptr()) };
-        if ptr.is_null() {
-            return Err(last_error(self.api, "cannot define the domain"));
+        let c = self.raw();
+        let x = cstring(xml, "domain XML")?;
+        let ptr = self
+            .call("virDomainDefineXML", move |api| {
+                // SAFETY: valid C string.
+                let ptr = unsafe { (api.define_xml)(c.get(), x.as_ptr()) };
+                if ptr.is_null() {
+                    Err(read_last_error(api))
+                } else {
+                    Ok(Raw(ptr))
+                }
+            })?
+            .map_err(|f| vir_error("cannot define the domain", f))?;
+        Ok(Domain {
+            ptr: ptr.get(),
+            conn: self,
+        })
+    }
+
+    fn abandoned(&self) -> bool {
+        self.stuck.load(Ordering::SeqCst)
+    }
+}
+
+/// Run `f` on a new thread and wait at most `timeout` for it; the error names
+/// `function`. A thread that times out is left to finish (or block) on its own.
+fn bounded<T: Send + 'static>(
+    timeout: Duration,
+    function: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("libvirt-call".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .with_context(|| format!("cannot start a thread for {function}"))?;
+    match rx.recv_timeout(timeout) {
+        Ok(v) => Ok(v),
+        Err(mpsc::RecvTimeoutError::Timeout) => bail!(
+            "libvirt did not answer {function} within {} (io_timeout): the daemon or the \
+             hypervisor is stuck; run `vmbackup cleanup` once it answers again",
+            humantime::format_duration(timeout)
+        ),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            bail!("the thread calling {function} ended without an answer")
         }
-        Ok(Domain { ptr, conn: self })
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        // SAFETY: we own one reference.
-        unsafe { (self.api.connect_close)(self.ptr) };
+        if self.abandoned() {
+            return; // a stuck call may still use it (and closing would block)
+        }
+        let c = self.raw();
+        let api = self.api;
+        // SAFETY: we own one reference; closing talks to the daemon: bounded too.
+        let _ = bounded(self.timeout, "virConnectClose", move || unsafe {
+            (api.connect_close)(c.get())
+        });
     }
 }
 
@@ -359,26 +532,33 @@ impl Domain<'_> {
         self.conn.api
     }
 
-    fn fail(&self, what: &str) -> anyhow::Error {
-        let (message, code) = read_last_error(self.api());
-        VirError {
-            what: format!("domain '{}': {what}", self.name()),
-            message,
-            code,
-        }
-        .into()
+    /// One call to the daemon about this domain (see [`Connection::call`]);
+    /// `what` says what failed in the error.
+    fn call<T: Send + 'static>(
+        &self,
+        function: &str,
+        what: &str,
+        f: impl FnOnce(&'static Api, Dom) -> std::result::Result<T, Failure> + Send + 'static,
+    ) -> Result<T> {
+        let d = Raw(self.ptr);
+        self.conn
+            .call(function, move |api| f(api, d.get()))
+            .with_context(|| format!("domain '{}': {what}", self.name()))?
+            .map_err(|f| vir_error(format!("domain '{}': {what} ({function})", self.name()), f))
     }
 
-    fn check(&self, rc: c_int, what: &str) -> Result<c_int> {
-        if rc < 0 {
-            Err(self.fail(what))
-        } else {
-            Ok(rc)
-        }
+    /// A call returning an int status (`< 0` fails).
+    fn call_rc(
+        &self,
+        function: &str,
+        what: &str,
+        f: impl FnOnce(&'static Api, Dom) -> c_int + Send + 'static,
+    ) -> Result<c_int> {
+        self.call(function, what, move |api, d| checked(api, f(api, d)))
     }
 
     pub fn name(&self) -> String {
-        // SAFETY: the name lives as long as the domain object.
+        // SAFETY: the name lives as long as the domain object (local, no call).
         unsafe {
             let p = (self.api().domain_get_name)(self.ptr);
             if p.is_null() {
@@ -391,11 +571,10 @@ impl Domain<'_> {
 
     pub fn uuid(&self) -> Result<String> {
         let mut buf = [0 as c_char; 37];
-        // SAFETY: VIR_UUID_STRING_BUFLEN is 37.
-        self.check(
-            unsafe { (self.api().domain_get_uuid_string)(self.ptr, buf.as_mut_ptr()) },
-            "read UUID",
-        )?;
+        // SAFETY: VIR_UUID_STRING_BUFLEN is 37 (local, no call to the daemon).
+        let rc = unsafe { (self.api().domain_get_uuid_string)(self.ptr, buf.as_mut_ptr()) };
+        checked(self.api(), rc)
+            .map_err(|f| vir_error(format!("domain '{}': read UUID", self.name()), f))?;
         // SAFETY: libvirt wrote a NUL-terminated string.
         Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }
             .to_string_lossy()
@@ -403,61 +582,73 @@ impl Domain<'_> {
     }
 
     pub fn state(&self) -> Result<DomainState> {
-        let (mut state, mut reason) = (0, 0);
-        // SAFETY: out-pointers to locals.
-        self.check(
-            unsafe { (self.api().domain_get_state)(self.ptr, &mut state, &mut reason, 0) },
-            "read state",
-        )?;
+        let state = self.call("virDomainGetState", "read state", |api, d| {
+            let (mut state, mut reason) = (0, 0);
+            // SAFETY: out-pointers to locals.
+            checked(api, unsafe {
+                (api.domain_get_state)(d, &mut state, &mut reason, 0)
+            })?;
+            Ok(state)
+        })?;
         // SAFETY: live domain.
-        let persistent = self.check(
-            unsafe { (self.api().domain_is_persistent)(self.ptr) },
+        let persistent = self.call_rc(
+            "virDomainIsPersistent",
             "read persistence",
+            |api, d| unsafe { (api.domain_is_persistent)(d) },
         )? == 1;
         Ok(DomainState { state, persistent })
     }
 
     /// The domain XML without secure fields (no passwords: no VIR_DOMAIN_XML_SECURE).
     pub fn xml(&self, flags: c_uint) -> Result<String> {
-        // SAFETY: result is malloc'ed.
-        unsafe { owned_string((self.api().domain_get_xml_desc)(self.ptr, flags)) }
-            .ok_or_else(|| self.fail("read domain XML"))
+        self.call("virDomainGetXMLDesc", "read domain XML", move |api, d| {
+            // SAFETY: result is malloc'ed.
+            unsafe { string_or_error(api, (api.domain_get_xml_desc)(d, flags)) }
+        })
     }
 
     /// A disk's virtual size in bytes (by target, e.g. `vda`).
     pub fn disk_capacity(&self, target: &str) -> Result<u64> {
         let c = cstring(target, "disk target")?;
-        let mut info = BlockInfo {
-            capacity: 0,
-            allocation: 0,
-            physical: 0,
-        };
-        // SAFETY: out-pointer to a repr(C) struct of libvirt's layout.
-        self.check(
-            unsafe { (self.api().domain_get_block_info)(self.ptr, c.as_ptr(), &mut info, 0) },
+        self.call(
+            "virDomainGetBlockInfo",
             &format!("read size of disk {target}"),
-        )?;
-        Ok(info.capacity)
+            move |api, d| {
+                let mut info = BlockInfo {
+                    capacity: 0,
+                    allocation: 0,
+                    physical: 0,
+                };
+                // SAFETY: out-pointer to a repr(C) struct of libvirt's layout.
+                checked(api, unsafe {
+                    (api.domain_get_block_info)(d, c.as_ptr(), &mut info, 0)
+                })?;
+                Ok(info.capacity)
+            },
+        )
     }
 
     pub fn start(&self) -> Result<()> {
         // SAFETY: live domain.
-        self.check(unsafe { (self.api().domain_create)(self.ptr) }, "start")
-            .map(drop)
+        self.call_rc("virDomainCreate", "start", |api, d| unsafe {
+            (api.domain_create)(d)
+        })
+        .map(drop)
     }
 
     pub fn destroy(&self) -> Result<()> {
         // SAFETY: live domain.
-        self.check(unsafe { (self.api().domain_destroy)(self.ptr) }, "stop")
-            .map(drop)
+        self.call_rc("virDomainDestroy", "stop", |api, d| unsafe {
+            (api.domain_destroy)(d)
+        })
+        .map(drop)
     }
 
     pub fn undefine(&self, flags: c_uint) -> Result<()> {
         // SAFETY: live domain.
-        self.check(
-            unsafe { (self.api().domain_undefine_flags)(self.ptr, flags) },
-            "undefine",
-        )
+        self.call_rc("virDomainUndefineFlags", "undefine", move |api, d| unsafe {
+            (api.domain_undefine_flags)(d, flags)
+        })
         .map(drop)
     }
 
@@ -467,37 +658,42 @@ impl Domain<'_> {
         let c = checkpoint_xml
             .map(|x| cstring(x, "checkpoint XML"))
             .transpose()?;
-        let cp = c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
-        // SAFETY: valid C strings (or null for no checkpoint).
-        self.check(
-            unsafe { (self.api().backup_begin)(self.ptr, b.as_ptr(), cp, 0) },
-            "begin backup",
-        )
+        self.call_rc("virDomainBackupBegin", "begin backup", move |api, d| {
+            let cp = c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+            // SAFETY: valid C strings (or null for no checkpoint).
+            unsafe { (api.backup_begin)(d, b.as_ptr(), cp, 0) }
+        })
         .map(drop)
     }
 
     /// The running backup job's XML; `None` when no backup job runs.
-    pub fn backup_xml(&self) -> Option<String> {
-        // SAFETY: result is malloc'ed or null (no job).
-        unsafe { owned_string((self.api().backup_get_xml_desc)(self.ptr, 0)) }
+    pub fn backup_xml(&self) -> Result<Option<String>> {
+        self.call(
+            "virDomainBackupGetXMLDesc",
+            "read the backup job",
+            |api, d| {
+                // SAFETY: result is malloc'ed or null (no job).
+                Ok(unsafe { owned_string((api.backup_get_xml_desc)(d, 0)) })
+            },
+        )
     }
 
     /// Abort the domain's job (ends a pull-mode backup).
     pub fn abort_job(&self) -> Result<()> {
         // SAFETY: live domain.
-        self.check(
-            unsafe { (self.api().domain_abort_job)(self.ptr) },
-            "abort job",
-        )
+        self.call_rc("virDomainAbortJob", "abort job", |api, d| unsafe {
+            (api.domain_abort_job)(d)
+        })
         .map(drop)
     }
 
     /// Freeze every guest file system through the guest agent; returns how many.
     pub fn fs_freeze(&self) -> Result<u32> {
         // SAFETY: no mount point list (all file systems).
-        let n = self.check(
-            unsafe { (self.api().fs_freeze)(self.ptr, std::ptr::null(), 0, 0) },
+        let n = self.call_rc(
+            "virDomainFSFreeze",
             "freeze guest file systems",
+            |api, d| unsafe { (api.fs_freeze)(d, std::ptr::null(), 0, 0) },
         )?;
         Ok(n as u32)
     }
@@ -505,9 +701,10 @@ impl Domain<'_> {
     /// Thaw every guest file system; returns how many were thawed.
     pub fn fs_thaw(&self) -> Result<u32> {
         // SAFETY: no mount point list (all file systems).
-        let n = self.check(
-            unsafe { (self.api().fs_thaw)(self.ptr, std::ptr::null(), 0, 0) },
+        let n = self.call_rc(
+            "virDomainFSThaw",
             "thaw guest file systems",
+            |api, d| unsafe { (api.fs_thaw)(d, std::ptr::null(), 0, 0) },
         )?;
         Ok(n as u32)
     }
@@ -515,53 +712,83 @@ impl Domain<'_> {
     /// Create (or, with the REDEFINE flags, redefine) a checkpoint.
     pub fn checkpoint_create(&self, xml: &str, flags: c_uint) -> Result<Checkpoint<'_>> {
         let c = cstring(xml, "checkpoint XML")?;
-        // SAFETY: valid C string.
-        let ptr = unsafe { (self.api().checkpoint_create_xml)(self.ptr, c.as_ptr(), flags) };
-        if ptr.is_null() {
-            return Err(self.fail("create checkpoint"));
-        }
-        Ok(Checkpoint { ptr, dom: self })
+        let ptr = self.call(
+            "virDomainCheckpointCreateXML",
+            "create checkpoint",
+            move |api, d| {
+                // SAFETY: valid C string.
+                let ptr = unsafe { (api.checkpoint_create_xml)(d, c.as_ptr(), flags) };
+                if ptr.is_null() {
+                    Err(read_last_error(api))
+                } else {
+                    Ok(Raw(ptr))
+                }
+            },
+        )?;
+        Ok(Checkpoint {
+            ptr: ptr.get(),
+            dom: self,
+        })
     }
 
     /// The checkpoint called `name`; `Ok(None)` when the domain has none by that name.
     pub fn checkpoint(&self, name: &str) -> Result<Option<Checkpoint<'_>>> {
         let c = cstring(name, "checkpoint name")?;
-        // SAFETY: valid C string.
-        let ptr = unsafe { (self.api().checkpoint_lookup_by_name)(self.ptr, c.as_ptr(), 0) };
-        if ptr.is_null() {
-            let err = self.fail(&format!("look up checkpoint {name}"));
-            if error_code(&err) == ERR_NO_DOMAIN_CHECKPOINT {
-                return Ok(None);
-            }
-            return Err(err);
-        }
-        Ok(Some(Checkpoint { ptr, dom: self }))
+        let found = self.call(
+            "virDomainCheckpointLookupByName",
+            &format!("look up checkpoint {name}"),
+            move |api, d| {
+                // SAFETY: valid C string.
+                let ptr = unsafe { (api.checkpoint_lookup_by_name)(d, c.as_ptr(), 0) };
+                if !ptr.is_null() {
+                    return Ok(Some(Raw(ptr)));
+                }
+                let failure = read_last_error(api);
+                if failure.1 == ERR_NO_DOMAIN_CHECKPOINT {
+                    Ok(None)
+                } else {
+                    Err(failure)
+                }
+            },
+        )?;
+        Ok(found.map(|r| Checkpoint {
+            ptr: r.get(),
+            dom: self,
+        }))
     }
 
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint<'_>>> {
-        let mut list: *mut Cp = std::ptr::null_mut();
-        // SAFETY: libvirt allocates the array; we free it and own each element.
-        let n = self.check(
-            unsafe { (self.api().list_all_checkpoints)(self.ptr, &mut list, 0) },
+        let raws = self.call(
+            "virDomainListAllCheckpoints",
             "list checkpoints",
+            |api, d| {
+                let mut list: *mut Cp = std::ptr::null_mut();
+                // SAFETY: libvirt allocates the array; we free it and own each element.
+                let n = checked(api, unsafe { (api.list_all_checkpoints)(d, &mut list, 0) })?;
+                // SAFETY: n elements were returned; the array was malloc'ed.
+                let raws = (0..n as usize)
+                    .map(|i| Raw(unsafe { *list.add(i) }))
+                    .collect::<Vec<_>>();
+                unsafe { free(list.cast()) };
+                Ok(raws)
+            },
         )?;
-        let mut out = Vec::with_capacity(n as usize);
-        for i in 0..n as usize {
-            // SAFETY: i < n elements were returned.
-            out.push(Checkpoint {
-                ptr: unsafe { *list.add(i) },
+        Ok(raws
+            .into_iter()
+            .map(|r| Checkpoint {
+                ptr: r.get(),
                 dom: self,
-            });
-        }
-        // SAFETY: the array was malloc'ed by libvirt.
-        unsafe { free(list.cast()) };
-        Ok(out)
+            })
+            .collect())
     }
 }
 
 impl Drop for Domain<'_> {
     fn drop(&mut self) {
-        // SAFETY: we own one reference.
+        if self.conn.abandoned() {
+            return; // a stuck call may still use it
+        }
+        // SAFETY: we own one reference (local, no call to the daemon).
         unsafe { (self.api().domain_free)(self.ptr) };
     }
 }
@@ -585,33 +812,63 @@ impl Checkpoint<'_> {
         }
     }
 
+    /// One call to the daemon about this checkpoint (see [`Connection::call`]).
+    fn call<T: Send + 'static>(
+        &self,
+        function: &str,
+        what: &str,
+        f: impl FnOnce(&'static Api, Cp) -> std::result::Result<T, Failure> + Send + 'static,
+    ) -> Result<T> {
+        let c = Raw(self.ptr);
+        let what = format!(
+            "domain '{}': {what} {} ({function})",
+            self.dom.name(),
+            self.name()
+        );
+        self.dom
+            .conn
+            .call(function, move |api| f(api, c.get()))
+            .with_context(|| what.clone())?
+            .map_err(|f| vir_error(what, f))
+    }
+
     /// The checkpoint's XML without the domain definition in it.
     pub fn xml(&self) -> Result<String> {
-        // SAFETY: result is malloc'ed.
-        unsafe {
-            owned_string((self.dom.api().checkpoint_get_xml_desc)(
-                self.ptr,
-                CHECKPOINT_XML_NO_DOMAIN,
-            ))
-        }
-        .ok_or_else(|| self.dom.fail("read checkpoint XML"))
+        self.call(
+            "virDomainCheckpointGetXMLDesc",
+            "read checkpoint XML of",
+            |api, c| {
+                // SAFETY: result is malloc'ed.
+                unsafe {
+                    string_or_error(
+                        api,
+                        (api.checkpoint_get_xml_desc)(c, CHECKPOINT_XML_NO_DOMAIN),
+                    )
+                }
+            },
+        )
     }
 
     /// Delete the checkpoint; libvirt merges its bitmaps so no change is lost.
     pub fn delete(&self) -> Result<()> {
-        // SAFETY: live checkpoint.
-        let rc = unsafe { (self.dom.api().checkpoint_delete)(self.ptr, 0) };
-        if rc < 0 {
-            let err = self.dom.fail("delete checkpoint");
-            return Err(err.context(format!("checkpoint {}", self.name())));
-        }
-        Ok(())
+        self.call(
+            "virDomainCheckpointDelete",
+            "delete checkpoint",
+            |api, c| {
+                // SAFETY: live checkpoint.
+                checked(api, unsafe { (api.checkpoint_delete)(c, 0) })
+            },
+        )
+        .map(drop)
     }
 }
 
 impl Drop for Checkpoint<'_> {
     fn drop(&mut self) {
-        // SAFETY: we own one reference.
+        if self.dom.conn.abandoned() {
+            return; // a stuck call may still use it
+        }
+        // SAFETY: we own one reference (local, no call to the daemon).
         unsafe { (self.dom.api().checkpoint_free)(self.ptr) };
     }
 }

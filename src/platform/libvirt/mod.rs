@@ -22,9 +22,10 @@
 //! new name, no UUID and MACs, its disks on the restored images; defined, maybe
 //! started.
 //!
-//! Remote URIs (`qemu+ssh://`, `qemu+tls://`) give inventory, configuration and
-//! restore-as-new-domain; their backups need an NBD export over TCP with TLS, which
-//! is refused with a clear error until vmbackup's NBD client speaks TLS.
+//! Remote URIs (`qemu+ssh://`, `qemu+tls://`, `qemu+tcp://`): running domains are
+//! backed up over NBD on TCP with TLS only (the platform's `tls_dir` holds the CA
+//! and vmbackup's client certificate; [`online`] says how the export is set up).
+//! A shut-off domain of a remote host is refused: its images can only be read there.
 
 pub mod checkpoints;
 pub mod ffi;
@@ -33,7 +34,7 @@ pub mod online;
 pub mod quiesce;
 pub mod xml;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -50,16 +51,50 @@ pub struct LibvirtPlatform {
     conn: Arc<Connection>,
     uri: String,
     host: String,
+    /// CA and client certificate for a remote host's TLS backup exports.
+    tls_dir: Option<PathBuf>,
 }
 
 impl LibvirtPlatform {
-    pub fn connect(uri: &str) -> Result<LibvirtPlatform> {
-        let conn = Connection::open(uri)?;
+    /// Connect to `uri`; every libvirt call then waits at most `io_timeout`.
+    pub fn connect(
+        uri: &str,
+        tls_dir: Option<&Path>,
+        io_timeout: std::time::Duration,
+    ) -> Result<LibvirtPlatform> {
+        let conn = Connection::open(uri, io_timeout)?;
         let host = conn.hostname().unwrap_or_else(|_| "localhost".into());
         Ok(LibvirtPlatform {
             conn: Arc::new(conn),
             uri: uri.to_string(),
             host,
+            tls_dir: tls_dir.map(Path::to_path_buf),
+        })
+    }
+
+    /// How a running domain's disks are exported: a local unix socket, or TCP
+    /// with TLS on the URI's host; an error says what a remote host lacks.
+    fn via(&self) -> Result<online::Via> {
+        if !self.is_remote() {
+            return Ok(online::Via::Local);
+        }
+        let Some(host) = uri_host(&self.uri) else {
+            bail!(
+                "libvirt URI {} names no host to read the backup export from",
+                self.uri
+            );
+        };
+        let Some(tls_dir) = &self.tls_dir else {
+            bail!(
+                "{} is a remote libvirt host: its backup export is NBD over TCP with TLS, and \
+                 this platform has no --tls-dir (remove it and add it again with --tls-dir DIR \
+                 holding ca-cert.pem, client-cert.pem and client-key.pem)",
+                self.uri
+            );
+        };
+        Ok(online::Via::Tls {
+            host,
+            tls_dir: tls_dir.clone(),
         })
     }
 
@@ -68,6 +103,20 @@ impl LibvirtPlatform {
     pub fn is_remote(&self) -> bool {
         is_remote_uri(&self.uri)
     }
+}
+
+/// The host a URI names (`[user@]host[:port]`, IPv6 in brackets), without user
+/// and port.
+pub fn uri_host(uri: &str) -> Option<String> {
+    let (_, rest) = uri.split_once("://")?;
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    (!host.is_empty()).then(|| host.to_string())
 }
 
 /// `driver[+transport]://[host]/path[?query]`: remote when a host is named or the
@@ -152,7 +201,7 @@ impl Platform for LibvirtPlatform {
             name: vm.to_string(),
             uuid,
             host: self.host.clone(),
-            remote: self.is_remote(),
+            via: self.via(),
             active: None,
         }))
     }
@@ -225,7 +274,9 @@ pub struct LibvirtVm {
     name: String,
     uuid: String,
     host: String,
-    remote: bool,
+    /// How its backups are exported, or why they cannot be (a remote host
+    /// without TLS certificates).
+    via: Result<online::Via>,
     active: Option<Active>,
 }
 
@@ -280,21 +331,18 @@ impl VmHandle for LibvirtVm {
             );
         }
         let (active, snapshot) = if dom.state()?.is_active() {
-            if self.remote {
-                bail!(
-                    "domain '{}' runs on a remote libvirt host: its backup export must be \
-                     NBD over TCP with TLS, which vmbackup does not speak yet; back it up \
-                     with vmbackup on that host (qemu:///system)",
-                    self.name
-                );
-            }
-            let (view, snap) = online::begin(&dom, &self.uuid, &info, req)?;
+            let via = match &self.via {
+                Ok(v) => v,
+                Err(e) => bail!("domain '{}': {e:#}", self.name),
+            };
+            let (view, snap) = online::begin(&dom, &self.uuid, &info, req, via)?;
             (Active::Online(view), snap)
         } else {
-            if self.remote {
+            if !matches!(self.via, Ok(online::Via::Local)) {
                 bail!(
                     "domain '{}' is shut off on a remote libvirt host: its images can only \
-                     be read on that host",
+                     be read on that host (start the domain to back it up from here, or run \
+                     vmbackup on that host with qemu:///system)",
                     self.name
                 );
             }
@@ -359,7 +407,7 @@ impl std::fmt::Debug for LibvirtVm {
 
 #[cfg(test)]
 mod tests {
-    use super::is_remote_uri;
+    use super::{is_remote_uri, uri_host};
 
     #[test]
     fn remote_uris_are_told_from_local_ones() {
@@ -369,5 +417,22 @@ mod tests {
         assert!(is_remote_uri("qemu+ssh://root@kvm1/system"));
         assert!(is_remote_uri("qemu+tls://kvm1.example/system"));
         assert!(is_remote_uri("qemu://kvm1/system"));
+    }
+
+    #[test]
+    fn the_host_of_a_uri_is_found_without_user_and_port() {
+        assert_eq!(
+            uri_host("qemu+ssh://root@kvm1/system").as_deref(),
+            Some("kvm1")
+        );
+        assert_eq!(
+            uri_host("qemu+tcp://127.0.0.1:16509/system").as_deref(),
+            Some("127.0.0.1")
+        );
+        assert_eq!(
+            uri_host("qemu+tls://[fd00::1]:16514/system").as_deref(),
+            Some("fd00::1")
+        );
+        assert_eq!(uri_host("qemu:///system"), None);
     }
 }

@@ -7,6 +7,14 @@
 //! (its DAC label); root, and so vmbackup, reads the socket. libvirt removes the
 //! scratch files and the socket when the job ends; vmbackup removes the directory.
 //!
+//! A remote host (`qemu+ssh://`, `qemu+tls://`, `qemu+tcp://`): the job exports on
+//! TCP with TLS only (`<server transport='tcp' tls='yes'>` on the host's name, a
+//! port from [`REMOTE_PORTS`], the next one when QEMU finds it taken), and its
+//! scratch files are `/var/lib/libvirt/qemu/vmbackup-<UUID>-<DISK>.scratch` on that
+//! host (QEMU's own directory there). The job libvirt reports must be TLS, or
+//! it is ended and the backup fails: a disk never crosses the network in clear.
+//! libvirt's `backup_tls_x509_cert_dir` (qemu.conf) holds QEMU's server side.
+//!
 //! finish: the job is aborted (that is how a pull-mode backup ends) and waited for.
 //! Stored → the new checkpoint stays and its token is returned. Not stored → the
 //! new checkpoint is deleted (libvirt merges its bitmaps into the older ones, so
@@ -21,7 +29,7 @@ use anyhow::{bail, Context, Result};
 use super::checkpoints;
 use super::ffi::Domain;
 use super::quiesce;
-use super::xml::{self, BackupDisk};
+use super::xml::{self, BackupDisk, JobServer};
 use crate::level::Level;
 use crate::platform::{
     BackupRequest, ChangedBlocks, DiskExport, NbdAddr, Snapshot, TrackingToken, VmInfo,
@@ -34,9 +42,30 @@ const SOCKET_PARENT: &str = "/var/tmp";
 /// How long an aborted job may take to disappear.
 const JOB_END_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Where the scratch files of a remote host's job are (on that host).
+const REMOTE_SCRATCH_DIR: &str = "/var/lib/libvirt/qemu";
+
+/// The TCP ports a remote host's backup export may listen on (one per concurrent
+/// backup on that host; the host's firewall must let vmbackup reach them).
+pub const REMOTE_PORTS: std::ops::RangeInclusive<u16> = 10809..=10872;
+
+/// How many ports are tried when QEMU finds one taken.
+const PORT_TRIES: usize = 8;
+
+/// Where the job exports the disks.
+#[derive(Debug, Clone)]
+pub enum Via {
+    /// A unix socket in a private directory: the daemon runs on this host.
+    Local,
+    /// TCP with TLS on the remote host `host`, read with the client certificate
+    /// and CA in `tls_dir`.
+    Tls { host: String, tls_dir: PathBuf },
+}
+
 /// An open pull-mode backup.
 pub struct View {
-    dir: PathBuf,
+    /// The local socket directory (none for a remote host).
+    dir: Option<PathBuf>,
     new_checkpoint: Option<String>,
 }
 
@@ -45,9 +74,10 @@ pub fn begin(
     uuid: &str,
     info: &VmInfo,
     req: &BackupRequest,
+    via: &Via,
 ) -> Result<(View, Snapshot)> {
     let name = dom.name();
-    if dom.backup_xml().is_some() {
+    if dom.backup_xml()?.is_some() {
         bail!("domain '{name}' already runs a backup job (another tool's?); wait for it to end");
     }
     let mut notes = Vec::new();
@@ -78,15 +108,24 @@ pub fn begin(
         xml::checkpoint_xml(n, &disks)
     });
 
-    let dir = private_dir(uuid, xml::dac_owner(&live)?)?;
-    let socket = dir.join("nbd.sock");
+    let (dir, scratch_dir) = match via {
+        Via::Local => {
+            let dir = private_dir(uuid, xml::dac_owner(&live)?)?;
+            (Some(dir.clone()), dir)
+        }
+        Via::Tls { .. } => (None, PathBuf::from(REMOTE_SCRATCH_DIR)),
+    };
+    let scratch_prefix = match via {
+        Via::Local => String::new(),
+        Via::Tls { .. } => format!("vmbackup-{uuid}-"),
+    };
     let scratch: Vec<(String, PathBuf)> = info
         .disks
         .iter()
         .map(|d| {
             (
                 d.name.clone(),
-                dir.join(format!("{}.scratch", file_safe(&d.name))),
+                scratch_dir.join(format!("{scratch_prefix}{}.scratch", file_safe(&d.name))),
             )
         })
         .collect();
@@ -100,7 +139,18 @@ pub fn begin(
                 .map(|(_, p)| p.as_path()),
         })
         .collect();
-    let backup_xml = xml::backup_xml(&socket, &backup_disks, incremental.as_deref());
+    let servers: Vec<JobServer> = match via {
+        Via::Local => vec![JobServer::Unix(
+            scratch_dir.join("nbd.sock").to_string_lossy().into_owned(),
+        )],
+        Via::Tls { host, .. } => remote_ports(uuid)
+            .map(|port| JobServer::Tcp {
+                name: host.clone(),
+                port,
+                tls: true,
+            })
+            .collect(),
+    };
 
     let view = View {
         dir,
@@ -109,18 +159,24 @@ pub fn begin(
     let frozen = match quiesce::freeze(dom, uuid, req.quiesce, &req.run_dir) {
         Ok(f) => f,
         Err(e) => {
-            remove_dir(&view.dir);
+            view.remove_dir();
             return Err(e);
         }
     };
-    let begun = dom.backup_begin(&backup_xml, checkpoint_xml.as_deref());
+    let begun = begin_on_free_port(
+        dom,
+        &servers,
+        &backup_disks,
+        incremental.as_deref(),
+        checkpoint_xml.as_deref(),
+    );
     let thawed = if frozen.is_frozen() {
         quiesce::thaw(dom, uuid, &req.run_dir)
     } else {
         Ok(())
     };
     if let Err(e) = begun {
-        remove_dir(&view.dir);
+        view.remove_dir();
         return Err(match thawed {
             Ok(()) => e,
             Err(t) => e.context(format!("thawing the guest failed too: {t:#}")),
@@ -133,9 +189,29 @@ pub fn begin(
     let snapshot = (|| -> Result<Snapshot> {
         thawed.context("thaw the guest after the checkpoint")?;
         let job = dom
-            .backup_xml()
+            .backup_xml()?
             .context("libvirt reports no backup job right after starting one")?;
-        let (_, job_disks) = xml::backup_job(&job)?;
+        let (server, job_disks) = xml::backup_job(&job)?;
+        let addr = match (via, server) {
+            (Via::Local, JobServer::Unix(path)) => NbdAddr::Unix { path: path.into() },
+            (
+                Via::Tls { host, tls_dir },
+                JobServer::Tcp {
+                    port, tls: true, ..
+                },
+            ) => NbdAddr::Tls {
+                host: host.clone(),
+                port,
+                tls_dir: tls_dir.clone(),
+            },
+            (Via::Tls { .. }, other) => bail!(
+                "libvirt started the export as {other:?}, not TCP with TLS: refusing to read \
+                 the disks of a remote host in clear text"
+            ),
+            (Via::Local, other) => {
+                bail!("libvirt started the export as {other:?}, not on the unix socket asked for")
+            }
+        };
         let mut exports = Vec::new();
         for d in &info.disks {
             let jd = job_disks
@@ -151,9 +227,7 @@ pub fn begin(
             };
             exports.push(DiskExport {
                 disk: d.clone(),
-                addr: NbdAddr::Unix {
-                    path: socket.clone(),
-                },
+                addr: addr.clone(),
                 export: jd.export.clone(),
                 changes,
             });
@@ -180,7 +254,7 @@ pub fn finish(dom: &Domain, view: View, stored: bool) -> Result<Option<TrackingT
     if let Err(e) = end_job(dom) {
         failed.push(format!("{e:#}"));
     }
-    remove_dir(&view.dir);
+    view.remove_dir();
     let mut token = None;
     if let Some(name) = &view.new_checkpoint {
         match dom.checkpoint(name) {
@@ -209,18 +283,59 @@ pub fn finish(dom: &Domain, view: View, stored: bool) -> Result<Option<TrackingT
     }
 }
 
+/// `virDomainBackupBegin` on the first of `servers` whose port QEMU can take
+/// (a unix socket is one server; remote ports taken by another export are skipped).
+fn begin_on_free_port(
+    dom: &Domain,
+    servers: &[JobServer],
+    disks: &[BackupDisk],
+    incremental: Option<&str>,
+    checkpoint_xml: Option<&str>,
+) -> Result<()> {
+    let mut last = None;
+    for server in servers {
+        let backup_xml = xml::backup_xml(server, disks, incremental);
+        match dom.backup_begin(&backup_xml, checkpoint_xml) {
+            Ok(()) => return Ok(()),
+            Err(e) if format!("{e:#}").contains("Address already in use") => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| anyhow::anyhow!("no server to export on"))
+        .context(format!(
+            "every port tried for the backup export is taken ({} tried in {}-{})",
+            servers.len(),
+            REMOTE_PORTS.start(),
+            REMOTE_PORTS.end()
+        )))
+}
+
+/// The ports tried for a domain's remote export: from a place in
+/// [`REMOTE_PORTS`] that depends on the domain, so that backups of different
+/// domains of one host rarely collide.
+fn remote_ports(uuid: &str) -> impl Iterator<Item = u16> {
+    let first = *REMOTE_PORTS.start();
+    let count = REMOTE_PORTS.len();
+    let start = uuid
+        .bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+        % count;
+    (0..PORT_TRIES.min(count)).map(move |i| first + ((start + i) % count) as u16)
+}
+
 /// Abort the domain's backup job and wait until libvirt reports none.
 fn end_job(dom: &Domain) -> Result<()> {
-    if dom.backup_xml().is_none() {
+    if dom.backup_xml()?.is_none() {
         return Ok(());
     }
     if let Err(e) = dom.abort_job() {
-        if dom.backup_xml().is_some() {
+        if dom.backup_xml()?.is_some() {
             return Err(e);
         }
     }
     let t = Instant::now();
-    while dom.backup_xml().is_some() {
+    while dom.backup_xml()?.is_some() {
         if t.elapsed() > JOB_END_TIMEOUT {
             bail!("the backup job did not end within {JOB_END_TIMEOUT:?} of being aborted");
         }
@@ -233,9 +348,20 @@ fn end_job(dom: &Domain) -> Result<()> {
 /// directories) and remove our directories of this domain.
 pub fn remove_leftovers(dom: &Domain, uuid: &str, actions: &mut Vec<String>) -> Result<()> {
     let prefix = format!("{SOCKET_PARENT}/vmbackup-{uuid}-");
-    if let Some(job) = dom.backup_xml() {
-        let (socket, _) = xml::backup_job(&job)?;
-        if socket.as_deref().is_some_and(|s| s.starts_with(&prefix)) {
+    let remote_prefix = format!("{REMOTE_SCRATCH_DIR}/vmbackup-{uuid}-");
+    if let Some(job) = dom.backup_xml()? {
+        let (server, disks) = xml::backup_job(&job)?;
+        // Ours: its socket is in one of our directories (local), or its scratch
+        // files carry our names (remote host).
+        let ours = match server {
+            JobServer::Unix(socket) => socket.starts_with(&prefix),
+            _ => disks.iter().any(|d| {
+                d.scratch
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with(&remote_prefix))
+            }),
+        };
+        if ours {
             end_job(dom)?;
             actions.push("ended the backup job of an interrupted run".into());
         }
@@ -282,6 +408,14 @@ fn private_dir(uuid: &str, owner: Option<(u32, u32)>) -> Result<PathBuf> {
 
 fn remove_dir(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
+}
+
+impl View {
+    fn remove_dir(&self) {
+        if let Some(dir) = &self.dir {
+            remove_dir(dir);
+        }
+    }
 }
 
 fn file_safe(s: &str) -> String {

@@ -142,17 +142,37 @@ pub struct BackupDisk<'a> {
     pub scratch: Option<&'a Path>,
 }
 
-/// A pull-mode backup job exporting over a unix socket; `incremental` names the
+/// Where a pull-mode backup job's NBD server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobServer {
+    /// A unix socket (a local daemon).
+    Unix(String),
+    /// TCP on `name:port`; `tls`: the export requires TLS (a remote host).
+    Tcp { name: String, port: u16, tls: bool },
+    /// Anything else libvirt may report (another tool's job).
+    Other,
+}
+
+/// A pull-mode backup job exporting on `server`; `incremental` names the
 /// checkpoint whose changes the export's dirty bitmap holds.
-pub fn backup_xml(socket: &Path, disks: &[BackupDisk], incremental: Option<&str>) -> String {
+pub fn backup_xml(server: &JobServer, disks: &[BackupDisk], incremental: Option<&str>) -> String {
     let mut x = String::from("<domainbackup mode='pull'>\n");
     if let Some(cp) = incremental {
         x.push_str(&format!("  <incremental>{}</incremental>\n", escape(cp)));
     }
-    x.push_str(&format!(
-        "  <server transport='unix' socket='{}'/>\n  <disks>\n",
-        escape(&socket.to_string_lossy())
-    ));
+    match server {
+        JobServer::Unix(socket) => x.push_str(&format!(
+            "  <server transport='unix' socket='{}'/>\n",
+            escape(socket)
+        )),
+        JobServer::Tcp { name, port, tls } => x.push_str(&format!(
+            "  <server transport='tcp' tls='{}' name='{}' port='{port}'/>\n",
+            if *tls { "yes" } else { "no" },
+            escape(name)
+        )),
+        JobServer::Other => {}
+    }
+    x.push_str("  <disks>\n");
     for d in disks {
         match d.scratch {
             Some(scratch) => x.push_str(&format!(
@@ -194,16 +214,33 @@ pub struct JobDisk {
     pub target: String,
     pub export: String,
     pub bitmap: Option<String>,
+    /// The scratch (fleecing) file, where the job names one.
+    pub scratch: Option<String>,
 }
 
-/// The disks of a running backup job's XML (`virDomainBackupGetXMLDesc`), and the
-/// unix socket its NBD server listens on.
-pub fn backup_job(xml: &str) -> Result<(Option<String>, Vec<JobDisk>)> {
+/// The NBD server and the disks of a running backup job's XML
+/// (`virDomainBackupGetXMLDesc`).
+pub fn backup_job(xml: &str) -> Result<(JobServer, Vec<JobDisk>)> {
     let doc = parse(xml)?;
     let root = doc.root_element();
-    let socket = child(root, "server")
-        .and_then(|s| s.attribute("socket"))
-        .map(str::to_string);
+    let server = match child(root, "server") {
+        Some(s) => match (s.attribute("transport"), s.attribute("socket")) {
+            (Some("unix"), Some(socket)) => JobServer::Unix(socket.to_string()),
+            (None | Some("tcp"), _) => match (
+                s.attribute("name"),
+                s.attribute("port").and_then(|p| p.parse().ok()),
+            ) {
+                (Some(name), Some(port)) => JobServer::Tcp {
+                    name: name.to_string(),
+                    port,
+                    tls: s.attribute("tls") == Some("yes"),
+                },
+                _ => JobServer::Other,
+            },
+            _ => JobServer::Other,
+        },
+        None => JobServer::Other,
+    };
     let mut disks = Vec::new();
     if let Some(list) = child(root, "disks") {
         for d in list.children().filter(|c| c.has_tag_name("disk")) {
@@ -214,11 +251,14 @@ pub fn backup_job(xml: &str) -> Result<(Option<String>, Vec<JobDisk>)> {
             disks.push(JobDisk {
                 export: d.attribute("exportname").unwrap_or(&target).to_string(),
                 bitmap: d.attribute("exportbitmap").map(str::to_string),
+                scratch: child(d, "scratch")
+                    .and_then(|c| c.attribute("file"))
+                    .map(str::to_string),
                 target,
             });
         }
     }
-    Ok((socket, disks))
+    Ok((server, disks))
 }
 
 /// A checkpoint's XML made fit for redefinition: without `<parent>` (the parent
@@ -423,7 +463,7 @@ mod tests {
     #[test]
     fn backup_and_checkpoint_documents_escape_values() {
         let x = backup_xml(
-            Path::new("/run/a'b/nbd.sock"),
+            &JobServer::Unix("/run/a'b/nbd.sock".into()),
             &[
                 BackupDisk {
                     target: "vda",
@@ -438,6 +478,31 @@ mod tests {
         );
         assert!(x.contains("<incremental>vmbackup-P1</incremental>"), "{x}");
         assert!(x.contains("socket='/run/a&apos;b/nbd.sock'"), "{x}");
+        let tcp = JobServer::Tcp {
+            name: "kvm1.example".into(),
+            port: 10809,
+            tls: true,
+        };
+        let t = backup_xml(&tcp, &[], None);
+        assert!(
+            t.contains("<server transport='tcp' tls='yes' name='kvm1.example' port='10809'/>"),
+            "{t}"
+        );
+        let job = "<domainbackup mode='pull'><server transport='tcp' tls='yes' name='h' port='10810'/></domainbackup>";
+        assert_eq!(
+            backup_job(job).unwrap().0,
+            JobServer::Tcp {
+                name: "h".into(),
+                port: 10810,
+                tls: true
+            }
+        );
+        let plain =
+            "<domainbackup mode='pull'><server transport='tcp' name='h' port='1'/></domainbackup>";
+        assert!(matches!(
+            backup_job(plain).unwrap().0,
+            JobServer::Tcp { tls: false, .. }
+        ));
         assert!(x.contains("<disk name='sda' backup='no'/>"), "{x}");
         roxmltree::Document::parse(&x).unwrap();
         let c = checkpoint_xml("vmbackup-P2", &[("vda", true), ("vdb", false)]);
@@ -506,14 +571,15 @@ mod tests {
         let job = "<domainbackup mode='pull'><server transport='unix' socket='/s'/><disks>\
             <disk name='vda' backup='yes' type='file' backupmode='incremental' incremental='cp0' exportname='vda' exportbitmap='backup-vda'/>\
             <disk name='sda' backup='no'/></disks></domainbackup>";
-        let (socket, disks) = backup_job(job).unwrap();
-        assert_eq!(socket.as_deref(), Some("/s"));
+        let (server, disks) = backup_job(job).unwrap();
+        assert_eq!(server, JobServer::Unix("/s".into()));
         assert_eq!(
             disks,
             [JobDisk {
                 target: "vda".into(),
                 export: "vda".into(),
-                bitmap: Some("backup-vda".into())
+                bitmap: Some("backup-vda".into()),
+                scratch: None,
             }]
         );
         let cp = "<domaincheckpoint><name>vmbackup-P2</name><parent><name>vmbackup-P1</name></parent>\
