@@ -231,8 +231,18 @@ fn discovery_lists_domains_disks_and_refuses_uncoverable_ones_r3_r36_r43() {
     }
     let shown = env.json(&["platform", "show", "lv"]);
     assert_eq!(
-        (&shown["type"], &shown["uri"], &shown["qmp_dir"]),
-        (&Value::from("libvirt"), &Value::from(uri()), &Value::Null),
+        (
+            &shown["type"],
+            &shown["uri"],
+            &shown["qmp_dir"],
+            &shown["tls_dir"]
+        ),
+        (
+            &Value::from("libvirt"),
+            &Value::from(uri()),
+            &Value::Null,
+            &Value::Null
+        ),
         "{shown}"
     );
     assert_eq!(vb["status"], "shut off", "{vb}");
@@ -838,6 +848,19 @@ fn remote_host_backups_go_over_nbd_with_tls_and_restore_exact() {
     let l = lab_on(dom, &["--uri", &remote, "--tls-dir", tls], &[]);
     let shown = l.env.ok(&["platform", "show", "lv"]);
     assert!(shown.contains(&format!("tls dir:    {tls}")), "{shown}");
+    for (command, args) in [
+        ("vmbackup platform list", &["platform", "list"][..]),
+        ("vmbackup platform show", &["platform", "show", "lv"]),
+    ] {
+        let out = l.env.ok(&[&["--json"][..], args].concat());
+        assert_documented(command, &out);
+    }
+    let shown = l.env.json(&["platform", "show", "lv"]);
+    assert_eq!(
+        (&shown["uri"], &shown["tls_dir"]),
+        (&Value::from(remote.as_str()), &Value::from(tls)),
+        "{shown}"
+    );
     let d = &l.dom;
     d.write_random("vda", 0, 6 * MIB, 21);
     let (p1, _) = l.backup("full", "full", 0);
