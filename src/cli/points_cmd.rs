@@ -141,7 +141,7 @@ struct VerifyItem {
     point: String,
     /// `ok`, or `damaged`: objects missing, corrupt or quarantined, or the
     /// manifest or an index unreadable (`problems` says which).
-    status: &'static str,
+    result: &'static str,
     chunks_checked: u64,
     /// Objects once quarantined and whole again (a later backup stored them).
     healed: u64,
@@ -153,8 +153,7 @@ struct VerifyItem {
 struct VerifyRule {
     rule: String,
     /// `checked`, `no points yet`, or `failed` (`error` says why).
-    status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    result: &'static str,
     error: Option<String>,
 }
 
@@ -194,7 +193,7 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
             }
             Ok(true)
         })();
-        let (status, error) = match checked {
+        let (result, error) = match checked {
             Ok(true) => ("checked", None),
             Ok(false) => {
                 if !ctx.json && !ctx.quiet {
@@ -209,11 +208,11 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
         };
         summary.push(VerifyRule {
             rule: rule.name.clone(),
-            status,
+            result,
             error,
         });
     }
-    let bad = items.iter().filter(|i| i.status != "ok").count();
+    let bad = items.iter().filter(|i| i.result != "ok").count();
     let failed = summary.iter().filter(|r| r.error.is_some()).count();
     if ctx.json {
         print_json(&serde_json::json!({
@@ -252,7 +251,7 @@ fn verify_one(
         rule: rule.name.clone(),
         vm: vm.to_string(),
         point: point.to_string(),
-        status: if r.is_ok() { "ok" } else { "damaged" },
+        result: if r.is_ok() { "ok" } else { "damaged" },
         chunks_checked: r.chunks_checked,
         healed: r.healed,
         problems,
