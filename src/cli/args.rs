@@ -177,11 +177,20 @@ pub enum RuleCmd {
         #[arg(long, value_name = "VM")]
         vm: Option<String>,
     },
-    /// Remove a rule, or one VM from it (refused while a restore runs, R37)
+    /// Remove a rule, or one VM from it (refused while any of its tasks runs,
+    /// R37); removes vmbackup's bitmaps from its VMs; deletes its backup data
+    /// with --delete-data or the rule's delete-data setting (R9)
     Remove {
         name: String,
         #[arg(long, value_name = "VM")]
         vm: Option<String>,
+        /// Delete the backup data too: the VMs' points, and the repository
+        /// itself when no other rule uses it (then garbage collection frees the rest)
+        #[arg(long, conflicts_with = "keep_data")]
+        delete_data: bool,
+        /// Keep the backup data although the rule was added with --delete-data
+        #[arg(long)]
+        keep_data: bool,
     },
     /// List rules
     List,

@@ -180,6 +180,13 @@ pub trait VmHandle: Send {
         latest_full: Option<&str>,
         run_dir: &std::path::Path,
     ) -> anyhow::Result<CleanupReport>;
+    /// Remove every trace of vmbackup from the VM when it leaves vmbackup's
+    /// care (`rule remove`): leftovers of interrupted runs and every change-
+    /// tracking bitmap of ours. One line per action.
+    fn forget_tracking(&mut self, run_dir: &std::path::Path) -> anyhow::Result<CleanupReport> {
+        let _ = run_dir;
+        anyhow::bail!("this platform cannot remove vmbackup's change tracking yet")
+    }
 }
 
 /// Connect to a registered platform from its stored kind and parameters; every
