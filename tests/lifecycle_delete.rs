@@ -7,24 +7,6 @@ mod common;
 use common::*;
 
 use std::fs;
-use std::path::Path;
-
-/// Files under `dir`, recursively (0 when it does not exist).
-fn files(dir: &Path) -> usize {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .map(|e| {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                files(&p)
-            } else {
-                1
-            }
-        })
-        .sum()
-}
 
 fn ours(vm: &TestVm) -> Vec<String> {
     vm.bitmaps("disk0")
@@ -101,12 +83,12 @@ fn r9_delete_data_in_a_shared_repository_removes_the_vms_points_then_collects() 
     }
     let expected = vms[1].shadow_digest("disk0");
     let chunks = env.path("target/shared/chunks");
-    let before = files(&chunks);
+    let before = files_under(&chunks);
 
     let out = env.ok(&["rule", "remove", "r1", "--delete-data"]);
     assert!(out.contains("deleted 1 point(s) from repository"), "{out}");
     assert!(out.contains("garbage collection: removed"), "{out}");
-    assert!(files(&chunks) < before, "vm1's own chunks are freed");
+    assert!(files_under(&chunks) < before, "vm1's own chunks are freed");
     assert!(!env.path("target/shared/vms/lab/vm1").exists());
     let dir = env.path("restored");
     env.ok(&[

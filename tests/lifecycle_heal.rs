@@ -23,15 +23,10 @@ struct Lab {
 
 /// A VM with a 16 MiB disk in 1 MiB slots, rule `r` (keep all).
 fn lab() -> Lab {
-    let env = Env::new();
-    fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
-    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 16 * SLOT)], true);
-    env.add_lab("t");
-    env.add_rule(
-        "r",
-        "lab",
+    let (env, vm) = lab_with_rule(
+        "1M",
         "vm1",
-        "t",
+        16 * SLOT,
         &["--schedule", "full daily at 01:00"],
     );
     Lab { env, vm }
@@ -42,33 +37,12 @@ impl Lab {
     /// disk at snapshot).
     fn backup(&self, level: &str) -> (String, i32, String, String) {
         let digest = self.vm.shadow_digest("disk0");
-        let out = self
-            .env
-            .cmd()
-            .args(["--json", "run-now", "r", "--level", level])
-            .output()
-            .unwrap();
-        let summary: Value = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .find(|v: &Value| v["type"] == "summary")
-            .unwrap_or_else(|| panic!("{out:?}"));
+        let (code, summary, logs) = self.env.run_now_at(None, "r", level);
         let point = summary["vms"][0]["outcome"]["point"]
             .as_str()
-            .unwrap_or_else(|| panic!("{summary}"))
+            .unwrap_or_else(|| panic!("{summary} {logs}"))
             .to_string();
-        let logs: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["type"] == "log")
-            .map(|v| v["message"].as_str().unwrap_or_default().to_string())
-            .collect();
-        (
-            point,
-            out.status.code().unwrap(),
-            logs.join("\n") + &String::from_utf8_lossy(&out.stderr),
-            digest,
-        )
+        (point, code, logs, digest)
     }
 
     fn repo(&self) -> PathBuf {
@@ -102,12 +76,8 @@ impl Lab {
     }
 
     fn restores(&self, point: &str, digest: &str) {
-        let dir = self.env.path(&format!("restore-{point}"));
-        let to = dir.to_str().unwrap();
-        self.env
-            .ok(&["restore", "r", "--vm", "vm1", "--point", point, "--to", to]);
-        assert_eq!(file_digest(&dir.join("disk0.raw")), digest, "point {point}");
-        fs::remove_dir_all(dir).unwrap();
+        let got = self.env.restored_digest("r", "vm1", point, "disk0");
+        assert_eq!(got, digest, "point {point}");
     }
 }
 

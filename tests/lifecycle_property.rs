@@ -70,13 +70,7 @@ impl World {
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
-        self.env
-            .cmd()
-            .env("TZ", "UTC")
-            .env("VMBACKUP_TEST_NOW", self.now())
-            .args(args)
-            .output()
-            .unwrap()
+        self.env.cmd_at(&self.now()).args(args).output().unwrap()
     }
 
     fn fail(&self, what: &str) -> ! {
@@ -325,15 +319,10 @@ impl World {
 }
 
 fn run(seed: u64, steps: usize) {
-    let env = Env::new();
-    fs::write(&env.config, "i2vp_transbuffer = 64K\n").unwrap();
-    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", DISK)], true);
-    env.add_lab("t");
-    env.add_rule(
-        "r",
-        "lab",
+    let (env, vm) = lab_with_rule(
+        "64K",
         "vm1",
-        "t",
+        DISK,
         &["--schedule", "full daily at 01:00", "--retention", "1"],
     );
     let mut w = World {

@@ -25,18 +25,13 @@ struct Lab {
 
 /// A VM with a 16 MiB disk, 64 KiB chunks, rule `r` with retention 0 days.
 fn lab() -> Lab {
-    let env = Env::new();
-    fs::write(&env.config, "i2vp_transbuffer = 64K\n").unwrap();
-    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 16 * MIB)], true);
-    vm.write_random("disk0", 0, 8 * MIB, 99);
-    env.add_lab("t");
-    env.add_rule(
-        "r",
-        "lab",
+    let (env, vm) = lab_with_rule(
+        "64K",
         "vm1",
-        "t",
+        16 * MIB,
         &["--schedule", "full daily at 01:00", "--retention", "0"],
     );
+    vm.write_random("disk0", 0, 8 * MIB, 99);
     Lab { env, vm }
 }
 
@@ -49,13 +44,7 @@ fn day(d: u64) -> String {
 
 impl Lab {
     fn at(&self, now: &str, args: &[&str]) -> Output {
-        self.env
-            .cmd()
-            .env("TZ", "UTC")
-            .env("VMBACKUP_TEST_NOW", now)
-            .args(args)
-            .output()
-            .unwrap()
+        self.env.cmd_at(now).args(args).output().unwrap()
     }
 
     /// A guest write into the hot first 2 MiB, then a backup on day `d`:
@@ -64,16 +53,8 @@ impl Lab {
         self.vm
             .write_random("disk0", (seed % 16) * 2 * CHUNK, 4 * CHUNK, seed);
         let digest = self.vm.shadow_digest("disk0");
-        let out = self.at(&day(d), &["--json", "run-now", "r", "--level", level]);
-        assert!(
-            matches!(out.status.code(), Some(0) | Some(1)),
-            "backup on day {d}: {out:?}"
-        );
-        let summary: Value = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .find(|v: &Value| v["type"] == "summary")
-            .unwrap();
+        let (code, summary, logs) = self.env.run_now_at(Some(&day(d)), "r", level);
+        assert!(matches!(code, 0 | 1), "backup on day {d}: {summary} {logs}");
         let point = summary["vms"][0]["outcome"]["point"].as_str().unwrap();
         (point.to_string(), digest)
     }
@@ -101,28 +82,10 @@ impl Lab {
                 .find(|(p, _)| p == point)
                 .unwrap_or_else(|| panic!("point {point} was never taken"))
                 .1;
-            let dir = self.env.path(&format!("restore-{point}"));
-            let to = dir.to_str().unwrap();
-            self.env
-                .ok(&["restore", "r", "--vm", "vm1", "--point", point, "--to", to]);
-            assert_eq!(&file_digest(&dir.join("disk0.raw")), want, "point {point}");
-            fs::remove_dir_all(dir).unwrap();
+            let got = self.env.restored_digest("r", "vm1", point, "disk0");
+            assert_eq!(&got, want, "point {point}");
         }
     }
-}
-
-/// Files under `dir`, recursively.
-fn files(dir: &Path) -> usize {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .map(|e| match e {
-            Ok(e) if e.path().is_dir() => files(&e.path()),
-            Ok(_) => 1,
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// Point directories of the VM (committed or not).
@@ -202,7 +165,10 @@ fn backups_run_while_prune_and_gc_run_over_and_over_and_every_point_restores() {
         "{rounds} prune/gc rounds, {} freeing GCs, none between the backups",
         freeing.len()
     );
-    // Retention 0 days: at most today's point and the newest full remain.
+    // A last prune after the last backup: retention 0 days leaves at most
+    // today's point and the newest full.
+    let out = l.at(&day(14), &["prune", "r"]);
+    assert!(out.status.success(), "{out:?}");
     let listed = l.points();
     assert!(listed.len() <= 2, "{listed:?}");
     l.all_restore(&taken.lock().unwrap());
@@ -276,7 +242,7 @@ fn sigkill_during_prune_and_during_gc_loses_no_retained_point_and_reruns_complet
 
     // GC: killed once it has deleted its first object.
     let chunks = l.env.path("target/r/chunks");
-    let objects = files(&chunks);
+    let objects = files_under(&chunks);
     let garbage = l.env.json(&["gc", "--dry-run"])["repositories"][0]["report"]["objects_removed"]
         .as_u64()
         .unwrap();
@@ -284,8 +250,8 @@ fn sigkill_during_prune_and_during_gc_loses_no_retained_point_and_reruns_complet
         garbage > 20,
         "enough garbage to kill a GC mid-way: {garbage}"
     );
-    kill_during(&l, &day(20), &["gc"], || files(&chunks) < objects);
-    let left = files(&chunks);
+    kill_during(&l, &day(20), &["gc"], || files_under(&chunks) < objects);
+    let left = files_under(&chunks);
     assert!(left < objects, "it was sweeping");
     l.env.ok(&["verify", "r"]);
     l.all_restore(&taken);

@@ -15,17 +15,7 @@ struct Lab {
 }
 
 fn lab() -> Lab {
-    let env = Env::new();
-    fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
-    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 4 * MIB)], true);
-    env.add_lab("t");
-    env.add_rule(
-        "r",
-        "lab",
-        "vm1",
-        "t",
-        &["--schedule", "full daily at 01:00"],
-    );
+    let (env, vm) = lab_with_rule("1M", "vm1", 4 * MIB, &["--schedule", "full daily at 01:00"]);
     vm.write("disk0", 0, MIB, 0x42);
     Lab { env, vm }
 }
@@ -36,12 +26,8 @@ impl Lab {
     }
 
     fn backup(&self, level: &str) -> serde_json::Value {
-        let out = self.env.ok(&["--json", "run-now", "r", "--level", level]);
-        let summary = out
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|v| v["type"] == "summary")
-            .unwrap();
+        let (code, summary, logs) = self.env.run_now_at(None, "r", level);
+        assert_eq!(code, 0, "{summary} {logs}");
         summary["vms"][0]["outcome"].clone()
     }
 
