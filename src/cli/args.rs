@@ -101,9 +101,12 @@ pub enum PlatformCmd {
         /// Platform type
         #[arg(long = "type", value_enum)]
         kind: PlatformKind,
-        /// Directory holding one QMP unix socket per VM (*.qmp or *.sock)
+        /// qemu: directory holding one QMP unix socket per VM (*.qmp or *.sock)
         #[arg(long, value_name = "DIR")]
-        qmp_dir: PathBuf,
+        qmp_dir: Option<PathBuf>,
+        /// libvirt: connection URI (qemu:///system, qemu+ssh://host/system, qemu+tls://host/system)
+        #[arg(long, value_name = "URI")]
+        uri: Option<String>,
     },
     /// List registered platforms
     List,
@@ -126,6 +129,8 @@ pub enum PlatformCmd {
 pub enum PlatformKind {
     /// QEMU processes (qemu-system, qemu-storage-daemon) reached over QMP sockets
     Qemu,
+    /// Domains of a libvirt daemon (checkpoints and pull-mode backups)
+    Libvirt,
 }
 
 #[derive(Debug, Subcommand)]
@@ -225,10 +230,17 @@ pub struct RuleAddArgs {
     /// Delete the rule's backup data when the rule is removed (R9)
     #[arg(long)]
     pub delete_data: bool,
-    /// Freeze guest file systems while the snapshot is taken (R10); refused on
-    /// platforms that cannot (qemu, for now: snapshots are crash-consistent)
+    /// Freeze guest file systems through the guest agent while the snapshot is
+    /// taken: "require" (the default when given bare) fails a backup whose guest agent
+    /// does not answer, "try" then takes a crash-consistent one with a warning
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true,
+          default_missing_value = "require", value_name = "MODE")]
+    pub quiesce: Option<QuiesceArg>,
+    /// Accept backing up through an NBD server the VM's QEMU already runs on plain
+    /// TCP (no TLS): anyone reaching that port can read the disk during the backup.
+    /// Without it such a backup is refused
     #[arg(long)]
-    pub quiesce: bool,
+    pub allow_plain_tcp_export: bool,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -279,6 +291,12 @@ pub struct RuleEditArgs {
     /// Remove every bandwidth window
     #[arg(long, conflicts_with = "bandwidth")]
     pub clear_bandwidth: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuiesceArg {
+    Require,
+    Try,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -451,6 +469,13 @@ pub struct RestoreArgs {
     /// holds: only root may read it unless you say otherwise)
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     pub mode: u32,
+    /// Also define a new VM called NAME on the restored images, from the point's VM
+    /// configuration (libvirt: the domain XML, with a new UUID and new MAC addresses)
+    #[arg(long, value_name = "NAME")]
+    pub as_vm: Option<String>,
+    /// Start the new VM once defined
+    #[arg(long, requires = "as_vm")]
+    pub start: bool,
 }
 
 /// An octal file mode without setuid, setgid or sticky bits: `0640`, `600`.
@@ -476,4 +501,8 @@ pub struct VerifyArgs {
 pub struct CleanupArgs {
     /// Only this rule [default: every rule]
     pub rule: Option<String>,
+    /// Also remove secret values (passwords, keys, `-object secret` data) from the
+    /// VM command lines stored in manifests written by earlier versions
+    #[arg(long)]
+    pub redact: bool,
 }

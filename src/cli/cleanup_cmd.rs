@@ -1,6 +1,5 @@
-//! `cleanup`: what killed runs left on VMs and in repositories (R44), now.
-
-use std::path::Path;
+//! `cleanup`: what killed runs left on VMs and in repositories (R44), now; with
+//! `--redact`, secrets in manifests written before redaction existed.
 
 use anyhow::Result;
 
@@ -10,7 +9,7 @@ use super::Ctx;
 use crate::error::{exit_code_of, ExitCode};
 use crate::lifecycle::rule_repository;
 use crate::platform;
-use crate::runner::recover::{cleanup_vm, remove_stale_restores};
+use crate::runner::recover::{cleanup_vm, redact_manifests, remove_stale_restores};
 
 pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
     let mut state = ctx.state()?;
@@ -32,11 +31,22 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
     let mut repos = Vec::new();
     for rule in &rules {
         let prow = state.require_platform(&rule.settings.platform)?;
-        let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir), io_timeout)?;
+        let plat = platform::connect(&prow.spec, io_timeout)?;
         let repo = rule_repository(&state, rule)?;
         repos.extend(repo.clone());
         for v in &rule.vms {
-            let res = cleanup_vm(plat.as_ref(), repo.as_ref(), &prow.name, &v.vm, &run_dir);
+            // A VM being backed up now is busy: said at once, without asking
+            // its hypervisor (which may be the reason the task takes long).
+            let res = match state.running_backup_of(&rule.name, &v.vm)? {
+                Some(t) => Err(crate::error::busy(format!(
+                    "VM '{}' is being backed up by task {} (pid {}): cleanup would take its snapshot away; run it once the task has ended (or 'vmbackup task cancel {}')",
+                    v.vm,
+                    t.id,
+                    t.pid.unwrap_or_default(),
+                    t.id
+                ))),
+                None => cleanup_vm(plat.as_ref(), repo.as_ref(), &prow.name, &v.vm, &run_dir),
+            };
             match res {
                 Ok(done) => {
                     for d in &done {
@@ -67,6 +77,14 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
                 out!("{}: {d}", repo.location());
             }
             actions.push(serde_json::json!({ "repository": repo.location(), "action": d }));
+        }
+        if a.redact {
+            for d in redact_manifests(&repo)? {
+                if !ctx.json && !ctx.quiet {
+                    out!("{}: {d}", repo.location());
+                }
+                actions.push(serde_json::json!({ "repository": repo.location(), "action": d }));
+            }
         }
     }
     if ctx.json {

@@ -8,7 +8,7 @@ use anyhow::Result;
 use super::args::{ImageFormat as ImageArg, RestoreArgs};
 use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
 use super::Ctx;
-use crate::error::ExitCode;
+use crate::error::{invalid, ExitCode};
 use crate::lifecycle::rule_repository;
 use crate::repo::vm_key;
 use crate::restore::ImageFormat;
@@ -29,6 +29,31 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let point = (a.point != "latest").then_some(a.point.as_str());
     // Chosen (and so validated) before a task is recorded: bad input changes nothing.
     let manifest = crate::restore::select_point(&repo, &key, point)?;
+    if let Some(name) = &a.as_vm {
+        crate::state::check_name("--as-vm", name)?;
+        let prow = state.require_platform(&rule.settings.platform)?;
+        if let Some(why) = prow.spec.why_no_new_vm(&manifest.vm_config) {
+            return Err(invalid(
+                "--as-vm",
+                name,
+                format!("platform '{}': {why}", prow.name),
+            ));
+        }
+        let taken = crate::platform::connect(&prow.spec, ctx.system_config()?.io_timeout)?
+            .inventory()?
+            .iter()
+            .any(|v| v.name == *name);
+        if taken {
+            return Err(invalid(
+                "--as-vm",
+                name,
+                format!(
+                    "platform '{}' has a VM of this name; pick a new name",
+                    prow.name
+                ),
+            ));
+        }
+    }
     drop(state);
     reclaim_dead(ctx)?;
     let rt = runtime()?;
@@ -46,6 +71,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
             },
             force: a.force,
             mode: a.mode,
+            as_vm: a.as_vm.clone().map(|n| (n, a.start)),
         },
     };
     let results = runner.run_all(vec![spec])?;

@@ -5,10 +5,13 @@ use anyhow::Result;
 use chrono::Local;
 use serde::Serialize;
 
-use super::args::{OnOff, PolicyArgs, RetentionArg, RuleAddArgs, RuleCmd, RuleEditArgs};
+use super::args::{
+    OnOff, PolicyArgs, QuiesceArg, RetentionArg, RuleAddArgs, RuleCmd, RuleEditArgs,
+};
 use super::output::{print_json, yes_no, Table};
 use super::Ctx;
 use crate::error::{invalid, refused, ExitCode};
+use crate::platform::Quiesce;
 use crate::policy::bandwidth::{validate_windows, Window};
 use crate::policy::{build_policy, Policy};
 use crate::state::rules::{RuleRow, RuleSettings};
@@ -148,24 +151,6 @@ fn parse_windows(specs: &[String]) -> Result<Vec<Window>> {
     Ok(windows)
 }
 
-/// The repository sub-directory: relative, no `..`, names as for rules (R5).
-fn check_subdir(subdir: &str) -> Result<()> {
-    let ok = !subdir.is_empty()
-        && !subdir.starts_with('/')
-        && subdir.split('/').all(|c| {
-            !c.is_empty()
-                && c != "."
-                && c != ".."
-                && c.chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid("--path", subdir, "must be a relative sub-directory of the target (A-Z a-z 0-9 . _ - and /, no '..') (R5)"))
-    }
-}
-
 fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
     let now = Local::now().naive_local();
     let policy = build_policy(
@@ -176,7 +161,6 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
     )?;
     let bandwidth = parse_windows(&a.policy.bandwidth)?;
     let subdir = a.path.clone().unwrap_or_else(|| a.name.clone());
-    check_subdir(&subdir)?;
     let settings = RuleSettings {
         platform: a.platform,
         target: a.target,
@@ -185,7 +169,12 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
         cbt: a.cbt.is_none_or(|c| c == OnOff::On),
         lan_free: a.lan_free,
         delete_data: a.delete_data,
-        quiesce: a.quiesce,
+        quiesce: match a.quiesce {
+            None => Quiesce::Off,
+            Some(QuiesceArg::Require) => Quiesce::Require,
+            Some(QuiesceArg::Try) => Quiesce::Try,
+        },
+        allow_plain_tcp_export: a.allow_plain_tcp_export,
         policy,
         bandwidth,
     };
@@ -320,14 +309,14 @@ fn vm_state(state: &State, rule: &RuleRow, vm: &str, stored: &str) -> Result<Str
             return Ok(t.state.to_string());
         }
     }
-    // R31 unknown: the platform's QMP directory or the target (with its
-    // marker) cannot be reached.
-    let reachable = state
-        .platform(&rule.settings.platform)?
-        .is_some_and(|p| std::path::Path::new(&p.qmp_dir).is_dir())
-        && state
-            .target(&rule.settings.target)?
-            .is_some_and(|t| crate::lifecycle::open_target(&t).is_ok());
+    // R31 unknown: the platform or the target (with its marker) cannot be reached.
+    let reachable = state.platform(&rule.settings.platform)?.is_some_and(|p| {
+        crate::platform::connect(&p.spec, crate::platform::qmp::DEFAULT_TIMEOUT)
+            .and_then(|p| p.reachable())
+            .is_ok()
+    }) && state
+        .target(&rule.settings.target)?
+        .is_some_and(|t| crate::lifecycle::open_target(&t).is_ok());
     if !reachable && stored != "stopped" {
         return Ok("unknown".into());
     }
@@ -437,7 +426,10 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     out!("quick backup: {cbt}");
     out!("lan-free:     {}", yes_no(s.lan_free));
     out!("delete data:  {}", yes_no(s.delete_data));
-    out!("quiesce:      {}", yes_no(s.quiesce));
+    out!("quiesce:      {}", s.quiesce);
+    if s.allow_plain_tcp_export {
+        out!("exports:      plain TCP allowed (--allow-plain-tcp-export)");
+    }
     out!("policy:       {}", s.policy);
     for sc in &schedules {
         out!("  {}  =>  cron {}", sc.spec, sc.cron.join(" | "));

@@ -169,7 +169,7 @@ fn forget_tracking(
 ) -> Vec<Tracking> {
     let plat = state
         .require_platform(platform)
-        .and_then(|p| crate::platform::connect(&p.kind, Path::new(&p.qmp_dir), io_timeout));
+        .and_then(|p| crate::platform::connect(&p.spec, io_timeout));
     vms.iter()
         .map(|vm| {
             let done = plat

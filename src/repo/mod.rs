@@ -437,6 +437,24 @@ impl Repository {
         Ok(points)
     }
 
+    /// Replace the manifest of a committed point of the locked VM with `manifest`
+    /// (same VM, same point): `cleanup --redact`. Atomic: readers see the old or
+    /// the new manifest.
+    pub fn rewrite_manifest(&self, lock: &VmLock, manifest: &Manifest) -> Result<()> {
+        self.check_lock(lock.location(), lock.vm_key())?;
+        let key = manifest_key(lock.vm_key(), &manifest.point);
+        let found = names::vm_key(&manifest.vm.platform, &manifest.vm.name);
+        if found != lock.vm_key() || !self.store.exists(&key)? {
+            bail!(
+                "point {} of VM '{}' has no manifest to rewrite",
+                manifest.point,
+                lock.vm_key()
+            );
+        }
+        manifest.check()?;
+        self.store.put(&key, &manifest.to_json()?)
+    }
+
     fn check_lock(&self, location: &str, what: &str) -> Result<()> {
         if location != self.location {
             bail!(

@@ -40,7 +40,8 @@ pub enum ImageFormat {
 }
 
 impl ImageFormat {
-    fn ext(self) -> &'static str {
+    /// The format's name (and file extension): `raw`, `qcow2`.
+    pub fn ext(self) -> &'static str {
         match self {
             ImageFormat::Raw => "raw",
             ImageFormat::Qcow2 => "qcow2",
@@ -85,6 +86,8 @@ pub struct RestoredDisk {
 pub struct RestoreReport {
     pub point: String,
     pub disks: Vec<RestoredDisk>,
+    /// The VM defined on the restored images (`restore --as-vm`), else null.
+    pub new_vm: Option<crate::platform::DefinedVm>,
 }
 
 /// Pick a point: `None` → the newest good point; otherwise that id, an error
@@ -184,6 +187,7 @@ pub fn restore_point(
     Ok(RestoreReport {
         point: manifest.point.clone(),
         disks,
+        new_vm: None,
     })
 }
 

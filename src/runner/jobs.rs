@@ -13,6 +13,7 @@ use super::record::TaskRecorder;
 use super::{Job, Outcome, Runner, TaskSpec, BUFFERS_PER_TASK};
 use crate::backup::{run_backup, BackupJob, BackupOutcome};
 use crate::error::ExitCode;
+use crate::platform::NewVm;
 use crate::repo::{vm_key, RepoLock, Repository, VmLock};
 use crate::restore::{restore_point, RestoreReport, RestoreRequest};
 use crate::state::State;
@@ -93,6 +94,7 @@ pub fn run(
             format,
             force,
             mode,
+            as_vm,
         } => {
             let mut state = State::open(&runner.cfg.state_path)?;
             // What killed restores into this destination left goes first.
@@ -147,6 +149,25 @@ pub fn run(
                 }
             }
             let report = result?;
+            let mut report = report;
+            if let Some((name, start)) = as_vm {
+                let prow = State::open(&runner.cfg.state_path)?
+                    .require_platform(&rule.settings.platform)?;
+                let new = NewVm {
+                    name,
+                    config: &point.vm_config,
+                    disks: report
+                        .disks
+                        .iter()
+                        .map(|d| (d.disk.clone(), d.path.clone(), format.ext()))
+                        .collect(),
+                    start: *start,
+                };
+                let defined = crate::platform::connect(&prow.spec, runner.cfg.io_timeout)?
+                    .define_vm(&new)
+                    .with_context(|| format!("define VM '{name}' on platform '{}'", prow.name))?;
+                report.new_vm = Some(defined);
+            }
             Ok(Done {
                 summary: restore_summary(&report),
                 outcome: Outcome::Restore(report),
@@ -171,8 +192,7 @@ fn backup(
     let state = State::open(&runner.cfg.state_path)?;
     let rule = &spec.rule;
     let prow = state.require_platform(&rule.settings.platform)?;
-    let plat =
-        crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir), runner.cfg.io_timeout)?;
+    let plat = crate::platform::connect(&prow.spec, runner.cfg.io_timeout)?;
     let throttle = Arc::new(Throttle::new(
         rule.settings.bandwidth.clone(),
         runner.cfg.clock,
@@ -186,6 +206,7 @@ fn backup(
         auto_cbt: rule.settings.auto_cbt,
         cbt: rule.settings.cbt,
         quiesce: rule.settings.quiesce,
+        allow_plain_tcp_export: rule.settings.allow_plain_tcp_export,
         chunk_size: runner.cfg.chunk_size,
         run_dir: runner.cfg.run_dir.clone(),
         io_timeout: runner.cfg.io_timeout,
@@ -326,7 +347,7 @@ fn backup_summary(out: &BackupOutcome) -> String {
 
 /// `point 20261124T120000Z disk vda -> /srv/restore/vda.raw (20GiB)`, one per disk.
 fn restore_summary(report: &RestoreReport) -> Vec<String> {
-    report
+    let mut lines: Vec<String> = report
         .disks
         .iter()
         .map(|d| {
@@ -338,5 +359,13 @@ fn restore_summary(report: &RestoreReport) -> Vec<String> {
                 format_size(d.size)
             )
         })
-        .collect()
+        .collect();
+    if let Some(vm) = &report.new_vm {
+        lines.push(format!(
+            "defined VM '{}' on the restored images{}",
+            vm.name,
+            if vm.started { ", started" } else { "" }
+        ));
+    }
+    lines
 }

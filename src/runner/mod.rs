@@ -83,6 +83,9 @@ pub enum Job {
         force: bool,
         /// Mode of the image files (`restore::DEFAULT_MODE` unless asked otherwise).
         mode: u32,
+        /// Also define a new VM on the restored images: its name, and whether
+        /// to start it.
+        as_vm: Option<(String, bool)>,
     },
     /// Apply the rule's retention to the VM's points now (R17: the scheduler
     /// submits it after the VM's last scheduled backup of the day).

@@ -61,7 +61,7 @@ pub fn reclaim(
         let res = (|| -> Result<Vec<String>> {
             let rule = state.require_rule(&t.rule)?;
             let prow = state.require_platform(&rule.settings.platform)?;
-            let plat = crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir), io_timeout)?;
+            let plat = crate::platform::connect(&prow.spec, io_timeout)?;
             let repo = crate::lifecycle::rule_repository(state, &rule)?;
             cleanup_vm(plat.as_ref(), repo.as_ref(), &prow.name, &t.vm, run_dir)
         })();
@@ -112,6 +112,27 @@ pub fn remove_stale_restores(
             Err(e) => lines.push(format!("restore task {}: {e:#}", t.id)),
         }
         state.set_task_staging(t.id, task_dest, None)?;
+    }
+    Ok(lines)
+}
+
+/// Redact the secrets in the VM configuration of every manifest of `repo`
+/// (`cleanup --redact`: manifests written before redaction existed), each
+/// rewritten atomically under its VM's lock. Returns one line per manifest.
+pub fn redact_manifests(repo: &Repository) -> Result<Vec<String>> {
+    let repo_lock = repo.lock_shared("cleanup --redact")?;
+    let mut lines = Vec::new();
+    for key in repo.list_vms()? {
+        let lock = repo.lock_vm(&repo_lock, &key, "cleanup --redact")?;
+        for mut manifest in repo.list_points(&key)?.points {
+            if crate::platform::redact::redact_vm_config(&mut manifest.vm_config) {
+                repo.rewrite_manifest(&lock, &manifest)?;
+                lines.push(format!(
+                    "redacted secrets in the manifest of point {} of VM '{}'",
+                    manifest.point, manifest.vm.name
+                ));
+            }
+        }
     }
     Ok(lines)
 }

@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::platforms::{list_or_none, PlatformRow};
 use super::State;
 use crate::error::{busy, invalid, refused};
+use crate::platform::Quiesce;
 use crate::policy::bandwidth::Window;
 use crate::policy::Policy;
 use crate::task::TaskKind;
@@ -30,7 +31,11 @@ pub struct RuleSettings {
     pub cbt: bool,
     pub lan_free: bool,
     pub delete_data: bool,
-    pub quiesce: bool,
+    /// R10: freeze guest file systems around the snapshot.
+    pub quiesce: Quiesce,
+    /// Back up through an NBD server the VM already runs on plain TCP, readable
+    /// by anyone reaching its port during the backup (refused otherwise).
+    pub allow_plain_tcp_export: bool,
     pub policy: Policy,
     pub bandwidth: Vec<Window>,
 }
@@ -73,7 +78,25 @@ impl RuleRow {
     }
 }
 
-const COLS: &str = "name, platform, target, subdir, auto_cbt, cbt, lan_free, delete_data, quiesce, policy, bandwidth, created_at";
+/// `rules.quiesce` (INTEGER): 0 off, 1 require, 2 try (rows from before `try`
+/// existed hold 0 or 1, which keep their meaning).
+fn quiesce_to_sql(q: Quiesce) -> i64 {
+    match q {
+        Quiesce::Off => 0,
+        Quiesce::Require => 1,
+        Quiesce::Try => 2,
+    }
+}
+
+fn quiesce_from_sql(v: i64) -> Quiesce {
+    match v {
+        0 => Quiesce::Off,
+        2 => Quiesce::Try,
+        _ => Quiesce::Require,
+    }
+}
+
+const COLS: &str = "name, platform, target, subdir, auto_cbt, cbt, lan_free, delete_data, quiesce, policy, bandwidth, created_at, allow_plain_tcp_export";
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
     let policy: String = r.get(9)?;
@@ -91,7 +114,8 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
             cbt: r.get(5)?,
             lan_free: r.get(6)?,
             delete_data: r.get(7)?,
-            quiesce: r.get(8)?,
+            quiesce: quiesce_from_sql(r.get(8)?),
+            allow_plain_tcp_export: r.get(12)?,
             policy: serde_json::from_str(&policy).map_err(bad)?,
             bandwidth: serde_json::from_str(&bandwidth).map_err(bad)?,
         },
@@ -177,22 +201,13 @@ impl State {
     /// Create a rule with its VMs, all checks in one transaction (see module docs).
     pub fn add_rule(&mut self, name: &str, s: &RuleSettings, vms: &[String]) -> Result<()> {
         super::check_name("rule name", name)?;
+        check_subdir(&s.subdir)?;
         if vms.is_empty() {
             return Err(invalid("--vm", "", "give at least one VM (R3)"));
         }
         let policy = serde_json::to_string(&s.policy)?;
         let bandwidth = serde_json::to_string(&s.bandwidth)?;
         let platform = self.require_platform(&s.platform)?;
-        if s.quiesce && !crate::platform::can_quiesce(&platform.kind) {
-            return Err(invalid(
-                "--quiesce",
-                "on",
-                format!(
-                    "platform '{}' (type {}) cannot freeze guest file systems yet: it needs the QEMU guest agent, which vmbackup does not reach; snapshots are crash-consistent without --quiesce (R10)",
-                    platform.name, platform.kind
-                ),
-            ));
-        }
         self.require_target(&s.target)?;
         self.write(|tx| {
             let exists: bool = tx.query_row("SELECT COUNT(*) > 0 FROM rules WHERE name = ?1", [name], |r| r.get(0))?;
@@ -203,8 +218,8 @@ impl State {
                 admit_vm(tx, name, &platform, vm)?;
             }
             tx.execute(
-                &format!("INSERT INTO rules ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
-                params![name, s.platform, s.target, s.subdir, s.auto_cbt, s.cbt, s.lan_free, s.delete_data, s.quiesce, policy, bandwidth, super::now_text()],
+                &format!("INSERT INTO rules ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+                params![name, s.platform, s.target, s.subdir, s.auto_cbt, s.cbt, s.lan_free, s.delete_data, quiesce_to_sql(s.quiesce), policy, bandwidth, super::now_text(), s.allow_plain_tcp_export],
             )?;
             for vm in vms {
                 insert_vm(tx, name, &platform, vm)?;
@@ -336,6 +351,34 @@ fn active_task(
         .find(|(_, _, v)| vm.is_none_or(|want| want == v || v.is_empty())))
 }
 
+/// Longest repository sub-directory (R5): a file name's limit, so it always
+/// fits a path with the repository's own names below it.
+pub const MAX_SUBDIR: usize = 255;
+
+/// The repository sub-directory: relative, no `..`, names as for rules, at most
+/// [`MAX_SUBDIR`] bytes (R5). It defaults to the rule's name, which is checked first.
+fn check_subdir(subdir: &str) -> Result<()> {
+    let ok = !subdir.is_empty()
+        && subdir.len() <= MAX_SUBDIR
+        && !subdir.starts_with('/')
+        && subdir.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid("--path", subdir, format!("must be a relative sub-directory of the target of at most {MAX_SUBDIR} bytes (A-Z a-z 0-9 . _ - and /, no '..') (R5)")))
+    }
+}
+
+/// Longest encoded VM or disk name: a file name (a VM's directory in the
+/// repository, a disk's index file) must fit 255 bytes.
+const MAX_ENCODED_NAME: usize = 250;
+
 /// Checks R3, R35 and R43 for one VM joining `rule`.
 fn admit_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> Result<()> {
     let Some(info) = platform.vm(vm) else {
@@ -352,6 +395,20 @@ fn admit_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> R
     };
     if let Some(err) = &info.error {
         return Err(refused(format!("VM '{vm}' cannot be queried: {err}")));
+    }
+    let too_long = |name: &str| crate::repo::encode_name(name).len() > MAX_ENCODED_NAME;
+    if too_long(vm) {
+        return Err(invalid(
+            "--vm",
+            vm,
+            format!("the name is too long to name a directory in the repository (at most {MAX_ENCODED_NAME} bytes once encoded; rename the VM)"),
+        ));
+    }
+    if let Some(d) = info.disks.iter().find(|d| too_long(&d.name)) {
+        return Err(refused(format!(
+            "VM '{vm}' disk '{}': the name is too long to name a file in the repository (at most {MAX_ENCODED_NAME} bytes once encoded)",
+            d.name
+        )));
     }
     let owner: Option<String> = tx
         .query_row(

@@ -127,7 +127,7 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE targets ADD COLUMN marker_id TEXT;
     "#,
     // 4: hardening (issue 8): where a restore writes, so what a killed one left is
-    // found and removed; VM identities.
+    // found and removed; VM identities; plain-TCP exports allowed per rule.
     r#"
     ALTER TABLE tasks ADD COLUMN dest TEXT;      -- restore: destination directory (absolute)
     ALTER TABLE tasks ADD COLUMN staging TEXT;   -- restore: its private staging directory, while it may exist
@@ -136,6 +136,17 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE rule_vms ADD COLUMN identity TEXT;
     CREATE UNIQUE INDEX rule_vms_by_identity ON rule_vms(identity) WHERE identity IS NOT NULL;
     ALTER TABLE tasks ADD COLUMN vm_identity TEXT;
+    -- Exports through a VM's own NBD server on plain TCP only when the rule says so.
+    ALTER TABLE rules ADD COLUMN allow_plain_tcp_export INTEGER NOT NULL DEFAULT 0;
+    "#,
+    // 5 (libvirt): a platform's type and connection parameters become one typed JSON value
+    // (platform::PlatformSpec, `{"type":"qemu","qmp_dir":...}`); existing rows keep
+    // their platform.
+    r#"
+    ALTER TABLE platforms ADD COLUMN spec TEXT NOT NULL DEFAULT '{}';
+    UPDATE platforms SET spec = json_object('type', kind, 'qmp_dir', qmp_dir);
+    ALTER TABLE platforms DROP COLUMN qmp_dir;
+    ALTER TABLE platforms DROP COLUMN kind;
     "#,
 ];
 
@@ -173,4 +184,35 @@ pub(crate) fn migrate_to(conn: &mut Connection, target: u32) -> Result<()> {
         tx.commit()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_rows_keep_their_platform_through_the_spec_migration() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.execute(
+            "INSERT INTO platforms (name, kind, qmp_dir, created_at) VALUES ('lab', 'qemu', '/run/q', 'now')",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let spec: String = conn
+            .query_row("SELECT spec FROM platforms WHERE name = 'lab'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(
+            crate::platform::PlatformSpec::from_json(&spec).unwrap(),
+            crate::platform::PlatformSpec::Qemu {
+                qmp_dir: "/run/q".into()
+            }
+        );
+    }
 }

@@ -124,6 +124,20 @@ impl State {
         })
     }
 
+    /// The backup task of a rule's VM that a live process runs now, if any.
+    pub fn running_backup_of(&self, rule: &str, vm: &str) -> Result<Option<TaskRow>> {
+        let mut st = self.conn().prepare(&format!(
+            "SELECT {COLS} FROM tasks WHERE kind = ?1 AND rule = ?2 AND vm = ?3
+             AND state IN {ACTIVE_STATES} ORDER BY id"
+        ))?;
+        let rows: Vec<TaskRow> = st
+            .query_map(params![TaskKind::Backup, rule, vm], from_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows
+            .into_iter()
+            .find(|t| t.pid.is_some_and(super::slots::pid_alive)))
+    }
+
     /// Record that backup task `id` of rule `rule` works on the running VM
     /// `identity` (`VmHandle::running_identity`), unless another active task of a
     /// live process already does: then an error naming that task and its rule
