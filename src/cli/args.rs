@@ -183,7 +183,7 @@ pub enum RuleCmd {
         vm: Option<String>,
     },
     /// Remove a rule, or one VM from it (refused while any of its tasks runs,
-    /// R37); removes vmbackup's bitmaps from its VMs; deletes its backup data
+    /// R37); removes vmbackup's bitmaps or checkpoints from its VMs; deletes its backup data
     /// with --delete-data or the rule's delete-data setting (R9)
     Remove {
         name: String,

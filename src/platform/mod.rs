@@ -294,11 +294,9 @@ pub trait VmHandle: Send {
     ) -> anyhow::Result<CleanupReport>;
     /// Remove every trace of vmbackup from the VM when it leaves vmbackup's
     /// care (`rule remove`): leftovers of interrupted runs and every change-
-    /// tracking bitmap of ours. One line per action.
-    fn forget_tracking(&mut self, run_dir: &std::path::Path) -> anyhow::Result<CleanupReport> {
-        let _ = run_dir;
-        anyhow::bail!("this platform cannot remove vmbackup's change tracking yet")
-    }
+    /// tracking bitmap (qemu) or checkpoint (libvirt) of ours; other tools'
+    /// are left alone. One line per action.
+    fn forget_tracking(&mut self, run_dir: &std::path::Path) -> anyhow::Result<CleanupReport>;
 }
 
 /// Connect to a registered platform; every request to a `qemu` platform waits at
