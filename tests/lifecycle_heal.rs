@@ -97,8 +97,8 @@ fn verdicts(doc: &Value) -> Vec<(String, String, u64)> {
         .map(|p| {
             (
                 p["point"].as_str().unwrap().to_string(),
-                p["result"].as_str().unwrap().to_string(),
-                p["healed"].as_u64().unwrap(),
+                p["status"].as_str().unwrap().to_string(),
+                p["healed_count"].as_u64().unwrap(),
             )
         })
         .collect()

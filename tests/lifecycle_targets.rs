@@ -64,7 +64,7 @@ fn first_backup_creates_the_repository_and_verify_says_no_points_yet() {
     let out = l.env.ok(&["verify", "r"]);
     assert!(out.contains("r: no points yet"), "{out}");
     let v = l.env.json(&["verify", "r"]);
-    assert_eq!(v["rules"][0]["result"], "no points yet");
+    assert_eq!(v["rules"][0]["status"], "no points yet");
     assert_eq!(
         l.env.json(&["points", "r", "--vm", "vm1"]),
         serde_json::json!([])
@@ -73,7 +73,7 @@ fn first_backup_creates_the_repository_and_verify_says_no_points_yet() {
     let full = l.backup("full");
     assert!(l.target().join("r/vmbackup-repo.toml").is_file());
     let v = l.env.json(&["verify", "r"]);
-    assert_eq!(v["rules"][0]["result"], "checked");
+    assert_eq!(v["rules"][0]["status"], "checked");
     assert_eq!(v["points"][0]["point"], full["point"]);
 }
 

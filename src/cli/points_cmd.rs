@@ -141,10 +141,11 @@ struct VerifyItem {
     point: String,
     /// `ok`, or `damaged`: objects missing, corrupt or quarantined, or the
     /// manifest or an index unreadable (`problems` says which).
-    result: &'static str,
-    chunks_checked: u64,
+    status: &'static str,
+    /// Chunk and delta objects checked.
+    checked_count: u64,
     /// Objects once quarantined and whole again (a later backup stored them).
-    healed: u64,
+    healed_count: u64,
     problems: Vec<String>,
 }
 
@@ -153,7 +154,7 @@ struct VerifyItem {
 struct VerifyRule {
     rule: String,
     /// `checked`, `no points yet`, or `failed` (`error` says why).
-    result: &'static str,
+    status: &'static str,
     error: Option<String>,
 }
 
@@ -193,7 +194,7 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
             }
             Ok(true)
         })();
-        let (result, error) = match checked {
+        let (status, error) = match checked {
             Ok(true) => ("checked", None),
             Ok(false) => {
                 if !ctx.json && !ctx.quiet {
@@ -208,17 +209,17 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
         };
         summary.push(VerifyRule {
             rule: rule.name.clone(),
-            result,
+            status,
             error,
         });
     }
-    let bad = items.iter().filter(|i| i.result != "ok").count();
+    let bad = items.iter().filter(|i| i.status != "ok").count();
     let failed = summary.iter().filter(|r| r.error.is_some()).count();
     if ctx.json {
         print_json(&serde_json::json!({
             "rules": summary,
             "points": items,
-            "points_with_problems": bad,
+            "damaged_count": bad,
         }));
     }
     if bad > 0 {
@@ -251,9 +252,9 @@ fn verify_one(
         rule: rule.name.clone(),
         vm: vm.to_string(),
         point: point.to_string(),
-        result: if r.is_ok() { "ok" } else { "damaged" },
-        chunks_checked: r.chunks_checked,
-        healed: r.healed,
+        status: if r.is_ok() { "ok" } else { "damaged" },
+        checked_count: r.chunks_checked,
+        healed_count: r.healed,
         problems,
     })
 }
@@ -262,7 +263,7 @@ fn print_verify_item(ctx: &Ctx, item: &VerifyItem) {
     if ctx.json || (ctx.quiet && item.problems.is_empty()) {
         return;
     }
-    let verdict = match (item.problems.len(), item.healed) {
+    let verdict = match (item.problems.len(), item.healed_count) {
         (0, 0) => "ok".to_string(),
         (0, n) => format!("ok, healed ({n} object(s) stored again by a later backup)"),
         (n, _) => format!("DAMAGED, {n} problem(s)"),
@@ -272,7 +273,7 @@ fn print_verify_item(ctx: &Ctx, item: &VerifyItem) {
         item.rule,
         item.vm,
         item.point,
-        item.chunks_checked
+        item.checked_count
     );
     for pr in &item.problems {
         out!("  {pr}");
