@@ -298,9 +298,8 @@ impl World {
         if r["missing_count"] != 0 {
             self.fail(&format!("gc found referenced objects missing: {doc}"));
         }
-        self.log
-            .push(format!("gc removed {}", r["objects_removed"]));
-        self.objects_removed += r["objects_removed"].as_u64().unwrap_or(0);
+        self.log.push(format!("gc removed {}", r["removed_count"]));
+        self.objects_removed += r["removed_count"].as_u64().expect("removed_count");
         self.check_references();
         self.check_points(None);
     }

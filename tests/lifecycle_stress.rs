@@ -133,7 +133,7 @@ fn backups_run_while_prune_and_gc_run_over_and_over_and_every_point_restores() {
                 match out.status.code() {
                     Some(0) => {
                         assert_eq!(r["report"]["missing_count"], 0, "{doc}");
-                        if r["report"]["objects_removed"].as_u64().unwrap() > 0 {
+                        if r["report"]["removed_count"].as_u64().unwrap() > 0 {
                             freeing.lock().unwrap().push((t0, t1));
                         }
                     }
@@ -243,7 +243,7 @@ fn sigkill_during_prune_and_during_gc_loses_no_retained_point_and_reruns_complet
     // GC: killed once it has deleted its first object.
     let chunks = l.env.path("target/r/chunks");
     let objects = files_under(&chunks);
-    let garbage = l.env.json(&["gc", "--dry-run"])["repositories"][0]["report"]["objects_removed"]
+    let garbage = l.env.json(&["gc", "--dry-run"])["repositories"][0]["report"]["removed_count"]
         .as_u64()
         .unwrap();
     assert!(
@@ -262,7 +262,7 @@ fn sigkill_during_prune_and_during_gc_loses_no_retained_point_and_reruns_complet
     assert!(out.status.success(), "{out:?}");
     let dry = l.env.json(&["gc", "--dry-run"]);
     assert_eq!(
-        dry["repositories"][0]["report"]["objects_removed"], 0,
+        dry["repositories"][0]["report"]["removed_count"], 0,
         "{dry}"
     );
     l.env.ok(&["verify", "r"]);
