@@ -1,7 +1,7 @@
 //! Garbage collection against real QEMU (issue 7 §3): it frees what prune
 //! removed and nothing a point still names (every kept point restores and
-//! verifies afterwards), refuses to sweep while a point cannot be read, and is
-//! deferred while the repository is locked.
+//! verifies afterwards) but stale staging files, refuses to sweep while a point
+//! cannot be read, and is deferred while the repository is locked.
 
 mod common;
 use common::*;
@@ -103,8 +103,39 @@ fn gc_frees_what_prune_removed_and_every_kept_point_restores() {
     l.assert_restores(&f1, &d_f1);
     l.assert_restores(&i2, &d_i2);
     l.env.ok(&["verify", "r"]);
+
+    // Staging files of killed writers: GC deletes those older than an hour,
+    // never a young one (a writer may still be publishing it).
+    let leaf = first_file(&chunks).parent().unwrap().to_path_buf();
+    let stale = leaf.join("deadbeef.tmp-1-0000000000000001");
+    let young = leaf.join("deadbeef.tmp-1-0000000000000002");
+    fs::write(&stale, b"x").unwrap();
+    fs::write(&young, b"y").unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+        .unwrap();
     let (_, again) = l.gc(&["--target", "t"]);
-    assert_eq!(again["repositories"][0]["report"]["removed_count"], 0);
+    let report = &again["repositories"][0]["report"];
+    assert_eq!(report["removed_count"], 0, "{again}");
+    assert_eq!(report["staging_removed_count"], 1, "{again}");
+    assert!(!stale.exists() && young.exists());
+}
+
+/// Some file below `dir`.
+fn first_file(dir: &std::path::Path) -> PathBuf {
+    fn find(dir: &std::path::Path) -> Option<PathBuf> {
+        fs::read_dir(dir).ok()?.find_map(|e| {
+            let path = e.ok()?.path();
+            match path.is_dir() {
+                true => find(&path),
+                false => Some(path),
+            }
+        })
+    }
+    find(dir).unwrap_or_else(|| panic!("no file under {}", dir.display()))
 }
 
 #[test]
