@@ -20,6 +20,7 @@
 # Smoke test (small, minutes): SIZE_GIB=1 POINTS=12 CHANGE_MIB=4 MARK_MILLIONS="0.1 0.2"
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 ROOT=$(pwd)
 SIZE_GIB=${SIZE_GIB:-4}
 POINTS=${POINTS:-200}
@@ -50,39 +51,8 @@ export VMBACKUP_STATE="$B/state/state.db" VMBACKUP_CONFIG="$B/system.conf" TZ=UT
 printf 'bk_tsk_thd = 8\ni2vp_transbuffer = 4M\nMax_ThreadNum_PerHost = 4\n' > "$VMBACKUP_CONFIG"
 
 echo "== building a ${SIZE_GIB} GiB disk (25% random, 25% text, 50% zero)"
-RAW="$B/source.raw"
-truncate -s "${SIZE_GIB}G" "$RAW"
-python3 - "$RAW" "$SIZE_GIB" <<'PY'
-import os, sys
-path, gib = sys.argv[1], int(sys.argv[2])
-region = 64 << 20
-text = b"".join(b"2026-11-24 12:%02d:%02d host%03d kernel: eth0 link up seq=%d\n"
-                % (i % 60, i % 59, i % 997, i) for i in range(200000))
-with open(path, "r+b") as f:
-    for r in range((gib << 30) // region):
-        kind = r % 4   # 0 random, 1 text, 2-3 zero (hole)
-        f.seek(r * region)
-        if kind == 0:
-            f.write(os.urandom(region))
-        elif kind == 1:
-            off = 0
-            while off < region:
-                n = min(len(text), region - off)
-                f.write(text[:n]); off += n
-PY
-qemu-img convert -f raw -O qcow2 "$RAW" "$B/disk.qcow2"
-rm -f "$RAW"
-
-NBD="$B/nbd.sock"; PIDFILE="$B/qsd.pid"
-qemu-storage-daemon \
-  --blockdev driver=file,node-name=vda-file,filename="$B/disk.qcow2" \
-  --blockdev driver=qcow2,node-name=vda,file=vda-file \
-  --chardev socket,id=qmp0,path="$B/qmp/bench.qmp",server=on,wait=off --monitor chardev=qmp0 \
-  --nbd-server addr.type=unix,addr.path="$NBD" \
-  --export type=nbd,id=guest,node-name=vda,name=guest,writable=on \
-  --pidfile "$PIDFILE" --daemonize
-trap 'kill $(cat "$PIDFILE") 2>/dev/null || true' EXIT
-GUEST="nbd+unix:///guest?socket=$NBD"
+bench_disk "$SIZE_GIB" RTZZ
+bench_vm
 
 "$VMB" -q platform add lab --type qemu --qmp-dir "$B/qmp"
 "$VMB" -q target add t --path "$B/target"
@@ -90,28 +60,10 @@ GUEST="nbd+unix:///guest?socket=$NBD"
   --schedule "full daily at 01:00" --retention 7
 
 day() { date -u -d "2027-01-01 + $1 days" '+%Y-%m-%d 12:00:00'; }
-change() { # CHANGE_MIB of random bytes in 256 KiB pieces at random places
-  local n=$(( CHANGE_MIB * 4 ))
-  head -c $((256 << 10)) /dev/urandom > "$B/piece"
-  local cmds=()
-  for _ in $(seq 1 "$n"); do
-    cmds+=(-c "write -s $B/piece $(( (RANDOM * 32768 + RANDOM) % ((SIZE_GIB << 30) / (256 << 10)) * (256 << 10) )) 256k")
-  done
-  qemu-io -f raw "${cmds[@]}" "$GUEST" >/dev/null
-}
-# timed NAME CMD...: run once; seconds and peak RSS (KiB) into results, stdout kept
-timed() {
-  local name=$1; shift
-  /usr/bin/time -f '%e %M' -o "$B/time.out" "$@" >"$B/$name.out" 2>"$B/$name.err" \
-    || { cat "$B/$name.err" >&2; exit 1; }
-  read -r secs rss < "$B/time.out"
-  echo "$name $secs $rss" >> "$B/results"
-}
-
 echo "== taking $POINTS points (a full every 7th day, $CHANGE_MIB MiB changed before each)"
 : > "$B/results"
 for i in $(seq 1 "$POINTS"); do
-  [ "$i" -gt 1 ] && change
+  [ "$i" -gt 1 ] && bench_scatter "$SIZE_GIB" $(( CHANGE_MIB * 4 ))
   level=inc; [ $(( (i - 1) % 7 )) = 0 ] && level=full
   VMBACKUP_TEST_NOW="$(day "$i")" "$VMB" -q run-now bench --level "$level" >/dev/null
   [ $(( i % 50 )) = 0 ] && echo "   $i points"
@@ -121,8 +73,8 @@ OBJECTS=$(find "$B/target/bench/chunks" -type f | wc -l)
 
 echo "== prune and gc"
 export VMBACKUP_TEST_NOW="$(day $((POINTS + 1)))"
-timed prune "$VMB" --json prune bench
-timed gc "$VMB" --json gc
+bench_timed prune "$VMB" --json prune bench
+bench_timed gc "$VMB" --json gc
 unset VMBACKUP_TEST_NOW
 AFTER=$(du -sk "$B/target/bench/chunks" | cut -f1)
 
@@ -130,7 +82,7 @@ echo "== gc mark on synthetic repositories ($MARK_MILLIONS million objects)"
 for m in $MARK_MILLIONS; do
   rm -rf "$B/synth"; mkdir -p "$B/synth"
   "$MARK" generate "$B/synth" "$m" 10 >/dev/null
-  timed "mark-$m" "$MARK" mark "$B/synth"
+  bench_timed "mark-$m" "$MARK" mark "$B/synth"
 done
 rm -rf "$B/synth"
 
