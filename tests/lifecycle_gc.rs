@@ -56,7 +56,7 @@ impl Lab {
     }
 
     fn assert_restores(&self, point: &str, digest: &str) {
-        let got = self.env.restored_digest("r", "vm1", point, "disk0");
+        let got = self.env.restored_digest("r", "vm1", Some(point), "disk0");
         assert_eq!(got, digest, "point {point}");
     }
 }

@@ -82,7 +82,7 @@ impl Lab {
                 .find(|(p, _)| p == point)
                 .unwrap_or_else(|| panic!("point {point} was never taken"))
                 .1;
-            let got = self.env.restored_digest("r", "vm1", point, "disk0");
+            let got = self.env.restored_digest("r", "vm1", Some(point), "disk0");
             assert_eq!(&got, want, "point {point}");
         }
     }
