@@ -4,6 +4,7 @@
 //! bitmaps leave the VMs; any running task of the rule refuses with exit 4.
 
 mod common;
+use common::json_doc::assert_documented;
 use common::*;
 
 use std::fs;
@@ -14,6 +15,15 @@ fn ours(vm: &TestVm) -> Vec<String> {
         .map(|b| b.0)
         .filter(|n| n.starts_with("vmbackup-"))
         .collect()
+}
+
+/// `rule remove` with `--json`, expecting exit 0; its output as docs/JSON.md says.
+fn remove_json(env: &Env, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["--json", "rule", "remove"];
+    a.extend_from_slice(args);
+    let out = env.ok(&a);
+    assert_documented("vmbackup rule remove", &out);
+    serde_json::from_str(&out).unwrap()
 }
 
 fn env_with(vms: &[&str]) -> (Env, Vec<TestVm>) {
@@ -48,7 +58,7 @@ fn r9_delete_data_removes_an_unshared_repository_whole_and_the_vms_bitmaps() {
     let repo = env.path("target/r");
     assert!(repo.is_dir());
 
-    let v = env.json(&["rule", "remove", "r", "--delete-data"]);
+    let v = remove_json(&env, &["r", "--delete-data"]);
     assert_eq!(v["message"], "rule 'r' removed");
     assert_eq!(v["data_deleted"], true);
     assert_eq!(v["repository_removed"], true);
@@ -101,6 +111,34 @@ fn r9_delete_data_in_a_shared_repository_removes_the_vms_points_then_collects() 
     ]);
     assert_eq!(file_digest(&dir.join("disk0.raw")), expected);
     env.ok(&["verify", "r2"]);
+
+    // The same with --json: the points deleted and the collection that followed.
+    env.add_rule(
+        "r3",
+        "lab",
+        "vm1",
+        "t",
+        &["--schedule", "full daily at 01:00", "--path", "shared"],
+    );
+    env.ok(&["run-now", "r3", "--level", "full"]);
+    let v = remove_json(&env, &["r3", "--delete-data"]);
+    assert_eq!(v["rule"], "r3");
+    assert_eq!(v["vm"], serde_json::Value::Null);
+    assert_eq!(v["rule_removed"], true);
+    assert_eq!(v["data_deleted"], true);
+    assert_eq!(v["repository_removed"], false);
+    assert_eq!(v["point_count"], 1);
+    assert_eq!(v["gc"]["status"], "completed", "{v}");
+    assert_eq!(v["gc"]["target"], "t", "{v}");
+    assert_eq!(v["gc"]["rules"], serde_json::json!(["r2"]), "{v}");
+    assert!(
+        v["gc"]["report"]["removed_count"].as_u64().unwrap() > 0,
+        "{v}"
+    );
+    assert_eq!(v["tracking"][0]["vm"], "vm1");
+    assert_eq!(v["tracking"][0]["error"], serde_json::Value::Null);
+    assert!(!env.path("target/shared/vms/lab/vm1").exists());
+    env.ok(&["verify", "r2"]);
 }
 
 #[test]
@@ -126,7 +164,7 @@ fn r9_the_rules_setting_deletes_keep_data_overrides_and_kept_data_is_located() {
     assert!(env.path("target/r/vms/lab/vm22").is_dir());
     assert_eq!(ours(&vms[1]), Vec::<String>::new(), "bitmaps go anyway");
     // The rule's own setting deletes (the kept VM key is orphaned, and goes too).
-    let v = env.json(&["rule", "remove", "r"]);
+    let v = remove_json(&env, &["r"]);
     assert_eq!(v["data_deleted"], true);
     assert_eq!(v["repository_removed"], true);
     assert!(!env.path("target/r").exists());

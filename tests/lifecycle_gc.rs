@@ -4,6 +4,7 @@
 //! cannot be read, and is deferred while the repository is locked.
 
 mod common;
+use common::json_doc::assert_documented;
 use common::*;
 
 use std::fs;
@@ -39,7 +40,7 @@ impl Lab {
         let digest = self.vm.shadow_digest("disk0");
         let (code, summary, logs) = self.env.run_now_at(Some(now), "r", level);
         assert_eq!(code, 0, "{summary} {logs}");
-        let point = summary["vms"][0]["outcome"]["point"].as_str().unwrap();
+        let point = summary["tasks"][0]["outcome"]["point"].as_str().unwrap();
         (point.to_string(), digest)
     }
 
@@ -51,6 +52,7 @@ impl Lab {
         let mut args = vec!["--json", "gc"];
         args.extend_from_slice(extra);
         let out = self.env.cmd().args(&args).output().unwrap();
+        assert_documented("vmbackup gc", &String::from_utf8_lossy(&out.stdout));
         let doc = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
         (out.status.code().unwrap(), doc)
     }

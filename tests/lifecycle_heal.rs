@@ -5,6 +5,7 @@
 //! point damaged (listed, skipped as a base, removable), never the VM.
 
 mod common;
+use common::json_doc::assert_documented;
 use common::*;
 
 use std::fs;
@@ -38,7 +39,7 @@ impl Lab {
     fn backup(&self, level: &str) -> (String, i32, String, String) {
         let digest = self.vm.shadow_digest("disk0");
         let (code, summary, logs) = self.env.run_now_at(None, "r", level);
-        let point = summary["vms"][0]["outcome"]["point"]
+        let point = summary["tasks"][0]["outcome"]["point"]
             .as_str()
             .unwrap_or_else(|| panic!("{summary} {logs}"))
             .to_string();
@@ -69,6 +70,7 @@ impl Lab {
             .args(["--json", "verify", "r"])
             .output()
             .unwrap();
+        assert_documented("vmbackup verify", &String::from_utf8_lossy(&out.stdout));
         (
             out.status.code().unwrap(),
             serde_json::from_slice(&out.stdout).unwrap(),
@@ -202,7 +204,7 @@ fn a_damaged_point_is_listed_skipped_as_base_and_removable_never_blocking_the_vm
             .clone()
     };
     assert_eq!(row(&i2)["status"], "damaged");
-    assert!(row(&i2)["reason"].as_str().unwrap().contains("manifest"));
+    assert!(row(&i2)["error"].as_str().unwrap().contains("manifest"));
     assert_eq!(row(&i1)["status"], "completed");
     let err = l.env.fails(
         3,

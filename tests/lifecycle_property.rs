@@ -17,6 +17,7 @@
 //! failing sequence is replayed by its seed, not shrunk.
 
 mod common;
+use common::json_doc::assert_documented;
 use common::*;
 
 use std::collections::BTreeMap;
@@ -195,7 +196,7 @@ impl World {
             .filter_map(|l| serde_json::from_str(l).ok())
             .find(|v: &Value| v["type"] == "summary")
             .unwrap();
-        let point = summary["vms"][0]["outcome"]["point"]
+        let point = summary["tasks"][0]["outcome"]["point"]
             .as_str()
             .unwrap()
             .to_string();
@@ -233,6 +234,12 @@ impl World {
         if !out.status.success() {
             self.fail(&format!("{args:?}: {out:?}"));
         }
+        let command = if prune {
+            "vmbackup prune"
+        } else {
+            "vmbackup forget"
+        };
+        assert_documented(command, &String::from_utf8_lossy(&out.stdout));
         let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
         let marks: Vec<&Value> = if prune {
             doc["vms"]
@@ -293,6 +300,7 @@ impl World {
         if !out.status.success() {
             self.fail(&format!("gc: {out:?}"));
         }
+        assert_documented("vmbackup gc", &String::from_utf8_lossy(&out.stdout));
         let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
         let r = &doc["repositories"][0]["report"];
         if r["missing_count"] != 0 {

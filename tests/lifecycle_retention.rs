@@ -6,6 +6,7 @@
 //! was taken.
 
 mod common;
+use common::json_doc::assert_documented;
 use common::*;
 
 use std::process::Output;
@@ -47,7 +48,7 @@ impl Lab {
             .write_random("disk0", (seed % 4) * MIB, 64 * 1024, seed);
         let digest = self.vm.shadow_digest("disk0");
         let (code, summary, logs) = self.env.run_now_at(Some(now), "r", level);
-        let outcome = &summary["vms"][0]["outcome"];
+        let outcome = &summary["tasks"][0]["outcome"];
         assert!(code == 0 && outcome["level"] == level, "{summary} {logs}");
         (outcome["point"].as_str().unwrap().to_string(), digest)
     }
@@ -55,7 +56,9 @@ impl Lab {
     fn prune_at(&self, now: &str, extra: &[&str]) -> Value {
         let mut args = vec!["--json", "prune", "r"];
         args.extend_from_slice(extra);
-        serde_json::from_str(&self.ok_at(now, &args)).unwrap()
+        let out = self.ok_at(now, &args);
+        assert_documented("vmbackup prune", &out);
+        serde_json::from_str(&out).unwrap()
     }
 
     fn points(&self) -> Vec<String> {

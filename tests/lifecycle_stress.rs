@@ -55,7 +55,7 @@ impl Lab {
         let digest = self.vm.shadow_digest("disk0");
         let (code, summary, logs) = self.env.run_now_at(Some(&day(d)), "r", level);
         assert!(matches!(code, 0 | 1), "backup on day {d}: {summary} {logs}");
-        let point = summary["vms"][0]["outcome"]["point"].as_str().unwrap();
+        let point = summary["tasks"][0]["outcome"]["point"].as_str().unwrap();
         (point.to_string(), digest)
     }
 

@@ -1,19 +1,16 @@
 //! `restore`: a restore point back to image files, as a task of the runner
 //! (it takes a slot, R38, and can be cancelled like a backup).
 
-use std::sync::atomic::Ordering;
-
 use anyhow::Result;
 
 use super::args::{ImageFormat as ImageArg, RestoreArgs};
-use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
+use super::process::TaskSession;
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
 use crate::lifecycle::rule_repository;
 use crate::repo::vm_key;
 use crate::restore::ImageFormat;
 use crate::runner::{Job, TaskSpec};
-use crate::task::TaskState;
 
 pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
@@ -55,10 +52,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
         }
     }
     drop(state);
-    reclaim_dead(ctx)?;
-    let rt = runtime()?;
-    let cancel = cancel_on_signals(&rt);
-    let runner = make_runner(ctx, &rt, cancel.clone())?;
+    let session = TaskSession::start(ctx)?;
     let spec = TaskSpec {
         rule: rule.clone(),
         vm: a.vm.clone(),
@@ -74,21 +68,11 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
             as_vm: a.as_vm.clone().map(|n| (n, a.start)),
         },
     };
-    let results = runner.run_all(vec![spec])?;
-    let worst = worst_of(&results, cancel.load(Ordering::SeqCst));
+    let results = session.runner.run_all(vec![spec])?;
+    let worst = session.exit_code(&results);
     if ctx.json {
-        for r in &results {
-            let summary = match (&r.status, &r.outcome) {
-                (TaskState::Completed, Some(report)) => {
-                    serde_json::json!({ "type": "summary", "task": r.task, "restore": report })
-                }
-                _ => serde_json::json!({
-                    "type": "summary", "task": r.task, "status": r.status,
-                    "error": r.error, "exit_code": r.exit_code,
-                }),
-            };
-            out!("{summary}");
-        }
+        session.print_summary(Some(&rule.name), &results, worst);
     }
+    session.finish();
     Ok(worst)
 }

@@ -152,7 +152,19 @@ pub fn remove(
             }
             drop(vm_locks);
             drop(lock);
-            report.gc = Some(collect_now(&repo, now));
+            let mut gc = collect_now(&repo, now);
+            gc.target = rule.settings.target.clone();
+            // The rules that still use the repository.
+            gc.rules = state
+                .rules()?
+                .into_iter()
+                .filter(|r| {
+                    r.settings.target == rule.settings.target
+                        && r.settings.subdir == rule.settings.subdir
+                })
+                .map(|r| r.name)
+                .collect();
+            report.gc = Some(gc);
         }
     }
     report.tracking = forget_tracking(state, &rule.settings.platform, &vms, run_dir, io_timeout);

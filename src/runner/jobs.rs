@@ -226,7 +226,8 @@ fn backup(
     let display = runner.events.display(task, spec, Some(throttle.clone()));
     let recorder = Arc::new(TaskRecorder::new(task, state, display, Some(throttle)));
     let out = run_backup(&job, &vm_lock, plat.as_ref(), recorder, cancel, &runner.rt)?;
-    let code = if out.fallback.is_some() || !out.warnings.is_empty() {
+    let unexpected_full = out.fallback.is_some() && !out.fallback_planned;
+    let code = if unexpected_full || !out.warnings.is_empty() {
         ExitCode::Warning
     } else {
         ExitCode::Ok
