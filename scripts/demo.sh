@@ -5,10 +5,11 @@
 #   full + incremental policy; then a full backup, more guest writes, an
 #   incremental backup, a restore of the latest point (with the image mode
 #   chosen), cleanup (with manifests' secrets redacted), and a digest comparison
-#   between the restored image and the VM's disk. As root, the same with a libvirt
-#   domain (a private libvirtd, scripts/test-libvirtd.sh): checkpoints, quiesce=try,
-#   the same daemon reached as a remote host (backup over NBD with TLS),
-#   and a restore as a new domain.
+#   between the restored image and the VM's disk; then the retention plan, the
+#   first full forgotten, garbage collection, and the incremental restored again.
+#   As root, the same with a libvirt domain (a private libvirtd,
+#   scripts/test-libvirtd.sh): checkpoints, quiesce=try, the same daemon reached
+#   as a remote host (backup over NBD with TLS), and a restore as a new domain.
 #
 #   scripts/demo.sh            (as root on a fresh Debian 12: installs QEMU tools first)
 #   DEMO_DIR=/some/dir scripts/demo.sh   keep everything in that directory
@@ -102,6 +103,22 @@ if [ "$A" = "$B" ]; then
   echo "OK: the restored latest point is byte-identical to the VM's disk"
 else
   echo "MISMATCH: restored image differs from the VM's disk" >&2
+  exit 1
+fi
+
+echo "== lifecycle: the retention plan, forgetting the first full, garbage collection"
+run prune demo --dry-run
+FIRST=$("$VMB" --json points demo --vm demo | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["point"])')
+run forget demo --vm demo --point "$FIRST"
+run gc demo
+run verify demo
+echo "== the incremental still restores on its own (every point has a complete index)"
+run restore demo --vm demo --to "$DEMO/restore2"
+C=$(sha256sum < "$DEMO/restore2/vda.raw" | cut -d' ' -f1)
+if [ "$C" = "$B" ]; then
+  echo "OK: after forget + gc, the incremental restores byte-identical"
+else
+  echo "MISMATCH after forget + gc" >&2
   exit 1
 fi
 

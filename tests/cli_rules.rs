@@ -476,8 +476,13 @@ fn r37_rule_with_a_running_restore_cannot_be_removed() {
         [std::process::id()],
     )
     .unwrap();
-    l.env
-        .refused(&["rule", "remove", "r1"], &["r1", "restore", "R37"]);
+    // Refused as busy (exit 4), not as bad input; nothing changes.
+    let before = l.env.dump();
+    let err = l.env.fails(4, &["rule", "remove", "r1"]);
+    for needle in ["r1", "restore", "R37"] {
+        assert!(err.contains(needle), "{err}");
+    }
+    assert_eq!(l.env.dump(), before);
     conn.execute("UPDATE tasks SET state = 'completed'", [])
         .unwrap();
     l.env.ok(&["rule", "remove", "r1"]);

@@ -29,15 +29,10 @@ fn id_day(offset: u64) -> String {
 }
 
 fn lab() -> Lab {
-    let env = Env::new();
-    fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
-    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 4 * MIB)], true);
-    env.add_lab("t");
-    env.add_rule(
-        "r",
-        "lab",
+    let (env, vm) = lab_with_rule(
+        "1M",
         "vm1",
-        "t",
+        4 * MIB,
         &[
             "--schedule",
             "full daily at 01:00",
@@ -52,13 +47,7 @@ fn lab() -> Lab {
 
 impl Lab {
     fn run_due_at(&self, now: &str) -> Output {
-        self.env
-            .cmd()
-            .env("TZ", "UTC")
-            .env("VMBACKUP_TEST_NOW", now)
-            .args(["run-due"])
-            .output()
-            .unwrap()
+        self.env.cmd_at(now).args(["run-due"]).output().unwrap()
     }
 
     fn points(&self) -> Vec<String> {
@@ -120,7 +109,6 @@ fn r17_r18_run_due_prunes_after_the_days_last_backup_and_never_after_a_failure()
     assert_eq!(l.points().len(), 3);
     // Day 2, 13:05 (the 13:00 slot, late): the last of the day; day 1 goes.
     l.vm.write("disk0", 3 * MIB, 4096, 4);
-    let expected = l.vm.shadow_digest("disk0");
     let out = l.run_due_at(&format!("{} 13:05:30", day(2)));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
@@ -166,7 +154,6 @@ fn r17_r18_run_due_prunes_after_the_days_last_backup_and_never_after_a_failure()
         file_digest(&dir.join("disk0.raw")),
         l.vm.shadow_digest("disk0")
     );
-    let _ = expected;
     l.env.ok(&["verify", "r"]);
 }
 
@@ -228,41 +215,4 @@ fn a_backup_waits_pending_while_gc_holds_the_repository() {
         dir.to_str().unwrap(),
     ]);
     assert_eq!(file_digest(&dir.join("disk0.raw")), expected);
-}
-
-/// A lock object held by this (live) test process, as vmbackup writes them.
-pub fn write_live_lock(path: &std::path::Path, mode: &str, purpose: &str) {
-    let id = path.file_name().unwrap().to_str().unwrap();
-    let host = String::from_utf8(
-        std::process::Command::new("uname")
-            .arg("-n")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_string();
-    let stat = fs::read_to_string(format!("/proc/{}/stat", std::process::id())).unwrap();
-    let start: u64 = stat[stat.rfind(')').unwrap() + 1..]
-        .split_whitespace()
-        .nth(19)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let lock = serde_json::json!({
-        "id": id,
-        "scope": {"kind": "repository"},
-        "mode": mode,
-        "purpose": purpose,
-        "host": host,
-        "machine_id": fs::read_to_string("/etc/machine-id").ok().map(|s| s.trim().to_string()),
-        "pid": std::process::id(),
-        "pid_start": start,
-        "created": "2026-11-30T01:00:00Z",
-        "heartbeat": "2099-01-01T00:00:00Z",
-        "expires": "2099-01-01T00:05:00Z",
-    });
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, serde_json::to_vec(&lock).unwrap()).unwrap();
 }

@@ -6,9 +6,9 @@
 //! was taken.
 
 mod common;
+use common::json_doc::assert_documented;
 use common::*;
 
-use std::fs;
 use std::process::Output;
 
 use serde_json::Value;
@@ -20,24 +20,14 @@ struct Lab {
 
 /// A VM `vm1` (4 MiB disk) in rule `r` with `policy` options.
 fn lab(policy: &[&str]) -> Lab {
-    let env = Env::new();
-    fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
-    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 4 * MIB)], true);
-    env.add_lab("t");
-    env.add_rule("r", "lab", "vm1", "t", policy);
+    let (env, vm) = lab_with_rule("1M", "vm1", 4 * MIB, policy);
     Lab { env, vm }
 }
 
 impl Lab {
     /// `vmbackup ARGS` with the clock at `now` (UTC wall time).
     fn at(&self, now: &str, args: &[&str]) -> Output {
-        self.env
-            .cmd()
-            .env("TZ", "UTC")
-            .env("VMBACKUP_TEST_NOW", now)
-            .args(args)
-            .output()
-            .unwrap()
+        self.env.cmd_at(now).args(args).output().unwrap()
     }
 
     fn ok_at(&self, now: &str, args: &[&str]) -> String {
@@ -52,26 +42,23 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// A guest write, then a backup at `now`: (point, level, digest at snapshot).
+    /// A guest write, then a backup at `now`: (point, digest at snapshot).
     fn backup_at(&self, now: &str, level: &str, seed: u64) -> (String, String) {
         self.vm
             .write_random("disk0", (seed % 4) * MIB, 64 * 1024, seed);
         let digest = self.vm.shadow_digest("disk0");
-        let out = self.ok_at(now, &["--json", "run-now", "r", "--level", level]);
-        let summary: Value = out
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .find(|v: &Value| v["type"] == "summary")
-            .unwrap();
+        let (code, summary, logs) = self.env.run_now_at(Some(now), "r", level);
         let outcome = &summary["tasks"][0]["outcome"];
-        assert_eq!(outcome["level"], level, "{summary}");
+        assert!(code == 0 && outcome["level"] == level, "{summary} {logs}");
         (outcome["point"].as_str().unwrap().to_string(), digest)
     }
 
     fn prune_at(&self, now: &str, extra: &[&str]) -> Value {
         let mut args = vec!["--json", "prune", "r"];
         args.extend_from_slice(extra);
-        serde_json::from_str(&self.ok_at(now, &args)).unwrap()
+        let out = self.ok_at(now, &args);
+        assert_documented("vmbackup prune", &out);
+        serde_json::from_str(&out).unwrap()
     }
 
     fn points(&self) -> Vec<String> {
@@ -85,19 +72,8 @@ impl Lab {
     }
 
     fn assert_restores(&self, point: &str, digest: &str) {
-        let dir = self.env.path(&format!("restore-{point}"));
-        self.env.ok(&[
-            "restore",
-            "r",
-            "--vm",
-            "vm1",
-            "--point",
-            point,
-            "--to",
-            dir.to_str().unwrap(),
-        ]);
-        assert_eq!(file_digest(&dir.join("disk0.raw")), digest, "point {point}");
-        fs::remove_dir_all(dir).unwrap();
+        let got = self.env.restored_digest("r", "vm1", Some(point), "disk0");
+        assert_eq!(got, digest, "point {point}");
     }
 }
 

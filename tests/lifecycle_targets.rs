@@ -4,6 +4,7 @@
 //! create nothing; the first backup of a rule creates its repository.
 
 mod common;
+use common::json_doc::assert_documented;
 use common::*;
 
 use std::fs;
@@ -15,17 +16,7 @@ struct Lab {
 }
 
 fn lab() -> Lab {
-    let env = Env::new();
-    fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
-    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 4 * MIB)], true);
-    env.add_lab("t");
-    env.add_rule(
-        "r",
-        "lab",
-        "vm1",
-        "t",
-        &["--schedule", "full daily at 01:00"],
-    );
+    let (env, vm) = lab_with_rule("1M", "vm1", 4 * MIB, &["--schedule", "full daily at 01:00"]);
     vm.write("disk0", 0, MIB, 0x42);
     Lab { env, vm }
 }
@@ -35,13 +26,16 @@ impl Lab {
         self.env.path("target")
     }
 
+    /// `verify r` with `--json`, checked against docs/JSON.md.
+    fn verify_json(&self) -> serde_json::Value {
+        let out = self.env.ok(&["--json", "verify", "r"]);
+        assert_documented("vmbackup verify", &out);
+        serde_json::from_str(&out).unwrap()
+    }
+
     fn backup(&self, level: &str) -> serde_json::Value {
-        let out = self.env.ok(&["--json", "run-now", "r", "--level", level]);
-        let summary = out
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|v| v["type"] == "summary")
-            .unwrap();
+        let (code, summary, logs) = self.env.run_now_at(None, "r", level);
+        assert_eq!(code, 0, "{summary} {logs}");
         summary["tasks"][0]["outcome"].clone()
     }
 
@@ -77,7 +71,7 @@ fn first_backup_creates_the_repository_and_verify_says_no_points_yet() {
     assert!(l.target().join("vmbackup-target.json").is_file(), "marked");
     let out = l.env.ok(&["verify", "r"]);
     assert!(out.contains("r: no points yet"), "{out}");
-    let v = l.env.json(&["verify", "r"]);
+    let v = l.verify_json();
     assert_eq!(v["rules"][0]["status"], "no points yet");
     assert_eq!(
         l.env.json(&["points", "r", "--vm", "vm1"]),
@@ -86,7 +80,7 @@ fn first_backup_creates_the_repository_and_verify_says_no_points_yet() {
     assert!(!l.target().join("r").exists(), "reading creates nothing");
     let full = l.backup("full");
     assert!(l.target().join("r/vmbackup-repo.toml").is_file());
-    let v = l.env.json(&["verify", "r"]);
+    let v = l.verify_json();
     assert_eq!(v["rules"][0]["status"], "checked");
     assert_eq!(v["points"][0]["point"], full["point"]);
 }

@@ -1,7 +1,8 @@
 //! The libvirt platform against a real (private) libvirtd with TCG domains, QEMU
 //! running as libvirt's unprivileged user: discovery (R3, R36, R43), checkpoint
 //! chains restored byte-exact against a shadow (R7, R26, R27), shut-off domains,
-//! lost checkpoints, SIGKILL mid-backup (R44), quiesce through the guest agent (R10).
+//! lost checkpoints, SIGKILL mid-backup (R44), quiesce through the guest agent (R10),
+//! rule removal deleting vmbackup's checkpoints (R9).
 //! The daemon comes from scripts/test.sh (or is started by the harness).
 
 mod common;
@@ -381,6 +382,15 @@ fn running_domain_full_inc_diff_chain_restores_byte_exact_r7_r27() {
         .as_str()
         .unwrap()
         .contains(&d.name));
+
+    // R9: removing the rule with its data deletes our checkpoints (never
+    // another tool's) and the repository.
+    let v = l.env.json(&["rule", "remove", "r", "--delete-data"]);
+    assert_eq!(v["repository_removed"], true, "{v}");
+    assert_eq!(v["tracking"][0]["error"], Value::Null, "{v}");
+    assert_eq!(ours(&d.checkpoints()), Vec::<String>::new());
+    assert_eq!(d.checkpoints(), ["othertool.0"]);
+    assert!(!l.env.path("target/r").exists());
 }
 
 #[test]

@@ -9,6 +9,13 @@
 //! transfer and storage follow the changed bytes (R7; repo/delta.rs). Slots no
 //! read touches keep the base's entry.
 //!
+//! Healing (docs/FORMAT.md, "Quarantine"): slots whose base entry names a
+//! quarantined object are read again whole, and a slot whose base object turns
+//! out missing or corrupt while it is being stored (corrupt ones are
+//! quarantined by the read) is read again whole from the VM too, never stored
+//! against a bad base. An inc/diff whose base index cannot be used reads the
+//! whole disk, as a full.
+//!
 //! Concurrency: up to [`task_slots`] slots are in flight per task (shared by
 //! the VM's disks), each holding one chunk buffer of the process's pool (shared
 //! with its other backups: the memory bound), and each slot's reads are split
@@ -34,14 +41,17 @@ use super::extents::ExtentSet;
 use crate::error::Error;
 use crate::nbd::{NbdClient, DIRTY, STATE_ZERO};
 use crate::platform::{ChangedBlocks, DiskExport};
-use crate::repo::{Delta, DiskIndex, Patch, Repository, Slot};
+use crate::repo::{ChunkError, Delta, DiskIndex, Patch, Repository, Slot};
 use crate::task::progress::Progress;
 
 /// What to back up for one disk.
 pub struct DiskPlan {
     pub export: DiskExport,
-    /// The base point's index for inc/diff; `None` for a full.
+    /// The base point's index for inc/diff; `None` for a full (also when the
+    /// snapshot tracks changes but the base cannot be used: everything is read).
     pub base: Option<DiskIndex>,
+    /// Slots of `base` that name quarantined objects: read again whole.
+    pub reread: Vec<u64>,
     pub chunk_size: u32,
 }
 
@@ -178,12 +188,12 @@ async fn back_up(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, DiskStats
     let data = ExtentSet::from_extents(&alloc, |f| f & STATE_ZERO == 0);
     let (data_ranges, data_bytes) = (data.ranges().len(), data.total());
     let (index, read, zero) = match (&plan.export.changes, plan.base) {
-        (None, _) => (
+        (None, _) | (Some(_), None) => (
             DiskIndex::new_zero(size, plan.chunk_size),
-            data,
+            data.clone(),
             ExtentSet::default(),
         ),
-        (Some(changes), Some(base)) => {
+        (Some(changes), Some(mut base)) => {
             if base.disk_size != size || base.chunk_size != plan.chunk_size {
                 bail!(
                     "disk '{name}': base index geometry differs from the disk (size or chunk size)"
@@ -204,9 +214,27 @@ async fn back_up(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, DiskStats
                         .collect(),
                 ),
             };
-            (base, dirty.intersect(&data), dirty.subtract(&data))
+            let mut read = dirty.intersect(&data);
+            if !plan.reread.is_empty() {
+                let whole: Vec<(u64, u64)> = plan
+                    .reread
+                    .iter()
+                    .map(|&s| (s * cs, ((s + 1) * cs).min(size)))
+                    .collect();
+                for &s in &plan.reread {
+                    base.slots[s as usize] = Slot::Zero;
+                }
+                let again = ExtentSet::from_ranges(whole).intersect(&data);
+                read = ExtentSet::from_ranges(
+                    read.ranges()
+                        .iter()
+                        .chain(again.ranges())
+                        .copied()
+                        .collect(),
+                );
+            }
+            (base, read, dirty.subtract(&data))
         }
-        (Some(_), None) => bail!("disk '{name}': an inc/diff needs the base point's index"),
     };
     pipe.progress.disk_total(&name, read.total());
 
@@ -229,6 +257,7 @@ async fn back_up(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, DiskStats
     let piece = client.max_request() as u64;
     let read = Arc::new(read);
     let zero = Arc::new(zero);
+    let data = Arc::new(data);
     let mut index = index;
     let mut stats = DiskStats {
         to_read: read.total(),
@@ -267,6 +296,7 @@ async fn back_up(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, DiskStats
             client: client.clone(),
             read: read.clone(),
             zero: zero.clone(),
+            data: data.clone(),
             pipe: pipe.clone(),
             disk: name.clone(),
         };
@@ -310,6 +340,8 @@ struct SlotJob {
     client: Arc<NbdClient>,
     read: Arc<ExtentSet>,
     zero: Arc<ExtentSet>,
+    /// Every allocated range of the disk (what a whole-slot read reads).
+    data: Arc<ExtentSet>,
     pipe: Pipeline,
     disk: String,
 }
@@ -317,24 +349,39 @@ struct SlotJob {
 impl SlotJob {
     async fn run(self) -> Result<SlotDone> {
         let end = self.start + self.len as u64;
-        let mut patches = self.fetch(end).await?;
+        let mut patches = self.fetch(&self.read, end).await?;
         if self.pipe.cancel.load(Ordering::Relaxed) {
             return Err(Error::Interrupted.into());
         }
-        let bytes_read = patches.iter().map(|p| p.data.len() as u64).sum();
+        let mut bytes_read = patches.iter().map(|p| p.data.len() as u64).sum();
         for (a, b) in self.zero.clip(self.start, end) {
             patches.push(Patch {
                 offset: (a - self.start) as u32,
                 data: vec![0u8; (b - a) as usize],
             });
         }
-        let repo = self.pipe.repo.clone();
-        let (base, len) = (self.base, self.len);
-        let _core = cpu_slots().acquire().await.context("CPU pool closed")?;
-        let (result, written) =
-            tokio::task::spawn_blocking(move || store_slot(&repo, base, len, patches))
-                .await?
-                .with_context(|| format!("disk '{}' slot {}", self.disk, self.slot))?;
+        let stored = self.store(self.base, patches).await?;
+        let (result, written) = match stored {
+            Stored::Slot(slot, written) => (slot, written),
+            Stored::BaseUnusable(why) => {
+                // Heal: the whole slot from the VM, stored without the bad base.
+                self.pipe.progress.log(
+                    crate::task::progress::LogLevel::Warn,
+                    &format!(
+                        "disk '{}' slot {}: {why}; the slot is read again from the VM",
+                        self.disk, self.slot
+                    ),
+                );
+                let whole = self.fetch(&self.data, end).await?;
+                bytes_read += whole.iter().map(|p| p.data.len() as u64).sum::<u64>();
+                match self.store(Slot::Zero, whole).await? {
+                    Stored::Slot(slot, written) => (slot, written),
+                    Stored::BaseUnusable(why) => {
+                        bail!("disk '{}' slot {}: {why}", self.disk, self.slot)
+                    }
+                }
+            }
+        };
         Ok(SlotDone {
             slot: self.slot,
             result,
@@ -343,11 +390,22 @@ impl SlotJob {
         })
     }
 
-    /// Read this slot's dirty (or, for a full, allocated) bytes from the source:
-    /// one request per contiguous range, all in flight together.
-    async fn fetch(&self, end: u64) -> Result<Vec<Patch>> {
+    /// Store the slot's new content (`patches` over `base`) on a blocking thread.
+    async fn store(&self, base: Slot, patches: Vec<Patch>) -> Result<Stored> {
+        let repo = self.pipe.repo.clone();
+        let len = self.len;
+        let _core = cpu_slots().acquire().await.context("CPU pool closed")?;
+        tokio::task::spawn_blocking(move || store_slot(&repo, base, len, patches))
+            .await?
+            .with_context(|| format!("disk '{}' slot {}", self.disk, self.slot))
+    }
+
+    /// Read this slot's part of `ranges` (dirty, or for a full or a slot read
+    /// again, allocated) from the source: one request per contiguous range, all
+    /// in flight together.
+    async fn fetch(&self, ranges: &ExtentSet, end: u64) -> Result<Vec<Patch>> {
         let mut reads = JoinSet::new();
-        for (a, b) in self.read.clip(self.start, end) {
+        for (a, b) in ranges.clip(self.start, end) {
             let mut off = a;
             while off < b {
                 if self.pipe.cancel.load(Ordering::Relaxed) {
@@ -378,33 +436,99 @@ impl SlotJob {
     }
 }
 
+/// What storing a slot gave.
+enum Stored {
+    /// The slot's new entry, and the stored bytes when its object was new.
+    Slot(Slot, Option<u64>),
+    /// The base object the slot's delta would need is missing or corrupt (a
+    /// corrupt one was quarantined by the read): read the slot whole instead.
+    BaseUnusable(String),
+}
+
 /// Store a slot whose new content is `patches` (slot-relative, disjoint) laid
 /// over `base`. A partly changed slot with stored content becomes a delta: only
-/// the changed bytes are written, and the base chunk is not even read. A slot
-/// whose patches would cover more than half of it becomes a chunk again, as does
-/// every slot of a full, of a zero base, or rewritten whole.
-fn store_slot(
-    repo: &Repository,
-    base: Slot,
-    len: usize,
-    patches: Vec<Patch>,
-) -> Result<(Slot, Option<u64>)> {
+/// the changed bytes are written, and the base chunk is not even read (its name
+/// is checked). A slot whose patches would cover more than half of it becomes a
+/// chunk again, as does every slot of a full, of a zero base, or rewritten whole.
+fn store_slot(repo: &Repository, base: Slot, len: usize, patches: Vec<Patch>) -> Result<Stored> {
     let covered: usize = patches.iter().map(|p| p.data.len()).sum();
     if covered < len && base != Slot::Zero {
         let delta = match base {
-            Slot::Delta(id) => repo.chunks().get_delta(&id)?.updated(patches)?,
-            Slot::Chunk(b) => Delta::new(b, len as u32, patches)?,
+            Slot::Delta(id) => match repo.chunks().read_delta_checked(&id) {
+                Ok(old) => old.updated(patches)?,
+                Err(e) => return unusable("delta", &id, e),
+            },
+            Slot::Chunk(b) => {
+                if !repo.chunks().contains(&b)? {
+                    return unusable("chunk", &b, ChunkError::Missing);
+                }
+                Delta::new(b, len as u32, patches)?
+            }
             Slot::Zero => unreachable!("checked above"),
         };
         if delta.patch_bytes() * 2 <= len as u64 {
             let ins = repo.chunks().insert_delta(&delta)?;
-            return Ok((Slot::Delta(ins.digest), ins.new.then_some(ins.stored_bytes)));
+            return Ok(Stored::Slot(
+                Slot::Delta(ins.digest),
+                ins.new.then_some(ins.stored_bytes),
+            ));
         }
-        let mut data = repo.chunks().get(&delta.base)?;
+        let mut data = match repo.chunks().read_checked(&delta.base) {
+            Ok(data) => data,
+            Err(e) => return unusable("chunk", &delta.base, e),
+        };
         delta.apply(&mut data)?;
         return store_chunk(repo, &data);
     }
     store_chunk(repo, &assemble(len, patches))
+}
+
+/// A base object that cannot be used: missing or corrupt heals, I/O fails.
+fn unusable(what: &str, id: &crate::repo::Digest, e: ChunkError) -> Result<Stored> {
+    let hex = crate::repo::digest_hex(id);
+    match e {
+        ChunkError::Missing => Ok(Stored::BaseUnusable(format!(
+            "base {what} {hex} is missing"
+        ))),
+        ChunkError::Corrupt { reason } => Ok(Stored::BaseUnusable(format!(
+            "base {what} {hex} is corrupt: {reason}"
+        ))),
+        ChunkError::Unreadable { source } => {
+            Err(source).with_context(|| format!("cannot read base {what} {hex}"))
+        }
+    }
+}
+
+/// Slots of `index` whose entry names an object of `quarantined`: a chunk or a
+/// delta in it, or a delta whose base chunk is (a delta that is missing or
+/// whose header is damaged counts too).
+pub fn slots_naming(
+    chunks: &crate::repo::ChunkStore,
+    index: &DiskIndex,
+    quarantined: &std::collections::HashSet<crate::repo::Digest>,
+) -> Result<Vec<u64>> {
+    let mut bases = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for (i, slot) in index.slots.iter().enumerate() {
+        let bad = match slot {
+            Slot::Zero => false,
+            Slot::Chunk(d) => quarantined.contains(d),
+            Slot::Delta(id) => {
+                if quarantined.contains(id) {
+                    true
+                } else {
+                    if !bases.contains_key(id) {
+                        bases.insert(*id, chunks.delta_base(id).ok().flatten());
+                    }
+                    bases[id].is_none_or(|b| quarantined.contains(&b))
+                }
+            }
+        };
+        if bad {
+            out.push(i as u64);
+        }
+    }
+    Ok(out)
 }
 
 /// The slot's bytes from patches over zeros; a single patch covering the slot is
@@ -420,12 +544,15 @@ fn assemble(len: usize, mut patches: Vec<Patch>) -> Vec<u8> {
     buf
 }
 
-fn store_chunk(repo: &Repository, data: &[u8]) -> Result<(Slot, Option<u64>)> {
+fn store_chunk(repo: &Repository, data: &[u8]) -> Result<Stored> {
     if is_zero(data) {
-        return Ok((Slot::Zero, None));
+        return Ok(Stored::Slot(Slot::Zero, None));
     }
     let ins = repo.chunks().insert(data)?;
-    Ok((Slot::Chunk(ins.digest), ins.new.then_some(ins.stored_bytes)))
+    Ok(Stored::Slot(
+        Slot::Chunk(ins.digest),
+        ins.new.then_some(ins.stored_bytes),
+    ))
 }
 
 /// True when every byte is zero (16-byte word compares; the compiler vectorises them).

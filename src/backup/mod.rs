@@ -151,7 +151,7 @@ pub fn run_backup(
         scratch.hand_to(uid, gid)?;
     }
     let (listed, repaired) = repair_leftovers(repo, lock, vm.as_mut(), &scratch.path)?;
-    let points = listed.points;
+    let points = &listed.points;
     for a in &repaired {
         progress.log(
             LogLevel::Warn,
@@ -159,10 +159,17 @@ pub fn run_backup(
         );
     }
     watch.lap("list points, repair leftovers");
-    let latest = points.last().map(|p| p.point.clone());
-    let point_count = points.len() as u64 + 1;
-    let (_, latest_full) = chain_heads(&points);
-    let old_heads = (latest.clone(), latest_full.map(|p| p.point.clone()));
+    // The newest id of any point, damaged ones too: a new id is after all.
+    let ids = listed.all_ids();
+    // Points of this VM in the repository (damaged ones too, as prune counts
+    // them), the new one included.
+    let point_count = ids.len() as u64 + 1;
+    let latest = ids.last().cloned();
+    let (latest_good, latest_full) = chain_heads(points);
+    let old_heads = (
+        latest_good.map(|p| p.point.clone()),
+        latest_full.map(|p| p.point.clone()),
+    );
 
     progress.phase(Phase::BackingUpConfig);
     let vm_config = vm.config()?;
@@ -179,11 +186,29 @@ pub fn run_backup(
     let tracking = plan::tracking(job.auto_cbt, job.cbt, &info.disks);
     let mut lp = plan::plan_level(
         job.requested,
-        &points,
+        points,
         &info.disks,
         job.chunk_size,
         &tracking,
     );
+    // A damaged point newer than the base: tracking may follow it, so an inc
+    // or diff against an older point could miss changes. Read everything.
+    if let Some(base) = lp.base.clone() {
+        if let Some(d) = listed.damaged.iter().rfind(|d| d.point > base) {
+            lp = LevelPlan {
+                level: Level::Full,
+                base: None,
+                latest_full: lp.latest_full.clone(),
+                fallback: Some(FullInstead {
+                    reason: format!(
+                        "point {} (newer than base {base}) is damaged ({}); this {} runs as a full",
+                        d.point, d.reason, job.requested
+                    ),
+                    planned: false,
+                }),
+            };
+        }
+    }
     let point = next_point_id(latest.as_deref(), job.clock.now().with_timezone(&Utc))?;
     let base_tracking = |base: &Option<String>| {
         base.as_ref()
@@ -262,7 +287,7 @@ pub fn run_backup(
         lock,
         &key,
         &point,
-        &lp,
+        &mut lp,
         &snapshot,
         vm_config,
         progress.clone(),
@@ -300,6 +325,26 @@ pub fn run_backup(
         warnings,
         point_count,
     })
+}
+
+/// The base point's index of every disk of the snapshot (`None` each for a full).
+fn load_bases(
+    repo: &Repository,
+    key: &str,
+    lp: &LevelPlan,
+    snapshot: &Snapshot,
+) -> Result<Vec<Option<crate::repo::DiskIndex>>> {
+    snapshot
+        .exports
+        .iter()
+        .map(|export| match &lp.base {
+            Some(b) => repo
+                .load_index(key, b, &export.disk.name)
+                .with_context(|| format!("base point {b} cannot be used"))
+                .map(Some),
+            None => Ok(None),
+        })
+        .collect()
 }
 
 /// End the platform view and commit (see the CBT contract in `platform`): data
@@ -470,7 +515,7 @@ fn write_point<'a>(
     lock: &'a VmLock,
     key: &str,
     point: &str,
-    lp: &LevelPlan,
+    lp: &mut LevelPlan,
     snapshot: &Snapshot,
     vm_config: serde_json::Value,
     progress: Arc<dyn Progress>,
@@ -480,18 +525,53 @@ fn write_point<'a>(
     watch: &mut Stopwatch,
 ) -> Result<(PointWriter<'a>, Manifest)> {
     progress.phase(Phase::CheckingData);
+    let bases = match load_bases(repo, key, lp, snapshot) {
+        Ok(bases) => bases,
+        Err(e) => {
+            // The base is damaged: skip it, read every allocated block.
+            let why = format!("{e:#}; this {} reads the whole disk, as a full", lp.level);
+            progress.log(LogLevel::Warn, &why);
+            *lp = LevelPlan {
+                level: Level::Full,
+                base: None,
+                latest_full: lp.latest_full.clone(),
+                fallback: Some(FullInstead {
+                    reason: why,
+                    planned: false,
+                }),
+            };
+            snapshot.exports.iter().map(|_| None).collect()
+        }
+    };
+    // Slots whose base names a quarantined object are read again from the VM,
+    // so the new point is whole, and (same content, same name) so are the
+    // older points that named it.
+    let quarantined = match bases.iter().any(Option::is_some) {
+        true => repo.chunks().quarantined_missing()?,
+        false => Default::default(),
+    };
     let mut plans = Vec::new();
-    for export in &snapshot.exports {
-        let base = match &lp.base {
-            Some(b) => Some(
-                repo.load_index(key, b, &export.disk.name)
-                    .with_context(|| format!("base point {b}"))?,
-            ),
-            None => None,
+    for (export, base) in snapshot.exports.iter().zip(bases) {
+        let reread = match &base {
+            Some(index) if !quarantined.is_empty() => {
+                disk::slots_naming(repo.chunks(), index, &quarantined)?
+            }
+            _ => Vec::new(),
         };
+        if !reread.is_empty() {
+            progress.log(
+                LogLevel::Warn,
+                &format!(
+                    "disk '{}': {} slot(s) name quarantined objects; they are read again from the VM",
+                    export.disk.name,
+                    reread.len()
+                ),
+            );
+        }
         plans.push(DiskPlan {
             export: export.clone(),
             base,
+            reread,
             chunk_size: job.chunk_size,
         });
     }

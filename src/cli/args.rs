@@ -375,8 +375,10 @@ pub enum RuleCmd {
         #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
         vm: Option<String>,
     },
-    // R37
-    /// Remove a rule, or one VM from it (refused while a restore runs)
+    // R37, R9
+    /// Remove a rule, or one VM from it (refused while any of its tasks runs);
+    /// removes vmbackup's bitmaps or checkpoints from its VMs; deletes its backup data
+    /// with --delete-data or the rule's delete-data setting
     Remove {
         /// The rule
         #[arg(add = ArgValueCandidates::new(complete::rules))]
@@ -384,6 +386,13 @@ pub enum RuleCmd {
         /// Only this VM, not the rule
         #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
         vm: Option<String>,
+        /// Delete the backup data too: the VMs' points, and the repository
+        /// itself when no other rule uses it (then garbage collection frees the rest)
+        #[arg(long, conflicts_with = "keep_data")]
+        delete_data: bool,
+        /// Keep the backup data although the rule was added with --delete-data
+        #[arg(long)]
+        keep_data: bool,
     },
     /// List rules
     List,

@@ -95,7 +95,10 @@ vmbackup rule edit web --clear-bandwidth --notify-url none",
     ),
     (
         "vmbackup rule remove",
-        "vmbackup rule remove web --vm web02\nvmbackup rule remove web",
+        "vmbackup rule remove web --vm web02
+vmbackup rule remove web
+# also delete its backup points (and its repository when no other rule uses it)
+vmbackup rule remove old --delete-data",
     ),
     (
         "vmbackup rule list",

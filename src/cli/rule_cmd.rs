@@ -35,18 +35,98 @@ pub fn run(ctx: &Ctx, cmd: RuleCmd) -> Result<ExitCode> {
         }
         RuleCmd::Start { name, vm } => set_state(ctx, &name, vm.as_deref(), "started"),
         RuleCmd::Stop { name, vm } => set_state(ctx, &name, vm.as_deref(), "stopped"),
-        RuleCmd::Remove { name, vm } => {
-            ctx.state()?.remove_rule(&name, vm.as_deref())?;
-            let msg = match &vm {
-                Some(vm) => format!("VM '{vm}' removed from rule '{name}'"),
-                None => format!("rule '{name}' removed"),
-            };
-            done(ctx, &msg, serde_json::json!({ "rule": name, "vm": vm }));
-            Ok(ExitCode::Ok)
-        }
+        RuleCmd::Remove {
+            name,
+            vm,
+            delete_data,
+            keep_data,
+        } => remove(ctx, &name, vm.as_deref(), delete_data, keep_data),
         RuleCmd::List => list(ctx),
         RuleCmd::Show { name } => show(ctx, &name),
     }
+}
+
+/// `rule remove` (R9, R37): see `lifecycle::delete`.
+fn remove(
+    ctx: &Ctx,
+    name: &str,
+    vm: Option<&str>,
+    delete_data: bool,
+    keep_data: bool,
+) -> Result<ExitCode> {
+    let mut state = ctx.state()?;
+    let rule = state.require_rule(name)?;
+    let delete = delete_data || (rule.settings.delete_data && !keep_data);
+    let run_dir = ctx.run_dir()?;
+    let io_timeout = ctx.system_config()?.io_timeout;
+    let now = crate::clock::Clock::process()
+        .now()
+        .with_timezone(&chrono::Utc);
+    let r =
+        crate::lifecycle::delete::remove(&mut state, name, vm, delete, &run_dir, io_timeout, now)?;
+    let msg = match (&r.vm, r.rule_removed) {
+        (Some(vm), false) => format!("VM '{vm}' removed from rule '{name}'"),
+        (Some(vm), true) => {
+            format!("VM '{vm}' removed from rule '{name}', its last: rule '{name}' removed")
+        }
+        (None, _) => format!("rule '{name}' removed"),
+    };
+    let unreachable: Vec<&crate::lifecycle::delete::Tracking> =
+        r.tracking.iter().filter(|t| t.error.is_some()).collect();
+    if ctx.json {
+        print_done(true, false, &msg, serde_json::to_value(&r)?);
+    } else if !ctx.quiet {
+        out!("{msg}");
+        if !r.data_deleted {
+            out!(
+                "its backup data stays at {} (delete it with --delete-data)",
+                r.location
+            );
+        } else if r.repository_removed {
+            out!(
+                "deleted {} point(s): repository {} removed whole",
+                r.point_count,
+                r.location
+            );
+        } else {
+            out!(
+                "deleted {} point(s) from repository {}",
+                r.point_count,
+                r.location
+            );
+        }
+        if let Some(gc) = &r.gc {
+            match (&gc.report, &gc.error) {
+                (Some(g), _) => out!(
+                    "garbage collection: removed {} object(s) ({})",
+                    g.objects_removed,
+                    crate::units::format_size(g.bytes_freed)
+                ),
+                (None, Some(e)) => out!(
+                    "garbage collection {e}; the next one ('vmbackup gc', or the daily automatic one) frees the space"
+                ),
+                (None, None) => {}
+            }
+        }
+        for t in &r.tracking {
+            for a in &t.actions {
+                out!("{}: {a}", t.vm);
+            }
+        }
+    }
+    for t in &unreachable {
+        eprintln!(
+            "vmbackup: could not reach VM '{}' to remove vmbackup's bitmaps: {}",
+            t.vm,
+            t.error.as_deref().unwrap_or_default()
+        );
+    }
+    // Done, but a VM keeps vmbackup's bitmaps: a warning (exit 1).
+    Ok(if unreachable.is_empty() {
+        ExitCode::Ok
+    } else {
+        ExitCode::Warning
+    })
 }
 
 fn done(ctx: &Ctx, msg: &str, fields: serde_json::Value) {

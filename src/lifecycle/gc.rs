@@ -116,6 +116,21 @@ pub fn gc(
     Ok(out)
 }
 
+/// Collect `repo` now if its exclusive lock is free at once (else deferred).
+pub fn collect_now(repo: &Repository, now: DateTime<Utc>) -> RepoGc {
+    let mut entry = RepoGc {
+        target: String::new(),
+        location: repo.location().to_string(),
+        rules: Vec::new(),
+        status: TaskState::Completed,
+        report: None,
+        error: None,
+        code: ExitCode::Ok,
+    };
+    collect_one(repo, false, now, &mut entry);
+    entry
+}
+
 /// Collect one repository unless its lock is busy (then deferred).
 fn collect_one(repo: &Repository, dry_run: bool, now: DateTime<Utc>, entry: &mut RepoGc) {
     let lock = if dry_run {
@@ -163,15 +178,5 @@ pub fn gc_if_due(repo: &Repository, now: DateTime<Utc>) -> Result<Option<RepoGc>
     if !gc_due(repo, now)? {
         return Ok(None);
     }
-    let mut entry = RepoGc {
-        target: String::new(),
-        location: repo.location().to_string(),
-        rules: Vec::new(),
-        status: TaskState::Completed,
-        report: None,
-        error: None,
-        code: ExitCode::Ok,
-    };
-    collect_one(repo, false, now, &mut entry);
-    Ok(Some(entry))
+    Ok(Some(collect_now(repo, now)))
 }

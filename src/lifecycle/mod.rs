@@ -8,7 +8,9 @@
 //! - `prune.rs`: applying it (`prune`), removing chosen points (`forget`).
 //! - `gc.rs`: garbage collection of the rules' repositories (`repo::gc` marks
 //!   and sweeps), deferred when busy, once a day when automatic.
+//! - `delete.rs`: removing a rule, with its data when asked (R9, R37).
 
+pub mod delete;
 pub mod gc;
 pub mod prune;
 pub mod repository;

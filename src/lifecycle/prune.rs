@@ -332,29 +332,12 @@ pub fn consequences(list: &PointList, removed: &[Mark]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::{parse_point_id, Manifest, ManifestTotals, ManifestVm, PointStatus};
+    use crate::repo::Manifest;
 
     fn point(id: &str, level: Level) -> Manifest {
-        let t = parse_point_id(id).unwrap();
-        Manifest {
-            format: 1,
-            vm: ManifestVm {
-                platform: "lab".into(),
-                name: "vm".into(),
-            },
-            point: id.into(),
-            level,
-            base: None,
-            full: None,
-            status: PointStatus::Completed,
-            started: t,
-            finished: t,
-            fallback_reason: None,
-            vm_config: serde_json::Value::Null,
-            tracking: None,
-            disks: Vec::new(),
-            totals: ManifestTotals::default(),
-        }
+        let mut m = crate::repo::sample_manifest("lab", "vm", id);
+        m.level = level;
+        m
     }
 
     fn removing(ids: &[&str]) -> Vec<Mark> {

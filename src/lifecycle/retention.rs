@@ -220,31 +220,16 @@ fn describe(day: &NaiveDate, period: Period) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::{DamagedPoint, Manifest, ManifestTotals, ManifestVm, PointStatus};
+    use crate::repo::{DamagedPoint, Manifest};
     use chrono::Utc;
 
     /// A point at UTC `id` (the tests run their clock in UTC).
     fn point(id: &str, level: Level, base: Option<&str>, full: Option<&str>) -> Manifest {
-        let started = parse_point_id(id).unwrap();
-        Manifest {
-            format: 1,
-            vm: ManifestVm {
-                platform: "lab".into(),
-                name: "web01".into(),
-            },
-            point: id.into(),
-            level,
-            base: base.map(String::from),
-            full: full.map(String::from),
-            status: PointStatus::Completed,
-            started,
-            finished: started,
-            fallback_reason: None,
-            vm_config: serde_json::Value::Null,
-            tracking: None,
-            disks: Vec::new(),
-            totals: ManifestTotals::default(),
-        }
+        let mut m = crate::repo::sample_manifest("lab", "web01", id);
+        m.level = level;
+        m.base = base.map(String::from);
+        m.full = full.map(String::from);
+        m
     }
 
     fn at(text: &str) -> DateTime<Utc> {

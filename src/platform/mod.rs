@@ -314,6 +314,11 @@ pub trait VmHandle: Send {
         latest_full: Option<&str>,
         run_dir: &std::path::Path,
     ) -> anyhow::Result<CleanupReport>;
+    /// Remove every trace of vmbackup from the VM when it leaves vmbackup's
+    /// care (`rule remove`): leftovers of interrupted runs and every change-
+    /// tracking bitmap (qemu) or checkpoint (libvirt) of ours; other tools'
+    /// are left alone. One line per action.
+    fn forget_tracking(&mut self, run_dir: &std::path::Path) -> anyhow::Result<CleanupReport>;
 }
 
 /// Connect to a registered platform; every request to a `qemu` platform waits at

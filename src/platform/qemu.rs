@@ -322,6 +322,14 @@ impl VmHandle for QemuVm {
         self.removed_inconsistent.extend(inconsistent);
         Ok(report)
     }
+
+    fn forget_tracking(&mut self, run_dir: &Path) -> Result<CleanupReport> {
+        let mut report = self.cleanup(None, None, run_dir)?;
+        report
+            .actions
+            .extend(cleanup::remove_all_bitmaps(&mut self.qmp, &self.name)?);
+        Ok(report)
+    }
 }
 
 impl std::fmt::Debug for QemuVm {

@@ -77,6 +77,10 @@ pub use point::PointWriter;
 pub use store::{sync_dir, LocalStore, ObjectInfo, Store, TargetSpec};
 pub use verify::{Problem, ProblemKind, VerifyReport};
 
+/// A valid full point's manifest (one disk `vda`), for unit tests anywhere.
+#[cfg(test)]
+pub(crate) use manifest::tests::sample as sample_manifest;
+
 /// The manifest file name inside a point.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The key prefix of all VMs' points.

@@ -12,10 +12,11 @@ use serde::Serialize;
 
 use super::platforms::{list_or_none, PlatformRow};
 use super::State;
-use crate::error::{invalid, refused};
+use crate::error::{busy, invalid, refused};
 use crate::platform::Quiesce;
 use crate::policy::bandwidth::Window;
 use crate::policy::Policy;
+use crate::task::TaskKind;
 
 /// Settings of a rule, as given to `rule add`.
 #[derive(Debug, Clone, Serialize)]
@@ -323,25 +324,28 @@ impl State {
         })
     }
 
-    /// Remove a rule, or one VM from it. Refused while a restore task of the rule
-    /// (or of that VM) is queued or running (R37). Removing the last VM removes the rule.
+    /// The first active (queued, pending, running) task of a rule, or of one of
+    /// its VMs: (id, kind, VM). While there is one, the rule cannot be removed.
+    pub fn active_task_of_rule(
+        &self,
+        rule: &str,
+        vm: Option<&str>,
+    ) -> Result<Option<(i64, TaskKind, String)>> {
+        active_task(self.conn(), rule, vm)
+    }
+
+    /// Remove a rule, or one VM from it. Refused (busy, exit 4) while any task
+    /// of the rule (or of that VM) is queued, pending or running: a backup, a
+    /// restore (R37), a recovery. Removing the last VM removes the rule.
     pub fn remove_rule(&mut self, rule: &str, vm: Option<&str>) -> Result<()> {
         let r = self.require_rule(rule)?;
         if let Some(vm) = vm {
             r.require_vm(vm)?;
         }
         self.write(|tx| {
-            let active: Vec<(i64, String)> = {
-                let mut st = tx.prepare(&format!(
-                    "SELECT id, vm FROM tasks WHERE kind = 'restore' AND rule = ?1 AND state IN {} ORDER BY id",
-                    super::tasks::ACTIVE_STATES
-                ))?;
-                let rows = st.query_map([rule], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
-                rows.into_iter().filter(|(_, v)| vm.is_none_or(|want| want == v)).collect()
-            };
-            if let Some((id, v)) = active.first() {
-                return Err(refused(format!(
-                    "rule '{rule}' has a restore task in progress (task {id}, VM '{v}'); wait for it or cancel it first (R37)"
+            if let Some((id, kind, v)) = active_task(tx, rule, vm)? {
+                return Err(busy(format!(
+                    "rule '{rule}' has a {kind} task in progress (task {id}, VM '{v}'); wait for it or cancel it first (R37)"
                 )));
             }
             match vm {
@@ -359,6 +363,25 @@ impl State {
             Ok(())
         })
     }
+}
+
+/// The first active task of `rule` (of its VM `vm`, when given).
+fn active_task(
+    conn: &rusqlite::Connection,
+    rule: &str,
+    vm: Option<&str>,
+) -> Result<Option<(i64, TaskKind, String)>> {
+    let mut st = conn.prepare(&format!(
+        "SELECT id, kind, vm FROM tasks WHERE rule = ?1 AND state IN {} ORDER BY id",
+        super::tasks::ACTIVE_STATES
+    ))?;
+    let rows = st
+        .query_map([rule], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<Vec<(i64, TaskKind, String)>>>()?;
+    // A repository task (GC, no VM) belongs to every VM of the rule.
+    Ok(rows
+        .into_iter()
+        .find(|(_, _, v)| vm.is_none_or(|want| want == v || v.is_empty())))
 }
 
 /// Longest repository sub-directory (R5): a file name's limit, so it always

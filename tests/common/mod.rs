@@ -486,6 +486,62 @@ pub fn run(prog: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// An env with one VM `vm` (a qcow2 disk `disk0` of `size` bytes, NBD guest
+/// export), platform `lab`, target `t`, and rule `r` over the VM with `policy`
+/// options; `i2vp_transbuffer` (the chunk size) is `chunk`.
+pub fn lab_with_rule(chunk: &str, vm: &str, size: u64, policy: &[&str]) -> (Env, TestVm) {
+    let env = Env::new();
+    fs::write(&env.config, format!("i2vp_transbuffer = {chunk}\n")).unwrap();
+    let vm = env.vm(vm, &[DiskSpec::qcow2("disk0", size)], true);
+    env.add_lab("t");
+    env.add_rule("r", "lab", &vm.name, "t", policy);
+    (env, vm)
+}
+
+/// Files under `dir`, recursively (0 when it does not exist).
+pub fn files_under(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .map(|e| match e {
+            Ok(e) if e.path().is_dir() => files_under(&e.path()),
+            Ok(_) => 1,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Write a repository lock object (docs/FORMAT.md, "Locks") at `path` held by
+/// this test process, which is alive: vmbackup sees a live holder of a lock of
+/// the repository in `mode` (`shared`, `exclusive`) for `purpose`.
+pub fn write_live_lock(path: &Path, mode: &str, purpose: &str) {
+    let id = path.file_name().unwrap().to_str().unwrap();
+    let host = run("uname", &["-n"]).trim().to_string();
+    let stat = fs::read_to_string(format!("/proc/{}/stat", std::process::id())).unwrap();
+    let start: u64 = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let lock = serde_json::json!({
+        "id": id,
+        "scope": {"kind": "repository"},
+        "mode": mode,
+        "purpose": purpose,
+        "host": host,
+        "machine_id": fs::read_to_string("/etc/machine-id").ok().map(|s| s.trim().to_string()),
+        "pid": std::process::id(),
+        "pid_start": start,
+        "created": "2026-11-30T01:00:00Z",
+        "heartbeat": "2099-01-01T00:00:00Z",
+        "expires": "2099-01-01T00:05:00Z",
+    });
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, serde_json::to_vec(&lock).unwrap()).unwrap();
+}
+
 /// Poll `cond` for up to 10 s.
 pub fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
     let t = Instant::now();
@@ -628,6 +684,49 @@ impl Env {
             .env_remove("XDG_STATE_HOME")
             .stdin(Stdio::null());
         c
+    }
+
+    /// `vmbackup` with the test clock at `now` (`YYYY-MM-DD HH:MM:SS`), in UTC:
+    /// point ids, schedules and retention then follow simulated days.
+    pub fn cmd_at(&self, now: &str) -> assert_cmd::Command {
+        let mut c = self.cmd();
+        c.env("TZ", "UTC").env("VMBACKUP_TEST_NOW", now);
+        c
+    }
+
+    /// `run-now RULE --level LEVEL --json`, at `now` when given: the exit code,
+    /// the summary line (panics without one), and the tasks' log messages
+    /// followed by stderr.
+    pub fn run_now_at(
+        &self,
+        now: Option<&str>,
+        rule: &str,
+        level: &str,
+    ) -> (i32, serde_json::Value, String) {
+        let mut c = match now {
+            Some(now) => self.cmd_at(now),
+            None => self.cmd(),
+        };
+        let out = c
+            .args(["--json", "run-now", rule, "--level", level])
+            .output()
+            .unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let summary = lines
+            .iter()
+            .find(|v| v["type"] == "summary")
+            .cloned()
+            .unwrap_or_else(|| panic!("run-now {rule} {level}: no summary: {out:?}"));
+        let mut logs: Vec<String> = lines
+            .iter()
+            .filter(|v| v["type"] == "log")
+            .map(|v| v["message"].as_str().unwrap_or_default().to_string())
+            .collect();
+        logs.push(String::from_utf8_lossy(&out.stderr).into_owned());
+        (out.status.code().unwrap_or(-1), summary, logs.join("\n"))
     }
 
     /// Run, expect exit 0, return stdout.
@@ -957,15 +1056,20 @@ impl Env {
     }
 
     /// Restore `rule`'s `vm` (latest point unless `point`) into a fresh directory;
-    /// the BLAKE3 hex of the raw image of `disk`.
+    /// the BLAKE3 hex of the raw image of `disk` (the directory is removed again).
     pub fn restored_digest(&self, rule: &str, vm: &str, point: Option<&str>, disk: &str) -> String {
-        let dest = self.path(&format!("restored-{rule}-{}", point.unwrap_or("latest")));
+        let dest = self.path(&format!(
+            "restored-{rule}-{vm}-{}",
+            point.unwrap_or("latest")
+        ));
         let _ = fs::remove_dir_all(&dest);
         let mut args = vec!["restore", rule, "--vm", vm, "--to", dest.to_str().unwrap()];
         if let Some(p) = point {
             args.extend(["--point", p]);
         }
         self.ok(&args);
-        file_digest(&dest.join(format!("{disk}.raw")))
+        let digest = file_digest(&dest.join(format!("{disk}.raw")));
+        fs::remove_dir_all(&dest).unwrap();
+        digest
     }
 }

@@ -394,6 +394,17 @@ impl VmHandle for LibvirtVm {
         }
         Ok(report)
     }
+
+    /// Leftovers first (as `cleanup`), then every `vmbackup-*` checkpoint, newest
+    /// first (libvirt merges each one's bitmap into its parent, so nothing else
+    /// changes). Other tools' checkpoints stay.
+    fn forget_tracking(&mut self, run_dir: &Path) -> Result<CleanupReport> {
+        let mut report = self.cleanup(None, None, run_dir)?;
+        let dom = self.domain()?;
+        checkpoints::settle(&dom, None, None, &mut report.actions)
+            .with_context(|| format!("domain '{}': delete vmbackup's checkpoints", self.name))?;
+        Ok(report)
+    }
 }
 
 impl std::fmt::Debug for LibvirtVm {

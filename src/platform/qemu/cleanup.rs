@@ -106,6 +106,21 @@ pub fn cleanup(
     Ok(report)
 }
 
+/// Remove every bitmap of ours on every node (the VM leaves vmbackup's care).
+pub fn remove_all_bitmaps(qmp: &mut Qmp, vm: &str) -> Result<Vec<String>> {
+    let graph = BlockGraph::query(qmp)?;
+    let mut tx = Vec::new();
+    let mut done = Vec::new();
+    for (node, bitmaps) in graph.our_bitmaps() {
+        for b in bitmaps {
+            tx.push(remove_action(&node.name, &b.name));
+            done.push(format!("removed bitmap {} on {}", b.name, node.name));
+        }
+    }
+    run_transaction(qmp, tx).with_context(|| format!("VM '{vm}': remove bitmaps"))?;
+    Ok(done)
+}
+
 fn remove_scratch_files(run_dir: &Path, actions: &mut Vec<String>) -> Result<()> {
     let entries = match std::fs::read_dir(run_dir) {
         Ok(entries) => entries,
