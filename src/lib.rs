@@ -22,6 +22,7 @@ pub mod level;
 pub mod nbd;
 pub mod platform;
 pub mod policy;
+pub mod recovery;
 pub mod repo;
 pub mod restore;
 pub mod runner;

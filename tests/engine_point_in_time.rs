@@ -48,6 +48,7 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
         run_dir: dir.join("run"),
         buffers: 2,
         bandwidth: Arc::new(vmbackup::task::throttle::Throttle::unlimited()),
+        force_full: None,
     }
 }
 

@@ -59,6 +59,9 @@ pub struct BackupJob {
     pub buffers: usize,
     /// The rule's bandwidth windows, applied to source reads (R29).
     pub bandwidth: Arc<Throttle>,
+    /// Why this VM's next backup must be a full whatever was asked (its disks
+    /// were restored in place, so its tracking no longer follows its points).
+    pub force_full: Option<String>,
 }
 
 /// What a finished backup produced.
@@ -123,6 +126,14 @@ pub fn run_backup(
         job.chunk_size,
         &tracking,
     );
+    if let (Some(why), true) = (&job.force_full, lp.level != Level::Full) {
+        lp = LevelPlan {
+            level: Level::Full,
+            base: None,
+            latest_full: lp.latest_full.clone(),
+            fallback: Some(format!("{why}; this {} runs as a full", job.requested)),
+        };
+    }
     let point = next_point_id(latest.as_deref())?;
     let mut req = BackupRequest {
         new_point: point.clone(),

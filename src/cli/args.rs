@@ -72,9 +72,19 @@ pub enum Command {
     Logs(LogsArgs),
     /// List the restore points of a VM
     Points(PointsArgs),
-    /// Restore a point to image files
+    /// Restore a point to image files, as a new VM, in place, or a whole rule's VMs
     Restore(RestoreArgs),
-    /// Re-read and re-hash backup data; report missing or corrupt chunks
+    /// Run a VM straight from a restore point (transient), move it to production
+    /// storage while it runs (instant), list, stop, resume or abort recoveries
+    Recover(RecoverArgs),
+    /// The NBD server process of a recovery (started by 'recover', not by hand)
+    #[command(hide = true)]
+    RecoverServe {
+        #[arg(value_name = "ID")]
+        id: i64,
+    },
+    /// Re-read and re-hash backup data; report missing or corrupt chunks; with
+    /// --boot, boot a point and judge it
     Verify(VerifyArgs),
     /// Remove leftovers of interrupted runs on platforms and targets (R44)
     Cleanup(CleanupArgs),
@@ -309,30 +319,151 @@ pub enum ImageFormat {
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     pub rule: String,
-    #[arg(long, value_name = "VM")]
-    pub vm: String,
+    /// The VM to restore (or --all)
+    #[arg(long, value_name = "VM", required_unless_present = "all")]
+    pub vm: Option<String>,
     /// Point id, or "latest"
     #[arg(long, default_value = "latest", value_name = "ID")]
     pub point: String,
-    /// Directory to write one image per disk into
-    #[arg(long, value_name = "DIR")]
-    pub to: PathBuf,
+    /// Directory to write one image per disk into (with --all: DIR/<VM>/)
+    #[arg(long, value_name = "DIR", required_unless_present = "in_place")]
+    pub to: Option<PathBuf>,
     /// Image format
     #[arg(long, value_enum, default_value = "raw")]
     pub format: ImageFormat,
     /// Overwrite existing image files
     #[arg(long)]
     pub force: bool,
+    /// Also write a launch script for a new VM of this name, made from the
+    /// configuration captured at backup (new MACs and QMP socket, no network
+    /// unless --net or --net-bridge)
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["all", "in_place"])]
+    pub as_vm: Option<String>,
+    /// With --as-vm: start the new VM
+    #[arg(long, requires = "as_vm")]
+    pub start: bool,
+    #[command(flatten)]
+    pub launch: LaunchArgs,
+    /// Write the point back into the VM's own disk images (refused while they are
+    /// open); the VM's next backup is a full
+    #[arg(long, conflicts_with_all = ["to", "all", "force"])]
+    pub in_place: bool,
+    /// Every VM of the rule: each one's latest point (or the newest at or before
+    /// --at) into DIR/<VM>/
+    #[arg(long, conflicts_with_all = ["vm", "point"])]
+    pub all: bool,
+    /// With --all: the newest point at or before this time ("YYYY-MM-DD HH:MM", local)
+    #[arg(long, value_name = "TIME", requires = "all")]
+    pub at: Option<String>,
+}
+
+/// How a VM is launched from a captured configuration.
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// Give the VM network: its NIC models with new MACs on user networking
+    #[arg(long, conflicts_with = "net_bridge")]
+    pub net: bool,
+    /// Give the VM network on this host bridge (new MACs)
+    #[arg(long, value_name = "BRIDGE")]
+    pub net_bridge: Option<String>,
+    /// Supply a secret redacted at backup: ID of the secret object, FILE holding it
+    #[arg(long, value_name = "ID=FILE")]
+    pub set_secret: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct RecoverArgs {
+    #[command(subcommand)]
+    pub cmd: Option<RecoverCmd>,
+    #[command(flatten)]
+    pub start: RecoverStartArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RecoverStartArgs {
+    /// The rule whose point to recover
+    #[arg(required = true)]
+    pub rule: Option<String>,
+    /// The VM (or --all)
+    #[arg(long, value_name = "VM", required_unless_present = "all")]
+    pub vm: Option<String>,
+    /// Point id, or "latest"
+    #[arg(long, default_value = "latest", value_name = "ID")]
+    pub point: String,
+    /// Every VM of the rule, each from its latest point
+    #[arg(long, conflicts_with_all = ["vm", "point"])]
+    pub all: bool,
+    /// Serve the point and keep writes in overlays; nothing is migrated
+    #[arg(long, required_unless_present = "instant", conflicts_with = "instant")]
+    pub transient: bool,
+    /// Start as transient, then move the disks to --to while the VM runs
+    #[arg(long, requires = "to")]
+    pub instant: bool,
+    /// Launch the VM from the configuration captured at backup
+    #[arg(long)]
+    pub start: bool,
+    /// The recovered VM's name [default: <VM>-recovered-<ID>]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Where the overlays go [default: <state dir>/recover/<ID>/]
+    #[arg(long, value_name = "DIR")]
+    pub overlay_dir: Option<PathBuf>,
+    /// Instant recovery: the directory of the new images
+    #[arg(long, value_name = "DIR")]
+    pub to: Option<PathBuf>,
+    #[command(flatten)]
+    pub launch: LaunchArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecoverCmd {
+    /// Recoveries that run: server, VM, overlays, task
+    List {
+        /// Also stopped ones
+        #[arg(long)]
+        all: bool,
+    },
+    /// Stop the VM and the server and remove the overlays
+    Stop {
+        #[arg(value_name = "ID")]
+        id: i64,
+        /// Keep the overlays (the VM's writes)
+        #[arg(long)]
+        keep_overlays: bool,
+    },
+    /// Restart a recovery's server if it died, and finish an interrupted migration
+    Resume {
+        #[arg(value_name = "ID")]
+        id: i64,
+    },
+    /// Cancel a migration and remove its partial images; the VM keeps running as a
+    /// transient recovery
+    Abort {
+        #[arg(value_name = "ID")]
+        id: i64,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// Only this rule [default: every rule]
+    #[arg(required_if_eq("boot", "true"))]
     pub rule: Option<String>,
     #[arg(long, value_name = "VM", requires = "rule")]
     pub vm: Option<String>,
     #[arg(long, value_name = "ID", requires = "vm")]
     pub point: Option<String>,
+    /// Boot the point (latest by default) from a transient recovery without
+    /// network and judge it by its guest agent or its serial console
+    #[arg(long)]
+    pub boot: bool,
+    /// With --boot: a regular expression the serial console must print
+    #[arg(long, value_name = "REGEX", requires = "boot")]
+    pub expect: Option<String>,
+    /// With --boot: seconds to wait for the guest
+    #[arg(long, value_name = "S", default_value = "300", requires = "boot")]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]

@@ -28,6 +28,7 @@ mod platform_cmd;
 mod points_cmd;
 mod process;
 mod progress_view;
+mod recover_cmd;
 mod restore_cmd;
 mod rule_cmd;
 mod target_cmd;
@@ -182,6 +183,8 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
         Command::Logs(a) => logs_cmd::logs(ctx, a),
         Command::Points(a) => points_cmd::points(ctx, a),
         Command::Restore(a) => restore_cmd::restore(ctx, a),
+        Command::Recover(a) => recover_cmd::recover(ctx, a),
+        Command::RecoverServe { id } => recover_cmd::serve(ctx, id),
         Command::Verify(a) => points_cmd::verify(ctx, a),
         Command::Cleanup(a) => cleanup_cmd::cleanup(ctx, a),
     }

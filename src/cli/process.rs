@@ -61,6 +61,21 @@ pub fn make_runner(
     rt: &tokio::runtime::Runtime,
     cancel: Arc<AtomicBool>,
 ) -> Result<Arc<Runner>> {
+    make_runner_with(
+        ctx,
+        rt,
+        cancel,
+        Arc::new(CliEvents::new(ctx.json, ctx.quiet)),
+    )
+}
+
+/// [`make_runner`] with the front end's events chosen by the caller.
+pub fn make_runner_with(
+    ctx: &Ctx,
+    rt: &tokio::runtime::Runtime,
+    cancel: Arc<AtomicBool>,
+    events: Arc<dyn crate::runner::Events>,
+) -> Result<Arc<Runner>> {
     let cfg = ctx.system_config()?;
     Runner::start(
         RunnerConfig {
@@ -75,7 +90,7 @@ pub fn make_runner(
         },
         rt.handle().clone(),
         cancel,
-        Arc::new(CliEvents::new(ctx.json, ctx.quiet)),
+        events,
     )
 }
 

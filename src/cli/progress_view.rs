@@ -81,7 +81,8 @@ impl Events for CliEvents {
 
     fn ended(&self, r: &TaskResult) {
         match r.status {
-            TaskState::Completed => {
+            // Running: handed to a background process that goes on with it.
+            TaskState::Completed | TaskState::Running => {
                 if !self.json && !self.quiet {
                     for line in &r.summary {
                         out!("{}: {line}", r.vm);

@@ -1,62 +1,209 @@
-//! `restore`: a restore point back to image files, as a task of the runner
-//! (it takes a slot, R38, and can be cancelled like a backup).
+//! `restore`: a restore point back to image files, as a new VM (`--as-vm`), into
+//! the VM's own images (`--in-place`), or every VM of a rule (`--all`, R34), as
+//! tasks of the runner (they take slots, R38, and can be cancelled).
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 
-use super::args::{ImageFormat as ImageArg, RestoreArgs};
+use super::args::{ImageFormat as ImageArg, LaunchArgs, RestoreArgs};
 use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
 use super::Ctx;
-use crate::error::ExitCode;
-use crate::repo::{vm_key, Repository};
+use crate::error::{invalid, ExitCode};
+use crate::recovery::cmdline::{LaunchOptions, Net};
+use crate::repo::{encode_name, vm_key, Manifest, Repository};
 use crate::restore::ImageFormat;
-use crate::runner::{repo_root, Job, TaskSpec};
+use crate::runner::{repo_root, Job, RestoreTo, TaskResult, TaskSpec};
+use crate::state::rules::RuleRow;
 use crate::task::TaskState;
+
+/// `--net`, `--net-bridge`, `--set-secret` as launch options.
+pub fn launch_options(a: &LaunchArgs, name: Option<String>) -> Result<LaunchOptions> {
+    let net = match (&a.net_bridge, a.net) {
+        (Some(br), _) => Net::Bridge(br.clone()),
+        (None, true) => Net::User,
+        (None, false) => Net::None,
+    };
+    let mut secrets = BTreeMap::new();
+    for s in &a.set_secret {
+        let (id, file) = s
+            .split_once('=')
+            .filter(|(id, f)| !id.is_empty() && !f.is_empty())
+            .ok_or_else(|| invalid("--set-secret", s, "expected ID=FILE"))?;
+        let path = std::path::absolute(file).unwrap_or_else(|_| PathBuf::from(file));
+        if !path.is_file() {
+            return Err(invalid(
+                "--set-secret",
+                s,
+                format!("{} is not a file", path.display()),
+            ));
+        }
+        secrets.insert(id.to_string(), path);
+    }
+    Ok(LaunchOptions { name, net, secrets })
+}
+
+/// A point id for "the newest point at or before" a local time `YYYY-MM-DD HH:MM`.
+pub fn point_at(text: &str) -> Result<String> {
+    use chrono::TimeZone;
+    let naive = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M")
+        .map_err(|_| invalid("--at", text, "expected \"YYYY-MM-DD HH:MM\" (local time)"))?;
+    let local = chrono::Local
+        .from_local_datetime(&naive)
+        .earliest()
+        .ok_or_else(|| invalid("--at", text, "no such local time (daylight saving gap)"))?;
+    Ok(local
+        .with_timezone(&chrono::Utc)
+        .format("%Y%m%dT%H%M%SZ")
+        .to_string())
+}
+
+/// The point of each VM of `rule` a group operation uses: the newest, or the
+/// newest at or before `at`. VMs without such a point are listed apart.
+/// VMs with the point chosen for each, and the VMs that have none.
+type GroupPoints = (Vec<(String, Manifest)>, Vec<String>);
+
+pub fn group_points(repo: &Repository, rule: &RuleRow, at: Option<&str>) -> Result<GroupPoints> {
+    let mut found = Vec::new();
+    let mut missing = Vec::new();
+    for v in &rule.vms {
+        let key = vm_key(&rule.settings.platform, &v.vm);
+        let point = repo
+            .list_points(&key)?
+            .into_iter()
+            .rev()
+            .find(|m| at.is_none_or(|at| m.point.as_str() <= at));
+        match point {
+            Some(m) => found.push((v.vm.clone(), m)),
+            None => missing.push(v.vm.clone()),
+        }
+    }
+    Ok((found, missing))
+}
 
 pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rule = state.require_rule(&a.rule)?;
-    rule.require_vm(&a.vm)?;
     let root = repo_root(&state, &rule)?;
     let repo = Repository::open(&root).with_context(|| format!("rule '{}'", rule.name))?;
-    let key = vm_key(&rule.settings.platform, &a.vm);
-    let point = (a.point != "latest").then_some(a.point.as_str());
-    // Chosen (and so validated) before a task is recorded: bad input changes nothing.
-    let manifest = crate::restore::select_point(&repo, &key, point)?;
+    let format = match a.format {
+        ImageArg::Raw => ImageFormat::Raw,
+        ImageArg::Qcow2 => ImageFormat::Qcow2,
+    };
+    let launch = launch_options(&a.launch, a.as_vm.clone())?;
+    if a.as_vm.is_none()
+        && (a.launch.net || a.launch.net_bridge.is_some() || !a.launch.set_secret.is_empty())
+    {
+        return Err(invalid(
+            "--net/--net-bridge/--set-secret",
+            "",
+            "they go with --as-vm",
+        ));
+    }
+    // Points are chosen (and so validated) before a task is recorded: bad input
+    // changes nothing.
+    let (chosen, missing) = if a.all {
+        let at = a.at.as_deref().map(point_at).transpose()?;
+        group_points(&repo, &rule, at.as_deref())?
+    } else {
+        let vm = a.vm.clone().unwrap_or_default();
+        rule.require_vm(&vm)?;
+        let key = vm_key(&rule.settings.platform, &vm);
+        let point = (a.point != "latest").then_some(a.point.as_str());
+        (
+            vec![(vm, crate::restore::select_point(&repo, &key, point)?)],
+            Vec::new(),
+        )
+    };
+    let mut specs = Vec::new();
+    for (vm, manifest) in chosen {
+        let to = if a.in_place {
+            RestoreTo::InPlace
+        } else {
+            let base = a.to.clone().unwrap_or_default();
+            let dest = if a.all {
+                base.join(encode_name(&vm))
+            } else {
+                base
+            };
+            match &a.as_vm {
+                Some(_) => {
+                    // The launch is checked now; nothing is written when it cannot work.
+                    crate::recovery::as_vm::plan(&manifest, &dest, format, &launch)?;
+                    RestoreTo::AsVm {
+                        dest,
+                        format,
+                        force: a.force,
+                        launch: launch.clone(),
+                        start: a.start,
+                    }
+                }
+                None => RestoreTo::Files {
+                    dest,
+                    format,
+                    force: a.force,
+                },
+            }
+        };
+        specs.push(TaskSpec {
+            rule: rule.clone(),
+            vm,
+            job: Job::Restore {
+                point: Box::new(manifest),
+                to,
+            },
+        });
+    }
     drop(state);
+    for vm in &missing {
+        eprintln!(
+            "vmbackup: {vm}: no restore point{}; not restored",
+            a.at.as_deref()
+                .map(|t| format!(" at or before {t}"))
+                .unwrap_or_default()
+        );
+    }
     reclaim_dead(ctx)?;
     let rt = runtime()?;
     let cancel = cancel_on_signals(&rt);
     let runner = make_runner(ctx, &rt, cancel.clone())?;
-    let spec = TaskSpec {
-        rule: rule.clone(),
-        vm: a.vm.clone(),
-        job: Job::Restore {
-            point: Box::new(manifest),
-            dest: a.to.clone(),
-            format: match a.format {
-                ImageArg::Raw => ImageFormat::Raw,
-                ImageArg::Qcow2 => ImageFormat::Qcow2,
-            },
-            force: a.force,
-        },
-    };
-    let results = runner.run_all(vec![spec])?;
-    let worst = worst_of(&results, cancel.load(Ordering::SeqCst));
+    let results = runner.run_all(specs)?;
+    let mut worst = worst_of(&results, cancel.load(Ordering::SeqCst));
+    if !missing.is_empty() {
+        worst = worst.max(ExitCode::Failed);
+    }
     if ctx.json {
-        for r in &results {
-            let summary = match (&r.status, &r.outcome) {
-                (TaskState::Completed, Some(report)) => {
-                    serde_json::json!({ "type": "summary", "task": r.task, "restore": report })
-                }
-                _ => serde_json::json!({
-                    "type": "summary", "task": r.task, "status": r.status,
-                    "error": r.error, "exit_code": r.exit_code,
-                }),
-            };
-            out!("{summary}");
-        }
+        print_summary(&rule.name, worst, &results, &missing);
     }
     Ok(worst)
+}
+
+/// One JSON summary line for the tasks of a restore or recovery.
+pub fn print_summary(rule: &str, worst: ExitCode, results: &[TaskResult], missing: &[String]) {
+    let tasks: Vec<serde_json::Value> = results
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("kind".into(), serde_json::json!(r.kind));
+                if r.status != TaskState::Completed && r.status != TaskState::Running {
+                    o.entry("outcome").or_insert(serde_json::Value::Null);
+                }
+            }
+            v
+        })
+        .collect();
+    out!(
+        "{}",
+        serde_json::json!({
+            "type": "summary",
+            "time": crate::state::slots::now_millis_text(),
+            "rule": rule,
+            "exit_code": worst.code(),
+            "tasks": tasks,
+            "vms_without_point": missing,
+        })
+    );
 }

@@ -13,8 +13,10 @@ mod backup;
 mod cleanup;
 mod graph;
 mod inventory;
-mod names;
+pub mod names;
 mod nbd_server;
+
+pub use nbd_server::read_cmdline;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -14,14 +14,17 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::error::{invalid, Error};
-use crate::repo::{encode_name, sync_dir, DiskIndex, Manifest, Repository, Slot};
+use crate::repo::{encode_name, sync_dir, Manifest, Repository, Slot};
 use crate::task::progress::Progress;
+
+pub mod point_reader;
+pub use point_reader::{PointReader, PointStore, Span, DEFAULT_CACHE_BYTES};
 
 /// Output image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -67,6 +70,12 @@ pub struct RestoredDisk {
 pub struct RestoreReport {
     pub point: String,
     pub disks: Vec<RestoredDisk>,
+    /// `--as-vm`: the launch script written beside the disks.
+    pub launch_script: Option<PathBuf>,
+    /// `--as-vm --start`: the VM started from it.
+    pub started: Option<crate::recovery::StartedVm>,
+    /// `--in-place`: the disks were written back into the VM's own images.
+    pub in_place: bool,
 }
 
 /// Pick a point: `None` → newest; otherwise that id, or a validation error listing ids.
@@ -127,15 +136,16 @@ pub fn restore_point(
     }
     fs::create_dir_all(req.dest)
         .with_context(|| format!("cannot create {}", req.dest.display()))?;
+    // Every slot is read once: nothing to cache.
+    let reader = PointReader::open(Arc::new(req.repo.clone()), req.vm_key, manifest, 0)?;
     let mut disks = Vec::new();
-    for (d, (_, path)) in manifest.disks.iter().zip(&targets) {
-        let index = req.repo.load_index(req.vm_key, &manifest.point, &d.name)?;
-        let written = restore_disk(req, &d.name, &index, path, progress, cancel)
+    for (n, (d, (_, path))) in manifest.disks.iter().zip(&targets).enumerate() {
+        let written = restore_disk(req, &reader, n, path, progress, cancel)
             .with_context(|| format!("restore of point {} disk '{}'", manifest.point, d.name))?;
         disks.push(RestoredDisk {
             disk: d.name.clone(),
             path: path.clone(),
-            size: index.disk_size,
+            size: reader.disk_index(n).disk_size,
             bytes_written: written,
         });
     }
@@ -143,6 +153,9 @@ pub fn restore_point(
     Ok(RestoreReport {
         point: manifest.point.clone(),
         disks,
+        launch_script: None,
+        started: None,
+        in_place: false,
     })
 }
 
@@ -174,12 +187,14 @@ fn partial_path(final_path: &Path, suffix: &str) -> PathBuf {
 
 fn restore_disk(
     req: &RestoreRequest,
-    disk: &str,
-    index: &DiskIndex,
+    reader: &PointReader,
+    disk_no: usize,
     final_path: &Path,
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<u64> {
+    let index = reader.disk_index(disk_no);
+    let disk = req.point.disks[disk_no].name.as_str();
     let raw_path = partial_path(final_path, ".raw");
     let raw_guard = Partial(Some(raw_path.clone()));
     let file = OpenOptions::new()
@@ -211,11 +226,7 @@ fn restore_disk(
                     if cancel.load(Ordering::Relaxed) {
                         return Err(Error::Interrupted.into());
                     }
-                    let data = req
-                        .repo
-                        .chunks()
-                        .read_slot(&index.slots[slot], index.slot_len(slot))
-                        .with_context(|| format!("slot {slot}"))?;
+                    let data = reader.slot(disk_no, slot)?;
                     let n = write_sparse(&file, index.slot_offset(slot), &data)?;
                     progress.advance(disk, data.len() as u64);
                     Ok(n)

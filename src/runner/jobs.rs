@@ -8,11 +8,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use super::record::TaskRecorder;
-use super::{repo_root, Job, Outcome, Runner, TaskSpec, BUFFERS_PER_TASK};
+use super::{repo_root, Job, Outcome, RestoreTo, Runner, TaskSpec, BUFFERS_PER_TASK};
 use crate::backup::{run_backup, BackupJob, BackupOutcome};
 use crate::error::ExitCode;
-use crate::repo::{vm_key, Repository};
-use crate::restore::{restore_point, RestoreReport, RestoreRequest};
+use crate::repo::{vm_key, Manifest, Repository};
+use crate::restore::{restore_point, ImageFormat, RestoreReport, RestoreRequest};
 use crate::state::State;
 use crate::task::throttle::Throttle;
 use crate::units::format_size;
@@ -27,42 +27,159 @@ pub struct Done {
     pub code: ExitCode,
     /// Lines for people, also written to the task's log.
     pub summary: Vec<String>,
+    /// The process that goes on with the task (it stays running): a recovery's
+    /// background server.
+    pub handoff: Option<u32>,
 }
 
 /// Run the job of `spec` as task `task`.
 pub fn run(runner: &Runner, spec: &TaskSpec, task: i64, cancel: Arc<AtomicBool>) -> Result<Done> {
     match &spec.job {
         Job::Backup { level, .. } => backup(runner, spec, *level, task, cancel),
-        Job::Restore {
-            point,
-            dest,
-            format,
-            force,
-        } => {
-            let state = State::open(&runner.cfg.state_path)?;
-            let rule = &spec.rule;
-            let repo = Repository::open(&repo_root(&state, rule)?)
-                .with_context(|| format!("rule '{}'", rule.name))?;
-            let display = runner.events.display(task, spec, None);
-            let recorder = TaskRecorder::new(task, state, display, None);
-            let key = vm_key(&rule.settings.platform, &spec.vm);
-            let req = RestoreRequest {
-                repo: &repo,
-                vm_key: &key,
-                point,
-                dest,
-                format: *format,
-                force: *force,
-                workers: RESTORE_WORKERS,
-            };
-            let report = restore_point(&req, &recorder, &cancel)?;
+        Job::Restore { point, to } => restore(runner, spec, point, to, task, cancel),
+        Job::Recover { point, opts } => {
+            let (state, recorder) = recorder(runner, spec, task)?;
+            let report = crate::recovery::start(
+                &crate::recovery::StartRequest {
+                    state_path: &runner.cfg.state_path,
+                    repo_root: &repo_root(&state, &spec.rule)?,
+                    rule: &spec.rule,
+                    vm: &spec.vm,
+                    point,
+                    task,
+                    opts,
+                },
+                &recorder,
+            )?;
             Ok(Done {
-                summary: restore_summary(&report),
-                outcome: Outcome::Restore(report),
+                summary: report.summary(),
+                handoff: Some(report.server_pid),
+                outcome: Outcome::Recovery(report),
+                code: ExitCode::Ok,
+            })
+        }
+        Job::Migrate { recovery } => {
+            let (state, _) = recorder(runner, spec, task)?;
+            let rule = &spec.rule;
+            let throttle = Arc::new(Throttle::new(
+                rule.settings.bandwidth.clone(),
+                runner.cfg.clock,
+                cancel.clone(),
+            ));
+            let display = runner.events.display(task, spec, Some(throttle.clone()));
+            let recorder = TaskRecorder::new(task, state, display, Some(throttle.clone()));
+            let report = crate::recovery::mirror::migrate(
+                &runner.cfg.state_path,
+                *recovery,
+                task,
+                &throttle,
+                &recorder,
+                &cancel,
+            )?;
+            Ok(Done {
+                summary: report.summary(),
+                handoff: None,
+                outcome: Outcome::Migration(report),
+                code: ExitCode::Ok,
+            })
+        }
+        Job::BootVerify { point, opts } => {
+            let (state, recorder) = recorder(runner, spec, task)?;
+            let report = crate::recovery::boot::verify_boot(
+                &crate::recovery::boot::BootRequest {
+                    state_path: &runner.cfg.state_path,
+                    repo_root: &repo_root(&state, &spec.rule)?,
+                    rule: &spec.rule,
+                    vm: &spec.vm,
+                    point,
+                    task,
+                    opts,
+                },
+                &recorder,
+                &cancel,
+                &runner.rt,
+            )?;
+            Ok(Done {
+                summary: report.summary(),
+                handoff: None,
+                outcome: Outcome::BootVerify(report),
                 code: ExitCode::Ok,
             })
         }
     }
+}
+
+/// The state store and a recorder for a task whose progress has no throttle.
+fn recorder(runner: &Runner, spec: &TaskSpec, task: i64) -> Result<(State, TaskRecorder)> {
+    let state = State::open(&runner.cfg.state_path)?;
+    let display = runner.events.display(task, spec, None);
+    let recorder = TaskRecorder::new(task, State::open(&runner.cfg.state_path)?, display, None);
+    Ok((state, recorder))
+}
+
+fn restore(
+    runner: &Runner,
+    spec: &TaskSpec,
+    point: &Manifest,
+    to: &RestoreTo,
+    task: i64,
+    cancel: Arc<AtomicBool>,
+) -> Result<Done> {
+    let (state, recorder) = recorder(runner, spec, task)?;
+    let rule = &spec.rule;
+    let repo = Repository::open(&repo_root(&state, rule)?)
+        .with_context(|| format!("rule '{}'", rule.name))?;
+    let key = vm_key(&rule.settings.platform, &spec.vm);
+    let files = |dest: &Path, format: ImageFormat, force: bool| {
+        let req = RestoreRequest {
+            repo: &repo,
+            vm_key: &key,
+            point,
+            dest,
+            format,
+            force,
+            workers: RESTORE_WORKERS,
+        };
+        restore_point(&req, &recorder, &cancel)
+    };
+    let report = match to {
+        RestoreTo::Files {
+            dest,
+            format,
+            force,
+        } => files(dest, *format, *force)?,
+        RestoreTo::AsVm {
+            dest,
+            format,
+            force,
+            launch,
+            start,
+        } => {
+            // Refuse a configuration that cannot be launched before writing disks.
+            let plan = crate::recovery::as_vm::plan(point, dest, *format, launch)?;
+            let mut report = files(dest, *format, *force)?;
+            crate::recovery::as_vm::finish(&plan, &mut report, *start, &recorder)?;
+            report
+        }
+        RestoreTo::InPlace => crate::recovery::in_place::restore_in_place(
+            &crate::recovery::in_place::InPlaceRequest {
+                state_path: &runner.cfg.state_path,
+                repo: &repo,
+                rule,
+                vm: &spec.vm,
+                point,
+            },
+            &recorder,
+            &cancel,
+            &runner.rt,
+        )?,
+    };
+    Ok(Done {
+        summary: restore_summary(&report),
+        outcome: Outcome::Restore(report),
+        code: ExitCode::Ok,
+        handoff: None,
+    })
 }
 
 fn backup(
@@ -93,10 +210,14 @@ fn backup(
         run_dir: runner.cfg.run_dir.clone(),
         buffers: BUFFERS_PER_TASK,
         bandwidth: throttle.clone(),
+        force_full: state.vm_reset(&rule.name, &spec.vm)?,
     };
     let display = runner.events.display(task, spec, Some(throttle.clone()));
     let recorder = Arc::new(TaskRecorder::new(task, state, display, Some(throttle)));
     let out = run_backup(&job, plat.as_ref(), recorder, cancel, &runner.rt)?;
+    if out.level == crate::level::Level::Full {
+        State::open(&runner.cfg.state_path)?.clear_vm_reset(&rule.name, &spec.vm)?;
+    }
     let code = if out.fallback.is_some() || !out.warnings.is_empty() {
         ExitCode::Warning
     } else {
@@ -106,6 +227,7 @@ fn backup(
         summary: vec![backup_summary(&out)],
         outcome: Outcome::Backup(out),
         code,
+        handoff: None,
     })
 }
 

@@ -36,6 +36,10 @@ use crate::backup::BackupOutcome;
 use crate::clock::Clock;
 use crate::error::{exit_code_of, is_interrupted, ExitCode};
 use crate::level::Level;
+use crate::recovery::boot::{BootOptions, BootReport};
+use crate::recovery::cmdline::LaunchOptions;
+use crate::recovery::mirror::MigrationReport;
+use crate::recovery::{RecoverOptions, RecoveryReport};
 use crate::repo::Manifest;
 use crate::restore::{ImageFormat, RestoreReport};
 use crate::state::rules::RuleRow;
@@ -82,10 +86,43 @@ pub enum Job {
     Restore {
         /// The point, chosen (and so validated) before the task was admitted.
         point: Box<Manifest>,
+        to: RestoreTo,
+    },
+    /// Serve a point and (maybe) start a VM on overlays of it; the task goes on
+    /// in a background server process (transient recovery, the start of an
+    /// instant recovery).
+    Recover {
+        point: Box<Manifest>,
+        opts: RecoverOptions,
+    },
+    /// Move a running instant recovery's disks to production storage.
+    Migrate { recovery: i64 },
+    /// Boot a point on overlays and judge it (verify --boot).
+    BootVerify {
+        point: Box<Manifest>,
+        opts: BootOptions,
+    },
+}
+
+/// Where a restore writes.
+#[derive(Debug, Clone)]
+pub enum RestoreTo {
+    /// One image file per disk in `dest`.
+    Files {
         dest: PathBuf,
         format: ImageFormat,
         force: bool,
     },
+    /// Image files plus a launch script from the captured configuration.
+    AsVm {
+        dest: PathBuf,
+        format: ImageFormat,
+        force: bool,
+        launch: LaunchOptions,
+        start: bool,
+    },
+    /// Back into the VM's own disk images.
+    InPlace,
 }
 
 impl Job {
@@ -93,6 +130,19 @@ impl Job {
         match self {
             Job::Backup { .. } => TaskKind::Backup,
             Job::Restore { .. } => TaskKind::Restore,
+            Job::Recover { .. } => TaskKind::Recovery,
+            Job::Migrate { .. } => TaskKind::Migration,
+            Job::BootVerify { .. } => TaskKind::BootVerify,
+        }
+    }
+
+    /// The point the task reads, recorded in its row from admission on.
+    fn point(&self) -> Option<&str> {
+        match self {
+            Job::Backup { .. } | Job::Migrate { .. } => None,
+            Job::Restore { point, .. }
+            | Job::Recover { point, .. }
+            | Job::BootVerify { point, .. } => Some(&point.point),
         }
     }
 
@@ -100,7 +150,7 @@ impl Job {
     fn level(&self) -> Option<Level> {
         match self {
             Job::Backup { level, .. } => Some(*level),
-            Job::Restore { .. } => None,
+            _ => None,
         }
     }
 }
@@ -111,14 +161,20 @@ impl Job {
 pub enum Outcome {
     Backup(BackupOutcome),
     Restore(RestoreReport),
+    Recovery(RecoveryReport),
+    Migration(MigrationReport),
+    BootVerify(BootReport),
 }
 
 impl Outcome {
-    /// The point a task wrote (backup) or read (restore).
+    /// The point a task wrote (backup) or read (the others).
     pub fn point(&self) -> &str {
         match self {
             Outcome::Backup(o) => &o.point,
             Outcome::Restore(r) => &r.point,
+            Outcome::Recovery(r) => &r.point,
+            Outcome::Migration(m) => &m.point,
+            Outcome::BootVerify(b) => &b.point,
         }
     }
 }
@@ -260,7 +316,7 @@ impl Runner {
         let mut state = State::open(&self.cfg.state_path)?;
         let (slot, notes) = match &spec.job {
             Job::Backup { slot, notes, .. } => (slot.as_deref(), notes.as_slice()),
-            Job::Restore { .. } => (None, &[][..]),
+            _ => (None, &[][..]),
         };
         let admission = state.admit_task(
             spec.job.kind(),
@@ -268,6 +324,7 @@ impl Runner {
             &spec.vm,
             spec.job.level().map(Level::as_str),
             slot,
+            spec.job.point(),
         )?;
         if let Some(Admission::Skipped { task, .. } | Admission::Queued(task)) = &admission {
             for note in notes {
@@ -318,28 +375,50 @@ impl Runner {
         flag: Arc<AtomicBool>,
         mut state: State,
     ) -> TaskResult {
-        let res = self
-            .wait_for_slot(&mut state, task, spec, &flag)
-            .and_then(|()| jobs::run(self, spec, task, flag));
         let kind = spec.job.kind();
+        let started = if kind.takes_slot() {
+            self.wait_for_slot(&mut state, task, spec, &flag)
+        } else {
+            match state.start_without_slot(task) {
+                Ok(SlotAnswer::Granted) => Ok(()),
+                Ok(_) => Err(crate::error::Error::Interrupted.into()),
+                Err(e) => Err(e),
+            }
+        };
+        let res = started.and_then(|()| jobs::run(self, spec, task, flag));
         let result = match res {
             Ok(done) => {
                 for line in &done.summary {
                     record(&mut state, task, LogLevel::Info, line);
                 }
-                let (point, note) = match &done.outcome {
-                    Outcome::Backup(o) => (o.point.as_str(), o.fallback.as_deref()),
-                    Outcome::Restore(r) => (r.point.as_str(), None),
+                let note = match &done.outcome {
+                    Outcome::Backup(o) => o.fallback.as_deref(),
+                    _ => None,
                 };
-                if let Err(e) = state.end_task(task, TaskState::Completed, Some(point), note) {
-                    tracing::warn!("cannot record the end of task {task}: {e:#}");
-                }
+                let point = done.outcome.point().to_string();
+                let status = match done.handoff {
+                    // The task goes on in another process (a background server).
+                    Some(pid) => {
+                        if let Err(e) = state.hand_over_task(task, pid, "serving") {
+                            tracing::warn!("cannot hand task {task} over to pid {pid}: {e:#}");
+                        }
+                        TaskState::Running
+                    }
+                    None => {
+                        if let Err(e) =
+                            state.end_task(task, TaskState::Completed, Some(&point), note)
+                        {
+                            tracing::warn!("cannot record the end of task {task}: {e:#}");
+                        }
+                        TaskState::Completed
+                    }
+                };
                 TaskResult {
                     rule: Some(spec.rule.name.clone()),
                     vm: spec.vm.clone(),
                     task,
                     kind,
-                    status: TaskState::Completed,
+                    status,
                     exit_code: done.code.code(),
                     code: done.code,
                     outcome: Some(done.outcome),

@@ -11,6 +11,7 @@
 
 pub mod logs;
 pub mod platforms;
+pub mod recoveries;
 pub mod rules;
 pub mod schema;
 pub mod slots;

@@ -12,9 +12,10 @@ use serde::Serialize;
 
 use super::platforms::{list_or_none, PlatformRow};
 use super::State;
-use crate::error::{invalid, refused};
+use crate::error::{busy, invalid, refused};
 use crate::policy::bandwidth::Window;
 use crate::policy::Policy;
+use crate::task::TaskKind;
 
 /// Settings of a rule, as given to `rule add`.
 #[derive(Debug, Clone, Serialize)]
@@ -275,25 +276,37 @@ impl State {
         })
     }
 
-    /// Remove a rule, or one VM from it. Refused while a restore task of the rule
-    /// (or of that VM) is queued or running (R37). Removing the last VM removes the rule.
+    /// Remove a rule, or one VM from it. Refused (busy, exit 4) while a restore,
+    /// recovery, migration or boot verification of the rule (or of that VM) is
+    /// active, or a recovery of it has not been stopped (R37). Removing the last
+    /// VM removes the rule.
     pub fn remove_rule(&mut self, rule: &str, vm: Option<&str>) -> Result<()> {
         let r = self.require_rule(rule)?;
         if let Some(vm) = vm {
             r.require_vm(vm)?;
         }
         self.write(|tx| {
-            let active: Vec<(i64, String)> = {
+            let active: Vec<(i64, String, TaskKind)> = {
                 let mut st = tx.prepare(&format!(
-                    "SELECT id, vm FROM tasks WHERE kind = 'restore' AND rule = ?1 AND state IN {} ORDER BY id",
+                    "SELECT id, vm, kind FROM tasks WHERE kind IN {} AND rule = ?1 AND state IN {}
+                     UNION ALL SELECT id, vm, 'recovery' FROM recoveries WHERE rule = ?1 AND status != 'stopped'
+                     ORDER BY 1",
+                    TaskKind::holding_rule_sql(),
                     super::tasks::ACTIVE_STATES
                 ))?;
-                let rows = st.query_map([rule], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
-                rows.into_iter().filter(|(_, v)| vm.is_none_or(|want| want == v)).collect()
+                let rows = st
+                    .query_map([rule], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                rows.into_iter().filter(|(_, v, _)| vm.is_none_or(|want| want == v)).collect()
             };
-            if let Some((id, v)) = active.first() {
-                return Err(refused(format!(
-                    "rule '{rule}' has a restore task in progress (task {id}, VM '{v}'); wait for it or cancel it first (R37)"
+            if let Some((id, v, kind)) = active.first() {
+                let how = if *kind == TaskKind::Recovery {
+                    "; stop it first with 'vmbackup recover stop'"
+                } else {
+                    "; wait for it or cancel it first"
+                };
+                return Err(busy(format!(
+                    "rule '{rule}' has a {kind} in progress (task {id}, VM '{v}'){how} (R37)"
                 )));
             }
             match vm {

@@ -106,6 +106,8 @@ impl State {
     /// `slot` (a schedule's instant, RFC 3339) is recorded in `schedule_runs` in the
     /// same transaction, so a slot is admitted at most once across processes; an
     /// already recorded slot returns `None`.
+    /// `point` is the point the task reads (restore, recovery): recorded from
+    /// admission on, so prune never removes a point an active task reads.
     pub fn admit_task(
         &mut self,
         kind: TaskKind,
@@ -113,6 +115,7 @@ impl State {
         vm: &str,
         level: Option<&str>,
         slot: Option<&str>,
+        point: Option<&str>,
     ) -> Result<Option<Admission>> {
         let pid = std::process::id() as i64;
         self.write(|tx| {
@@ -153,9 +156,9 @@ impl State {
                 }
                 None => {
                     tx.execute(
-                        "INSERT INTO tasks (kind, rule, vm, level, state, pid, created_at)
-                         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6)",
-                        params![kind, rule, vm, level, pid, now],
+                        "INSERT INTO tasks (kind, rule, vm, level, state, pid, created_at, point)
+                         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7)",
+                        params![kind, rule, vm, level, pid, now, point],
                     )?;
                     Admission::Queued(tx.last_insert_rowid())
                 }
@@ -232,6 +235,40 @@ impl State {
                     Ok(SlotAnswer::Granted)
                 }
             }
+        })
+    }
+
+    /// Start a task that takes no slot (R38: transient recovery): running now.
+    pub fn start_without_slot(&mut self, task: i64) -> Result<SlotAnswer> {
+        self.write(|tx| {
+            let cancel: i64 = tx.query_row(
+                "SELECT cancel_requested FROM tasks WHERE id = ?1",
+                [task],
+                |r| r.get(0),
+            )?;
+            if cancel != 0 {
+                return Ok(SlotAnswer::Cancelled);
+            }
+            tx.execute(
+                "UPDATE tasks SET state = 'running', phase = 'preparing', waiting = NULL,
+                 started_at = ?2 WHERE id = ?1",
+                params![task, now_millis_text()],
+            )?;
+            Ok(SlotAnswer::Granted)
+        })
+    }
+
+    /// Hand a running task to process `pid` (a background server that goes on
+    /// with it, or a command taking it over to stop it): its slot, if any, is
+    /// released; it stays running, in `phase`.
+    pub fn hand_over_task(&mut self, task: i64, pid: u32, phase: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM slot_leases WHERE task = ?1", [task])?;
+            tx.execute(
+                "UPDATE tasks SET pid = ?2, phase = ?3, rate = 0 WHERE id = ?1",
+                params![task, pid, phase],
+            )?;
+            Ok(())
         })
     }
 
