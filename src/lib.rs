@@ -7,8 +7,9 @@
 //!  │
 //!  └─► backup ──► platform (QMP: snapshot + dirty bitmaps, NBD exports)
 //!        │          └─► nbd (client: BLOCK_STATUS, pipelined READ)
-//!        └─► repo (chunk store, point indexes, manifests on the target)
+//!        └─► repo (chunk store, point indexes, manifests, locks: objects in a Store)
 //!  restore ◄── repo
+//!  lifecycle ──► repo (a rule's repository, retention, forget, GC, delete data)
 //! ```
 //!
 //! The CLI (`cli`) turns arguments into resolved values; nothing below it knows clap.
@@ -19,6 +20,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod level;
+pub mod lifecycle;
 pub mod nbd;
 pub mod platform;
 pub mod policy;

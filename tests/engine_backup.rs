@@ -398,7 +398,8 @@ fn damaged_delta_or_missing_base_chunk_fails_verify_and_restore() {
     assert!(std::fs::read(delta).unwrap().starts_with(b"VMBDLTA1"));
     l.env.ok(&["verify", "r"]);
 
-    // A flipped byte in the delta: the inc is damaged, the full is not.
+    // A flipped byte in the delta: the inc is damaged, the full is not. Verify
+    // moves the corrupt delta aside (quarantine), and says so.
     let good = std::fs::read(delta).unwrap();
     let mut bad = good.clone();
     let last = bad.len() - 1;
@@ -411,13 +412,17 @@ fn damaged_delta_or_missing_base_chunk_fails_verify_and_restore() {
         .lines()
         .find(|l| l.contains(inc["point"].as_str().unwrap()))
         .unwrap();
-    assert!(inc_line.contains("PROBLEM"), "{text}");
-    assert!(text.contains("corrupt"), "{text}");
+    assert!(inc_line.contains("DAMAGED"), "{text}");
+    assert!(
+        text.contains("corrupt") && text.contains("moved to quarantine/"),
+        "{text}"
+    );
     let full_line = text
         .lines()
         .find(|l| l.contains(full["point"].as_str().unwrap()))
         .unwrap();
     assert!(full_line.ends_with("ok"), "{text}");
+    assert!(!delta.exists(), "quarantined");
     let err = l.env.fails(
         3,
         &[
@@ -429,7 +434,9 @@ fn damaged_delta_or_missing_base_chunk_fails_verify_and_restore() {
             l.env.path("out").to_str().unwrap(),
         ],
     );
-    assert!(err.contains("delta") && err.contains("corrupt"), "{err}");
+    assert!(err.contains("delta") && err.contains("missing"), "{err}");
+    // Put it back (its emptied directory went with it).
+    std::fs::create_dir_all(delta.parent().unwrap()).unwrap();
     std::fs::write(delta, &good).unwrap();
 
     // The base chunk gone: both points need it.

@@ -35,11 +35,18 @@ impl Progress for WriteOnFirstRead {
     fn log(&self, _: LogLevel, _: &str) {}
 }
 
+/// The repository `repo` in the directory `dir` (created by the first call).
+fn repo(dir: &std::path::Path) -> Repository {
+    let store: std::sync::Arc<dyn vmbackup::repo::Store> =
+        std::sync::Arc::new(vmbackup::repo::LocalStore::open(dir).unwrap());
+    Repository::create_in(store, "repo").unwrap()
+}
+
 fn job(dir: &std::path::Path, level: Level) -> BackupJob {
     BackupJob {
         platform: "lab".into(),
         vm: "vm1".into(),
-        repo_root: dir.join("repo"),
+        repo: repo(dir),
         requested: level,
         auto_cbt: true,
         cbt: true,
@@ -53,7 +60,7 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
 }
 
 fn restore_digest(dir: &std::path::Path, point: &str) -> String {
-    let repo = Repository::open(&dir.join("repo")).unwrap();
+    let repo = repo(dir);
     let to = dir.join(format!("restore-{point}"));
     let key = vmbackup::repo::vm_key("lab", "vm1");
     let manifest = vmbackup::restore::select_point(&repo, &key, Some(point)).unwrap();

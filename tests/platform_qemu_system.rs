@@ -49,7 +49,7 @@ fn start(qmp_dir: &Path, name: &str, args: &[String]) -> SystemVm {
         .spawn()
         .expect("start qemu-system-x86_64");
     let vm = SystemVm { child, qmp };
-    common::wait_for(|| vm.qmp.exists(), "qemu-system QMP socket");
+    common::wait_for(|| common::accepts(&vm.qmp), "qemu-system QMP socket");
     vm
 }
 

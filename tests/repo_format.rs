@@ -1,14 +1,17 @@
 //! The repository on disk, end to end: write points, read them back, damage them,
 //! and check every damage is reported (docs/FORMAT.md).
 
+use std::collections::HashSet;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use vmbackup::error::{exit_code_of, ExitCode};
 use vmbackup::level::Level;
 use vmbackup::repo::{
-    digest_hex, index_file_name, vm_key, DiskIndex, Manifest, ManifestDisk, ManifestTotals,
-    ManifestVm, PointStatus, ProblemKind, Repository, Slot, MANIFEST_FILE,
+    digest_hex, index_file_name, object_key, vm_key, DiskIndex, LocalStore, Manifest, ManifestDisk,
+    ManifestTotals, ManifestVm, PointStatus, ProblemKind, RepoLock, Repository, Slot, Store,
+    VmLock, MANIFEST_FILE,
 };
 
 const CS: u32 = 64 * 1024;
@@ -78,11 +81,45 @@ fn manifest(point: &str, level: Level, base: Option<&str>, disks: Vec<ManifestDi
     }
 }
 
-/// A repository with one committed full point of `lab/web 01`; returns its key.
-fn repo_with_full(root: &Path, point: &str) -> (Repository, String) {
-    let repo = Repository::init_or_open(root).unwrap();
+/// A directory store in a temp dir; repositories live under its sub-directories.
+struct Target {
+    dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+}
+
+impl Target {
+    fn new() -> Target {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        Target { dir, store }
+    }
+
+    /// The file of `key` inside repository `repo`.
+    fn file(&self, repo: &str, key: &str) -> PathBuf {
+        self.dir.path().join(repo).join(key)
+    }
+
+    fn create(&self, repo: &str) -> Repository {
+        Repository::create_in(self.store.clone(), repo).unwrap()
+    }
+}
+
+/// The repository lock (shared) and the lock of VM `key`.
+fn locks(repo: &Repository, key: &str) -> (RepoLock, VmLock) {
+    let shared = repo.lock_shared("test").unwrap();
+    let vm = repo.lock_vm(&shared, key, "test").unwrap();
+    (shared, vm)
+}
+
+fn no_quarantine() -> HashSet<vmbackup::repo::Digest> {
+    HashSet::new()
+}
+
+/// A repository `repo` with one committed full point of `lab/web 01`.
+fn repo_with_full(t: &Target, point: &str) -> (Repository, String) {
+    let repo = t.create("repo");
     let key = vm_key("lab", "web 01");
-    let lock = repo.lock_vm(&key).unwrap();
+    let (_shared, lock) = locks(&repo, &key);
     let mut writer = repo.begin_point(&lock, point).unwrap();
     let (index, disk) = store_disk(&repo, &disk_bytes());
     writer.write_index("vda", &index).unwrap();
@@ -101,19 +138,28 @@ fn restore(repo: &Repository, key: &str, point: &str) -> Vec<u8> {
     out
 }
 
+fn ids(repo: &Repository, key: &str) -> Vec<String> {
+    repo.list_points(key)
+        .unwrap()
+        .points
+        .into_iter()
+        .map(|m| m.point)
+        .collect()
+}
+
 #[test]
 fn committed_point_round_trips_and_restores_byte_for_byte() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("repo");
-    let (repo, key) = repo_with_full(&root, "20261124T120000Z");
+    let t = Target::new();
+    let (_, key) = repo_with_full(&t, "20261124T120000Z");
     assert_eq!(key, "lab/web%2001");
-    assert!(root.join("vmbackup-repo.toml").is_file());
+    assert!(t.file("repo", "vmbackup-repo.toml").is_file());
 
-    let repo = Repository::open(repo.root()).unwrap();
+    let repo = Repository::open_in(t.store.clone(), "repo").unwrap();
     assert_eq!(repo.list_vms().unwrap(), vec![key.clone()]);
     let points = repo.list_points(&key).unwrap();
-    assert_eq!(points.len(), 1);
-    let m = &points[0];
+    assert_eq!(points.points.len(), 1);
+    assert!(points.damaged.is_empty());
+    let m = &points.points[0];
     assert_eq!(m.point, "20261124T120000Z");
     assert_eq!(
         m.disks[0].new_chunks, 2,
@@ -123,16 +169,18 @@ fn committed_point_round_trips_and_restores_byte_for_byte() {
     assert_eq!(m.disks[0].zero_slots, 1);
     assert_eq!(restore(&repo, &key, "20261124T120000Z"), disk_bytes());
 
-    let report = repo.verify_point(&key, "20261124T120000Z").unwrap();
+    let report = repo
+        .verify_point(&key, "20261124T120000Z", &no_quarantine())
+        .unwrap();
     assert_eq!(report.chunks_checked, 2);
     assert!(report.is_ok(), "{:?}", report.problems);
 }
 
 #[test]
 fn incremental_commit_needs_its_base_and_lists_oldest_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, key) = repo_with_full(dir.path(), "20261124T120000Z");
-    let lock = repo.lock_vm(&key).unwrap();
+    let t = Target::new();
+    let (repo, key) = repo_with_full(&t, "20261124T120000Z");
+    let (_shared, lock) = locks(&repo, &key);
 
     let mut changed = disk_bytes();
     changed[10] = b'X';
@@ -153,7 +201,7 @@ fn incremental_commit_needs_its_base_and_lists_oldest_first() {
         format!("{err:#}").contains("was removed during the backup"),
         "{err:#}"
     );
-    assert_eq!(repo.list_points(&key).unwrap().len(), 1);
+    assert_eq!(ids(&repo, &key).len(), 1);
 
     let mut writer = repo.begin_point(&lock, "20261126T120000Z").unwrap();
     writer.write_index("vda", &index).unwrap();
@@ -164,13 +212,7 @@ fn incremental_commit_needs_its_base_and_lists_oldest_first() {
         vec![disk],
     );
     writer.commit(&inc).unwrap();
-    let ids: Vec<String> = repo
-        .list_points(&key)
-        .unwrap()
-        .into_iter()
-        .map(|m| m.point)
-        .collect();
-    assert_eq!(ids, ["20261124T120000Z", "20261126T120000Z"]);
+    assert_eq!(ids(&repo, &key), ["20261124T120000Z", "20261126T120000Z"]);
     assert_eq!(repo.load_manifest(&key, "20261126T120000Z").unwrap(), inc);
     assert_eq!(restore(&repo, &key, "20261126T120000Z"), changed);
     assert_eq!(restore(&repo, &key, "20261124T120000Z"), disk_bytes());
@@ -178,9 +220,9 @@ fn incremental_commit_needs_its_base_and_lists_oldest_first() {
 
 #[test]
 fn commit_refuses_a_manifest_that_does_not_match_the_indexes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, key) = repo_with_full(dir.path(), "20261124T120000Z");
-    let lock = repo.lock_vm(&key).unwrap();
+    let t = Target::new();
+    let (repo, key) = repo_with_full(&t, "20261124T120000Z");
+    let (_shared, lock) = locks(&repo, &key);
     let (index, disk) = store_disk(&repo, &disk_bytes());
     let point = "20261125T120000Z";
 
@@ -211,28 +253,40 @@ fn commit_refuses_a_manifest_that_does_not_match_the_indexes() {
 }
 
 #[test]
-fn flipped_byte_is_corrupt_and_deleted_chunk_is_missing() {
-    let dir = tempfile::tempdir().unwrap();
+fn commit_refuses_once_the_locks_are_lost() {
+    let t = Target::new();
+    let (repo, key) = repo_with_full(&t, "20261124T120000Z");
+    let (shared, lock) = locks(&repo, &key);
+    let (index, disk) = store_disk(&repo, &disk_bytes());
+    let point = "20261125T120000Z";
+    let mut writer = repo.begin_point(&lock, point).unwrap();
+    writer.write_index("vda", &index).unwrap();
+    // Someone judged our repository lock stale and removed it (a GC may run).
+    drop(shared);
+    let err = writer
+        .commit(&manifest(point, Level::Full, None, vec![disk]))
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("was lost"), "{err:#}");
+    assert_eq!(ids(&repo, &key), ["20261124T120000Z"]);
+}
+
+#[test]
+fn flipped_byte_is_corrupt_and_quarantined_deleted_chunk_is_missing() {
+    let t = Target::new();
     let point = "20261124T120000Z";
-    let (repo, key) = repo_with_full(dir.path(), point);
+    let (repo, key) = repo_with_full(&t, point);
     let index = repo.load_index(&key, point, "vda").unwrap();
     let (Slot::Chunk(first), Slot::Chunk(last)) = (index.slots[0], index.slots[3]) else {
         panic!("slots 0 and 3 hold chunks");
     };
 
-    let path = repo.chunks().path_of(&first);
+    let path = t.file("repo", &object_key(&first));
     let mut bytes = fs::read(&path).unwrap();
     bytes[25] ^= 0x80;
     fs::write(&path, bytes).unwrap();
-    fs::remove_file(repo.chunks().path_of(&last)).unwrap();
+    fs::remove_file(t.file("repo", &object_key(&last))).unwrap();
 
-    let err = repo.chunks().get(&first).unwrap_err().to_string();
-    assert!(
-        err.contains(&digest_hex(&first)) && err.contains("corrupt"),
-        "{err}"
-    );
-
-    let report = repo.verify_point(&key, point).unwrap();
+    let report = repo.verify_point(&key, point, &no_quarantine()).unwrap();
     assert_eq!(report.chunks_checked, 2);
     assert_eq!(report.problems.len(), 2);
     let corrupt = &report.problems[0];
@@ -240,22 +294,38 @@ fn flipped_byte_is_corrupt_and_deleted_chunk_is_missing() {
     assert_eq!(corrupt.digest, first);
     assert!(matches!(corrupt.kind, ProblemKind::Corrupt(_)));
     assert!(corrupt.to_string().contains(&digest_hex(&first)));
+    assert!(corrupt.to_string().contains("moved to quarantine/"));
     let missing = &report.problems[1];
     assert_eq!((missing.slot, missing.digest), (3, last));
     assert_eq!(missing.kind, ProblemKind::Missing);
+
+    // The corrupt chunk was moved aside: the next verify says so.
+    assert!(!path.exists());
+    let quarantined = repo.chunks().quarantined().unwrap();
+    let report = repo.verify_point(&key, point, &quarantined).unwrap();
+    assert_eq!(report.problems[0].kind, ProblemKind::Quarantined);
+    let err = repo.chunks().get(&first).unwrap_err().to_string();
+    assert!(err.contains("missing"), "{err}");
+
+    // Storing the same content again heals the point.
+    let data = &disk_bytes()[..64 * 1024];
+    assert!(repo.chunks().insert(data).unwrap().new);
+    repo.chunks().flush().unwrap();
+    let report = repo.verify_point(&key, point, &quarantined).unwrap();
+    assert_eq!(report.healed, 1);
+    assert_eq!(
+        report.problems.len(),
+        1,
+        "only the deleted chunk is missing"
+    );
 }
 
 #[test]
 fn truncated_corrupt_or_foreign_index_is_detected() {
-    let dir = tempfile::tempdir().unwrap();
+    let t = Target::new();
     let point = "20261124T120000Z";
-    let (repo, key) = repo_with_full(dir.path(), point);
-    let path = repo
-        .root()
-        .join("vms")
-        .join(&key)
-        .join(point)
-        .join("vda.idx");
+    let (repo, key) = repo_with_full(&t, point);
+    let path = t.file("repo", &format!("vms/{key}/{point}/vda.idx"));
     let good = fs::read(&path).unwrap();
 
     fs::write(&path, &good[..good.len() - 5]).unwrap();
@@ -264,12 +334,25 @@ fn truncated_corrupt_or_foreign_index_is_detected() {
         err.contains("damaged") && err.contains("truncated"),
         "{err}"
     );
+    let list = repo.list_points(&key).unwrap();
+    assert!(list.points.is_empty());
+    assert!(
+        list.damaged[0].reason.contains("torn or damaged"),
+        "{list:?}"
+    );
 
     let mut flipped = good.clone();
     flipped[64 + 33 + 7] ^= 1;
     fs::write(&path, &flipped).unwrap();
-    let err = format!("{:#}", repo.verify_point(&key, point).unwrap_err());
-    assert!(err.contains("checksum mismatch"), "{err}");
+    let report = repo.verify_point(&key, point, &no_quarantine()).unwrap();
+    assert!(
+        report
+            .damaged
+            .as_deref()
+            .unwrap()
+            .contains("checksum mismatch"),
+        "{report:?}"
+    );
 
     let mut newer = good.clone();
     newer[..8].copy_from_slice(b"VMBINDX2");
@@ -282,46 +365,88 @@ fn truncated_corrupt_or_foreign_index_is_detected() {
 }
 
 #[test]
+fn unreadable_manifest_makes_a_damaged_point_not_a_failed_listing() {
+    let t = Target::new();
+    let (repo, key) = repo_with_full(&t, "20261124T120000Z");
+    let (_shared, lock) = locks(&repo, &key);
+    let mut writer = repo.begin_point(&lock, "20261125T120000Z").unwrap();
+    let (index, disk) = store_disk(&repo, &disk_bytes());
+    writer.write_index("vda", &index).unwrap();
+    writer
+        .commit(&manifest("20261125T120000Z", Level::Full, None, vec![disk]))
+        .unwrap();
+    fs::write(
+        t.file(
+            "repo",
+            &format!("vms/{key}/20261124T120000Z/{MANIFEST_FILE}"),
+        ),
+        b"{ not json",
+    )
+    .unwrap();
+    let list = repo.list_points(&key).unwrap();
+    assert_eq!(ids(&repo, &key), ["20261125T120000Z"]);
+    assert_eq!(list.damaged.len(), 1);
+    assert_eq!(list.damaged[0].point, "20261124T120000Z");
+    assert!(list.damaged[0].reason.contains("cannot parse manifest"));
+    assert_eq!(list.all_ids().len(), 2);
+    // Incomplete points are the ones without a manifest: a damaged one is not.
+    assert!(repo.incomplete_points(&key).unwrap().is_empty());
+    // Removable like any point.
+    repo.remove_point(&lock, "20261124T120000Z").unwrap();
+    assert!(repo.list_points(&key).unwrap().damaged.is_empty());
+    assert!(!t
+        .file("repo", &format!("vms/{key}/20261124T120000Z"))
+        .exists());
+}
+
+#[test]
 fn point_without_manifest_is_incomplete_not_listed_and_cleanup_removes_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, key) = repo_with_full(dir.path(), "20261124T120000Z");
-    let point_dir = repo.root().join("vms").join(&key).join("20261125T120000Z");
+    let t = Target::new();
+    let (repo, key) = repo_with_full(&t, "20261124T120000Z");
+    let point_dir = t.file("repo", &format!("vms/{key}/20261125T120000Z"));
     fs::create_dir(&point_dir).unwrap();
     fs::write(point_dir.join("vda.idx"), b"partial").unwrap();
 
-    assert_eq!(repo.list_points(&key).unwrap().len(), 1);
+    assert_eq!(ids(&repo, &key).len(), 1);
     assert_eq!(
         repo.incomplete_points(&key).unwrap(),
-        vec![point_dir.clone()]
+        vec!["20261125T120000Z".to_string()]
     );
     let err = repo.load_manifest(&key, "20261125T120000Z").unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
 
     // A crash mid-backup: the writer is leaked, so its Drop never runs.
-    let lock = repo.lock_vm(&key).unwrap();
-    std::mem::forget(repo.begin_point(&lock, "20261126T120000Z").unwrap());
+    let (_shared, lock) = locks(&repo, &key);
+    let mut leaked = repo.begin_point(&lock, "20261126T120000Z").unwrap();
+    leaked
+        .write_index("vda", &DiskIndex::new_zero(1 << 20, 64 * 1024))
+        .unwrap();
+    std::mem::forget(leaked);
     assert_eq!(repo.incomplete_points(&key).unwrap().len(), 2);
 
     let removed = repo.remove_incomplete_points(&lock).unwrap();
     assert_eq!(removed, ["20261125T120000Z", "20261126T120000Z"]);
     assert!(!point_dir.exists());
     assert!(repo.incomplete_points(&key).unwrap().is_empty());
-    assert_eq!(repo.list_points(&key).unwrap().len(), 1);
+    assert_eq!(ids(&repo, &key).len(), 1);
 }
 
 #[test]
 fn aborted_point_leaves_nothing_and_point_ids_are_not_reused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, key) = repo_with_full(dir.path(), "20261124T120000Z");
-    let lock = repo.lock_vm(&key).unwrap();
+    let t = Target::new();
+    let (repo, key) = repo_with_full(&t, "20261124T120000Z");
+    let (_shared, lock) = locks(&repo, &key);
     let err = repo.begin_point(&lock, "20261124T120000Z").unwrap_err();
     assert!(
         format!("{err:#}").contains("cannot create point"),
         "{err:#}"
     );
 
-    let writer = repo.begin_point(&lock, "20261125T120000Z").unwrap();
-    let point_dir = writer.dir().to_path_buf();
+    let mut writer = repo.begin_point(&lock, "20261125T120000Z").unwrap();
+    writer
+        .write_index("vda", &DiskIndex::new_zero(1 << 20, 64 * 1024))
+        .unwrap();
+    let point_dir = t.file("repo", &format!("vms/{key}/20261125T120000Z"));
     assert!(point_dir.is_dir());
     writer.abort().unwrap();
     assert!(!point_dir.exists());
@@ -330,53 +455,66 @@ fn aborted_point_leaves_nothing_and_point_ids_are_not_reused() {
 
 #[test]
 fn second_lock_of_a_vm_is_busy_exit_4_and_other_vms_are_free() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = Repository::init_or_open(dir.path()).unwrap();
+    let t = Target::new();
+    let repo = t.create("repo");
     let key = vm_key("lab", "web01");
-    let held = repo.lock_vm(&key).unwrap();
-    let err = repo.lock_vm(&key).unwrap_err();
+    let (shared, held) = locks(&repo, &key);
+    let err = repo.lock_vm(&shared, &key, "backup").unwrap_err();
     assert_eq!(exit_code_of(&err), ExitCode::Busy);
     assert!(
-        err.to_string().contains("another backup of VM 'lab/web01'"),
+        err.to_string().contains("VM 'lab/web01' is locked: test"),
         "{err}"
     );
-    assert!(err.to_string().contains(".lock"), "{err}");
-    let _other = repo.lock_vm(&vm_key("lab", "db01")).unwrap();
+    let _other = repo
+        .lock_vm(&shared, &vm_key("lab", "db01"), "backup")
+        .unwrap();
     drop(held);
-    repo.lock_vm(&key).unwrap();
+    repo.lock_vm(&shared, &key, "backup").unwrap();
+    // Locks are objects in the repository, not files beside the points.
+    assert!(!t.file("repo", "vms/lab/web01/.lock").exists());
 }
 
 #[test]
-fn init_refuses_foreign_directories_and_open_needs_a_repository() {
-    let dir = tempfile::tempdir().unwrap();
-    fs::write(dir.path().join("important.txt"), b"data").unwrap();
-    let err = format!("{:#}", Repository::init_or_open(dir.path()).unwrap_err());
+fn create_refuses_foreign_directories_and_open_needs_a_repository() {
+    let t = Target::new();
+    fs::create_dir(t.dir.path().join("repo")).unwrap();
+    fs::write(t.file("repo", "important.txt"), b"data").unwrap();
+    let err = format!(
+        "{:#}",
+        Repository::create_in(t.store.clone(), "repo").unwrap_err()
+    );
     assert!(
         err.contains("not empty and is not a vmbackup repository"),
         "{err}"
     );
-    assert!(!dir.path().join("vmbackup-repo.toml").exists());
+    assert!(!t.file("repo", "vmbackup-repo.toml").exists());
 
-    let err = Repository::open(&dir.path().join("nowhere")).unwrap_err();
-    assert!(err.to_string().contains("does not exist"), "{err}");
-    let err = Repository::open(dir.path()).unwrap_err();
+    let err = Repository::open_in(t.store.clone(), "nowhere").unwrap_err();
+    assert!(
+        err.to_string().contains("not a vmbackup repository"),
+        "{err}"
+    );
+    assert!(
+        !t.dir.path().join("nowhere").exists(),
+        "open creates nothing"
+    );
+    let err = Repository::open_in(t.store.clone(), "repo").unwrap_err();
     assert!(
         err.to_string().contains("not a vmbackup repository"),
         "{err}"
     );
 
-    let empty = dir.path().join("fresh");
-    fs::create_dir_all(empty.join("lost+found")).unwrap();
-    Repository::init_or_open(&empty).unwrap();
-    Repository::init_or_open(&empty).unwrap();
+    t.create("fresh");
+    t.create("fresh");
+    Repository::open_in(t.store.clone(), "fresh").unwrap();
 }
 
 #[test]
 fn manifest_written_on_disk_is_the_commit_marker() {
-    let dir = tempfile::tempdir().unwrap();
+    let t = Target::new();
     let point = "20261124T120000Z";
-    let (repo, key) = repo_with_full(dir.path(), point);
-    let point_dir = repo.root().join("vms").join(&key).join(point);
+    let (repo, key) = repo_with_full(&t, point);
+    let point_dir = t.file("repo", &format!("vms/{key}/{point}"));
     let mut names: Vec<String> = fs::read_dir(&point_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -385,7 +523,7 @@ fn manifest_written_on_disk_is_the_commit_marker() {
     assert_eq!(names, [MANIFEST_FILE, "vda.idx"], "no staging files left");
     fs::remove_file(point_dir.join(MANIFEST_FILE)).unwrap();
     assert!(repo.list_vms().unwrap().is_empty());
-    assert!(repo.list_points(&key).unwrap().is_empty());
+    assert!(ids(&repo, &key).is_empty());
 }
 
 #[test]
@@ -411,8 +549,8 @@ fn two_vms_back_up_into_one_repository_at_once_and_share_chunks() {
     assert_shareable::<Repository>();
     assert_shareable::<vmbackup::repo::ChunkStore>();
 
-    let dir = tempfile::tempdir().unwrap();
-    let repo = Repository::init_or_open(dir.path()).unwrap();
+    let t = Target::new();
+    let repo = t.create("repo");
     let point = "20261124T120000Z";
     let threads: Vec<_> = ["web01", "web02"]
         .into_iter()
@@ -420,7 +558,7 @@ fn two_vms_back_up_into_one_repository_at_once_and_share_chunks() {
             let repo = repo.clone();
             std::thread::spawn(move || {
                 let key = vm_key("lab", vm);
-                let lock = repo.lock_vm(&key).unwrap();
+                let (_shared, lock) = locks(&repo, &key);
                 let mut writer = repo.begin_point(&lock, point).unwrap();
                 let (index, disk) = store_disk(&repo, &disk_bytes());
                 writer.write_index("vda", &index).unwrap();
@@ -434,10 +572,13 @@ fn two_vms_back_up_into_one_repository_at_once_and_share_chunks() {
     let keys: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     assert_eq!(repo.list_vms().unwrap(), keys);
     for key in &keys {
-        assert!(repo.verify_point(key, point).unwrap().is_ok());
+        assert!(repo
+            .verify_point(key, point, &no_quarantine())
+            .unwrap()
+            .is_ok());
         assert_eq!(restore(&repo, key, point), disk_bytes());
     }
-    let chunk_files = walk_files(&repo.root().join("chunks"));
+    let chunk_files = walk_files(&t.file("repo", "chunks"));
     assert_eq!(chunk_files, 2, "both VMs' identical disks share two chunks");
 }
 
@@ -459,17 +600,39 @@ fn walk_files(dir: &Path) -> usize {
 #[test]
 fn concurrent_first_opens_of_a_new_repository_all_succeed() {
     for round in 0..5 {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join(format!("repo{round}"));
+        let t = Target::new();
+        let name = format!("repo{round}");
         let threads: Vec<_> = (0..8)
             .map(|_| {
-                let root = root.clone();
-                std::thread::spawn(move || Repository::init_or_open(&root).map(|_| ()))
+                let (store, name) = (t.store.clone(), name.clone());
+                std::thread::spawn(move || Repository::create_in(store, &name).map(|_| ()))
             })
             .collect();
-        for t in threads {
-            t.join().unwrap().unwrap();
+        for th in threads {
+            th.join().unwrap().unwrap();
         }
-        Repository::open(&root).unwrap();
+        Repository::open_in(t.store.clone(), &name).unwrap();
     }
+}
+
+#[test]
+fn files_and_directories_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = Target::new();
+    let (_, key) = repo_with_full(&t, "20261124T120000Z");
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let root_mode = mode(t.dir.path());
+    let mut stack = vec![t.dir.path().join("repo")];
+    let mut checked = 0;
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            assert_eq!(mode(&p), 0o700, "{}", p.display());
+            stack.extend(fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+        checked += 1;
+    }
+    assert!(checked > 8, "{key}: {checked}");
+    assert_eq!(mode(t.dir.path()), root_mode, "the target is the admin's");
 }

@@ -32,7 +32,7 @@ use crate::level::Level;
 use crate::platform::{BackupRequest, CbtUnavailable, Platform, Snapshot, VmHandle};
 use crate::repo::{
     index_file_name, new_point_id, parse_point_id, vm_key, Manifest, ManifestDisk, ManifestTotals,
-    ManifestVm, PointStatus, Repository, Slot, VmLock,
+    ManifestVm, PointList, PointStatus, Repository, Slot, VmLock,
 };
 use crate::task::progress::{LogLevel, Phase, Progress};
 use crate::task::throttle::Throttle;
@@ -45,8 +45,8 @@ pub struct BackupJob {
     /// Registered platform name (part of the VM's key in the repository).
     pub platform: String,
     pub vm: String,
-    /// Repository directory: target path + rule sub-directory.
-    pub repo_root: PathBuf,
+    /// The rule's repository (see `lifecycle::repository_for_backup`).
+    pub repo: Repository,
     pub requested: Level,
     pub auto_cbt: bool,
     pub cbt: bool,
@@ -87,9 +87,10 @@ pub fn run_backup(
     rt: &tokio::runtime::Handle,
 ) -> Result<BackupOutcome> {
     progress.phase(Phase::Preparing);
-    let repo = Repository::init_or_open(&job.repo_root)?;
+    let repo = &job.repo;
     let key = vm_key(&job.platform, &job.vm);
-    let lock = repo.lock_vm(&key)?;
+    let repo_lock = repo.lock_shared("backup")?;
+    let lock = repo.lock_vm(&repo_lock, &key, "backup")?;
     let mut vm = platform
         .open_vm(&job.vm)
         .with_context(|| format!("VM '{}'", job.vm))?;
@@ -105,7 +106,8 @@ pub fn run_backup(
             d.uncoverable.as_deref().unwrap_or_default()
         )));
     }
-    let (points, repaired) = repair_leftovers(&repo, &lock, vm.as_mut(), &job.run_dir)?;
+    let (listed, repaired) = repair_leftovers(repo, &lock, vm.as_mut(), &job.run_dir)?;
+    let points = listed.points;
     for a in &repaired {
         progress.log(
             LogLevel::Warn,
@@ -168,7 +170,7 @@ pub fn run_backup(
     let started = Utc::now();
     let result = write_point(
         job,
-        &repo,
+        repo,
         &lock,
         &key,
         &point,
@@ -202,21 +204,21 @@ pub fn chain_heads(points: &[Manifest]) -> (Option<&Manifest>, Option<&Manifest>
 
 /// Repair what an interrupted run left (R44), under the VM's repository lock:
 /// drop incomplete points, then let the platform remove its leftovers and
-/// reconcile tracking with the newest committed point and full. Returns the
-/// committed points (oldest first) and one line per repair.
+/// reconcile tracking with the newest good point and full (damaged points are
+/// left alone). Returns the VM's points and one line per repair.
 pub fn repair_leftovers(
     repo: &Repository,
     lock: &VmLock,
     vm: &mut dyn VmHandle,
     run_dir: &Path,
-) -> Result<(Vec<Manifest>, Vec<String>)> {
+) -> Result<(PointList, Vec<String>)> {
     let mut done: Vec<String> = repo
         .remove_incomplete_points(lock)?
         .into_iter()
         .map(|p| format!("removed incomplete point {p}"))
         .collect();
     let points = repo.list_points(lock.vm_key())?;
-    let (latest, latest_full) = chain_heads(&points);
+    let (latest, latest_full) = chain_heads(&points.points);
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
     let report = vm.cleanup(

@@ -132,11 +132,20 @@ pub enum PlatformKind {
 
 #[derive(Debug, Subcommand)]
 pub enum TargetCmd {
-    /// Register a target: a directory under which backup repositories live
+    /// Register a target: a directory under which backup repositories live;
+    /// writes the target marker into it
     Add {
+        /// Name for the target (1-64 of A-Z a-z 0-9 . _ -)
         name: String,
+        /// An existing directory (a mounted backup disk, NFS share, ...)
         #[arg(long, value_name = "DIR")]
         path: PathBuf,
+    },
+    /// Write the target marker into a target registered without one (or adopt
+    /// the marker found there) once it is mounted; backups refuse an unmarked target
+    Mark {
+        /// The registered target
+        name: String,
     },
     /// List registered targets
     List,

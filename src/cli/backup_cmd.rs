@@ -9,7 +9,7 @@ use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, wors
 use super::Ctx;
 use crate::error::ExitCode;
 use crate::level::Level;
-use crate::runner::{repo_root, Job, TaskSpec};
+use crate::runner::{Job, TaskSpec};
 
 fn level_of(l: LevelArg) -> Level {
     match l {
@@ -27,7 +27,7 @@ pub fn run_now(ctx: &Ctx, a: RunNowArgs) -> Result<ExitCode> {
         None => rule.vms.iter().map(|v| v.vm.clone()).collect(),
     };
     state.require_platform(&rule.settings.platform)?;
-    repo_root(&state, &rule)?;
+    state.require_target(&rule.settings.target)?;
     drop(state);
     reclaim_dead(ctx)?;
     let rt = runtime()?;

@@ -8,14 +8,9 @@ use super::args::CleanupArgs;
 use super::output::print_json;
 use super::Ctx;
 use crate::error::{exit_code_of, ExitCode};
+use crate::lifecycle::rule_repository;
 use crate::platform;
-use crate::repo::Repository;
 use crate::runner::recover::cleanup_vm;
-use crate::runner::repo_root;
-
-/// Staging files at least this old are leftovers of killed writers (a running
-/// backup publishes its staged chunks within seconds).
-const STALE_STAGING: std::time::Duration = std::time::Duration::from_secs(3600);
 
 pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
@@ -25,12 +20,20 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
     };
     let mut actions: Vec<serde_json::Value> = Vec::new();
     let mut worst = ExitCode::Ok;
+    let mut repos = Vec::new();
     for rule in &rules {
         let prow = state.require_platform(&rule.settings.platform)?;
         let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
-        let root = repo_root(&state, rule)?;
+        let repo = rule_repository(&state, rule)?;
+        repos.extend(repo.clone());
         for v in &rule.vms {
-            let res = cleanup_vm(plat.as_ref(), &root, &prow.name, &v.vm, &ctx.run_dir());
+            let res = cleanup_vm(
+                plat.as_ref(),
+                repo.as_ref(),
+                &prow.name,
+                &v.vm,
+                &ctx.run_dir(),
+            );
             match res {
                 Ok(done) => {
                     for d in &done {
@@ -50,23 +53,17 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
             }
         }
     }
-    // Staging files of writers killed between staging and publishing a chunk,
-    // once per repository (rules may share one).
-    let mut roots: Vec<std::path::PathBuf> = rules
-        .iter()
-        .map(|r| repo_root(&state, r))
-        .collect::<Result<_>>()?;
-    roots.sort();
-    roots.dedup();
-    for root in roots {
-        if let Some(repo) = Repository::open_if_exists(&root)? {
-            for p in repo.chunks().remove_stale_staging(STALE_STAGING)? {
-                let d = format!("removed stale staging file {}", p.display());
-                if !ctx.json && !ctx.quiet {
-                    out!("{}: {d}", root.display());
-                }
-                actions.push(serde_json::json!({ "repository": root, "action": d }));
+    // Staging files of writers killed between staging and publishing an
+    // object, once per repository (rules may share one).
+    repos.sort_by(|a, b| a.location().cmp(b.location()));
+    repos.dedup_by(|a, b| a.location() == b.location());
+    for repo in repos {
+        for p in repo.remove_stale_partials()? {
+            let d = format!("removed stale {p}");
+            if !ctx.json && !ctx.quiet {
+                out!("{}: {d}", repo.location());
             }
+            actions.push(serde_json::json!({ "repository": repo.location(), "action": d }));
         }
     }
     if ctx.json {

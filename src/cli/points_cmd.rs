@@ -8,52 +8,70 @@ use super::output::{print_json, Table};
 use super::Ctx;
 use crate::error::ExitCode;
 use crate::level::Level;
-use crate::repo::{vm_key, Repository};
-use crate::runner::repo_root;
+use crate::lifecycle::rule_repository;
+use crate::repo::vm_key;
 use crate::units::format_size;
 
 /// Point summary for `points`.
 #[derive(Serialize)]
 struct PointRow {
     point: String,
-    level: Level,
+    level: Option<Level>,
     base: Option<String>,
-    started: String,
-    finished: String,
+    started: Option<String>,
+    finished: Option<String>,
     disks: Vec<String>,
     size: u64,
     bytes_read: u64,
     bytes_written: u64,
     fallback_reason: Option<String>,
+    /// `completed`, or `damaged` (manifest or an index unreadable, see `reason`).
     status: &'static str,
+    reason: Option<String>,
 }
 
 pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rule = state.require_rule(&a.rule)?;
     rule.require_vm(&a.vm)?;
-    let root = repo_root(&state, &rule)?;
     let key = vm_key(&rule.settings.platform, &a.vm);
-    let points = match Repository::open_if_exists(&root)? {
+    let list = match rule_repository(&state, &rule)? {
         Some(repo) => repo.list_points(&key)?,
-        None => Vec::new(),
+        None => Default::default(),
     };
-    let rows: Vec<PointRow> = points
+    let mut rows: Vec<PointRow> = list
+        .points
         .iter()
         .map(|m| PointRow {
             point: m.point.clone(),
-            level: m.level,
+            level: Some(m.level),
             base: m.base.clone(),
-            started: m.started.to_rfc3339(),
-            finished: m.finished.to_rfc3339(),
+            started: Some(m.started.to_rfc3339()),
+            finished: Some(m.finished.to_rfc3339()),
             disks: m.disks.iter().map(|d| d.name.clone()).collect(),
             size: m.totals.size,
             bytes_read: m.totals.bytes_read,
             bytes_written: m.totals.bytes_written,
             fallback_reason: m.fallback_reason.clone(),
             status: "completed",
+            reason: None,
         })
+        .chain(list.damaged.iter().map(|d| PointRow {
+            point: d.point.clone(),
+            level: None,
+            base: None,
+            started: None,
+            finished: None,
+            disks: Vec::new(),
+            size: 0,
+            bytes_read: 0,
+            bytes_written: 0,
+            fallback_reason: None,
+            status: "damaged",
+            reason: Some(d.reason.clone()),
+        }))
         .collect();
+    rows.sort_by(|a, b| a.point.cmp(&b.point));
     if ctx.json {
         print_json(&rows);
         return Ok(ExitCode::Ok);
@@ -62,15 +80,19 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
         "POINT", "LEVEL", "BASE", "DISKS", "SIZE", "READ", "STORED", "STATUS",
     ]);
     for r in &rows {
+        let status = match &r.reason {
+            Some(why) => format!("{}: {why}", r.status),
+            None => r.status.into(),
+        };
         t.row(vec![
             r.point.clone(),
-            r.level.to_string(),
+            r.level.map_or_else(|| "-".into(), |l| l.to_string()),
             r.base.clone().unwrap_or_else(|| "-".into()),
             r.disks.join(","),
             format_size(r.size),
             format_size(r.bytes_read),
             format_size(r.bytes_written),
-            r.status.into(),
+            status,
         ]);
     }
     t.print();
@@ -82,8 +104,23 @@ struct VerifyItem {
     rule: String,
     vm: String,
     point: String,
+    /// `ok`, or `damaged`: objects missing, corrupt or quarantined, or the
+    /// manifest or an index unreadable (`problems` says which).
+    status: &'static str,
     chunks_checked: u64,
+    /// Objects once quarantined and whole again (a later backup stored them).
+    healed: u64,
     problems: Vec<String>,
+}
+
+/// What `verify` found in one rule.
+#[derive(Serialize)]
+struct VerifyRule {
+    rule: String,
+    /// `checked`, `no points yet`, or `failed` (`error` says why).
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
@@ -96,64 +133,119 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
         None => state.rules()?,
     };
     let mut items = Vec::new();
+    let mut summary = Vec::new();
     for rule in &rules {
         let vms: Vec<String> = match &a.vm {
             Some(vm) => vec![rule.require_vm(vm)?.vm.clone()],
             None => rule.vms.iter().map(|v| v.vm.clone()).collect(),
         };
-        let root = repo_root(&state, rule)?;
-        let Some(repo) = Repository::open_if_exists(&root)? else {
-            continue;
-        };
-        for vm in vms {
-            let key = vm_key(&rule.settings.platform, &vm);
-            let points: Vec<String> = match &a.point {
-                Some(p) => vec![crate::restore::select_point(&repo, &key, Some(p))?.point],
-                None => repo
-                    .list_points(&key)?
-                    .into_iter()
-                    .map(|m| m.point)
-                    .collect(),
+        let checked = (|| -> Result<bool> {
+            let Some(repo) = rule_repository(&state, rule)? else {
+                return Ok(false);
             };
-            for p in points {
-                let report = repo.verify_point(&key, &p)?;
-                let item = VerifyItem {
-                    rule: rule.name.clone(),
-                    vm: vm.clone(),
-                    point: p.clone(),
-                    chunks_checked: report.chunks_checked,
-                    problems: report.problems.iter().map(|x| x.to_string()).collect(),
+            let _lock = repo.lock_shared("verify")?;
+            let quarantined = repo.chunks().quarantined()?;
+            for vm in &vms {
+                let key = vm_key(&rule.settings.platform, vm);
+                let list = repo.list_points(&key)?;
+                let ids = match &a.point {
+                    // A damaged point is verified (and reported) like any other.
+                    Some(p) if list.all_ids().contains(p) => vec![p.clone()],
+                    Some(p) => vec![crate::restore::select_point_id(&list, p)?],
+                    None => list.all_ids(),
                 };
-                if !ctx.json && (!ctx.quiet || !item.problems.is_empty()) {
-                    let verdict = if item.problems.is_empty() {
-                        "ok".to_string()
-                    } else {
-                        format!("{} PROBLEM(S)", item.problems.len())
-                    };
-                    out!(
-                        "{} {} {}: {} chunks checked, {verdict}",
-                        item.rule,
-                        item.vm,
-                        item.point,
-                        item.chunks_checked
-                    );
-                    for pr in &item.problems {
-                        out!("  {pr}");
-                    }
+                for p in ids {
+                    let item = verify_one(&repo, rule, vm, &key, &p, &quarantined)?;
+                    print_verify_item(ctx, &item);
+                    items.push(item);
                 }
-                items.push(item);
             }
-        }
+            Ok(true)
+        })();
+        let (status, error) = match checked {
+            Ok(true) => ("checked", None),
+            Ok(false) => {
+                if !ctx.json && !ctx.quiet {
+                    out!("{}: no points yet", rule.name);
+                }
+                ("no points yet", None)
+            }
+            Err(e) => {
+                eprintln!("vmbackup: verify {}: {e:#}", rule.name);
+                ("failed", Some(format!("{e:#}")))
+            }
+        };
+        summary.push(VerifyRule {
+            rule: rule.name.clone(),
+            status,
+            error,
+        });
     }
-    let bad = items.iter().filter(|i| !i.problems.is_empty()).count();
+    let bad = items.iter().filter(|i| i.status != "ok").count();
+    let failed = summary.iter().filter(|r| r.error.is_some()).count();
     if ctx.json {
-        print_json(&serde_json::json!({ "points": items, "points_with_problems": bad }));
+        print_json(&serde_json::json!({
+            "rules": summary,
+            "points": items,
+            "points_with_problems": bad,
+        }));
     }
     if bad > 0 {
-        eprintln!("vmbackup: verify: {bad} point(s) have missing or corrupt chunks");
-        return Ok(ExitCode::Failed);
+        eprintln!("vmbackup: verify: {bad} point(s) are damaged (missing, corrupt or quarantined objects, or an unreadable manifest or index)");
     }
-    Ok(ExitCode::Ok)
+    Ok(if bad > 0 || failed > 0 {
+        ExitCode::Failed
+    } else {
+        ExitCode::Ok
+    })
+}
+
+/// Verify one point; a point whose manifest or index cannot be read is damaged.
+fn verify_one(
+    repo: &crate::repo::Repository,
+    rule: &crate::state::rules::RuleRow,
+    vm: &str,
+    key: &str,
+    point: &str,
+    quarantined: &std::collections::HashSet<crate::repo::Digest>,
+) -> Result<VerifyItem> {
+    let r = repo.verify_point(key, point, quarantined)?;
+    let problems: Vec<String> = r
+        .damaged
+        .iter()
+        .cloned()
+        .chain(r.problems.iter().map(|x| x.to_string()))
+        .collect();
+    Ok(VerifyItem {
+        rule: rule.name.clone(),
+        vm: vm.to_string(),
+        point: point.to_string(),
+        status: if r.is_ok() { "ok" } else { "damaged" },
+        chunks_checked: r.chunks_checked,
+        healed: r.healed,
+        problems,
+    })
+}
+
+fn print_verify_item(ctx: &Ctx, item: &VerifyItem) {
+    if ctx.json || (ctx.quiet && item.problems.is_empty()) {
+        return;
+    }
+    let verdict = match (item.problems.len(), item.healed) {
+        (0, 0) => "ok".to_string(),
+        (0, n) => format!("ok, healed ({n} object(s) stored again by a later backup)"),
+        (n, _) => format!("DAMAGED, {n} problem(s)"),
+    };
+    out!(
+        "{} {} {}: {} object(s) checked, {verdict}",
+        item.rule,
+        item.vm,
+        item.point,
+        item.chunks_checked
+    );
+    for pr in &item.problems {
+        out!("  {pr}");
+    }
 }
 
 /// `verify --boot`: boot the chosen point of each VM (a boot verification task
@@ -163,8 +255,7 @@ fn verify_boot(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
     use std::sync::atomic::Ordering;
     let state = ctx.state()?;
     let rule = state.require_rule(a.rule.as_deref().unwrap_or_default())?;
-    let root = repo_root(&state, &rule)?;
-    let repo = Repository::open(&root)?;
+    let repo = crate::lifecycle::rule_repository_with_points(&state, &rule)?;
     let vms: Vec<String> = match &a.vm {
         Some(vm) => vec![rule.require_vm(vm)?.vm.clone()],
         None => rule.vms.iter().map(|v| v.vm.clone()).collect(),

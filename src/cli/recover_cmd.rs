@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::args::{RecoverArgs, RecoverCmd, RecoverStartArgs};
 use super::output::{print_json, Table};
@@ -17,8 +17,8 @@ use super::restore_cmd::{group_points, launch_options, print_summary};
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
 use crate::recovery::{self, RecoverOptions};
-use crate::repo::{vm_key, Repository};
-use crate::runner::{repo_root, Job, Outcome, Runner, TaskResult, TaskSpec};
+use crate::repo::vm_key;
+use crate::runner::{Job, Outcome, Runner, TaskResult, TaskSpec};
 use crate::state::recoveries::{RecoveryMode, RecoveryStatus};
 
 pub fn recover(ctx: &Ctx, a: RecoverArgs) -> Result<ExitCode> {
@@ -53,8 +53,7 @@ fn runner(
 fn start(ctx: &Ctx, a: RecoverStartArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rule = state.require_rule(a.rule.as_deref().unwrap_or_default())?;
-    let root = repo_root(&state, &rule)?;
-    let repo = Repository::open(&root).with_context(|| format!("rule '{}'", rule.name))?;
+    let repo = crate::lifecycle::rule_repository_with_points(&state, &rule)?;
     let prow = state.require_platform(&rule.settings.platform)?;
     let (chosen, missing) = if a.all {
         group_points(&repo, &rule, None)?
@@ -325,7 +324,7 @@ fn resume(ctx: &Ctx, id: i64) -> Result<ExitCode> {
         )));
     }
     let rule = state.require_rule(&row.rule)?;
-    let repo = Repository::open(&repo_root(&state, &rule)?)?;
+    let repo = crate::lifecycle::rule_repository_with_points(&state, &rule)?;
     let point = repo.load_manifest(&vm_key(&rule.settings.platform, &row.vm), &row.point)?;
     drop(state);
     let rt = runtime()?;

@@ -6,16 +6,17 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::args::{ImageFormat as ImageArg, LaunchArgs, RestoreArgs};
 use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
+use crate::lifecycle::rule_repository_with_points;
 use crate::recovery::cmdline::{LaunchOptions, Net};
 use crate::repo::{encode_name, vm_key, Manifest, Repository};
 use crate::restore::ImageFormat;
-use crate::runner::{repo_root, Job, RestoreTo, TaskResult, TaskSpec};
+use crate::runner::{Job, RestoreTo, TaskResult, TaskSpec};
 use crate::state::rules::RuleRow;
 use crate::task::TaskState;
 
@@ -72,6 +73,7 @@ pub fn group_points(repo: &Repository, rule: &RuleRow, at: Option<&str>) -> Resu
         let key = vm_key(&rule.settings.platform, &v.vm);
         let point = repo
             .list_points(&key)?
+            .points
             .into_iter()
             .rev()
             .find(|m| at.is_none_or(|at| m.point.as_str() <= at));
@@ -86,8 +88,7 @@ pub fn group_points(repo: &Repository, rule: &RuleRow, at: Option<&str>) -> Resu
 pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rule = state.require_rule(&a.rule)?;
-    let root = repo_root(&state, &rule)?;
-    let repo = Repository::open(&root).with_context(|| format!("rule '{}'", rule.name))?;
+    let repo = rule_repository_with_points(&state, &rule)?;
     let format = match a.format {
         ImageArg::Raw => ImageFormat::Raw,
         ImageArg::Qcow2 => ImageFormat::Qcow2,

@@ -184,13 +184,14 @@ fn vm_state(state: &State, rule: &RuleRow, vm: &str, stored: &str) -> Result<Str
             return Ok(t.state.to_string());
         }
     }
-    // R31 unknown: the platform's QMP directory or the target cannot be reached.
+    // R31 unknown: the platform's QMP directory or the target (with its
+    // marker) cannot be reached.
     let reachable = state
         .platform(&rule.settings.platform)?
         .is_some_and(|p| std::path::Path::new(&p.qmp_dir).is_dir())
         && state
             .target(&rule.settings.target)?
-            .is_some_and(|t| std::path::Path::new(&t.path).is_dir());
+            .is_some_and(|t| crate::lifecycle::open_target(&t).is_ok());
     if !reachable && stored != "stopped" {
         return Ok("unknown".into());
     }

@@ -1,4 +1,8 @@
-//! `vmbackup target ...`: directories that hold backup repositories (R4, R5).
+//! `vmbackup target ...`: where backup repositories live (R4, R5).
+//!
+//! `target add` registers a directory and writes the target marker into it;
+//! `target mark` writes (or adopts) the marker of a target registered before
+//! markers existed, once it is mounted (docs/FORMAT.md, "Target marker").
 
 use std::path::Path;
 
@@ -7,20 +11,29 @@ use anyhow::{Context, Result};
 use super::args::TargetCmd;
 use super::output::{print_json, Table};
 use super::Ctx;
-use crate::error::{invalid, ExitCode};
+use crate::error::{invalid, refused, ExitCode};
+use crate::repo::target::{read_marker, write_marker, TargetMarker};
+use crate::repo::TargetSpec;
 use crate::state::check_name;
 
 pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
     match cmd {
         TargetCmd::Add { name, path } => add(ctx, &name, &path),
+        TargetCmd::Mark { name } => mark(ctx, &name),
         TargetCmd::List => {
             let rows = ctx.state()?.targets()?;
             if ctx.json {
                 print_json(&rows);
             } else {
-                let mut t = Table::new(&["NAME", "PATH", "CREATED"]);
+                let mut t = Table::new(&["NAME", "LOCATION", "MARKED", "CREATED"]);
                 for r in rows {
-                    t.row(vec![r.name, r.path, r.created_at]);
+                    let marked = if r.marker_id.is_some() { "yes" } else { "no" };
+                    t.row(vec![
+                        r.name,
+                        r.spec.to_string(),
+                        marked.into(),
+                        r.created_at,
+                    ]);
                 }
                 t.print();
             }
@@ -35,13 +48,24 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
                 .filter(|r| r.settings.target == name)
                 .map(|r| r.name)
                 .collect();
+            let reachable = crate::lifecycle::open_target(&t).map(|_| ());
             if ctx.json {
                 let mut v = serde_json::to_value(&t)?;
                 v["rules"] = serde_json::json!(users);
+                v["reachable"] = serde_json::json!(reachable.is_ok());
+                if let Err(e) = &reachable {
+                    v["problem"] = serde_json::json!(format!("{e:#}"));
+                }
                 print_json(&v);
             } else {
                 out!("name:     {}", t.name);
-                out!("path:     {}", t.path);
+                out!("location: {}", t.spec);
+                out!(
+                    "marker:   {}",
+                    t.marker_id
+                        .as_deref()
+                        .unwrap_or("(none: run 'vmbackup target mark')")
+                );
                 out!("created:  {}", t.created_at);
                 out!(
                     "rules:    {}",
@@ -51,6 +75,10 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
                         users.join(", ")
                     }
                 );
+                match &reachable {
+                    Ok(()) => out!("state:    reachable"),
+                    Err(e) => out!("state:    unreachable: {e:#}"),
+                }
             }
             Ok(ExitCode::Ok)
         }
@@ -59,7 +87,7 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
             if ctx.json {
                 print_json(&serde_json::json!({ "removed": name }));
             } else if !ctx.quiet {
-                out!("target '{name}' removed (its data stays on disk)");
+                out!("target '{name}' removed (its data and marker stay on disk)");
             }
             Ok(ExitCode::Ok)
         }
@@ -92,11 +120,58 @@ fn add(ctx: &Ctx, name: &str, path: &Path) -> Result<ExitCode> {
     let abs = path
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", path.display()))?;
-    ctx.state()?.add_target(name, &abs.to_string_lossy())?;
+    let spec = TargetSpec::Directory { path: abs.clone() };
+    let mut state = ctx.state()?;
+    if let Some(t) = state.target(name)? {
+        return Err(invalid(
+            "target name",
+            &t.name,
+            "already registered; pick another name",
+        ));
+    }
+    // The marker first (a directory already marked keeps its id: the same disk
+    // registered again, e.g. in a new state store), then the row.
+    let store = spec.open()?;
+    let marker = write_marker(store.as_ref(), &TargetMarker::new(name))?;
+    state.add_target(name, &spec, &marker.target_id)?;
     if ctx.json {
-        print_json(&serde_json::json!({ "target": name, "path": abs }));
+        print_json(
+            &serde_json::json!({ "target": name, "spec": spec, "marker_id": marker.target_id }),
+        );
     } else if !ctx.quiet {
         out!("target '{name}' added: {}", abs.display());
+    }
+    Ok(ExitCode::Ok)
+}
+
+/// Write the marker into a registered target (or adopt the one there) and
+/// record its id. Refused when the target already records another marker.
+fn mark(ctx: &Ctx, name: &str) -> Result<ExitCode> {
+    let mut state = ctx.state()?;
+    let t = state.require_target(name)?;
+    let store = t.spec.open().with_context(|| format!("target '{name}'"))?;
+    let found = read_marker(store.as_ref())?;
+    let marker = match (&found, &t.marker_id) {
+        (Some(m), Some(id)) if m.target_id != *id => {
+            return Err(refused(format!(
+                "target '{name}' at {} holds the marker of another target ('{}', id {}); this target's id is {id}: is the right disk mounted?",
+                t.spec.location(),
+                m.name,
+                m.target_id
+            )))
+        }
+        (Some(m), _) => m.clone(),
+        (None, _) => write_marker(store.as_ref(), &TargetMarker::new(name))?,
+    };
+    state.set_target_marker(name, &marker.target_id)?;
+    if ctx.json {
+        print_json(&serde_json::json!({ "target": name, "marker_id": marker.target_id }));
+    } else if !ctx.quiet {
+        out!(
+            "target '{name}' marked at {} (id {})",
+            t.spec.location(),
+            marker.target_id
+        );
     }
     Ok(ExitCode::Ok)
 }

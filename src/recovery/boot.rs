@@ -27,7 +27,7 @@ use super::export::serve_point;
 use super::{captured_cmdline, create_overlay, disk_images, launch, private_dir};
 use crate::error::{refused, Error};
 use crate::platform::qmp::Qmp;
-use crate::repo::{encode_name, vm_key, Manifest, Repository};
+use crate::repo::{encode_name, vm_key, Manifest};
 use crate::restore::{PointReader, DEFAULT_CACHE_BYTES};
 use crate::state::rules::RuleRow;
 use crate::task::progress::{LogLevel, Progress};
@@ -49,7 +49,7 @@ pub enum Judge {
 
 pub struct BootRequest<'a> {
     pub state_path: &'a Path,
-    pub repo_root: &'a Path,
+    pub repo: &'a crate::repo::Repository,
     pub rule: &'a RuleRow,
     pub vm: &'a str,
     pub point: &'a Manifest,
@@ -129,10 +129,9 @@ pub fn verify_boot(
         .to_path_buf();
     let dir = state_dir.join("verify").join(req.task.to_string());
     private_dir(&dir)?;
-    let repo = Repository::open(req.repo_root)?;
     let key = vm_key(&req.rule.settings.platform, req.vm);
     let reader = Arc::new(PointReader::open(
-        Arc::new(repo),
+        Arc::new(req.repo.clone()),
         &key,
         req.point,
         DEFAULT_CACHE_BYTES,

@@ -64,7 +64,6 @@ pub struct RecoverOptions {
 /// What `start` needs besides the options.
 pub struct StartRequest<'a> {
     pub state_path: &'a Path,
-    pub repo_root: &'a Path,
     pub rule: &'a RuleRow,
     pub vm: &'a str,
     pub point: &'a Manifest,

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::export::serve_point;
-use crate::repo::{vm_key, Repository};
+use crate::repo::vm_key;
 use crate::restore::{PointReader, DEFAULT_CACHE_BYTES};
 use crate::state::State;
 use crate::task::{LogLevel, TaskState};
@@ -75,8 +75,7 @@ pub fn run(state_path: &Path, id: i64) -> Result<()> {
     let mut state = State::open(state_path)?;
     let row = state.require_recovery(id)?;
     let rule = state.require_rule(&row.rule)?;
-    let root = crate::runner::repo_root(&state, &rule)?;
-    let repo = Repository::open(&root).with_context(|| format!("rule '{}'", rule.name))?;
+    let repo = crate::lifecycle::rule_repository_with_points(&state, &rule)?;
     let key = vm_key(&rule.settings.platform, &row.vm);
     let manifest = repo.load_manifest(&key, &row.point)?;
     let reader = Arc::new(PointReader::open(

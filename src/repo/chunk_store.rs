@@ -1,29 +1,35 @@
-//! The chunk store: `chunks/ab/cd/<64-hex id>`, one object per file: a chunk
-//! (id = digest of its content) or a delta (id = digest of its encoding, see `delta`).
+//! The chunk store: objects `chunks/ab/cd/<64-hex id>`, each a chunk (id =
+//! digest of its content) or a delta (id = digest of its encoding, see `delta`),
+//! kept in the repository's [`Store`].
 //!
-//! Objects are staged (written under a `.tmp-` name) by `insert`, then fsynced and
-//! renamed by background threads (`publisher`), so a backup never waits for a disk
-//! flush per chunk. A chunk file is written once and never rewritten: its data is fsynced before its
-//! name exists, so an existing name is trusted. Directory fsyncs (which make the
-//! names durable) are batched: every insert records the chunk's directories, and
-//! [`ChunkStore::sync_dirs`] fsyncs them all before a point's manifest is written.
-//! Inserts are safe from many threads and processes at once: the same digest
-//! written twice produces the same bytes under unique staging names, and the
-//! final rename is atomic.
+//! An object is written once and never rewritten; its name is trusted. Inserts
+//! use the store's deferred put, so a backup never waits for a disk flush per
+//! chunk: [`ChunkStore::flush`] makes every object inserted (or found present)
+//! durable before a point's manifest is written. Inserts are safe from many
+//! threads and processes at once: the same id always has the same bytes.
+//!
+//! Quarantine (docs/FORMAT.md, "Quarantine"): an object that was read whole
+//! and does not decode is moved aside to `quarantine/<hex>.<time>`, never
+//! deleted. Its name is then free, so the next backup that meets the same
+//! content stores it again, and every point naming it is whole again. I/O
+//! errors quarantine nothing.
 
-use std::collections::BTreeSet;
-use std::fs;
-use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::collections::HashSet;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
+use chrono::Utc;
 
-use super::atomic;
-use super::chunk::{decode_chunk, digest_hex, digest_of, encode_chunk, Digest};
-use super::delta::{decode_delta, encode_delta, Delta};
+use super::chunk::{decode_chunk, digest_hex, digest_of, encode_chunk, parse_digest_hex, Digest};
+use super::delta::{decode_delta, encode_delta, Delta, BASE_OFFSET};
+use super::format::DELTA_MAGIC;
 use super::index::Slot;
-use super::publisher::Publisher;
+use super::store::Store;
+
+/// The key prefix of chunk and delta objects.
+pub const CHUNKS_PREFIX: &str = "chunks/";
+/// The key prefix of quarantined objects.
+pub const QUARANTINE_PREFIX: &str = "quarantine/";
 
 /// What [`ChunkStore::insert`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,45 +42,42 @@ pub struct Inserted {
     pub stored_bytes: u64,
 }
 
-/// Why a chunk could not be read.
+/// Why an object could not be read.
 #[derive(Debug)]
 pub enum ChunkError {
-    /// No file for this digest.
-    Missing { path: PathBuf },
-    /// The file exists but does not decode to content with this digest.
-    Corrupt { path: PathBuf, reason: String },
-    /// The file could not be read (permissions, I/O error).
-    Unreadable { path: PathBuf, source: io::Error },
+    /// No object has this id.
+    Missing,
+    /// The object exists but does not decode to content with this id; it was
+    /// quarantined (or the reason says why it could not be).
+    Corrupt { reason: String },
+    /// The object could not be read (permissions, I/O error): nothing is moved.
+    Unreadable { source: anyhow::Error },
 }
 
-/// The content-addressed chunk store under `<root>/chunks`.
+/// The content-addressed object store of a repository.
 #[derive(Debug)]
 pub struct ChunkStore {
-    dir: PathBuf,
-    /// Leaf directories (`ab/cd` as a u16) holding chunk names not yet fsynced.
-    dirs_to_sync: Mutex<BTreeSet<u16>>,
-    /// fsync + rename of staged objects, in the background.
-    publisher: Publisher,
+    store: Arc<dyn Store>,
+}
+
+/// The key of the object with id `digest`: `chunks/ab/cd/<hex>`.
+pub fn object_key(digest: &Digest) -> String {
+    let hex = digest_hex(digest);
+    format!("{CHUNKS_PREFIX}{}/{}/{hex}", &hex[..2], &hex[2..4])
+}
+
+/// The id named by an object key, if it is one.
+pub fn digest_of_key(key: &str) -> Option<Digest> {
+    let rest = key.strip_prefix(CHUNKS_PREFIX)?;
+    let (dirs, hex) = rest.rsplit_once('/')?;
+    let digest = parse_digest_hex(hex)?;
+    (dirs == format!("{}/{}", &hex[..2], &hex[2..4])).then_some(digest)
 }
 
 impl ChunkStore {
-    /// The store at `dir` (`<root>/chunks`), which must exist.
-    pub(crate) fn new(dir: PathBuf) -> ChunkStore {
-        ChunkStore {
-            dir,
-            dirs_to_sync: Mutex::new(BTreeSet::new()),
-            publisher: Publisher::default(),
-        }
-    }
-
-    /// The directory holding the store.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// The path of the chunk file for `digest`.
-    pub fn path_of(&self, digest: &Digest) -> PathBuf {
-        self.leaf_dir(leaf_of(digest)).join(digest_hex(digest))
+    /// The objects in `store` (the repository's view).
+    pub(crate) fn new(store: Arc<dyn Store>) -> ChunkStore {
+        ChunkStore { store }
     }
 
     /// Hash `data`, and store it compressed unless a chunk with that digest exists.
@@ -100,12 +103,8 @@ impl ChunkStore {
         digest: Digest,
         encode: impl FnOnce() -> Result<Vec<u8>>,
     ) -> Result<Inserted> {
-        let path = self.path_of(&digest);
-        let leaf = leaf_of(&digest);
-        if path.exists() || self.publisher.is_pending(&path) {
-            // Another writer may have renamed it in without its directory fsync
-            // yet: whoever commits a point referring to it must fsync this dir.
-            self.record_dir(leaf);
+        let key = object_key(&digest);
+        if self.store.exists(&key)? {
             return Ok(Inserted {
                 digest,
                 new: false,
@@ -113,27 +112,24 @@ impl ChunkStore {
             });
         }
         let object = encode()?;
-        let leaf_dir = self.leaf_dir(leaf);
-        fs::create_dir_all(&leaf_dir)
-            .with_context(|| format!("cannot create chunk directory {}", leaf_dir.display()))?;
-        self.record_dir(leaf);
-        let staged = atomic::stage_file(&path, &object)
+        let stored_bytes = object.len() as u64;
+        self.store
+            .put_if_absent_deferred(&key, object)
             .with_context(|| format!("cannot store object {}", digest_hex(&digest)))?;
-        self.publisher.submit(staged)?;
         Ok(Inserted {
             digest,
             new: true,
-            stored_bytes: object.len() as u64,
+            stored_bytes,
         })
     }
 
-    /// True when a chunk file for `digest` exists (its content is not read).
-    pub fn contains(&self, digest: &Digest) -> bool {
-        self.path_of(digest).exists()
+    /// True when an object with this id exists (its content is not read).
+    pub fn contains(&self, digest: &Digest) -> Result<bool> {
+        self.store.exists(&object_key(digest))
     }
 
     /// Read a chunk, decompress it and check its digest. A missing or corrupt
-    /// chunk is an error naming the digest and the file.
+    /// chunk is an error naming the digest.
     pub fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
         self.read_checked(digest)
             .map_err(|e| loud("chunk", digest, e))
@@ -143,6 +139,22 @@ impl ChunkStore {
     pub fn get_delta(&self, id: &Digest) -> Result<Delta> {
         self.read_delta_checked(id)
             .map_err(|e| loud("delta", id, e))
+    }
+
+    /// The base chunk a delta names, read from the delta's header alone (its
+    /// magic is checked, the rest is not): `None` when the delta is missing, an
+    /// error when its header is damaged.
+    pub fn delta_base(&self, id: &Digest) -> Result<Option<Digest>> {
+        let end = BASE_OFFSET + 32;
+        let Some(head) = self.store.get_range(&object_key(id), 0, end as u64)? else {
+            return Ok(None);
+        };
+        if head.len() < end || head[..BASE_OFFSET] != DELTA_MAGIC {
+            bail!("delta {} has a damaged header", digest_hex(id));
+        }
+        let mut base = [0u8; 32];
+        base.copy_from_slice(&head[BASE_OFFSET..end]);
+        Ok(Some(base))
     }
 
     /// The bytes of a slot of `len` bytes: zeros, a chunk, or a delta applied to
@@ -171,187 +183,125 @@ impl ChunkStore {
 
     /// Like [`ChunkStore::get`], with the kind of failure as a value (for verify).
     pub fn read_checked(&self, digest: &Digest) -> Result<Vec<u8>, ChunkError> {
-        let (path, object) = self.read_object(digest)?;
-        decode_chunk(&object, digest).map_err(|e| ChunkError::Corrupt {
-            path,
-            reason: format!("{e:#}"),
-        })
+        let object = self.read_object(digest)?;
+        decode_chunk(&object, digest).map_err(|e| self.quarantine(digest, &object, e))
     }
 
     /// Like [`ChunkStore::get_delta`], with the kind of failure as a value.
     pub fn read_delta_checked(&self, id: &Digest) -> Result<Delta, ChunkError> {
-        let (path, object) = self.read_object(id)?;
-        decode_delta(&object, id).map_err(|e| ChunkError::Corrupt {
-            path,
-            reason: format!("{e:#}"),
-        })
+        let object = self.read_object(id)?;
+        decode_delta(&object, id).map_err(|e| self.quarantine(id, &object, e))
     }
 
-    fn read_object(&self, digest: &Digest) -> Result<(PathBuf, Vec<u8>), ChunkError> {
-        let path = self.path_of(digest);
-        match fs::read(&path) {
-            Ok(object) => Ok((path, object)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ChunkError::Missing { path }),
-            Err(source) => Err(ChunkError::Unreadable { path, source }),
+    fn read_object(&self, digest: &Digest) -> Result<Vec<u8>, ChunkError> {
+        match self.store.get(&object_key(digest)) {
+            Ok(Some(object)) => Ok(object),
+            Ok(None) => Err(ChunkError::Missing),
+            Err(source) => Err(ChunkError::Unreadable { source }),
         }
     }
 
-    /// Remove staging files (`*.tmp-*`) at least `min_age` old: what a writer
-    /// killed between staging and publishing left behind. Younger ones may belong
-    /// to a backup in progress (removing one of those would only fail that backup).
-    pub fn remove_stale_staging(&self, min_age: std::time::Duration) -> Result<Vec<PathBuf>> {
-        let now = std::time::SystemTime::now();
-        let mut removed = Vec::new();
-        for outer in sub_dirs(&self.dir)? {
-            for leaf in sub_dirs(&outer)? {
-                for entry in fs::read_dir(&leaf)
-                    .with_context(|| format!("cannot list {}", leaf.display()))?
-                {
-                    let entry = entry.with_context(|| format!("cannot list {}", leaf.display()))?;
-                    if !atomic::is_tmp_name(&entry.file_name().to_string_lossy()) {
-                        continue;
-                    }
-                    let modified = entry.metadata().and_then(|m| m.modified());
-                    let old = modified
-                        .is_ok_and(|m| now.duration_since(m).is_ok_and(|age| age >= min_age));
-                    if old {
-                        let path = entry.path();
-                        match fs::remove_file(&path) {
-                            Ok(()) => removed.push(path),
-                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                            Err(e) => {
-                                return Err(e)
-                                    .with_context(|| format!("cannot remove {}", path.display()))
-                            }
-                        }
-                    }
+    /// Move an object that failed decoding aside (module docs): a copy under
+    /// `quarantine/`, then the original is deleted. Returns the error to report.
+    fn quarantine(&self, digest: &Digest, object: &[u8], why: anyhow::Error) -> ChunkError {
+        let reason = format!("{why:#}");
+        let hex = digest_hex(digest);
+        let stamp = super::names::new_point_id(Utc::now());
+        let moved = (|| -> Result<String> {
+            for n in 0..100 {
+                let key = match n {
+                    0 => format!("{QUARANTINE_PREFIX}{hex}.{stamp}"),
+                    n => format!("{QUARANTINE_PREFIX}{hex}.{stamp}-{n}"),
+                };
+                if self.store.put_if_absent(&key, object)? {
+                    self.store.delete(&object_key(digest))?;
+                    self.store.flush()?;
+                    return Ok(key);
                 }
             }
-        }
-        Ok(removed)
+            bail!("too many quarantined copies of {hex}")
+        })();
+        let reason = match moved {
+            Ok(key) => format!("{reason}; moved to {key}"),
+            Err(e) => format!("{reason}; could not quarantine it: {e:#}"),
+        };
+        ChunkError::Corrupt { reason }
     }
 
-    /// Wait until every object inserted so far is durable under its final name
-    /// (inserts return once the object is staged; see the module docs).
+    /// Ids of quarantined objects that no object in the store has replaced yet
+    /// (what the next backup must read again from the VM).
+    pub fn quarantined_missing(&self) -> Result<HashSet<Digest>> {
+        let mut out = HashSet::new();
+        for digest in self.quarantined()? {
+            if !self.contains(&digest)? {
+                out.insert(digest);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ids of every object ever quarantined (healed or not).
+    pub fn quarantined(&self) -> Result<HashSet<Digest>> {
+        let mut out = HashSet::new();
+        self.store.list(QUARANTINE_PREFIX, &mut |info| {
+            let name = &info.key[QUARANTINE_PREFIX.len()..];
+            if let Some(d) = name.get(..64).and_then(parse_digest_hex) {
+                out.insert(d);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Wait until every object inserted so far is durable under its final name,
+    /// and every name found present is durable too.
     pub fn flush(&self) -> Result<()> {
-        self.publisher.flush()
-    }
-
-    /// fsync every chunk directory touched since the last call (leaf, its parent,
-    /// and the store root), so every chunk name inserted so far is durable.
-    /// Holds the set while syncing: a concurrent caller returns only once the
-    /// directories it needs are durable.
-    pub fn sync_dirs(&self) -> Result<()> {
-        // Every staged object must have its name before the names are made durable.
-        self.publisher.flush()?;
-        let mut pending = self
-            .dirs_to_sync
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let mut parents = BTreeSet::new();
-        for &leaf in pending.iter() {
-            atomic::sync_dir(&self.leaf_dir(leaf))?;
-            parents.insert(leaf >> 8);
-        }
-        for &parent in &parents {
-            atomic::sync_dir(&self.dir.join(format!("{parent:02x}")))?;
-        }
-        if !pending.is_empty() {
-            atomic::sync_dir(&self.dir)?;
-        }
-        pending.clear();
-        Ok(())
-    }
-
-    fn record_dir(&self, leaf: u16) {
-        self.dirs_to_sync
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(leaf);
-    }
-
-    fn leaf_dir(&self, leaf: u16) -> PathBuf {
-        self.dir
-            .join(format!("{:02x}", leaf >> 8))
-            .join(format!("{:02x}", leaf & 0xff))
+        self.store.flush()
     }
 }
 
-/// The sub-directories of `dir` (the `ab` and `cd` levels of the store).
-fn sub_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            out.push(entry.path());
-        }
-    }
-    Ok(out)
-}
-
-/// A [`ChunkError`] as a one-line error naming the object and its file.
+/// A [`ChunkError`] as a one-line error naming the object.
 fn loud(what: &str, digest: &Digest, e: ChunkError) -> anyhow::Error {
     let hex = digest_hex(digest);
     match e {
-        ChunkError::Missing { path } => anyhow!("{what} {hex} is missing ({})", path.display()),
-        ChunkError::Corrupt { path, reason } => {
-            anyhow!("{what} {hex} is corrupt ({}): {reason}", path.display())
-        }
-        ChunkError::Unreadable { path, source } => {
-            anyhow!("cannot read {what} {hex} ({}): {source}", path.display())
-        }
+        ChunkError::Missing => anyhow!("{what} {hex} is missing"),
+        ChunkError::Corrupt { reason } => anyhow!("{what} {hex} is corrupt: {reason}"),
+        ChunkError::Unreadable { source } => anyhow!("cannot read {what} {hex}: {source:#}"),
     }
-}
-
-/// The leaf directory of a digest: its first two bytes (`ab/cd`).
-fn leaf_of(digest: &Digest) -> u16 {
-    u16::from_be_bytes([digest[0], digest[1]])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use crate::repo::store::LocalStore;
+    use std::collections::BTreeSet;
+    use std::fs;
+    use std::path::PathBuf;
 
     fn store() -> (tempfile::TempDir, ChunkStore) {
         let dir = tempfile::tempdir().unwrap();
-        let chunks = dir.path().join("chunks");
-        fs::create_dir(&chunks).unwrap();
-        (dir, ChunkStore::new(chunks))
+        let s = ChunkStore::new(Arc::new(LocalStore::open(dir.path()).unwrap()));
+        (dir, s)
+    }
+
+    fn file_of(dir: &tempfile::TempDir, d: &Digest) -> PathBuf {
+        dir.path().join(object_key(d))
     }
 
     #[test]
-    fn stale_staging_files_are_removed_young_ones_kept() {
-        let (_dir, store) = store();
-        let digest = store.insert(b"published").unwrap().digest;
-        store.flush().unwrap();
-        let leaf = store.path_of(&digest).parent().unwrap().to_path_buf();
-        let stale = leaf.join("deadbeef.tmp-1-0000000000000001");
-        let young = leaf.join("deadbeef.tmp-1-0000000000000002");
-        fs::write(&stale, b"x").unwrap();
-        fs::write(&young, b"y").unwrap();
-        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 3600);
-        fs::File::options()
-            .write(true)
-            .open(&stale)
-            .unwrap()
-            .set_modified(hour_ago)
-            .unwrap();
-        let removed = store
-            .remove_stale_staging(std::time::Duration::from_secs(3600))
-            .unwrap();
-        assert_eq!(removed, vec![stale.clone()]);
-        assert!(!stale.exists() && young.exists());
-        assert_eq!(
-            store.get(&digest).unwrap(),
-            b"published",
-            "published chunks are untouched"
-        );
+    fn object_keys_round_trip() {
+        let d = digest_of(b"x");
+        let key = object_key(&d);
+        let hex = digest_hex(&d);
+        assert_eq!(key, format!("chunks/{}/{}/{hex}", &hex[..2], &hex[2..4]));
+        assert_eq!(digest_of_key(&key), Some(d));
+        assert_eq!(digest_of_key(&format!("chunks/00/00/{hex}")), None);
+        assert_eq!(digest_of_key("vms/x"), None);
     }
 
     #[test]
     fn insert_stores_once_and_get_returns_the_content() {
-        let (_dir, store) = store();
+        let (dir, store) = store();
         let data = b"block ".repeat(10_000);
         let first = store.insert(&data).unwrap();
         assert!(first.new);
@@ -359,42 +309,53 @@ mod tests {
         // Still being published: a second insert does not stage it again.
         assert!(!store.insert(&data).unwrap().new);
         store.flush().unwrap();
-        let path = store.path_of(&first.digest);
-        let hex = digest_hex(&first.digest);
-        assert!(path.ends_with(format!("{}/{}/{hex}", &hex[..2], &hex[2..4])));
+        let path = file_of(&dir, &first.digest);
         assert_eq!(fs::metadata(&path).unwrap().len(), first.stored_bytes);
 
         let second = store.insert(&data).unwrap();
         assert_eq!(second.digest, first.digest);
         assert!(!second.new);
         assert_eq!(second.stored_bytes, 0);
-        assert!(store.contains(&first.digest));
+        assert!(store.contains(&first.digest).unwrap());
         assert_eq!(store.get(&first.digest).unwrap(), data);
-        store.sync_dirs().unwrap();
         let leaf_entries: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(leaf_entries.len(), 1, "no staging files left behind");
     }
 
     #[test]
-    fn flipped_byte_and_deleted_chunk_are_loud_errors_naming_the_digest() {
-        let (_dir, store) = store();
+    fn corrupt_objects_are_quarantined_missing_ones_reported() {
+        let (dir, store) = store();
         let a = store.insert(&b"a".repeat(5000)).unwrap().digest;
         let b = store.insert(&b"b".repeat(5000)).unwrap().digest;
         store.flush().unwrap();
-        let path_a = store.path_of(&a);
+        let path_a = file_of(&dir, &a);
         let mut bytes = fs::read(&path_a).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x40;
-        fs::write(&path_a, bytes).unwrap();
+        fs::write(&path_a, &bytes).unwrap();
         let err = store.get(&a).unwrap_err().to_string();
         assert!(
             err.contains(&digest_hex(&a)) && err.contains("corrupt"),
             "{err}"
         );
-        assert!(err.contains(&path_a.display().to_string()), "{err}");
+        assert!(err.contains("moved to quarantine/"), "{err}");
+        assert!(!path_a.exists(), "moved aside");
+        let q: Vec<_> = fs::read_dir(dir.path().join("quarantine"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(q.len(), 1);
+        assert_eq!(fs::read(&q[0]).unwrap(), bytes, "never deleted");
+        assert_eq!(store.quarantined_missing().unwrap(), HashSet::from([a]));
+        // The same content stored again heals it.
+        store.insert(&b"a".repeat(5000)).unwrap();
+        store.flush().unwrap();
+        assert!(store.quarantined_missing().unwrap().is_empty());
+        assert_eq!(store.quarantined().unwrap(), HashSet::from([a]));
+        assert_eq!(store.get(&a).unwrap(), b"a".repeat(5000));
 
-        fs::remove_file(store.path_of(&b)).unwrap();
-        assert!(!store.contains(&b));
+        fs::remove_file(file_of(&dir, &b)).unwrap();
+        assert!(!store.contains(&b).unwrap());
         let err = store.get(&b).unwrap_err().to_string();
         assert!(
             err.contains(&digest_hex(&b)) && err.contains("missing"),
@@ -403,8 +364,27 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_inserts_of_overlapping_data_store_every_chunk_once() {
+    fn delta_base_is_read_from_the_header() {
         let (_dir, store) = store();
+        let base = store.insert(&b"base".repeat(4096)).unwrap().digest;
+        let delta = Delta::new(
+            base,
+            4 * 4096,
+            vec![crate::repo::Patch {
+                offset: 3,
+                data: b"xyz".to_vec(),
+            }],
+        )
+        .unwrap();
+        let id = store.insert_delta(&delta).unwrap().digest;
+        store.flush().unwrap();
+        assert_eq!(store.delta_base(&id).unwrap(), Some(base));
+        assert_eq!(store.delta_base(&digest_of(b"none")).unwrap(), None);
+    }
+
+    #[test]
+    fn concurrent_inserts_of_overlapping_data_store_every_chunk_once() {
+        let (dir, store) = store();
         let store = Arc::new(store);
         let threads: Vec<_> = (0..4)
             .map(|t| {
@@ -432,17 +412,17 @@ mod tests {
             50,
             "same data gave the same digest in every thread"
         );
-        store.sync_dirs().unwrap();
+        store.flush().unwrap();
         for (n, d) in &all {
             let expected = format!("chunk number {n} ").repeat(500);
             assert_eq!(store.get(d).unwrap(), expected.as_bytes());
         }
         let mut files = 0;
-        for ab in fs::read_dir(store.dir()).unwrap() {
+        for ab in fs::read_dir(dir.path().join("chunks")).unwrap() {
             for cd in fs::read_dir(ab.unwrap().path()).unwrap() {
                 for f in fs::read_dir(cd.unwrap().path()).unwrap() {
                     let name = f.unwrap().file_name().into_string().unwrap();
-                    assert!(!atomic::is_tmp_name(&name), "{name}");
+                    assert!(!name.contains(".tmp-"), "{name}");
                     files += 1;
                 }
             }

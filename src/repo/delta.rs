@@ -34,6 +34,8 @@ use super::format::{DELTA_MAGIC, MAX_CHUNK_SIZE};
 
 /// Length of the fixed part of the delta header.
 pub const DELTA_HEADER_LEN: usize = 60;
+/// Offset of the base chunk's digest in a delta object (after the magic).
+pub const BASE_OFFSET: usize = 8;
 const DOMAIN: &[u8] = b"vmbackup delta v1";
 const ZSTD_LEVEL: i32 = 1;
 

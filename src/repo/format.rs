@@ -4,7 +4,6 @@
 //! (docs/FORMAT.md, "Object types"). WARNING: never change a magic's meaning; a new
 //! layout gets a new magic, and readers refuse magics they do not know.
 
-use std::fs;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -94,15 +93,13 @@ impl RepoConfig {
         }
     }
 
-    /// Read and validate the config file at `path`.
-    pub fn load(path: &Path) -> Result<RepoConfig> {
-        let text = fs::read_to_string(path)
-            .with_context(|| format!("cannot read repository config {}", path.display()))?;
-        let config: RepoConfig = toml::from_str(&text)
-            .with_context(|| format!("cannot parse repository config {}", path.display()))?;
+    /// Parse and validate the config file's text (read from `what`, for messages).
+    pub fn parse(text: &str, what: &str) -> Result<RepoConfig> {
+        let config: RepoConfig = toml::from_str(text)
+            .with_context(|| format!("cannot parse repository config {what}"))?;
         config
             .check()
-            .with_context(|| format!("repository config {}", path.display()))?;
+            .with_context(|| format!("repository config {what}"))?;
         Ok(config)
     }
 
@@ -167,16 +164,13 @@ mod tests {
 
     #[test]
     fn config_round_trips_and_future_versions_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(CONFIG_FILE);
-        fs::write(&path, RepoConfig::current().to_toml().unwrap()).unwrap();
-        assert_eq!(RepoConfig::load(&path).unwrap(), RepoConfig::current());
-        fs::write(
-            &path,
-            "format = 2\ndigest = \"blake3\"\ncompression = \"zstd\"\n",
-        )
-        .unwrap();
-        let err = RepoConfig::load(&path).unwrap_err();
+        let text = RepoConfig::current().to_toml().unwrap();
+        assert_eq!(
+            RepoConfig::parse(&text, CONFIG_FILE).unwrap(),
+            RepoConfig::current()
+        );
+        let newer = "format = 2\ndigest = \"blake3\"\ncompression = \"zstd\"\n";
+        let err = RepoConfig::parse(newer, CONFIG_FILE).unwrap_err();
         assert!(
             format!("{err:#}").contains("repository format 2 is not supported"),
             "{err:#}"

@@ -1,12 +1,16 @@
 //! The repository on a backup target: content-addressed chunks, one complete
-//! index per disk per point, and a manifest that commits each point.
+//! index per disk per point, and a manifest that commits each point, all kept
+//! as objects of a [`Store`] (module `store`: the trait, and `LocalStore` for
+//! a directory).
 //!
-//! docs/FORMAT.md specifies every file byte by byte; this module implements it.
+//! docs/FORMAT.md specifies every object byte by byte and how each store
+//! operation maps to a directory and to S3; this module implements it. Nothing
+//! here (or above) touches files: a repository is a key prefix in a store.
 //!
 //! # Glossary
 //!
 //! - **chunk**: the bytes of one slot of a disk, stored once under its BLAKE3
-//!   digest in `chunks/ab/cd/<hex>` (module `chunk`, `chunk_store`).
+//!   digest as `chunks/ab/cd/<hex>` (modules `chunk`, `chunk_store`).
 //! - **slot**: a chunk-sized range of a disk; all zeros (not stored) or a chunk.
 //! - **index**: a disk's slots at one point, `<disk>.idx` (module `index`).
 //! - **point**: one backup of one VM, `vms/<vm-key>/<point-id>/`, committed by its
@@ -15,28 +19,26 @@
 //!
 //! # Write order (what makes a crash harmless)
 //!
-//! chunks (data fsynced before each name exists) → indexes (atomic writes) →
-//! fsync of every chunk directory touched → `manifest.json` (atomic write). Readers
-//! go the other way: manifest, then indexes, then chunks. A crash leaves at most
-//! a point directory without a manifest (ignored by listing, removed by cleanup)
-//! and chunks nothing refers to (removed by a future GC).
+//! chunks (deferred puts) → indexes → flush (every chunk durable) → lock check →
+//! `manifest.json`. Readers go the other way: manifest, then indexes, then
+//! chunks. A crash leaves at most a point without a manifest (ignored by
+//! listing, removed by cleanup) and chunks nothing refers to (removed by GC).
+//! Removing a point goes the other way too: manifest first.
 //!
-//! # Locking
+//! # Locking (module `lock`: lock objects in the store)
 //!
-//! | operation         | takes                                   | excludes                     |
-//! |-------------------|-----------------------------------------|------------------------------|
-//! | backup of VM x    | exclusive `flock` on `vms/<x>/.lock`    | backup, cleanup, prune of x  |
-//! | cleanup of VM x   | exclusive `flock` on `vms/<x>/.lock`    | backup, cleanup, prune of x  |
-//! | restore, verify   | nothing: read committed points only     | —                            |
-//! | prune of x (later)| exclusive `flock` on `vms/<x>/.lock`    | backup, cleanup of x         |
-//! | GC (later)        | must exclude every writer (repo lock)   | all backups, prune           |
+//! | operation          | takes                                     |
+//! |--------------------|-------------------------------------------|
+//! | backup of VM x     | repository shared + VM x                  |
+//! | cleanup of VM x    | repository shared + VM x                  |
+//! | prune / forget of x| repository shared + VM x                  |
+//! | verify             | repository shared                         |
+//! | GC                 | repository exclusive                      |
+//! | restore            | nothing: its points are protected by its task row (prune never removes them) and GC keeps every referenced object |
 //!
-//! All locks are non-blocking: a held lock is a busy error (exit 4). Backups of
-//! different VMs write into one chunk store at once; inserts need no lock. A
-//! restore or verify racing with a prune of the same point may see it vanish and
-//! fail loudly (never silently); prune and GC will take their own locks.
+//! All locks are non-blocking: a held lock is a busy error (exit 4); callers
+//! that must wait (a backup meeting a GC) retry.
 
-mod atomic;
 mod chunk;
 mod chunk_store;
 mod delta;
@@ -46,95 +48,138 @@ mod lock;
 mod manifest;
 mod names;
 mod point;
-mod publisher;
+pub mod store;
+pub mod target;
 mod verify;
 
-use std::fs;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
-pub use atomic::{is_tmp_name, sync_dir, write_file};
 pub use chunk::{digest_hex, digest_of, parse_digest_hex, Digest};
-pub use chunk_store::{ChunkError, ChunkStore, Inserted};
+pub use chunk_store::{digest_of_key, object_key, ChunkError, ChunkStore, Inserted};
 pub use delta::{Delta, Patch};
 pub use format::{
     check_chunk_size, RepoConfig, CONFIG_FILE, FORMAT_VERSION, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
-pub use index::{DiskIndex, Slot};
-pub use lock::VmLock;
+pub use index::{DiskIndex, Slot, INDEX_ENTRY_LEN, INDEX_HEADER_LEN};
+pub use lock::{live_locks, LockInfo, LockMode, RepoLock, VmLock};
 pub use manifest::{Manifest, ManifestDisk, ManifestTotals, ManifestVm, PointStatus};
 pub use names::{check_vm_key, encode_name, index_file_name, new_point_id, parse_point_id, vm_key};
 pub use point::PointWriter;
+pub use store::{sync_dir, LocalStore, ObjectInfo, Store, TargetSpec};
 pub use verify::{Problem, ProblemKind, VerifyReport};
 
-/// The manifest file name inside a point directory.
+/// The manifest file name inside a point.
 pub const MANIFEST_FILE: &str = "manifest.json";
-/// The chunk store directory.
-const CHUNKS_DIR: &str = "chunks";
-/// The directory of all VMs' points.
-const VMS_DIR: &str = "vms";
-/// Entries a directory may hold before `init_or_open` makes it a repository.
-const ALLOWED_IN_NEW_ROOT: [&str; 3] = [CHUNKS_DIR, VMS_DIR, "lost+found"];
+/// The key prefix of all VMs' points.
+const VMS_PREFIX: &str = "vms/";
+/// Staging leftovers older than this belong to killed writers.
+pub const STAGING_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// An open repository. Cheap to clone; clones share the chunk store.
 #[derive(Debug, Clone)]
 pub struct Repository {
-    root: PathBuf,
+    /// The store, seen from the repository's prefix.
+    store: Arc<dyn Store>,
     chunks: Arc<ChunkStore>,
+    location: String,
+}
+
+/// A point whose manifest or an index cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedPoint {
+    pub point: String,
+    pub reason: String,
+}
+
+/// A VM's points: the good ones (oldest first) and the damaged ones.
+#[derive(Debug, Clone, Default)]
+pub struct PointList {
+    pub points: Vec<Manifest>,
+    pub damaged: Vec<DamagedPoint>,
+}
+
+impl PointList {
+    /// Every point id, good or damaged, oldest first.
+    pub fn all_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .points
+            .iter()
+            .map(|m| m.point.clone())
+            .chain(self.damaged.iter().map(|d| d.point.clone()))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The damage of point `id`, if it is damaged.
+    pub fn damage_of(&self, id: &str) -> Option<&DamagedPoint> {
+        self.damaged.iter().find(|d| d.point == id)
+    }
+}
+
+/// What a listing of one VM's keys says about each point id.
+#[derive(Debug, Default)]
+struct PointObjects {
+    manifest: bool,
+    /// Index object name → size.
+    indexes: BTreeMap<String, u64>,
 }
 
 impl Repository {
-    /// Open the repository at `root`, creating it first if `root` is absent or an
-    /// empty directory. A non-empty directory that is not a repository is refused.
-    pub fn init_or_open(root: &Path) -> Result<Repository> {
-        if !root.join(CONFIG_FILE).exists() {
-            init(root).with_context(|| format!("cannot create repository {}", root.display()))?;
-        }
-        Repository::open(root)
+    /// Open the existing repository at `path` of the target `spec`.
+    pub fn open(spec: &TargetSpec, path: &str) -> Result<Repository> {
+        Repository::open_in(spec.open()?, path)
     }
 
-    /// The repository at `root`, or `None` when no backup has created one yet.
-    pub fn open_if_exists(root: &Path) -> Result<Option<Repository>> {
-        if root.join(CONFIG_FILE).exists() {
-            Repository::open(root).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
-
-    /// Open the existing repository at `root`.
-    pub fn open(root: &Path) -> Result<Repository> {
-        if !root.is_dir() {
-            bail!("repository {} does not exist", root.display());
-        }
-        let config_path = root.join(CONFIG_FILE);
-        if !config_path.exists() {
-            bail!(
-                "{} is not a vmbackup repository (no {CONFIG_FILE})",
-                root.display()
-            );
-        }
-        RepoConfig::load(&config_path)?;
-        for dir in [CHUNKS_DIR, VMS_DIR] {
-            if !root.join(dir).is_dir() {
-                bail!(
-                    "repository {} is damaged: directory {dir}/ is missing",
-                    root.display()
-                );
-            }
-        }
+    /// Open the existing repository under `path` of `store` (`""`: the whole store).
+    pub fn open_in(store: Arc<dyn Store>, path: &str) -> Result<Repository> {
+        let store: Arc<dyn Store> = Arc::new(store::Prefixed::new(store, path)?);
+        let location = store.location();
+        let Some(text) = store.get(CONFIG_FILE)? else {
+            bail!("{location} is not a vmbackup repository (no {CONFIG_FILE})");
+        };
+        let text =
+            String::from_utf8(text).map_err(|_| anyhow!("{location}/{CONFIG_FILE} is not text"))?;
+        RepoConfig::parse(&text, &format!("{location}/{CONFIG_FILE}"))?;
         Ok(Repository {
-            root: root.to_path_buf(),
-            chunks: Arc::new(ChunkStore::new(root.join(CHUNKS_DIR))),
+            chunks: Arc::new(ChunkStore::new(store.clone())),
+            store,
+            location,
         })
     }
 
-    /// The repository's root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// True when a repository exists under `path` of `store`.
+    pub fn exists_in(store: Arc<dyn Store>, path: &str) -> Result<bool> {
+        store::Prefixed::new(store, path)?.exists(CONFIG_FILE)
+    }
+
+    /// Create the repository under `path` of `store` (or open it, when another
+    /// process created it meanwhile). A prefix holding anything else is refused.
+    pub fn create_in(store: Arc<dyn Store>, path: &str) -> Result<Repository> {
+        let view = store::Prefixed::new(store.clone(), path)?;
+        let location = view.location();
+        if !view.exists(CONFIG_FILE)? {
+            if let Some(found) = first_key(&view, "")? {
+                if found != CONFIG_FILE {
+                    bail!("{location} is not empty and is not a vmbackup repository (found '{found}')");
+                }
+            }
+            let config = RepoConfig::current().to_toml()?;
+            // Several backups may create the same repository at once: the
+            // config is the one object that makes it, and only one is written.
+            view.put_if_absent(CONFIG_FILE, config.as_bytes())
+                .with_context(|| format!("cannot create repository {location}"))?;
+        }
+        Repository::open_in(store, path)
+    }
+
+    /// Where the repository is, for messages (`/mnt/backup/web`).
+    pub fn location(&self) -> &str {
+        &self.location
     }
 
     /// The chunk store (shared by all VMs).
@@ -142,270 +187,316 @@ impl Repository {
         &self.chunks
     }
 
-    /// Take the exclusive writer lock of a VM (backup, cleanup). Busy error (exit 4)
-    /// when another process holds it.
-    pub fn lock_vm(&self, vm_key: &str) -> Result<VmLock> {
-        let dir = self.vm_dir(vm_key)?;
-        if !dir.is_dir() {
-            create_dirs_durably(&self.root.join(VMS_DIR), vm_key)?;
-        }
-        VmLock::acquire(&self.root, vm_key, dir.join(lock::LOCK_FILE))
+    /// The repository's store (keys relative to the repository).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
-    /// The keys of all VMs with at least one committed point, sorted.
+    /// Take the repository lock shared (backup, prune, verify). Busy error
+    /// (exit 4) while a GC holds it exclusively.
+    pub fn lock_shared(&self, purpose: &str) -> Result<RepoLock> {
+        RepoLock::acquire(&self.store, LockMode::Shared, purpose)
+    }
+
+    /// Take the repository lock exclusively (GC). Busy error while anyone
+    /// holds any lock.
+    pub fn lock_exclusive(&self, purpose: &str) -> Result<RepoLock> {
+        RepoLock::acquire(&self.store, LockMode::Exclusive, purpose)
+    }
+
+    /// Take the lock of one VM's points under a repository lock. Busy error
+    /// (exit 4) when another process holds it.
+    pub fn lock_vm(&self, repo: &RepoLock, vm_key: &str, purpose: &str) -> Result<VmLock> {
+        check_vm_key(vm_key)?;
+        self.check_lock(repo.location(), vm_key)?;
+        VmLock::acquire(&self.store, repo, vm_key, purpose)
+    }
+
+    /// The keys of all VMs with at least one point (good or damaged), sorted.
     pub fn list_vms(&self) -> Result<Vec<String>> {
-        let mut keys = Vec::new();
-        for platform in list_dir_names(&self.root.join(VMS_DIR))? {
-            for vm in list_dir_names(&self.root.join(VMS_DIR).join(&platform))? {
+        let mut keys = std::collections::BTreeSet::new();
+        self.store.list(VMS_PREFIX, &mut |info| {
+            let rest = &info.key[VMS_PREFIX.len()..];
+            let parts: Vec<&str> = rest.split('/').collect();
+            if let [platform, vm, point, MANIFEST_FILE] = parts[..] {
                 let key = format!("{platform}/{vm}");
-                if check_vm_key(&key).is_ok() && !self.committed_point_ids(&key)?.is_empty() {
-                    keys.push(key);
+                if check_vm_key(&key).is_ok() && parse_point_id(point).is_ok() {
+                    keys.insert(key);
                 }
             }
-        }
-        keys.sort();
-        Ok(keys)
+            Ok(())
+        })?;
+        Ok(keys.into_iter().collect())
     }
 
-    /// The manifests of a VM's committed points, oldest first.
-    pub fn list_points(&self, vm_key: &str) -> Result<Vec<Manifest>> {
-        self.committed_point_ids(vm_key)?
-            .iter()
-            .map(|point| self.load_manifest(vm_key, point))
-            .collect()
+    /// A VM's points, oldest first: good ones with their manifests, damaged
+    /// ones (manifest unreadable, an index missing or of the wrong size) with
+    /// the reason. Points without a manifest are not points (crash leftovers).
+    pub fn list_points(&self, vm_key: &str) -> Result<PointList> {
+        let mut list = PointList::default();
+        for (point, objects) in self.point_objects(vm_key)? {
+            if !objects.manifest {
+                continue;
+            }
+            let checked = self
+                .load_manifest(vm_key, &point)
+                .and_then(|m| check_index_objects(&m, &objects).map(|()| m));
+            match checked {
+                Ok(m) => list.points.push(m),
+                Err(e) => list.damaged.push(DamagedPoint {
+                    point,
+                    reason: format!("{e:#}"),
+                }),
+            }
+        }
+        Ok(list)
     }
 
     /// Load one committed point's manifest; it must agree with where it lies.
     pub fn load_manifest(&self, vm_key: &str, point: &str) -> Result<Manifest> {
-        let path = self.point_dir(vm_key, point)?.join(MANIFEST_FILE);
-        let text = match fs::read_to_string(&path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                bail!("point {point} of VM '{vm_key}' does not exist (or is incomplete)")
-            }
-            other => other.with_context(|| format!("cannot read manifest {}", path.display()))?,
+        parse_point_id(point)?;
+        let key = manifest_key(vm_key, point);
+        let Some(bytes) = self.store.get(&key)? else {
+            bail!("point {point} of VM '{vm_key}' does not exist (or is incomplete)");
         };
-        let manifest = Manifest::parse(&text, &path)?;
-        let key = names::vm_key(&manifest.vm.platform, &manifest.vm.name);
-        if manifest.point != point || key != vm_key {
+        let text =
+            String::from_utf8(bytes).map_err(|_| anyhow!("manifest {key} is not UTF-8 text"))?;
+        let manifest = Manifest::parse(&text, Path::new(&key))?;
+        let found = names::vm_key(&manifest.vm.platform, &manifest.vm.name);
+        if manifest.point != point || found != vm_key {
             bail!(
-                "manifest {} describes point {} of VM '{key}': it is misplaced",
-                path.display(),
+                "manifest {key} describes point {} of VM '{found}': it is misplaced",
                 manifest.point
             );
         }
         manifest
             .check()
-            .with_context(|| format!("manifest {} is inconsistent", path.display()))?;
+            .with_context(|| format!("manifest {key} is inconsistent"))?;
         Ok(manifest)
     }
 
     /// Load the index of `disk` at a point.
     pub fn load_index(&self, vm_key: &str, point: &str, disk: &str) -> Result<DiskIndex> {
-        let path = self.point_dir(vm_key, point)?.join(index_file_name(disk));
-        let bytes = fs::read(&path).with_context(|| {
-            format!(
-                "cannot read index of disk '{disk}' at point {point} ({})",
-                path.display()
-            )
-        })?;
-        format::check_magic(&bytes, &format::INDEX_MAGIC, &path)?;
-        DiskIndex::decode(&bytes).with_context(|| {
-            format!(
-                "index of disk '{disk}' at point {point} ({}) is damaged",
-                path.display()
-            )
-        })
+        parse_point_id(point)?;
+        let key = format!("{}{}", point_prefix(vm_key, point), index_file_name(disk));
+        let bytes = self
+            .store
+            .get(&key)
+            .with_context(|| format!("cannot read index of disk '{disk}' at point {point}"))?
+            .with_context(|| {
+                format!("index of disk '{disk}' at point {point} ({key}) is missing")
+            })?;
+        format::check_magic(&bytes, &format::INDEX_MAGIC, Path::new(&key))?;
+        DiskIndex::decode(&bytes)
+            .with_context(|| format!("index of disk '{disk}' at point {point} ({key}) is damaged"))
     }
 
     /// Start writing a new point of the locked VM. The point id must be new.
-    pub fn begin_point(&self, lock: &VmLock, point: &str) -> Result<PointWriter> {
-        self.check_lock(lock)?;
+    pub fn begin_point<'a>(&self, lock: &'a VmLock, point: &str) -> Result<PointWriter<'a>> {
+        self.check_lock(lock.location(), lock.vm_key())?;
         parse_point_id(point)?;
-        let vm_dir = self.vm_dir(lock.vm_key())?;
-        let dir = vm_dir.join(point);
-        fs::create_dir(&dir).with_context(|| {
-            format!(
-                "cannot create point {point} of VM '{}' ({})",
-                lock.vm_key(),
-                dir.display()
-            )
-        })?;
-        atomic::sync_dir(&vm_dir)?;
+        let prefix = point_prefix(lock.vm_key(), point);
+        if let Some(found) = first_key(self.store.as_ref(), &prefix)? {
+            bail!(
+                "cannot create point {point} of VM '{}': it exists already ({found})",
+                lock.vm_key()
+            );
+        }
         Ok(PointWriter::new(
-            lock.vm_key(),
+            lock,
             point,
-            vm_dir,
+            self.store.clone(),
             Arc::clone(&self.chunks),
         ))
     }
 
-    /// Point directories of a VM without a manifest: crash leftovers.
-    pub fn incomplete_points(&self, vm_key: &str) -> Result<Vec<PathBuf>> {
-        let vm_dir = self.vm_dir(vm_key)?;
-        Ok(point_dir_names(&vm_dir)?
+    /// Ids of a VM's points without a manifest: crash leftovers.
+    pub fn incomplete_points(&self, vm_key: &str) -> Result<Vec<String>> {
+        Ok(self
+            .point_objects(vm_key)?
             .into_iter()
-            .map(|name| vm_dir.join(name))
-            .filter(|dir| !dir.join(MANIFEST_FILE).exists())
+            .filter(|(_, o)| !o.manifest)
+            .map(|(id, _)| id)
             .collect())
     }
 
-    /// Remove the locked VM's incomplete point directories; returns their ids.
+    /// Remove the locked VM's incomplete points; returns their ids.
     pub fn remove_incomplete_points(&self, lock: &VmLock) -> Result<Vec<String>> {
-        self.check_lock(lock)?;
-        let mut removed = Vec::new();
-        for dir in self.incomplete_points(lock.vm_key())? {
-            fs::remove_dir_all(&dir)
-                .with_context(|| format!("cannot remove incomplete point {}", dir.display()))?;
-            if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
-                removed.push(name.to_string());
-            }
+        self.check_lock(lock.location(), lock.vm_key())?;
+        let ids = self.incomplete_points(lock.vm_key())?;
+        for id in &ids {
+            delete_prefix(self.store.as_ref(), &point_prefix(lock.vm_key(), id))
+                .with_context(|| format!("cannot remove incomplete point {id}"))?;
         }
-        if !removed.is_empty() {
-            atomic::sync_dir(&self.vm_dir(lock.vm_key())?)?;
-        }
-        Ok(removed)
-    }
-
-    /// Read and re-hash every chunk a point refers to.
-    pub fn verify_point(&self, vm_key: &str, point: &str) -> Result<VerifyReport> {
-        let manifest = self.load_manifest(vm_key, point)?;
-        let indexes = manifest
-            .disks
-            .iter()
-            .map(|disk| self.load_index(vm_key, point, &disk.name))
-            .collect::<Result<Vec<_>>>()?;
-        verify::verify_indexes(&self.chunks, &manifest, &indexes)
-            .with_context(|| format!("cannot verify point {point} of VM '{vm_key}'"))
-    }
-
-    fn vm_dir(&self, vm_key: &str) -> Result<PathBuf> {
-        check_vm_key(vm_key)?;
-        Ok(self.root.join(VMS_DIR).join(vm_key))
-    }
-
-    fn point_dir(&self, vm_key: &str, point: &str) -> Result<PathBuf> {
-        parse_point_id(point)?;
-        Ok(self.vm_dir(vm_key)?.join(point))
-    }
-
-    fn committed_point_ids(&self, vm_key: &str) -> Result<Vec<String>> {
-        let vm_dir = self.vm_dir(vm_key)?;
-        let mut ids: Vec<String> = point_dir_names(&vm_dir)?
-            .into_iter()
-            .filter(|name| vm_dir.join(name).join(MANIFEST_FILE).exists())
-            .collect();
-        ids.sort();
         Ok(ids)
     }
 
-    fn check_lock(&self, lock: &VmLock) -> Result<()> {
-        if lock.repo_root() != self.root {
+    /// Remove a point of the locked VM (good or damaged): its manifest first,
+    /// so the point stops existing at once, then its indexes. Its chunks stay
+    /// until GC finds no other point refers to them.
+    pub fn remove_point(&self, lock: &VmLock, point: &str) -> Result<()> {
+        self.check_lock(lock.location(), lock.vm_key())?;
+        parse_point_id(point)?;
+        lock.check()?;
+        let key = manifest_key(lock.vm_key(), point);
+        self.store
+            .delete(&key)
+            .and_then(|()| self.store.flush())
+            .and_then(|()| delete_prefix(self.store.as_ref(), &point_prefix(lock.vm_key(), point)))
+            .with_context(|| format!("cannot remove point {point} of VM '{}'", lock.vm_key()))
+    }
+
+    /// Read and re-hash every chunk a point refers to (corrupt ones are
+    /// quarantined). `quarantined`: [`ChunkStore::quarantined`], read once.
+    /// A manifest or index that cannot be read makes the point damaged (in the
+    /// report); an object that cannot be read (I/O) is an error.
+    pub fn verify_point(
+        &self,
+        vm_key: &str,
+        point: &str,
+        quarantined: &HashSet<Digest>,
+    ) -> Result<VerifyReport> {
+        let loaded = self.load_manifest(vm_key, point).and_then(|manifest| {
+            let indexes = manifest
+                .disks
+                .iter()
+                .map(|disk| self.load_index(vm_key, point, &disk.name))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((manifest, indexes))
+        });
+        let (manifest, indexes) = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                return Ok(VerifyReport {
+                    damaged: Some(format!("{e:#}")),
+                    ..VerifyReport::default()
+                })
+            }
+        };
+        verify::verify_indexes(&self.chunks, &manifest, &indexes, quarantined)
+            .with_context(|| format!("cannot verify point {point} of VM '{vm_key}'"))
+    }
+
+    /// Remove staging leftovers of killed writers at least [`STAGING_MAX_AGE`]
+    /// old (a live writer publishes its staged objects within seconds; removing
+    /// a live one could only fail that writer, never corrupt the repository).
+    pub fn remove_stale_partials(&self) -> Result<Vec<String>> {
+        self.store.remove_stale_partials("", STAGING_MAX_AGE)
+    }
+
+    /// Delete every object of the repository (its config last). Needs the
+    /// repository locked exclusively; the lock itself goes when it is dropped.
+    pub fn destroy(&self, lock: &RepoLock) -> Result<u64> {
+        self.check_lock(lock.location(), "")?;
+        if lock.mode() != LockMode::Exclusive {
             bail!(
-                "the lock of VM '{}' belongs to repository {}, not {}",
-                lock.vm_key(),
-                lock.repo_root().display(),
-                self.root.display()
+                "removing repository {} needs its exclusive lock",
+                self.location
+            );
+        }
+        lock.check()?;
+        let mut keys = Vec::new();
+        self.store.list("", &mut |info| {
+            if info.key != CONFIG_FILE && !info.key.starts_with(lock::LOCKS_PREFIX) {
+                keys.push(info.key);
+            }
+            Ok(())
+        })?;
+        for key in &keys {
+            self.store.delete(key)?;
+        }
+        self.store.flush()?;
+        self.store.delete(CONFIG_FILE)?;
+        self.store.flush()?;
+        Ok(keys.len() as u64 + 1)
+    }
+
+    fn point_objects(&self, vm_key: &str) -> Result<BTreeMap<String, PointObjects>> {
+        check_vm_key(vm_key)?;
+        let prefix = format!("{VMS_PREFIX}{vm_key}/");
+        let mut points: BTreeMap<String, PointObjects> = BTreeMap::new();
+        self.store.list(&prefix, &mut |info| {
+            let rest = &info.key[prefix.len()..];
+            if let Some((point, name)) = rest.split_once('/') {
+                if parse_point_id(point).is_ok() && !name.contains('/') {
+                    let entry = points.entry(point.to_string()).or_default();
+                    if name == MANIFEST_FILE {
+                        entry.manifest = true;
+                    } else {
+                        entry.indexes.insert(name.to_string(), info.size);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(points)
+    }
+
+    fn check_lock(&self, location: &str, what: &str) -> Result<()> {
+        if location != self.location {
+            bail!(
+                "the lock of '{what}' belongs to repository {location}, not {}",
+                self.location
             );
         }
         Ok(())
     }
 }
 
-/// Create the layout at `root`: directories first, the config file last.
-fn init(root: &Path) -> Result<()> {
-    fs::create_dir_all(root)
-        .with_context(|| format!("cannot create directory {}", root.display()))?;
-    if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
-        atomic::sync_dir(parent)?;
-    }
-    // Backups of several VMs may create the same repository at once: one creates
-    // it under an exclusive lock on the directory, the others then find it made.
-    let dir = fs::File::open(root)
-        .with_context(|| format!("cannot open directory {}", root.display()))?;
-    rustix::fs::flock(&dir, rustix::fs::FlockOperation::LockExclusive)
-        .with_context(|| format!("cannot lock directory {}", root.display()))?;
-    if root.join(CONFIG_FILE).exists() {
-        return Ok(());
-    }
-    for name in list_dir_names_any(root)? {
-        if !ALLOWED_IN_NEW_ROOT.contains(&name.as_str()) && !atomic::is_tmp_name(&name) {
+/// Every index a manifest lists must exist with the size its geometry gives.
+fn check_index_objects(m: &Manifest, objects: &PointObjects) -> Result<()> {
+    for disk in &m.disks {
+        let Some(&size) = objects.indexes.get(&disk.index) else {
+            bail!("index of disk '{}' ({}) is missing", disk.name, disk.index);
+        };
+        if disk.chunk_size == 0 {
+            bail!("disk '{}' has chunk size 0", disk.name);
+        }
+        let slots = disk.size.div_ceil(u64::from(disk.chunk_size));
+        let expected = INDEX_HEADER_LEN as u64 + INDEX_ENTRY_LEN as u64 * slots;
+        if size != expected {
             bail!(
-                "{} is not empty and is not a vmbackup repository (found '{name}')",
-                root.display()
+                "index of disk '{}' is {size} bytes, its geometry needs {expected} (torn or damaged)",
+                disk.name
             );
-        }
-    }
-    for dir in [CHUNKS_DIR, VMS_DIR] {
-        let path = root.join(dir);
-        match fs::create_dir(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot create directory {}", path.display()))
-            }
-        }
-    }
-    atomic::sync_dir(root)?;
-    let config = RepoConfig::current().to_toml()?;
-    atomic::write_file(&root.join(CONFIG_FILE), config.as_bytes())
-}
-
-/// Create `base/<relative>` level by level, fsyncing each parent of a new directory.
-fn create_dirs_durably(base: &Path, relative: &str) -> Result<()> {
-    let mut dir = base.to_path_buf();
-    for part in relative.split('/') {
-        let parent = dir.clone();
-        dir.push(part);
-        match fs::create_dir(&dir) {
-            Ok(()) => atomic::sync_dir(&parent)?,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot create directory {}", dir.display()))
-            }
         }
     }
     Ok(())
 }
 
-/// Names of the subdirectories of `dir` (none if `dir` does not exist), skipping
-/// staging and hidden entries.
-fn list_dir_names(dir: &Path) -> Result<Vec<String>> {
-    if !dir.exists() {
-        return Ok(Vec::new());
-    }
-    let mut names = Vec::new();
-    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
-        let is_dir = entry
-            .file_type()
-            .with_context(|| format!("cannot stat {}", entry.path().display()))?
-            .is_dir();
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
-        };
-        if is_dir && !name.starts_with('.') && !is_tmp_name(&name) {
-            names.push(name);
-        }
-    }
-    names.sort();
-    Ok(names)
+/// `vms/<vm-key>/<point>/`.
+fn point_prefix(vm_key: &str, point: &str) -> String {
+    format!("{VMS_PREFIX}{vm_key}/{point}/")
 }
 
-/// Names of every entry of `dir`.
-fn list_dir_names_any(dir: &Path) -> Result<Vec<String>> {
-    let mut names = Vec::new();
-    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
-        names.push(entry.file_name().to_string_lossy().into_owned());
-    }
-    Ok(names)
+/// `vms/<vm-key>/<point>/manifest.json`.
+fn manifest_key(vm_key: &str, point: &str) -> String {
+    format!("{}{MANIFEST_FILE}", point_prefix(vm_key, point))
 }
 
-/// Subdirectories of a VM directory named like point ids, sorted (= oldest first).
-fn point_dir_names(vm_dir: &Path) -> Result<Vec<String>> {
-    Ok(list_dir_names(vm_dir)?
-        .into_iter()
-        .filter(|name| parse_point_id(name).is_ok())
-        .collect())
+/// The first key under `prefix`, if any (the listing stops there).
+fn first_key(store: &dyn Store, prefix: &str) -> Result<Option<String>> {
+    const FOUND: &str = "first key found";
+    let mut found = None;
+    let listed = store.list(prefix, &mut |info| {
+        found = Some(info.key);
+        Err(anyhow!(FOUND))
+    });
+    match listed {
+        Err(e) if found.is_some() && e.to_string() == FOUND => Ok(found),
+        other => other.map(|()| None),
+    }
+}
+
+/// Delete every object under `prefix`, then flush.
+fn delete_prefix(store: &dyn Store, prefix: &str) -> Result<()> {
+    let mut keys = Vec::new();
+    store.list(prefix, &mut |info| {
+        keys.push(info.key);
+        Ok(())
+    })?;
+    for key in keys {
+        store.delete(&key)?;
+    }
+    store.flush()
 }

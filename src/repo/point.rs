@@ -1,58 +1,50 @@
-//! Writing one point: indexes first, then chunk directory fsyncs, manifest last.
+//! Writing one point: indexes first, then a flush of every chunk it relies on,
+//! manifest last.
 //!
-//! A [`PointWriter`] owns a fresh point directory. Dropping it without
-//! [`PointWriter::commit`] removes the directory (best effort); a crash leaves it
-//! without a manifest, where listing ignores it and cleanup removes it.
+//! A [`PointWriter`] owns a fresh point (`vms/<vm-key>/<point-id>/`). Dropping it
+//! without [`PointWriter::commit`] deletes what it wrote (best effort); a crash
+//! leaves objects without a manifest, which listing ignores and cleanup removes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use super::atomic;
 use super::chunk_store::ChunkStore;
 use super::index::DiskIndex;
 use super::manifest::{Manifest, PointStatus};
 use super::names::{index_file_name, vm_key};
-use super::MANIFEST_FILE;
+use super::store::Store;
+use super::{delete_prefix, manifest_key, point_prefix, VmLock};
 
 /// An uncommitted point being written.
 #[derive(Debug)]
-pub struct PointWriter {
-    vm_key: String,
+pub struct PointWriter<'a> {
+    lock: &'a VmLock,
     point: String,
-    dir: PathBuf,
-    vm_dir: PathBuf,
+    store: Arc<dyn Store>,
     chunks: Arc<ChunkStore>,
     /// Disks whose index has been written, with its disk size and chunk size.
     disks: BTreeMap<String, (u64, u32)>,
-    /// Set once committed or aborted: Drop then leaves the directory alone.
+    /// Set once committed or aborted: Drop then leaves the objects alone.
     done: bool,
 }
 
-impl PointWriter {
+impl<'a> PointWriter<'a> {
     pub(crate) fn new(
-        vm_key: &str,
+        lock: &'a VmLock,
         point: &str,
-        vm_dir: PathBuf,
+        store: Arc<dyn Store>,
         chunks: Arc<ChunkStore>,
-    ) -> PointWriter {
+    ) -> PointWriter<'a> {
         PointWriter {
-            vm_key: vm_key.to_string(),
+            lock,
             point: point.to_string(),
-            dir: vm_dir.join(point),
-            vm_dir,
+            store,
             chunks,
             disks: BTreeMap::new(),
             done: false,
         }
-    }
-
-    /// The point directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// The point id.
@@ -60,13 +52,22 @@ impl PointWriter {
         &self.point
     }
 
+    fn vm_key(&self) -> &str {
+        self.lock.vm_key()
+    }
+
     /// Write the complete index of `disk` (atomically and durably).
     pub fn write_index(&mut self, disk: &str, index: &DiskIndex) -> Result<()> {
-        let path = self.dir.join(index_file_name(disk));
+        let key = format!(
+            "{}{}",
+            point_prefix(self.vm_key(), &self.point),
+            index_file_name(disk)
+        );
         let bytes = index
             .encode()
             .with_context(|| format!("cannot write index of disk '{disk}'"))?;
-        atomic::write_file(&path, &bytes)
+        self.store
+            .put(&key, &bytes)
             .with_context(|| format!("cannot write index of disk '{disk}'"))?;
         self.disks
             .insert(disk.to_string(), (index.disk_size, index.chunk_size));
@@ -75,26 +76,38 @@ impl PointWriter {
 
     /// Publish the point: check `manifest` against what was written and against
     /// the repository (its base and full must still exist), make every chunk
-    /// name durable, then rename the manifest in. Only then does the point exist.
+    /// name durable, check the locks are still ours, then write the manifest.
+    /// Only then does the point exist.
     pub fn commit(mut self, manifest: &Manifest) -> Result<()> {
         self.check_manifest(manifest)
             .with_context(|| format!("refusing to commit point {}", self.point))?;
         self.chunks
-            .sync_dirs()
+            .flush()
+            .with_context(|| format!("cannot commit point {}", self.point))?;
+        self.lock
+            .check()
             .with_context(|| format!("cannot commit point {}", self.point))?;
         let bytes = manifest.to_json()?;
-        atomic::write_file(&self.dir.join(MANIFEST_FILE), &bytes)
-            .with_context(|| format!("cannot commit point {}", self.point))?;
+        let key = manifest_key(self.vm_key(), &self.point);
+        if !self
+            .store
+            .put_if_absent(&key, &bytes)
+            .with_context(|| format!("cannot commit point {}", self.point))?
+        {
+            bail!("cannot commit point {}: it exists already", self.point);
+        }
         self.done = true;
         Ok(())
     }
 
-    /// Give the point up and remove its directory.
+    /// Give the point up and delete what was written.
     pub fn abort(mut self) -> Result<()> {
         self.done = true;
-        fs::remove_dir_all(&self.dir)
-            .with_context(|| format!("cannot remove aborted point {}", self.dir.display()))?;
-        atomic::sync_dir(&self.vm_dir)
+        delete_prefix(
+            self.store.as_ref(),
+            &point_prefix(self.vm_key(), &self.point),
+        )
+        .with_context(|| format!("cannot remove aborted point {}", self.point))
     }
 
     fn check_manifest(&self, manifest: &Manifest) -> Result<()> {
@@ -103,10 +116,10 @@ impl PointWriter {
             bail!("manifest names point {}", manifest.point);
         }
         let key = vm_key(&manifest.vm.platform, &manifest.vm.name);
-        if key != self.vm_key {
+        if key != self.vm_key() {
             bail!(
                 "manifest is for VM '{key}', the writer for '{}'",
-                self.vm_key
+                self.vm_key()
             );
         }
         if manifest.status != PointStatus::Completed {
@@ -126,7 +139,7 @@ impl PointWriter {
             }
         }
         for dep in [&manifest.base, &manifest.full].into_iter().flatten() {
-            if !self.vm_dir.join(dep).join(MANIFEST_FILE).is_file() {
+            if !self.store.exists(&manifest_key(self.vm_key(), dep))? {
                 bail!("base point {dep} was removed during the backup; chunks might be missing");
             }
         }
@@ -134,11 +147,14 @@ impl PointWriter {
     }
 }
 
-impl Drop for PointWriter {
+impl Drop for PointWriter<'_> {
     fn drop(&mut self) {
         if !self.done {
             // Best effort: cleanup removes what is left (it has no manifest).
-            let _ = fs::remove_dir_all(&self.dir);
+            let _ = delete_prefix(
+                self.store.as_ref(),
+                &point_prefix(self.vm_key(), &self.point),
+            );
         }
     }
 }

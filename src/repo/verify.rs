@@ -1,6 +1,8 @@
 //! Verifying a point: every chunk and delta its indexes refer to (and each
 //! delta's base chunk) is read, decompressed and re-hashed. Each distinct object
-//! is checked once per point.
+//! is checked once per point. Reading quarantines what does not decode
+//! (`chunk_store`); a missing object that is in quarantine is reported as such,
+//! and a quarantined object that is present and sound again counts as healed.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -17,14 +19,20 @@ use super::manifest::Manifest;
 pub struct VerifyReport {
     /// Distinct chunks read and re-hashed.
     pub chunks_checked: u64,
+    /// Objects that were quarantined once and are whole again (a later backup
+    /// stored the same content).
+    pub healed: u64,
     /// One entry per bad chunk (reported at the first slot referring to it).
     pub problems: Vec<Problem>,
+    /// Why the point's manifest or an index cannot be used (then no chunk was
+    /// checked).
+    pub damaged: Option<String>,
 }
 
 impl VerifyReport {
     /// True when no problem was found.
     pub fn is_ok(&self) -> bool {
-        self.problems.is_empty()
+        self.problems.is_empty() && self.damaged.is_none()
     }
 }
 
@@ -44,6 +52,9 @@ pub enum ProblemKind {
     Missing,
     /// The chunk file exists but is damaged; the reason says how.
     Corrupt(String),
+    /// The object was quarantined (it did not decode) and no backup has stored
+    /// its content again yet.
+    Quarantined,
 }
 
 impl fmt::Display for Problem {
@@ -51,6 +62,7 @@ impl fmt::Display for Problem {
         let what = match &self.kind {
             ProblemKind::Missing => "missing".to_string(),
             ProblemKind::Corrupt(reason) => format!("corrupt: {reason}"),
+            ProblemKind::Quarantined => "quarantined (it was corrupt); the next backup stores it again if the VM still holds that content".to_string(),
         };
         write!(
             f,
@@ -62,11 +74,13 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Check `indexes` (one per disk of `manifest`, in its order) against the store.
+/// Check `indexes` (one per disk of `manifest`, in its order) against the
+/// store; `quarantined` holds the ids of every object ever quarantined.
 pub(crate) fn verify_indexes(
     store: &ChunkStore,
     manifest: &Manifest,
     indexes: &[DiskIndex],
+    quarantined: &HashSet<Digest>,
 ) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let mut seen: HashSet<Digest> = HashSet::new();
@@ -93,7 +107,10 @@ pub(crate) fn verify_indexes(
                     }
                     report.chunks_checked += 1;
                     match store.read_delta_checked(id) {
-                        Ok(delta) if delta.len as usize == len => delta.base,
+                        Ok(delta) if delta.len as usize == len => {
+                            report.healed += u64::from(quarantined.contains(id));
+                            delta.base
+                        }
                         Ok(delta) => {
                             let why =
                                 format!("delta for {} bytes, the slot needs {len}", delta.len);
@@ -106,7 +123,7 @@ pub(crate) fn verify_indexes(
                             continue;
                         }
                         Err(e) => {
-                            let kind = problem_kind(e, "delta", id)?;
+                            let kind = problem_kind(e, "delta", id, quarantined)?;
                             report.problems.push(problem(disk, slot, id, kind));
                             continue;
                         }
@@ -118,11 +135,14 @@ pub(crate) fn verify_indexes(
             }
             report.chunks_checked += 1;
             let kind = match store.read_checked(&chunk) {
-                Ok(data) if data.len() == len => continue,
+                Ok(data) if data.len() == len => {
+                    report.healed += u64::from(quarantined.contains(&chunk));
+                    continue;
+                }
                 Ok(data) => {
                     ProblemKind::Corrupt(format!("{} bytes long, the slot needs {len}", data.len()))
                 }
-                Err(e) => problem_kind(e, "chunk", &chunk)?,
+                Err(e) => problem_kind(e, "chunk", &chunk, quarantined)?,
             };
             report.problems.push(problem(disk, slot, &chunk, kind));
         }
@@ -146,16 +166,18 @@ fn problem(
 
 /// A missing or corrupt object is a problem to report; an unreadable one (I/O,
 /// permissions) stops verification with an error.
-fn problem_kind(e: ChunkError, what: &str, digest: &Digest) -> Result<ProblemKind> {
+fn problem_kind(
+    e: ChunkError,
+    what: &str,
+    digest: &Digest,
+    quarantined: &HashSet<Digest>,
+) -> Result<ProblemKind> {
     match e {
-        ChunkError::Missing { .. } => Ok(ProblemKind::Missing),
-        ChunkError::Corrupt { reason, .. } => Ok(ProblemKind::Corrupt(reason)),
-        ChunkError::Unreadable { path, source } => Err(source).with_context(|| {
-            format!(
-                "cannot read {what} {} ({})",
-                digest_hex(digest),
-                path.display()
-            )
-        }),
+        ChunkError::Missing if quarantined.contains(digest) => Ok(ProblemKind::Quarantined),
+        ChunkError::Missing => Ok(ProblemKind::Missing),
+        ChunkError::Corrupt { reason } => Ok(ProblemKind::Corrupt(reason)),
+        ChunkError::Unreadable { source } => {
+            Err(source).with_context(|| format!("cannot read {what} {}", digest_hex(digest)))
+        }
     }
 }

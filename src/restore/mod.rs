@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::error::{invalid, Error};
-use crate::repo::{encode_name, sync_dir, Manifest, Repository, Slot};
+use crate::repo::{encode_name, sync_dir, Manifest, PointList, Repository, Slot};
 use crate::task::progress::Progress;
 
 pub mod point_reader;
@@ -78,32 +78,48 @@ pub struct RestoreReport {
     pub in_place: bool,
 }
 
-/// Pick a point: `None` → newest; otherwise that id, or a validation error listing ids.
+/// Pick a point: `None` → the newest good point; otherwise that id, an error
+/// when it is damaged, or a validation error listing the ids.
 pub fn select_point(repo: &Repository, vm_key: &str, point: Option<&str>) -> Result<Manifest> {
-    let points = repo.list_points(vm_key)?;
+    let list = repo.list_points(vm_key)?;
     match point {
-        None => points
-            .into_iter()
-            .last()
-            .ok_or_else(|| crate::error::refused(format!("VM '{vm_key}' has no restore points"))),
-        Some(id) => {
-            let ids: Vec<String> = points.iter().map(|p| p.point.clone()).collect();
-            points.into_iter().find(|p| p.point == id).ok_or_else(|| {
-                invalid(
-                    "--point",
-                    id,
-                    format!(
-                        "no such point; points: {}",
-                        if ids.is_empty() {
-                            "(none)".into()
-                        } else {
-                            ids.join(", ")
-                        }
-                    ),
-                )
+        None => {
+            list.points.into_iter().last().ok_or_else(|| {
+                crate::error::refused(format!("VM '{vm_key}' has no restore points"))
             })
         }
+        Some(id) => {
+            let id = select_point_id(&list, id)?;
+            list.points
+                .into_iter()
+                .find(|p| p.point == id)
+                .ok_or_else(|| anyhow::anyhow!("point {id} is damaged"))
+        }
     }
+}
+
+/// Check that `id` names a point of `list`: a damaged point is an error
+/// (exit 3) with the reason; an unknown id a validation error listing the ids.
+pub fn select_point_id(list: &PointList, id: &str) -> Result<String> {
+    if let Some(d) = list.damage_of(id) {
+        anyhow::bail!("point {id} is damaged: {}", d.reason);
+    }
+    if list.points.iter().any(|p| p.point == id) {
+        return Ok(id.to_string());
+    }
+    let ids = list.all_ids();
+    Err(invalid(
+        "--point",
+        id,
+        format!(
+            "no such point; points: {}",
+            if ids.is_empty() {
+                "(none)".into()
+            } else {
+                ids.join(", ")
+            }
+        ),
+    ))
 }
 
 /// Restore every disk of the chosen point into `dest`.

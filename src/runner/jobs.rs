@@ -5,13 +5,14 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::record::TaskRecorder;
-use super::{repo_root, Job, Outcome, RestoreTo, Runner, TaskSpec, BUFFERS_PER_TASK};
+use super::{Job, Outcome, RestoreTo, Runner, TaskSpec, BUFFERS_PER_TASK};
 use crate::backup::{run_backup, BackupJob, BackupOutcome};
 use crate::error::ExitCode;
-use crate::repo::{vm_key, Manifest, Repository};
+use crate::lifecycle::rule_repository_with_points;
+use crate::repo::{vm_key, Manifest};
 use crate::restore::{restore_point, ImageFormat, RestoreReport, RestoreRequest};
 use crate::state::State;
 use crate::task::throttle::Throttle;
@@ -38,11 +39,10 @@ pub fn run(runner: &Runner, spec: &TaskSpec, task: i64, cancel: Arc<AtomicBool>)
         Job::Backup { level, .. } => backup(runner, spec, *level, task, cancel),
         Job::Restore { point, to } => restore(runner, spec, point, to, task, cancel),
         Job::Recover { point, opts } => {
-            let (state, recorder) = recorder(runner, spec, task)?;
+            let (_, recorder) = recorder(runner, spec, task)?;
             let report = crate::recovery::start(
                 &crate::recovery::StartRequest {
                     state_path: &runner.cfg.state_path,
-                    repo_root: &repo_root(&state, &spec.rule)?,
                     rule: &spec.rule,
                     vm: &spec.vm,
                     point,
@@ -88,7 +88,7 @@ pub fn run(runner: &Runner, spec: &TaskSpec, task: i64, cancel: Arc<AtomicBool>)
             let report = crate::recovery::boot::verify_boot(
                 &crate::recovery::boot::BootRequest {
                     state_path: &runner.cfg.state_path,
-                    repo_root: &repo_root(&state, &spec.rule)?,
+                    repo: &rule_repository_with_points(&state, &spec.rule)?,
                     rule: &spec.rule,
                     vm: &spec.vm,
                     point,
@@ -127,8 +127,7 @@ fn restore(
 ) -> Result<Done> {
     let (state, recorder) = recorder(runner, spec, task)?;
     let rule = &spec.rule;
-    let repo = Repository::open(&repo_root(&state, rule)?)
-        .with_context(|| format!("rule '{}'", rule.name))?;
+    let repo = rule_repository_with_points(&state, rule)?;
     let key = vm_key(&rule.settings.platform, &spec.vm);
     let files = |dest: &Path, format: ImageFormat, force: bool| {
         let req = RestoreRequest {
@@ -201,7 +200,7 @@ fn backup(
     let job = BackupJob {
         platform: prow.name.clone(),
         vm: spec.vm.clone(),
-        repo_root: repo_root(&state, rule)?,
+        repo: crate::lifecycle::repository_for_backup(&state, rule)?,
         requested: level,
         auto_cbt: rule.settings.auto_cbt,
         cbt: rule.settings.cbt,

@@ -23,7 +23,7 @@ pub mod schedule;
 pub mod scheduler;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -57,12 +57,6 @@ const SLOT_RETRY: Duration = Duration::from_millis(500);
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How soon a SIGINT/SIGTERM reaches the running tasks' cancel flags.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
-
-/// The repository directory of a rule: target path / sub-directory (R5).
-pub fn repo_root(state: &State, rule: &RuleRow) -> Result<PathBuf> {
-    let target = state.require_target(&rule.settings.target)?;
-    Ok(Path::new(&target.path).join(&rule.settings.subdir))
-}
 
 /// One task to run: what, for which VM of which rule.
 #[derive(Debug, Clone)]

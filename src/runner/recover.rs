@@ -18,16 +18,17 @@ use crate::task::LogLevel;
 /// line per action.
 pub fn cleanup_vm(
     plat: &dyn Platform,
-    repo_root: &Path,
+    repo: Option<&Repository>,
     platform_name: &str,
     vm: &str,
     run_dir: &Path,
 ) -> Result<Vec<String>> {
     let mut handle = plat.open_vm(vm).with_context(|| format!("VM '{vm}'"))?;
-    match Repository::open_if_exists(repo_root)? {
+    match repo {
         Some(repo) => {
-            let lock = repo.lock_vm(&vm_key(platform_name, vm))?;
-            Ok(repair_leftovers(&repo, &lock, handle.as_mut(), run_dir)?.1)
+            let repo_lock = repo.lock_shared("cleanup")?;
+            let lock = repo.lock_vm(&repo_lock, &vm_key(platform_name, vm), "cleanup")?;
+            Ok(repair_leftovers(repo, &lock, handle.as_mut(), run_dir)?.1)
         }
         // No backup ever reached this repository: nothing to reconcile with.
         None => {
@@ -59,8 +60,8 @@ pub fn reclaim(state: &mut State, run_dir: &Path) -> Result<Vec<String>> {
             let rule = state.require_rule(&t.rule)?;
             let prow = state.require_platform(&rule.settings.platform)?;
             let plat = crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
-            let root = crate::runner::repo_root(state, &rule)?;
-            cleanup_vm(plat.as_ref(), &root, &prow.name, &t.vm, run_dir)
+            let repo = crate::lifecycle::rule_repository(state, &rule)?;
+            cleanup_vm(plat.as_ref(), repo.as_ref(), &prow.name, &t.vm, run_dir)
         })();
         let (level, msg) = match res {
             Ok(actions) if actions.is_empty() => (LogLevel::Info, "cleanup after the interrupted run: nothing left over".to_string()),

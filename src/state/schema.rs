@@ -117,7 +117,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER rule_vms_del AFTER DELETE ON rule_vms BEGIN
         UPDATE meta SET value = value + 1 WHERE key = 'config_generation'; END;
     "#,
-    // 3 (recovery, issue 11): a recovery outlives the command that started it: a
+    // 3 (lifecycle): a target is a typed spec, one JSON column (repo::TargetSpec,
+    // e.g. {"type":"directory","path":"/mnt/backup"}), plus the id of the marker
+    // written into it (NULL for targets registered before markers: `target mark`).
+    r#"
+    ALTER TABLE targets ADD COLUMN spec TEXT NOT NULL DEFAULT '{}';
+    UPDATE targets SET spec = json_object('type', 'directory', 'path', path);
+    ALTER TABLE targets DROP COLUMN path;
+    ALTER TABLE targets ADD COLUMN marker_id TEXT;
+    "#,
+    // 4 (recovery, issue 11): a recovery outlives the command that started it: a
     // background NBD server serves the point, a VM may run on overlays, an
     // instant recovery migrates to new images. One row per recovery, its id the
     // id of the task that started it; `task` is the recovery task serving it now.
@@ -159,6 +168,11 @@ pub const VERSION: u32 = MIGRATIONS.len() as u32;
 
 /// Bring the database to [`VERSION`], each step in its own transaction.
 pub fn migrate(conn: &mut Connection) -> Result<()> {
+    migrate_to(conn, VERSION)
+}
+
+/// Bring the database to version `target` (tests start from older versions).
+pub(crate) fn migrate_to(conn: &mut Connection, target: u32) -> Result<()> {
     let current: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if current > VERSION {
         bail!(
@@ -166,7 +180,12 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
              use a newer vmbackup"
         );
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(target as usize)
+        .skip(current as usize)
+    {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Re-check under the write lock: another process may have migrated meanwhile.
         let now: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;

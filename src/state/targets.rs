@@ -1,24 +1,37 @@
-//! Registered targets (R4): directories that hold backup repositories.
+//! Registered targets (R4): where backup repositories live, as a typed
+//! [`TargetSpec`] (one JSON column), and the id of the marker `target add` /
+//! `target mark` wrote there (`repo::target`).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 use super::platforms::{list_or_none, names_using};
 use super::State;
+use crate::repo::TargetSpec;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetRow {
     pub name: String,
-    pub path: String,
+    pub spec: TargetSpec,
+    /// The id in the target's marker; `None` until `target mark` (targets
+    /// registered before markers existed).
+    pub marker_id: Option<String>,
     pub created_at: String,
 }
 
+const COLS: &str = "name, spec, marker_id, created_at";
+
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TargetRow> {
+    let spec: String = r.get(1)?;
+    let spec = serde_json::from_str(&spec).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
+    })?;
     Ok(TargetRow {
         name: r.get(0)?,
-        path: r.get(1)?,
-        created_at: r.get(2)?,
+        spec,
+        marker_id: r.get(2)?,
+        created_at: r.get(3)?,
     })
 }
 
@@ -26,7 +39,7 @@ impl State {
     pub fn targets(&self) -> Result<Vec<TargetRow>> {
         let mut st = self
             .conn()
-            .prepare("SELECT name, path, created_at FROM targets ORDER BY name")?;
+            .prepare(&format!("SELECT {COLS} FROM targets ORDER BY name"))?;
         let rows = st
             .query_map([], from_row)?
             .collect::<rusqlite::Result<_>>()?;
@@ -37,7 +50,7 @@ impl State {
         Ok(self
             .conn()
             .query_row(
-                "SELECT name, path, created_at FROM targets WHERE name = ?1",
+                &format!("SELECT {COLS} FROM targets WHERE name = ?1"),
                 [name],
                 from_row,
             )
@@ -59,7 +72,8 @@ impl State {
         }
     }
 
-    pub fn add_target(&mut self, name: &str, path: &str) -> Result<()> {
+    pub fn add_target(&mut self, name: &str, spec: &TargetSpec, marker_id: &str) -> Result<()> {
+        let spec = serde_json::to_string(spec).context("cannot serialize the target spec")?;
         self.write(|tx| {
             let exists: bool = tx.query_row(
                 "SELECT COUNT(*) > 0 FROM targets WHERE name = ?1",
@@ -74,9 +88,27 @@ impl State {
                 ));
             }
             tx.execute(
-                "INSERT INTO targets (name, path, created_at) VALUES (?1, ?2, ?3)",
-                params![name, path, super::now_text()],
+                &format!("INSERT INTO targets ({COLS}) VALUES (?1, ?2, ?3, ?4)"),
+                params![name, spec, marker_id, super::now_text()],
             )?;
+            Ok(())
+        })
+    }
+
+    /// Record the id of the marker found in or written into a target.
+    pub fn set_target_marker(&mut self, name: &str, marker_id: &str) -> Result<()> {
+        self.write(|tx| {
+            if tx.execute(
+                "UPDATE targets SET marker_id = ?2 WHERE name = ?1",
+                params![name, marker_id],
+            )? == 0
+            {
+                return Err(crate::error::invalid(
+                    "target",
+                    name,
+                    "not a registered target",
+                ));
+            }
             Ok(())
         })
     }
@@ -104,5 +136,35 @@ impl State {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Migration 3 turns the `path` column of existing rows into a spec.
+    #[test]
+    fn existing_targets_keep_their_path_as_a_directory_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        {
+            let mut conn = rusqlite::Connection::open(&db).unwrap();
+            super::super::schema::migrate_to(&mut conn, 2).unwrap();
+            conn.execute(
+                "INSERT INTO targets (name, path, created_at) VALUES ('nas', '/mnt/b''x', 'now')",
+                [],
+            )
+            .unwrap();
+        }
+        let state = State::open(&db).unwrap();
+        let t = state.require_target("nas").unwrap();
+        assert_eq!(
+            t.spec,
+            TargetSpec::Directory {
+                path: "/mnt/b'x".into()
+            }
+        );
+        assert_eq!(t.marker_id, None);
     }
 }

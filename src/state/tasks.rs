@@ -147,6 +147,18 @@ impl State {
             .optional()?)
     }
 
+    /// True when a backup of `rule` completed that was created at or after
+    /// `since` (RFC 3339 UTC; compared as times, the stored texts differ in
+    /// precision): the rule's repository must then exist.
+    pub fn has_completed_backup(&self, rule: &str, since: &str) -> Result<bool> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) > 0 FROM tasks WHERE kind = 'backup' AND state = 'completed'
+             AND rule = ?1 AND julianday(created_at) >= julianday(?2)",
+            [rule, since],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Append a log line to a task (R32).
     pub fn log(&mut self, task: i64, level: LogLevel, message: &str) -> Result<()> {
         self.write(|tx| {

@@ -145,9 +145,9 @@ impl TestVm {
             .spawn()
             .expect("start qemu-storage-daemon");
         self.child = Some(child);
-        wait_for(|| self.qmp_sock.exists(), "QMP socket");
+        wait_for(|| accepts(&self.qmp_sock), "QMP socket");
         if let Some(sock) = &self.nbd_sock {
-            wait_for(|| sock.exists(), "NBD socket");
+            wait_for(|| accepts(sock), "NBD socket");
         }
     }
 
@@ -299,6 +299,12 @@ impl Drop for TestVm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether a server accepts connections on the unix socket `path`: the file
+/// appears at bind(2), a moment before listen(2), when a connect is still refused.
+pub fn accepts(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
 /// A QMP conversation for tests: greeting, capabilities, then `cmds`; events skipped.

@@ -1,21 +1,22 @@
-//! `Publisher`: fsync-and-rename of staged chunk files on background threads.
+//! `Publisher`: fsync-and-rename of staged files on background threads (the
+//! local store's deferred puts).
 //!
 //! A chunk's name must never exist before its data is durable (an existing
 //! chunk is trusted), so every chunk is fsynced before its rename. Doing that
 //! inline would hold the backup's chunk buffer through a disk flush; instead
-//! the chunk store stages the file (a plain write into the page cache) and hands
+//! the local store stages the file (a plain write into the page cache) and hands
 //! it here, and several threads fsync and rename staged files in parallel.
 //! [`Publisher::flush`] waits until every handed-over file is published (or
 //! reports the first failure); a point is committed only after it returns.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use anyhow::{anyhow, Result};
 
-use super::atomic::Staged;
+use super::atomic::{Publish, Staged};
 
 /// Threads publishing staged files: fsyncs wait on the disk, not the CPU, and
 /// overlapping them lets the disk batch the flushes.
@@ -23,8 +24,9 @@ const THREADS: usize = 8;
 
 #[derive(Debug, Default)]
 struct Progress {
-    /// Final paths of files handed over and not yet published.
-    pending: HashSet<PathBuf>,
+    /// Final paths of files handed over and not yet published (with how many
+    /// copies are in flight: two writers may stage the same object).
+    pending: HashMap<PathBuf, usize>,
     error: Option<String>,
 }
 
@@ -53,7 +55,7 @@ impl Publisher {
             if let Some(e) = &p.error {
                 return Err(anyhow!("an earlier chunk write failed: {e}"));
             }
-            p.pending.insert(staged.path().to_path_buf());
+            *p.pending.entry(staged.path().to_path_buf()).or_default() += 1;
         }
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         let tx = queue.get_or_insert_with(|| self.start());
@@ -69,7 +71,7 @@ impl Publisher {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pending
-            .contains(path)
+            .contains_key(path)
     }
 
     /// Wait until every submitted file is published; the first failure, if any.
@@ -109,7 +111,7 @@ fn publish_loop(rx: &Mutex<Receiver<Staged>>, shared: &Shared) {
         let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
         let Ok(staged) = job else { return };
         let path = staged.path().to_path_buf();
-        let result = staged.publish();
+        let result = staged.publish(Publish::IfAbsent);
         let mut p = shared
             .progress
             .lock()
@@ -117,7 +119,12 @@ fn publish_loop(rx: &Mutex<Receiver<Staged>>, shared: &Shared) {
         if let Err(e) = result {
             p.error.get_or_insert(format!("{e:#}"));
         }
-        p.pending.remove(&path);
+        if let Some(n) = p.pending.get_mut(&path) {
+            *n -= 1;
+            if *n == 0 {
+                p.pending.remove(&path);
+            }
+        }
         if p.pending.is_empty() {
             shared.idle.notify_all();
         }
@@ -127,7 +134,7 @@ fn publish_loop(rx: &Mutex<Receiver<Staged>>, shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::atomic::stage_file;
+    use crate::repo::store::atomic::stage_file;
 
     #[test]
     fn flush_waits_for_every_file_and_reports_failures() {
