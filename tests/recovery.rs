@@ -1,109 +1,34 @@
-//! Recovery against real QEMU (issue 11): a point served over vmbackup's own NBD
-//! server equals the point (nbdcopy, digest) for a full and an incremental; a VM
-//! started on overlays reads the point and its writes land in the overlay while
-//! the repository stays unchanged; recover list/stop; instant recovery ends with
-//! the VM on new images equal to the point; in-place restore is refused while
-//! the image is open. VMs are qemu-system under TCG, paused, with no OS: they
-//! are read and written through HMP `qemu-io`.
+//! Recovery against real QEMU (issue 11, R32, R37, R38): a point served by
+//! vmbackup's own NBD server equals the point (nbdcopy, digest) for a full, an
+//! incremental and a differential; a VM started on overlays reads the point and
+//! its writes land in its overlay (read with qemu-img while it runs and after it
+//! quit) while the repository stays unchanged; recover list/stop; instant
+//! recovery ends with the VM on new images equal to the point plus the writes
+//! made during the mirror; the process driving the mirror killed mid-mirror,
+//! then `recover resume`, and `recover abort`; a restarted server is picked up
+//! by QEMU's reconnect-delay; in-place restore is refused while the image is
+//! open and followed by a full.
+//!
+//! VMs are qemu-system under TCG with no OS (SeaBIOS finds nothing to boot);
+//! their disks are written through HMP `qemu-io` on the guest device and read
+//! from outside through NBD exports of their nodes (tests/common/system_vm.rs).
 
 mod common;
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
+use common::system_vm::{
+    export_digest, hmp_qemu_io, image_digest, patched_digest, SystemVm, VmOptions,
+};
 use common::*;
 use serde_json::Value;
 
-/// A qemu-system VM with one qcow2 disk `vda`, QMP socket `<qmp_dir>/<name>.qmp`.
-struct SysVm {
-    child: Child,
-    qmp: PathBuf,
-    image: PathBuf,
-}
-
-impl Drop for SysVm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn sys_vm(env: &Env, name: &str, size: u64) -> SysVm {
-    let dir = env.path(&format!("vms/{name}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("vda.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            image.to_str().unwrap(),
-            &size.to_string(),
-        ],
-    );
-    let qmp = env.qmp_dir.join(format!("{name}.qmp"));
-    let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "q35,accel=tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "64",
-            "-S",
-            "-name",
-            name,
-        ])
-        .arg("-blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0-file,filename={}",
-            image.display()
-        ))
-        .args(["-blockdev", "driver=qcow2,node-name=disk0,file=disk0-file"])
-        .args(["-device", "virtio-blk-pci,drive=disk0,id=vda"])
-        .args([
-            "-netdev",
-            "user,id=n0",
-            "-device",
-            "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
-        ])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(|| qmp.exists(), "VM QMP socket");
-    SysVm { child, qmp, image }
-}
-
-/// `qemu-io -d vda CMD` through the VM's monitor; returns its output.
-fn hmp_io(qmp: &Path, cmd: &str) -> String {
-    let line = serde_json::json!({
-        "execute": "human-monitor-command",
-        "arguments": { "command-line": format!("qemu-io -d vda \"{cmd}\"") }
-    })
-    .to_string();
-    let r = qmp_session(qmp, &[&line]);
-    let out = r[0]["return"].as_str().unwrap_or_default().to_string();
-    assert!(
-        !out.contains("failed") && !out.contains("error"),
-        "qemu-io {cmd}: {out}"
-    );
-    out
-}
-
-fn lab(env: &Env) {
-    env.add_lab("t1");
-}
-
 /// The point restored with `restore --to`, its digest.
 fn restored_digest(env: &Env, rule: &str, vm: &str, point: &str) -> String {
-    let to = env.path(&format!("restored-{point}"));
+    let to = env.path(&format!("restored-{vm}-{point}"));
     env.ok(&[
         "restore",
         rule,
@@ -117,6 +42,7 @@ fn restored_digest(env: &Env, rule: &str, vm: &str, point: &str) -> String {
     file_digest(&to.join("vda.raw"))
 }
 
+/// Every object of the target, hashed: "the repository is unchanged".
 fn repo_digest(env: &Env) -> String {
     let out = Command::new("sh")
         .arg("-c")
@@ -146,25 +72,70 @@ fn recover_json(env: &Env, args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("not one JSON document ({e}): {out}"))
 }
 
+/// `recover list --all` entry of recovery `id`.
+fn recovery(env: &Env, id: i64) -> Value {
+    let list = env.json(&["recover", "list", "--all"]);
+    list["recoveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no recovery {id}: {list}"))
+}
+
+/// Data allocated in an overlay itself (not in its backing): (offset, length).
+fn overlay_data(overlay: &Path) -> Vec<(u64, u64)> {
+    let map = run(
+        "qemu-img",
+        &["map", "-U", "--output=json", overlay.to_str().unwrap()],
+    );
+    serde_json::from_str::<Vec<Value>>(&map)
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
+fn pid_alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
 #[test]
-fn transient_recovery_serves_each_point_byte_exact_and_a_started_vm_writes_to_its_overlay() {
+fn transient_recovery_serves_every_level_byte_exact_and_a_started_vm_writes_to_its_overlay() {
     let env = Env::new();
-    let vm = sys_vm(&env, "web", 16 * MIB);
-    hmp_io(&vm.qmp, "write -P 0x11 0 1M");
-    hmp_io(&vm.qmp, "write -P 0x22 5M 300k");
-    lab(&env);
+    let vm = SystemVm::start(
+        &env,
+        "web",
+        16 * MIB,
+        &VmOptions {
+            nic: true,
+            ..VmOptions::default()
+        },
+    );
+    vm.write(0, MIB, 0x11);
+    vm.write(5 * MIB, 300 * 1024, 0x22);
+    env.add_lab("t1");
     env.add_rule("r1", "lab", "web", "t1", &["--once", "2099-01-01 00:00"]);
+    let mut expected = Vec::new();
     env.ok(&["run-now", "r1", "--level", "full"]);
-    hmp_io(&vm.qmp, "write -P 0x33 64k 64k");
-    hmp_io(&vm.qmp, "write -P 0x44 9M 4k");
+    expected.push(vm.keep_shadow("full"));
+    vm.write(64 * 1024, 64 * 1024, 0x33);
+    vm.write(9 * MIB, 4096, 0x44);
     env.ok(&["run-now", "r1", "--level", "inc"]);
+    expected.push(vm.keep_shadow("inc"));
+    vm.write(12 * MIB, 128 * 1024, 0x55);
+    env.ok(&["run-now", "r1", "--level", "diff"]);
+    expected.push(vm.keep_shadow("diff"));
     let ids = points(&env, "r1", "web");
-    assert_eq!(ids.len(), 2);
+    assert_eq!(ids.len(), 3);
     let repo_before = repo_digest(&env);
 
     let mut recoveries = Vec::new();
-    for point in &ids {
-        let want = restored_digest(&env, "r1", "web", point);
+    for (point, shadow) in ids.iter().zip(&expected) {
+        let want = file_digest(shadow);
+        assert_eq!(restored_digest(&env, "r1", "web", point), want);
         let doc = recover_json(
             &env,
             &["r1", "--vm", "web", "--point", point, "--transient"],
@@ -175,7 +146,6 @@ fn transient_recovery_serves_each_point_byte_exact_and_a_started_vm_writes_to_it
         let rep = &task["outcome"];
         let uri = rep["disks"][0]["uri"].as_str().unwrap();
         let overlay = PathBuf::from(rep["disks"][0]["overlay"].as_str().unwrap());
-        assert!(overlay.exists());
         assert!(rep["command_line"]
             .as_array()
             .unwrap()
@@ -185,23 +155,13 @@ fn transient_recovery_serves_each_point_byte_exact_and_a_started_vm_writes_to_it
         run("nbdcopy", &[uri, copy.to_str().unwrap()]);
         assert_eq!(file_digest(&copy), want, "export of point {point}");
         // The overlay reads as the point too (QEMU's NBD driver as its backing).
-        let via = env.path(&format!("via-overlay-{point}.raw"));
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-O",
-                "raw",
-                overlay.to_str().unwrap(),
-                via.to_str().unwrap(),
-            ],
-        );
-        assert_eq!(file_digest(&via), want);
+        let scratch = env.path("scratch.raw");
+        assert_eq!(image_digest(&overlay, &scratch), want, "overlay of {point}");
         recoveries.push(rep["recovery"].as_i64().unwrap());
     }
 
-    // A VM started from the captured configuration reads the full point; its
-    // writes go to its overlay; the repository is never written.
+    // A VM started from the captured configuration reads the full point through
+    // overlay + export; its writes go to its overlay; the repository is never written.
     let doc = recover_json(
         &env,
         &[
@@ -214,32 +174,47 @@ fn transient_recovery_serves_each_point_byte_exact_and_a_started_vm_writes_to_it
             "--start",
             "--name",
             "web-copy",
+            "--accel",
+            "tcg",
         ],
     );
     let rep = &doc["tasks"][0]["outcome"];
+    let started = rep["recovery"].as_i64().unwrap();
     let qmp = PathBuf::from(rep["vm"]["qmp"].as_str().unwrap());
-    hmp_io(&qmp, "read -P 0x11 0 1M");
-    hmp_io(&qmp, "read -P 0x22 5M 300k");
-    hmp_io(&qmp, "read -P 0 1M 64k");
-    let overlay = rep["disks"][0]["overlay"].as_str().unwrap().to_string();
-    let size_before = std::fs::metadata(&overlay).unwrap().len();
-    hmp_io(&qmp, "write -P 0x77 2M 64k");
-    hmp_io(&qmp, "read -P 0x77 2M 64k");
-    hmp_io(&qmp, "flush");
-    let blocks = qmp_session(&qmp, &[r#"{"execute":"query-block"}"#]);
-    assert_eq!(blocks[0]["return"][0]["inserted"]["file"], overlay.as_str());
+    let overlay = PathBuf::from(rep["disks"][0]["overlay"].as_str().unwrap());
     let names = qmp_session(&qmp, &[r#"{"execute":"query-name"}"#]);
     assert_eq!(names[0]["return"]["name"], "web-copy");
-    // The VM sees its write (it sits on the overlay, checked above); the
-    // repository is compared unchanged below. Not yet asserted: the write seen
-    // in the overlay file from outside QEMU (see the recovery report).
-    let _ = size_before;
-    recoveries.push(rep["recovery"].as_i64().unwrap());
+    let blocks = qmp_session(&qmp, &[r#"{"execute":"query-block"}"#]);
+    assert_eq!(
+        blocks[0]["return"][0]["inserted"]["file"],
+        overlay.to_str().unwrap()
+    );
+    let scratch = env.path("scratch.raw");
+    let full = file_digest(&expected[0]);
+    assert_eq!(export_digest(&qmp, "disk0", &env.path("")), full);
+    assert!(overlay_data(&overlay).is_empty(), "reads wrote the overlay");
+    hmp_qemu_io(&qmp, "write -P 0x77 2M 64k");
+    hmp_qemu_io(&qmp, "flush");
+    let written = patched_digest(
+        &expected[0],
+        &env.path("full+write.raw"),
+        &[(2 * MIB, 64 * 1024, 0x77)],
+    );
+    assert_eq!(export_digest(&qmp, "disk0", &env.path("")), written);
+    // From outside QEMU, after the flush: the overlay holds exactly the write.
+    assert_eq!(overlay_data(&overlay), [(2 * MIB, 64 * 1024)]);
+    assert_eq!(image_digest(&overlay, &scratch), written);
 
     let list = env.json(&["recover", "list"]);
     let listed = list["recoveries"].as_array().unwrap();
-    assert_eq!(listed.len(), 3, "{list}");
-    assert!(listed.iter().all(|r| r["server_running"] == true), "{list}");
+    assert_eq!(listed.len(), 4, "{list}");
+    assert!(
+        listed
+            .iter()
+            .all(|r| r["server_running"] == true && r["status"] == "running"),
+        "{list}"
+    );
+    assert!(listed.iter().all(|r| r["stage"] == "serving"), "{list}");
     // Transient recovery takes no slot (R38) and its point is in its task row.
     let tasks = env.json(&["task", "list"]);
     let recov: Vec<&Value> = tasks
@@ -248,11 +223,33 @@ fn transient_recovery_serves_each_point_byte_exact_and_a_started_vm_writes_to_it
         .iter()
         .filter(|t| t["kind"] == "recovery")
         .collect();
-    assert_eq!(recov.len(), 3, "{tasks}");
+    assert_eq!(recov.len(), 4, "{tasks}");
     assert!(recov.iter().all(|t| t["point"].is_string()), "{tasks}");
     // R37: the rule is held while recoveries run.
     let err = env.fails(4, &["rule", "remove", "r1"]);
     assert!(err.contains("R37"), "{err}");
+
+    // Stopped with its overlay kept: the VM quit, and the overlay file alone
+    // (no backing) holds the write.
+    let stop = env.json(&["recover", "stop", &started.to_string(), "--keep-overlays"]);
+    assert_eq!(
+        stop["kept_overlays"][0],
+        overlay.to_str().unwrap(),
+        "{stop}"
+    );
+    let alone = format!(
+        "json:{}",
+        serde_json::json!({"driver": "qcow2", "backing": null,
+            "file": {"driver": "file", "filename": overlay}})
+    );
+    run(
+        "qemu-img",
+        &["convert", "-O", "raw", &alone, scratch.to_str().unwrap()],
+    );
+    let mut only_write = vec![0u8; 16 * MIB as usize];
+    only_write[2 * MIB as usize..(2 * MIB + 64 * 1024) as usize].fill(0x77);
+    assert_eq!(std::fs::read(&scratch).unwrap(), only_write);
+    std::fs::remove_file(&overlay).unwrap();
 
     for id in &recoveries {
         env.ok(&["recover", "stop", &id.to_string()]);
@@ -261,59 +258,138 @@ fn transient_recovery_serves_each_point_byte_exact_and_a_started_vm_writes_to_it
         .as_array()
         .unwrap()
         .is_empty());
-    assert!(!Path::new(&overlay).exists());
     assert_eq!(repo_before, repo_digest(&env), "the repository changed");
     let all = env.json(&["task", "list", "--all"]);
+    let ended: Vec<&Value> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "recovery")
+        .collect();
+    assert_eq!(ended.len(), 4, "{all}");
     assert!(
-        all.as_array()
-            .unwrap()
+        ended
             .iter()
-            .filter(|t| t["kind"] == "recovery")
             .all(|t| t["state"] == "completed" || t["status"] == "completed"),
         "{all}"
     );
     drop(vm);
 }
 
-#[test]
-fn instant_recovery_moves_the_disk_to_new_images_and_the_vm_joins_the_platform() {
-    let env = Env::new();
-    let vm = sys_vm(&env, "db", 16 * MIB);
-    hmp_io(&vm.qmp, "write -P 0x5a 0 2M");
-    hmp_io(&vm.qmp, "write -P 0x6b 12M 1M");
-    lab(&env);
-    env.add_rule("r1", "lab", "db", "t1", &["--once", "2099-01-01 00:00"]);
-    env.ok(&["run-now", "r1", "--level", "full"]);
-    let point = points(&env, "r1", "db").remove(0);
-    let want = restored_digest(&env, "r1", "db", &point);
-    let to = env.path("production");
-    std::fs::create_dir_all(&to).unwrap();
-    let doc = recover_json(
-        &env,
+/// A rule whose transfers are limited to 1 MiB/s all week: a mirror of a few
+/// MiB takes seconds, long enough to write during it and to kill its driver.
+fn slow_rule(env: &Env, vm: &str) {
+    env.add_rule(
+        "r1",
+        "lab",
+        vm,
+        "t1",
         &[
-            "r1",
-            "--vm",
-            "db",
-            "--instant",
-            "--to",
-            to.to_str().unwrap(),
-            "--name",
-            "db2",
+            "--once",
+            "2099-01-01 00:00",
+            "--bandwidth",
+            "mon-sun 00:00-24:00 1MiB/s",
         ],
     );
-    assert_eq!(doc["exit_code"], 0, "{doc}");
+}
+
+/// `recover --instant` in the background (it returns when the migration ends).
+fn spawn_instant(env: &Env, vm: &str, to: &Path, name: &str) -> Child {
+    std::fs::create_dir_all(to).unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("vmbackup");
+    Command::new(bin)
+        .env("VMBACKUP_STATE", &env.state)
+        .env("VMBACKUP_CONFIG", &env.config)
+        .args(["--json", "recover", "r1", "--vm", vm, "--instant", "--to"])
+        .arg(to)
+        .args(["--name", name, "--accel", "tcg"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Wait until the newest recovery migrates with its mirror job running in QEMU
+/// (not yet ready); returns the recovery's id and the VM's QMP socket.
+fn wait_mirroring(env: &Env, child: &mut Child) -> (i64, PathBuf) {
+    let t = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            for pipe in [
+                child.stdout.take().map(|p| Box::new(p) as Box<dyn Read>),
+                child.stderr.take().map(|p| Box::new(p) as Box<dyn Read>),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let mut p = pipe;
+                let _ = p.read_to_string(&mut out);
+            }
+            panic!("recover --instant ended ({status}) before its mirror was seen: {out}");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no mirror job within 120 s"
+        );
+        let list = env.json(&["recover", "list"]);
+        if let Some(r) = list["recoveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["stage"] == "migrating" && r["vm_qmp"].is_string())
+        {
+            let qmp = PathBuf::from(r["vm_qmp"].as_str().unwrap());
+            let jobs = qmp_session(&qmp, &[r#"{"execute":"query-block-jobs"}"#]);
+            let running = jobs[0]["return"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|j| j["type"] == "mirror" && j["ready"] == false);
+            if running {
+                return (r["id"].as_i64().unwrap(), qmp);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn instant_recovery_moves_the_point_and_the_writes_made_during_the_mirror_to_new_images() {
+    let env = Env::new();
+    let vm = SystemVm::start(&env, "db", 16 * MIB, &VmOptions::default());
+    vm.write(0, 2 * MIB, 0x5a);
+    vm.write(12 * MIB, MIB, 0x6b);
+    env.add_lab("t1");
+    slow_rule(&env, "db");
+    env.ok(&["run-now", "r1", "--level", "full"]);
+    let point = vm.keep_shadow("full");
+    let repo_before = repo_digest(&env);
+    let to = env.path("production");
+    let mut child = spawn_instant(&env, "db", &to, "db2");
+    let (id, hidden_qmp) = wait_mirroring(&env, &mut child);
+    // Writes while the mirror runs: one over data being copied, one elsewhere.
+    hmp_qemu_io(&hidden_qmp, "write -P 0x99 1M 64k");
+    hmp_qemu_io(&hidden_qmp, "write -P 0x98 8M 128k");
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_str(text.trim()).unwrap();
     let kinds: Vec<&str> = doc["tasks"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t| t["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["recovery", "migration"]);
+    assert_eq!(kinds, ["recovery", "migration"], "{doc}");
     let mig = &doc["tasks"][1]["outcome"];
     let qmp = PathBuf::from(mig["qmp"].as_str().unwrap());
     assert_eq!(qmp, env.qmp_dir.join("db2.qmp"));
-    // The VM runs on the new image, which holds the point; its writes land there.
-    hmp_io(&qmp, "read -P 0x5a 0 2M");
     let image = PathBuf::from(mig["images"][0]["path"].as_str().unwrap());
     assert_eq!(image, to.join("vda.qcow2"));
     let blocks = qmp_session(&qmp, &[r#"{"execute":"query-block"}"#]);
@@ -322,72 +398,220 @@ fn instant_recovery_moves_the_disk_to_new_images_and_the_vm_joins_the_platform()
         image.to_str().unwrap()
     );
     // The export is closed, the recovery migrated, the platform lists the VM.
-    let list = env.json(&["recover", "list", "--all"]);
-    assert_eq!(list["recoveries"][0]["status"], "migrated", "{list}");
-    assert_eq!(list["recoveries"][0]["server_running"], false, "{list}");
+    let r = recovery(&env, id);
+    assert_eq!(r["stage"], "migrated", "{r}");
+    assert_eq!(r["server_running"], false, "{r}");
     let vms = env.json(&["platform", "vms", "lab", "--refresh"]);
     assert!(vms.to_string().contains("db2"), "{vms}");
-    let out = env.path("final.raw");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-U",
-            "-O",
-            "raw",
-            image.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ],
+    let want = patched_digest(
+        &point,
+        &env.path("want.raw"),
+        &[(MIB, 64 * 1024, 0x99), (8 * MIB, 128 * 1024, 0x98)],
+    );
+    hmp_qemu_io(&qmp, "flush");
+    assert_eq!(
+        image_digest(&image, &env.path("final.raw")),
+        want,
+        "the migrated image is not the point plus the writes made during the mirror"
+    );
+    assert_eq!(repo_before, repo_digest(&env), "the repository changed");
+    qmp_session(&qmp, &[r#"{"execute":"quit"}"#]);
+    drop(vm);
+}
+
+#[test]
+fn a_killed_migration_is_finished_by_resume_or_cancelled_by_abort_while_the_vm_runs() {
+    let env = Env::new();
+    let vm = SystemVm::start(&env, "app", 16 * MIB, &VmOptions::default());
+    vm.write(0, 3 * MIB, 0x21);
+    vm.write(10 * MIB, MIB, 0x22);
+    env.add_lab("t1");
+    slow_rule(&env, "app");
+    env.ok(&["run-now", "r1", "--level", "full"]);
+    let point = vm.keep_shadow("full");
+
+    // 1. Killed mid-mirror: the VM keeps running on its overlay, served by the
+    // recovery's own server; `recover resume` finishes the migration.
+    let to = env.path("prod-a");
+    let mut child = spawn_instant(&env, "app", &to, "app-a");
+    let (a, qmp) = wait_mirroring(&env, &mut child);
+    hmp_qemu_io(&qmp, "write -P 0x31 512k 64k");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let r = recovery(&env, a);
+    assert_eq!(r["stage"], "migrating", "{r}");
+    assert_eq!(r["server_running"], true, "{r}");
+    assert_eq!(r["vm_running"], true, "{r}");
+    hmp_qemu_io(&qmp, "write -P 0x32 6M 64k");
+    let doc = env.json(&["recover", "resume", &a.to_string()]);
+    assert_eq!(doc["exit_code"], 0, "{doc}");
+    assert_eq!(doc["tasks"][0]["kind"], "migration", "{doc}");
+    let mig = &doc["tasks"][0]["outcome"];
+    let new_qmp = PathBuf::from(mig["qmp"].as_str().unwrap());
+    assert_eq!(new_qmp, env.qmp_dir.join("app-a.qmp"));
+    hmp_qemu_io(&new_qmp, "flush");
+    let want = patched_digest(
+        &point,
+        &env.path("want-a.raw"),
+        &[(512 * 1024, 64 * 1024, 0x31), (6 * MIB, 64 * 1024, 0x32)],
     );
     assert_eq!(
-        file_digest(&out),
-        want,
-        "the migrated image is not the point"
+        image_digest(&to.join("vda.qcow2"), &env.path("final-a.raw")),
+        want
     );
-    qmp_session(&qmp, &[r#"{"execute":"quit"}"#]);
+    assert_eq!(recovery(&env, a)["stage"], "migrated");
+    let tasks = env.json(&["task", "list", "--all"]);
+    let migrations: Vec<&str> = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "migration")
+        .map(|t| t["status"].as_str().or(t["state"].as_str()).unwrap())
+        .collect();
+    assert_eq!(migrations, ["completed", "interrupted"], "{tasks}");
+    qmp_session(&new_qmp, &[r#"{"execute":"quit"}"#]);
+
+    // 2. Killed mid-mirror, then aborted: the mirror is cancelled, the partial
+    // image removed, the VM runs on as a transient recovery until stopped.
+    let to = env.path("prod-b");
+    let mut child = spawn_instant(&env, "app", &to, "app-b");
+    let (b, qmp) = wait_mirroring(&env, &mut child);
+    hmp_qemu_io(&qmp, "write -P 0x41 7M 64k");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = to.join("vda.qcow2");
+    assert!(partial.exists());
+    let doc = env.json(&["recover", "abort", &b.to_string()]);
+    let actions = doc["actions"].to_string();
+    assert!(
+        actions.contains("cancelled the mirror job")
+            && actions.contains("removed the partial image"),
+        "{doc}"
+    );
+    assert!(!partial.exists(), "the partial image is left");
+    let r = recovery(&env, b);
+    assert_eq!(r["stage"], "serving", "{r}");
+    assert_eq!(r["mode"], "transient", "{r}");
+    assert!(
+        r["vm_running"] == true && r["server_running"] == true,
+        "{r}"
+    );
+    let jobs = qmp_session(&qmp, &[r#"{"execute":"query-block-jobs"}"#]);
+    assert_eq!(jobs[0]["return"], serde_json::json!([]), "{jobs:?}");
+    let want = patched_digest(
+        &point,
+        &env.path("want-b.raw"),
+        &[(7 * MIB, 64 * 1024, 0x41)],
+    );
+    assert_eq!(export_digest(&qmp, "disk0", &env.path("")), want);
+    env.ok(&["recover", "stop", &b.to_string()]);
+    assert!(!qmp.exists());
+    drop(vm);
+}
+
+#[test]
+fn a_restarted_server_is_picked_up_by_the_vms_nbd_client() {
+    let env = Env::new();
+    let vm = SystemVm::start(&env, "rc", 16 * MIB, &VmOptions::default());
+    vm.write(0, MIB, 0x61);
+    vm.write(11 * MIB, 2 * MIB, 0x62);
+    env.add_lab("t1");
+    env.add_rule("r1", "lab", "rc", "t1", &["--once", "2099-01-01 00:00"]);
+    env.ok(&["run-now", "r1", "--level", "full"]);
+    let want = vm.shadow_digest();
+    let doc = recover_json(
+        &env,
+        &[
+            "r1",
+            "--vm",
+            "rc",
+            "--transient",
+            "--start",
+            "--accel",
+            "tcg",
+        ],
+    );
+    let rep = &doc["tasks"][0]["outcome"];
+    let id = rep["recovery"].as_i64().unwrap();
+    let server = rep["server_pid"].as_i64().unwrap();
+    let qmp = PathBuf::from(rep["vm"]["qmp"].as_str().unwrap());
+    // The server dies (SIGKILL: it cleans nothing up).
+    Command::new("kill")
+        .args(["-KILL", &server.to_string()])
+        .status()
+        .unwrap();
+    wait_for(|| !pid_alive(server), "the server's end");
+    let r = recovery(&env, id);
+    assert_eq!(r["server_running"], false, "{r}");
+    assert_eq!(r["vm_running"], true, "{r}");
+    // A read of the VM's disk now waits for the server (nothing of the point is
+    // in the overlay)...
+    let dir = env.path("");
+    let reader = {
+        let qmp = qmp.clone();
+        std::thread::spawn(move || export_digest(&qmp, "disk0", &dir))
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !reader.is_finished(),
+        "a read finished while the NBD server was down"
+    );
+    // ...and completes once `recover resume` restarted it on the same socket.
+    let doc = env.json(&["recover", "resume", &id.to_string()]);
+    assert_eq!(doc["exit_code"], 0, "{doc}");
+    assert_eq!(doc["tasks"][0]["kind"], "recovery", "{doc}");
+    assert_eq!(reader.join().unwrap(), want);
+    let r = recovery(&env, id);
+    assert_eq!(r["server_running"], true, "{r}");
+    assert_ne!(r["server_pid"], server, "{r}");
+    let tasks = env.json(&["task", "list", "--all"]);
+    let states: Vec<&str> = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "recovery")
+        .map(|t| t["status"].as_str().or(t["state"].as_str()).unwrap())
+        .collect();
+    assert_eq!(states, ["running", "interrupted"], "{tasks}");
+    env.ok(&["recover", "stop", &id.to_string()]);
     drop(vm);
 }
 
 #[test]
 fn in_place_restore_is_refused_while_the_image_is_open_and_the_next_backup_is_a_full() {
     let env = Env::new();
-    let mut vm = sys_vm(&env, "app", 8 * MIB);
-    hmp_io(&vm.qmp, "write -P 0x21 0 1M");
-    lab(&env);
+    let mut vm = SystemVm::start(&env, "app", 8 * MIB, &VmOptions::default());
+    vm.write(0, MIB, 0x21);
+    vm.write(6 * MIB, 64 * 1024, 0x23);
+    env.add_lab("t1");
     env.add_rule("r1", "lab", "app", "t1", &["--once", "2099-01-01 00:00"]);
     env.ok(&["run-now", "r1", "--level", "full"]);
-    let point = points(&env, "r1", "app").remove(0);
-    let want = restored_digest(&env, "r1", "app", &point);
-    let before = env.dump();
+    let want = vm.shadow_digest();
     let err = env.fails(4, &["restore", "r1", "--vm", "app", "--in-place"]);
     assert!(
         err.contains("is open in pid") && err.contains(vm.image.to_str().unwrap()),
         "{err}"
     );
-    let _ = before;
-    hmp_io(&vm.qmp, "write -P 0x99 0 64k");
-    qmp_session(&vm.qmp, &[r#"{"execute":"quit"}"#]);
-    let _ = vm.child.wait();
-    env.ok(&["restore", "r1", "--vm", "app", "--in-place"]);
-    let raw = env.path("inplace.raw");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            vm.image.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
+    // The refusal is the restore task's end, with the reason.
+    let tasks = env.json(&["task", "list", "--all"]);
+    let restore = &tasks[0];
+    assert_eq!(restore["kind"], "restore", "{tasks}");
+    assert!(restore.to_string().contains("is open in pid"), "{tasks}");
+    vm.write(0, 64 * 1024, 0x99);
+    vm.quit();
+    assert_ne!(
+        image_digest(&vm.image, &env.path("changed.raw")),
+        want,
+        "the VM's write did not reach its image"
     );
-    assert_eq!(file_digest(&raw), want);
+    env.ok(&["restore", "r1", "--vm", "app", "--in-place"]);
+    assert_eq!(image_digest(&vm.image, &env.path("inplace.raw")), want);
     let info = run(
         "qemu-img",
         &["info", "--output=json", vm.image.to_str().unwrap()],
     );
     assert!(!info.contains("vmbackup-"), "bitmaps left: {info}");
-    drop(vm);
-    let vm = sys_vm_on(&env, "app");
+    vm.launch(&VmOptions::default());
     let out = env
         .cmd()
         .args(["--json", "run-now", "r1", "--level", "inc"])
@@ -399,41 +623,4 @@ fn in_place_restore_is_refused_while_the_image_is_open_and_the_next_backup_is_a_
     let newest = points(&env, "r1", "app").pop().unwrap();
     assert_eq!(restored_digest(&env, "r1", "app", &newest), want);
     drop(vm);
-}
-
-/// Start the VM `name` again on its existing image.
-fn sys_vm_on(env: &Env, name: &str) -> SysVm {
-    let dir = env.path(&format!("vms/{name}"));
-    let image = dir.join("vda.qcow2");
-    let qmp = env.qmp_dir.join(format!("{name}.qmp"));
-    let _ = std::fs::remove_file(&qmp);
-    let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "q35,accel=tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "64",
-            "-S",
-            "-name",
-            name,
-        ])
-        .arg("-blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0-file,filename={}",
-            image.display()
-        ))
-        .args(["-blockdev", "driver=qcow2,node-name=disk0,file=disk0-file"])
-        .args(["-device", "virtio-blk-pci,drive=disk0,id=vda"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(|| qmp.exists(), "VM QMP socket");
-    SysVm { child, qmp, image }
 }

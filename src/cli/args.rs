@@ -378,6 +378,28 @@ pub struct LaunchArgs {
     /// Supply a secret redacted at backup: ID of the secret object, FILE holding it
     #[arg(long, value_name = "ID=FILE")]
     pub set_secret: Vec<String>,
+    /// Accelerator of the launched VM: auto = KVM when /dev/kvm is usable, else TCG
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: AccelArg,
+}
+
+/// `--accel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelArg {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl From<AccelArg> for crate::recovery::cmdline::Accel {
+    fn from(a: AccelArg) -> Self {
+        use crate::recovery::cmdline::Accel;
+        match a {
+            AccelArg::Auto => Accel::Auto,
+            AccelArg::Kvm => Accel::Kvm,
+            AccelArg::Tcg => Accel::Tcg,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -470,6 +492,9 @@ pub struct VerifyArgs {
     /// With --boot: a regular expression the serial console must print
     #[arg(long, value_name = "REGEX", requires = "boot")]
     pub expect: Option<String>,
+    /// With --boot: accelerator (auto = KVM when /dev/kvm is usable, else TCG)
+    #[arg(long, value_enum, default_value = "auto", requires = "boot")]
+    pub accel: AccelArg,
     /// With --boot: seconds to wait for the guest
     #[arg(long, value_name = "S", default_value = "300", requires = "boot")]
     pub timeout: u64,

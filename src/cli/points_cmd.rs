@@ -263,6 +263,7 @@ fn verify_boot(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
     let opts = crate::recovery::boot::BootOptions {
         expect: a.expect.clone(),
         timeout: std::time::Duration::from_secs(a.timeout.max(1)),
+        accel: a.accel.into(),
     };
     let mut specs = Vec::new();
     for vm in vms {

@@ -19,7 +19,7 @@ use crate::error::{invalid, ExitCode};
 use crate::recovery::{self, RecoverOptions};
 use crate::repo::vm_key;
 use crate::runner::{Job, Outcome, Runner, TaskResult, TaskSpec};
-use crate::state::recoveries::{RecoveryMode, RecoveryStatus};
+use crate::state::recoveries::{RecoveryMode, RecoveryStage};
 
 pub fn recover(ctx: &Ctx, a: RecoverArgs) -> Result<ExitCode> {
     match a.cmd {
@@ -245,7 +245,7 @@ fn list(ctx: &Ctx, all: bool) -> Result<ExitCode> {
         "VM",
         "POINT",
         "MODE",
-        "STATUS",
+        "STAGE",
         "SERVER",
         "RECOVERED VM",
         "SOCKET",
@@ -257,13 +257,13 @@ fn list(ctx: &Ctx, all: bool) -> Result<ExitCode> {
             format!(
                 "{} {}",
                 r.task,
-                v.task_status.map(|s| s.to_string()).unwrap_or_default()
+                v.status.map(|s| s.to_string()).unwrap_or_default()
             ),
             r.rule.clone(),
             r.vm.clone(),
             r.point.clone(),
             r.mode.to_string(),
-            r.status.to_string(),
+            r.stage.to_string(),
             if v.server_running {
                 format!("pid {}", r.server_pid.unwrap_or(0))
             } else {
@@ -314,13 +314,10 @@ fn resume(ctx: &Ctx, id: i64) -> Result<ExitCode> {
         )
     })?;
     let row = v.row.clone();
-    if matches!(
-        row.status,
-        RecoveryStatus::Stopped | RecoveryStatus::Migrated
-    ) {
+    if matches!(row.stage, RecoveryStage::Stopped | RecoveryStage::Migrated) {
         return Err(crate::error::refused(format!(
             "recovery {id} is {}; nothing to resume",
-            row.status
+            row.stage
         )));
     }
     let rule = state.require_rule(&row.rule)?;
@@ -339,6 +336,7 @@ fn resume(ctx: &Ctx, id: i64) -> Result<ExitCode> {
                 name: None,
                 net: crate::recovery::cmdline::Net::None,
                 secrets: Default::default(),
+                accel: Default::default(),
             },
             overlay_dir: None,
             target_dir: None,
@@ -354,8 +352,8 @@ fn resume(ctx: &Ctx, id: i64) -> Result<ExitCode> {
             },
         }])?);
     }
-    let migrating = row.status == RecoveryStatus::Migrating
-        || (row.mode == RecoveryMode::Instant && row.status == RecoveryStatus::Serving);
+    let migrating = row.stage == RecoveryStage::Migrating
+        || (row.mode == RecoveryMode::Instant && row.stage == RecoveryStage::Serving);
     if migrating && results.iter().all(|r| r.code == ExitCode::Ok) {
         results.extend(runner.run_all(vec![TaskSpec {
             rule: rule.clone(),
@@ -374,6 +372,8 @@ fn resume(ctx: &Ctx, id: i64) -> Result<ExitCode> {
 }
 
 fn abort(ctx: &Ctx, id: i64) -> Result<ExitCode> {
+    // A migration task whose process died ends interrupted first.
+    reclaim_dead(ctx)?;
     let actions = recovery::mirror::abort(&ctx.state_path, id)?;
     if ctx.json {
         print_json(&serde_json::json!({

@@ -43,7 +43,12 @@ pub fn launch_options(a: &LaunchArgs, name: Option<String>) -> Result<LaunchOpti
         }
         secrets.insert(id.to_string(), path);
     }
-    Ok(LaunchOptions { name, net, secrets })
+    Ok(LaunchOptions {
+        name,
+        net,
+        secrets,
+        accel: a.accel.into(),
+    })
 }
 
 /// A point id for "the newest point at or before" a local time `YYYY-MM-DD HH:MM`.

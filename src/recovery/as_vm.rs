@@ -69,7 +69,7 @@ pub fn plan(
             secrets: &launch_opts.secrets,
             serial_log: None,
             agent_socket: None,
-            kvm: launch::kvm_available(),
+            accel: launch_opts.accel,
             pidfile: Some(&pidfile),
         },
     )?;

@@ -37,6 +37,7 @@ use crate::task::progress::{LogLevel, Progress};
 pub struct BootOptions {
     pub expect: Option<String>,
     pub timeout: Duration,
+    pub accel: super::cmdline::Accel,
 }
 
 /// How a boot is judged.
@@ -190,7 +191,7 @@ fn boot(
             secrets: &none,
             serial_log: Some(&serial),
             agent_socket: Some(&agent),
-            kvm: launch::kvm_available(),
+            accel: req.opts.accel,
             pidfile: None,
         },
     )?;

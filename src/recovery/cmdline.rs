@@ -15,7 +15,8 @@
 //! - no network unless asked: every `-netdev`/`-net`/`-nic` and NIC `-device`
 //!   goes, and with `--net`/`--net-bridge` the same NIC models come back with
 //!   new MACs on user networking or the bridge;
-//! - KVM when `/dev/kvm` exists, else TCG with a default CPU;
+//! - KVM when `/dev/kvm` is usable, else TCG with a default CPU (`--accel`
+//!   chooses: some nested hosts have a `/dev/kvm` whose guests never run);
 //! - secrets redacted at backup (`<redacted>`) must be supplied by
 //!   `--set-secret ID=FILE`; the launch fails naming each missing one.
 
@@ -92,6 +93,31 @@ pub struct LaunchOptions {
     pub net: Net,
     /// `--set-secret ID=FILE`: secret objects redacted at backup.
     pub secrets: BTreeMap<String, PathBuf>,
+    pub accel: Accel,
+}
+
+/// The accelerator of a launched VM (`--accel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accel {
+    /// KVM when `/dev/kvm` is usable (QEMU falls back to TCG when KVM cannot
+    /// start), else TCG.
+    #[default]
+    Auto,
+    /// KVM only: the launch fails where KVM does not work.
+    Kvm,
+    /// TCG (emulation) with a default CPU, even where `/dev/kvm` exists.
+    Tcg,
+}
+
+impl Accel {
+    /// QEMU's `-accel` values, in order of preference.
+    fn accels(self) -> &'static [&'static str] {
+        match self {
+            Accel::Auto if super::launch::kvm_available() => &["kvm", "tcg"],
+            Accel::Auto | Accel::Tcg => &["tcg"],
+            Accel::Kvm => &["kvm"],
+        }
+    }
 }
 
 /// A disk of the VM and the image it runs on now.
@@ -122,8 +148,8 @@ pub struct Rewrite<'a> {
     pub serial_log: Option<&'a Path>,
     /// Boot verification: the guest agent's chardev listens here.
     pub agent_socket: Option<&'a Path>,
-    /// Use KVM (else TCG).
-    pub kvm: bool,
+    /// KVM, TCG, or KVM when usable.
+    pub accel: Accel,
     /// `-daemonize -pidfile PATH`.
     pub pidfile: Option<&'a Path>,
 }
@@ -433,6 +459,8 @@ pub fn rewrite(cmdline: &[String], rw: &Rewrite) -> Result<Launch> {
     let mut out: Vec<Opt> = Vec::new();
     let mut serial_logs = Vec::new();
     let mut serial_n = 0usize;
+    let accels = rw.accel.accels();
+    let kvm = accels.contains(&"kvm");
     let mut kvm_requested = false;
     for o in opts {
         let name = o.name.as_str();
@@ -462,7 +490,7 @@ pub fn rewrite(cmdline: &[String], rw: &Rewrite) -> Result<Launch> {
                 continue;
             }
             "cpu"
-                if !rw.kvm
+                if !kvm
                     && o.value
                         .as_deref()
                         .is_some_and(|v| v.split(',').next() == Some("host")) =>
@@ -550,14 +578,12 @@ pub fn rewrite(cmdline: &[String], rw: &Rewrite) -> Result<Launch> {
         out.push(Opt::new("serial", Some(format!("file:{}", log.display()))));
         serial_logs.push(log);
     }
-    if kvm_requested && !rw.kvm {
-        tracing::info!("the VM ran with KVM; /dev/kvm is not usable here, so it runs under TCG");
+    if kvm_requested && !kvm {
+        tracing::info!("the VM ran with KVM; it runs under TCG here");
     }
-    if rw.kvm {
-        // TCG stays a fallback when KVM cannot start (nested virtualisation).
-        out.push(Opt::new("accel", Some("kvm".into())));
+    for a in accels {
+        out.push(Opt::new("accel", Some(a.to_string())));
     }
-    out.push(Opt::new("accel", Some("tcg".into())));
     out.push(Opt::new("name", Some(rw.name.to_string())));
     out.push(Opt::new(
         "qmp",
@@ -795,7 +821,7 @@ mod tests {
             secrets,
             serial_log: None,
             agent_socket: None,
-            kvm: false,
+            accel: Accel::Tcg,
             pidfile: Some(Path::new("/r/vm.pid")),
         }
     }

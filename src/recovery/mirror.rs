@@ -6,6 +6,8 @@
 //!
 //! The mirror jobs live in QEMU, not in the process driving them: if that
 //! process dies, the VM keeps running on its overlays and the jobs go on;
+//! the driver talks to the VM's QMP socket in short sessions (QEMU serves one
+//! QMP client at a time: a held session would lock the sysadmin out);
 //! `recover resume` attaches to them (or starts them again) and finishes;
 //! `recover abort` cancels them and removes the partial images. When the pivot
 //! is done the old overlay nodes are deleted, the server stops, and the VM's
@@ -26,12 +28,12 @@ use crate::error::Error;
 use crate::platform::qmp::{is_qmp_error, Qmp};
 use crate::policy::bandwidth::Limit;
 use crate::repo::encode_name;
-use crate::state::recoveries::{RecoveryMode, RecoveryRow, RecoveryStatus};
+use crate::state::recoveries::{RecoveryMode, RecoveryRow, RecoveryStage};
 use crate::state::slots::{now_millis_text, pid_alive};
 use crate::state::State;
 use crate::task::progress::{LogLevel, Progress};
 use crate::task::throttle::Throttle;
-use crate::task::{TaskKind, TaskState};
+use crate::task::TaskState;
 
 /// How often jobs are polled.
 const POLL: Duration = Duration::from_millis(300);
@@ -80,11 +82,16 @@ fn target_node(disk: &str) -> String {
     format!("vmbackup-migrated-{}", encode_name(disk))
 }
 
+/// A short QMP session with the recovered VM.
+fn session(qmp: &Path) -> Result<Qmp> {
+    Qmp::connect(qmp).context("the recovered VM's QMP socket")
+}
+
 /// Migrate recovery `id` (a running instant recovery) as task `task`.
 pub fn migrate(
     state_path: &Path,
     id: i64,
-    _task: i64,
+    task: i64,
     throttle: &Throttle,
     progress: &dyn Progress,
     cancel: &AtomicBool,
@@ -94,8 +101,9 @@ pub fn migrate(
     check_migratable(&row)?;
     let target_dir = PathBuf::from(row.target_dir.as_deref().context("no target directory")?);
     let qmp_path = PathBuf::from(row.vm_qmp.as_deref().context("the recovery runs no VM")?);
-    let mut qmp = Qmp::connect(&qmp_path).context("the recovered VM's QMP socket")?;
-    row.status = RecoveryStatus::Migrating;
+    let mut qmp = session(&qmp_path)?;
+    row.stage = RecoveryStage::Migrating;
+    row.migration_task = Some(task);
     state.update_recovery(&row)?;
     progress.log(
         LogLevel::Info,
@@ -142,9 +150,16 @@ pub fn migrate(
             "blockdev-add",
             json!({ "driver": "qcow2", "node-name": tnode, "file": { "driver": "file", "filename": path } }),
         )?;
+        // The bandwidth window in force applies from the first byte (a pause
+        // window: as slow as QEMU goes until `follow` pauses the job).
+        let speed = match throttle.limit_now() {
+            Some(Limit::Rate(r)) => r,
+            Some(Limit::Pause) => 1,
+            None => 0,
+        };
         qmp.execute(
             "blockdev-mirror",
-            json!({ "job-id": job, "device": node, "target": tnode, "sync": "full" }),
+            json!({ "job-id": job, "device": node, "target": tnode, "sync": "full", "speed": speed }),
         )?;
         progress.log(
             LogLevel::Info,
@@ -152,11 +167,13 @@ pub fn migrate(
         );
     }
 
-    let res = follow(&mut qmp, &row, throttle, progress, cancel);
+    drop(qmp);
+    let res = follow(&qmp_path, &row, throttle, progress, cancel);
+    let mut qmp = session(&qmp_path)?;
     if let Err(e) = res {
         if crate::error::is_interrupted(&e) {
             let actions = cleanup_jobs(&mut qmp, &mut row)?;
-            row.status = RecoveryStatus::Serving;
+            row.stage = RecoveryStage::Serving;
             state.update_recovery(&row)?;
             progress.log(
                 LogLevel::Warn,
@@ -168,9 +185,11 @@ pub fn migrate(
     for d in &row.disks {
         qmp.execute("block-job-complete", json!({ "device": job_id(&d.disk) }))?;
     }
+    drop(qmp);
     let t = Instant::now();
     while row.disks.iter().any(|d| {
-        jobs(&mut qmp)
+        session(&qmp_path)
+            .and_then(|mut q| jobs(&mut q))
             .map(|j| j.contains_key(&job_id(&d.disk)))
             .unwrap_or(true)
     }) {
@@ -182,6 +201,7 @@ pub fn migrate(
         }
         std::thread::sleep(POLL);
     }
+    let mut qmp = session(&qmp_path)?;
     check_pivot(&mut qmp, &row)?;
     for d in &row.disks {
         if let Some(node) = &d.node {
@@ -206,8 +226,8 @@ fn check_migratable(row: &RecoveryRow) -> Result<()> {
             row.id
         )));
     }
-    match row.status {
-        RecoveryStatus::Serving | RecoveryStatus::Migrating => {}
+    match row.stage {
+        RecoveryStage::Serving | RecoveryStage::Migrating => {}
         other => {
             return Err(crate::error::refused(format!(
                 "recovery {} is {other}",
@@ -249,7 +269,7 @@ fn jobs(qmp: &mut Qmp) -> Result<BTreeMap<String, (u64, u64, bool, bool)>> {
 
 /// Follow the jobs until all are ready: progress, bandwidth windows, cancel.
 fn follow(
-    qmp: &mut Qmp,
+    qmp_path: &Path,
     row: &RecoveryRow,
     throttle: &Throttle,
     progress: &dyn Progress,
@@ -261,7 +281,8 @@ fn follow(
         if cancel.load(Ordering::SeqCst) {
             return Err(Error::Interrupted.into());
         }
-        let now = jobs(qmp)?;
+        let mut qmp = session(qmp_path)?;
+        let now = jobs(&mut qmp)?;
         let limit = throttle.limit_now();
         if limit_set != Some(limit) {
             for d in &row.disks {
@@ -315,6 +336,7 @@ fn follow(
         if all_ready {
             return Ok(());
         }
+        drop(qmp);
         std::thread::sleep(POLL);
     }
 }
@@ -389,7 +411,7 @@ fn finish(
     })?;
     let _ = std::fs::remove_dir_all(&row.dir);
     row.vm_qmp = Some(new.display().to_string());
-    row.status = RecoveryStatus::Migrated;
+    row.stage = RecoveryStage::Migrated;
     row.finished = Some(now_millis_text());
     state.update_recovery(row)?;
     if recovery_task.is_some() {
@@ -488,17 +510,19 @@ fn create_image(path: &Path, size: u64) -> Result<()> {
 pub fn abort(state_path: &Path, id: i64) -> Result<Vec<String>> {
     let mut state = State::open(state_path)?;
     let mut row = state.require_recovery(id)?;
-    if row.status != RecoveryStatus::Migrating {
+    if row.stage != RecoveryStage::Migrating {
         return Err(crate::error::refused(format!(
             "recovery {id} is not migrating (it is {})",
-            row.status
+            row.stage
         )));
     }
     let mut actions = Vec::new();
-    if let Some(t) = state
-        .tasks(true, 1000)?
-        .into_iter()
-        .find(|t| t.kind == TaskKind::Migration && t.rule == row.rule && t.vm == row.vm)
+    if let Some(t) = row
+        .migration_task
+        .map(|t| state.task(t))
+        .transpose()?
+        .flatten()
+        .filter(|t| t.state.is_active())
     {
         state.request_cancel(t.id)?;
         let start = Instant::now();
@@ -519,7 +543,7 @@ pub fn abort(state_path: &Path, id: i64) -> Result<Vec<String>> {
         row.vm_qmp.as_deref().context("the recovery runs no VM")?,
     ))?;
     actions.extend(cleanup_jobs(&mut qmp, &mut row)?);
-    row.status = RecoveryStatus::Serving;
+    row.stage = RecoveryStage::Serving;
     row.mode = RecoveryMode::Transient;
     state.update_recovery(&row)?;
     Ok(actions)

@@ -35,7 +35,7 @@ use serde::Serialize;
 
 use self::cmdline::{DiskImage, LaunchOptions, Net, Rewrite};
 use crate::repo::{encode_name, Manifest};
-use crate::state::recoveries::{RecoveredDisk, RecoveryMode, RecoveryRow, RecoveryStatus};
+use crate::state::recoveries::{RecoveredDisk, RecoveryMode, RecoveryRow, RecoveryStage};
 use crate::state::rules::RuleRow;
 use crate::state::slots::{now_millis_text, pid_alive};
 use crate::state::State;
@@ -239,7 +239,9 @@ pub fn start(req: &StartRequest, progress: &dyn Progress) -> Result<RecoveryRepo
     let (mut row, fresh) = match opts.resume {
         Some(id) => {
             let mut row = state.require_recovery(id)?;
+            // The server reads which task it runs from the row.
             row.task = req.task;
+            state.update_recovery(&row)?;
             (row, false)
         }
         None => {
@@ -252,7 +254,7 @@ pub fn start(req: &StartRequest, progress: &dyn Progress) -> Result<RecoveryRepo
                 vm: req.vm.to_string(),
                 point: req.point.point.clone(),
                 mode: opts.mode,
-                status: RecoveryStatus::Serving,
+                stage: RecoveryStage::Serving,
                 socket: dir.join("nbd.sock").display().to_string(),
                 dir: dir.display().to_string(),
                 server_pid: None,
@@ -262,6 +264,7 @@ pub fn start(req: &StartRequest, progress: &dyn Progress) -> Result<RecoveryRepo
                 disks: Vec::new(),
                 target_dir: opts.target_dir.as_ref().map(|p| p.display().to_string()),
                 qmp_dir: opts.qmp_dir.as_ref().map(|p| p.display().to_string()),
+                migration_task: None,
                 created: now_millis_text(),
                 finished: None,
             };
@@ -351,7 +354,7 @@ pub fn start(req: &StartRequest, progress: &dyn Progress) -> Result<RecoveryRepo
                 secrets: &opts.launch.secrets,
                 serial_log: None,
                 agent_socket: None,
-                kvm: launch::kvm_available(),
+                accel: opts.launch.accel,
                 pidfile: Some(&pidfile),
             },
         ),
@@ -452,7 +455,7 @@ impl Drop for Undo {
                     let _ = launch::quit_vm(row.vm_qmp.as_deref().map(Path::new), Some(pid));
                 }
                 let _ = std::fs::remove_dir_all(&row.dir);
-                row.status = RecoveryStatus::Stopped;
+                row.stage = RecoveryStage::Stopped;
                 row.finished = Some(now_millis_text());
                 let _ = state.update_recovery(&row);
             }
@@ -470,8 +473,8 @@ pub struct RecoveryView {
     pub row: RecoveryRow,
     pub server_running: bool,
     pub vm_running: bool,
-    /// The status of its current task.
-    pub task_status: Option<crate::task::TaskState>,
+    /// The status of its current task (`running` while it serves).
+    pub status: Option<crate::task::TaskState>,
 }
 
 /// Recoveries not stopped (all with `all`), with what still runs.
@@ -480,13 +483,13 @@ pub fn list(state: &State, all: bool) -> Result<Vec<RecoveryView>> {
         .recoveries(all)?
         .into_iter()
         .map(|row| {
-            let task_status = state.task(row.task)?.map(|t| t.state);
+            let status = state.task(row.task)?.map(|t| t.state);
             Ok(RecoveryView {
                 server_running: row
                     .server_pid
                     .is_some_and(|p| launch::pid_runs(p, "recover-serve")),
                 vm_running: row.vm_pid.is_some_and(pid_alive),
-                task_status,
+                status,
                 row,
             })
         })
@@ -507,7 +510,7 @@ pub struct StopReport {
 pub fn stop(state_path: &Path, id: i64, keep_overlays: bool) -> Result<StopReport> {
     let mut state = State::open(state_path)?;
     let mut row = state.require_recovery(id)?;
-    if row.status == RecoveryStatus::Stopped {
+    if row.stage == RecoveryStage::Stopped {
         return Err(crate::error::refused(format!(
             "recovery {id} is already stopped"
         )));
@@ -518,7 +521,7 @@ pub fn stop(state_path: &Path, id: i64, keep_overlays: bool) -> Result<StopRepor
         // This process owns the task now: the server's exit is not its end.
         state.hand_over_task(row.task, std::process::id(), "stopping")?;
     }
-    if row.status != RecoveryStatus::Migrated {
+    if row.stage != RecoveryStage::Migrated {
         if let Some(pid) = row.vm_pid.filter(|p| pid_alive(*p)) {
             launch::quit_vm(row.vm_qmp.as_deref().map(Path::new), Some(pid))?;
             actions.push(format!(
@@ -538,7 +541,7 @@ pub fn stop(state_path: &Path, id: i64, keep_overlays: bool) -> Result<StopRepor
         }
         actions.push(format!("stopped the NBD server (pid {pid})"));
     }
-    if row.status == RecoveryStatus::Migrating {
+    if row.stage == RecoveryStage::Migrating {
         for d in &row.disks {
             if let Some(t) = &d.target {
                 if std::fs::remove_file(t).is_ok() {
@@ -568,11 +571,11 @@ pub fn stop(state_path: &Path, id: i64, keep_overlays: bool) -> Result<StopRepor
     if let Some(q) = row
         .vm_qmp
         .as_deref()
-        .filter(|_| row.status != RecoveryStatus::Migrated)
+        .filter(|_| row.stage != RecoveryStage::Migrated)
     {
         let _ = std::fs::remove_file(q);
     }
-    row.status = RecoveryStatus::Stopped;
+    row.stage = RecoveryStage::Stopped;
     row.finished = Some(now_millis_text());
     state.update_recovery(&row)?;
     if task_active {

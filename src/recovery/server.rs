@@ -181,7 +181,7 @@ fn cancel_requested(state: &State, task: i64) -> bool {
 /// Refuse to run the server by hand for a recovery that is not starting.
 pub fn check_startable(state: &State, id: i64) -> Result<()> {
     let row = state.require_recovery(id)?;
-    if row.status == crate::state::recoveries::RecoveryStatus::Stopped {
+    if row.stage == crate::state::recoveries::RecoveryStage::Stopped {
         bail!("recovery {id} is stopped");
     }
     Ok(())

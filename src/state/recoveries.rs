@@ -23,10 +23,10 @@ pub enum RecoveryMode {
     Instant,
 }
 
-/// Where a recovery is in its life.
+/// Where a recovery is in its life (its tasks have their own `status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum RecoveryStatus {
+pub enum RecoveryStage {
     /// The server serves the point; a VM may run on overlays.
     Serving,
     /// A migration (mirror) is under way or was interrupted.
@@ -56,7 +56,7 @@ macro_rules! words {
     };
 }
 words!(RecoveryMode { Transient = "transient", Instant = "instant" });
-words!(RecoveryStatus { Serving = "serving", Migrating = "migrating", Migrated = "migrated", Stopped = "stopped" });
+words!(RecoveryStage { Serving = "serving", Migrating = "migrating", Migrated = "migrated", Stopped = "stopped" });
 
 /// One disk of a recovery.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,7 +84,7 @@ pub struct RecoveryRow {
     pub vm: String,
     pub point: String,
     pub mode: RecoveryMode,
-    pub status: RecoveryStatus,
+    pub stage: RecoveryStage,
     pub dir: String,
     pub socket: String,
     pub server_pid: Option<i64>,
@@ -94,11 +94,13 @@ pub struct RecoveryRow {
     pub disks: Vec<RecoveredDisk>,
     pub target_dir: Option<String>,
     pub qmp_dir: Option<String>,
+    /// Instant recovery: the migration task that mirrors (or last mirrored) it.
+    pub migration_task: Option<i64>,
     pub created: String,
     pub finished: Option<String>,
 }
 
-const COLS: &str = "id, task, rule, vm, point, mode, status, dir, socket, server_pid, vm_name, vm_pid, vm_qmp, disks, target_dir, qmp_dir, created, finished";
+const COLS: &str = "id, task, rule, vm, point, mode, stage, dir, socket, server_pid, vm_name, vm_pid, vm_qmp, disks, target_dir, qmp_dir, migration_task, created, finished";
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RecoveryRow> {
     let word = |i: usize| -> rusqlite::Result<String> { r.get(i) };
@@ -113,7 +115,7 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RecoveryRow> {
         vm: r.get(3)?,
         point: r.get(4)?,
         mode: word(5)?.parse().map_err(|e| parse_err(5, e))?,
-        status: word(6)?.parse().map_err(|e| parse_err(6, e))?,
+        stage: word(6)?.parse().map_err(|e| parse_err(6, e))?,
         dir: r.get(7)?,
         socket: r.get(8)?,
         server_pid: r.get(9)?,
@@ -123,8 +125,9 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RecoveryRow> {
         disks: serde_json::from_str(&disks).map_err(|e| parse_err(13, e.into()))?,
         target_dir: r.get(14)?,
         qmp_dir: r.get(15)?,
-        created: r.get(16)?,
-        finished: r.get(17)?,
+        migration_task: r.get(16)?,
+        created: r.get(17)?,
+        finished: r.get(18)?,
     })
 }
 
@@ -134,11 +137,11 @@ impl State {
         let disks = serde_json::to_string(&row.disks)?;
         self.write(|tx| {
             tx.execute(
-                &format!("INSERT INTO recoveries ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"),
+                &format!("INSERT INTO recoveries ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"),
                 params![
-                    row.id, row.task, row.rule, row.vm, row.point, row.mode.as_str(), row.status.as_str(),
+                    row.id, row.task, row.rule, row.vm, row.point, row.mode.as_str(), row.stage.as_str(),
                     row.dir, row.socket, row.server_pid, row.vm_name, row.vm_pid, row.vm_qmp, disks,
-                    row.target_dir, row.qmp_dir, row.created, row.finished
+                    row.target_dir, row.qmp_dir, row.migration_task, row.created, row.finished
                 ],
             )?;
             Ok(())
@@ -151,12 +154,13 @@ impl State {
         let disks = serde_json::to_string(&row.disks)?;
         self.write(|tx| {
             tx.execute(
-                "UPDATE recoveries SET task = ?2, mode = ?3, status = ?4, server_pid = ?5, vm_name = ?6,
-                 vm_pid = ?7, vm_qmp = ?8, disks = ?9, target_dir = ?10, qmp_dir = ?11, finished = ?12
-                 WHERE id = ?1",
+                "UPDATE recoveries SET task = ?2, mode = ?3, stage = ?4, server_pid = ?5, vm_name = ?6,
+                 vm_pid = ?7, vm_qmp = ?8, disks = ?9, target_dir = ?10, qmp_dir = ?11, migration_task = ?12,
+                 finished = ?13 WHERE id = ?1",
                 params![
-                    row.id, row.task, row.mode.as_str(), row.status.as_str(), row.server_pid, row.vm_name,
-                    row.vm_pid, row.vm_qmp, disks, row.target_dir, row.qmp_dir, row.finished
+                    row.id, row.task, row.mode.as_str(), row.stage.as_str(), row.server_pid, row.vm_name,
+                    row.vm_pid, row.vm_qmp, disks, row.target_dir, row.qmp_dir, row.migration_task,
+                    row.finished
                 ],
             )?;
             Ok(())
@@ -203,7 +207,7 @@ impl State {
 
     /// Recoveries, newest first; `all` includes stopped ones.
     pub fn recoveries(&self, all: bool) -> Result<Vec<RecoveryRow>> {
-        let filter = if all { "" } else { "WHERE status != 'stopped'" };
+        let filter = if all { "" } else { "WHERE stage != 'stopped'" };
         let mut st = self.conn().prepare(&format!(
             "SELECT {COLS} FROM recoveries {filter} ORDER BY id DESC"
         ))?;

@@ -289,7 +289,7 @@ impl State {
             let active: Vec<(i64, String, TaskKind)> = {
                 let mut st = tx.prepare(&format!(
                     "SELECT id, vm, kind FROM tasks WHERE kind IN {} AND rule = ?1 AND state IN {}
-                     UNION ALL SELECT id, vm, 'recovery' FROM recoveries WHERE rule = ?1 AND status != 'stopped'
+                     UNION ALL SELECT id, vm, 'recovery' FROM recoveries WHERE rule = ?1 AND stage != 'stopped'
                      ORDER BY 1",
                     TaskKind::holding_rule_sql(),
                     super::tasks::ACTIVE_STATES

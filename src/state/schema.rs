@@ -139,7 +139,7 @@ const MIGRATIONS: &[&str] = &[
         vm         TEXT NOT NULL,
         point      TEXT NOT NULL,
         mode       TEXT NOT NULL,                -- transient | instant | boot-verify
-        status     TEXT NOT NULL,                -- serving | migrating | migrated | stopped
+        stage      TEXT NOT NULL,                -- serving | migrating | migrated | stopped
         dir        TEXT NOT NULL,                -- private directory: socket, overlays, logs
         socket     TEXT NOT NULL,                -- the NBD server's unix socket
         server_pid INTEGER,
@@ -149,10 +149,11 @@ const MIGRATIONS: &[&str] = &[
         disks      TEXT NOT NULL DEFAULT '[]',   -- JSON: [recovery::RecoveredDisk]
         target_dir TEXT,                         -- instant: where the new images go
         qmp_dir    TEXT,                         -- instant: the platform's QMP directory
+        migration_task INTEGER,                  -- instant: the task mirroring it (last one)
         created    TEXT NOT NULL,
         finished   TEXT
     );
-    CREATE INDEX recoveries_by_status ON recoveries(status);
+    CREATE INDEX recoveries_by_stage ON recoveries(stage);
     CREATE TABLE vm_resets (
         rule    TEXT NOT NULL,
         vm      TEXT NOT NULL,

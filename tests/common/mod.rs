@@ -10,6 +10,8 @@
 //! time is what a restore of that point must match.
 #![allow(dead_code)]
 
+pub mod system_vm;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
