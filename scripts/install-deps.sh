@@ -4,6 +4,7 @@
 #   qemu-storage-daemon, qemu-img, qemu-io, qemu-nbd  (package qemu-utils; 10.0.x expected)
 #   qemu-system-x86_64 of the SAME version as qemu-utils (TCG VMs in tests)
 #   nbdinfo, nbdcopy (libnbd-bin): independent NBD oracles in tests and the benchmark
+#   nbdkit with its delay and error filters: injected NBD faults in tests and scripts/faults.sh
 #
 # Debian bookworm's qemu-system-x86 is 7.2, and qemu-utils 10.x "Breaks" its
 # qemu-system-common: installing it plainly would REMOVE qemu-utils 10. When
@@ -17,6 +18,7 @@ need=()
 have qemu-storage-daemon && have qemu-img && have qemu-io || need+=(qemu)
 have qemu-system-x86_64 || need+=(qemu-system)
 have nbdinfo && have nbdcopy || need+=(libnbd-bin)
+have nbdkit || need+=(nbdkit)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
@@ -35,6 +37,9 @@ fi
 if ! have nbdinfo || ! have nbdcopy; then
   "${APT[@]}" libnbd-bin >/dev/null
 fi
+if ! have nbdkit; then
+  "${APT[@]}" nbdkit >/dev/null
+fi
 if ! have qemu-system-x86_64; then
   QU=$(dpkg-query -W -f '${Version}' qemu-utils)
   if [[ $QU == *bpo12* ]]; then
@@ -51,7 +56,7 @@ if ! have qemu-system-x86_64; then
     "${APT[@]}" qemu-system-x86 >/dev/null
   fi
 fi
-for c in qemu-storage-daemon qemu-img qemu-io qemu-system-x86_64 nbdinfo nbdcopy; do
+for c in qemu-storage-daemon qemu-img qemu-io qemu-system-x86_64 nbdinfo nbdcopy nbdkit; do
   have "$c" || { echo "install-deps: $c still missing" >&2; exit 1; }
 done
-echo "install-deps: $(qemu-img --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1)"
+echo "install-deps: $(qemu-img --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1); $(nbdkit --version | head -1)"

@@ -1,14 +1,16 @@
 //! `system.conf`: the global limits (R38-R42), read once at start-up.
 //!
-//! Format: `key = value` lines (`key=value` too), `#` comments on their own line or
-//! after an unquoted value, blank lines; a value may be in single or double quotes.
-//! Keys, spelled exactly:
+//! Format: UTF-8 text (a leading byte order mark is ignored) of at most 1 MiB;
+//! `key = value` lines (`key=value` too), `#` comments on their own line or after an
+//! unquoted value, blank lines; a value may be in single or double quotes. Binary
+//! content (invalid UTF-8, control characters) is refused. Keys, spelled exactly:
 //!
 //! | key | meaning | default | allowed |
 //! |---|---|---|---|
 //! | `bk_tsk_thd` | max concurrent tasks (R38) | 8 | integer >= 1 |
 //! | `i2vp_transbuffer` | transfer block = chunk size (R39) | 4M | power of two, 64K..=32M; bare number = MiB |
 //! | `Max_ThreadNum_PerHost` | max concurrent tasks per host (R42) | 4 | integer >= 1, <= `bk_tsk_thd` |
+//! | `io_timeout` | how long a sent QMP command or NBD request may wait for its answer | 120 | 1 s..=1 day; `120`, `90s`, `2m` (a bare number is seconds) |
 //!
 //! and `bk_tsk_thd * i2vp_transbuffer <= 32 MiB` (R40). When `Max_ThreadNum_PerHost`
 //! is not set and `bk_tsk_thd` is below its default 4, it defaults to `bk_tsk_thd`
@@ -17,6 +19,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -26,7 +29,8 @@ use crate::units::{format_size, parse_size, KIB, MIB};
 pub const KEY_TASKS: &str = "bk_tsk_thd";
 pub const KEY_TRANSBUFFER: &str = "i2vp_transbuffer";
 pub const KEY_PER_HOST: &str = "Max_ThreadNum_PerHost";
-const KNOWN_KEYS: [&str; 3] = [KEY_TASKS, KEY_TRANSBUFFER, KEY_PER_HOST];
+pub const KEY_IO_TIMEOUT: &str = "io_timeout";
+const KNOWN_KEYS: [&str; 4] = [KEY_TASKS, KEY_TRANSBUFFER, KEY_PER_HOST, KEY_IO_TIMEOUT];
 
 pub const DEFAULT_TASKS: u32 = 8;
 pub const DEFAULT_TRANSBUFFER: u64 = 4 * MIB;
@@ -35,6 +39,11 @@ pub const MIN_TRANSBUFFER: u64 = 64 * KIB;
 pub const MAX_TRANSBUFFER: u64 = 32 * MIB;
 /// Ceiling of `bk_tsk_thd * i2vp_transbuffer` (R40).
 pub const MAX_BUFFERED: u64 = 32 * MIB;
+/// How long a sent QMP command or NBD request may wait for its answer: a
+/// hypervisor that answers nothing for this long is taken to be stuck. Time a
+/// task spends in a bandwidth pause does not count (no request is out).
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(120);
+const MAX_IO_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Where a setting's value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +67,7 @@ pub struct Sources {
     pub bk_tsk_thd: Source,
     pub i2vp_transbuffer: Source,
     pub max_threads_per_host: Source,
+    pub io_timeout: Source,
 }
 
 /// The global limits.
@@ -69,6 +79,8 @@ pub struct SystemConfig {
     pub i2vp_transbuffer: u64,
     /// Max concurrent tasks per virtualization host (R42).
     pub max_threads_per_host: u32,
+    /// The deadline of every QMP command and NBD request ([`DEFAULT_IO_TIMEOUT`]).
+    pub io_timeout: Duration,
     pub sources: Sources,
 }
 
@@ -78,13 +90,29 @@ impl Default for SystemConfig {
             bk_tsk_thd: DEFAULT_TASKS,
             i2vp_transbuffer: DEFAULT_TRANSBUFFER,
             max_threads_per_host: DEFAULT_PER_HOST,
+            io_timeout: DEFAULT_IO_TIMEOUT,
             sources: Sources {
                 bk_tsk_thd: Source::Default,
                 i2vp_transbuffer: Source::Default,
                 max_threads_per_host: Source::Default,
+                io_timeout: Source::Default,
             },
         }
     }
+}
+
+/// system.conf is read up to this size: a larger file, or one that never ends
+/// (`/dev/zero`), is refused instead of filling memory.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// At most `MAX_FILE_BYTES + 1` bytes of `path` (one more tells "too large").
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// One setting as `config show` prints it.
@@ -103,8 +131,8 @@ impl SystemConfig {
     /// Read `path`. A missing file gives the defaults unless the path was given
     /// explicitly (`--config`), when it is an error.
     pub fn load(path: &Path, explicit: bool) -> anyhow::Result<SystemConfig> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
+        let bytes = match read_bounded(path) {
+            Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
                 return Ok(SystemConfig::default())
             }
@@ -118,7 +146,27 @@ impl SystemConfig {
                 return Err(e).with_context(|| format!("reading system.conf '{}'", path.display()))
             }
         };
-        SystemConfig::parse(&text, path)
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(refused(format!(
+                "system.conf '{}' is larger than {} (a text file of a few lines is expected; is it the right file?)",
+                path.display(),
+                format_size(MAX_FILE_BYTES)
+            )));
+        }
+        // A UTF-8 byte order mark (some editors write one) is not part of the text.
+        let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let line = bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
+            refused(format!(
+                "{}:{line}: not text: invalid UTF-8 (system.conf holds 'key = value' lines)",
+                path.display()
+            ))
+        })?;
+        SystemConfig::parse(text, path)
     }
 
     /// Parse system.conf text; `origin` names the file in messages and sources.
@@ -128,6 +176,12 @@ impl SystemConfig {
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
             let at = |err: anyhow::Error| refused(format!("{}:{line}: {err}", origin.display()));
+            if let Some(c) = raw.chars().find(|c| c.is_control() && *c != '\t') {
+                return Err(at(refused(format!(
+                    "not text: control character U+{:04X} (system.conf holds 'key = value' lines)",
+                    u32::from(c)
+                ))));
+            }
             let Some((key, value)) = split_line(raw).map_err(at)? else {
                 continue;
             };
@@ -151,6 +205,10 @@ impl SystemConfig {
                 KEY_TRANSBUFFER => {
                     config.i2vp_transbuffer = parse_transbuffer(value).map_err(at)?;
                     config.sources.i2vp_transbuffer = source;
+                }
+                KEY_IO_TIMEOUT => {
+                    config.io_timeout = parse_io_timeout(value).map_err(at)?;
+                    config.sources.io_timeout = source;
                 }
                 _ => {
                     config.max_threads_per_host =
@@ -217,6 +275,12 @@ impl SystemConfig {
                 value: self.max_threads_per_host.to_string(),
                 bytes_or_number: u64::from(self.max_threads_per_host),
                 source: self.sources.max_threads_per_host.to_string(),
+            },
+            ConfigEntry {
+                key: KEY_IO_TIMEOUT,
+                value: humantime::format_duration(self.io_timeout).to_string(),
+                bytes_or_number: self.io_timeout.as_secs(),
+                source: self.sources.io_timeout.to_string(),
             },
         ]
     }
@@ -285,6 +349,25 @@ fn parse_transbuffer(value: &str) -> anyhow::Result<u64> {
             KEY_TRANSBUFFER,
             value,
             "allowed a power of two from 64K to 32M, e.g. 512K, 4M, 4MiB (a bare number is MiB) (R39)",
+        )),
+    }
+}
+
+/// `120` (seconds), `90s`, `2m`: whole seconds from 1 s to a day.
+fn parse_io_timeout(value: &str) -> anyhow::Result<Duration> {
+    let parsed = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        value.parse::<u64>().ok().map(Duration::from_secs)
+    } else {
+        humantime::parse_duration(value).ok()
+    };
+    match parsed {
+        Some(d) if d >= Duration::from_secs(1) && d <= MAX_IO_TIMEOUT && d.subsec_nanos() == 0 => {
+            Ok(d)
+        }
+        _ => Err(invalid(
+            KEY_IO_TIMEOUT,
+            value,
+            "allowed whole seconds from 1 to 86400, e.g. 120, 90s, 2m (a bare number is seconds)",
         )),
     }
 }
@@ -430,11 +513,33 @@ mod tests {
     }
 
     #[test]
+    fn io_timeout_spellings_and_limits() {
+        assert_eq!(parse("").unwrap().io_timeout, Duration::from_secs(120));
+        for (value, secs) in [
+            ("2", 2),
+            ("90s", 90),
+            ("2m", 120),
+            ("'1h'", 3600),
+            ("86400", 86400),
+        ] {
+            let config = parse(&format!("io_timeout = {value}")).unwrap();
+            assert_eq!(config.io_timeout, Duration::from_secs(secs), "{value}");
+        }
+        for bad in ["0", "0s", "500ms", "1.5", "2 days", "-1", "x", ""] {
+            let msg = error(&format!("io_timeout = {bad}"));
+            assert!(
+                msg.starts_with(&format!("/etc/vmbackup/system.conf:1: invalid io_timeout '{bad}': allowed whole seconds from 1 to 86400")),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_key_named_with_known_ones() {
         let msg = error("bk_tsk_thd = 4\nthreads = 4");
         assert_eq!(
             msg,
-            "/etc/vmbackup/system.conf:2: unknown key 'threads'; known keys: bk_tsk_thd, i2vp_transbuffer, Max_ThreadNum_PerHost"
+            "/etc/vmbackup/system.conf:2: unknown key 'threads'; known keys: bk_tsk_thd, i2vp_transbuffer, Max_ThreadNum_PerHost, io_timeout"
         );
         let msg = error("max_threadnum_perhost = 4");
         assert!(msg.contains("did you mean Max_ThreadNum_PerHost?"), "{msg}");
@@ -491,6 +596,7 @@ mod tests {
                     "/etc/vmbackup/system.conf:2"
                 ),
                 ("Max_ThreadNum_PerHost", "4", 4, "default"),
+                ("io_timeout", "2m", 120, "default"),
             ]
         );
         let json = serde_json::to_string(&entries[1]).unwrap();

@@ -24,6 +24,7 @@ pub mod lifecycle;
 pub mod nbd;
 pub mod platform;
 pub mod policy;
+pub mod private_dir;
 pub mod recovery;
 pub mod repo;
 pub mod restore;

@@ -51,11 +51,14 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
         auto_cbt: true,
         cbt: true,
         quiesce: false,
+        allow_plain_tcp_export: false,
         chunk_size: MIB as u32,
         run_dir: dir.join("run"),
         buffers: 2,
+        clock: vmbackup::clock::Clock::real(),
         bandwidth: Arc::new(vmbackup::task::throttle::Throttle::unlimited()),
         force_full: None,
+        io_timeout: vmbackup::config::DEFAULT_IO_TIMEOUT,
     }
 }
 
@@ -71,7 +74,9 @@ fn restore_digest(dir: &std::path::Path, point: &str) -> String {
         dest: &to,
         format: ImageFormat::Raw,
         force: false,
+        mode: vmbackup::restore::DEFAULT_MODE,
         workers: 2,
+        on_staging: &|_| Ok(()),
     };
     restore_point(
         &req,
@@ -108,8 +113,12 @@ fn write_during_backup_is_not_in_the_point_but_in_the_next() {
                 writer.write("disk0", 31 * MIB, 64 * 1024, 0xe0 + round)
             }))),
         });
+        let job = job(tmp.path(), level);
+        let shared = job.repo.lock_shared("backup").unwrap();
+        let lock = job.repo.lock_vm(&shared, "lab/vm1", "backup").unwrap();
         let out = run_backup(
-            &job(tmp.path(), level),
+            &job,
+            &lock,
             &platform,
             progress.clone(),
             cancel.clone(),
@@ -133,8 +142,12 @@ fn write_during_backup_is_not_in_the_point_but_in_the_next() {
         );
     }
     // A last incremental picks up the write made during the previous backup.
+    let job = job(tmp.path(), Level::Inc);
+    let shared = job.repo.lock_shared("backup").unwrap();
+    let lock = job.repo.lock_vm(&shared, "lab/vm1", "backup").unwrap();
     let out = run_backup(
-        &job(tmp.path(), Level::Inc),
+        &job,
+        &lock,
         &platform,
         Arc::new(vmbackup::task::progress::Silent),
         cancel,

@@ -144,6 +144,7 @@ fn guest_devices_are_disks_and_uncoverable_ones_are_marked_r43() {
         latest_full: None,
         track: true,
         quiesce: false,
+        allow_plain_tcp_export: false,
         run_dir: dir.to_path_buf(),
     };
     let err = h.begin_backup(&req).unwrap_err();
@@ -186,10 +187,11 @@ fn full_and_inc_backup_of_a_qemu_system_vm() {
         latest_full: None,
         track: true,
         quiesce: false,
+        allow_plain_tcp_export: false,
         run_dir: run_dir.clone(),
     };
     let snap = h.begin_backup(&req).unwrap();
-    let sock = run_dir.join("vmbackup-nbd-sys2.sock");
+    let sock = run_dir.join("nbd.sock");
     assert_eq!(snap.exports[0].addr, NbdAddr::Unix { path: sock.clone() });
     assert_eq!(snap.exports[0].disk.name, "vda");
     // While the view is open the guest device sits on our copy-before-write

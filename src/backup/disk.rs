@@ -13,9 +13,14 @@
 //! disks; each holds one chunk buffer), and each slot's reads are split into
 //! pieces issued together, so several NBD requests are always outstanding.
 //! Hashing, compression and chunk writes run on blocking threads.
+//!
+//! Every NBD request waits at most `io_timeout` for its answer; once the task is
+//! cancelled, its connection is closed at once (reads in flight fail), so a
+//! stuck hypervisor cannot hold a cancelled task.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tokio::sync::Semaphore;
@@ -46,6 +51,52 @@ pub struct Pipeline {
     pub cancel: Arc<AtomicBool>,
     /// Bandwidth windows of the rule (R29): every source read waits for tokens.
     pub throttle: Arc<crate::task::throttle::Throttle>,
+    /// How long one NBD request may wait for its answer (system.conf).
+    pub io_timeout: Duration,
+}
+
+/// How often a disk's connection looks at the task's cancel flag.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
+
+/// Tests only, like the test clock (`VMBACKUP_TEST_NOW`): an NBD URI that
+/// replaces the address and export of every disk of a full backup, so a test can
+/// put a server with injected faults (nbdkit's delay and error filters) in front
+/// of the data. Read nowhere else.
+const TEST_NBD_URI: &str = "VMBACKUP_TEST_NBD_URI";
+
+/// Where to read a disk from: its export, unless a test overrides it (fulls only:
+/// a stand-in server has no dirty bitmap).
+fn source_of(export: &DiskExport) -> Result<(crate::nbd::NbdAddr, String)> {
+    match std::env::var(TEST_NBD_URI) {
+        Ok(uri) if export.dirty_context.is_none() => crate::nbd::parse_uri(&uri),
+        _ => Ok((export.addr.clone(), export.export.clone())),
+    }
+}
+
+/// Closes a disk's connection when the task is cancelled; stops with the disk.
+struct CancelWatch(tokio::task::JoinHandle<()>);
+
+impl CancelWatch {
+    fn start(client: &Arc<NbdClient>, cancel: Arc<AtomicBool>) -> CancelWatch {
+        let client = Arc::downgrade(client);
+        CancelWatch(tokio::spawn(async move {
+            loop {
+                if cancel.load(Ordering::SeqCst) {
+                    if let Some(c) = client.upgrade() {
+                        c.abort("interrupted: the task was cancelled");
+                    }
+                    return;
+                }
+                tokio::time::sleep(CANCEL_POLL).await;
+            }
+        }))
+    }
+}
+
+impl Drop for CancelWatch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Counters for the manifest.
@@ -56,8 +107,19 @@ pub struct DiskStats {
     pub new_chunks: u64,
 }
 
-/// Back up one disk; returns its complete index for the new point.
+/// Back up one disk; returns its complete index for the new point. A failure
+/// once the task is cancelled is an interruption (exit 130), whatever broke.
 pub async fn backup_disk(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, DiskStats)> {
+    let cancel = pipe.cancel.clone();
+    match back_up(plan, pipe).await {
+        Err(e) if cancel.load(Ordering::SeqCst) && !crate::error::is_interrupted(&e) => {
+            Err(anyhow::Error::from(Error::Interrupted).context(format!("{e:#}")))
+        }
+        other => other,
+    }
+}
+
+async fn back_up(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, DiskStats)> {
     let disk = plan.export.disk.clone();
     let name = disk.name.clone();
     let cs = plan.chunk_size as u64;
@@ -65,15 +127,12 @@ pub async fn backup_disk(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, D
     if let Some(c) = &plan.export.dirty_context {
         contexts.push(c);
     }
-    let client = NbdClient::connect(&plan.export.addr, &plan.export.export, &contexts)
+    let (addr, export) = source_of(&plan.export)?;
+    let client = NbdClient::connect_with_timeout(&addr, &export, &contexts, pipe.io_timeout)
         .await
-        .with_context(|| {
-            format!(
-                "disk '{name}': cannot open NBD export '{}'",
-                plan.export.export
-            )
-        })?;
+        .with_context(|| format!("disk '{name}': cannot open NBD export '{export}'"))?;
     let client = Arc::new(client);
+    let _watch = CancelWatch::start(&client, pipe.cancel.clone());
     let size = client.size();
     if size != disk.size {
         bail!(

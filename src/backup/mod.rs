@@ -27,6 +27,7 @@ use chrono::Utc;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::clock::Clock;
 use crate::error::refused;
 use crate::level::Level;
 use crate::platform::{BackupRequest, CbtUnavailable, Platform, Snapshot, VmHandle};
@@ -51,12 +52,20 @@ pub struct BackupJob {
     pub auto_cbt: bool,
     pub cbt: bool,
     pub quiesce: bool,
+    /// The rule accepts exports through the VM's own plain-TCP NBD server.
+    pub allow_plain_tcp_export: bool,
     /// Chunk size = system.conf `i2vp_transbuffer` (R39).
     pub chunk_size: u32,
-    /// Scratch directory for the platform (fleecing images, sockets).
+    /// The run directory; the VM's own scratch directory inside it
+    /// ([`scratch_dir`]) goes to the platform (fleecing images, sockets).
     pub run_dir: PathBuf,
+    /// How long an NBD request may wait for its answer (system.conf `io_timeout`).
+    pub io_timeout: std::time::Duration,
     /// Chunk buffers in flight for this task (memory bound: this × chunk size).
     pub buffers: usize,
+    /// The wall clock point ids and manifest times are read from (the test
+    /// clock in tests: retention and point ids share one timeline).
+    pub clock: Clock,
     /// The rule's bandwidth windows, applied to source reads (R29).
     pub bandwidth: Arc<Throttle>,
     /// Why this VM's next backup must be a full whatever was asked (its disks
@@ -78,9 +87,11 @@ pub struct BackupOutcome {
     pub warnings: Vec<String>,
 }
 
-/// Back up one VM. `rt` runs the disk pipelines; `cancel` aborts cleanly.
+/// Back up one VM, holding its lock (taken under the repository's shared lock:
+/// see `repo::lock`). `rt` runs the disk pipelines; `cancel` aborts cleanly.
 pub fn run_backup(
     job: &BackupJob,
+    lock: &VmLock,
     platform: &dyn Platform,
     progress: Arc<dyn Progress>,
     cancel: Arc<AtomicBool>,
@@ -89,11 +100,16 @@ pub fn run_backup(
     progress.phase(Phase::Preparing);
     let repo = &job.repo;
     let key = vm_key(&job.platform, &job.vm);
-    let repo_lock = repo.lock_shared("backup")?;
-    let lock = repo.lock_vm(&repo_lock, &key, "backup")?;
+    if lock.vm_key() != key {
+        anyhow::bail!(
+            "the lock of VM '{}' does not cover VM '{key}'",
+            lock.vm_key()
+        );
+    }
     let mut vm = platform
         .open_vm(&job.vm)
         .with_context(|| format!("VM '{}'", job.vm))?;
+    vm.watch_cancel(cancel.clone());
     let info = vm.info()?;
     if let Some(err) = &info.error {
         anyhow::bail!("VM '{}' cannot be queried: {err}", job.vm);
@@ -106,7 +122,8 @@ pub fn run_backup(
             d.uncoverable.as_deref().unwrap_or_default()
         )));
     }
-    let (listed, repaired) = repair_leftovers(repo, &lock, vm.as_mut(), &job.run_dir)?;
+    let scratch = scratch_dir(&job.run_dir, &job.platform, &job.vm)?;
+    let (listed, repaired) = repair_leftovers(repo, lock, vm.as_mut(), &scratch.path)?;
     let points = listed.points;
     for a in &repaired {
         progress.log(
@@ -136,7 +153,7 @@ pub fn run_backup(
             fallback: Some(format!("{why}; this {} runs as a full", job.requested)),
         };
     }
-    let point = next_point_id(latest.as_deref())?;
+    let point = next_point_id(latest.as_deref(), job.clock.now().with_timezone(&Utc))?;
     let mut req = BackupRequest {
         new_point: point.clone(),
         level: lp.level,
@@ -144,7 +161,8 @@ pub fn run_backup(
         latest_full: lp.latest_full.clone(),
         track: tracking == Tracking::On,
         quiesce: job.quiesce,
-        run_dir: job.run_dir.clone(),
+        allow_plain_tcp_export: job.allow_plain_tcp_export,
+        run_dir: scratch.path.clone(),
     };
     let snapshot = match vm.begin_backup(&req) {
         Ok(s) => s,
@@ -167,11 +185,11 @@ pub fn run_backup(
     }
     progress.level(lp.level);
 
-    let started = Utc::now();
+    let started = job.clock.now().with_timezone(&Utc);
     let result = write_point(
         job,
         repo,
-        &lock,
+        lock,
         &key,
         &point,
         &lp,
@@ -202,15 +220,51 @@ pub fn chain_heads(points: &[Manifest]) -> (Option<&Manifest>, Option<&Manifest>
     )
 }
 
+/// The private scratch directory of one VM inside the run directory, created
+/// (0700) if missing, removed again when it is dropped empty (a non-empty one
+/// holds what a failed teardown left; the next cleanup of the VM removes it).
+/// Its name is a hash of platform and VM name: unique per VM (names that differ
+/// only in odd characters do not collide) and 16 characters long whatever the VM
+/// is called, so the NBD socket in it always fits a unix socket path (README
+/// "Files" has the limit on the state directory's length). One backup or cleanup
+/// at a time uses it: the VM's repository lock is held.
+pub fn scratch_dir(run_dir: &Path, platform: &str, vm: &str) -> Result<ScratchDir> {
+    let mut h = blake3::Hasher::new();
+    h.update(platform.as_bytes());
+    h.update(&[0]);
+    h.update(vm.as_bytes());
+    let name: String = h.finalize().as_bytes()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = run_dir.join(name);
+    crate::private_dir::ensure(&path, "scratch directory")?;
+    Ok(ScratchDir { path })
+}
+
+/// A VM's scratch directory, in use (see [`scratch_dir`]).
+#[derive(Debug)]
+pub struct ScratchDir {
+    pub path: PathBuf,
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        // Fails (and keeps it) unless empty.
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
 /// Repair what an interrupted run left (R44), under the VM's repository lock:
-/// drop incomplete points, then let the platform remove its leftovers and
-/// reconcile tracking with the newest good point and full (damaged points are
-/// left alone). Returns the VM's points and one line per repair.
+/// drop incomplete points, then let the platform remove its leftovers (scratch
+/// files in the VM's `scratch` directory among them) and reconcile tracking
+/// with the newest good point and full (damaged points are left alone). Returns
+/// the VM's points and one line per repair.
 pub fn repair_leftovers(
     repo: &Repository,
     lock: &VmLock,
     vm: &mut dyn VmHandle,
-    run_dir: &Path,
+    scratch: &Path,
 ) -> Result<(PointList, Vec<String>)> {
     let mut done: Vec<String> = repo
         .remove_incomplete_points(lock)?
@@ -219,12 +273,10 @@ pub fn repair_leftovers(
         .collect();
     let points = repo.list_points(lock.vm_key())?;
     let (latest, latest_full) = chain_heads(&points.points);
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
     let report = vm.cleanup(
         latest.map(|p| p.point.as_str()),
         latest_full.map(|p| p.point.as_str()),
-        run_dir,
+        scratch,
     )?;
     done.extend(report.actions);
     Ok((points, done))
@@ -295,6 +347,7 @@ fn write_point(
         progress: progress.clone(),
         cancel,
         throttle: job.bandwidth.clone(),
+        io_timeout: job.io_timeout,
     };
     let results = rt.block_on(async {
         let mut set = tokio::task::JoinSet::new();
@@ -345,7 +398,7 @@ fn write_point(
         full,
         status: PointStatus::Completed,
         started,
-        finished: Utc::now(),
+        finished: job.clock.now().with_timezone(&Utc),
         fallback_reason: lp.fallback.clone(),
         vm_config,
         disks,
@@ -357,8 +410,8 @@ fn write_point(
 
 /// A point id for now, strictly after the newest existing point. Ids have
 /// one-second resolution, so two backups within one second get consecutive ids.
-fn next_point_id(latest: Option<&str>) -> Result<String> {
-    let now = new_point_id(Utc::now());
+fn next_point_id(latest: Option<&str>, now: chrono::DateTime<Utc>) -> Result<String> {
+    let now = new_point_id(now);
     match latest {
         Some(l) if now.as_str() <= l => Ok(new_point_id(
             parse_point_id(l)? + chrono::Duration::seconds(1),
@@ -373,12 +426,13 @@ mod tests {
 
     #[test]
     fn point_ids_increase_even_within_one_second() {
-        let a = next_point_id(None).unwrap();
-        let b = next_point_id(Some(&a)).unwrap();
-        let c = next_point_id(Some(&b)).unwrap();
+        let now = Utc::now();
+        let a = next_point_id(None, now).unwrap();
+        let b = next_point_id(Some(&a), now).unwrap();
+        let c = next_point_id(Some(&b), now).unwrap();
         assert!(a < b && b < c, "{a} {b} {c}");
         assert_eq!(
-            next_point_id(Some("20000101T000000Z")).unwrap().len(),
+            next_point_id(Some("20000101T000000Z"), now).unwrap().len(),
             a.len()
         );
     }

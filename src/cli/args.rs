@@ -70,8 +70,16 @@ pub enum Command {
     Task(TaskCmd),
     /// Show the log lines of a rule's tasks (R32)
     Logs(LogsArgs),
-    /// List the restore points of a VM
+    /// List the restore points of a rule's VMs (damaged and orphaned ones too)
     Points(PointsArgs),
+    /// Apply retention now: remove points outside the rule's retention (R15-R21)
+    #[command(after_long_help = PRUNE_HELP)]
+    Prune(PruneArgs),
+    /// Remove chosen points of a VM (refused while a restore reads them)
+    Forget(ForgetArgs),
+    /// Free the space of removed points: delete the objects no point refers to
+    #[command(after_long_help = GC_HELP)]
+    Gc(GcArgs),
     /// Restore a point to image files, as a new VM, in place, or a whole rule's VMs
     Restore(RestoreArgs),
     /// Run a VM straight from a restore point (transient), move it to production
@@ -222,6 +230,11 @@ pub struct RuleAddArgs {
     /// platforms that cannot (qemu, for now: snapshots are crash-consistent)
     #[arg(long)]
     pub quiesce: bool,
+    /// Accept backing up through an NBD server the VM's QEMU already runs on plain
+    /// TCP (no TLS): anyone reaching that port can read the disk during the backup.
+    /// Without it such a backup is refused
+    #[arg(long)]
+    pub allow_plain_tcp_export: bool,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -235,12 +248,33 @@ pub struct PolicyArgs {
     /// at most two (R14, R22-R25)
     #[arg(long, value_name = "SPEC")]
     pub schedule: Vec<String>,
-    /// Keep points for N periods of the schedule's type, 0..=64 (R15)
-    #[arg(long, value_name = "N")]
-    pub retention: Option<u32>,
+    /// Keep the current period's points and those of the N periods before it
+    /// (the schedules' period: days, weeks Monday to Sunday, months, quarters),
+    /// 0..=64; "all" keeps every point (the default). See 'vmbackup prune --help'
+    #[arg(long, value_name = "N|all", value_parser = parse_retention)]
+    pub retention: Option<RetentionArg>,
     /// Bandwidth window: "DAYS HH:MM-HH:MM RATE" with RATE like 20MiB/s, or "pause" (R29)
     #[arg(long, value_name = "WINDOW")]
     pub bandwidth: Vec<String>,
+}
+
+/// `--retention N` or `--retention all`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetentionArg {
+    /// Keep every point.
+    All,
+    /// Keep the current period and N before it (range checked by the policy).
+    Periods(u32),
+}
+
+fn parse_retention(text: &str) -> Result<RetentionArg, String> {
+    match text {
+        "all" => Ok(RetentionArg::All),
+        n => n
+            .parse()
+            .map(RetentionArg::Periods)
+            .map_err(|_| "expected a number of periods 0..=64, or 'all'".to_string()),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -315,9 +349,86 @@ pub struct LogsArgs {
 #[derive(Debug, Args)]
 pub struct PointsArgs {
     pub rule: String,
+    /// Only this VM [default: every VM of the rule, and orphaned VM keys in its repository]
+    #[arg(long, value_name = "VM")]
+    pub vm: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Only this rule [default: every rule]
+    pub rule: Option<String>,
+    /// Only this VM of the rule
+    #[arg(long, value_name = "VM", requires = "rule")]
+    pub vm: Option<String>,
+    /// Show what would be removed, and why, without removing anything
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    pub rule: String,
+    /// The VM (or an orphaned VM key, `<platform>/<vm>`, as 'vmbackup points' lists it)
     #[arg(long, value_name = "VM")]
     pub vm: String,
+    /// Point id(s) to remove; repeat or comma-separate
+    #[arg(long, required = true, value_delimiter = ',', value_name = "ID")]
+    pub point: Vec<String>,
+    /// Show what would be removed without removing anything
+    #[arg(long)]
+    pub dry_run: bool,
 }
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Only this rule's repository [default: the repositories of every rule]
+    #[arg(conflicts_with = "target")]
+    pub rule: Option<String>,
+    /// Only the repositories of the rules on this target
+    #[arg(long, value_name = "NAME")]
+    pub target: Option<String>,
+    /// Count what would be deleted without deleting anything (backups may run
+    /// meanwhile: their new objects count as garbage until they commit)
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// The man page text of `gc`.
+const GC_HELP: &str = "\
+HOW IT WORKS
+
+Garbage collection reads every index of every point of a repository and marks each chunk and delta they name (and each delta's base chunk), then deletes every other object, and staging files killed writers left more than an hour ago. It holds the repository's exclusive lock: backups that start meanwhile wait (pending) until it is done. A repository whose lock is busy is deferred, never waited for (exit 4). It refuses to sweep while any point's manifest or index cannot be read: 'vmbackup points' lists such damaged points, 'vmbackup forget' removes them. Quarantined objects are never deleted.
+
+The daemon and run-due run it automatically at most once a day per repository, after pruning, when the lock is free.
+
+EXAMPLES
+
+vmbackup gc --dry-run
+
+vmbackup gc web
+
+vmbackup --json gc --target nas";
+
+/// The man page text of `prune`: retention with the seed's examples.
+const PRUNE_HELP: &str = "\
+HOW RETENTION WORKS
+
+A point belongs to the local-time period holding its start. Retention N keeps every point of the current period and of the N periods before it, in the unit of the rule's schedules: days; weeks, Monday to Sunday; months; quarters. Retention 0 days keeps today's points only; 1 day keeps today's and yesterday's; 0 weeks keeps this week's, from Monday on.
+
+Never removed: the VM's newest point; its newest full (the full that today's incremental depends on); a point a running restore reads. A rule without retention (--retention all) and a one-time rule keep every point.
+
+Every point has its own complete index, so every kept point restores on its own. Example, retention 0 days with a full and daily incrementals: after day 2's incremental, day 1's incrementals are removed and the full stays; day 1's changes live on in day 2's point, which restores byte-exact although the point it was taken against is gone.
+
+The daemon and run-due prune a VM after its last scheduled backup of the day completed, and not while its newest backup failed or was interrupted. This command prunes now. The data of removed points is freed by garbage collection ('vmbackup gc', also run once a day automatically).
+
+EXAMPLES
+
+vmbackup prune web --dry-run
+
+vmbackup prune web --vm web01
+
+vmbackup --json prune";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ImageFormat {
@@ -364,6 +475,10 @@ pub struct RestoreArgs {
     /// With --all: the newest point at or before this time ("YYYY-MM-DD HH:MM", local)
     #[arg(long, value_name = "TIME", requires = "all")]
     pub at: Option<String>,
+    /// Permissions of the image files, in octal (a disk holds everything the VM
+    /// holds: only root may read it unless you say otherwise)
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub mode: u32,
 }
 
 /// How a VM is launched from a captured configuration.
@@ -476,6 +591,15 @@ pub enum RecoverCmd {
     },
 }
 
+/// An octal file mode without setuid, setgid or sticky bits: `0640`, `600`.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if !digits.is_empty() && digits.len() <= 4 && mode <= 0o777 => Ok(mode),
+        _ => Err("allowed an octal mode from 0000 to 0777, e.g. 0640".into()),
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// Only this rule [default: every rule]
@@ -504,4 +628,8 @@ pub struct VerifyArgs {
 pub struct CleanupArgs {
     /// Only this rule [default: every rule]
     pub rule: Option<String>,
+    /// Also remove secret values (passwords, keys, `-object secret` data) from the
+    /// VM command lines stored in manifests written by earlier versions
+    #[arg(long)]
+    pub redact: bool,
 }

@@ -1,4 +1,5 @@
-//! `cleanup`: what killed runs left on VMs and in repositories (R44), now.
+//! `cleanup`: what killed runs left on VMs and in repositories (R44), now; with
+//! `--redact`, secrets in manifests written before redaction existed.
 
 use std::path::Path;
 
@@ -10,30 +11,44 @@ use super::Ctx;
 use crate::error::{exit_code_of, ExitCode};
 use crate::lifecycle::rule_repository;
 use crate::platform;
-use crate::runner::recover::cleanup_vm;
+use crate::runner::recover::{cleanup_vm, redact_manifests, remove_stale_restores};
 
 pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
-    let state = ctx.state()?;
+    let mut state = ctx.state()?;
     let rules = match &a.rule {
         Some(r) => vec![state.require_rule(r)?],
         None => state.rules()?,
     };
+    let run_dir = ctx.run_dir()?;
+    let io_timeout = ctx.system_config()?.io_timeout;
     let mut actions: Vec<serde_json::Value> = Vec::new();
     let mut worst = ExitCode::Ok;
+    let names: Vec<String> = rules.iter().map(|r| r.name.clone()).collect();
+    for d in remove_stale_restores(&mut state, None, Some(&names))? {
+        if !ctx.json && !ctx.quiet {
+            out!("{d}");
+        }
+        actions.push(serde_json::json!({ "action": d }));
+    }
     let mut repos = Vec::new();
     for rule in &rules {
         let prow = state.require_platform(&rule.settings.platform)?;
-        let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
+        let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir), io_timeout)?;
         let repo = rule_repository(&state, rule)?;
         repos.extend(repo.clone());
         for v in &rule.vms {
-            let res = cleanup_vm(
-                plat.as_ref(),
-                repo.as_ref(),
-                &prow.name,
-                &v.vm,
-                &ctx.run_dir(),
-            );
+            // A VM being backed up now is busy: said at once, without asking
+            // its hypervisor (which may be the reason the task takes long).
+            let res = match state.running_backup_of(&rule.name, &v.vm)? {
+                Some(t) => Err(crate::error::busy(format!(
+                    "VM '{}' is being backed up by task {} (pid {}): cleanup would take its snapshot away; run it once the task has ended (or 'vmbackup task cancel {}')",
+                    v.vm,
+                    t.id,
+                    t.pid.unwrap_or_default(),
+                    t.id
+                ))),
+                None => cleanup_vm(plat.as_ref(), repo.as_ref(), &prow.name, &v.vm, &run_dir),
+            };
             match res {
                 Ok(done) => {
                     for d in &done {
@@ -64,6 +79,14 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
                 out!("{}: {d}", repo.location());
             }
             actions.push(serde_json::json!({ "repository": repo.location(), "action": d }));
+        }
+        if a.redact {
+            for d in redact_manifests(&repo)? {
+                if !ctx.json && !ctx.quiet {
+                    out!("{}: {d}", repo.location());
+                }
+                actions.push(serde_json::json!({ "repository": repo.location(), "action": d }));
+            }
         }
     }
     if ctx.json {

@@ -22,6 +22,7 @@ mod cleanup_cmd;
 mod config_cmd;
 mod daemon_cmd;
 mod diag;
+mod lifecycle_cmd;
 mod logs_cmd;
 pub mod output;
 mod platform_cmd;
@@ -49,6 +50,10 @@ pub fn command() -> clap::Command {
     Cli::command()
 }
 
+/// Longest state directory: `<dir>/run/<16>/nbd.sock` must fit the 107 bytes of
+/// a unix socket path (`backup::scratch_dir`, `platform::qemu` names).
+const MAX_STATE_DIR: usize = 107 - "/run/0123456789abcdef/nbd.sock".len();
+
 /// Resolved global settings every handler gets.
 pub struct Ctx {
     pub state_path: PathBuf,
@@ -63,9 +68,20 @@ pub struct Ctx {
 impl Ctx {
     fn resolve(g: &args::GlobalArgs) -> Result<Ctx> {
         let state_path = match &g.state {
-            Some(p) => p.clone(),
+            // Absolute: paths below it are handed to QEMU, whose working
+            // directory is not ours.
+            Some(p) => std::path::absolute(p)
+                .map_err(|e| crate::error::invalid("--state", p.display(), e))?,
             None => default_state_path()?,
         };
+        let dir_len = state_path.parent().map_or(0, |d| d.as_os_str().len());
+        if dir_len > MAX_STATE_DIR {
+            return Err(crate::error::invalid(
+                "--state",
+                state_path.display(),
+                format!("the state directory may be at most {MAX_STATE_DIR} bytes long: NBD sockets below it (run/<16 characters>/nbd.sock) must fit a unix socket path (108 bytes)"),
+            ));
+        }
         let (config_path, config_explicit) = match &g.config {
             Some(p) => (p.clone(), true),
             None => (PathBuf::from("/etc/vmbackup/system.conf"), false),
@@ -90,12 +106,16 @@ impl Ctx {
         SystemConfig::load(&self.config_path, self.config_explicit)
     }
 
-    /// Scratch space for fleecing images and our own NBD sockets: `<state dir>/run`.
-    pub fn run_dir(&self) -> PathBuf {
-        self.state_path
+    /// Scratch space for fleecing images and our own NBD sockets: `<state dir>/run`,
+    /// created private (0700) or checked to be (`private_dir`).
+    pub fn run_dir(&self) -> Result<PathBuf> {
+        let dir = self
+            .state_path
             .parent()
             .unwrap_or(Path::new("."))
-            .join("run")
+            .join("run");
+        crate::private_dir::ensure(&dir, "run directory")?;
+        Ok(dir)
     }
 }
 
@@ -135,7 +155,12 @@ pub fn main() -> std::process::ExitCode {
     };
     diag::init(cli.global.verbose);
     let json = cli.global.json;
-    let code = match Ctx::resolve(&cli.global).and_then(|ctx| dispatch(&ctx, cli.command)) {
+    let result = Ctx::resolve(&cli.global).and_then(|ctx| {
+        let state_path = ctx.state_path.clone();
+        // A state-store error from any query names the file (busy: exit 4).
+        dispatch(&ctx, cli.command).map_err(|e| crate::state::db_error(&state_path, e))
+    });
+    let code = match result {
         Ok(code) => code,
         Err(err) => {
             let code = exit_code_of(&err);
@@ -186,6 +211,9 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
         Command::Recover(a) => recover_cmd::recover(ctx, a),
         Command::RecoverServe { id } => recover_cmd::serve(ctx, id),
         Command::Verify(a) => points_cmd::verify(ctx, a),
+        Command::Prune(a) => lifecycle_cmd::prune(ctx, a),
+        Command::Forget(a) => lifecycle_cmd::forget(ctx, a),
+        Command::Gc(a) => lifecycle_cmd::gc(ctx, a),
         Command::Cleanup(a) => cleanup_cmd::cleanup(ctx, a),
     }
 }

@@ -43,6 +43,9 @@ pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
     }
 }
 
+/// Longest QMP directory: `<dir>/<name>.qmp` must fit a unix socket path.
+const MAX_QMP_DIR: usize = 100;
+
 fn kind_name(k: PlatformKind) -> &'static str {
     match k {
         PlatformKind::Qemu => "qemu",
@@ -61,6 +64,13 @@ fn add(ctx: &Ctx, name: &str, kind: PlatformKind, qmp_dir: &Path) -> Result<Exit
     let dir = qmp_dir
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", qmp_dir.display()))?;
+    if dir.as_os_str().len() > MAX_QMP_DIR {
+        return Err(invalid(
+            "--qmp-dir",
+            dir.display(),
+            format!("must be at most {MAX_QMP_DIR} bytes long: the QMP sockets in it must fit a unix socket path (108 bytes)"),
+        ));
+    }
     let mut state = ctx.state()?;
     if state.platform(name)?.is_some() {
         return Err(invalid(
@@ -69,7 +79,8 @@ fn add(ctx: &Ctx, name: &str, kind: PlatformKind, qmp_dir: &Path) -> Result<Exit
             "already registered; pick another name",
         ));
     }
-    let vms = platform::connect(kind_name(kind), &dir)?.inventory()?;
+    let io_timeout = ctx.system_config()?.io_timeout;
+    let vms = platform::connect(kind_name(kind), &dir, io_timeout)?.inventory()?;
     state.add_platform(name, kind_name(kind), &dir.to_string_lossy(), &vms)?;
     report_inventory(ctx, name, &vms, "added");
     Ok(ExitCode::Ok)
@@ -79,7 +90,8 @@ fn add(ctx: &Ctx, name: &str, kind: PlatformKind, qmp_dir: &Path) -> Result<Exit
 fn refresh_inventory(ctx: &Ctx, name: &str) -> Result<(State, Vec<VmInfo>)> {
     let mut state = ctx.state()?;
     let row = state.require_platform(name)?;
-    let vms = platform::connect(&row.kind, Path::new(&row.qmp_dir))?
+    let io_timeout = ctx.system_config()?.io_timeout;
+    let vms = platform::connect(&row.kind, Path::new(&row.qmp_dir), io_timeout)?
         .inventory()
         .with_context(|| format!("platform '{name}'"))?;
     state.set_inventory(name, &vms)?;

@@ -15,6 +15,10 @@ use crate::units::format_size;
 /// Point summary for `points`.
 #[derive(Serialize)]
 struct PointRow {
+    /// The VM's name, or for an orphaned VM key the key (`<platform>/<vm>`).
+    vm: String,
+    /// True for points of a VM key no rule owns (removable by `forget`).
+    orphaned: bool,
     point: String,
     level: Option<Level>,
     base: Option<String>,
@@ -33,16 +37,69 @@ struct PointRow {
 pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rule = state.require_rule(&a.rule)?;
-    rule.require_vm(&a.vm)?;
-    let key = vm_key(&rule.settings.platform, &a.vm);
-    let list = match rule_repository(&state, &rule)? {
-        Some(repo) => repo.list_points(&key)?,
-        None => Default::default(),
+    let vms: Vec<String> = match &a.vm {
+        Some(vm) => vec![rule.require_vm(vm)?.vm.clone()],
+        None => rule.vms.iter().map(|v| v.vm.clone()).collect(),
     };
-    let mut rows: Vec<PointRow> = list
+    let mut rows = Vec::new();
+    if let Some(repo) = rule_repository(&state, &rule)? {
+        let mut keys: Vec<(String, String, bool)> = vms
+            .iter()
+            .map(|vm| (vm.clone(), vm_key(&rule.settings.platform, vm), false))
+            .collect();
+        if a.vm.is_none() {
+            for key in crate::lifecycle::prune::orphaned_keys(&state, &rule, &repo)? {
+                keys.push((key.clone(), key, true));
+            }
+        }
+        for (vm, key, orphaned) in keys {
+            point_rows(&repo.list_points(&key)?, &vm, orphaned, &mut rows);
+        }
+    }
+    if ctx.json {
+        print_json(&rows);
+        return Ok(ExitCode::Ok);
+    }
+    let mut header = vec![
+        "POINT", "LEVEL", "BASE", "DISKS", "SIZE", "READ", "STORED", "STATUS",
+    ];
+    if a.vm.is_none() {
+        header.insert(0, "VM");
+    }
+    let mut t = Table::new(&header);
+    for r in &rows {
+        let status = match &r.reason {
+            Some(why) => format!("{}: {why}", r.status),
+            None if r.orphaned => format!("{} (orphaned: no rule owns this VM)", r.status),
+            None => r.status.into(),
+        };
+        let mut cells = vec![
+            r.point.clone(),
+            r.level.map_or_else(|| "-".into(), |l| l.to_string()),
+            r.base.clone().unwrap_or_else(|| "-".into()),
+            r.disks.join(","),
+            format_size(r.size),
+            format_size(r.bytes_read),
+            format_size(r.bytes_written),
+            status,
+        ];
+        if a.vm.is_none() {
+            cells.insert(0, r.vm.clone());
+        }
+        t.row(cells);
+    }
+    t.print();
+    Ok(ExitCode::Ok)
+}
+
+/// One row per point of `list`, good and damaged, oldest first.
+fn point_rows(list: &crate::repo::PointList, vm: &str, orphaned: bool, rows: &mut Vec<PointRow>) {
+    let mut mine: Vec<PointRow> = list
         .points
         .iter()
         .map(|m| PointRow {
+            vm: vm.to_string(),
+            orphaned,
             point: m.point.clone(),
             level: Some(m.level),
             base: m.base.clone(),
@@ -57,6 +114,8 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
             reason: None,
         })
         .chain(list.damaged.iter().map(|d| PointRow {
+            vm: vm.to_string(),
+            orphaned,
             point: d.point.clone(),
             level: None,
             base: None,
@@ -71,32 +130,8 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
             reason: Some(d.reason.clone()),
         }))
         .collect();
-    rows.sort_by(|a, b| a.point.cmp(&b.point));
-    if ctx.json {
-        print_json(&rows);
-        return Ok(ExitCode::Ok);
-    }
-    let mut t = Table::new(&[
-        "POINT", "LEVEL", "BASE", "DISKS", "SIZE", "READ", "STORED", "STATUS",
-    ]);
-    for r in &rows {
-        let status = match &r.reason {
-            Some(why) => format!("{}: {why}", r.status),
-            None => r.status.into(),
-        };
-        t.row(vec![
-            r.point.clone(),
-            r.level.map_or_else(|| "-".into(), |l| l.to_string()),
-            r.base.clone().unwrap_or_else(|| "-".into()),
-            r.disks.join(","),
-            format_size(r.size),
-            format_size(r.bytes_read),
-            format_size(r.bytes_written),
-            status,
-        ]);
-    }
-    t.print();
-    Ok(ExitCode::Ok)
+    mine.sort_by(|a, b| a.point.cmp(&b.point));
+    rows.extend(mine);
 }
 
 #[derive(Serialize)]

@@ -80,7 +80,8 @@ pub fn make_runner_with(
     Runner::start(
         RunnerConfig {
             state_path: ctx.state_path.clone(),
-            run_dir: ctx.run_dir(),
+            run_dir: ctx.run_dir()?,
+            io_timeout: cfg.io_timeout,
             limits: Limits {
                 global: cfg.bk_tsk_thd,
                 per_host: cfg.max_threads_per_host,
@@ -97,7 +98,8 @@ pub fn make_runner_with(
 /// Reclaim what dead processes left behind (R44), reporting on stderr.
 pub fn reclaim_dead(ctx: &Ctx) -> Result<()> {
     let mut state = ctx.state()?;
-    for line in crate::runner::recover::reclaim(&mut state, &ctx.run_dir())? {
+    let io_timeout = ctx.system_config()?.io_timeout;
+    for line in crate::runner::recover::reclaim(&mut state, &ctx.run_dir()?, io_timeout)? {
         eprintln!("vmbackup: {line}");
     }
     Ok(())

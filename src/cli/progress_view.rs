@@ -80,12 +80,17 @@ impl Events for CliEvents {
     }
 
     fn ended(&self, r: &TaskResult) {
+        // A repository task (GC) has no VM: name its rule.
+        let who = match (&r.vm, &r.rule) {
+            (vm, Some(rule)) if vm.is_empty() => format!("rule {rule}"),
+            (vm, _) => vm.clone(),
+        };
         match r.status {
             // Running: handed to a background process that goes on with it.
             TaskState::Completed | TaskState::Running => {
                 if !self.json && !self.quiet {
                     for line in &r.summary {
-                        out!("{}: {line}", r.vm);
+                        out!("{who}: {line}");
                     }
                 }
             }
@@ -93,9 +98,9 @@ impl Events for CliEvents {
                 // The R28 reason already starts with "skipped: ...".
                 let msg = r.error.as_deref().unwrap_or_default();
                 if msg.starts_with(status.as_str()) {
-                    self.err_line(format!("vmbackup: {}: {msg}", r.vm));
+                    self.err_line(format!("vmbackup: {who}: {msg}"));
                 } else {
-                    self.err_line(format!("vmbackup: {}: {status}: {msg}", r.vm));
+                    self.err_line(format!("vmbackup: {who}: {status}: {msg}"));
                 }
             }
         }

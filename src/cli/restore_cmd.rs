@@ -142,6 +142,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
                         dest,
                         format,
                         force: a.force,
+                        mode: a.mode,
                         launch: launch.clone(),
                         start: a.start,
                     }
@@ -150,6 +151,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
                     dest,
                     format,
                     force: a.force,
+                    mode: a.mode,
                 },
             }
         };

@@ -5,7 +5,7 @@ use anyhow::Result;
 use chrono::Local;
 use serde::Serialize;
 
-use super::args::{OnOff, PolicyArgs, RuleAddArgs, RuleCmd, RuleEditArgs};
+use super::args::{OnOff, PolicyArgs, RetentionArg, RuleAddArgs, RuleCmd, RuleEditArgs};
 use super::output::{print_json, yes_no, Table};
 use super::Ctx;
 use crate::error::{invalid, refused, ExitCode};
@@ -65,35 +65,16 @@ fn parse_windows(specs: &[String]) -> Result<Vec<Window>> {
     Ok(windows)
 }
 
-/// The repository sub-directory: relative, no `..`, names as for rules (R5).
-fn check_subdir(subdir: &str) -> Result<()> {
-    let ok = !subdir.is_empty()
-        && !subdir.starts_with('/')
-        && subdir.split('/').all(|c| {
-            !c.is_empty()
-                && c != "."
-                && c != ".."
-                && c.chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid("--path", subdir, "must be a relative sub-directory of the target (A-Z a-z 0-9 . _ - and /, no '..') (R5)"))
-    }
-}
-
 fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
     let now = Local::now().naive_local();
     let policy = build_policy(
         a.policy.once.as_deref(),
         &a.policy.schedule,
-        a.policy.retention,
+        a.policy.retention.and_then(retention_units),
         now,
     )?;
     let bandwidth = parse_windows(&a.policy.bandwidth)?;
     let subdir = a.path.clone().unwrap_or_else(|| a.name.clone());
-    check_subdir(&subdir)?;
     let settings = RuleSettings {
         platform: a.platform,
         target: a.target,
@@ -103,6 +84,7 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
         lan_free: a.lan_free,
         delete_data: a.delete_data,
         quiesce: a.quiesce,
+        allow_plain_tcp_export: a.allow_plain_tcp_export,
         policy,
         bandwidth,
     };
@@ -114,6 +96,15 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
     Ok(ExitCode::Ok)
 }
 
+/// `--retention all` → keep all (`None`); `--retention N` → N periods.
+fn retention_units(r: RetentionArg) -> Option<u32> {
+    match r {
+        RetentionArg::All => None,
+        RetentionArg::Periods(n) => Some(n),
+    }
+}
+
+/// `rule edit`: every policy flag left out keeps its value (sysadmin review B2).
 fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
     let PolicyArgs {
         once,
@@ -134,23 +125,38 @@ fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
     let mut state = ctx.state()?;
     let rule = state.require_rule(&a.name)?;
     let now = Local::now().naive_local();
-    let policy = if once.is_some() || !schedule.is_empty() {
-        build_policy(once.as_deref(), schedule, *retention, now)?
-    } else if retention.is_some() {
-        // Only the retention changes: re-validate it with the rule's current schedules.
-        match &rule.settings.policy {
-            Policy::Periodic { schedules, .. } => {
-                let specs: Vec<String> = schedules.iter().map(|s| s.to_string()).collect();
-                build_policy(None, &specs, *retention, now)?
-            }
-            Policy::Once { .. } => {
-                return Err(invalid(
-                    "--retention",
-                    retention.unwrap_or_default(),
-                    "applies to periodic policies only; this rule runs once (R15)",
-                ))
-            }
+    let (current_specs, current_retention) = match &rule.settings.policy {
+        Policy::Periodic {
+            schedules,
+            retention,
+        } => (
+            schedules.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            *retention,
+        ),
+        Policy::Once { .. } => (Vec::new(), None),
+    };
+    let new_retention = match retention {
+        Some(r) => retention_units(*r),
+        None => current_retention,
+    };
+    let policy = if once.is_some() {
+        build_policy(once.as_deref(), &[], None, now)?
+    } else if !schedule.is_empty() {
+        build_policy(None, schedule, new_retention, now)?
+    } else if let Some(r) = retention {
+        // Only the retention changes: re-validate it with the rule's schedules.
+        if current_specs.is_empty() {
+            let shown = match r {
+                RetentionArg::All => "all".to_string(),
+                RetentionArg::Periods(n) => n.to_string(),
+            };
+            return Err(invalid(
+                "--retention",
+                shown,
+                "applies to periodic policies only; this rule runs once (R15)",
+            ));
         }
+        build_policy(None, &current_specs, new_retention, now)?
     } else {
         rule.settings.policy.clone()
     };
@@ -162,7 +168,36 @@ fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
         parse_windows(bandwidth)?
     };
     state.edit_rule_policy(&a.name, &policy, &windows)?;
-    done(ctx, &format!("rule '{}' updated", a.name));
+    let msg = format!("rule '{}' updated", a.name);
+    // What the next prune would remove under the new policy (when it changed).
+    let removable = if policy == rule.settings.policy {
+        None
+    } else {
+        let edited = state.require_rule(&a.name)?;
+        let now = crate::clock::Clock::process().now();
+        match crate::lifecycle::prune::prune_rule(&state, &edited, None, true, &now) {
+            Ok(plans) => Some(plans.iter().map(|p| p.removals()).sum::<usize>()),
+            Err(e) => {
+                eprintln!("vmbackup: cannot tell what the next prune removes: {e:#}");
+                None
+            }
+        }
+    };
+    if ctx.json {
+        print_json(&serde_json::json!({
+            "message": msg,
+            "rule": a.name,
+            "prune_would_remove_count": removable,
+        }));
+    } else if !ctx.quiet {
+        out!("{msg}");
+        if let Some(n) = removable.filter(|n| *n > 0) {
+            out!(
+                "the next prune removes {n} point(s) outside the new retention ('vmbackup prune {} --dry-run' lists them)",
+                a.name
+            );
+        }
+    }
     Ok(ExitCode::Ok)
 }
 
@@ -302,6 +337,9 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     out!("lan-free:     {}", yes_no(s.lan_free));
     out!("delete data:  {}", yes_no(s.delete_data));
     out!("quiesce:      {}", yes_no(s.quiesce));
+    if s.allow_plain_tcp_export {
+        out!("exports:      plain TCP allowed (--allow-plain-tcp-export)");
+    }
     out!("policy:       {}", s.policy);
     for sc in &schedules {
         out!("  {}  =>  cron {}", sc.spec, sc.cron.join(" | "));

@@ -94,6 +94,10 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
     }
 }
 
+/// Longest target directory: the repository's own paths below it (rule
+/// sub-directory, VM, point, chunk names) must fit PATH_MAX (4096).
+const MAX_TARGET_PATH: usize = 1024;
+
 fn add(ctx: &Ctx, name: &str, path: &Path) -> Result<ExitCode> {
     check_name("target name", name)?;
     // A missing directory is refused rather than created: it is often an unmounted
@@ -120,6 +124,13 @@ fn add(ctx: &Ctx, name: &str, path: &Path) -> Result<ExitCode> {
     let abs = path
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", path.display()))?;
+    if abs.as_os_str().len() > MAX_TARGET_PATH {
+        return Err(invalid(
+            "--path",
+            abs.display(),
+            format!("must be at most {MAX_TARGET_PATH} bytes long (repository paths below it must fit the system's limit of 4096)"),
+        ));
+    }
     let spec = TargetSpec::Directory { path: abs.clone() };
     let mut state = ctx.state()?;
     if let Some(t) = state.target(name)? {

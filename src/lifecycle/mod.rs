@@ -4,8 +4,15 @@
 //!
 //! - `repository.rs`: a rule's repository from the state store: the target's
 //!   marker, and "a missing repository is an error, never a new one".
+//! - `retention.rs`: the pure plan: points + retention + now → keep/remove.
+//! - `prune.rs`: applying it (`prune`), removing chosen points (`forget`).
+//! - `gc.rs`: garbage collection of the rules' repositories (`repo::gc` marks
+//!   and sweeps), deferred when busy, once a day when automatic.
 
+pub mod gc;
+pub mod prune;
 pub mod repository;
+pub mod retention;
 
 pub use repository::{
     open_target, repository_for_backup, rule_repository, rule_repository_with_points,

@@ -7,8 +7,16 @@
 //! ([`super::reader`]) routes each reply to its request by cookie. Queueing is
 //! synchronous, so a caller that gives up mid-request never leaves half a request
 //! on the wire.
+//!
+//! Deadlines: the handshake, and every request from the moment it is queued
+//! (time spent before, e.g. in a bandwidth window, does not count), wait at most
+//! the connection's `io_timeout` for their answer. A request that gets none fails
+//! the whole connection (the server is stuck; a late reply could not be trusted
+//! to be routed) with a message saying so. [`NbdClient::abort`] fails it at once
+//! (a cancelled task).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -36,6 +44,10 @@ type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 /// A connection to one NBD export.
 pub struct NbdClient {
     export: String,
+    /// The server's address, as messages show it.
+    label: String,
+    /// How long a request may wait for its answer.
+    io_timeout: Duration,
     negotiated: Negotiated,
     max_request: u32,
     inflight: Arc<Inflight>,
@@ -46,22 +58,53 @@ pub struct NbdClient {
 
 impl NbdClient {
     /// Connect to `export` at `addr`, selecting the meta `contexts` (e.g.
-    /// `base:allocation`, `qemu:dirty-bitmap:NAME`); each must exist.
+    /// `base:allocation`, `qemu:dirty-bitmap:NAME`); each must exist. Requests
+    /// wait at most system.conf's default `io_timeout` for their answers.
     pub async fn connect(addr: &NbdAddr, export: &str, contexts: &[&str]) -> Result<NbdClient> {
+        NbdClient::connect_with_timeout(addr, export, contexts, crate::config::DEFAULT_IO_TIMEOUT)
+            .await
+    }
+
+    /// [`NbdClient::connect`] whose handshake and requests each wait at most
+    /// `io_timeout` for the server.
+    pub async fn connect_with_timeout(
+        addr: &NbdAddr,
+        export: &str,
+        contexts: &[&str],
+        io_timeout: Duration,
+    ) -> Result<NbdClient> {
         let label = addr_label(addr);
-        let (mut rd, mut wr) = open(addr)
+        let handshake = async {
+            let (mut rd, mut wr) = open(addr)
+                .await
+                .with_context(|| format!("connecting to NBD server {label}"))?;
+            let negotiated = handshake::negotiate(&mut rd, &mut wr, export, contexts)
+                .await
+                .with_context(|| format!("NBD handshake with {label} for export '{export}'"))?;
+            anyhow::Ok((rd, wr, negotiated))
+        };
+        let (rd, wr, negotiated) = tokio::time::timeout(io_timeout, handshake)
             .await
-            .with_context(|| format!("connecting to NBD server {label}"))?;
-        let negotiated = handshake::negotiate(&mut rd, &mut wr, export, contexts)
-            .await
-            .with_context(|| format!("NBD handshake with {label} for export '{export}'"))?;
+            .map_err(|_| {
+                anyhow!(
+                    "NBD server {label}: no answer within {} (io_timeout) during the handshake for export '{export}'",
+                    humantime::format_duration(io_timeout)
+                )
+            })??;
         let max_request = negotiated.max_block.min(MAX_REQUEST);
         let inflight = Arc::new(Inflight::default());
         let (requests, queued) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_requests(queued, wr, inflight.clone(), label.clone()));
-        let reader = tokio::spawn(reader::run(rd, inflight.clone(), label, max_request));
+        let reader = tokio::spawn(reader::run(
+            rd,
+            inflight.clone(),
+            label.clone(),
+            max_request,
+        ));
         Ok(NbdClient {
             export: export.to_string(),
+            label,
+            io_timeout,
             negotiated,
             max_request,
             inflight,
@@ -219,6 +262,23 @@ impl NbdClient {
         Ok(())
     }
 
+    /// Fail every request now and from now on with `reason`, and close the
+    /// connection (the writer and reader tasks end): for a cancelled task, whose
+    /// server may never answer.
+    pub fn abort(&self, reason: &str) {
+        self.inflight.fail_all(reason);
+        self.close_socket();
+    }
+
+    fn close_socket(&self) {
+        if let Some(writer) = &self.writer {
+            writer.abort();
+        }
+        if let Some(reader) = &self.reader {
+            reader.abort();
+        }
+    }
+
     /// Send `NBD_CMD_DISC`, then shut the connection down.
     pub async fn close(mut self) -> Result<()> {
         let disc = Request {
@@ -272,9 +332,19 @@ impl NbdClient {
             self.inflight.cancel(cookie);
             bail!(self.inflight.broken_reason());
         }
-        match done.await {
-            Ok(result) => result,
-            Err(_) => Err(anyhow!(self.inflight.broken_reason())),
+        match tokio::time::timeout(self.io_timeout, done).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(anyhow!(self.inflight.broken_reason())),
+            Err(_) => {
+                let reason = format!(
+                    "NBD server {}: no answer within {} (io_timeout): is the hypervisor stopped or hung?",
+                    self.label,
+                    humantime::format_duration(self.io_timeout)
+                );
+                self.inflight.fail_all(reason.clone());
+                self.close_socket();
+                Err(anyhow!(self.inflight.broken_reason()))
+            }
         }
     }
 

@@ -30,6 +30,7 @@
 
 pub mod qemu;
 pub mod qmp;
+pub mod redact;
 
 use std::path::PathBuf;
 
@@ -57,6 +58,12 @@ pub struct VmInfo {
     /// Set when the VM could not be queried (e.g. its socket does not answer);
     /// the other fields are then empty. One bad VM never hides the others.
     pub error: Option<String>,
+    /// What makes this VM the same VM whichever platform reaches it, so that it
+    /// is in one rule only (R35): `qemu:<canonical path of its QMP socket>`; a
+    /// libvirt driver would use `libvirt:<host>/<domain UUID>`. `None` in
+    /// inventories cached before identities were recorded (refresh fills it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// One disk of a VM.
@@ -96,7 +103,11 @@ pub struct BackupRequest {
     pub track: bool,
     /// Freeze guest file systems while the snapshot is taken (R10).
     pub quiesce: bool,
-    /// Where the driver may put scratch files (fleecing images, sockets).
+    /// Exports may go through an NBD server the VM already runs on plain TCP
+    /// (the rule's `--allow-plain-tcp-export`); otherwise such a backup is refused.
+    pub allow_plain_tcp_export: bool,
+    /// This VM's private scratch directory (0700, its name bounded in length):
+    /// where the driver puts fleecing images and sockets.
     pub run_dir: PathBuf,
 }
 
@@ -154,6 +165,17 @@ pub trait VmHandle: Send {
     fn begin_backup(&mut self, req: &BackupRequest) -> anyhow::Result<Snapshot>;
     /// End the view; `committed` says whether the point was committed.
     fn finish_backup(&mut self, committed: bool) -> anyhow::Result<()>;
+    /// Once `cancel` is set, stop waiting for the hypervisor soon (a few
+    /// seconds: enough to tear the view down on a healthy one), so a cancelled
+    /// task on a stuck hypervisor ends at once; its leftovers are repaired by the
+    /// next `cleanup`. The default (a driver that never blocks long) does nothing.
+    fn watch_cancel(&mut self, _cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) {}
+    /// What identifies the running VM itself (qemu: its QEMU process, however
+    /// many monitors reach it), so that two rules never back it up at once.
+    /// `None` when the driver cannot tell.
+    fn running_identity(&mut self) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
     /// Remove leftovers of interrupted runs and reconcile tracking with the newest
     /// committed point / full (R44). Idempotent; safe when nothing is left over.
     fn cleanup(
@@ -164,10 +186,17 @@ pub trait VmHandle: Send {
     ) -> anyhow::Result<CleanupReport>;
 }
 
-/// Connect to a registered platform from its stored kind and parameters.
-pub fn connect(kind: &str, qmp_dir: &std::path::Path) -> anyhow::Result<Box<dyn Platform>> {
+/// Connect to a registered platform from its stored kind and parameters; every
+/// request to it waits at most `io_timeout` (system.conf) for its answer.
+pub fn connect(
+    kind: &str,
+    qmp_dir: &std::path::Path,
+    io_timeout: std::time::Duration,
+) -> anyhow::Result<Box<dyn Platform>> {
     match kind {
-        "qemu" => Ok(Box::new(qemu::QemuPlatform::new(qmp_dir.to_path_buf()))),
+        "qemu" => Ok(Box::new(
+            qemu::QemuPlatform::new(qmp_dir.to_path_buf()).with_timeout(io_timeout),
+        )),
         other => Err(crate::error::invalid(
             "platform type",
             other,

@@ -25,7 +25,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use self::backup::ActiveBackup;
-use self::inventory::{query_vm, VmKind};
+use self::inventory::{identity_of, query_vm, VmKind};
 use super::qmp::{Qmp, DEFAULT_TIMEOUT};
 use super::{BackupRequest, CleanupReport, Platform, Snapshot, VmHandle, VmInfo};
 
@@ -43,7 +43,8 @@ impl QemuPlatform {
         }
     }
 
-    /// How long one QMP command may take (default 30 s).
+    /// How long one QMP command may wait for its answer (system.conf
+    /// `io_timeout`; default [`DEFAULT_TIMEOUT`]).
     pub fn with_timeout(mut self, timeout: Duration) -> QemuPlatform {
         self.timeout = timeout;
         self
@@ -63,7 +64,9 @@ impl QemuPlatform {
                 path.extension().and_then(|e| e.to_str()),
                 Some("qmp") | Some("sock")
             );
-            let is_socket = entry.file_type().is_ok_and(|t| t.is_socket());
+            // Symlinked sockets count (the VM's identity, the canonical path,
+            // tells two names of one socket apart from two VMs).
+            let is_socket = std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_socket());
             if is_qmp_name && is_socket {
                 sockets.push(path);
             }
@@ -107,6 +110,7 @@ impl Platform for QemuPlatform {
                     status: String::new(),
                     disks: Vec::new(),
                     error: Some(format!("QMP socket {}: {e:#}", socket.display())),
+                    identity: Some(identity_of(&socket)),
                 },
             });
         }
@@ -181,7 +185,13 @@ impl VmHandle for QemuVm {
                 })
             })
             .collect();
-        let cmdline = self.qmp.peer_pid().and_then(nbd_server::read_cmdline).ok();
+        // Secret values (`-object secret,data=...`, passwords) never leave here.
+        let cmdline = self
+            .qmp
+            .peer_pid()
+            .and_then(nbd_server::read_cmdline)
+            .ok()
+            .map(|args| crate::platform::redact::redact_args(&args));
         Ok(json!({
             "name": state.info.name,
             "kind": state.kind,
@@ -208,6 +218,24 @@ impl VmHandle for QemuVm {
             bail!("VM '{}': no backup view is open", self.name);
         };
         backup::finish(&mut self.qmp, active, committed, &self.name)
+    }
+
+    fn watch_cancel(&mut self, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.qmp.watch_cancel(cancel);
+    }
+
+    /// The QEMU process at the other end of the QMP socket: its pid and start
+    /// time (a later process with the same pid is another VM run).
+    fn running_identity(&mut self) -> Result<Option<String>> {
+        let pid = self.qmp.peer_pid()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("read /proc/{pid}/stat"))?;
+        // Field 22 (start time), counted after the parenthesised command name.
+        let started = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+            .unwrap_or("0");
+        Ok(Some(format!("qemu-process:{pid}@{started}")))
     }
 
     fn cleanup(

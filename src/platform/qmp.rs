@@ -6,23 +6,43 @@
 //! (`{"event", "data", "timestamp"}`) may arrive between any two messages; they are
 //! queued and handed out by [`Qmp::wait_event`].
 //!
-//! Every read has a deadline ([`DEFAULT_TIMEOUT`] unless changed), so a hung QEMU
-//! makes a command fail instead of hanging vmbackup.
+//! Deadlines: every command's wait for its answer is bounded by the session's
+//! timeout (system.conf `io_timeout`), so a stopped QEMU fails a command instead
+//! of hanging vmbackup; after such a timeout the session is broken and every
+//! later command fails at once (no second wait on a hypervisor known to be
+//! stuck). A session given a cancel flag ([`Qmp::watch_cancel`]) stops waiting
+//! [`CANCEL_GRACE`] after the flag is set: long enough to tear a backup view down
+//! on a healthy QEMU, short enough that a cancelled task on a stuck one ends at
+//! once (its leftovers are repaired when QEMU answers again).
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-/// How long one command (or the greeting) may take before we give up.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one command (or the greeting) may wait for its answer unless the
+/// session is given another timeout: system.conf's default `io_timeout`.
+pub const DEFAULT_TIMEOUT: Duration = crate::config::DEFAULT_IO_TIMEOUT;
+
+/// How long a session keeps waiting for QEMU once its cancel flag is set.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(3);
+
+/// How often a wait looks at the cancel flag.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
 
 /// Events kept for [`Qmp::wait_event`]; older ones are dropped beyond this.
 const MAX_QUEUED_EVENTS: usize = 4096;
+
+/// The longest message accepted. Real ones stay far below (the largest reply,
+/// `query-named-block-nodes` of a big VM, is a few MiB); a peer that sends more
+/// without a newline is not a QMP monitor, and is not buffered without end.
+pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// A command QEMU answered with an error.
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +60,17 @@ pub struct Qmp {
     stream: UnixStream,
     /// Bytes read from the socket that do not form a complete line yet.
     pending: Vec<u8>,
+    /// How much of `pending` is known to hold no newline (each byte is searched once).
+    scanned: usize,
     next_id: u64,
     events: VecDeque<Value>,
     timeout: Duration,
+    /// Set when the task using this session is cancelled ([`Qmp::watch_cancel`]).
+    cancel: Option<Arc<AtomicBool>>,
+    /// When this session first saw the cancel flag set.
+    cancelled_at: Option<Instant>,
+    /// Why the session is unusable (a command got no answer in time).
+    broken: Option<String>,
 }
 
 impl Qmp {
@@ -62,9 +90,13 @@ impl Qmp {
             socket: socket.to_path_buf(),
             stream,
             pending: Vec::new(),
+            scanned: 0,
             next_id: 1,
             events: VecDeque::new(),
             timeout,
+            cancel: None,
+            cancelled_at: None,
+            broken: None,
         };
         let greeting = qmp.read_message(Instant::now() + timeout)?;
         if greeting.get("QMP").is_none() {
@@ -82,9 +114,17 @@ impl Qmp {
         &self.socket
     }
 
+    /// Stop waiting for answers [`CANCEL_GRACE`] after `cancel` is set.
+    pub fn watch_cancel(&mut self, cancel: Arc<AtomicBool>) {
+        self.cancel = Some(cancel);
+    }
+
     /// Run one command; `args` is `Value::Null` for none. Returns the `return` value.
     /// A QMP error becomes a [`QmpError`] (inside anyhow) naming the command.
     pub fn execute(&mut self, command: &str, args: Value) -> Result<Value> {
+        if let Some(why) = &self.broken {
+            bail!("QMP command '{command}' not sent: {why}");
+        }
         let id = self.next_id;
         self.next_id += 1;
         let mut request = json!({ "execute": command, "id": id });
@@ -100,9 +140,17 @@ impl Qmp {
         })?;
         let deadline = Instant::now() + self.timeout;
         loop {
-            let msg = self
-                .read_message(deadline)
-                .with_context(|| format!("QMP command '{command}'"))?;
+            let msg = match self.read_message(deadline) {
+                Ok(msg) => msg,
+                Err(e) => {
+                    // An answer is owed and did not come: QEMU is stuck (or the
+                    // wait was cancelled). Later commands must not wait again.
+                    if self.broken.is_none() {
+                        self.broken = Some(format!("QEMU did not answer '{command}': {e:#}"));
+                    }
+                    return Err(e.context(format!("QMP command '{command}'")));
+                }
+            };
             if msg.get("event").is_some() {
                 self.queue_event(msg);
                 continue;
@@ -140,7 +188,10 @@ impl Qmp {
         if let Some(pos) = self.events.iter().position(is_wanted) {
             return Ok(self.events.remove(pos).unwrap_or(Value::Null));
         }
-        let deadline = Instant::now() + timeout;
+        if let Some(why) = &self.broken {
+            bail!("not waiting for QMP event {name}: {why}");
+        }
+        let deadline = Instant::now() + timeout.min(self.timeout);
         loop {
             let msg = self
                 .read_message(deadline)
@@ -176,8 +227,12 @@ impl Qmp {
     /// Next JSON message, reading more from the socket until `deadline`.
     fn read_message(&mut self, deadline: Instant) -> Result<Value> {
         loop {
-            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.pending.drain(..=end).collect();
+            let newline = self.pending[self.scanned..]
+                .iter()
+                .position(|&b| b == b'\n');
+            if let Some(at) = newline {
+                let line: Vec<u8> = self.pending.drain(..=self.scanned + at).collect();
+                self.scanned = 0;
                 let text = String::from_utf8_lossy(&line);
                 let text = text.trim();
                 if text.is_empty() {
@@ -187,11 +242,34 @@ impl Qmp {
                     format!("bad JSON from QMP socket {}: {text}", self.socket.display())
                 });
             }
-            let now = Instant::now();
-            if now >= deadline {
-                bail!("timed out reading QMP socket {}", self.socket.display());
+            self.scanned = self.pending.len();
+            if self.pending.len() > MAX_MESSAGE {
+                bail!(
+                    "QMP socket {} sent a message longer than {} MiB: not a QMP monitor?",
+                    self.socket.display(),
+                    MAX_MESSAGE >> 20
+                );
             }
-            let wait = (deadline - now).max(Duration::from_millis(1));
+            let now = Instant::now();
+            let (deadline, cancelled) = self.deadline_with_cancel(deadline, now);
+            if now >= deadline {
+                if cancelled {
+                    bail!(
+                        "QMP socket {}: gave up waiting for QEMU {}s after the task was cancelled",
+                        self.socket.display(),
+                        CANCEL_GRACE.as_secs()
+                    );
+                }
+                bail!(
+                    "QMP socket {}: no answer within {} (io_timeout): is QEMU stopped or hung?",
+                    self.socket.display(),
+                    humantime::format_duration(self.timeout)
+                );
+            }
+            let mut wait = (deadline - now).max(Duration::from_millis(1));
+            if self.cancel.is_some() {
+                wait = wait.min(CANCEL_POLL);
+            }
             self.stream
                 .set_read_timeout(Some(wait))
                 .with_context(|| format!("set read timeout on {}", self.socket.display()))?;
@@ -206,6 +284,24 @@ impl Qmp {
                         .with_context(|| format!("read QMP socket {}", self.socket.display()))
                 }
             }
+        }
+    }
+}
+
+impl Qmp {
+    /// `deadline`, or earlier once the cancel flag has been set for
+    /// [`CANCEL_GRACE`]; and whether the cancel decides it.
+    fn deadline_with_cancel(&mut self, deadline: Instant, now: Instant) -> (Instant, bool) {
+        let set = self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst));
+        if set && self.cancelled_at.is_none() {
+            self.cancelled_at = Some(now);
+        }
+        match self.cancelled_at.map(|at| at + CANCEL_GRACE) {
+            Some(end) if end < deadline => (end, true),
+            _ => (deadline, false),
         }
     }
 }

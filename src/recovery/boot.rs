@@ -337,7 +337,7 @@ fn agent_ping(socket: &Path) -> bool {
 /// QMP `screendump` into `<state dir>/screenshots/task-<id>.png`.
 fn screenshot(qmp: &Path, state_dir: &Path, task: i64) -> Result<PathBuf> {
     let dir = state_dir.join("screenshots");
-    std::fs::create_dir_all(&dir)?;
+    crate::private_dir::ensure(&dir, "screenshot directory")?;
     let path = dir.join(format!("task-{task}.png"));
     let mut q = Qmp::connect_with_timeout(qmp, Duration::from_secs(10))?;
     q.execute(

@@ -29,7 +29,7 @@ use serde_json::Value;
 use crate::error::{invalid, refused};
 
 /// What the backup stored in place of a secret's value (issue 8's redaction).
-pub const REDACTED: &str = "<redacted>";
+pub use crate::platform::redact::REDACTED;
 
 /// Flags that take no value on QEMU's command line.
 const FLAGS: &[&str] = &[

@@ -27,6 +27,8 @@ use crate::task::progress::{LogLevel, Progress};
 
 pub struct InPlaceRequest<'a> {
     pub state_path: &'a Path,
+    /// The run directory: the point is served from a private directory in it.
+    pub run_dir: &'a Path,
     pub repo: &'a Repository,
     pub rule: &'a RuleRow,
     pub vm: &'a str,
@@ -129,12 +131,7 @@ pub fn restore_in_place(
         req.point,
         DEFAULT_CACHE_BYTES,
     )?);
-    let dir = req
-        .state_path
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("run")
-        .join(format!("in-place-{}", std::process::id()));
+    let dir = req.run_dir.join(format!("in-place-{}", std::process::id()));
     private_dir(&dir)?;
     let socket = dir.join("nbd.sock");
     let server = {

@@ -129,15 +129,19 @@ pub fn recovery_dir(state_path: &Path, id: i64) -> PathBuf {
         .join(id.to_string())
 }
 
-/// Create a directory 0700 (parents too); it must not exist.
+/// Create a directory 0700 that must not exist yet, in a parent that is
+/// private to this user (`crate::private_dir::ensure`: created 0700, refused
+/// when others can write it).
 pub fn private_dir(dir: &Path) -> Result<()> {
     if let Some(parent) = dir.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
+        crate::private_dir::ensure(parent, "recovery directory")?;
     }
+    new_private_dir(dir)
+}
+
+/// Create a directory 0700 that must not exist yet (mkdir neither follows nor
+/// replaces anything planted there), in a parent of the user's choosing.
+pub fn new_private_dir(dir: &Path) -> Result<()> {
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(dir)
@@ -288,7 +292,7 @@ pub fn start(req: &StartRequest, progress: &dyn Progress) -> Result<RecoveryRepo
         let overlay_dir = match &opts.overlay_dir {
             Some(d) => {
                 let d = d.join(format!("recover-{}", row.id));
-                private_dir(&d)?;
+                new_private_dir(&d)?;
                 guard.extra_dir = Some(d.clone());
                 d
             }

@@ -47,8 +47,10 @@ pub struct Patch {
 }
 
 impl Patch {
-    fn end(&self) -> u32 {
-        self.offset + self.data.len() as u32
+    /// Where the patch ends. Patches are checked to end inside their slot, so this
+    /// fits a u32; `u64` keeps an unchecked one (a decoded table) from overflowing.
+    fn end(&self) -> u64 {
+        u64::from(self.offset) + self.data.len() as u64
     }
 }
 
@@ -126,9 +128,12 @@ impl Delta {
         if self.len == 0 || self.len > MAX_CHUNK_SIZE {
             bail!("delta content length {} is out of range", self.len);
         }
-        let mut prev_end = 0u32;
+        let mut prev_end = 0u64;
         for (i, p) in self.patches.iter().enumerate() {
-            if p.data.is_empty() || (i > 0 && p.offset < prev_end) || p.end() > self.len {
+            if p.data.is_empty()
+                || (i > 0 && u64::from(p.offset) < prev_end)
+                || p.end() > u64::from(self.len)
+            {
                 bail!("delta patch {i} (offset {}, {} bytes) is empty, overlapping or outside the slot", p.offset, p.data.len());
             }
             prev_end = p.end();
@@ -140,14 +145,14 @@ impl Delta {
 /// `older` then `newer` laid over it: ascending, non-overlapping patches, where
 /// bytes of `newer` win and touching patches are joined.
 fn merge(older: Vec<Patch>, newer: Vec<Patch>) -> Vec<Patch> {
-    let mut all: Vec<(u32, u32)> = older
+    let mut all: Vec<(u64, u64)> = older
         .iter()
         .chain(&newer)
         .filter(|p| !p.data.is_empty())
-        .map(|p| (p.offset, p.end()))
+        .map(|p| (u64::from(p.offset), p.end()))
         .collect();
     all.sort_unstable();
-    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
     for (a, b) in all {
         match ranges.last_mut() {
             Some(last) if a <= last.1 => last.1 = last.1.max(b),
@@ -159,13 +164,18 @@ fn merge(older: Vec<Patch>, newer: Vec<Patch>) -> Vec<Patch> {
         .map(|(a, b)| {
             let mut data = vec![0u8; (b - a) as usize];
             for p in older.iter().chain(&newer) {
-                let (s, e) = (p.offset.max(a), p.end().min(b));
+                let start = u64::from(p.offset);
+                let (s, e) = (start.max(a), p.end().min(b));
                 if s < e {
                     data[(s - a) as usize..(e - a) as usize]
-                        .copy_from_slice(&p.data[(s - p.offset) as usize..(e - p.offset) as usize]);
+                        .copy_from_slice(&p.data[(s - start) as usize..(e - start) as usize]);
                 }
             }
-            Patch { offset: a, data }
+            // `a` is some patch's offset, a u32.
+            Patch {
+                offset: a as u32,
+                data,
+            }
         })
         .collect()
 }

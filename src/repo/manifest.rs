@@ -97,16 +97,17 @@ pub struct ManifestTotals {
 }
 
 impl ManifestTotals {
-    /// The totals of `disks`.
+    /// The totals of `disks` (saturating: a damaged manifest's counters may not
+    /// add up, and must not crash a reader).
     pub fn of(disks: &[ManifestDisk]) -> ManifestTotals {
         let mut t = ManifestTotals::default();
         for d in disks {
-            t.size += d.size;
-            t.bytes_read += d.bytes_read;
-            t.bytes_written += d.bytes_written;
-            t.new_chunks += d.new_chunks;
-            t.reused_chunks += d.reused_chunks;
-            t.zero_slots += d.zero_slots;
+            t.size = t.size.saturating_add(d.size);
+            t.bytes_read = t.bytes_read.saturating_add(d.bytes_read);
+            t.bytes_written = t.bytes_written.saturating_add(d.bytes_written);
+            t.new_chunks = t.new_chunks.saturating_add(d.new_chunks);
+            t.reused_chunks = t.reused_chunks.saturating_add(d.reused_chunks);
+            t.zero_slots = t.zero_slots.saturating_add(d.zero_slots);
         }
         t
     }

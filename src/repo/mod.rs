@@ -43,6 +43,7 @@ mod chunk;
 mod chunk_store;
 mod delta;
 mod format;
+pub mod gc;
 mod index;
 mod lock;
 mod manifest;
@@ -58,9 +59,9 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-pub use chunk::{digest_hex, digest_of, parse_digest_hex, Digest};
+pub use chunk::{decode_chunk, digest_hex, digest_of, parse_digest_hex, Digest};
 pub use chunk_store::{digest_of_key, object_key, ChunkError, ChunkStore, Inserted};
-pub use delta::{Delta, Patch};
+pub use delta::{decode_delta, Delta, Patch};
 pub use format::{
     check_chunk_size, RepoConfig, CONFIG_FILE, FORMAT_VERSION, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
@@ -430,6 +431,24 @@ impl Repository {
             Ok(())
         })?;
         Ok(points)
+    }
+
+    /// Replace the manifest of a committed point of the locked VM with `manifest`
+    /// (same VM, same point): `cleanup --redact`. Atomic: readers see the old or
+    /// the new manifest.
+    pub fn rewrite_manifest(&self, lock: &VmLock, manifest: &Manifest) -> Result<()> {
+        self.check_lock(lock.location(), lock.vm_key())?;
+        let key = manifest_key(lock.vm_key(), &manifest.point);
+        let found = names::vm_key(&manifest.vm.platform, &manifest.vm.name);
+        if found != lock.vm_key() || !self.store.exists(&key)? {
+            bail!(
+                "point {} of VM '{}' has no manifest to rewrite",
+                manifest.point,
+                lock.vm_key()
+            );
+        }
+        manifest.check()?;
+        self.store.put(&key, &manifest.to_json()?)
     }
 
     fn check_lock(&self, location: &str, what: &str) -> Result<()> {

@@ -1,16 +1,27 @@
 //! Restore a point to image files, one per disk.
 //!
-//! Every chunk is read through `ChunkStore::get`, which verifies its digest, so a
-//! corrupt or missing chunk fails the restore loudly, naming disk, slot and digest
-//! (no silently wrong image). Raw output is sparse: zero slots and all-zero 4 KiB
+//! Every slot is read through a [`PointReader`] (the read path recovery serves
+//! over NBD too), which verifies each chunk's digest, so a corrupt or missing
+//! chunk fails the restore loudly, naming disk, slot and digest (no silently
+//! wrong image). Raw output is sparse: zero slots and all-zero 4 KiB
 //! blocks inside chunks are not written. A qcow2 image is converted from that raw
-//! file with `qemu-img convert`. Output appears atomically: written as a hidden
-//! `.partial` file, fsynced, renamed; on failure nothing is left behind.
-//! Chunks are fetched and decompressed by several threads at once (PBS found
-//! restores bound by serial chunk fetches).
+//! file with `qemu-img convert`. Chunks are fetched and decompressed by several
+//! threads at once (PBS found restores bound by serial chunk fetches).
+//!
+//! Writing is safe in a destination others can write to (vmbackup runs as root):
+//! images are made in a private staging directory and moved out with
+//! `RENAME_NOREPLACE` (`staging.rs`), mode 0600 unless the request says otherwise;
+//! on failure nothing is left behind, and what a killed restore leaves is found
+//! through the staging path recorded with its task.
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+pub mod point_reader;
+mod staging;
+
+pub use point_reader::{PointReader, PointStore, Span, DEFAULT_CACHE_BYTES};
+pub use staging::remove_stale as remove_stale_staging;
+
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -20,11 +31,8 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::error::{invalid, Error};
-use crate::repo::{encode_name, sync_dir, Manifest, PointList, Repository, Slot};
+use crate::repo::{encode_name, Manifest, PointList, Repository, Slot};
 use crate::task::progress::Progress;
-
-pub mod point_reader;
-pub use point_reader::{PointReader, PointStore, Span, DEFAULT_CACHE_BYTES};
 
 /// Output image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -52,9 +60,19 @@ pub struct RestoreRequest<'a> {
     pub dest: &'a Path,
     pub format: ImageFormat,
     pub force: bool,
+    /// Mode of the image files ([`DEFAULT_MODE`] unless asked otherwise).
+    pub mode: u32,
     /// Threads fetching chunks.
     pub workers: usize,
+    /// Told the private staging directory as soon as it exists, before anything
+    /// is written into it (the runner records it with the task, so what a killed
+    /// restore leaves can be found).
+    pub on_staging: &'a (dyn Fn(&Path) -> Result<()> + Sync),
 }
+
+/// Mode of restored images unless the request says otherwise: a disk holds
+/// everything the VM holds (keys, password hashes).
+pub const DEFAULT_MODE: u32 = 0o600;
 
 /// One restored disk.
 #[derive(Debug, Clone, Serialize)]
@@ -129,20 +147,16 @@ pub fn restore_point(
     cancel: &AtomicBool,
 ) -> Result<RestoreReport> {
     let manifest = req.point;
-    let targets: Vec<(String, PathBuf)> = manifest
+    let names: Vec<String> = manifest
         .disks
         .iter()
-        .map(|d| {
-            (
-                d.name.clone(),
-                req.dest
-                    .join(format!("{}.{}", encode_name(&d.name), req.format.ext())),
-            )
-        })
+        .map(|d| format!("{}.{}", encode_name(&d.name), req.format.ext()))
         .collect();
-    // Refuse before writing anything.
-    for (_, path) in &targets {
-        if path.exists() && !req.force {
+    // Refuse before writing anything. lstat: a symlink there (even a dangling
+    // one) is something that exists.
+    for name in &names {
+        let path = req.dest.join(name);
+        if std::fs::symlink_metadata(&path).is_ok() && !req.force {
             return Err(invalid(
                 "--to",
                 req.dest.display(),
@@ -150,22 +164,33 @@ pub fn restore_point(
             ));
         }
     }
-    fs::create_dir_all(req.dest)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(req.dest)
         .with_context(|| format!("cannot create {}", req.dest.display()))?;
+    let dest = req
+        .dest
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", req.dest.display()))?;
+    let mut staging = staging::Staging::create(&dest)?;
+    (req.on_staging)(&staging.path())?;
     // Every slot is read once: nothing to cache.
     let reader = PointReader::open(Arc::new(req.repo.clone()), req.vm_key, manifest, 0)?;
     let mut disks = Vec::new();
-    for (n, (d, (_, path))) in manifest.disks.iter().zip(&targets).enumerate() {
-        let written = restore_disk(req, &reader, n, path, progress, cancel)
-            .with_context(|| format!("restore of point {} disk '{}'", manifest.point, d.name))?;
+    for (n, (d, name)) in manifest.disks.iter().zip(&names).enumerate() {
+        let (path, written) = restore_disk(req, &mut staging, &reader, n, name, progress, cancel)
+            .with_context(|| {
+            format!("restore of point {} disk '{}'", manifest.point, d.name)
+        })?;
         disks.push(RestoredDisk {
             disk: d.name.clone(),
-            path: path.clone(),
+            path,
             size: reader.disk_index(n).disk_size,
             bytes_written: written,
         });
     }
-    sync_dir(req.dest)?;
+    staging.sync_dest()?;
     Ok(RestoreReport {
         point: manifest.point.clone(),
         disks,
@@ -175,50 +200,62 @@ pub fn restore_point(
     })
 }
 
-/// Removes the file at `path` on drop unless disarmed.
-struct Partial(Option<PathBuf>);
-
-impl Partial {
-    /// The file became the final output: keep it.
-    fn keep(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for Partial {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = fs::remove_file(p);
-        }
-    }
-}
-
-fn partial_path(final_path: &Path, suffix: &str) -> PathBuf {
-    let name = final_path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    final_path.with_file_name(format!(".{name}.partial-{}{suffix}", std::process::id()))
-}
-
+/// Write one disk's image into the staging directory, then move it out as
+/// `final_name`. Returns its path and the bytes of chunk data written.
 fn restore_disk(
+    req: &RestoreRequest,
+    staging: &mut staging::Staging,
+    reader: &PointReader,
+    disk_no: usize,
+    final_name: &str,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<(PathBuf, u64)> {
+    let raw_name = format!("{final_name}.raw");
+    let file = staging.create_file(&raw_name)?;
+    file.set_len(reader.disk_index(disk_no).disk_size)
+        .with_context(|| format!("cannot size {raw_name}"))?;
+    let written = write_slots(req, reader, disk_no, &file, progress, cancel)?;
+    drop(file);
+    let image = match req.format {
+        ImageFormat::Raw => raw_name,
+        ImageFormat::Qcow2 => {
+            let qcow = format!("{final_name}.qcow2");
+            // qemu-img gets paths through our open staging directory: nothing it
+            // opens can have been planted by someone else.
+            let out = Command::new("qemu-img")
+                .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+                .arg(staging.child_path(&raw_name))
+                .arg(staging.child_path(&qcow))
+                .output()
+                .context("cannot run qemu-img (package qemu-utils)")?;
+            if !out.status.success() {
+                bail!(
+                    "qemu-img convert failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            staging.remove(&raw_name); // the raw intermediate goes
+            qcow
+        }
+    };
+    staging.finish_file(&image, req.mode)?;
+    let path = staging.publish(&image, final_name, req.force)?;
+    Ok((path, written))
+}
+
+/// Fetch, verify and write every stored slot of `index` into `file`, several
+/// threads at once. Returns the bytes written (zeros excluded).
+fn write_slots(
     req: &RestoreRequest,
     reader: &PointReader,
     disk_no: usize,
-    final_path: &Path,
+    file: &File,
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<u64> {
     let index = reader.disk_index(disk_no);
     let disk = req.point.disks[disk_no].name.as_str();
-    let raw_path = partial_path(final_path, ".raw");
-    let raw_guard = Partial(Some(raw_path.clone()));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&raw_path)
-        .with_context(|| format!("cannot create {}", raw_path.display()))?;
-    file.set_len(index.disk_size)?;
     let chunk_slots: Vec<usize> = (0..index.slots.len())
         .filter(|&i| index.slots[i] != Slot::Zero)
         .collect();
@@ -243,7 +280,7 @@ fn restore_disk(
                         return Err(Error::Interrupted.into());
                     }
                     let data = reader.slot(disk_no, slot)?;
-                    let n = write_sparse(&file, index.slot_offset(slot), &data)?;
+                    let n = write_sparse(file, index.slot_offset(slot), &data)?;
                     progress.advance(disk, data.len() as u64);
                     Ok(n)
                 })();
@@ -263,34 +300,6 @@ fn restore_disk(
     });
     if let Some(e) = failure.into_inner().unwrap_or(None) {
         return Err(e);
-    }
-    file.sync_all()?;
-    drop(file);
-    match req.format {
-        ImageFormat::Raw => {
-            fs::rename(&raw_path, final_path)?;
-            raw_guard.keep();
-        }
-        ImageFormat::Qcow2 => {
-            let qcow = partial_path(final_path, ".qcow2");
-            let qcow_guard = Partial(Some(qcow.clone()));
-            let out = Command::new("qemu-img")
-                .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-                .arg(&raw_path)
-                .arg(&qcow)
-                .output()
-                .context("cannot run qemu-img (package qemu-utils)")?;
-            if !out.status.success() {
-                bail!(
-                    "qemu-img convert failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            File::open(&qcow)?.sync_all()?;
-            fs::rename(&qcow, final_path)?;
-            qcow_guard.keep();
-            drop(raw_guard); // the raw intermediate goes
-        }
     }
     Ok(written.into_inner() as u64)
 }

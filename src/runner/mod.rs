@@ -51,6 +51,8 @@ pub use events::Events;
 /// Chunk buffers in flight per task: with `bk_tsk_thd` tasks this keeps memory
 /// under 64 MiB + 3 × bk_tsk_thd × i2vp_transbuffer.
 const BUFFERS_PER_TASK: usize = 3;
+/// How often a task waiting for a lock tries again.
+const LOCK_RETRY: Duration = Duration::from_secs(1);
 /// How often a pending task asks for a slot again.
 const SLOT_RETRY: Duration = Duration::from_millis(500);
 /// How often leases are refreshed and cancel requests read.
@@ -96,6 +98,12 @@ pub enum Job {
         point: Box<Manifest>,
         opts: BootOptions,
     },
+    /// Apply the rule's retention to the VM's points now (R17: the scheduler
+    /// submits it after the VM's last scheduled backup of the day).
+    Prune,
+    /// Garbage-collect the rule's repository if the last collection is a day
+    /// old and its lock is free at once (`vm` is empty: a repository task).
+    Gc,
 }
 
 /// Where a restore writes.
@@ -106,12 +114,15 @@ pub enum RestoreTo {
         dest: PathBuf,
         format: ImageFormat,
         force: bool,
+        /// Mode of the image files (`restore::DEFAULT_MODE` unless asked otherwise).
+        mode: u32,
     },
     /// Image files plus a launch script from the captured configuration.
     AsVm {
         dest: PathBuf,
         format: ImageFormat,
         force: bool,
+        mode: u32,
         launch: LaunchOptions,
         start: bool,
     },
@@ -127,16 +138,19 @@ impl Job {
             Job::Recover { .. } => TaskKind::Recovery,
             Job::Migrate { .. } => TaskKind::Migration,
             Job::BootVerify { .. } => TaskKind::BootVerify,
+            Job::Prune => TaskKind::Prune,
+            Job::Gc => TaskKind::Gc,
         }
     }
 
-    /// The point the task reads, recorded in its row from admission on.
-    fn point(&self) -> Option<&str> {
+    /// The point a task reads (stored in its row from admission on: prune and
+    /// forget leave it alone while the task is active).
+    fn reads_point(&self) -> Option<&str> {
         match self {
-            Job::Backup { .. } | Job::Migrate { .. } => None,
             Job::Restore { point, .. }
             | Job::Recover { point, .. }
             | Job::BootVerify { point, .. } => Some(&point.point),
+            Job::Backup { .. } | Job::Migrate { .. } | Job::Prune | Job::Gc => None,
         }
     }
 
@@ -158,17 +172,21 @@ pub enum Outcome {
     Recovery(RecoveryReport),
     Migration(MigrationReport),
     BootVerify(BootReport),
+    Prune(crate::lifecycle::prune::VmPrune),
+    Gc(crate::lifecycle::gc::RepoGc),
 }
 
 impl Outcome {
-    /// The point a task wrote (backup) or read (the others).
-    pub fn point(&self) -> &str {
+    /// The point a task wrote (backup) or read (restore, recovery, migration,
+    /// boot verification).
+    pub fn point(&self) -> Option<&str> {
         match self {
-            Outcome::Backup(o) => &o.point,
-            Outcome::Restore(r) => &r.point,
-            Outcome::Recovery(r) => &r.point,
-            Outcome::Migration(m) => &m.point,
-            Outcome::BootVerify(b) => &b.point,
+            Outcome::Backup(o) => Some(&o.point),
+            Outcome::Restore(r) => Some(&r.point),
+            Outcome::Recovery(r) => Some(&r.point),
+            Outcome::Migration(m) => Some(&m.point),
+            Outcome::BootVerify(b) => Some(&b.point),
+            Outcome::Prune(_) | Outcome::Gc(_) => None,
         }
     }
 }
@@ -199,6 +217,8 @@ pub struct TaskResult {
 pub struct RunnerConfig {
     pub state_path: PathBuf,
     pub run_dir: PathBuf,
+    /// How long a QMP command or NBD request may wait for its answer.
+    pub io_timeout: Duration,
     pub limits: Limits,
     pub chunk_size: u32,
     pub clock: Clock,
@@ -317,8 +337,8 @@ impl Runner {
             &spec.rule.name,
             &spec.vm,
             spec.job.level().map(Level::as_str),
+            spec.job.reads_point(),
             slot,
-            spec.job.point(),
         )?;
         if let Some(Admission::Skipped { task, .. } | Admission::Queued(task)) = &admission {
             for note in notes {
@@ -361,7 +381,8 @@ impl Runner {
         }
     }
 
-    /// Wait for a slot (pending, R41), then do the job, then record the end.
+    /// Take the job's locks and a slot, waiting (pending, R41) for both, then
+    /// do the job, then record the end.
     fn run_task(
         &self,
         spec: &TaskSpec,
@@ -369,17 +390,15 @@ impl Runner {
         flag: Arc<AtomicBool>,
         mut state: State,
     ) -> TaskResult {
-        let kind = spec.job.kind();
-        let started = if kind.takes_slot() {
-            self.wait_for_slot(&mut state, task, spec, &flag)
-        } else {
-            match state.start_without_slot(task) {
-                Ok(SlotAnswer::Granted) => Ok(()),
-                Ok(_) => Err(crate::error::Error::Interrupted.into()),
-                Err(e) => Err(e),
+        let res = jobs::prepare(self, spec, task, &flag, &mut state).and_then(|held| {
+            if spec.job.kind().takes_slot() {
+                self.wait_for_slot(&mut state, task, spec, &flag)?;
+            } else {
+                state.set_task_running(task)?;
             }
-        };
-        let res = started.and_then(|()| jobs::run(self, spec, task, flag));
+            jobs::run(self, spec, task, flag, held)
+        });
+        let kind = spec.job.kind();
         let result = match res {
             Ok(done) => {
                 for line in &done.summary {
@@ -389,7 +408,7 @@ impl Runner {
                     Outcome::Backup(o) => o.fallback.as_deref(),
                     _ => None,
                 };
-                let point = done.outcome.point().to_string();
+                let point = done.outcome.point();
                 let status = match done.handoff {
                     // The task goes on in another process (a background server).
                     Some(pid) => {
@@ -399,9 +418,7 @@ impl Runner {
                         TaskState::Running
                     }
                     None => {
-                        if let Err(e) =
-                            state.end_task(task, TaskState::Completed, Some(&point), note)
-                        {
+                        if let Err(e) = state.end_task(task, TaskState::Completed, point, note) {
                             tracing::warn!("cannot record the end of task {task}: {e:#}");
                         }
                         TaskState::Completed
@@ -450,6 +467,37 @@ impl Runner {
         };
         self.events.ended(&result);
         result
+    }
+
+    /// Retry `attempt` while it fails busy (a lock someone else holds): the
+    /// task is pending meanwhile, with the reason (R41). Cancel stops the wait.
+    fn wait_while_busy<T>(
+        &self,
+        state: &mut State,
+        task: i64,
+        spec: &TaskSpec,
+        flag: &AtomicBool,
+        mut attempt: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        let mut told: Option<String> = None;
+        loop {
+            if flag.load(Ordering::SeqCst) || self.cancelled() {
+                return Err(crate::error::Error::Interrupted.into());
+            }
+            match attempt() {
+                Err(e) if exit_code_of(&e) == ExitCode::Busy => {
+                    let reason = format!("waiting: {e:#}");
+                    if told.as_ref() != Some(&reason) {
+                        state.set_task_waiting(task, &reason)?;
+                        record(state, task, LogLevel::Info, &reason);
+                        self.events.pending(task, spec, &reason);
+                        told = Some(reason);
+                    }
+                }
+                other => return other,
+            }
+            std::thread::sleep(LOCK_RETRY);
+        }
     }
 
     fn wait_for_slot(

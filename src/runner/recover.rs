@@ -1,12 +1,13 @@
 //! Taking back what dead processes left (R44): their slot leases, their tasks
 //! (marked interrupted) and, on the VM, the engine's leftovers (fleecing nodes,
-//! exports, frozen bitmaps), removed by the platform's cleanup under the VM's lock.
+//! exports, frozen bitmaps), removed by the platform's cleanup under the VM's lock;
+//! and the staging directories of killed restores, recorded with their tasks.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::backup::repair_leftovers;
+use crate::backup::{repair_leftovers, scratch_dir};
 use crate::platform::Platform;
 use crate::repo::{vm_key, Repository};
 use crate::state::State;
@@ -24,24 +25,25 @@ pub fn cleanup_vm(
     run_dir: &Path,
 ) -> Result<Vec<String>> {
     let mut handle = plat.open_vm(vm).with_context(|| format!("VM '{vm}'"))?;
+    let scratch = scratch_dir(run_dir, platform_name, vm)?;
     match repo {
         Some(repo) => {
             let repo_lock = repo.lock_shared("cleanup")?;
             let lock = repo.lock_vm(&repo_lock, &vm_key(platform_name, vm), "cleanup")?;
-            Ok(repair_leftovers(repo, &lock, handle.as_mut(), run_dir)?.1)
+            Ok(repair_leftovers(repo, &lock, handle.as_mut(), &scratch.path)?.1)
         }
         // No backup ever reached this repository: nothing to reconcile with.
-        None => {
-            std::fs::create_dir_all(run_dir)
-                .with_context(|| format!("cannot create {}", run_dir.display()))?;
-            Ok(handle.cleanup(None, None, run_dir)?.actions)
-        }
+        None => Ok(handle.cleanup(None, None, &scratch.path)?.actions),
     }
 }
 
 /// Reclaim the leases and tasks of dead processes and clean up their VMs. Each
 /// outcome is logged on the interrupted task and returned as a line for stderr.
-pub fn reclaim(state: &mut State, run_dir: &Path) -> Result<Vec<String>> {
+pub fn reclaim(
+    state: &mut State,
+    run_dir: &Path,
+    io_timeout: std::time::Duration,
+) -> Result<Vec<String>> {
     let mut lines = Vec::new();
     for r in state.reclaim_dead()? {
         let t = &r.task;
@@ -59,7 +61,7 @@ pub fn reclaim(state: &mut State, run_dir: &Path) -> Result<Vec<String>> {
         let res = (|| -> Result<Vec<String>> {
             let rule = state.require_rule(&t.rule)?;
             let prow = state.require_platform(&rule.settings.platform)?;
-            let plat = crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir))?;
+            let plat = crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir), io_timeout)?;
             let repo = crate::lifecycle::rule_repository(state, &rule)?;
             cleanup_vm(plat.as_ref(), repo.as_ref(), &prow.name, &t.vm, run_dir)
         })();
@@ -70,6 +72,67 @@ pub fn reclaim(state: &mut State, run_dir: &Path) -> Result<Vec<String>> {
         };
         state.log(t.id, level, &msg)?;
         lines.push(format!("task {} VM '{}': {msg}", t.id, t.vm));
+    }
+    Ok(lines)
+}
+
+/// Remove the staging directories that ended restores left (killed ones: a
+/// finished restore removes its own), optionally only those into `dest` or of
+/// the rules `rules`. Returns one line per directory removed or refused.
+pub fn remove_stale_restores(
+    state: &mut State,
+    dest: Option<&Path>,
+    rules: Option<&[String]>,
+) -> Result<Vec<String>> {
+    let dest = match dest.map(Path::canonicalize) {
+        Some(Ok(d)) => Some(d.to_string_lossy().into_owned()),
+        // A destination that does not exist holds nothing to remove.
+        Some(Err(_)) => return Ok(Vec::new()),
+        None => None,
+    };
+    let mut lines = Vec::new();
+    for t in state.ended_restores_with_staging(dest.as_deref())? {
+        if rules.is_some_and(|r| !r.contains(&t.rule)) {
+            continue;
+        }
+        let (Some(staging), Some(task_dest)) = (t.staging.as_deref(), t.dest.as_deref()) else {
+            continue;
+        };
+        let path = PathBuf::from(staging);
+        match crate::restore::remove_stale_staging(&path) {
+            Ok(true) => lines.push(format!(
+                "removed {} left by restore task {} (rule '{}' VM '{}')",
+                path.display(),
+                t.id,
+                t.rule,
+                t.vm
+            )),
+            Ok(false) => {}
+            // Not ours (replaced by someone else): left alone, and forgotten.
+            Err(e) => lines.push(format!("restore task {}: {e:#}", t.id)),
+        }
+        state.set_task_staging(t.id, task_dest, None)?;
+    }
+    Ok(lines)
+}
+
+/// Redact the secrets in the VM configuration of every manifest of `repo`
+/// (`cleanup --redact`: manifests written before redaction existed), each
+/// rewritten atomically under its VM's lock. Returns one line per manifest.
+pub fn redact_manifests(repo: &Repository) -> Result<Vec<String>> {
+    let repo_lock = repo.lock_shared("cleanup --redact")?;
+    let mut lines = Vec::new();
+    for key in repo.list_vms()? {
+        let lock = repo.lock_vm(&repo_lock, &key, "cleanup --redact")?;
+        for mut manifest in repo.list_points(&key)?.points {
+            if crate::platform::redact::redact_vm_config(&mut manifest.vm_config) {
+                repo.rewrite_manifest(&lock, &manifest)?;
+                lines.push(format!(
+                    "redacted secrets in the manifest of point {} of VM '{}'",
+                    manifest.point, manifest.vm.name
+                ));
+            }
+        }
     }
     Ok(lines)
 }

@@ -107,6 +107,15 @@ pub fn slot_text(slot: DateTime<Utc>) -> String {
     slot.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// True when `slot` is the last run of `policy` on its (local) day: no run of
+/// the policy falls later on the same date (R17: prune after the day's last).
+pub fn last_slot_of_day<Tz: TimeZone>(policy: &Policy, slot: &DateTime<Tz>) -> bool {
+    match policy.next_runs_tz(slot, 1).first() {
+        Some((next, _)) => next.date_naive() != slot.date_naive(),
+        None => true,
+    }
+}
+
 /// Parse a stored watermark or `added_at`.
 pub fn parse_slot(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text)
@@ -117,6 +126,27 @@ pub fn parse_slot(text: &str) -> Option<DateTime<Utc>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn r17_the_last_slot_of_a_day_is_the_one_with_no_run_after_it_that_day() {
+        let policy = crate::policy::build_policy(
+            None,
+            &[
+                "full daily at 01:00".to_string(),
+                "inc daily at 07:00,13:00".to_string(),
+            ],
+            Some(0),
+            chrono::NaiveDate::from_ymd_opt(2026, 1, 1)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap(),
+        )
+        .unwrap();
+        let at = |h| Utc.with_ymd_and_hms(2026, 11, 30, h, 0, 0).unwrap();
+        assert!(!last_slot_of_day(&policy, &at(1)));
+        assert!(!last_slot_of_day(&policy, &at(7)));
+        assert!(last_slot_of_day(&policy, &at(13)));
+    }
     use chrono::NaiveDateTime;
     use chrono_tz::Europe::Berlin;
 

@@ -5,6 +5,12 @@
 //! slots, a clock behind the watermark). Admission records the slot, so a slot runs
 //! at most once across all processes. A one-time rule's VM is marked `completed`
 //! when its run is admitted.
+//!
+//! After a VM's last scheduled backup of the day ([`follow_ups`]): a prune task
+//! applies the rule's retention to the VM (R17), unless that backup or the VM's
+//! newest backup failed or was interrupted (R18, logged on the backup's task);
+//! then a GC task collects the rule's repository when its last collection is a
+//! day old.
 
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -12,10 +18,12 @@ use std::time::Duration;
 use anyhow::Result;
 use chrono::{DateTime, Local, Utc};
 
-use super::schedule::{due_run, next_slot, parse_slot, slot_text};
+use super::schedule::{due_run, last_slot_of_day, next_slot, parse_slot, slot_text};
 use super::{join, Job, Runner, TaskResult, TaskSpec};
+use crate::lifecycle::retention::Retention;
 use crate::policy::Policy;
 use crate::state::State;
+use crate::task::{LogLevel, TaskState};
 
 /// The daemon looks at rule changes and signals this often.
 const TICK: Duration = Duration::from_secs(1);
@@ -108,7 +116,7 @@ fn mark_once_completed(state: &mut State, spec: &TaskSpec) {
     }
 }
 
-/// Run what is due now and wait for it (`run-due`).
+/// Run what is due now and wait for it, then each VM's follow-ups (`run-due`).
 pub fn run_due(runner: &std::sync::Arc<Runner>) -> Result<Vec<TaskResult>> {
     let mut state = State::open(&runner.config().state_path)?;
     let (specs, notes) = due_specs(&state, runner.config().clock.now())?;
@@ -122,16 +130,114 @@ pub fn run_due(runner: &std::sync::Arc<Runner>) -> Result<Vec<TaskResult>> {
         }
         if let Some(s) = runner.submit(spec.clone())? {
             mark_once_completed(&mut state, &spec);
-            started.push(s);
+            started.push((spec, s));
         }
     }
-    Ok(started
-        .into_iter()
-        .map(|s| match s {
+    let mut results = Vec::new();
+    for (spec, s) in started {
+        let r = match s {
             Ok(h) => join(h),
             Err(skipped) => skipped,
+        };
+        let follow = follow_ups(runner, &spec, r.task, r.status);
+        results.push(r);
+        results.extend(follow);
+    }
+    Ok(results)
+}
+
+/// What follows a finished task (module docs): after the VM's last scheduled
+/// backup of the day, its prune and then its repository's GC, each run as a
+/// task and waited for. Returns their results.
+pub fn follow_ups(
+    runner: &std::sync::Arc<Runner>,
+    spec: &TaskSpec,
+    task: i64,
+    status: TaskState,
+) -> Vec<TaskResult> {
+    let mut out = Vec::new();
+    let Job::Backup {
+        slot: Some(slot), ..
+    } = &spec.job
+    else {
+        return out;
+    };
+    let policy = &spec.rule.settings.policy;
+    let Some(slot) = parse_slot(slot) else {
+        return out;
+    };
+    if runner.cancelled()
+        || status == TaskState::Skipped
+        || !last_slot_of_day(policy, &slot.with_timezone(&Local))
+    {
+        return out;
+    }
+    let run = |job: Job| {
+        let follow = TaskSpec {
+            rule: spec.rule.clone(),
+            vm: if matches!(job, Job::Gc) {
+                String::new()
+            } else {
+                spec.vm.clone()
+            },
+            job,
+        };
+        match runner.submit(follow) {
+            Ok(Some(Ok(h))) => Some(join(h)),
+            Ok(Some(Err(skipped))) => Some(skipped),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(
+                    "rule '{}': cannot start a follow-up task: {e:#}",
+                    spec.rule.name
+                );
+                None
+            }
+        }
+    };
+    if matches!(Retention::of(policy), Retention::Periods { .. }) {
+        match prune_blocked(runner, spec, status) {
+            Some(why) => {
+                if let Ok(mut state) = State::open(&runner.config().state_path) {
+                    let _ = state.log(task, LogLevel::Warn, &format!("not pruning: {why}"));
+                }
+                tracing::info!(
+                    "rule '{}' VM '{}': not pruning: {why}",
+                    spec.rule.name,
+                    spec.vm
+                );
+            }
+            None => out.extend(run(Job::Prune)),
+        }
+    }
+    if gc_due(runner, spec) {
+        out.extend(run(Job::Gc));
+    }
+    out
+}
+
+/// Why the VM's retention must not run now (R18), if it must not.
+fn prune_blocked(runner: &Runner, spec: &TaskSpec, status: TaskState) -> Option<String> {
+    if status != TaskState::Completed {
+        return Some(format!(
+            "this backup {status}; nothing expired is pruned until a backup completes (R18)"
+        ));
+    }
+    State::open(&runner.config().state_path)
+        .and_then(|s| s.prune_blocked(&spec.rule.name, &spec.vm))
+        .unwrap_or_else(|e| Some(format!("cannot read the task history: {e:#}")))
+}
+
+/// True when the rule's repository is due for its daily garbage collection.
+fn gc_due(runner: &Runner, spec: &TaskSpec) -> bool {
+    let now = runner.config().clock.now().with_timezone(&Utc);
+    State::open(&runner.config().state_path)
+        .and_then(|state| crate::lifecycle::rule_repository(&state, &spec.rule))
+        .and_then(|repo| match repo {
+            Some(repo) => crate::lifecycle::gc::gc_due(&repo, now),
+            None => Ok(false),
         })
-        .collect())
+        .unwrap_or(false)
 }
 
 /// Run rules until cancelled (`daemon`): wake at the next due slot, at a rule
@@ -142,7 +248,9 @@ pub fn daemon(
 ) -> Result<Vec<TaskResult>> {
     let mut state = State::open(&runner.config().state_path)?;
     let clock = runner.config().clock;
-    let mut running: Vec<JoinHandle<TaskResult>> = Vec::new();
+    let mut running: Vec<(TaskSpec, JoinHandle<TaskResult>)> = Vec::new();
+    // Follow-ups of finished backups (prune, GC), each chain on its thread.
+    let mut following: Vec<JoinHandle<Vec<TaskResult>>> = Vec::new();
     let mut finished = Vec::new();
     while !runner.cancelled() {
         let now = clock.now();
@@ -154,7 +262,7 @@ pub fn daemon(
             match runner.submit(spec.clone())? {
                 Some(Ok(h)) => {
                     mark_once_completed(&mut state, &spec);
-                    running.push(h);
+                    running.push((spec, h));
                 }
                 Some(Err(skipped)) => {
                     on_result(&skipped);
@@ -173,12 +281,25 @@ pub fn daemon(
         }
         loop {
             let (done, still): (Vec<_>, Vec<_>) =
-                running.into_iter().partition(|h| h.is_finished());
+                running.into_iter().partition(|(_, h)| h.is_finished());
             running = still;
-            for h in done {
+            for (spec, h) in done {
                 let r = join(h);
                 on_result(&r);
+                let (runner, task, status) = (runner.clone(), r.task, r.status);
+                following.push(std::thread::spawn(move || {
+                    follow_ups(&runner, &spec, task, status)
+                }));
                 finished.push(r);
+            }
+            let (done, still): (Vec<_>, Vec<_>) =
+                following.into_iter().partition(|h| h.is_finished());
+            following = still;
+            for h in done {
+                for r in h.join().unwrap_or_default() {
+                    on_result(&r);
+                    finished.push(r);
+                }
             }
             if runner.cancelled() || state.config_generation()? != generation {
                 break;
@@ -190,10 +311,16 @@ pub fn daemon(
             std::thread::sleep(sleep.max(Duration::from_millis(10)));
         }
     }
-    for h in running {
+    for (_, h) in running {
         let r = join(h);
         on_result(&r);
         finished.push(r);
+    }
+    for h in following {
+        for r in h.join().unwrap_or_default() {
+            on_result(&r);
+            finished.push(r);
+        }
     }
     Ok(finished)
 }

@@ -77,7 +77,9 @@ impl State {
         }
     }
 
-    /// Register a platform with its first inventory. Refuses a duplicate name.
+    /// Register a platform with its first inventory. Refuses a duplicate name, and
+    /// a platform that reaches a VM another platform already reaches (the same
+    /// identity: the same QMP directory, or a link to it), R35.
     pub fn add_platform(
         &mut self,
         name: &str,
@@ -90,6 +92,23 @@ impl State {
             let exists: bool = tx.query_row("SELECT COUNT(*) > 0 FROM platforms WHERE name = ?1", [name], |r| r.get(0))?;
             if exists {
                 return Err(crate::error::invalid("platform name", name, "already registered; pick another name"));
+            }
+            let mut st = tx.prepare("SELECT name, inventory FROM platforms ORDER BY name")?;
+            let others = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            for (other, inventory) in others {
+                let known: Vec<VmInfo> = serde_json::from_str(&inventory).unwrap_or_default();
+                for vm in vms {
+                    let Some(id) = &vm.identity else { continue };
+                    if let Some(same) = known.iter().find(|k| k.identity.as_ref() == Some(id)) {
+                        return Err(crate::error::refused(format!(
+                            "VM '{}' ({id}) is already reached through platform '{other}' (as '{}'); \
+                             a second platform on the same VMs would put them in two rules (R35)",
+                            vm.name, same.name
+                        )));
+                    }
+                }
             }
             let now = super::now_text();
             tx.execute(

@@ -217,6 +217,26 @@ impl State {
         Ok(rows)
     }
 
+    /// Points of a rule's VM that recoveries serve or will serve again (serving
+    /// or migrating, whether or not their server runs now: `recover resume`
+    /// restarts it), with why. Prune and forget keep them (`points_in_use`).
+    pub fn points_served(&self, rule: &str, vm: &str) -> Result<Vec<(String, String)>> {
+        let mut st = self.conn().prepare(
+            "SELECT id, stage, point FROM recoveries WHERE rule = ?1 AND vm = ?2
+             AND stage IN ('serving', 'migrating') ORDER BY id",
+        )?;
+        let rows = st
+            .query_map([rule, vm], |r| {
+                let (id, stage, point): (i64, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                Ok((
+                    point,
+                    format!("served by recovery {id} ({stage}; 'vmbackup recover stop {id}' releases it)"),
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
     /// Mark a VM so that its next backup runs as a full, with `reason` (R26).
     pub fn set_vm_reset(&mut self, rule: &str, vm: &str, reason: &str) -> Result<()> {
         self.write(|tx| {

@@ -31,6 +31,9 @@ pub struct RuleSettings {
     pub lan_free: bool,
     pub delete_data: bool,
     pub quiesce: bool,
+    /// Back up through an NBD server the VM already runs on plain TCP, readable
+    /// by anyone reaching its port during the backup (refused otherwise).
+    pub allow_plain_tcp_export: bool,
     pub policy: Policy,
     pub bandwidth: Vec<Window>,
 }
@@ -73,7 +76,7 @@ impl RuleRow {
     }
 }
 
-const COLS: &str = "name, platform, target, subdir, auto_cbt, cbt, lan_free, delete_data, quiesce, policy, bandwidth, created_at";
+const COLS: &str = "name, platform, target, subdir, auto_cbt, cbt, lan_free, delete_data, quiesce, policy, bandwidth, created_at, allow_plain_tcp_export";
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
     let policy: String = r.get(9)?;
@@ -92,6 +95,7 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
             lan_free: r.get(6)?,
             delete_data: r.get(7)?,
             quiesce: r.get(8)?,
+            allow_plain_tcp_export: r.get(12)?,
             policy: serde_json::from_str(&policy).map_err(bad)?,
             bandwidth: serde_json::from_str(&bandwidth).map_err(bad)?,
         },
@@ -177,6 +181,7 @@ impl State {
     /// Create a rule with its VMs, all checks in one transaction (see module docs).
     pub fn add_rule(&mut self, name: &str, s: &RuleSettings, vms: &[String]) -> Result<()> {
         super::check_name("rule name", name)?;
+        check_subdir(&s.subdir)?;
         if vms.is_empty() {
             return Err(invalid("--vm", "", "give at least one VM (R3)"));
         }
@@ -203,11 +208,11 @@ impl State {
                 admit_vm(tx, name, &platform, vm)?;
             }
             tx.execute(
-                &format!("INSERT INTO rules ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
-                params![name, s.platform, s.target, s.subdir, s.auto_cbt, s.cbt, s.lan_free, s.delete_data, s.quiesce, policy, bandwidth, super::now_text()],
+                &format!("INSERT INTO rules ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+                params![name, s.platform, s.target, s.subdir, s.auto_cbt, s.cbt, s.lan_free, s.delete_data, s.quiesce, policy, bandwidth, super::now_text(), s.allow_plain_tcp_export],
             )?;
             for vm in vms {
-                insert_vm(tx, name, &s.platform, vm)?;
+                insert_vm(tx, name, &platform, vm)?;
             }
             Ok(())
         })
@@ -221,7 +226,7 @@ impl State {
         self.write(|tx| {
             for vm in vms {
                 admit_vm(tx, rule, &platform, vm)?;
-                insert_vm(tx, rule, &platform.name, vm)?;
+                insert_vm(tx, rule, &platform, vm)?;
             }
             Ok(())
         })
@@ -326,6 +331,34 @@ impl State {
     }
 }
 
+/// Longest repository sub-directory (R5): a file name's limit, so it always
+/// fits a path with the repository's own names below it.
+pub const MAX_SUBDIR: usize = 255;
+
+/// The repository sub-directory: relative, no `..`, names as for rules, at most
+/// [`MAX_SUBDIR`] bytes (R5). It defaults to the rule's name, which is checked first.
+fn check_subdir(subdir: &str) -> Result<()> {
+    let ok = !subdir.is_empty()
+        && subdir.len() <= MAX_SUBDIR
+        && !subdir.starts_with('/')
+        && subdir.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid("--path", subdir, format!("must be a relative sub-directory of the target of at most {MAX_SUBDIR} bytes (A-Z a-z 0-9 . _ - and /, no '..') (R5)")))
+    }
+}
+
+/// Longest encoded VM or disk name: a file name (a VM's directory in the
+/// repository, a disk's index file) must fit 255 bytes.
+const MAX_ENCODED_NAME: usize = 250;
+
 /// Checks R3, R35 and R43 for one VM joining `rule`.
 fn admit_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> Result<()> {
     let Some(info) = platform.vm(vm) else {
@@ -343,6 +376,20 @@ fn admit_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> R
     if let Some(err) = &info.error {
         return Err(refused(format!("VM '{vm}' cannot be queried: {err}")));
     }
+    let too_long = |name: &str| crate::repo::encode_name(name).len() > MAX_ENCODED_NAME;
+    if too_long(vm) {
+        return Err(invalid(
+            "--vm",
+            vm,
+            format!("the name is too long to name a directory in the repository (at most {MAX_ENCODED_NAME} bytes once encoded; rename the VM)"),
+        ));
+    }
+    if let Some(d) = info.disks.iter().find(|d| too_long(&d.name)) {
+        return Err(refused(format!(
+            "VM '{vm}' disk '{}': the name is too long to name a file in the repository (at most {MAX_ENCODED_NAME} bytes once encoded)",
+            d.name
+        )));
+    }
     let owner: Option<String> = tx
         .query_row(
             "SELECT rule FROM rule_vms WHERE platform = ?1 AND vm = ?2",
@@ -358,6 +405,20 @@ fn admit_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> R
         };
         return Err(refused(msg));
     }
+    if let Some(id) = &info.identity {
+        let other: Option<(String, String, String)> = tx
+            .query_row(
+                "SELECT rule, platform, vm FROM rule_vms WHERE identity = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        if let Some((owner, p, as_vm)) = other {
+            return Err(refused(format!(
+                "VM '{vm}' ({id}) is already protected by rule '{owner}' through platform '{p}' (as '{as_vm}'); a VM can be in one rule only (R35)"
+            )));
+        }
+    }
     if let Some(d) = info.disks.iter().find(|d| d.uncoverable.is_some()) {
         return Err(refused(format!(
             "VM '{vm}' disk '{}' cannot be covered by a snapshot: {} (R43)",
@@ -368,10 +429,11 @@ fn admit_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> R
     Ok(())
 }
 
-fn insert_vm(tx: &Transaction, rule: &str, platform: &str, vm: &str) -> Result<()> {
+fn insert_vm(tx: &Transaction, rule: &str, platform: &PlatformRow, vm: &str) -> Result<()> {
+    let identity = platform.vm(vm).and_then(|v| v.identity.clone());
     tx.execute(
-        "INSERT INTO rule_vms (rule, platform, vm, state, added_at) VALUES (?1, ?2, ?3, 'started', ?4)",
-        params![rule, platform, vm, super::now_text()],
+        "INSERT INTO rule_vms (rule, platform, vm, state, added_at, identity) VALUES (?1, ?2, ?3, 'started', ?4, ?5)",
+        params![rule, platform.name, vm, super::now_text(), identity],
     )?;
     Ok(())
 }

@@ -126,7 +126,20 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE targets DROP COLUMN path;
     ALTER TABLE targets ADD COLUMN marker_id TEXT;
     "#,
-    // 4 (recovery, issue 11): a recovery outlives the command that started it: a
+    // 4: hardening (issue 8): where a restore writes, so what a killed one left is
+    // found and removed; VM identities; plain-TCP exports allowed per rule.
+    r#"
+    ALTER TABLE tasks ADD COLUMN dest TEXT;      -- restore: destination directory (absolute)
+    ALTER TABLE tasks ADD COLUMN staging TEXT;   -- restore: its private staging directory, while it may exist
+    -- One VM, one rule (R35) across platforms: the VM's identity (platform::VmInfo::identity),
+    -- and the running VM a backup task works on (VmHandle::running_identity).
+    ALTER TABLE rule_vms ADD COLUMN identity TEXT;
+    CREATE UNIQUE INDEX rule_vms_by_identity ON rule_vms(identity) WHERE identity IS NOT NULL;
+    ALTER TABLE tasks ADD COLUMN vm_identity TEXT;
+    -- Exports through a VM's own NBD server on plain TCP only when the rule says so.
+    ALTER TABLE rules ADD COLUMN allow_plain_tcp_export INTEGER NOT NULL DEFAULT 0;
+    "#,
+    // 5 (recovery, issue 11): a recovery outlives the command that started it: a
     // background NBD server serves the point, a VM may run on overlays, an
     // instant recovery migrates to new images. One row per recovery, its id the
     // id of the task that started it; `task` is the recovery task serving it now.

@@ -105,17 +105,16 @@ impl State {
     /// pending or running backup: then record a skipped row instead (R28).
     /// `slot` (a schedule's instant, RFC 3339) is recorded in `schedule_runs` in the
     /// same transaction, so a slot is admitted at most once across processes; an
-    /// already recorded slot returns `None`.
-    /// `point` is the point the task reads (restore, recovery): recorded from
-    /// admission on, so prune never removes a point an active task reads.
+    /// already recorded slot returns `None`. `point` is the point a task reads
+    /// (restore, recovery, boot verification): recorded from admission on, so prune and forget leave it alone.
     pub fn admit_task(
         &mut self,
         kind: TaskKind,
         rule: &str,
         vm: &str,
         level: Option<&str>,
-        slot: Option<&str>,
         point: Option<&str>,
+        slot: Option<&str>,
     ) -> Result<Option<Admission>> {
         let pid = std::process::id() as i64;
         self.write(|tx| {
@@ -178,6 +177,28 @@ impl State {
         })
     }
 
+    /// Mark a task pending, with why it waits (a lock held by someone else).
+    pub fn set_task_waiting(&mut self, task: i64, reason: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET state = 'pending', waiting = ?2 WHERE id = ?1",
+                params![task, reason],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A task that takes no slot (prune, GC) starts running.
+    pub fn set_task_running(&mut self, task: i64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET state = 'running', waiting = NULL, started_at = ?2 WHERE id = ?1",
+                params![task, now_millis_text()],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Take a global and a per-platform slot for `task`, or mark it pending (R41).
     pub fn try_take_slot(
         &mut self,
@@ -235,26 +256,6 @@ impl State {
                     Ok(SlotAnswer::Granted)
                 }
             }
-        })
-    }
-
-    /// Start a task that takes no slot (R38: transient recovery): running now.
-    pub fn start_without_slot(&mut self, task: i64) -> Result<SlotAnswer> {
-        self.write(|tx| {
-            let cancel: i64 = tx.query_row(
-                "SELECT cancel_requested FROM tasks WHERE id = ?1",
-                [task],
-                |r| r.get(0),
-            )?;
-            if cancel != 0 {
-                return Ok(SlotAnswer::Cancelled);
-            }
-            tx.execute(
-                "UPDATE tasks SET state = 'running', phase = 'preparing', waiting = NULL,
-                 started_at = ?2 WHERE id = ?1",
-                params![task, now_millis_text()],
-            )?;
-            Ok(SlotAnswer::Granted)
         })
     }
 

@@ -39,9 +39,13 @@ pub struct TaskRow {
     pub bw_limit: Option<String>,
     /// Why a pending task waits (R41).
     pub waiting: Option<String>,
+    /// A restore's destination directory.
+    pub dest: Option<String>,
+    /// A restore's private staging directory, while it may exist.
+    pub staging: Option<String>,
 }
 
-const COLS: &str = "id, kind, rule, vm, level, state, phase, percent, bytes_done, bytes_total, point, message, pid, created_at, started_at, finished_at, rate, bw_limit, waiting";
+const COLS: &str = "id, kind, rule, vm, level, state, phase, percent, bytes_done, bytes_total, point, message, pid, created_at, started_at, finished_at, rate, bw_limit, waiting, dest, staging";
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
     Ok(TaskRow {
@@ -64,6 +68,8 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
         rate: r.get::<_, i64>(16)? as u64,
         bw_limit: r.get(17)?,
         waiting: r.get(18)?,
+        dest: r.get(19)?,
+        staging: r.get(20)?,
     })
 }
 
@@ -104,6 +110,85 @@ impl State {
             )?;
             Ok(())
         })
+    }
+
+    /// Record where a restore writes: its destination and private staging
+    /// directory (`None` once the staging directory is gone).
+    pub fn set_task_staging(&mut self, id: i64, dest: &str, staging: Option<&str>) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET dest = ?2, staging = ?3 WHERE id = ?1",
+                params![id, dest, staging],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The backup task of a rule's VM that a live process runs now, if any.
+    pub fn running_backup_of(&self, rule: &str, vm: &str) -> Result<Option<TaskRow>> {
+        let mut st = self.conn().prepare(&format!(
+            "SELECT {COLS} FROM tasks WHERE kind = ?1 AND rule = ?2 AND vm = ?3
+             AND state IN {ACTIVE_STATES} ORDER BY id"
+        ))?;
+        let rows: Vec<TaskRow> = st
+            .query_map(params![TaskKind::Backup, rule, vm], from_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows
+            .into_iter()
+            .find(|t| t.pid.is_some_and(super::slots::pid_alive)))
+    }
+
+    /// Record that backup task `id` of rule `rule` works on the running VM
+    /// `identity` (`VmHandle::running_identity`), unless another active task of a
+    /// live process already does: then an error naming that task and its rule
+    /// (exit 3). Two rules reaching one QEMU through two platforms never back it
+    /// up at once (R35).
+    pub fn claim_running_vm(&mut self, id: i64, vm: &str, identity: &str) -> Result<()> {
+        self.write(|tx| {
+            let mut st = tx.prepare(&format!(
+                "SELECT id, rule, vm, pid FROM tasks WHERE vm_identity = ?1 AND id != ?2
+                 AND state IN {ACTIVE_STATES} ORDER BY id"
+            ))?;
+            let others = st
+                .query_map(params![identity, id], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            if let Some((other, rule, as_vm, _)) = others
+                .into_iter()
+                .find(|(_, _, _, pid)| pid.is_some_and(super::slots::pid_alive))
+            {
+                anyhow::bail!(
+                    "VM '{vm}' is being backed up right now by task {other} of rule '{rule}' (as VM '{as_vm}': the same QEMU process, reached through another platform); refusing a second backup of it at once (R35)"
+                );
+            }
+            tx.execute(
+                "UPDATE tasks SET vm_identity = ?2 WHERE id = ?1",
+                params![id, identity],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Restores with a staging directory recorded that no process runs any more
+    /// (they ended, or their process died), optionally only those into `dest`.
+    pub fn ended_restores_with_staging(&self, dest: Option<&str>) -> Result<Vec<TaskRow>> {
+        let mut st = self.conn().prepare(&format!(
+            "SELECT {COLS} FROM tasks WHERE kind = ?1 AND staging IS NOT NULL
+             AND (?2 IS NULL OR dest = ?2) ORDER BY id"
+        ))?;
+        let rows: Vec<TaskRow> = st
+            .query_map(params![TaskKind::Restore, dest], from_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows
+            .into_iter()
+            .filter(|t| !t.state.is_active() || !t.pid.is_some_and(super::slots::pid_alive))
+            .collect())
     }
 
     pub fn task(&self, id: i64) -> Result<Option<TaskRow>> {
@@ -157,6 +242,58 @@ impl State {
             [rule, since],
             |r| r.get(0),
         )?)
+    }
+
+    /// Why retention must not run for a VM now, if it must not: its newest
+    /// backup that ran (skipped ones did not) failed or was interrupted (R18).
+    pub fn prune_blocked(&self, rule: &str, vm: &str) -> Result<Option<String>> {
+        let newest: Option<(i64, TaskState)> = self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT id, state FROM tasks WHERE kind = 'backup' AND rule = ?1 AND vm = ?2
+                     AND state NOT IN {ACTIVE_STATES} AND state != 'skipped' ORDER BY id DESC LIMIT 1"
+                ),
+                [rule, vm],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(match newest {
+            Some((id, state)) if matches!(state, TaskState::Failed | TaskState::Interrupted) => Some(format!(
+                "the newest backup of VM '{vm}' (task {id}) {state}: nothing expired is pruned until a backup completes (R18)"
+            )),
+            _ => None,
+        })
+    }
+
+    /// Points of a rule's VM that active tasks read (restores, recoveries), with
+    /// why, e.g. "read by restore task 12 (running)", and points a recovery
+    /// serves even while its server is down (`State::points_served`): prune and
+    /// forget keep them.
+    pub fn points_in_use(
+        &self,
+        rule: &str,
+        vm: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>> {
+        let mut st = self.conn().prepare(&format!(
+            "SELECT id, kind, state, point FROM tasks WHERE rule = ?1 AND vm = ?2
+             AND kind != 'backup' AND point IS NOT NULL AND state IN {ACTIVE_STATES}"
+        ))?;
+        let rows = st
+            .query_map([rule, vm], |r| {
+                let (id, kind, state, point): (i64, TaskKind, TaskState, String) =
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+                Ok((
+                    point,
+                    format!("read by {} task {id} ({})", kind.as_str(), state.as_str()),
+                ))
+            })?
+            .collect::<rusqlite::Result<std::collections::BTreeMap<String, String>>>()?;
+        let mut rows = rows;
+        for (point, why) in self.points_served(rule, vm)? {
+            rows.entry(point).or_insert(why);
+        }
+        Ok(rows)
     }
 
     /// Append a log line to a task (R32).

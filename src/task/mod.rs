@@ -35,15 +35,22 @@ pub enum TaskKind {
     /// A point booted from a transient recovery and judged by its guest agent or
     /// its serial console.
     BootVerify,
+    /// Retention applied to one VM's points after its last scheduled backup
+    /// of the day (R17).
+    Prune,
+    /// Garbage collection of a rule's repository (at most once a day).
+    Gc,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 5] = [
+    pub const ALL: [TaskKind; 7] = [
         TaskKind::Backup,
         TaskKind::Restore,
         TaskKind::Recovery,
         TaskKind::Migration,
         TaskKind::BootVerify,
+        TaskKind::Prune,
+        TaskKind::Gc,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,12 +60,15 @@ impl TaskKind {
             TaskKind::Recovery => "recovery",
             TaskKind::Migration => "migration",
             TaskKind::BootVerify => "boot-verify",
+            TaskKind::Prune => "prune",
+            TaskKind::Gc => "gc",
         }
     }
 
     /// Whether the task takes a global and a per-host slot before it runs (R38:
     /// backups, restores and migrations count; transient recovery does not, and
-    /// neither does a boot verification, which is one).
+    /// neither does a boot verification, which is one; prune and GC move no VM
+    /// data).
     pub fn takes_slot(self) -> bool {
         matches!(
             self,
@@ -67,9 +77,12 @@ impl TaskKind {
     }
 
     /// Whether an active task of this kind keeps its rule from being removed
-    /// (R37): it reads the rule's repository or runs one of its VMs' points.
+    /// (R37): it reads the rule's points or runs a VM from one.
     pub fn holds_rule(self) -> bool {
-        !matches!(self, TaskKind::Backup)
+        matches!(
+            self,
+            TaskKind::Restore | TaskKind::Recovery | TaskKind::Migration | TaskKind::BootVerify
+        )
     }
 
     /// The kinds that [hold a rule](TaskKind::holds_rule), as an SQL list.

@@ -65,6 +65,9 @@ pub struct TestVm {
     pub nbd_sock: Option<PathBuf>,
     pub disks: Vec<DiskSpec>,
     child: Option<Child>,
+    /// `(node, host byte offset)`: reads of the image file at that offset fail
+    /// with EIO (a `blkdebug` node between the format node and its file).
+    read_error: Option<(String, u64)>,
 }
 
 impl TestVm {
@@ -96,6 +99,7 @@ impl TestVm {
             nbd_sock: nbd.then(|| work.join("nbd.sock")),
             disks: disks.to_vec(),
             child: None,
+            read_error: None,
         };
         vm.launch();
         vm
@@ -113,10 +117,23 @@ impl TestVm {
                 d.node,
                 img.display()
             ));
+            let mut file = format!("{}-file", d.node);
+            if let Some((_, offset)) = self.read_error.as_ref().filter(|(n, _)| *n == d.node) {
+                args.push("--blockdev".into());
+                args.push(format!(
+                    "driver=blkdebug,node-name={n}-dbg,image={n}-file,\
+                     inject-error.0.event=read_aio,inject-error.0.errno=5,\
+                     inject-error.0.once=off,inject-error.0.iotype=read,\
+                     inject-error.0.sector={}",
+                    offset / 512,
+                    n = d.node
+                ));
+                file = format!("{}-dbg", d.node);
+            }
             args.push("--blockdev".into());
             args.push(format!(
-                "driver={},node-name={},file={}-file{ro}",
-                d.format, d.node, d.node
+                "driver={},node-name={},file={file}{ro}",
+                d.format, d.node
             ));
         }
         args.push("--chardev".into());
@@ -265,6 +282,37 @@ impl TestVm {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Stop cleanly and start again with reads of the image file of `node` at
+    /// host byte `offset` failing with EIO (QEMU's blkdebug driver); `None`
+    /// removes the fault.
+    pub fn restart_with_read_error(&mut self, node: &str, offset: Option<u64>) {
+        self.quit();
+        self.read_error = offset.map(|o| (node.to_string(), o));
+        self.launch();
+    }
+
+    /// Where guest byte `guest_offset` of `node` lives in its image file
+    /// (`qemu-img map`; the image may be in use).
+    pub fn host_offset(&self, node: &str, guest_offset: u64) -> u64 {
+        let out = run(
+            "qemu-img",
+            &[
+                "map",
+                "-U",
+                "--output=json",
+                self.image(node).to_str().unwrap(),
+            ],
+        );
+        let map: serde_json::Value = serde_json::from_str(&out).unwrap();
+        for e in map.as_array().unwrap() {
+            let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            if (start..start + len).contains(&guest_offset) && e["data"] == true {
+                return e["offset"].as_u64().unwrap() + (guest_offset - start);
+            }
+        }
+        panic!("guest offset {guest_offset} of {node} is not allocated: {out}");
     }
 
     /// Start again on the same images (after `kill` or `quit`).
@@ -487,6 +535,17 @@ impl Env {
         c.env("VMBACKUP_STATE", &self.state)
             .env("VMBACKUP_CONFIG", &self.config)
             .env_remove("XDG_STATE_HOME");
+        c
+    }
+
+    /// `vmbackup` with this env's state and config as a plain std Command, for
+    /// children a test runs side by side (spawn, signal, wait).
+    pub fn child_cmd(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmbackup"));
+        c.env("VMBACKUP_STATE", &self.state)
+            .env("VMBACKUP_CONFIG", &self.config)
+            .env_remove("XDG_STATE_HOME")
+            .stdin(Stdio::null());
         c
     }
 

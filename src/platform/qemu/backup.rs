@@ -1,11 +1,12 @@
 //! The backup view of one VM: `begin_backup` and `finish_backup` of the CBT contract.
 //!
 //! begin: check every disk's preconditions first (nothing changes on refusal), then
-//! per disk a fleecing overlay (`qcow2` whose backing is the live disk), then ONE
-//! `transaction` that starts the bitmap generation of the new point and a
-//! `blockdev-backup sync=none` job per disk (the point in time), then the NBD server
-//! and one read-only export per disk on its fleecing node, with the frozen bitmap as
-//! meta context. Each step records what it did in [`ActiveBackup`], so a failure at
+//! the NBD server (ours on a unix socket, or the VM's own: refused on plain TCP
+//! unless the rule allows it), per disk a fleecing overlay (`qcow2` whose backing
+//! is the live disk, its image created 0600), then ONE `transaction` that starts
+//! the bitmap generation of the new point and a `blockdev-backup sync=none` job per
+//! disk (the point in time), then one read-only export per disk on its fleecing
+//! node, with the frozen bitmap as meta context. Each step records what it did in [`ActiveBackup`], so a failure at
 //! any step undoes exactly what exists.
 //!
 //! finish: remove exports (waiting for `BLOCK_EXPORT_DELETED`), cancel jobs (waiting
@@ -98,7 +99,7 @@ pub fn begin(
                 disk.node, disk.name
             )
         })?;
-        disks.push(plan_disk(vm, index, disk, node, req, removed_inconsistent)?);
+        disks.push(plan_disk(index, disk, node, req, removed_inconsistent)?);
     }
     let mut active = ActiveBackup {
         level: req.level,
@@ -118,7 +119,6 @@ pub fn begin(
 /// Decide one disk's bitmaps, refusing with [`CbtUnavailable`] when the base is
 /// not provably tracked.
 fn plan_disk(
-    vm: &str,
     index: usize,
     disk: &DiskInfo,
     node: &BlockNode,
@@ -135,7 +135,7 @@ fn plan_disk(
     let fleece_node = names::fleece_node(&disk.node, index);
     let mut run = DiskRun {
         disk: disk.clone(),
-        fleece_image: names::fleece_image(&req.run_dir, vm, &disk.node),
+        fleece_image: names::fleece_image(&req.run_dir, index),
         fleece_node,
         export: names::export_id(&disk.node),
         job: names::job_id(&disk.node),
@@ -226,6 +226,11 @@ fn set_up(
     req: &BackupRequest,
     vm: &str,
 ) -> Result<Snapshot> {
+    // The NBD server first: one that must not serve disk data (plain TCP, not
+    // allowed) refuses the backup before the snapshot exists.
+    let server = nbd_server::start_or_find(qmp, &req.run_dir, vm, req.allow_plain_tcp_export)?;
+    let addr = server.addr.clone();
+    active.nbd = Some(server);
     for run in &mut active.disks {
         create_fleece_image(&run.fleece_image, run.disk.size)?;
         run.image_created = true;
@@ -248,9 +253,6 @@ fn set_up(
     qmp.execute("transaction", json!({ "actions": actions }))
         .with_context(|| format!("VM '{vm}': start the snapshot transaction"))?;
     active.transaction_done = true;
-    let server = nbd_server::start_or_find(qmp, &req.run_dir, vm)?;
-    let addr = server.addr.clone();
-    active.nbd = Some(server);
     let mut exports = Vec::new();
     for run in &mut active.disks {
         let mut args = json!({ "type": "nbd", "id": run.export, "name": run.export,
@@ -303,7 +305,17 @@ fn transaction_actions(run: &DiskRun) -> Vec<Value> {
     actions
 }
 
+/// Create the fleecing image: the file first, new and 0600 (`O_EXCL|O_NOFOLLOW`;
+/// it holds the disk's old data), then `qemu-img create` formats it in place.
 fn create_fleece_image(path: &PathBuf, size: u64) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .with_context(|| format!("cannot create fleecing image {}", path.display()))?;
     let out = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(path)
@@ -311,6 +323,7 @@ fn create_fleece_image(path: &PathBuf, size: u64) -> Result<()> {
         .output()
         .context("run qemu-img")?;
     if !out.status.success() {
+        let _ = std::fs::remove_file(path);
         bail!(
             "qemu-img create {} failed: {}",
             path.display(),

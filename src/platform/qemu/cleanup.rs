@@ -44,7 +44,7 @@ pub fn leftovers(qmp: &mut Qmp, state: &VmState, run_dir: &Path) -> Result<Vec<S
             }
         }
     }
-    let socket = names::nbd_socket(run_dir, &state.info.name);
+    let socket = names::nbd_socket(run_dir);
     if socket.exists() {
         found.push(format!("NBD socket {}", socket.display()));
     }
@@ -81,7 +81,7 @@ pub fn cleanup(
         delete_node(qmp, node).with_context(|| format!("VM '{vm}': delete node {node}"))?;
         actions.push(format!("deleted block node {node}"));
     }
-    let socket = names::nbd_socket(run_dir, vm);
+    let socket = names::nbd_socket(run_dir);
     if socket.exists() {
         let theirs = qmp
             .peer_pid()
@@ -97,7 +97,7 @@ pub fn cleanup(
             actions.push(format!("stopped NBD server on {}", socket.display()));
         }
     }
-    remove_scratch_files(run_dir, vm, actions)?;
+    remove_scratch_files(run_dir, actions)?;
     let graph = BlockGraph::query(qmp)?;
     for (node, bitmaps) in graph.our_bitmaps() {
         settle_node(qmp, node, &bitmaps, latest_point, latest_full, actions)
@@ -106,7 +106,7 @@ pub fn cleanup(
     Ok(report)
 }
 
-fn remove_scratch_files(run_dir: &Path, vm: &str, actions: &mut Vec<String>) -> Result<()> {
+fn remove_scratch_files(run_dir: &Path, actions: &mut Vec<String>) -> Result<()> {
     let entries = match std::fs::read_dir(run_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -115,7 +115,7 @@ fn remove_scratch_files(run_dir: &Path, vm: &str, actions: &mut Vec<String>) -> 
     for entry in entries {
         let entry = entry.with_context(|| format!("list {}", run_dir.display()))?;
         let name = entry.file_name();
-        if names::is_fleece_image(&name.to_string_lossy(), vm) {
+        if names::is_fleece_image(&name.to_string_lossy()) {
             nbd_server::remove_file_if_exists(&entry.path())?;
             actions.push(format!("removed scratch file {}", entry.path().display()));
         }

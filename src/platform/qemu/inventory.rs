@@ -70,10 +70,21 @@ pub fn query_vm(qmp: &mut Qmp, stem: &str) -> Result<VmState> {
             status,
             disks,
             error: None,
+            identity: Some(identity_of(qmp.socket())),
         },
         kind,
         graph,
     })
+}
+
+/// A QEMU VM's identity (`VmInfo::identity`): the canonical path of its QMP
+/// socket, so a second platform on the same directory, a symlink to it or to the
+/// socket finds the same VM.
+pub fn identity_of(socket: &std::path::Path) -> String {
+    let path = socket
+        .canonicalize()
+        .unwrap_or_else(|_| socket.to_path_buf());
+    format!("qemu:{}", path.display())
 }
 
 /// Disks of a qemu-system VM: block devices with inserted media.

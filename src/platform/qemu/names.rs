@@ -8,8 +8,9 @@
 //! - fleecing nodes `vmbackup-fleece-<disknode>` and `...-file` (QEMU limits node
 //!   names to 31 characters: longer ones become `vmbackup-fleece<N>`, N = disk index);
 //! - block job `vmbackup-job-<disknode>`, NBD export (id = name) `vmbackup-<disknode>`;
-//! - in the run directory: `vmbackup-fleece-<vm>@<disknode>.qcow2` and, when we
-//!   start QEMU's NBD server ourselves, `vmbackup-nbd-<vm>.sock`.
+//! - in the VM's private scratch directory (one per VM, named by a hash, so VM
+//!   names never collide nor make paths long): `fleece-<N>.qcow2` for the `N`th
+//!   disk and, when we start QEMU's NBD server ourselves, `nbd.sock`.
 //!
 //! Point ids sort by time as strings (`20261124T120000Z`), which cleanup relies on.
 
@@ -81,33 +82,19 @@ pub fn export_id(node: &str) -> String {
     format!("{PREFIX}{node}")
 }
 
-/// The fleecing image for one disk in the run directory.
-pub fn fleece_image(run_dir: &Path, vm: &str, node: &str) -> PathBuf {
-    run_dir.join(format!("{FLEECE_PREFIX}-{}@{node}.qcow2", file_safe(vm)))
+/// The fleecing image of the `index`th disk in the VM's scratch directory.
+pub fn fleece_image(scratch: &Path, index: usize) -> PathBuf {
+    scratch.join(format!("fleece-{index}.qcow2"))
 }
 
-/// Whether a file in the run directory is a fleecing image of VM `vm`.
-pub fn is_fleece_image(file_name: &str, vm: &str) -> bool {
-    file_name.starts_with(&format!("{FLEECE_PREFIX}-{}@", file_safe(vm)))
-        && file_name.ends_with(".qcow2")
+/// Whether a file in a VM's scratch directory is one of its fleecing images.
+pub fn is_fleece_image(file_name: &str) -> bool {
+    file_name.starts_with("fleece-") && file_name.ends_with(".qcow2")
 }
 
 /// The socket of an NBD server vmbackup starts inside QEMU.
-pub fn nbd_socket(run_dir: &Path, vm: &str) -> PathBuf {
-    run_dir.join(format!("{PREFIX}nbd-{}.sock", file_safe(vm)))
-}
-
-/// `vm` with anything but `[A-Za-z0-9._-]` replaced, for file names.
-fn file_safe(vm: &str) -> String {
-    vm.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+pub fn nbd_socket(scratch: &Path) -> PathBuf {
+    scratch.join("nbd.sock")
 }
 
 #[cfg(test)]
@@ -137,10 +124,11 @@ mod tests {
     }
 
     #[test]
-    fn scratch_files_are_recognised_per_vm() {
-        let img = fleece_image(Path::new("/run"), "web-1", "disk0");
+    fn scratch_files_are_recognised() {
+        let img = fleece_image(Path::new("/run/0123456789abcdef"), 3);
         let name = img.file_name().unwrap().to_str().unwrap();
-        assert!(is_fleece_image(name, "web-1"));
-        assert!(!is_fleece_image(name, "web"));
+        assert_eq!(name, "fleece-3.qcow2");
+        assert!(is_fleece_image(name));
+        assert!(!is_fleece_image("nbd.sock"));
     }
 }

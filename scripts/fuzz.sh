@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The parser property tests (tests/parsers_never_panic.rs) with many more cases
+# than the suite runs: every decoder of untrusted bytes (NBD replies and handshake,
+# QMP messages, chunk/delta/index objects, manifests, system.conf) must give a
+# value or an error for each input: no panic, no hang, no allocation beyond the
+# object's declared bound.
+#
+#   scripts/fuzz.sh            # 100000 cases per property (about 10-20 minutes)
+#   scripts/fuzz.sh 20000      # fewer
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cases=${1:-100000}
+PROPTEST_CASES=$cases cargo test --release --test parsers_never_panic -- --test-threads 2

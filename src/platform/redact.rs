@@ -1,0 +1,159 @@
+//! Secrets out of what vmbackup keeps about a VM (issue 8).
+//!
+//! A VM's configuration goes into every point's manifest, and with it the
+//! hypervisor's command line, which may carry secrets: `-object
+//! secret,id=sec0,data=...`, `password=`, keys and tokens. Every option keeps its
+//! key, but the value of a key containing `data`, `password`, `passwd`, `secret`,
+//! `key` or `token` becomes [`REDACTED`], except a reference to a secret object
+//! by id (`password-secret=sec0`, `key-secret=`, `keyid=`), which names no secret.
+//! Both option syntaxes are understood: `k=v,k=v` (`,,` is an escaped comma) and
+//! JSON objects (`{"qom-type":"secret","data":...}`, any depth).
+//!
+//! Redaction happens when the configuration is captured, so nothing downstream
+//! (manifest, task log, debug output, JSON) ever holds the value;
+//! `vmbackup cleanup --redact` applies it to manifests written before.
+
+use serde_json::Value;
+
+/// What a secret value is replaced with.
+pub const REDACTED: &str = "<redacted>";
+
+/// Words that make an option key's value a secret.
+const SECRET_WORDS: [&str; 6] = ["data", "password", "passwd", "secret", "key", "token"];
+
+/// Whether the value of option `key` is a secret (see the module docs).
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    let reference = k.ends_with("-secret") || k.ends_with("id");
+    SECRET_WORDS.iter().any(|w| k.contains(w)) && !reference
+}
+
+/// A command line with every secret value redacted.
+pub fn redact_args(args: &[String]) -> Vec<String> {
+    args.iter().map(|a| redact_arg(a)).collect()
+}
+
+/// One argument with its secret values redacted: a JSON object, or `k=v` items.
+pub fn redact_arg(arg: &str) -> String {
+    if arg.trim_start().starts_with('{') {
+        if let Ok(mut v) = serde_json::from_str::<Value>(arg) {
+            redact_json(&mut v);
+            return v.to_string();
+        }
+    }
+    split_items(arg)
+        .into_iter()
+        .map(|item| match item.split_once('=') {
+            Some((k, _)) if is_secret_key(k) => format!("{k}={REDACTED}"),
+            _ => item,
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Redact the values of secret keys in JSON objects, at any depth; true when
+/// something changed.
+pub fn redact_json(v: &mut Value) -> bool {
+    let mut changed = false;
+    match v {
+        Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                if is_secret_key(k) && !val.is_object() && !val.is_array() {
+                    if *val != Value::String(REDACTED.into()) {
+                        *val = Value::String(REDACTED.into());
+                        changed = true;
+                    }
+                } else {
+                    changed |= redact_json(val);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                changed |= redact_json(item);
+            }
+        }
+        _ => {}
+    }
+    changed
+}
+
+/// Redact a stored VM configuration (a manifest's `vm_config`): its command line
+/// (`cmdline`, a list of arguments). True when something changed.
+pub fn redact_vm_config(config: &mut Value) -> bool {
+    let Some(args) = config.get_mut("cmdline").and_then(Value::as_array_mut) else {
+        return false;
+    };
+    let mut changed = false;
+    for a in args.iter_mut() {
+        if let Some(text) = a.as_str() {
+            let redacted = redact_arg(text);
+            if redacted != text {
+                *a = Value::String(redacted);
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
+/// `k=v,k2=v2` items; `,,` (an escaped comma) stays inside its item.
+fn split_items(s: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push_str(",,");
+            } else {
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    items.push(cur);
+    items
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_values_go_references_and_the_rest_stay() {
+        assert_eq!(
+            redact_arg("secret,id=sec0,data=hunter2,format=raw"),
+            "secret,id=sec0,data=<redacted>,format=raw"
+        );
+        assert_eq!(
+            redact_arg("secret,id=s,data=a,,b,,c,keyid=master"),
+            "secret,id=s,data=<redacted>,keyid=master"
+        );
+        assert_eq!(
+            redact_arg("driver=rbd,password-secret=sec0,key=abc,user=admin"),
+            "driver=rbd,password-secret=sec0,key=<redacted>,user=admin"
+        );
+        assert_eq!(redact_arg("-vnc"), "-vnc");
+        assert_eq!(
+            redact_arg(":0,passwd=x,token=y"),
+            ":0,passwd=<redacted>,token=<redacted>"
+        );
+        assert_eq!(
+            redact_arg(
+                r#"{"qom-type":"secret","id":"s1","data":"x","nested":{"password":"p","key-secret":"s1"}}"#
+            ),
+            r#"{"data":"<redacted>","id":"s1","nested":{"key-secret":"s1","password":"<redacted>"},"qom-type":"secret"}"#
+        );
+        assert_eq!(
+            redact_arg("file=/var/lib/keys/disk.img"),
+            "file=/var/lib/keys/disk.img"
+        );
+        let mut config = serde_json::json!({ "cmdline": ["q", "secret,id=a,data=b"] });
+        assert!(redact_vm_config(&mut config));
+        assert!(!redact_vm_config(&mut config), "idempotent");
+        assert_eq!(config["cmdline"][1], "secret,id=a,data=<redacted>");
+    }
+}
