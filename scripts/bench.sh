@@ -18,75 +18,17 @@
 #   scripts/bench.sh        env: RUNS=3 SIZE_GIB=4 BENCH_DIR=/var/tmp/vmbackup-bench VMB=<binary>
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
 RUNS=${RUNS:-3}
 SIZE_GIB=${SIZE_GIB:-4}
 B=${BENCH_DIR:-/var/tmp/vmbackup-bench}
 
-if [ "$(id -u)" = 0 ]; then
-  scripts/install-deps.sh
-  command -v /usr/bin/time >/dev/null || apt-get install -y -q time >/dev/null
-fi
-if [ -z "${VMB:-}" ]; then   # VMB=/path/to/vmbackup benchmarks that binary instead
-  cargo build --release --quiet
-  VMB="$ROOT/target/release/vmbackup"
-fi
+SIZE_MIB=$((SIZE_GIB * 1024))
+. scripts/bench-lib.sh
+bench_prepare
+bench_disk
+bench_serve
+trap bench_stop EXIT
 
-rm -rf "$B"; mkdir -p "$B/qmp" "$B/target" "$B/state"
-export VMBACKUP_STATE="$B/state/state.db" VMBACKUP_CONFIG="$B/system.conf"
-printf 'bk_tsk_thd = 8\ni2vp_transbuffer = 4M\nMax_ThreadNum_PerHost = 4\n' > "$VMBACKUP_CONFIG"
-
-echo "== building a ${SIZE_GIB} GiB disk (40% random, 30% text, 30% zero)"
-RAW="$B/source.raw"
-truncate -s "${SIZE_GIB}G" "$RAW"
-python3 - "$RAW" "$SIZE_GIB" <<'PY'
-import os, random, sys
-path, gib = sys.argv[1], int(sys.argv[2])
-region = 64 << 20
-text = b"".join(b"2026-11-24 12:%02d:%02d host%03d kernel: eth0 link up, 1000 Mbps full duplex seq=%d\n"
-                % (i % 60, i % 59, i % 997, i) for i in range(200000))
-with open(path, "r+b") as f:
-    for r in range((gib << 30) // region):
-        kind = r % 10   # 0-3 random, 4-6 text, 7-9 zero (hole)
-        f.seek(r * region)
-        if kind < 4:
-            f.write(os.urandom(region))
-        elif kind < 7:
-            off = 0
-            while off < region:
-                n = min(len(text), region - off)
-                f.write(text[:n]); off += n
-PY
-qemu-img convert -f raw -O qcow2 "$RAW" "$B/disk.qcow2"
-rm -f "$RAW"
-
-NBD="$B/nbd.sock"; PIDFILE="$B/qsd.pid"
-qemu-storage-daemon \
-  --blockdev driver=file,node-name=vda-file,filename="$B/disk.qcow2" \
-  --blockdev driver=qcow2,node-name=vda,file=vda-file \
-  --chardev socket,id=qmp0,path="$B/qmp/bench.qmp",server=on,wait=off --monitor chardev=qmp0 \
-  --nbd-server addr.type=unix,addr.path="$NBD" \
-  --export type=nbd,id=guest,node-name=vda,name=guest,writable=on \
-  --pidfile "$PIDFILE" --daemonize
-trap 'kill $(cat "$PIDFILE") 2>/dev/null || true' EXIT
-GUEST="nbd+unix:///guest?socket=$NBD"
-
-"$VMB" -q platform add lab --type qemu --qmp-dir "$B/qmp"
-"$VMB" -q target add t --path "$B/target"
-"$VMB" -q rule add bench --platform lab --vm bench --target t --schedule "full daily at 01:00"
-
-warm() { # write and delete ~4 GiB in /dev/shm (untimed)
-  dd if=/dev/zero of=/dev/shm/vmbackup-bench-warm bs=4M count=1024 status=none
-  rm -f /dev/shm/vmbackup-bench-warm
-}
-# timed NAME CMD...: run once, record seconds and peak RSS (KiB)
-timed() {
-  local name=$1; shift
-  local tf="$B/time.out"
-  /usr/bin/time -f '%e %M' -o "$tf" "$@" >/dev/null 2>"$B/last.err" || { cat "$B/last.err" >&2; exit 1; }
-  read -r secs rss < "$tf"
-  echo "$name $secs $rss" >> "$B/results"
-}
 change_one_percent() { # 1% of the disk, random bytes at scattered places
   local n=$(( (SIZE_GIB << 30) / 100 / (256 << 10) ))
   head -c $((256 << 10)) /dev/urandom > "$B/piece"
@@ -97,7 +39,6 @@ change_one_percent() { # 1% of the disk, random bytes at scattered places
   qemu-io -f raw "${cmds[@]}" "$GUEST" >/dev/null
 }
 
-: > "$B/results"
 for run in $(seq 1 "$RUNS"); do
   echo "== run $run/$RUNS"
   rm -f "$B/out.raw"; warm; timed qemu-img-convert qemu-img convert -f raw -O raw "$GUEST" "$B/out.raw"

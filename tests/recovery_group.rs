@@ -32,6 +32,15 @@ fn three_vms(env: &Env) -> Vec<TestVm> {
     vec![a, b, c]
 }
 
+/// `vmbackup --json ARGS`: its output and its summary line.
+fn json_lines(env: &Env, args: &[&str]) -> (Output, Value) {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let out = env.cmd().args(&a).output().unwrap();
+    let doc = summary(&out);
+    (out, doc)
+}
+
 /// The `{"type":"summary"}` line of a task-running command's JSON lines.
 fn summary(out: &Output) -> Value {
     String::from_utf8_lossy(&out.stdout)
@@ -55,19 +64,10 @@ fn r34_restore_and_recover_a_whole_rule() {
 
     // restore --all: each VM's latest point into DIR/<VM>/, one summary.
     let to = env.path("group");
-    let out = env
-        .cmd()
-        .args([
-            "--json",
-            "restore",
-            "g",
-            "--all",
-            "--to",
-            to.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let doc = summary(&out);
+    let (out, doc) = json_lines(
+        &env,
+        &["restore", "g", "--all", "--to", to.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(0), "{doc}");
     assert_eq!(doc["exit_code"], 0, "{doc}");
     let tasks = doc["tasks"].as_array().unwrap();
@@ -93,22 +93,20 @@ fn r34_restore_and_recover_a_whole_rule() {
     }
 
     // --at before every point: nothing to restore, each VM named, exit 3.
-    let out = env
-        .cmd()
-        .args([
-            "--json",
+    let none = env.path("none");
+    let (out, doc) = json_lines(
+        &env,
+        &[
             "restore",
             "g",
             "--all",
             "--at",
             "2000-01-01 00:00",
             "--to",
-            env.path("none").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+            none.to_str().unwrap(),
+        ],
+    );
     assert_eq!(out.status.code(), Some(3));
-    let doc = summary(&out);
     assert_eq!(doc["vms_without_point"], serde_json::json!(["a", "b", "c"]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no restore point at or before"));
     // --all with --vm or --point: a usage error, nothing recorded.
@@ -174,16 +172,6 @@ fn r34_restore_and_recover_a_whole_rule() {
     drop(vms);
 }
 
-/// `vmbackup ARGS` with the test clock at `now` (UTC).
-fn at(env: &Env, now: &str, args: &[&str]) -> Output {
-    env.cmd()
-        .env("TZ", "UTC")
-        .env("VMBACKUP_TEST_NOW", now)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn a_served_point_is_kept_by_prune_and_forget_even_while_its_server_is_down() {
     let env = Env::new();
@@ -199,8 +187,7 @@ fn a_served_point_is_kept_by_prune_and_forget_even_while_its_server_is_down() {
     let mut points = Vec::new();
     for (day, seed) in [("2026-11-29", 1), ("2026-11-30", 2), ("2026-12-01", 3)] {
         vm.write_random("vda", 0, 64 * 1024, seed);
-        let out = at(
-            &env,
+        let out = env.run_at(
             &format!("{day} 01:00:00"),
             &["run-now", "r", "--level", "full"],
         );
@@ -242,7 +229,7 @@ fn a_served_point_is_kept_by_prune_and_forget_even_while_its_server_is_down() {
     let prune = |now: &str, extra: &[&str]| -> Value {
         let mut args = vec!["--json", "prune", "r"];
         args.extend_from_slice(extra);
-        let out = at(&env, now, &args);
+        let out = env.run_at(now, &args);
         assert!(out.status.success(), "{out:?}");
         serde_json::from_slice(&out.stdout).unwrap()
     };

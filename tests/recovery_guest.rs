@@ -55,6 +55,29 @@ fn run_json(env: &Env, args: &[&str]) -> (Option<i32>, Value, String) {
     )
 }
 
+/// `verify r1 --boot --vm g --point POINT --expect REGEX` under TCG, with a
+/// timeout only a broken boot reaches.
+fn verify_boot(env: &Env, point: &str, expect: &str) -> (Option<i32>, Value, String) {
+    run_json(
+        env,
+        &[
+            "verify",
+            "r1",
+            "--boot",
+            "--vm",
+            "g",
+            "--point",
+            point,
+            "--expect",
+            expect,
+            "--accel",
+            "tcg",
+            "--timeout",
+            "600",
+        ],
+    )
+}
+
 /// Wait (up to 10 minutes: TCG on a loaded machine) for `file` to contain `needle`.
 fn wait_for_text(file: &Path, needle: &str) -> String {
     let t = Instant::now();
@@ -102,24 +125,7 @@ fn verify_boot_passes_a_point_whose_guest_finds_its_disk_and_fails_one_that_does
 
     // The good point boots and its guest reads exactly the point's bytes.
     let expect = format!("VMBACKUP-GUEST: md5 {good_md5}");
-    let (code, doc, err) = run_json(
-        &env,
-        &[
-            "verify",
-            "r1",
-            "--boot",
-            "--vm",
-            "g",
-            "--point",
-            good,
-            "--expect",
-            &expect,
-            "--accel",
-            "tcg",
-            "--timeout",
-            "600",
-        ],
-    );
+    let (code, doc, err) = verify_boot(&env, good, &expect);
     assert_eq!(code, Some(0), "{doc} {err}");
     let task = &doc["tasks"][0];
     assert_eq!(task["kind"], "boot-verify", "{doc}");
@@ -147,24 +153,7 @@ fn verify_boot_passes_a_point_whose_guest_finds_its_disk_and_fails_one_that_does
     );
 
     // The point without the marker: its guest halts; exit 3 with the reason.
-    let (code, doc, err) = run_json(
-        &env,
-        &[
-            "verify",
-            "r1",
-            "--boot",
-            "--vm",
-            "g",
-            "--point",
-            bad,
-            "--expect",
-            "VMBACKUP-GUEST: ready",
-            "--accel",
-            "tcg",
-            "--timeout",
-            "600",
-        ],
-    );
+    let (code, doc, err) = verify_boot(&env, bad, "VMBACKUP-GUEST: ready");
     assert_eq!(code, Some(3), "{doc} {err}");
     let task = &doc["tasks"][0];
     assert_eq!(task["status"], "failed", "{doc}");
@@ -218,21 +207,11 @@ fn restore_as_vm_writes_a_launch_script_that_boots_the_point_once_its_secret_is_
     let to = env.path("s2");
 
     // Without the secret: refused before anything is written, naming it.
-    let err = env.fails(
-        2,
-        &[
-            "restore",
-            "r1",
-            "--vm",
-            "s",
-            "--as-vm",
-            "s2",
-            "--to",
-            to.to_str().unwrap(),
-            "--accel",
-            "tcg",
-        ],
-    );
+    let restore = [
+        "restore", "r1", "--vm", "s", "--as-vm", "s2", "--accel", "tcg", "--to",
+    ];
+    let to_arg = to.to_str().unwrap();
+    let err = env.fails(2, &[&restore[..], &[to_arg]].concat());
     assert!(
         err.contains("vmsec0") && err.contains("--set-secret"),
         "{err}"
@@ -244,22 +223,10 @@ fn restore_as_vm_writes_a_launch_script_that_boots_the_point_once_its_secret_is_
 
     let secret = env.path("vmsec0.txt");
     std::fs::write(&secret, "hunter2").unwrap();
+    let set = format!("vmsec0={}", secret.display());
     let (code, doc, err) = run_json(
         &env,
-        &[
-            "restore",
-            "r1",
-            "--vm",
-            "s",
-            "--as-vm",
-            "s2",
-            "--to",
-            to.to_str().unwrap(),
-            "--set-secret",
-            &format!("vmsec0={}", secret.display()),
-            "--accel",
-            "tcg",
-        ],
+        &[&restore[..], &[to_arg, "--set-secret", &set]].concat(),
     );
     assert_eq!(code, Some(0), "{doc} {err}");
     let rep = &doc["tasks"][0]["outcome"];

@@ -286,6 +286,7 @@ fn print_verify_item(ctx: &Ctx, item: &VerifyItem) {
 /// `verify --boot`: boot the chosen point of each VM (a boot verification task
 /// each, no slot: it is a transient recovery) and judge it.
 fn verify_boot(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
+    let started = chrono::Utc::now();
     use crate::runner::{Job, TaskSpec};
     use std::sync::atomic::Ordering;
     let state = ctx.state()?;
@@ -321,9 +322,13 @@ fn verify_boot(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
     let cancel = super::process::cancel_on_signals(&rt);
     let runner = super::process::make_runner(ctx, &rt, cancel.clone())?;
     let results = runner.run_all(specs)?;
-    let worst = super::process::worst_of(&results, cancel.load(Ordering::SeqCst));
-    if ctx.json {
-        super::restore_cmd::print_summary(&rule.name, worst, &results, &[]);
-    }
-    Ok(worst)
+    let cancelled = cancel.load(Ordering::SeqCst);
+    Ok(super::restore_cmd::conclude(
+        ctx,
+        &rule.name,
+        &results,
+        &[],
+        cancelled,
+        started,
+    ))
 }

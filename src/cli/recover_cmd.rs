@@ -11,9 +11,9 @@ use anyhow::Result;
 
 use super::args::{RecoverArgs, RecoverCmd, RecoverStartArgs};
 use super::output::{print_json, Table};
-use super::process::{cancel_on_signals, reclaim_dead, runtime, worst_of};
+use super::process::{cancel_on_signals, reclaim_dead, runtime};
 use super::progress_view::CliEvents;
-use super::restore_cmd::{group_points, launch_options, print_summary};
+use super::restore_cmd::{chosen_points, conclude, launch_options};
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
 use crate::recovery::{self, RecoverOptions};
@@ -51,22 +51,12 @@ fn runner(
 }
 
 fn start(ctx: &Ctx, a: RecoverStartArgs) -> Result<ExitCode> {
+    let started = chrono::Utc::now();
     let state = ctx.state()?;
     let rule = state.require_rule(a.rule.as_deref().unwrap_or_default())?;
     let repo = crate::lifecycle::rule_repository_with_points(&state, &rule)?;
     let prow = state.require_platform(&rule.settings.platform)?;
-    let (chosen, missing) = if a.all {
-        group_points(&repo, &rule, None)?
-    } else {
-        let vm = a.vm.clone().unwrap_or_default();
-        rule.require_vm(&vm)?;
-        let key = vm_key(&rule.settings.platform, &vm);
-        let point = (a.point != "latest").then_some(a.point.as_str());
-        (
-            vec![(vm, crate::restore::select_point(&repo, &key, point)?)],
-            Vec::new(),
-        )
-    };
+    let (chosen, missing) = chosen_points(&repo, &rule, a.all, a.vm.as_deref(), &a.point, None)?;
     if a.all && a.name.is_some() {
         return Err(invalid(
             "--name",
@@ -183,14 +173,10 @@ fn start(ctx: &Ctx, a: RecoverStartArgs) -> Result<ExitCode> {
     } else if !ctx.json {
         print_recoveries(&results);
     }
-    let mut worst = worst_of(&results, cancel.load(Ordering::SeqCst));
-    if !missing.is_empty() {
-        worst = worst.max(ExitCode::Failed);
-    }
-    if ctx.json {
-        print_summary(&rule.name, worst, &results, &missing);
-    }
-    Ok(worst)
+    let cancelled = cancel.load(Ordering::SeqCst);
+    Ok(conclude(
+        ctx, &rule.name, &results, &missing, cancelled, started,
+    ))
 }
 
 /// The command line and the stop hint of each started recovery.
@@ -303,6 +289,7 @@ fn stop(ctx: &Ctx, id: i64, keep: bool) -> Result<ExitCode> {
 }
 
 fn resume(ctx: &Ctx, id: i64) -> Result<ExitCode> {
+    let started = chrono::Utc::now();
     reclaim_dead(ctx)?;
     let state = ctx.state()?;
     let views = recovery::list(&state, true)?;
@@ -364,11 +351,8 @@ fn resume(ctx: &Ctx, id: i64) -> Result<ExitCode> {
     if results.is_empty() && !ctx.json {
         out!("recovery {id}: its server runs and nothing is left to migrate");
     }
-    let worst = worst_of(&results, cancel.load(Ordering::SeqCst));
-    if ctx.json {
-        print_summary(&rule.name, worst, &results, &[]);
-    }
-    Ok(worst)
+    let cancelled = cancel.load(Ordering::SeqCst);
+    Ok(conclude(ctx, &rule.name, &results, &[], cancelled, started))
 }
 
 fn abort(ctx: &Ctx, id: i64) -> Result<ExitCode> {

@@ -18,7 +18,6 @@ use crate::repo::{encode_name, vm_key, Manifest, Repository};
 use crate::restore::ImageFormat;
 use crate::runner::{Job, RestoreTo, TaskResult, TaskSpec};
 use crate::state::rules::RuleRow;
-use crate::task::TaskState;
 
 /// `--net`, `--net-bridge`, `--set-secret` as launch options.
 pub fn launch_options(a: &LaunchArgs, name: Option<String>) -> Result<LaunchOptions> {
@@ -66,11 +65,38 @@ pub fn point_at(text: &str) -> Result<String> {
         .to_string())
 }
 
-/// The point of each VM of `rule` a group operation uses: the newest, or the
-/// newest at or before `at`. VMs without such a point are listed apart.
 /// VMs with the point chosen for each, and the VMs that have none.
 type GroupPoints = (Vec<(String, Manifest)>, Vec<String>);
 
+/// The points a restore or recovery uses: with `all`, [`group_points`];
+/// otherwise `vm`'s point `point` (`latest`: the newest). Validated here,
+/// before any task is recorded: bad input changes nothing.
+pub fn chosen_points(
+    repo: &Repository,
+    rule: &RuleRow,
+    all: bool,
+    vm: Option<&str>,
+    point: &str,
+    at: Option<String>,
+) -> Result<GroupPoints> {
+    if all {
+        return group_points(repo, rule, at.as_deref());
+    }
+    let vm = vm.unwrap_or_default();
+    rule.require_vm(vm)?;
+    let key = vm_key(&rule.settings.platform, vm);
+    let point = (point != "latest").then_some(point);
+    Ok((
+        vec![(
+            vm.to_string(),
+            crate::restore::select_point(repo, &key, point)?,
+        )],
+        Vec::new(),
+    ))
+}
+
+/// The point of each VM of `rule` a group operation uses (R34): the newest, or
+/// the newest at or before `at`. VMs without such a point are listed apart.
 pub fn group_points(repo: &Repository, rule: &RuleRow, at: Option<&str>) -> Result<GroupPoints> {
     let mut found = Vec::new();
     let mut missing = Vec::new();
@@ -91,6 +117,7 @@ pub fn group_points(repo: &Repository, rule: &RuleRow, at: Option<&str>) -> Resu
 }
 
 pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
+    let started = chrono::Utc::now();
     let state = ctx.state()?;
     let rule = state.require_rule(&a.rule)?;
     let repo = rule_repository_with_points(&state, &rule)?;
@@ -110,19 +137,8 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     }
     // Points are chosen (and so validated) before a task is recorded: bad input
     // changes nothing.
-    let (chosen, missing) = if a.all {
-        let at = a.at.as_deref().map(point_at).transpose()?;
-        group_points(&repo, &rule, at.as_deref())?
-    } else {
-        let vm = a.vm.clone().unwrap_or_default();
-        rule.require_vm(&vm)?;
-        let key = vm_key(&rule.settings.platform, &vm);
-        let point = (a.point != "latest").then_some(a.point.as_str());
-        (
-            vec![(vm, crate::restore::select_point(&repo, &key, point)?)],
-            Vec::new(),
-        )
-    };
+    let at = a.at.as_deref().map(point_at).transpose()?;
+    let (chosen, missing) = chosen_points(&repo, &rule, a.all, a.vm.as_deref(), &a.point, at)?;
     let mut specs = Vec::new();
     for (vm, manifest) in chosen {
         let to = if a.in_place {
@@ -178,26 +194,54 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let cancel = cancel_on_signals(&rt);
     let runner = make_runner(ctx, &rt, cancel.clone())?;
     let results = runner.run_all(specs)?;
-    let mut worst = worst_of(&results, cancel.load(Ordering::SeqCst));
+    let cancelled = cancel.load(Ordering::SeqCst);
+    Ok(conclude(
+        ctx, &rule.name, &results, &missing, cancelled, started,
+    ))
+}
+
+/// The exit code of a restore, recovery or boot verification by severity (a
+/// VM without a point counts as failed), and with `--json` its summary line.
+pub fn conclude(
+    ctx: &Ctx,
+    rule: &str,
+    results: &[TaskResult],
+    missing: &[String],
+    cancelled: bool,
+    started: chrono::DateTime<chrono::Utc>,
+) -> ExitCode {
+    let mut worst = worst_of(results, cancelled);
     if !missing.is_empty() {
         worst = worst.max(ExitCode::Failed);
     }
     if ctx.json {
-        print_summary(&rule.name, worst, &results, &missing);
+        print_summary(rule, worst, results, missing, started);
     }
-    Ok(worst)
+    worst
 }
 
-/// One JSON summary line for the tasks of a restore or recovery.
-pub fn print_summary(rule: &str, worst: ExitCode, results: &[TaskResult], missing: &[String]) {
+/// One JSON summary line for the tasks of a restore, recovery or boot
+/// verification, the last line of its JSON lines (docs/JSON.md); `started` is
+/// when the command started.
+fn print_summary(
+    rule: &str,
+    worst: ExitCode,
+    results: &[TaskResult],
+    missing: &[String],
+    started: chrono::DateTime<chrono::Utc>,
+) {
+    let finished = chrono::Utc::now();
+    let ms =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let tasks: Vec<serde_json::Value> = results
         .iter()
         .map(|r| {
             let mut v = serde_json::to_value(r).unwrap_or_default();
             if let Some(o) = v.as_object_mut() {
                 o.insert("kind".into(), serde_json::json!(r.kind));
-                if r.status != TaskState::Completed && r.status != TaskState::Running {
-                    o.entry("outcome").or_insert(serde_json::Value::Null);
+                // Every field is present (docs/JSON.md): null when it does not apply.
+                for key in ["rule", "outcome", "error"] {
+                    o.entry(key).or_insert(serde_json::Value::Null);
                 }
             }
             v
@@ -207,9 +251,12 @@ pub fn print_summary(rule: &str, worst: ExitCode, results: &[TaskResult], missin
         "{}",
         serde_json::json!({
             "type": "summary",
-            "time": crate::state::slots::now_millis_text(),
+            "time": ms(finished),
             "rule": rule,
             "exit_code": worst.code(),
+            "started": ms(started),
+            "finished": ms(finished),
+            "duration_seconds": (finished - started).num_milliseconds() as f64 / 1000.0,
             "tasks": tasks,
             "vms_without_point": missing,
         })

@@ -138,7 +138,7 @@ pub fn finish(
             LogLevel::Info,
             &format!("VM '{}' started (pid {pid})", plan.name),
         );
-        report.started = Some(super::StartedVm {
+        report.vm = Some(super::StartedVm {
             name: plan.name.clone(),
             pid,
             qmp: plan.qmp.clone(),

@@ -15,7 +15,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -23,12 +22,11 @@ use regex::Regex;
 use serde::Serialize;
 
 use super::cmdline::{self, Net, Rewrite};
-use super::export::serve_point;
+use super::export::serve_here;
 use super::{captured_cmdline, create_overlay, disk_images, launch, private_dir};
 use crate::error::{refused, Error};
 use crate::platform::qmp::Qmp;
 use crate::repo::{encode_name, vm_key, Manifest};
-use crate::restore::{PointReader, DEFAULT_CACHE_BYTES};
 use crate::state::rules::RuleRow;
 use crate::task::progress::{LogLevel, Progress};
 
@@ -131,17 +129,7 @@ pub fn verify_boot(
     let dir = state_dir.join("verify").join(req.task.to_string());
     private_dir(&dir)?;
     let key = vm_key(&req.rule.settings.platform, req.vm);
-    let reader = Arc::new(PointReader::open(
-        Arc::new(req.repo.clone()),
-        &key,
-        req.point,
-        DEFAULT_CACHE_BYTES,
-    )?);
-    let socket = dir.join("nbd.sock");
-    let server = {
-        let _in = rt.enter();
-        serve_point(reader, req.vm, &socket)?
-    };
+    let (server, socket) = serve_here(req.repo, &key, req.vm, req.point, &dir, rt)?;
     let result = boot(
         req,
         judge,

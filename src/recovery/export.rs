@@ -2,14 +2,15 @@
 //! a [`PointReader`] (zero slots are holes in `base:allocation`, so `qemu-img
 //! convert`, `nbdcopy` and mirror jobs skip them).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
 
 use crate::nbd::server::{serve_unix, BlockSource, Export, Piece, RunningServer};
 use crate::nbd::{STATE_HOLE, STATE_ZERO};
-use crate::restore::{PointReader, Span};
+use crate::repo::{Manifest, Repository};
+use crate::restore::{PointReader, Span, DEFAULT_CACHE_BYTES};
 
 /// One disk of a point, as an NBD block source.
 struct DiskSource {
@@ -63,6 +64,29 @@ pub fn serve_point(reader: Arc<PointReader>, vm: &str, socket: &Path) -> Result<
         })
         .collect();
     serve_unix(socket, exports)
+}
+
+/// Serve every disk of `point` (VM `vm`, key `vm_key`) from this process, on
+/// `<dir>/nbd.sock` (`dir`: a private directory of the caller's), with the
+/// default cache. Returns the server (stop it with `rt.block_on(server.stop())`)
+/// and its socket.
+pub fn serve_here(
+    repo: &Repository,
+    vm_key: &str,
+    vm: &str,
+    point: &Manifest,
+    dir: &Path,
+    rt: &tokio::runtime::Handle,
+) -> Result<(RunningServer, PathBuf)> {
+    let reader = Arc::new(PointReader::open(
+        Arc::new(repo.clone()),
+        vm_key,
+        point,
+        DEFAULT_CACHE_BYTES,
+    )?);
+    let socket = dir.join("nbd.sock");
+    let _in = rt.enter();
+    Ok((serve_point(reader, vm, &socket)?, socket))
 }
 
 /// The NBD URI of an export on a unix socket.

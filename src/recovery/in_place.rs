@@ -11,16 +11,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use super::export::{serve_point, unix_uri};
+use super::export::{serve_here, unix_uri};
 use super::private_dir;
 use crate::error::{busy, refused, Error};
 use crate::repo::{vm_key, Manifest, Repository};
-use crate::restore::{PointReader, RestoreReport, RestoredDisk, DEFAULT_CACHE_BYTES};
+use crate::restore::{RestoreReport, RestoredDisk};
 use crate::state::rules::RuleRow;
 use crate::state::State;
 use crate::task::progress::{LogLevel, Progress};
@@ -125,19 +124,9 @@ pub fn restore_in_place(
         }
     }
     let key = vm_key(&req.rule.settings.platform, req.vm);
-    let reader = Arc::new(PointReader::open(
-        Arc::new(req.repo.clone()),
-        &key,
-        req.point,
-        DEFAULT_CACHE_BYTES,
-    )?);
     let dir = req.run_dir.join(format!("in-place-{}", std::process::id()));
     private_dir(&dir)?;
-    let socket = dir.join("nbd.sock");
-    let server = {
-        let _in = rt.enter();
-        serve_point(reader, req.vm, &socket)?
-    };
+    let (server, socket) = serve_here(req.repo, &key, req.vm, req.point, &dir, rt)?;
     let result = write_all(&images, req.point, &socket, progress, cancel);
     rt.block_on(server.stop());
     let _ = std::fs::remove_dir_all(&dir);
@@ -155,7 +144,7 @@ pub fn restore_in_place(
         point: req.point.point.clone(),
         disks,
         launch_script: None,
-        started: None,
+        vm: None,
         in_place: true,
     })
 }

@@ -91,7 +91,7 @@ pub struct RestoreReport {
     /// `--as-vm`: the launch script written beside the disks.
     pub launch_script: Option<PathBuf>,
     /// `--as-vm --start`: the VM started from it.
-    pub started: Option<crate::recovery::StartedVm>,
+    pub vm: Option<crate::recovery::StartedVm>,
     /// `--in-place`: the disks were written back into the VM's own images.
     pub in_place: bool,
 }
@@ -195,7 +195,7 @@ pub fn restore_point(
         point: manifest.point.clone(),
         disks,
         launch_script: None,
-        started: None,
+        vm: None,
         in_place: false,
     })
 }

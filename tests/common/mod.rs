@@ -549,6 +549,16 @@ impl Env {
         c
     }
 
+    /// `vmbackup ARGS` with the test clock at `now` (UTC wall time, `TZ=UTC`).
+    pub fn run_at(&self, now: &str, args: &[&str]) -> std::process::Output {
+        self.cmd()
+            .env("TZ", "UTC")
+            .env("VMBACKUP_TEST_NOW", now)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     /// Run, expect exit 0, return stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.cmd().args(args).output().unwrap();
