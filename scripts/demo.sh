@@ -6,7 +6,9 @@
 #   incremental backup, a restore of the latest point, and a digest comparison
 #   between the restored image and the VM's disk; then a transient recovery of
 #   that point (served over NBD by vmbackup, a write into its overlay, the
-#   repository unchanged) and its stop.
+#   repository unchanged) and its stop. As root, the same with a libvirt domain
+#   (a private libvirtd, scripts/test-libvirtd.sh): checkpoints, quiesce=try, and
+#   a restore as a new domain.
 #
 #   scripts/demo.sh            (as root on a fresh Debian 12: installs QEMU tools first)
 #   DEMO_DIR=/some/dir scripts/demo.sh   keep everything in that directory
@@ -113,5 +115,48 @@ if [ "$(repo_sum)" = "$REPO_BEFORE" ]; then
 else
   echo "MISMATCH: the recovery changed the repository" >&2
   exit 1
+fi
+
+if [ "$(id -u)" = 0 ]; then
+  echo "== libvirt: a private libvirtd and a running TCG domain 'demo-lv'"
+  chmod 0755 "$DEMO"   # QEMU runs as libvirt-qemu and must reach the image
+  LV="$DEMO/libvirtd"
+  URI=$(scripts/test-libvirtd.sh start "$LV")
+  trap 'stop_vm; scripts/test-libvirtd.sh stop "$LV"' EXIT
+  qemu-img create -q -f qcow2 "$DEMO/lv-vda.qcow2" 64M
+  cat > "$DEMO/demo-lv.xml" <<XML
+<domain type='qemu'><name>demo-lv</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='q35'>hvm</type></os><features><acpi/></features>
+<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+<source file='$DEMO/lv-vda.qcow2'/><target dev='vda' bus='virtio'/><alias name='ua-vda'/></disk>
+<controller type='usb' model='none'/><memballoon model='none'/></devices></domain>
+XML
+  virsh -q -c "$URI" define "$DEMO/demo-lv.xml" >/dev/null
+  virsh -q -c "$URI" start demo-lv >/dev/null
+  lv_write() { # OFFSET LENGTH: random bytes through the domain's virtio disk
+    head -c "$2" /dev/urandom > "$DEMO/lv-chunk.bin"; chmod 0644 "$DEMO/lv-chunk.bin"
+    virsh -q -c "$URI" qemu-monitor-command demo-lv --hmp \
+      "qemu-io -d /machine/peripheral/ua-vda/virtio-backend \"write -s $DEMO/lv-chunk.bin $1 $2\"" >/dev/null
+  }
+  lv_write 0 4M; lv_write 32M 2M
+  run platform add kvm --type libvirt --uri "$URI"
+  run platform vms kvm
+  run rule add demo-lv --platform kvm --vm demo-lv --target local \
+    --schedule "full weekly on sun at 01:00" --schedule "inc weekly on mon-sat at 01:00" --quiesce=try
+  run run-now demo-lv --level full || [ $? = 1 ]   # exit 1: no guest agent, crash-consistent
+  lv_write 1M 256K
+  run run-now demo-lv --level inc || [ $? = 1 ]
+  virsh -c "$URI" checkpoint-list demo-lv
+  mkdir -m 0755 "$DEMO/lv-restore"   # QEMU's user must reach the restored image
+  run restore demo-lv --vm demo-lv --to "$DEMO/lv-restore" --format qcow2 --as-vm demo-lv-copy
+  qemu-img convert -U -O raw "$DEMO/lv-vda.qcow2" "$DEMO/lv-now.raw"
+  qemu-img convert -O raw "$DEMO/lv-restore/vda.qcow2" "$DEMO/lv-restored.raw"
+  A=$(sha256sum < "$DEMO/lv-restored.raw" | cut -d' ' -f1)
+  B=$(sha256sum < "$DEMO/lv-now.raw" | cut -d' ' -f1)
+  echo "restored domain disk: sha256 $A"
+  echo "domain disk now:      sha256 $B"
+  [ "$A" = "$B" ] || { echo "MISMATCH: the libvirt restore differs from the domain's disk" >&2; exit 1; }
+  echo "OK: byte-identical; new domain 'demo-lv-copy' defined on the restored image:"
+  virsh -c "$URI" list --all
 fi
 echo "(demo files kept in $DEMO)"

@@ -5,6 +5,11 @@
 #   qemu-system-x86_64 of the SAME version as qemu-utils (TCG VMs in tests)
 #   nbdinfo, nbdcopy (libnbd-bin): independent NBD oracles in tests and the benchmark
 #   nbdkit with its delay and error filters: injected NBD faults in tests and scripts/faults.sh
+#   libvirtd, virtlogd, virsh, libvirt.so.0 (libvirt-daemon-system, libvirt-clients,
+#     libvirt-daemon-driver-qemu): the libvirt platform's tests run a private libvirtd
+#     (scripts/test-libvirtd.sh). vmbackup itself needs only libvirt.so.0 (libvirt0),
+#     and only for libvirt platforms: it loads the library at run time.
+#   xz-utils, e2fsprogs: the tiny test guest (scripts/tiny-guest.sh)
 #
 # Debian bookworm's qemu-system-x86 is 7.2, and qemu-utils 10.x "Breaks" its
 # qemu-system-common: installing it plainly would REMOVE qemu-utils 10. When
@@ -19,6 +24,8 @@ have qemu-storage-daemon && have qemu-img && have qemu-io || need+=(qemu)
 have qemu-system-x86_64 || need+=(qemu-system)
 have nbdinfo && have nbdcopy || need+=(libnbd-bin)
 have nbdkit || need+=(nbdkit)
+have libvirtd && have virtlogd && have virsh || need+=(libvirt)
+have xz && have mkfs.ext4 || need+=(xz-utils e2fsprogs)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
@@ -40,6 +47,9 @@ fi
 if ! have nbdkit; then
   "${APT[@]}" nbdkit >/dev/null
 fi
+if ! have xz || ! have mkfs.ext4; then
+  "${APT[@]}" xz-utils e2fsprogs >/dev/null
+fi
 if ! have qemu-system-x86_64; then
   QU=$(dpkg-query -W -f '${Version}' qemu-utils)
   if [[ $QU == *bpo12* ]]; then
@@ -56,7 +66,12 @@ if ! have qemu-system-x86_64; then
     "${APT[@]}" qemu-system-x86 >/dev/null
   fi
 fi
-for c in qemu-storage-daemon qemu-img qemu-io qemu-system-x86_64 nbdinfo nbdcopy nbdkit; do
+# After qemu-system: libvirt 9.0 (bookworm) does not depend on qemu-system and runs the
+# backports QEMU installed above. Its daemons are started by the tests, never as services.
+if ! have libvirtd || ! have virtlogd || ! have virsh; then
+  "${APT[@]}" libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu >/dev/null
+fi
+for c in qemu-storage-daemon qemu-img qemu-io qemu-system-x86_64 nbdinfo nbdcopy nbdkit libvirtd virtlogd virsh; do
   have "$c" || { echo "install-deps: $c still missing" >&2; exit 1; }
 done
-echo "install-deps: $(qemu-img --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1); $(nbdkit --version | head -1)"
+echo "install-deps: $(qemu-img --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1); $(nbdkit --version | head -1); $(libvirtd --version)"

@@ -684,14 +684,21 @@ fn r43_vm_with_a_read_only_disk_is_refused_at_rule_admission() {
 }
 
 #[test]
-fn r10_quiesce_is_refused_where_the_platform_cannot_freeze_guests() {
+fn r10_quiesce_mode_is_stored_bare_means_require() {
     let l = lab();
+    l.env
+        .ok(&add_rule("r1", "web", &["--schedule", DAILY, "--quiesce"]));
+    assert_eq!(l.env.json(&["rule", "show", "r1"])["quiesce"], "require");
     l.env.refused(
-        &add_rule("r1", "web", &["--schedule", DAILY, "--quiesce"]),
-        &["--quiesce", "lab", "R10"],
+        &add_rule("r2", "db", &["--schedule", DAILY, "--quiesce=sometimes"]),
+        &["--quiesce", "sometimes"],
     );
-    l.env.ok(&add_rule("r1", "web", &["--schedule", DAILY]));
-    assert_eq!(l.env.json(&["rule", "show", "r1"])["quiesce"], false);
+    l.env.ok(&add_rule(
+        "r2",
+        "db",
+        &["--schedule", DAILY, "--quiesce=try"],
+    ));
+    assert_eq!(l.env.json(&["rule", "show", "r2"])["quiesce"], "try");
 }
 
 #[test]

@@ -50,7 +50,7 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
         requested: level,
         auto_cbt: true,
         cbt: true,
-        quiesce: false,
+        quiesce: vmbackup::platform::Quiesce::Off,
         allow_plain_tcp_export: false,
         chunk_size: MIB as u32,
         run_dir: dir.join("run"),

@@ -52,9 +52,10 @@ impl Lab {
             new_point: new.into(),
             level,
             base: base.map(str::to_string),
+            base_tracking: None,
             latest_full: None,
             track: true,
-            quiesce: false,
+            quiesce: vmbackup::platform::Quiesce::Off,
             allow_plain_tcp_export: false,
             run_dir: self.run_dir.clone(),
         }
@@ -92,12 +93,18 @@ fn reads_pattern(uri: &str, offset: u64, len: u64, pattern: u8) -> bool {
     out.status.success() && text.contains("read ") && !text.contains("verification failed")
 }
 
+/// The meta context carrying an export's changed blocks.
+fn context(snap: &Snapshot, i: usize) -> Option<String> {
+    snap.exports[i]
+        .changes
+        .as_ref()
+        .and_then(|c| c.meta_context())
+        .map(str::to_string)
+}
+
 /// Dirty extents `(offset, length)` of an export's meta context, per nbdinfo.
 fn dirty_map(snap: &Snapshot, i: usize) -> Vec<(u64, u64)> {
-    let ctx = snap.exports[i]
-        .dirty_context
-        .clone()
-        .expect("no dirty context");
+    let ctx = context(snap, i).expect("no dirty context");
     let out = common::run("nbdinfo", &[&format!("--map={ctx}"), &uri(snap, i)]);
     let mut extents: Vec<(u64, u64)> = Vec::new();
     for line in out.lines() {
@@ -145,11 +152,18 @@ fn cbt_reason(err: &anyhow::Error) -> String {
         .clone()
 }
 
+/// What the engine does once a point's data is stored: end the view, (write the
+/// manifest,) then drop tracking no future backup needs.
+fn commit(lab: &Lab, h: &mut Box<dyn VmHandle>, point: &str, full: &str) {
+    assert_eq!(h.finish_backup(true).unwrap(), None, "qemu needs no token");
+    h.cleanup(Some(point), Some(full), &lab.run_dir).unwrap();
+}
+
 /// A committed full backup `point` on a fresh handle.
 fn committed_full(lab: &Lab, vm: &str, point: &str) {
     let mut h = lab.open(vm);
     h.begin_backup(&lab.req(point, Level::Full, None)).unwrap();
-    h.finish_backup(true).unwrap();
+    commit(lab, &mut h, point, point);
 }
 
 #[test]
@@ -246,7 +260,7 @@ fn full_backup_exports_the_point_in_time_while_the_guest_writes() {
         (e.disk.name.as_str(), e.export.as_str()),
         ("disk0", "vmbackup-disk0")
     );
-    assert_eq!(e.dirty_context, None);
+    assert_eq!(e.changes, None);
     // The QSD already runs an NBD server: its address comes from the command line.
     assert_eq!(
         e.addr,
@@ -300,13 +314,13 @@ fn inc_and_diff_export_exactly_the_changes_r26() {
         .begin_backup(&lab.req("P2", Level::Inc, Some("P1")))
         .unwrap();
     assert_eq!(
-        snap.exports[0].dirty_context.as_deref(),
+        context(&snap, 0).as_deref(),
         Some("qemu:dirty-bitmap:vmbackup-inc-P1")
     );
     assert_eq!(dirty_map(&snap, 0), [(MIB, KIB64), (5 * MIB, KIB64)]);
     vm.write("disk0", 7 * MIB, 64 * 1024, 0x44); // during the run: next point's change
     assert_eq!(dirty_map(&snap, 0), [(MIB, KIB64), (5 * MIB, KIB64)]);
-    h.finish_backup(true).unwrap();
+    commit(&lab, &mut h, "P2", "P1");
     drop(h);
     assert_eq!(
         bitmaps(&vm, "disk0"),
@@ -318,21 +332,21 @@ fn inc_and_diff_export_exactly_the_changes_r26() {
         .begin_backup(&lab.req("P3", Level::Inc, Some("P2")))
         .unwrap();
     assert_eq!(dirty_map(&snap, 0), [(7 * MIB, KIB64)]);
-    h.finish_backup(true).unwrap();
+    commit(&lab, &mut h, "P3", "P1");
 
     // A differential sees everything since the full, through a frozen copy.
     let mut req = lab.req("P4", Level::Diff, Some("P1"));
     req.latest_full = Some("P1".into());
     let snap = h.begin_backup(&req).unwrap();
     assert_eq!(
-        snap.exports[0].dirty_context.as_deref(),
+        context(&snap, 0).as_deref(),
         Some("qemu:dirty-bitmap:vmbackup-tmp-P4")
     );
     assert_eq!(
         dirty_map(&snap, 0),
         [(MIB, KIB64), (5 * MIB, KIB64), (7 * MIB, KIB64)]
     );
-    h.finish_backup(true).unwrap();
+    commit(&lab, &mut h, "P4", "P1");
     drop(h);
     assert_eq!(
         bitmaps(&vm, "disk0"),

@@ -141,9 +141,10 @@ fn guest_devices_are_disks_and_uncoverable_ones_are_marked_r43() {
         new_point: "P1".into(),
         level: Level::Full,
         base: None,
+        base_tracking: None,
         latest_full: None,
         track: true,
-        quiesce: false,
+        quiesce: vmbackup::platform::Quiesce::Off,
         allow_plain_tcp_export: false,
         run_dir: dir.to_path_buf(),
     };
@@ -184,9 +185,10 @@ fn full_and_inc_backup_of_a_qemu_system_vm() {
         new_point: "P1".into(),
         level: Level::Full,
         base: None,
+        base_tracking: None,
         latest_full: None,
         track: true,
-        quiesce: false,
+        quiesce: vmbackup::platform::Quiesce::Off,
         allow_plain_tcp_export: false,
         run_dir: run_dir.clone(),
     };
@@ -218,7 +220,12 @@ fn full_and_inc_backup_of_a_qemu_system_vm() {
     req.level = Level::Inc;
     req.base = Some("P1".into());
     let snap = h.begin_backup(&req).unwrap();
-    let ctx = snap.exports[0].dirty_context.clone().unwrap();
+    let ctx = snap.exports[0]
+        .changes
+        .as_ref()
+        .and_then(|c| c.meta_context())
+        .unwrap()
+        .to_string();
     let map = common::run("nbdinfo", &[&format!("--map={ctx}"), &uri]);
     let dirty: Vec<(u64, u64)> = map
         .lines()
@@ -233,6 +240,8 @@ fn full_and_inc_backup_of_a_qemu_system_vm() {
     );
     assert!(!out.contains("verification failed"), "{out}");
     h.finish_backup(true).unwrap();
+    // The engine drops superseded tracking once the manifest is written.
+    h.cleanup(Some("P2"), Some("P1"), &req.run_dir).unwrap();
     let bitmaps: Vec<String> = h.config().unwrap()["block_graph"]
         .as_array()
         .unwrap()

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::system_vm::{guest_md5, SystemVm, VmOptions};
+use common::system_vm::{guest_sum, SystemVm, VmOptions};
 use common::*;
 use serde_json::Value;
 
@@ -105,7 +105,7 @@ fn verify_boot_passes_a_point_whose_guest_finds_its_disk_and_fails_one_that_does
     env.add_lab("t1");
     env.add_rule("r1", "lab", "g", "t1", &["--once", "2099-01-01 00:00"]);
     env.ok(&["run-now", "r1", "--level", "full"]);
-    let good_md5 = guest_md5(&vm.shadow);
+    let good_sum = guest_sum(&vm.shadow);
     vm.write(0, 512, 0); // the marker goes
     env.ok(&["run-now", "r1", "--level", "inc"]);
     let points: Vec<String> = env
@@ -124,7 +124,7 @@ fn verify_boot_passes_a_point_whose_guest_finds_its_disk_and_fails_one_that_does
     );
 
     // The good point boots and its guest reads exactly the point's bytes.
-    let expect = format!("VMBACKUP-GUEST: md5 {good_md5}");
+    let expect = format!("VMB-SUM {good_sum}");
     let (code, doc, err) = verify_boot(&env, good, &expect);
     assert_eq!(code, Some(0), "{doc} {err}");
     let task = &doc["tasks"][0];
@@ -134,7 +134,7 @@ fn verify_boot_passes_a_point_whose_guest_finds_its_disk_and_fails_one_that_does
     assert_eq!(rep["point"], good.as_str(), "{doc}");
     assert_eq!(rep["judged_by"], "serial-console", "{doc}");
     assert!(
-        rep["matched"].as_str().unwrap().contains(&good_md5),
+        rep["matched"].as_str().unwrap().contains(&good_sum),
         "{doc}"
     );
     assert!(rep["boot_seconds"].as_f64().unwrap() > 0.0, "{doc}");
@@ -153,16 +153,16 @@ fn verify_boot_passes_a_point_whose_guest_finds_its_disk_and_fails_one_that_does
     );
 
     // The point without the marker: its guest halts; exit 3 with the reason.
-    let (code, doc, err) = verify_boot(&env, bad, "VMBACKUP-GUEST: ready");
+    let (code, doc, err) = verify_boot(&env, bad, "VMB-READY");
     assert_eq!(code, Some(3), "{doc} {err}");
     let task = &doc["tasks"][0];
     assert_eq!(task["status"], "failed", "{doc}");
     let reason = task["error"].as_str().unwrap();
     assert!(
-        reason.contains("exited") && reason.contains("no marker on /dev/vda"),
+        reason.contains("exited") && reason.contains("VMB-NO-MARKER /dev/vda"),
         "{reason}"
     );
-    assert!(err.contains("no marker on /dev/vda"), "{err}");
+    assert!(err.contains("VMB-NO-MARKER /dev/vda"), "{err}");
 
     // Nothing is left: no verify directory, no recovery, the repository's
     // points untouched.
@@ -203,7 +203,7 @@ fn restore_as_vm_writes_a_launch_script_that_boots_the_point_once_its_secret_is_
     env.add_lab("t1");
     env.add_rule("r1", "lab", "s", "t1", &["--once", "2099-01-01 00:00"]);
     env.ok(&["run-now", "r1", "--level", "full"]);
-    let md5 = guest_md5(&vm.shadow);
+    let sum = guest_sum(&vm.shadow);
     let to = env.path("s2");
 
     // Without the secret: refused before anything is written, naming it.
@@ -232,6 +232,14 @@ fn restore_as_vm_writes_a_launch_script_that_boots_the_point_once_its_secret_is_
     let rep = &doc["tasks"][0]["outcome"];
     let script = Path::new(rep["launch_script"].as_str().unwrap()).to_path_buf();
     assert_eq!(script, to.join("s2.sh"));
+    // The new VM, named by its QMP socket (a qemu VM's identity); not started.
+    assert_eq!(rep["new_vm"]["name"], "s2", "{doc}");
+    assert_eq!(
+        rep["new_vm"]["identity"],
+        to.join("s2.qmp").display().to_string(),
+        "{doc}"
+    );
+    assert_eq!(rep["new_vm"]["started"], false, "{doc}");
     assert_eq!(
         std::fs::metadata(&script).unwrap().permissions().mode() & 0o777,
         0o700
@@ -253,9 +261,9 @@ fn restore_as_vm_writes_a_launch_script_that_boots_the_point_once_its_secret_is_
         String::from_utf8_lossy(&out.stderr)
     );
     let serial = to.join("serial0.log");
-    let text = wait_for_text(&serial, "VMBACKUP-GUEST: ready beta");
+    let text = wait_for_text(&serial, "VMB-READY");
     assert!(
-        text.contains(&format!("VMBACKUP-GUEST: md5 {md5}")),
+        text.contains("VMB-MARKER beta") && text.contains(&format!("VMB-SUM {sum}")),
         "{text}"
     );
     let qmp = to.join("s2.qmp");

@@ -76,6 +76,7 @@ fn manifest(point: &str, level: Level, base: Option<&str>, disks: Vec<ManifestDi
         finished: started,
         fallback_reason: None,
         vm_config: serde_json::json!({"memory": 2048}),
+        tracking: None,
         totals: ManifestTotals::of(&disks),
         disks,
     }

@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use super::extents::ExtentSet;
 use crate::error::Error;
 use crate::nbd::{NbdClient, DIRTY, STATE_ZERO};
-use crate::platform::DiskExport;
+use crate::platform::{ChangedBlocks, DiskExport};
 use crate::repo::{Delta, DiskIndex, Patch, Repository, Slot};
 use crate::task::progress::Progress;
 
@@ -68,7 +68,7 @@ const TEST_NBD_URI: &str = "VMBACKUP_TEST_NBD_URI";
 /// a stand-in server has no dirty bitmap).
 fn source_of(export: &DiskExport) -> Result<(crate::nbd::NbdAddr, String)> {
     match std::env::var(TEST_NBD_URI) {
-        Ok(uri) if export.dirty_context.is_none() => crate::nbd::parse_uri(&uri),
+        Ok(uri) if export.changes.is_none() => crate::nbd::parse_uri(&uri),
         _ => Ok((export.addr.clone(), export.export.clone())),
     }
 }
@@ -124,7 +124,7 @@ async fn back_up(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, DiskStats
     let name = disk.name.clone();
     let cs = plan.chunk_size as u64;
     let mut contexts = vec!["base:allocation"];
-    if let Some(c) = &plan.export.dirty_context {
+    if let Some(c) = plan.export.changes.as_ref().and_then(|c| c.meta_context()) {
         contexts.push(c);
     }
     let (addr, export) = source_of(&plan.export)?;
@@ -146,23 +146,33 @@ async fn back_up(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, DiskStats
         .await
         .with_context(|| format!("disk '{name}': block status"))?;
     let data = ExtentSet::from_extents(&alloc, |f| f & STATE_ZERO == 0);
-    let (index, read, zero) = match (&plan.export.dirty_context, plan.base) {
+    let (index, read, zero) = match (&plan.export.changes, plan.base) {
         (None, _) => (
             DiskIndex::new_zero(size, plan.chunk_size),
             data,
             ExtentSet::default(),
         ),
-        (Some(ctx), Some(base)) => {
+        (Some(changes), Some(base)) => {
             if base.disk_size != size || base.chunk_size != plan.chunk_size {
                 bail!(
                     "disk '{name}': base index geometry differs from the disk (size or chunk size)"
                 );
             }
-            let dirty = client
-                .extents(ctx, 0, size)
-                .await
-                .with_context(|| format!("disk '{name}': dirty bitmap"))?;
-            let dirty = ExtentSet::from_extents(&dirty, |f| f & DIRTY != 0);
+            let dirty = match changes {
+                ChangedBlocks::MetaContext(ctx) => {
+                    let dirty = client
+                        .extents(ctx, 0, size)
+                        .await
+                        .with_context(|| format!("disk '{name}': dirty bitmap"))?;
+                    ExtentSet::from_extents(&dirty, |f| f & DIRTY != 0)
+                }
+                ChangedBlocks::Extents(list) => ExtentSet::from_ranges(
+                    list.iter()
+                        .map(|&(off, len)| (off.min(size), off.saturating_add(len).min(size)))
+                        .filter(|(a, b)| a < b)
+                        .collect(),
+                ),
+            };
             (base, dirty.intersect(&data), dirty.subtract(&data))
         }
         (Some(_), None) => bail!("disk '{name}': an inc/diff needs the base point's index"),

@@ -30,10 +30,10 @@ use tokio::sync::Semaphore;
 use crate::clock::Clock;
 use crate::error::refused;
 use crate::level::Level;
-use crate::platform::{BackupRequest, CbtUnavailable, Platform, Snapshot, VmHandle};
+use crate::platform::{BackupRequest, CbtUnavailable, Note, Platform, Quiesce, Snapshot, VmHandle};
 use crate::repo::{
     index_file_name, new_point_id, parse_point_id, vm_key, Manifest, ManifestDisk, ManifestTotals,
-    ManifestVm, PointList, PointStatus, Repository, Slot, VmLock,
+    ManifestVm, PointList, PointStatus, PointWriter, Repository, Slot, VmLock,
 };
 use crate::task::progress::{LogLevel, Phase, Progress};
 use crate::task::throttle::Throttle;
@@ -51,7 +51,8 @@ pub struct BackupJob {
     pub requested: Level,
     pub auto_cbt: bool,
     pub cbt: bool,
-    pub quiesce: bool,
+    /// R10: freeze guest file systems around the snapshot.
+    pub quiesce: Quiesce,
     /// The rule accepts exports through the VM's own plain-TCP NBD server.
     pub allow_plain_tcp_export: bool,
     /// Chunk size = system.conf `i2vp_transbuffer` (R39).
@@ -132,6 +133,8 @@ pub fn run_backup(
         );
     }
     let latest = points.last().map(|p| p.point.clone());
+    let (_, latest_full) = chain_heads(&points);
+    let old_heads = (latest.clone(), latest_full.map(|p| p.point.clone()));
 
     progress.phase(Phase::BackingUpConfig);
     let vm_config = vm.config()?;
@@ -154,10 +157,16 @@ pub fn run_backup(
         };
     }
     let point = next_point_id(latest.as_deref(), job.clock.now().with_timezone(&Utc))?;
+    let base_tracking = |base: &Option<String>| {
+        base.as_ref()
+            .and_then(|b| points.iter().find(|p| p.point == *b))
+            .and_then(|p| p.tracking.clone())
+    };
     let mut req = BackupRequest {
         new_point: point.clone(),
         level: lp.level,
         base: lp.base.clone(),
+        base_tracking: base_tracking(&lp.base),
         latest_full: lp.latest_full.clone(),
         track: tracking == Tracking::On,
         quiesce: job.quiesce,
@@ -176,17 +185,24 @@ pub fn run_backup(
             };
             req.level = Level::Full;
             req.base = None;
+            req.base_tracking = None;
             vm.begin_backup(&req)?
         }
         Err(e) => return Err(e),
     };
+    for note in &snapshot.notes {
+        match note {
+            Note::Info(m) => progress.log(LogLevel::Info, m),
+            Note::Warn(m) => progress.log(LogLevel::Warn, m),
+        }
+    }
     if let Some(why) = &lp.fallback {
         progress.log(LogLevel::Warn, why);
     }
     progress.level(lp.level);
 
     let started = job.clock.now().with_timezone(&Utc);
-    let result = write_point(
+    let stored = write_point(
         job,
         repo,
         lock,
@@ -200,7 +216,23 @@ pub fn run_backup(
         rt,
         started,
     );
-    finish(vm.as_mut(), result, progress.as_ref()).map(|(totals, warnings)| BackupOutcome {
+    let mut warnings: Vec<String> = snapshot
+        .notes
+        .iter()
+        .filter_map(|n| match n {
+            Note::Warn(m) => Some(m.clone()),
+            Note::Info(_) => None,
+        })
+        .collect();
+    let totals = commit(
+        vm.as_mut(),
+        stored,
+        old_heads,
+        &job.run_dir,
+        progress.as_ref(),
+        &mut warnings,
+    )?;
+    Ok(BackupOutcome {
         point,
         level: lp.level,
         requested: job.requested,
@@ -209,6 +241,57 @@ pub fn run_backup(
         totals,
         warnings,
     })
+}
+
+/// End the platform view and commit (see the CBT contract in `platform`): data
+/// stored → the platform hands over the new point's tracking token → manifest →
+/// the platform drops tracking no future backup needs. A failure before the
+/// manifest leaves the tracking state relative to the old newest point.
+fn commit(
+    vm: &mut dyn VmHandle,
+    stored: Result<(PointWriter<'_>, Manifest)>,
+    old_heads: (Option<String>, Option<String>),
+    run_dir: &Path,
+    progress: &dyn Progress,
+    warnings: &mut Vec<String>,
+) -> Result<ManifestTotals> {
+    let (writer, mut manifest) = match stored {
+        Ok(stored) => stored,
+        Err(err) => {
+            if let Err(e) = vm.finish_backup(false) {
+                progress.log(LogLevel::Error, &format!("ending the snapshot after a failure failed too: {e:#}; run 'vmbackup cleanup'"));
+            }
+            return Err(err);
+        }
+    };
+    match vm.finish_backup(true) {
+        Ok(token) => manifest.tracking = token,
+        Err(e) => {
+            let w = format!("ending the snapshot failed: {e:#}; the point is kept, 'vmbackup cleanup' repairs the VM");
+            progress.log(LogLevel::Warn, &w);
+            warnings.push(w);
+        }
+    }
+    let settle = |vm: &mut dyn VmHandle, latest: Option<&str>, full: Option<&str>| {
+        vm.cleanup(latest, full, run_dir).map(|r| r.actions)
+    };
+    if let Err(err) = writer.commit(&manifest) {
+        let (latest, full) = old_heads;
+        if let Err(e) = settle(vm, latest.as_deref(), full.as_deref()) {
+            progress.log(LogLevel::Error, &format!("restoring changed-block tracking after the failed commit failed too: {e:#}; run 'vmbackup cleanup'"));
+        }
+        return Err(err);
+    }
+    let full = match manifest.level {
+        Level::Full => Some(manifest.point.as_str()),
+        _ => manifest.full.as_deref(),
+    };
+    if let Err(e) = settle(vm, Some(&manifest.point), full) {
+        let w = format!("the point is committed, but dropping superseded changed-block tracking failed: {e:#}; the next run or 'vmbackup cleanup' repeats it");
+        progress.log(LogLevel::Warn, &w);
+        warnings.push(w);
+    }
+    Ok(manifest.totals)
 }
 
 /// The newest point and the newest full among committed points (oldest first):
@@ -282,36 +365,11 @@ pub fn repair_leftovers(
     Ok((points, done))
 }
 
-/// End the platform view: committed → drop old tracking; failed → restore it.
-fn finish(
-    vm: &mut dyn VmHandle,
-    result: Result<ManifestTotals>,
-    progress: &dyn Progress,
-) -> Result<(ManifestTotals, Vec<String>)> {
-    match result {
-        Ok(totals) => {
-            let mut warnings = Vec::new();
-            if let Err(e) = vm.finish_backup(true) {
-                let w = format!("the point is committed, but ending the snapshot failed: {e:#}; 'vmbackup cleanup' repairs it");
-                progress.log(LogLevel::Warn, &w);
-                warnings.push(w);
-            }
-            Ok((totals, warnings))
-        }
-        Err(err) => {
-            if let Err(e) = vm.finish_backup(false) {
-                progress.log(LogLevel::Error, &format!("ending the snapshot after a failure failed too: {e:#}; run 'vmbackup cleanup'"));
-            }
-            Err(err)
-        }
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
-fn write_point(
+fn write_point<'a>(
     job: &BackupJob,
     repo: &Repository,
-    lock: &VmLock,
+    lock: &'a VmLock,
     key: &str,
     point: &str,
     lp: &LevelPlan,
@@ -321,7 +379,7 @@ fn write_point(
     cancel: Arc<AtomicBool>,
     rt: &tokio::runtime::Handle,
     started: chrono::DateTime<Utc>,
-) -> Result<ManifestTotals> {
+) -> Result<(PointWriter<'a>, Manifest)> {
     progress.phase(Phase::CheckingData);
     let mut plans = Vec::new();
     for export in &snapshot.exports {
@@ -401,11 +459,11 @@ fn write_point(
         finished: job.clock.now().with_timezone(&Utc),
         fallback_reason: lp.fallback.clone(),
         vm_config,
+        tracking: None,
         disks,
         totals,
     };
-    writer.commit(&manifest)?;
-    Ok(totals)
+    Ok((writer, manifest))
 }
 
 /// A point id for now, strictly after the newest existing point. Ids have

@@ -148,6 +148,7 @@ mod tests {
             finished: now,
             fallback_reason: None,
             vm_config: serde_json::Value::Null,
+            tracking: None,
             disks: vec![ManifestDisk {
                 name: "vda".into(),
                 size,

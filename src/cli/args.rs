@@ -111,9 +111,12 @@ pub enum PlatformCmd {
         /// Platform type
         #[arg(long = "type", value_enum)]
         kind: PlatformKind,
-        /// Directory holding one QMP unix socket per VM (*.qmp or *.sock)
+        /// qemu: directory holding one QMP unix socket per VM (*.qmp or *.sock)
         #[arg(long, value_name = "DIR")]
-        qmp_dir: PathBuf,
+        qmp_dir: Option<PathBuf>,
+        /// libvirt: connection URI (qemu:///system, qemu+ssh://host/system, qemu+tls://host/system)
+        #[arg(long, value_name = "URI")]
+        uri: Option<String>,
     },
     /// List registered platforms
     List,
@@ -136,6 +139,8 @@ pub enum PlatformCmd {
 pub enum PlatformKind {
     /// QEMU processes (qemu-system, qemu-storage-daemon) reached over QMP sockets
     Qemu,
+    /// Domains of a libvirt daemon (checkpoints and pull-mode backups)
+    Libvirt,
 }
 
 #[derive(Debug, Subcommand)]
@@ -226,10 +231,12 @@ pub struct RuleAddArgs {
     /// Delete the rule's backup data when the rule is removed (R9)
     #[arg(long)]
     pub delete_data: bool,
-    /// Freeze guest file systems while the snapshot is taken (R10); refused on
-    /// platforms that cannot (qemu, for now: snapshots are crash-consistent)
-    #[arg(long)]
-    pub quiesce: bool,
+    /// Freeze guest file systems through the guest agent while the snapshot is
+    /// taken: "require" (the default when given bare) fails a backup whose guest agent
+    /// does not answer, "try" then takes a crash-consistent one with a warning
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true,
+          default_missing_value = "require", value_name = "MODE")]
+    pub quiesce: Option<QuiesceArg>,
     /// Accept backing up through an NBD server the VM's QEMU already runs on plain
     /// TCP (no TLS): anyone reaching that port can read the disk during the backup.
     /// Without it such a backup is refused
@@ -285,6 +292,12 @@ pub struct RuleEditArgs {
     /// Remove every bandwidth window
     #[arg(long, conflicts_with = "bandwidth")]
     pub clear_bandwidth: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuiesceArg {
+    Require,
+    Try,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -454,12 +467,14 @@ pub struct RestoreArgs {
     /// Overwrite existing image files
     #[arg(long)]
     pub force: bool,
-    /// Also write a launch script for a new VM of this name, made from the
-    /// configuration captured at backup (new MACs and QMP socket, no network
-    /// unless --net or --net-bridge)
+    /// Also make a new VM called NAME on the restored images, from the point's VM
+    /// configuration: libvirt defines a domain (the domain XML with a new UUID and
+    /// new MAC addresses); qemu gets a launch script DIR/NAME.sh (the captured
+    /// command line with new MACs and QMP socket, no network unless --net or
+    /// --net-bridge)
     #[arg(long, value_name = "NAME", conflicts_with_all = ["all", "in_place"])]
     pub as_vm: Option<String>,
-    /// With --as-vm: start the new VM
+    /// Start the new VM once made
     #[arg(long, requires = "as_vm")]
     pub start: bool,
     #[command(flatten)]
@@ -496,6 +511,16 @@ pub struct LaunchArgs {
     /// Accelerator of the launched VM: auto = KVM when /dev/kvm is usable, else TCG
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
+}
+
+impl LaunchArgs {
+    /// Whether any launch flag was given (they apply to a launch only).
+    pub fn given(&self) -> bool {
+        self.net
+            || self.net_bridge.is_some()
+            || !self.set_secret.is_empty()
+            || self.accel != AccelArg::Auto
+    }
 }
 
 /// `--accel`.

@@ -1,8 +1,6 @@
 //! `cleanup`: what killed runs left on VMs and in repositories (R44), now; with
 //! `--redact`, secrets in manifests written before redaction existed.
 
-use std::path::Path;
-
 use anyhow::Result;
 
 use super::args::CleanupArgs;
@@ -33,7 +31,7 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
     let mut repos = Vec::new();
     for rule in &rules {
         let prow = state.require_platform(&rule.settings.platform)?;
-        let plat = platform::connect(&prow.kind, Path::new(&prow.qmp_dir), io_timeout)?;
+        let plat = platform::connect(&prow.spec, io_timeout)?;
         let repo = rule_repository(&state, rule)?;
         repos.extend(repo.clone());
         for v in &rule.vms {

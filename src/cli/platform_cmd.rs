@@ -1,6 +1,6 @@
-//! `vmbackup platform ...`: register QEMU hosts and look at their VMs (R2, R3, R35, R36, R43).
+//! `vmbackup platform ...`: register platforms and look at their VMs (R2, R3, R35, R36, R43).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -9,7 +9,7 @@ use super::args::{PlatformCmd, PlatformKind};
 use super::output::{print_json, yes_no, Table};
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
-use crate::platform::{self, VmInfo};
+use crate::platform::{self, PlatformSpec, VmInfo};
 use crate::state::platforms::PlatformRow;
 use crate::state::{check_name, State};
 use crate::units::format_size;
@@ -20,7 +20,8 @@ pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
             name,
             kind,
             qmp_dir,
-        } => add(ctx, &name, kind, &qmp_dir),
+            uri,
+        } => add(ctx, &name, spec_of(kind, qmp_dir, uri)?),
         PlatformCmd::List => list(ctx),
         PlatformCmd::Show { name } => show(ctx, &name),
         PlatformCmd::Refresh { name } => refresh(ctx, &name),
@@ -46,24 +47,71 @@ pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
 /// Longest QMP directory: `<dir>/<name>.qmp` must fit a unix socket path.
 const MAX_QMP_DIR: usize = 100;
 
-fn kind_name(k: PlatformKind) -> &'static str {
-    match k {
-        PlatformKind::Qemu => "qemu",
+/// The platform spec from `platform add` arguments: each type's parameters are
+/// required with it and refused with another type.
+fn spec_of(
+    kind: PlatformKind,
+    qmp_dir: Option<PathBuf>,
+    uri: Option<String>,
+) -> Result<PlatformSpec> {
+    match kind {
+        PlatformKind::Qemu => {
+            if let Some(uri) = uri {
+                return Err(invalid(
+                    "--uri",
+                    uri,
+                    "only with --type libvirt; --type qemu takes --qmp-dir",
+                ));
+            }
+            let Some(dir) = qmp_dir else {
+                return Err(invalid(
+                    "--qmp-dir",
+                    "(missing)",
+                    "required with --type qemu: the directory holding QMP sockets (*.qmp, *.sock)",
+                ));
+            };
+            Ok(PlatformSpec::Qemu {
+                qmp_dir: qemu_dir(&dir)?,
+            })
+        }
+        PlatformKind::Libvirt => {
+            if let Some(dir) = qmp_dir {
+                return Err(invalid(
+                    "--qmp-dir",
+                    dir.display(),
+                    "only with --type qemu; --type libvirt takes --uri",
+                ));
+            }
+            let Some(uri) = uri else {
+                return Err(invalid(
+                    "--uri",
+                    "(missing)",
+                    "required with --type libvirt: a libvirt URI such as qemu:///system or qemu+ssh://host/system",
+                ));
+            };
+            if !uri.contains("://") {
+                return Err(invalid(
+                    "--uri",
+                    uri,
+                    "a libvirt URI such as qemu:///system or qemu+ssh://host/system",
+                ));
+            }
+            Ok(PlatformSpec::Libvirt { uri })
+        }
     }
 }
 
-fn add(ctx: &Ctx, name: &str, kind: PlatformKind, qmp_dir: &Path) -> Result<ExitCode> {
-    check_name("platform name", name)?;
-    if !qmp_dir.is_dir() {
+fn qemu_dir(dir: &Path) -> Result<PathBuf> {
+    if !dir.is_dir() {
         return Err(invalid(
             "--qmp-dir",
-            qmp_dir.display(),
+            dir.display(),
             "must be an existing directory holding QMP sockets (*.qmp, *.sock)",
         ));
     }
-    let dir = qmp_dir
+    let dir = dir
         .canonicalize()
-        .with_context(|| format!("cannot resolve {}", qmp_dir.display()))?;
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
     if dir.as_os_str().len() > MAX_QMP_DIR {
         return Err(invalid(
             "--qmp-dir",
@@ -71,6 +119,11 @@ fn add(ctx: &Ctx, name: &str, kind: PlatformKind, qmp_dir: &Path) -> Result<Exit
             format!("must be at most {MAX_QMP_DIR} bytes long: the QMP sockets in it must fit a unix socket path (108 bytes)"),
         ));
     }
+    Ok(dir)
+}
+
+fn add(ctx: &Ctx, name: &str, spec: PlatformSpec) -> Result<ExitCode> {
+    check_name("platform name", name)?;
     let mut state = ctx.state()?;
     if state.platform(name)?.is_some() {
         return Err(invalid(
@@ -79,9 +132,16 @@ fn add(ctx: &Ctx, name: &str, kind: PlatformKind, qmp_dir: &Path) -> Result<Exit
             "already registered; pick another name",
         ));
     }
-    let io_timeout = ctx.system_config()?.io_timeout;
-    let vms = platform::connect(kind_name(kind), &dir, io_timeout)?.inventory()?;
-    state.add_platform(name, kind_name(kind), &dir.to_string_lossy(), &vms)?;
+    // A platform that cannot be reached is bad input here: nothing is registered.
+    let plat = platform::connect(&spec, ctx.system_config()?.io_timeout).map_err(|e| {
+        invalid(
+            "--uri",
+            spec.address(),
+            format!("cannot connect ({e:#}); check the URI and that libvirtd runs"),
+        )
+    })?;
+    let vms = plat.inventory()?;
+    state.add_platform(name, &spec, &vms)?;
     report_inventory(ctx, name, &vms, "added");
     Ok(ExitCode::Ok)
 }
@@ -91,7 +151,7 @@ fn refresh_inventory(ctx: &Ctx, name: &str) -> Result<(State, Vec<VmInfo>)> {
     let mut state = ctx.state()?;
     let row = state.require_platform(name)?;
     let io_timeout = ctx.system_config()?.io_timeout;
-    let vms = platform::connect(&row.kind, Path::new(&row.qmp_dir), io_timeout)?
+    let vms = platform::connect(&row.spec, io_timeout)?
         .inventory()
         .with_context(|| format!("platform '{name}'"))?;
     state.set_inventory(name, &vms)?;
@@ -125,9 +185,8 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
         #[derive(Serialize)]
         struct Item<'a> {
             name: &'a str,
-            #[serde(rename = "type")]
-            kind: &'a str,
-            qmp_dir: &'a str,
+            #[serde(flatten)]
+            spec: &'a PlatformSpec,
             vms: usize,
             refreshed_at: Option<&'a str>,
         }
@@ -135,8 +194,7 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
             .iter()
             .map(|p| Item {
                 name: &p.name,
-                kind: &p.kind,
-                qmp_dir: &p.qmp_dir,
+                spec: &p.spec,
                 vms: p.vms.len(),
                 refreshed_at: p.refreshed_at.as_deref(),
             })
@@ -144,12 +202,12 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
         print_json(&items);
         return Ok(ExitCode::Ok);
     }
-    let mut t = Table::new(&["NAME", "TYPE", "QMP-DIR", "VMS", "REFRESHED"]);
+    let mut t = Table::new(&["NAME", "TYPE", "ADDRESS", "VMS", "REFRESHED"]);
     for p in &rows {
         t.row(vec![
             p.name.clone(),
-            p.kind.clone(),
-            p.qmp_dir.clone(),
+            p.spec.kind().to_string(),
+            p.spec.address(),
             p.vms.len().to_string(),
             p.refreshed_at.clone().unwrap_or_default(),
         ]);
@@ -168,8 +226,8 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
         return Ok(ExitCode::Ok);
     }
     out!("name:       {}", p.name);
-    out!("type:       {}", p.kind);
-    out!("qmp-dir:    {}", p.qmp_dir);
+    out!("type:       {}", p.spec.kind());
+    out!("address:    {}", p.spec.address());
     out!("created:    {}", p.created_at);
     out!(
         "refreshed:  {}",

@@ -3,7 +3,6 @@
 //! task (no slot, R38) handed to a background server process, and for instant
 //! recovery a migration task (a slot) run here.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -16,6 +15,7 @@ use super::progress_view::CliEvents;
 use super::restore_cmd::{chosen_points, conclude, launch_options};
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
+use crate::platform::PlatformSpec;
 use crate::recovery::{self, RecoverOptions};
 use crate::repo::vm_key;
 use crate::runner::{Job, Outcome, Runner, TaskResult, TaskSpec};
@@ -89,6 +89,21 @@ fn start(ctx: &Ctx, a: RecoverStartArgs) -> Result<ExitCode> {
         }
     }
     let launch = launch_options(&a.launch, a.name.clone())?;
+    // The instantly recovered VM joins its platform as a QMP socket in its directory.
+    let qmp_dir = match (&prow.spec, a.instant) {
+        (_, false) => None,
+        (PlatformSpec::Qemu { qmp_dir }, true) => Some(qmp_dir.clone()),
+        (PlatformSpec::Libvirt { .. }, true) => {
+            return Err(invalid(
+                "--instant",
+                "",
+                format!(
+                    "platform '{}' is libvirt: an instantly recovered VM joins a qemu platform's QMP directory; use --transient, or restore --as-vm",
+                    prow.name
+                ),
+            ))
+        }
+    };
     let mode = if a.instant {
         RecoveryMode::Instant
     } else {
@@ -103,7 +118,7 @@ fn start(ctx: &Ctx, a: RecoverStartArgs) -> Result<ExitCode> {
             .as_ref()
             .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone())),
         target_dir,
-        qmp_dir: a.instant.then(|| PathBuf::from(&prow.qmp_dir)),
+        qmp_dir,
         resume: None,
     };
     if opts.start {

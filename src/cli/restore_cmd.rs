@@ -13,6 +13,7 @@ use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, wors
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
 use crate::lifecycle::rule_repository_with_points;
+use crate::platform::PlatformSpec;
 use crate::recovery::cmdline::{LaunchOptions, Net};
 use crate::repo::{encode_name, vm_key, Manifest, Repository};
 use crate::restore::ImageFormat;
@@ -126,14 +127,11 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
         ImageArg::Qcow2 => ImageFormat::Qcow2,
     };
     let launch = launch_options(&a.launch, a.as_vm.clone())?;
-    if a.as_vm.is_none()
-        && (a.launch.net || a.launch.net_bridge.is_some() || !a.launch.set_secret.is_empty())
-    {
-        return Err(invalid(
-            "--net/--net-bridge/--set-secret",
-            "",
-            "they go with --as-vm",
-        ));
+    if a.as_vm.is_none() && a.launch.given() {
+        return Err(invalid(LAUNCH_FLAGS, "", "they go with --as-vm"));
+    }
+    if let Some(name) = &a.as_vm {
+        crate::state::check_name("--as-vm", name)?;
     }
     // Points are chosen (and so validated) before a task is recorded: bad input
     // changes nothing.
@@ -151,9 +149,10 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
                 base
             };
             match &a.as_vm {
-                Some(_) => {
-                    // The launch is checked now; nothing is written when it cannot work.
-                    crate::recovery::as_vm::plan(&manifest, &dest, format, &launch)?;
+                Some(name) => {
+                    check_as_vm(
+                        ctx, &state, &rule, name, &manifest, &dest, format, &a.launch,
+                    )?;
                     RestoreTo::AsVm {
                         dest,
                         format,
@@ -198,6 +197,68 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     Ok(conclude(
         ctx, &rule.name, &results, &missing, cancelled, started,
     ))
+}
+
+/// The flags of a launch from the captured configuration (qemu platforms).
+const LAUNCH_FLAGS: &str = "--net/--net-bridge/--set-secret/--accel";
+
+/// `--as-vm NAME`: refused (exit 2) before anything is written when the
+/// platform cannot make that VM from the point. libvirt defines a domain from
+/// the point's domain XML (a name it already has is refused; the domain keeps
+/// its own network and secrets); qemu gets a launch script, whose command line
+/// is built now (secrets redacted at backup must be supplied).
+#[allow(clippy::too_many_arguments)]
+fn check_as_vm(
+    ctx: &Ctx,
+    state: &crate::state::State,
+    rule: &RuleRow,
+    name: &str,
+    point: &Manifest,
+    dest: &std::path::Path,
+    format: ImageFormat,
+    launch: &LaunchArgs,
+) -> Result<()> {
+    let prow = state.require_platform(&rule.settings.platform)?;
+    if let Some(why) = prow.spec.why_no_new_vm(&point.vm_config) {
+        return Err(invalid(
+            "--as-vm",
+            name,
+            format!("platform '{}': {why}", prow.name),
+        ));
+    }
+    match &prow.spec {
+        PlatformSpec::Qemu { .. } => {
+            let opts = launch_options(launch, Some(name.to_string()))?;
+            crate::recovery::as_vm::plan(point, dest, format, &opts)?;
+        }
+        PlatformSpec::Libvirt { .. } => {
+            if launch.given() {
+                return Err(invalid(
+                    LAUNCH_FLAGS,
+                    "",
+                    format!(
+                        "platform '{}' is libvirt: the new domain keeps the network and secrets of its XML; these flags are for a qemu platform's launch script",
+                        prow.name
+                    ),
+                ));
+            }
+            let taken = crate::platform::connect(&prow.spec, ctx.system_config()?.io_timeout)?
+                .inventory()?
+                .iter()
+                .any(|v| v.name == name);
+            if taken {
+                return Err(invalid(
+                    "--as-vm",
+                    name,
+                    format!(
+                        "platform '{}' has a VM of this name; pick a new name",
+                        prow.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The exit code of a restore, recovery or boot verification by severity (a

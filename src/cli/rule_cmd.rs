@@ -5,10 +5,13 @@ use anyhow::Result;
 use chrono::Local;
 use serde::Serialize;
 
-use super::args::{OnOff, PolicyArgs, RetentionArg, RuleAddArgs, RuleCmd, RuleEditArgs};
+use super::args::{
+    OnOff, PolicyArgs, QuiesceArg, RetentionArg, RuleAddArgs, RuleCmd, RuleEditArgs,
+};
 use super::output::{print_json, yes_no, Table};
 use super::Ctx;
 use crate::error::{invalid, refused, ExitCode};
+use crate::platform::Quiesce;
 use crate::policy::bandwidth::{validate_windows, Window};
 use crate::policy::{build_policy, Policy};
 use crate::state::rules::{RuleRow, RuleSettings};
@@ -83,7 +86,11 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
         cbt: a.cbt.is_none_or(|c| c == OnOff::On),
         lan_free: a.lan_free,
         delete_data: a.delete_data,
-        quiesce: a.quiesce,
+        quiesce: match a.quiesce {
+            None => Quiesce::Off,
+            Some(QuiesceArg::Require) => Quiesce::Require,
+            Some(QuiesceArg::Try) => Quiesce::Try,
+        },
         allow_plain_tcp_export: a.allow_plain_tcp_export,
         policy,
         bandwidth,
@@ -219,14 +226,14 @@ fn vm_state(state: &State, rule: &RuleRow, vm: &str, stored: &str) -> Result<Str
             return Ok(t.state.to_string());
         }
     }
-    // R31 unknown: the platform's QMP directory or the target (with its
-    // marker) cannot be reached.
-    let reachable = state
-        .platform(&rule.settings.platform)?
-        .is_some_and(|p| std::path::Path::new(&p.qmp_dir).is_dir())
-        && state
-            .target(&rule.settings.target)?
-            .is_some_and(|t| crate::lifecycle::open_target(&t).is_ok());
+    // R31 unknown: the platform or the target (with its marker) cannot be reached.
+    let reachable = state.platform(&rule.settings.platform)?.is_some_and(|p| {
+        crate::platform::connect(&p.spec, crate::platform::qmp::DEFAULT_TIMEOUT)
+            .and_then(|p| p.reachable())
+            .is_ok()
+    }) && state
+        .target(&rule.settings.target)?
+        .is_some_and(|t| crate::lifecycle::open_target(&t).is_ok());
     if !reachable && stored != "stopped" {
         return Ok("unknown".into());
     }
@@ -336,7 +343,7 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     out!("quick backup: {cbt}");
     out!("lan-free:     {}", yes_no(s.lan_free));
     out!("delete data:  {}", yes_no(s.delete_data));
-    out!("quiesce:      {}", yes_no(s.quiesce));
+    out!("quiesce:      {}", s.quiesce);
     if s.allow_plain_tcp_export {
         out!("exports:      plain TCP allowed (--allow-plain-tcp-export)");
     }

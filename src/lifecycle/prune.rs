@@ -346,6 +346,7 @@ mod tests {
             finished: t,
             fallback_reason: None,
             vm_config: serde_json::Value::Null,
+            tracking: None,
             disks: Vec::new(),
             totals: ManifestTotals::default(),
         }

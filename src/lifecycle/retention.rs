@@ -241,6 +241,7 @@ mod tests {
             finished: started,
             fallback_reason: None,
             vm_config: serde_json::Value::Null,
+            tracking: None,
             disks: Vec::new(),
             totals: ManifestTotals::default(),
         }

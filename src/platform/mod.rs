@@ -6,35 +6,52 @@
 //! ends it ([`VmHandle::finish_backup`]) and repairs what an interrupted run left
 //! behind ([`VmHandle::cleanup`], R44).
 //!
-//! Only `qemu` exists today ([`qemu`]: QMP over unix sockets). libvirt and vSphere
-//! drivers implement the same two traits.
+//! A registered platform is a [`PlatformSpec`] (its type and connection
+//! parameters, stored as one JSON value); [`connect`] turns it into a [`Platform`].
+//! Drivers: [`qemu`] (QMP over unix sockets) and [`libvirt`] (libvirt's C API).
+//! A vSphere driver is one more [`PlatformSpec`] variant and module.
 //!
 //! ## CBT contract (all drivers)
 //! Changed-block tracking is relative to restore points, named by point id:
 //! - After a committed point `P`, the VM tracks "changed since `P`" (for the next
 //!   incremental) and, when `P` was the newest full `F`, "changed since `F`" (for
 //!   differentials).
-//! - `begin_backup` with level inc/diff and `base = Some(id)` exports, per disk, an
-//!   NBD meta context whose dirty extents are exactly the blocks changed since `id`
-//!   (a superset is allowed, never a subset). If the platform cannot prove that (no
+//! - `begin_backup` with level inc/diff and `base = Some(id)` gives, per disk, the
+//!   blocks changed since `id` ([`ChangedBlocks`]: an NBD meta context on the export,
+//!   or a list of extents) — a superset is allowed, never a subset. The base point's
+//!   tracking token (below) comes back in `BackupRequest::base_tracking`. If the
+//!   platform cannot prove that (no
 //!   tracking since `id`, tracking lost or inconsistent, disk resized, CBT
 //!   unsupported) it returns [`CbtUnavailable`] and changes nothing; the engine then
 //!   asks again with level full (R26).
 //! - Tracking for the new point starts atomically with the snapshot, so a write is
 //!   either in the snapshot or tracked for the next point, never lost.
-//! - `finish_backup(true)` makes the new point the tracking base; `finish_backup(false)`
-//!   restores the state before `begin_backup` (changes since the old base keep being
-//!   tracked, including those made during the failed run).
+//! - `finish_backup(true)` is called once the point's data and indexes are stored,
+//!   *before* its manifest: it ends the view, keeps the new point's tracking AND the
+//!   old base's, and returns the new point's tracking token (an opaque JSON value the
+//!   engine stores in the manifest, e.g. libvirt's checkpoint). Tracking moves only
+//!   after the commit: the engine then calls `cleanup(new point, newest full)`, which
+//!   drops what no future backup needs. If the manifest cannot be written, the engine
+//!   calls `cleanup(old newest point, old newest full)`, which folds the new point's
+//!   tracking back into the old base's.
+//! - `finish_backup(false)` restores the state before `begin_backup` (changes since
+//!   the old base keep being tracked, including those made during the failed run).
 //! - `cleanup(latest_point, latest_full)` after a crash leaves tracking exactly as a
-//!   `finish_backup` would have: relative to the newest committed point.
+//!   committed or failed run would have: relative to the newest committed point.
 
+pub mod libvirt;
 pub mod qemu;
 pub mod qmp;
+pub mod quiesce;
 pub mod redact;
+pub mod spec;
 
 use std::path::PathBuf;
 
 use serde::Serialize;
+
+pub use quiesce::{freeze_marker, hold_frozen_for_tests, FreezeOutcome};
+pub use spec::{PlatformKind, PlatformSpec};
 
 use crate::level::Level;
 
@@ -59,8 +76,8 @@ pub struct VmInfo {
     /// the other fields are then empty. One bad VM never hides the others.
     pub error: Option<String>,
     /// What makes this VM the same VM whichever platform reaches it, so that it
-    /// is in one rule only (R35): `qemu:<canonical path of its QMP socket>`; a
-    /// libvirt driver would use `libvirt:<host>/<domain UUID>`. `None` in
+    /// is in one rule only (R35): `qemu:<canonical path of its QMP socket>`; libvirt:
+    /// `libvirt:<host>/<domain UUID>`. `None` in
     /// inventories cached before identities were recorded (refresh fills it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
@@ -101,8 +118,10 @@ pub struct BackupRequest {
     /// Keep tracking changes (false: CBT switched off or unsupported; a plain
     /// point-in-time export, every backup a full).
     pub track: bool,
+    /// The base point's tracking token (what `finish_backup` returned for it).
+    pub base_tracking: Option<TrackingToken>,
     /// Freeze guest file systems while the snapshot is taken (R10).
-    pub quiesce: bool,
+    pub quiesce: Quiesce,
     /// Exports may go through an NBD server the VM already runs on plain TCP
     /// (the rule's `--allow-plain-tcp-export`); otherwise such a backup is refused.
     pub allow_plain_tcp_export: bool,
@@ -118,15 +137,73 @@ pub struct DiskExport {
     pub addr: NbdAddr,
     /// NBD export name.
     pub export: String,
-    /// Meta context holding the changed extents for inc/diff
-    /// (e.g. `qemu:dirty-bitmap:vmbackup-inc-20261124T120000Z`); `None` for full.
-    pub dirty_context: Option<String>,
+    /// The blocks changed since the base point, for inc/diff; `None` for full.
+    pub changes: Option<ChangedBlocks>,
+}
+
+/// How a platform hands over the blocks changed since the base point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangedBlocks {
+    /// An NBD meta context of the export whose flag bit 1 marks changed blocks
+    /// (QEMU: `qemu:dirty-bitmap:NAME`).
+    MetaContext(String),
+    /// Changed byte ranges `(offset, length)`, as a platform API lists them
+    /// (vSphere's `QueryChangedDiskAreas`).
+    Extents(Vec<(u64, u64)>),
+}
+
+impl ChangedBlocks {
+    /// The meta context to negotiate on the export, if the changes come that way.
+    pub fn meta_context(&self) -> Option<&str> {
+        match self {
+            ChangedBlocks::MetaContext(c) => Some(c),
+            ChangedBlocks::Extents(_) => None,
+        }
+    }
+}
+
+/// A platform's record of where a point's changed-block tracking starts, returned
+/// by `finish_backup`, stored in the point's manifest (`tracking`) and handed back
+/// as `BackupRequest::base_tracking`. Opaque to the engine and the repository
+/// (libvirt: the checkpoint's name and XML; vSphere: per-disk `changeId`s).
+pub type TrackingToken = serde_json::Value;
+
+/// Whether to freeze guest file systems around the snapshot (R10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quiesce {
+    /// Crash-consistent snapshots.
+    #[default]
+    Off,
+    /// Freeze through the guest agent; fail the backup when that is impossible.
+    Require,
+    /// Freeze when the guest agent answers; else crash-consistent, with a warning.
+    Try,
+}
+
+impl std::fmt::Display for Quiesce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Quiesce::Off => "off",
+            Quiesce::Require => "require",
+            Quiesce::Try => "try",
+        })
+    }
+}
+
+/// A line the driver wants in the task log (e.g. "froze 2 guest file systems").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    Info(String),
+    Warn(String),
 }
 
 /// An open point-in-time view of all disks of a VM.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub exports: Vec<DiskExport>,
+    /// What happened while taking it (quiesce results), for the task log.
+    pub notes: Vec<Note>,
 }
 
 /// The platform cannot serve an inc/diff relative to the requested base (R26).
@@ -145,12 +222,41 @@ pub struct CleanupReport {
     pub actions: Vec<String>,
 }
 
+/// A new VM to define from a restored point ("restore as a new VM").
+#[derive(Debug, Clone)]
+pub struct NewVm<'a> {
+    pub name: &'a str,
+    /// The point's `vm_config`, as the platform gave it at backup time.
+    pub config: &'a serde_json::Value,
+    /// Each restored disk: its name in the point, image file and image format.
+    pub disks: Vec<(String, PathBuf, &'a str)>,
+    /// Start it once defined.
+    pub start: bool,
+}
+
+/// A VM `define_vm` made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DefinedVm {
+    pub name: String,
+    pub identity: Option<String>,
+    pub started: bool,
+}
+
 /// A virtualization host or manager.
 pub trait Platform: Send + Sync {
+    /// Whether the platform answers now (R31 `unknown` when it does not); the
+    /// error says why.
+    fn reachable(&self) -> anyhow::Result<()>;
     /// Every VM with its disks. A VM that cannot be queried has `error` set.
     fn inventory(&self) -> anyhow::Result<Vec<VmInfo>>;
     /// Open one VM by name for backup work.
     fn open_vm(&self, vm: &str) -> anyhow::Result<Box<dyn VmHandle>>;
+    /// Define (and maybe start) a new VM from a restored point's configuration
+    /// on its restored images. Platforms without VM definitions refuse
+    /// ([`PlatformSpec::why_no_new_vm`] says why).
+    fn define_vm(&self, vm: &NewVm) -> anyhow::Result<DefinedVm> {
+        anyhow::bail!("this platform cannot define VM '{}'", vm.name)
+    }
 }
 
 /// One VM, opened for backup work. Dropping it does not clean up: call
@@ -163,8 +269,10 @@ pub trait VmHandle: Send {
     fn config(&mut self) -> anyhow::Result<serde_json::Value>;
     /// Freeze one consistent view of all disks and export it (see module docs).
     fn begin_backup(&mut self, req: &BackupRequest) -> anyhow::Result<Snapshot>;
-    /// End the view; `committed` says whether the point was committed.
-    fn finish_backup(&mut self, committed: bool) -> anyhow::Result<()>;
+    /// End the view. `stored = true`: the point's data is stored and its manifest is
+    /// about to be written; returns the new point's tracking token (see module docs).
+    /// `stored = false`: the run failed; restore the tracking state it found.
+    fn finish_backup(&mut self, stored: bool) -> anyhow::Result<Option<TrackingToken>>;
     /// Once `cancel` is set, stop waiting for the hypervisor soon (a few
     /// seconds: enough to tear the view down on a healthy one), so a cancelled
     /// task on a stuck hypervisor ends at once; its leftovers are repaired by the
@@ -186,29 +294,17 @@ pub trait VmHandle: Send {
     ) -> anyhow::Result<CleanupReport>;
 }
 
-/// Connect to a registered platform from its stored kind and parameters; every
-/// request to it waits at most `io_timeout` (system.conf) for its answer.
+/// Connect to a registered platform; every request to a `qemu` platform waits at
+/// most `io_timeout` (system.conf) for its answer. libvirt calls are bounded by
+/// libvirt's own keepalive.
 pub fn connect(
-    kind: &str,
-    qmp_dir: &std::path::Path,
+    spec: &PlatformSpec,
     io_timeout: std::time::Duration,
 ) -> anyhow::Result<Box<dyn Platform>> {
-    match kind {
-        "qemu" => Ok(Box::new(
-            qemu::QemuPlatform::new(qmp_dir.to_path_buf()).with_timeout(io_timeout),
+    match spec {
+        PlatformSpec::Qemu { qmp_dir } => Ok(Box::new(
+            qemu::QemuPlatform::new(qmp_dir.clone()).with_timeout(io_timeout),
         )),
-        other => Err(crate::error::invalid(
-            "platform type",
-            other,
-            "allowed: qemu",
-        )),
+        PlatformSpec::Libvirt { uri } => Ok(Box::new(libvirt::LibvirtPlatform::connect(uri)?)),
     }
-}
-
-/// Whether a platform type can freeze guest file systems around its snapshot
-/// (R10). None can yet: QEMU's guest agent listens on a socket of its own, which
-/// the `qemu` driver does not reach, so its snapshots are crash-consistent. Rules
-/// asking for quiesced snapshots are refused rather than silently not quiesced.
-pub fn can_quiesce(_kind: &str) -> bool {
-    false
 }

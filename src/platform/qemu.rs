@@ -5,10 +5,10 @@
 //! stem. Everything goes through QMP ([`super::qmp`]); the point-in-time view is
 //! fleecing plus dirty bitmaps exported over QEMU's own NBD server (see `backup`).
 //!
-//! Not implemented: `BackupRequest::quiesce` (R10). Freezing guest file systems
-//! needs the guest agent's own socket, which QMP does not reach; the request is
-//! accepted and the snapshot is crash-consistent.
+//! Quiesce (R10, `agent`): through the guest agent's socket, found on the VM's
+//! command line (an `org.qemu.guest_agent.0` channel on a listening unix socket).
 
+mod agent;
 mod backup;
 mod cleanup;
 mod graph;
@@ -27,7 +27,10 @@ use serde_json::json;
 use self::backup::ActiveBackup;
 use self::inventory::{identity_of, query_vm, VmKind};
 use super::qmp::{Qmp, DEFAULT_TIMEOUT};
-use super::{BackupRequest, CleanupReport, Platform, Snapshot, VmHandle, VmInfo};
+use super::{
+    BackupRequest, CleanupReport, FreezeOutcome, Platform, Quiesce, Snapshot, TrackingToken,
+    VmHandle, VmInfo,
+};
 
 /// VMs whose QMP sockets live in one directory.
 pub struct QemuPlatform {
@@ -90,6 +93,16 @@ impl QemuPlatform {
     }
 }
 
+/// The QEMU command line captured in a point's VM configuration (`"cmdline"`,
+/// secrets redacted), if the point has one.
+pub fn cmdline_of(config: &serde_json::Value) -> Option<Vec<String>> {
+    config["cmdline"].as_array().map(|a| {
+        a.iter()
+            .map(|v| v.as_str().unwrap_or_default().to_string())
+            .collect()
+    })
+}
+
 fn stem_of(socket: &Path) -> String {
     socket
         .file_stem()
@@ -98,6 +111,14 @@ fn stem_of(socket: &Path) -> String {
 }
 
 impl Platform for QemuPlatform {
+    fn reachable(&self) -> Result<()> {
+        if self.qmp_dir.is_dir() {
+            Ok(())
+        } else {
+            bail!("QMP directory {} does not exist", self.qmp_dir.display())
+        }
+    }
+
     fn inventory(&self) -> Result<Vec<VmInfo>> {
         let mut vms = Vec::new();
         for socket in self.sockets()? {
@@ -158,6 +179,19 @@ impl QemuVm {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The guest agent's socket, from the VM's command line (qemu-system only).
+    fn agent_socket(&self) -> Option<PathBuf> {
+        if self.kind != VmKind::System {
+            return None;
+        }
+        let args = self
+            .qmp
+            .peer_pid()
+            .and_then(nbd_server::read_cmdline)
+            .ok()?;
+        agent::socket_from_cmdline(&args)
+    }
 }
 
 impl VmHandle for QemuVm {
@@ -207,17 +241,33 @@ impl VmHandle for QemuVm {
             bail!("VM '{}': a backup view is already open", self.name);
         }
         let state = query_vm(&mut self.qmp, &self.stem)?;
-        let (active, snapshot) =
-            backup::begin(&mut self.qmp, &state, req, &self.removed_inconsistent)?;
+        let mut quiescer = agent::Quiescer {
+            mode: req.quiesce,
+            socket: match req.quiesce {
+                Quiesce::Off => None,
+                _ => self.agent_socket(),
+            },
+            vm: &self.name,
+            run_dir: &req.run_dir,
+            outcome: FreezeOutcome::NotAsked,
+        };
+        let (active, snapshot) = backup::begin(
+            &mut self.qmp,
+            &state,
+            req,
+            &self.removed_inconsistent,
+            &mut quiescer,
+        )?;
         self.active = Some(active);
         Ok(snapshot)
     }
 
-    fn finish_backup(&mut self, committed: bool) -> Result<()> {
+    fn finish_backup(&mut self, stored: bool) -> Result<Option<TrackingToken>> {
         let Some(active) = self.active.take() else {
             bail!("VM '{}': no backup view is open", self.name);
         };
-        backup::finish(&mut self.qmp, active, committed, &self.name)
+        // Bitmaps are named after point ids: no token needed.
+        backup::finish(&mut self.qmp, active, stored, &self.name).map(|()| None)
     }
 
     fn watch_cancel(&mut self, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) {
@@ -261,13 +311,22 @@ impl VmHandle for QemuVm {
                     .map(|b| (node.name.clone(), b.name.clone()))
             })
             .collect();
-        let report = cleanup::cleanup(
+        let mut thawed = Vec::new();
+        agent::thaw_leftover(
+            &self.name,
+            self.agent_socket().as_deref(),
+            run_dir,
+            &mut thawed,
+        )?;
+        let mut report = cleanup::cleanup(
             &mut self.qmp,
             &self.name,
             latest_point,
             latest_full,
             run_dir,
         )?;
+        thawed.append(&mut report.actions);
+        report.actions = thawed;
         self.removed_inconsistent.extend(inconsistent);
         Ok(report)
     }

@@ -79,8 +79,19 @@ pub fn redact_json(v: &mut Value) -> bool {
 }
 
 /// Redact a stored VM configuration (a manifest's `vm_config`): its command line
-/// (`cmdline`, a list of arguments). True when something changed.
+/// (`cmdline`, a list of arguments) or libvirt's `domain_xml` (secret attributes).
+/// True when something changed.
 pub fn redact_vm_config(config: &mut Value) -> bool {
+    // libvirt: the domain XML's secret attributes.
+    if let Some(xml) = config.get("domain_xml").and_then(Value::as_str) {
+        return match super::libvirt::xml::redact(xml) {
+            Ok(r) if r != xml => {
+                config["domain_xml"] = Value::String(r);
+                true
+            }
+            _ => false,
+        };
+    }
     let Some(args) = config.get_mut("cmdline").and_then(Value::as_array_mut) else {
         return false;
     };

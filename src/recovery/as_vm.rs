@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 
 use super::cmdline::{self, LaunchOptions, Rewrite};
 use super::{captured_cmdline, disk_images, launch};
+use crate::platform::DefinedVm;
 use crate::repo::{encode_name, Manifest};
 use crate::restore::{ImageFormat, RestoreReport};
 use crate::task::progress::{LogLevel, Progress};
@@ -138,11 +139,12 @@ pub fn finish(
             LogLevel::Info,
             &format!("VM '{}' started (pid {pid})", plan.name),
         );
-        report.vm = Some(super::StartedVm {
-            name: plan.name.clone(),
-            pid,
-            qmp: plan.qmp.clone(),
-        });
     }
+    // A qemu VM's identity is its QMP socket (platform::qemu).
+    report.new_vm = Some(DefinedVm {
+        name: plan.name.clone(),
+        identity: Some(plan.qmp.display().to_string()),
+        started: start,
+    });
     Ok(())
 }

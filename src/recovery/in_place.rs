@@ -144,7 +144,7 @@ pub fn restore_in_place(
         point: req.point.point.clone(),
         disks,
         launch_script: None,
-        vm: None,
+        new_vm: None,
         in_place: true,
     })
 }

@@ -175,11 +175,7 @@ fn platform_disks(point: &Manifest) -> Vec<(String, String, Option<String>, Stri
 
 /// The captured QEMU command line of a point, if any.
 pub fn captured_cmdline(point: &Manifest) -> Option<Vec<String>> {
-    point.vm_config["cmdline"].as_array().map(|a| {
-        a.iter()
-            .map(|v| v.as_str().unwrap_or_default().to_string())
-            .collect()
-    })
+    crate::platform::qemu::cmdline_of(&point.vm_config)
 }
 
 /// The disks of `point` as they will run on `images` (disk name → image, format).

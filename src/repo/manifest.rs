@@ -40,6 +40,11 @@ pub struct Manifest {
     pub fallback_reason: Option<String>,
     /// The VM's configuration as the platform reported it (opaque to the repo).
     pub vm_config: serde_json::Value,
+    /// The platform's changed-block tracking token for this point (opaque to the
+    /// repo; libvirt: the checkpoint), handed back when this point is a base.
+    /// Absent in manifests of platforms that need none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<serde_json::Value>,
     /// One entry per backed-up disk.
     pub disks: Vec<ManifestDisk>,
     /// Sums over `disks`.
@@ -225,6 +230,7 @@ pub(crate) mod tests {
             finished: started + chrono::Duration::seconds(42),
             fallback_reason: None,
             vm_config: serde_json::json!({"cmdline": ["qemu-system-x86_64"]}),
+            tracking: None,
             totals: ManifestTotals::of(&disks),
             disks,
         }

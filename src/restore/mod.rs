@@ -43,7 +43,8 @@ pub enum ImageFormat {
 }
 
 impl ImageFormat {
-    fn ext(self) -> &'static str {
+    /// The format's name (and file extension): `raw`, `qcow2`.
+    pub fn ext(self) -> &'static str {
         match self {
             ImageFormat::Raw => "raw",
             ImageFormat::Qcow2 => "qcow2",
@@ -88,10 +89,12 @@ pub struct RestoredDisk {
 pub struct RestoreReport {
     pub point: String,
     pub disks: Vec<RestoredDisk>,
-    /// `--as-vm`: the launch script written beside the disks.
+    /// The VM made on the restored images (`restore --as-vm`), else null:
+    /// libvirt's new domain, or the VM of a qemu launch script (its identity is
+    /// its QMP socket).
+    pub new_vm: Option<crate::platform::DefinedVm>,
+    /// `--as-vm` on a qemu platform: the launch script written beside the disks.
     pub launch_script: Option<PathBuf>,
-    /// `--as-vm --start`: the VM started from it.
-    pub vm: Option<crate::recovery::StartedVm>,
     /// `--in-place`: the disks were written back into the VM's own images.
     pub in_place: bool,
 }
@@ -194,8 +197,8 @@ pub fn restore_point(
     Ok(RestoreReport {
         point: manifest.point.clone(),
         disks,
+        new_vm: None,
         launch_script: None,
-        vm: None,
         in_place: false,
     })
 }

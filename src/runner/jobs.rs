@@ -14,6 +14,7 @@ use super::{Job, Outcome, RestoreTo, Runner, TaskSpec, BUFFERS_PER_TASK};
 use crate::backup::{run_backup, BackupJob, BackupOutcome};
 use crate::error::ExitCode;
 use crate::lifecycle::rule_repository_with_points;
+use crate::platform::{NewVm, PlatformSpec};
 use crate::repo::{vm_key, Manifest, RepoLock, Repository, VmLock};
 use crate::restore::{restore_point, ImageFormat, RestoreReport, RestoreRequest};
 use crate::state::State;
@@ -208,11 +209,37 @@ fn restore(
             launch,
             start,
         } => {
-            // Refuse a configuration that cannot be launched before writing disks.
-            let plan = crate::recovery::as_vm::plan(point, dest, *format, launch)?;
-            let mut report = files(dest, *format, *force, *mode)?;
-            crate::recovery::as_vm::finish(&plan, &mut report, *start, &recorder)?;
-            report
+            let prow = state.require_platform(&rule.settings.platform)?;
+            match &prow.spec {
+                PlatformSpec::Qemu { .. } => {
+                    // Refuse a configuration that cannot be launched before writing disks.
+                    let plan = crate::recovery::as_vm::plan(point, dest, *format, launch)?;
+                    let mut report = files(dest, *format, *force, *mode)?;
+                    crate::recovery::as_vm::finish(&plan, &mut report, *start, &recorder)?;
+                    report
+                }
+                PlatformSpec::Libvirt { .. } => {
+                    let mut report = files(dest, *format, *force, *mode)?;
+                    let name = launch.name.as_deref().context("--as-vm needs a name")?;
+                    let new = NewVm {
+                        name,
+                        config: &point.vm_config,
+                        disks: report
+                            .disks
+                            .iter()
+                            .map(|d| (d.disk.clone(), d.path.clone(), format.ext()))
+                            .collect(),
+                        start: *start,
+                    };
+                    let defined = crate::platform::connect(&prow.spec, runner.cfg.io_timeout)?
+                        .define_vm(&new)
+                        .with_context(|| {
+                            format!("define VM '{name}' on platform '{}'", prow.name)
+                        })?;
+                    report.new_vm = Some(defined);
+                    report
+                }
+            }
         }
         RestoreTo::InPlace => crate::recovery::in_place::restore_in_place(
             &crate::recovery::in_place::InPlaceRequest {
@@ -313,8 +340,7 @@ fn backup(
     let state = State::open(&runner.cfg.state_path)?;
     let rule = &spec.rule;
     let prow = state.require_platform(&rule.settings.platform)?;
-    let plat =
-        crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir), runner.cfg.io_timeout)?;
+    let plat = crate::platform::connect(&prow.spec, runner.cfg.io_timeout)?;
     let throttle = Arc::new(Throttle::new(
         rule.settings.bandwidth.clone(),
         runner.cfg.clock,
@@ -477,7 +503,7 @@ fn backup_summary(out: &BackupOutcome) -> String {
 
 /// `point 20261124T120000Z disk vda -> /srv/restore/vda.raw (20GiB)`, one per disk.
 fn restore_summary(report: &RestoreReport) -> Vec<String> {
-    report
+    let mut lines: Vec<String> = report
         .disks
         .iter()
         .map(|d| {
@@ -489,5 +515,21 @@ fn restore_summary(report: &RestoreReport) -> Vec<String> {
                 format_size(d.size)
             )
         })
-        .collect()
+        .collect();
+    if let Some(script) = &report.launch_script {
+        lines.push(format!("launch script {}", script.display()));
+    }
+    if let Some(vm) = &report.new_vm {
+        lines.push(format!(
+            "{} VM '{}' on the restored images{}",
+            if report.launch_script.is_some() {
+                "made"
+            } else {
+                "defined"
+            },
+            vm.name,
+            if vm.started { ", started" } else { "" }
+        ));
+    }
+    lines
 }

@@ -61,7 +61,7 @@ pub fn reclaim(
         let res = (|| -> Result<Vec<String>> {
             let rule = state.require_rule(&t.rule)?;
             let prow = state.require_platform(&rule.settings.platform)?;
-            let plat = crate::platform::connect(&prow.kind, Path::new(&prow.qmp_dir), io_timeout)?;
+            let plat = crate::platform::connect(&prow.spec, io_timeout)?;
             let repo = crate::lifecycle::rule_repository(state, &rule)?;
             cleanup_vm(plat.as_ref(), repo.as_ref(), &prow.name, &t.vm, run_dir)
         })();

@@ -5,15 +5,15 @@ use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 use super::State;
-use crate::platform::VmInfo;
+use crate::platform::{PlatformSpec, VmInfo};
 
 /// A registered platform with its cached inventory.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlatformRow {
     pub name: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub qmp_dir: String,
+    /// Type and connection parameters (JSON: `type` plus the parameters).
+    #[serde(flatten)]
+    pub spec: PlatformSpec,
     pub created_at: String,
     pub refreshed_at: Option<String>,
     pub vms: Vec<VmInfo>,
@@ -27,18 +27,20 @@ impl PlatformRow {
 }
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<PlatformRow> {
-    let inv: String = r.get(5)?;
+    let spec: String = r.get(1)?;
+    let inv: String = r.get(4)?;
     Ok(PlatformRow {
         name: r.get(0)?,
-        kind: r.get(1)?,
-        qmp_dir: r.get(2)?,
-        created_at: r.get(3)?,
-        refreshed_at: r.get(4)?,
+        spec: PlatformSpec::from_json(&spec).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.into())
+        })?,
+        created_at: r.get(2)?,
+        refreshed_at: r.get(3)?,
         vms: serde_json::from_str(&inv).unwrap_or_default(),
     })
 }
 
-const COLS: &str = "name, kind, qmp_dir, created_at, refreshed_at, inventory";
+const COLS: &str = "name, spec, created_at, refreshed_at, inventory";
 
 impl State {
     pub fn platforms(&self) -> Result<Vec<PlatformRow>> {
@@ -79,14 +81,8 @@ impl State {
 
     /// Register a platform with its first inventory. Refuses a duplicate name, and
     /// a platform that reaches a VM another platform already reaches (the same
-    /// identity: the same QMP directory, or a link to it), R35.
-    pub fn add_platform(
-        &mut self,
-        name: &str,
-        kind: &str,
-        qmp_dir: &str,
-        vms: &[VmInfo],
-    ) -> Result<()> {
+    /// identity: the same QMP directory or libvirt domain), R35.
+    pub fn add_platform(&mut self, name: &str, spec: &PlatformSpec, vms: &[VmInfo]) -> Result<()> {
         let inv = serde_json::to_string(vms)?;
         self.write(|tx| {
             let exists: bool = tx.query_row("SELECT COUNT(*) > 0 FROM platforms WHERE name = ?1", [name], |r| r.get(0))?;
@@ -112,8 +108,8 @@ impl State {
             }
             let now = super::now_text();
             tx.execute(
-                "INSERT INTO platforms (name, kind, qmp_dir, created_at, refreshed_at, inventory) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
-                params![name, kind, qmp_dir, now, inv],
+                "INSERT INTO platforms (name, spec, created_at, refreshed_at, inventory) VALUES (?1, ?2, ?3, ?3, ?4)",
+                params![name, spec.to_json(), now, inv],
             )?;
             Ok(())
         })

@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::platforms::{list_or_none, PlatformRow};
 use super::State;
 use crate::error::{busy, invalid, refused};
+use crate::platform::Quiesce;
 use crate::policy::bandwidth::Window;
 use crate::policy::Policy;
 use crate::task::TaskKind;
@@ -30,7 +31,8 @@ pub struct RuleSettings {
     pub cbt: bool,
     pub lan_free: bool,
     pub delete_data: bool,
-    pub quiesce: bool,
+    /// R10: freeze guest file systems around the snapshot.
+    pub quiesce: Quiesce,
     /// Back up through an NBD server the VM already runs on plain TCP, readable
     /// by anyone reaching its port during the backup (refused otherwise).
     pub allow_plain_tcp_export: bool,
@@ -76,6 +78,24 @@ impl RuleRow {
     }
 }
 
+/// `rules.quiesce` (INTEGER): 0 off, 1 require, 2 try (rows from before `try`
+/// existed hold 0 or 1, which keep their meaning).
+fn quiesce_to_sql(q: Quiesce) -> i64 {
+    match q {
+        Quiesce::Off => 0,
+        Quiesce::Require => 1,
+        Quiesce::Try => 2,
+    }
+}
+
+fn quiesce_from_sql(v: i64) -> Quiesce {
+    match v {
+        0 => Quiesce::Off,
+        2 => Quiesce::Try,
+        _ => Quiesce::Require,
+    }
+}
+
 const COLS: &str = "name, platform, target, subdir, auto_cbt, cbt, lan_free, delete_data, quiesce, policy, bandwidth, created_at, allow_plain_tcp_export";
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
@@ -94,7 +114,7 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
             cbt: r.get(5)?,
             lan_free: r.get(6)?,
             delete_data: r.get(7)?,
-            quiesce: r.get(8)?,
+            quiesce: quiesce_from_sql(r.get(8)?),
             allow_plain_tcp_export: r.get(12)?,
             policy: serde_json::from_str(&policy).map_err(bad)?,
             bandwidth: serde_json::from_str(&bandwidth).map_err(bad)?,
@@ -188,16 +208,6 @@ impl State {
         let policy = serde_json::to_string(&s.policy)?;
         let bandwidth = serde_json::to_string(&s.bandwidth)?;
         let platform = self.require_platform(&s.platform)?;
-        if s.quiesce && !crate::platform::can_quiesce(&platform.kind) {
-            return Err(invalid(
-                "--quiesce",
-                "on",
-                format!(
-                    "platform '{}' (type {}) cannot freeze guest file systems yet: it needs the QEMU guest agent, which vmbackup does not reach; snapshots are crash-consistent without --quiesce (R10)",
-                    platform.name, platform.kind
-                ),
-            ));
-        }
         self.require_target(&s.target)?;
         self.write(|tx| {
             let exists: bool = tx.query_row("SELECT COUNT(*) > 0 FROM rules WHERE name = ?1", [name], |r| r.get(0))?;
@@ -209,7 +219,7 @@ impl State {
             }
             tx.execute(
                 &format!("INSERT INTO rules ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
-                params![name, s.platform, s.target, s.subdir, s.auto_cbt, s.cbt, s.lan_free, s.delete_data, s.quiesce, policy, bandwidth, super::now_text(), s.allow_plain_tcp_export],
+                params![name, s.platform, s.target, s.subdir, s.auto_cbt, s.cbt, s.lan_free, s.delete_data, quiesce_to_sql(s.quiesce), policy, bandwidth, super::now_text(), s.allow_plain_tcp_export],
             )?;
             for vm in vms {
                 insert_vm(tx, name, &platform, vm)?;

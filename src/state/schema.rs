@@ -139,7 +139,16 @@ const MIGRATIONS: &[&str] = &[
     -- Exports through a VM's own NBD server on plain TCP only when the rule says so.
     ALTER TABLE rules ADD COLUMN allow_plain_tcp_export INTEGER NOT NULL DEFAULT 0;
     "#,
-    // 5 (recovery, issue 11): a recovery outlives the command that started it: a
+    // 5 (libvirt): a platform's type and connection parameters become one typed JSON value
+    // (platform::PlatformSpec, `{"type":"qemu","qmp_dir":...}`); existing rows keep
+    // their platform.
+    r#"
+    ALTER TABLE platforms ADD COLUMN spec TEXT NOT NULL DEFAULT '{}';
+    UPDATE platforms SET spec = json_object('type', kind, 'qmp_dir', qmp_dir);
+    ALTER TABLE platforms DROP COLUMN qmp_dir;
+    ALTER TABLE platforms DROP COLUMN kind;
+    "#,
+    // 6 (recovery, issue 11): a recovery outlives the command that started it: a
     // background NBD server serves the point, a VM may run on overlays, an
     // instant recovery migrates to new images. One row per recovery, its id the
     // id of the task that started it; `task` is the recovery task serving it now.
@@ -211,4 +220,35 @@ pub(crate) fn migrate_to(conn: &mut Connection, target: u32) -> Result<()> {
         tx.commit()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_rows_keep_their_platform_through_the_spec_migration() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.execute(
+            "INSERT INTO platforms (name, kind, qmp_dir, created_at) VALUES ('lab', 'qemu', '/run/q', 'now')",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let spec: String = conn
+            .query_row("SELECT spec FROM platforms WHERE name = 'lab'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(
+            crate::platform::PlatformSpec::from_json(&spec).unwrap(),
+            crate::platform::PlatformSpec::Qemu {
+                qmp_dir: "/run/q".into()
+            }
+        );
+    }
 }

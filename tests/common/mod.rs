@@ -10,6 +10,7 @@
 //! time is what a restore of that point must match.
 #![allow(dead_code)]
 
+pub mod libvirt;
 pub mod system_vm;
 
 use std::fs::{self, File, OpenOptions};
@@ -427,6 +428,25 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// The tiny test guest's kernel and initramfs (scripts/tiny-guest.sh), one build
+/// per test run for every test: into `VMBACKUP_TEST_GUEST_DIR` (scripts/test.sh
+/// sets it and builds the guest while the tests compile) or `target/tiny-guest`.
+/// The script does nothing when its current version is there, and fails the test
+/// when it cannot build one.
+pub fn tiny_guest() -> (PathBuf, PathBuf) {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = std::env::var_os("VMBACKUP_TEST_GUEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target/tiny-guest"));
+        let script = root.join("scripts/tiny-guest.sh");
+        run(script.to_str().unwrap(), &[dir.to_str().unwrap()]);
+        dir
+    });
+    (dir.join("vmlinuz"), dir.join("initrd.gz"))
 }
 
 /// Run a command, panic with its output when it fails.

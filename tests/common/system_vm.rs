@@ -15,9 +15,8 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 
-use super::{accepts, file_digest, qmp_session, run, wait_for, Env, MIB};
+use super::{accepts, file_digest, qmp_session, run, tiny_guest, wait_for, Env};
 
 /// A qemu-system VM started by a test (killed on drop).
 pub struct SystemVm {
@@ -40,29 +39,6 @@ pub struct VmOptions {
     pub vga: bool,
     /// More arguments, as given.
     pub extra: Vec<String>,
-}
-
-/// The tiny guest's kernel and initramfs, built once per test run (and kept in
-/// the target directory, keyed by the script's content).
-pub fn tiny_guest() -> &'static (PathBuf, PathBuf) {
-    static GUEST: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    GUEST.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/tiny-guest.sh");
-        let text = fs::read(&script).expect("scripts/tiny-guest.sh");
-        let key = &blake3::hash(&text).to_hex()[..16];
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tiny-guest-{key}"));
-        let out = Command::new(&script)
-            .arg(&dir)
-            .output()
-            .expect("run scripts/tiny-guest.sh");
-        assert!(
-            out.status.success(),
-            "scripts/tiny-guest.sh failed (the recovery tests need it): {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (dir.join("vmlinuz"), dir.join("initrd.gz"))
-    })
 }
 
 impl SystemVm {
@@ -121,7 +97,7 @@ impl SystemVm {
                 "-initrd".into(),
                 initrd.display().to_string(),
                 "-append".into(),
-                "console=ttyS0 quiet panic=-1".into(),
+                "console=ttyS0 quiet panic=-1 vmb.marker=1 vmb.sum=/dev/vda".into(),
                 "-serial".into(),
                 format!("file:{}", self.serial.display()),
             ]);
@@ -319,18 +295,10 @@ pub fn patched_digest(base: &Path, out: &Path, writes: &[(u64, u64, u8)]) -> Str
     file_digest(out)
 }
 
-/// MD5 (hex) of the first 4 MiB of a file: what the tiny guest prints.
-pub fn guest_md5(path: &Path) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "head -c {} {} | md5sum",
-            4 * MIB,
-            path.to_str().unwrap()
-        ))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
+/// SHA-256 (hex) of a whole file: what the tiny guest prints for its disk
+/// (`VMB-SUM`, kernel argument `vmb.sum=/dev/vda`).
+pub fn guest_sum(path: &Path) -> String {
+    run("sha256sum", &[path.to_str().unwrap()])
         .split_whitespace()
         .next()
         .unwrap_or_default()

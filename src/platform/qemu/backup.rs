@@ -11,8 +11,10 @@
 //!
 //! finish: remove exports (waiting for `BLOCK_EXPORT_DELETED`), cancel jobs (waiting
 //! until they are gone), delete fleecing nodes and images, stop our NBD server, then
-//! settle the bitmaps: committed → only the new point's bitmaps stay; not committed
-//! → the new bitmaps are merged back into the old ones, which record again.
+//! settle the bitmaps: stored → the temporary copy goes, the new generation records
+//! and the old one stays (disabled) until the engine's post-commit `cleanup` drops
+//! it; not stored → the new bitmaps are merged back into the old ones, which record
+//! again.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -21,13 +23,16 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
+use super::agent::Quiescer;
 use super::graph::{BlockGraph, BlockNode};
 use super::inventory::VmState;
 use super::names::{self, BitmapKind};
 use super::nbd_server::{self, NbdServer};
 use crate::level::Level;
 use crate::platform::qmp::{is_qmp_error, Qmp};
-use crate::platform::{BackupRequest, CbtUnavailable, DiskExport, DiskInfo, Snapshot};
+use crate::platform::{
+    BackupRequest, CbtUnavailable, ChangedBlocks, DiskExport, DiskInfo, Snapshot,
+};
 
 /// Granularity of the bitmaps we create (QEMU's default, 64 KiB).
 const GRANULARITY: u64 = 64 * 1024;
@@ -37,7 +42,6 @@ const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A backup view that is (partly) set up.
 pub struct ActiveBackup {
-    level: Level,
     disks: Vec<DiskRun>,
     /// The transaction ran: bitmaps were changed and jobs started.
     transaction_done: bool,
@@ -74,6 +78,7 @@ pub fn begin(
     state: &VmState,
     req: &BackupRequest,
     removed_inconsistent: &[(String, String)],
+    quiescer: &mut Quiescer,
 ) -> Result<(ActiveBackup, Snapshot)> {
     let vm = state.info.name.as_str();
     for disk in &state.info.disks {
@@ -102,12 +107,11 @@ pub fn begin(
         disks.push(plan_disk(index, disk, node, req, removed_inconsistent)?);
     }
     let mut active = ActiveBackup {
-        level: req.level,
         disks,
         transaction_done: false,
         nbd: None,
     };
-    match set_up(qmp, &mut active, req, vm) {
+    match set_up(qmp, &mut active, req, vm, quiescer) {
         Ok(snapshot) => Ok((active, snapshot)),
         Err(err) => match finish(qmp, active, false, vm) {
             Ok(()) => Err(err),
@@ -225,6 +229,7 @@ fn set_up(
     active: &mut ActiveBackup,
     req: &BackupRequest,
     vm: &str,
+    quiescer: &mut Quiescer,
 ) -> Result<Snapshot> {
     // The NBD server first: one that must not serve disk data (plain TCP, not
     // allowed) refuses the backup before the snapshot exists.
@@ -250,9 +255,15 @@ fn set_up(
         run.fleece_node_added = true;
     }
     let actions: Vec<Value> = active.disks.iter().flat_map(transaction_actions).collect();
-    qmp.execute("transaction", json!({ "actions": actions }))
-        .with_context(|| format!("VM '{vm}': start the snapshot transaction"))?;
+    // R10: guest file systems are frozen only around the transaction.
+    quiescer.freeze()?;
+    let started = qmp
+        .execute("transaction", json!({ "actions": actions }))
+        .with_context(|| format!("VM '{vm}': start the snapshot transaction"));
+    let thawed = quiescer.thaw();
+    started?;
     active.transaction_done = true;
+    thawed?;
     let mut exports = Vec::new();
     for run in &mut active.disks {
         let mut args = json!({ "type": "nbd", "id": run.export, "name": run.export,
@@ -267,13 +278,16 @@ fn set_up(
             disk: run.disk.clone(),
             addr: addr.clone(),
             export: run.export.clone(),
-            dirty_context: run
+            changes: run
                 .export_bitmap
                 .as_ref()
-                .map(|b| format!("qemu:dirty-bitmap:{b}")),
+                .map(|b| ChangedBlocks::MetaContext(format!("qemu:dirty-bitmap:{b}"))),
         });
     }
-    Ok(Snapshot { exports })
+    Ok(Snapshot {
+        exports,
+        notes: quiescer.note().into_iter().collect(),
+    })
 }
 
 /// The transaction's actions for one disk: new bitmap generation, frozen copy,
@@ -381,7 +395,7 @@ pub fn finish(qmp: &mut Qmp, active: ActiveBackup, committed: bool, vm: &str) ->
         let graph = BlockGraph::query(qmp);
         for run in &active.disks {
             let result = match &graph {
-                Ok(graph) if committed => commit_bitmaps(qmp, graph, run, active.level),
+                Ok(graph) if committed => drop_tmp_bitmaps(qmp, graph, run),
                 Ok(_) => roll_back_bitmaps(qmp, run),
                 Err(e) => Err(anyhow!("{e:#}")),
             };
@@ -401,26 +415,20 @@ pub fn finish(qmp: &mut Qmp, active: ActiveBackup, committed: bool, vm: &str) ->
     }
 }
 
-/// Committed: the new point is the tracking base; older generations go.
-fn commit_bitmaps(qmp: &mut Qmp, graph: &BlockGraph, run: &DiskRun, level: Level) -> Result<()> {
+/// Stored: only the temporary frozen copy goes. The old generation stays until
+/// the manifest is written (the engine's `cleanup` then removes it, or merges the
+/// new one back if the commit failed).
+fn drop_tmp_bitmaps(qmp: &mut Qmp, graph: &BlockGraph, run: &DiskRun) -> Result<()> {
     let node = &run.disk.node;
     let Some(current) = graph.node(node) else {
         bail!("node '{node}' vanished");
     };
-    let mut actions = Vec::new();
-    for bitmap in &current.bitmaps {
-        let remove = match names::parse_bitmap(&bitmap.name) {
-            Some((BitmapKind::Inc, _)) => run.new_inc.as_ref().is_some_and(|n| *n != bitmap.name),
-            Some((BitmapKind::Diff, _)) => {
-                level == Level::Full && run.new_diff.as_ref().is_some_and(|n| *n != bitmap.name)
-            }
-            Some((BitmapKind::Tmp, _)) => true,
-            None => false,
-        };
-        if remove {
-            actions.push(remove_action(node, &bitmap.name));
-        }
-    }
+    let actions = current
+        .bitmaps
+        .iter()
+        .filter(|b| matches!(names::parse_bitmap(&b.name), Some((BitmapKind::Tmp, _))))
+        .map(|b| remove_action(node, &b.name))
+        .collect();
     run_transaction(qmp, actions)
 }
 
