@@ -18,7 +18,7 @@ use common::system_vm::{guest_sum, SystemVm, VmOptions};
 use common::*;
 use serde_json::Value;
 
-fn guest_vm(env: &Env, name: &str, extra: &[&str]) -> SystemVm {
+fn guest_vm(env: &Env, name: &str, agent: bool, extra: &[&str]) -> SystemVm {
     SystemVm::start(
         env,
         name,
@@ -26,6 +26,7 @@ fn guest_vm(env: &Env, name: &str, extra: &[&str]) -> SystemVm {
         &VmOptions {
             tiny_guest: true,
             vga: true,
+            agent,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             ..VmOptions::default()
         },
@@ -55,27 +56,26 @@ fn run_json(env: &Env, args: &[&str]) -> (Option<i32>, Value, String) {
     )
 }
 
-/// `verify r1 --boot --vm g --point POINT --expect REGEX` under TCG, with a
+/// `verify r1 --boot --vm g --point POINT [--expect REGEX]` under TCG, with a
 /// timeout only a broken boot reaches.
-fn verify_boot(env: &Env, point: &str, expect: &str) -> (Option<i32>, Value, String) {
-    run_json(
-        env,
-        &[
-            "verify",
-            "r1",
-            "--boot",
-            "--vm",
-            "g",
-            "--point",
-            point,
-            "--expect",
-            expect,
-            "--accel",
-            "tcg",
-            "--timeout",
-            "600",
-        ],
-    )
+fn verify_boot(env: &Env, point: &str, expect: Option<&str>) -> (Option<i32>, Value, String) {
+    let mut args = vec![
+        "verify",
+        "r1",
+        "--boot",
+        "--vm",
+        "g",
+        "--point",
+        point,
+        "--accel",
+        "tcg",
+        "--timeout",
+        "600",
+    ];
+    if let Some(e) = expect {
+        args.extend(["--expect", e]);
+    }
+    run_json(env, &args)
 }
 
 /// Wait (up to 10 minutes: TCG on a loaded machine) for `file` to contain `needle`.
@@ -98,7 +98,7 @@ fn wait_for_text(file: &Path, needle: &str) -> String {
 #[test]
 fn verify_boot_passes_a_point_whose_guest_finds_its_disk_and_fails_one_that_does_not() {
     let env = Env::new();
-    let vm = guest_vm(&env, "g", &[]);
+    let vm = guest_vm(&env, "g", true, &[]);
     let scratch = env.path("scratch.bin");
     vm.write_marker("alpha", &scratch);
     vm.write(MIB, MIB, 0x42);
@@ -117,15 +117,18 @@ fn verify_boot_passes_a_point_whose_guest_finds_its_disk_and_fails_one_that_does
         .collect();
     let (good, bad) = (&points[0], &points[1]);
 
-    // Neither a guest agent nor --expect: refused, naming both ways.
-    env.refused(
-        &["verify", "r1", "--boot", "--vm", "g", "--accel", "tcg"],
-        &["--expect", "guest agent"],
-    );
+    // Without --expect the VM is judged by its guest agent (it had a channel):
+    // the good point boots and the agent in it answers.
+    let (code, doc, err) = verify_boot(&env, good, None);
+    assert_eq!(code, Some(0), "{doc} {err}");
+    let rep = &doc["tasks"][0]["outcome"];
+    assert_eq!(rep["judged_by"], "guest-agent", "{doc}");
+    assert_eq!(rep["matched"], Value::Null, "{doc}");
+    assert!(rep["boot_seconds"].as_f64().unwrap() > 0.0, "{doc}");
 
-    // The good point boots and its guest reads exactly the point's bytes.
+    // With --expect, by its console: its guest reads exactly the point's bytes.
     let expect = format!("VMB-SUM {good_sum}");
-    let (code, doc, err) = verify_boot(&env, good, &expect);
+    let (code, doc, err) = verify_boot(&env, good, Some(&expect));
     assert_eq!(code, Some(0), "{doc} {err}");
     let task = &doc["tasks"][0];
     assert_eq!(task["kind"], "boot-verify", "{doc}");
@@ -152,8 +155,9 @@ fn verify_boot_passes_a_point_whose_guest_finds_its_disk_and_fails_one_that_does
         0o700
     );
 
-    // The point without the marker: its guest halts; exit 3 with the reason.
-    let (code, doc, err) = verify_boot(&env, bad, "VMB-READY");
+    // The point without the marker: its guest halts before its agent starts;
+    // exit 3 with the reason.
+    let (code, doc, err) = verify_boot(&env, bad, None);
     assert_eq!(code, Some(3), "{doc} {err}");
     let task = &doc["tasks"][0];
     assert_eq!(task["status"], "failed", "{doc}");
@@ -195,6 +199,7 @@ fn restore_as_vm_writes_a_launch_script_that_boots_the_point_once_its_secret_is_
     let vm = guest_vm(
         &env,
         "s",
+        false,
         &["-object", "secret,id=vmsec0,data=hunter2,format=raw"],
     );
     let scratch = env.path("scratch.bin");
@@ -204,6 +209,12 @@ fn restore_as_vm_writes_a_launch_script_that_boots_the_point_once_its_secret_is_
     env.add_rule("r1", "lab", "s", "t1", &["--once", "2099-01-01 00:00"]);
     env.ok(&["run-now", "r1", "--level", "full"]);
     let sum = guest_sum(&vm.shadow);
+    // This VM has no guest agent channel: verify --boot without --expect is
+    // refused, naming both ways.
+    env.refused(
+        &["verify", "r1", "--boot", "--vm", "s", "--accel", "tcg"],
+        &["--expect", "guest agent"],
+    );
     let to = env.path("s2");
 
     // Without the secret: refused before anything is written, naming it.

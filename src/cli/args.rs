@@ -635,10 +635,12 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "ID", requires = "vm")]
     pub point: Option<String>,
     /// Boot the point (latest by default) from a transient recovery without
-    /// network and judge it by its guest agent or its serial console
+    /// network and judge it by its serial console (--expect) or, without
+    /// --expect, by its guest agent answering a ping
     #[arg(long)]
     pub boot: bool,
-    /// With --boot: a regular expression the serial console must print
+    /// With --boot: a regular expression the serial console must print (judged
+    /// by the console even when the VM has a guest agent)
     #[arg(long, value_name = "REGEX", requires = "boot")]
     pub expect: Option<String>,
     /// With --boot: accelerator (auto = KVM when /dev/kvm is usable, else TCG)

@@ -3,9 +3,9 @@
 //!
 //! The point is served by an in-process NBD server; overlays take the guest's
 //! writes; the VM is launched from the captured configuration (KVM when
-//! `/dev/kvm` is usable, else TCG with a default CPU). It passes when its guest
-//! agent answers a ping (when the VM had a guest agent channel) or when its
-//! first serial port prints a line matching `--expect`; the time from launch to
+//! `/dev/kvm` is usable, else TCG with a default CPU). It passes when its first
+//! serial port prints a line matching `--expect`, or, without `--expect`, when its
+//! guest agent answers a ping (the VM had a guest agent channel); the time from launch to
 //! that moment is the measured recovery time. With a display, a screenshot
 //! (QMP `screendump`) is kept with the task. Everything is stopped and removed
 //! afterwards; a VM that does not pass fails the task (exit 3) with the reason.
@@ -88,8 +88,9 @@ impl BootReport {
     }
 }
 
-/// How the point's VM will be judged; refused (exit 2, naming both ways) when
-/// it has no guest agent channel and no `--expect` was given.
+/// How the point's VM will be judged: by its serial console when `--expect` is
+/// given (what the user asked for), else by its guest agent when the VM had an
+/// agent channel; refused (exit 2, naming both ways) with neither.
 pub fn judge_for(point: &Manifest, expect: Option<&str>) -> Result<Judge> {
     if let Some(e) = expect {
         Regex::new(e).map_err(|err| {
@@ -103,10 +104,10 @@ pub fn judge_for(point: &Manifest, expect: Option<&str>) -> Result<Judge> {
         ))
     })?;
     let has_agent = line.iter().any(|a| a.contains("org.qemu.guest_agent.0"));
-    match (has_agent, expect) {
-        (true, _) => Ok(Judge::GuestAgent),
-        (false, Some(_)) => Ok(Judge::SerialConsole),
-        (false, None) => Err(refused(
+    match (expect, has_agent) {
+        (Some(_), _) => Ok(Judge::SerialConsole),
+        (None, true) => Ok(Judge::GuestAgent),
+        (None, false) => Err(refused(
             "the VM has no guest agent channel to ping and no --expect was given: \
              give --expect REGEX (matched against the serial console)",
         )),

@@ -37,6 +37,9 @@ pub struct VmOptions {
     pub nic: bool,
     /// A VGA display device (for screenshots).
     pub vga: bool,
+    /// A guest agent channel (`org.qemu.guest_agent.0`, on `<vm dir>/qga.sock`);
+    /// the tiny guest runs qemu-ga on it.
+    pub agent: bool,
     /// More arguments, as given.
     pub extra: Vec<String>,
 }
@@ -97,7 +100,10 @@ impl SystemVm {
                 "-initrd".into(),
                 initrd.display().to_string(),
                 "-append".into(),
-                "console=ttyS0 quiet panic=-1 vmb.marker=1 vmb.sum=/dev/vda".into(),
+                format!(
+                    "console=ttyS0 quiet panic=-1 no_timer_check vmb.marker=1 vmb.sum=/dev/vda{}",
+                    if opts.agent { " vmb.agent=1" } else { "" }
+                ),
                 "-serial".into(),
                 format!("file:{}", self.serial.display()),
             ]);
@@ -123,6 +129,17 @@ impl SystemVm {
         }
         if opts.vga {
             args.extend(["-device".into(), "VGA".into()]);
+        }
+        if opts.agent {
+            let sock = self.image.with_file_name("qga.sock");
+            args.extend([
+                "-device".into(),
+                "virtio-serial-pci".into(),
+                "-chardev".into(),
+                format!("socket,id=qga0,path={},server=on,wait=off", sock.display()),
+                "-device".into(),
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+            ]);
         }
         args.extend(["-display".into(), "none".into()]);
         args.extend(opts.extra.iter().cloned());
