@@ -3,7 +3,8 @@
 #   a demo VM (qemu-storage-daemon serving one 256 MiB qcow2 disk, written to over
 #   NBD as a guest would), a local directory target, a rule with a weekly
 #   full + incremental policy; then a full backup, more guest writes, an
-#   incremental backup, a restore of the latest point, and a digest comparison
+#   incremental backup, a restore of the latest point (with the image mode
+#   chosen), cleanup (with manifests' secrets redacted), and a digest comparison
 #   between the restored image and the VM's disk; then a transient recovery of
 #   that point (served over NBD by vmbackup, a write into its overlay, the
 #   repository unchanged) and its stop. As root, the same with a libvirt domain
@@ -76,7 +77,9 @@ guest_write 100M 512K; guest_write 3M 512K
 run run-now demo --level inc
 run points demo --vm demo
 run verify demo
-run restore demo --vm demo --to "$DEMO/restore"
+run restore demo --vm demo --to "$DEMO/restore" --mode 0640
+ls -l "$DEMO/restore"     # the image is 0640 (0600 without --mode); nothing else is left there
+run cleanup demo --redact # secrets on VM command lines never reach a manifest; this also cleans older ones
 
 echo "== comparing the restored image with the VM's disk"
 qemu-img convert -f raw -O raw "$GUEST" "$DEMO/vm-now.raw"

@@ -6,7 +6,6 @@
 mod common;
 use common::*;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -59,24 +58,8 @@ fn cleanup_while_a_backup_of_the_vm_runs_is_busy_at_once_naming_the_task() {
             "mon-sun 00:00-24:00 2MiB/s",
         ],
     );
-    let mut backup = Command::new(assert_cmd::cargo::cargo_bin("vmbackup"))
-        .env("VMBACKUP_STATE", &env.state)
-        .env("VMBACKUP_CONFIG", &env.config)
-        .args(["run-now", "r", "--level", "full"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(
-        || {
-            env.json(&["task", "list"])
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|t| t["state"] == "running" && t["bytes_done"].as_u64().unwrap_or(0) > 0)
-        },
-        "the backup transferring",
-    );
+    let _backup = env.spawn(&["run-now", "r", "--level", "full"], &[]);
+    env.wait_transferring();
     // Even with the hypervisor not answering, cleanup says so at once.
     run("kill", &["-STOP", &vm.pid().to_string()]);
     let started = Instant::now();
@@ -86,6 +69,4 @@ fn cleanup_while_a_backup_of_the_vm_runs_is_busy_at_once_naming_the_task() {
     assert!(took <= Duration::from_secs(3), "cleanup took {took:?}");
     assert!(err.contains("task 1"), "{err}");
     assert!(err.contains("vm1"), "{err}");
-    let _ = backup.kill();
-    let _ = backup.wait();
 }

@@ -10,8 +10,7 @@
 mod common;
 use common::*;
 
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const RULE: &str = "r";
@@ -31,78 +30,14 @@ fn lab(conf: &str) -> Lab {
     let vm = env.vm(VM, &[DiskSpec::qcow2(DISK, 32 * MIB)], true);
     vm.write_random(DISK, 0, 16 * MIB, 1);
     env.add_lab("t");
-    env.add_rule(
-        RULE,
-        "lab",
-        VM,
-        "t",
-        &[
-            "--schedule",
-            "full weekly on sun at 01:00",
-            "--schedule",
-            "inc weekly on mon-sat at 01:00",
-        ],
-    );
+    env.add_rule(RULE, "lab", VM, "t", &WEEKLY_FULL_AND_INC);
     Lab { vm, env }
 }
 
-/// A vmbackup child process, killed if the test ends early.
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn wait(&mut self) -> (Option<i32>, String) {
-        let mut child = self.0.take().unwrap();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (child.wait().unwrap().code(), err)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 impl Lab {
-    fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let mut c = Command::new(assert_cmd::cargo::cargo_bin("vmbackup"));
-        c.env("VMBACKUP_STATE", &self.env.state)
-            .env("VMBACKUP_CONFIG", &self.env.config)
-            .env_remove("XDG_STATE_HOME")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        Proc(Some(c.spawn().unwrap()))
-    }
-
     /// The newest task row (JSON).
     fn last_task(&self) -> serde_json::Value {
         self.env.json(&["task", "list", "--all"])[0].clone()
-    }
-
-    /// Wait until the newest task is reading disk data.
-    fn wait_transferring(&self) -> i64 {
-        wait_for(
-            || {
-                let t = self.last_task();
-                t["state"] == "running" && t["bytes_done"].as_u64().unwrap_or(0) > 0
-            },
-            "the backup transferring",
-        );
-        self.last_task()["id"].as_i64().unwrap()
     }
 
     fn points(&self) -> Vec<String> {
@@ -136,28 +71,9 @@ impl Lab {
         out
     }
 
-    /// vmbackup's exports, jobs, nodes in QEMU and files in the run directory.
+    /// vmbackup's jobs, exports and nodes in QEMU and entries in the run directory.
     fn leftovers(&self) -> Vec<String> {
-        let r = self.vm.qmp(&[
-            r#"{"execute":"query-block-exports"}"#,
-            r#"{"execute":"query-block-jobs"}"#,
-            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
-        ]);
-        let mut found = Vec::new();
-        for e in r[0]["return"].as_array().unwrap() {
-            if e["id"].as_str().unwrap().starts_with("vmbackup-") {
-                found.push(format!("export {}", e["id"]));
-            }
-        }
-        for j in r[1]["return"].as_array().unwrap() {
-            found.push(format!("job {}", j["device"]));
-        }
-        for n in r[2]["return"].as_array().unwrap() {
-            let name = n["node-name"].as_str().unwrap();
-            if name.starts_with("vmbackup-") {
-                found.push(format!("node {name}"));
-            }
-        }
+        let mut found = self.vm.qemu_leftovers();
         let run = self.env.state.parent().unwrap().join("run");
         for e in std::fs::read_dir(run).into_iter().flatten() {
             found.push(format!("run dir entry {:?}", e.unwrap().file_name()));
@@ -166,19 +82,8 @@ impl Lab {
     }
 
     fn restores_exactly(&self, point: &str) {
-        let to = self.env.path(&format!("restore-{point}"));
-        self.env.ok(&[
-            "restore",
-            RULE,
-            "--vm",
-            VM,
-            "--point",
-            point,
-            "--to",
-            to.to_str().unwrap(),
-        ]);
         assert_eq!(
-            file_digest(&to.join(format!("{DISK}.raw"))),
+            self.env.restored_digest(RULE, VM, Some(point), DISK),
             self.vm.shadow_digest(DISK),
             "point {point} differs from the disk"
         );
@@ -210,8 +115,8 @@ fn cancel_ends_a_task_stuck_on_a_stopped_hypervisor_at_once() {
         "--bandwidth",
         "mon-sun 00:00-24:00 1MiB/s",
     ]);
-    let mut run = l.spawn(&["run-now", RULE, "--level", "inc"], &[]);
-    let task = l.wait_transferring();
+    let run = l.env.spawn(&["run-now", RULE, "--level", "inc"], &[]);
+    let task = l.env.wait_transferring();
     signal(l.vm.pid(), "STOP");
     let cancelled = Instant::now();
     l.env.ok(&["task", "cancel", &task.to_string()]);
@@ -258,8 +163,8 @@ fn a_stalled_hypervisor_fails_the_task_at_the_io_timeout_at_every_level() {
         l.vm.write_random(DISK, 16 * MIB, 8 * MIB, 10 + i as u64);
         let points = l.points();
         let bitmaps = l.bitmaps();
-        let mut run = l.spawn(&["run-now", RULE, "--level", level], &[]);
-        l.wait_transferring();
+        let run = l.env.spawn(&["run-now", RULE, "--level", level], &[]);
+        l.env.wait_transferring();
         signal(l.vm.pid(), "STOP");
         let stopped = Instant::now();
         let (code, err) = run.wait();
@@ -342,7 +247,7 @@ fn an_nbd_server_that_stalls_fails_a_full_at_the_io_timeout() {
     wait_for(|| sock.exists(), "nbdkit socket");
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let started = Instant::now();
-    let mut run = l.spawn(
+    let run = l.env.spawn(
         &["run-now", RULE, "--level", "full"],
         &[("VMBACKUP_TEST_NBD_URI", uri.as_str())],
     );
@@ -377,7 +282,7 @@ fn a_pause_longer_than_io_timeout_is_not_a_stall() {
     // Five seconds before the pause window ends (the test clock).
     let today = chrono::Local::now().format("%Y-%m-%d").to_string();
     let started = Instant::now();
-    let mut run = l.spawn(
+    let run = l.env.spawn(
         &["run-now", RULE, "--level", "full"],
         &[("VMBACKUP_TEST_NOW", &format!("{today} 00:59:55"))],
     );

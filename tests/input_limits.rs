@@ -103,57 +103,31 @@ fn over_long_names_and_paths_are_refused_at_add() {
     // A repository sub-directory longer than a file name may be.
     let sub = "s".repeat(300);
     env.refused(
-        &[
-            "rule",
-            "add",
+        &rule_add(
             "r",
-            "--platform",
             "lab",
-            "--vm",
             "vm1",
-            "--target",
             "t",
-            "--path",
-            &sub,
-            "--once",
-            "2099-01-01 00:00",
-        ],
+            &["--path", &sub, "--once", "2099-01-01 00:00"],
+        ),
         &["--path", "255"],
     );
     // A rule name error names the rule, not --path (which defaults to it).
     let err = env.fails(
         2,
-        &[
-            "rule",
-            "add",
+        &rule_add(
             "bad/name",
-            "--platform",
             "lab",
-            "--vm",
             "vm1",
-            "--target",
             "t",
-            "--once",
-            "2099-01-01 00:00",
-        ],
+            &["--once", "2099-01-01 00:00"],
+        ),
     );
     assert!(err.contains("rule name"), "{err}");
     assert!(!err.contains("--path"), "{err}");
     let long = "r".repeat(65);
     env.refused(
-        &[
-            "rule",
-            "add",
-            &long,
-            "--platform",
-            "lab",
-            "--vm",
-            "vm1",
-            "--target",
-            "t",
-            "--once",
-            "2099-01-01 00:00",
-        ],
+        &rule_add(&long, "lab", "vm1", "t", &["--once", "2099-01-01 00:00"]),
         &["rule name", "1-64"],
     );
 }
@@ -193,19 +167,13 @@ fn a_relative_state_path_is_made_absolute() {
     let target = env.path("target");
     std::fs::create_dir_all(&target).unwrap();
     run(&["target", "add", "t", "--path", target.to_str().unwrap()]);
-    run(&[
-        "rule",
-        "add",
+    run(&rule_add(
         "r",
-        "--platform",
         "lab",
-        "--vm",
         "vm1",
-        "--target",
         "t",
-        "--once",
-        "2099-01-01 00:00",
-    ]);
+        &["--once", "2099-01-01 00:00"],
+    ));
     run(&["run-now", "r", "--level", "full"]);
     assert!(env.path("rel/state.db").is_file());
     // A state directory too long for the sockets below it is refused up front.
@@ -236,47 +204,10 @@ fn database_errors_name_the_database_file() {
 fn a_vm_name_too_long_for_the_repository_is_refused_at_rule_add() {
     let env = Env::new();
     let name = "é".repeat(100); // 200 bytes, 600 once encoded
-    let qmp = env.qmp_dir.join("long.qmp");
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "q35,accel=tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "64",
-            "-S",
-        ])
-        .args(["-name", &name])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(|| qmp.exists(), "QMP socket");
+    let _vm = qemu_system(&env.qmp_dir.join("long.qmp"), &name, &[]);
     env.add_lab("t");
-    let result = std::panic::catch_unwind(|| {
-        env.refused(
-            &[
-                "rule",
-                "add",
-                "r",
-                "--platform",
-                "lab",
-                "--vm",
-                &name,
-                "--target",
-                "t",
-                "--once",
-                "2099-01-01 00:00",
-            ],
-            &["--vm", "too long"],
-        )
-    });
-    let _ = child.kill();
-    let _ = child.wait();
-    result.unwrap();
+    env.refused(
+        &rule_add("r", "lab", &name, "t", &["--once", "2099-01-01 00:00"]),
+        &["--vm", "too long"],
+    );
 }

@@ -4,53 +4,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 
 use common::MIB;
 use vmbackup::level::Level;
 use vmbackup::platform::qemu::QemuPlatform;
 use vmbackup::platform::{BackupRequest, NbdAddr, Platform};
 
-/// A qemu-system process, killed on drop.
-struct SystemVm {
-    child: Child,
-    qmp: PathBuf,
-}
-
-impl Drop for SystemVm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Start `name` with the given `-blockdev`/`-device` arguments, QMP socket in `qmp_dir`.
-fn start(qmp_dir: &Path, name: &str, args: &[String]) -> SystemVm {
-    let qmp = qmp_dir.join(format!("{name}-sock.qmp"));
-    let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "q35,accel=tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "64",
-            "-S",
-        ])
-        .args(["-name", name])
-        .args(args)
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start qemu-system-x86_64");
-    let vm = SystemVm { child, qmp };
-    common::wait_for(|| common::accepts(&vm.qmp), "qemu-system QMP socket");
-    vm
+/// Start `name` with the given `-blockdev`/`-device` arguments, QMP socket in
+/// `qmp_dir` (`<name>-sock.qmp`); killed when dropped.
+fn start(qmp_dir: &Path, name: &str, args: &[String]) -> common::Proc {
+    common::qemu_system(&qmp_dir.join(format!("{name}-sock.qmp")), name, args)
 }
 
 fn image(dir: &Path, name: &str, format: &str, size: u64) -> String {
@@ -166,7 +130,7 @@ fn full_and_inc_backup_of_a_qemu_system_vm() {
     );
     let run_dir = dir.join("run");
     std::fs::create_dir_all(&run_dir).unwrap();
-    let vm = start(
+    let _vm = start(
         dir,
         "sys2",
         &disk_args("disk0", "qcow2", &file, "virtio-blk-pci,drive=disk0,id=vda"),
@@ -210,7 +174,7 @@ fn full_and_inc_backup_of_a_qemu_system_vm() {
 
     drop(h); // QMP takes one client: write as the guest would, through HMP qemu-io
     let hmp = r#"{"execute":"human-monitor-command","arguments":{"command-line":"qemu-io -d /machine/peripheral/vda/virtio-backend \"write -P 0x11 1M 4k\""}}"#;
-    let reply = common::qmp_session(&vm.qmp, &[hmp]);
+    let reply = common::qmp_session(&dir.join("sys2-sock.qmp"), &[hmp]);
     assert_eq!(reply[0]["return"], "", "{reply:?}");
 
     let mut h = QemuPlatform::new(dir.to_path_buf())

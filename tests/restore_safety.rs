@@ -8,7 +8,6 @@ use common::*;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 struct Lab {
@@ -30,18 +29,11 @@ fn lab(size: u64) -> Lab {
     Lab { env, vm, want }
 }
 
-/// `vmbackup restore ...` started in the background.
-fn spawn_restore(env: &Env, extra: &[&str]) -> std::process::Child {
-    Command::new(assert_cmd::cargo::cargo_bin("vmbackup"))
-        .env("VMBACKUP_STATE", &env.state)
-        .env("VMBACKUP_CONFIG", &env.config)
-        .env_remove("XDG_STATE_HOME")
-        .args(["restore", "r", "--vm", "vm1"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+/// `vmbackup restore r --vm vm1 EXTRA...` started in the background.
+fn spawn_restore(env: &Env, extra: &[&str]) -> Proc {
+    let mut args = vec!["restore", "r", "--vm", "vm1"];
+    args.extend_from_slice(extra);
+    env.spawn(&args, &[])
 }
 
 fn names_in(dir: &Path) -> Vec<String> {
@@ -86,16 +78,15 @@ fn a_symlink_planted_in_the_destination_is_never_followed() {
     );
     // What an attacker can predict from the restore's pid: the name qemu-img was
     // once told to write to, and the raw intermediate.
-    let pid = child.id();
+    let pid = child.pid();
     for name in [
         format!(".disk0.qcow2.partial-{pid}.qcow2"),
         format!(".disk0.qcow2.partial-{pid}.raw.qcow2"),
     ] {
         std::os::unix::fs::symlink(&victim, dest.join(name)).unwrap();
     }
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
+    let (code, err) = child.wait();
+    assert_eq!(code, Some(0), "{err}");
     let now = std::fs::read(&victim).unwrap();
     assert!(
         now == b"root's precious file",
@@ -233,7 +224,7 @@ fn killed_restore(l: &Lab, dest: &Path) {
             break;
         }
         assert!(
-            child.try_wait().unwrap().is_none(),
+            child.child().try_wait().unwrap().is_none(),
             "the restore ended before it could be killed"
         );
         assert!(
@@ -242,8 +233,8 @@ fn killed_restore(l: &Lab, dest: &Path) {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.child().kill().unwrap();
+    child.wait();
     assert!(
         !names_in(dest).is_empty(),
         "the killed restore left nothing to test"

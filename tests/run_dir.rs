@@ -8,7 +8,6 @@ use common::*;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
 fn mode(p: &Path) -> u32 {
     std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
@@ -79,46 +78,22 @@ fn run_dir_names_stay_short_whatever_the_vm_is_called() {
     let env = Env::new();
     let name = "v".repeat(200);
     let img = env.path("disk0.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"],
+    qcow2_image(&img, 4 * MIB, 0, 0);
+    let _vm = qemu_system(
+        &env.qmp_dir.join("long.qmp"),
+        &name,
+        &[
+            "-blockdev".into(),
+            format!(
+                "driver=file,node-name=disk0-file,filename={}",
+                img.display()
+            ),
+            "-blockdev".into(),
+            "driver=qcow2,node-name=disk0,file=disk0-file".into(),
+            "-device".into(),
+            "virtio-blk-pci,drive=disk0,id=vda".into(),
+        ],
     );
-    let qmp = env.qmp_dir.join("long.qmp");
-    let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "q35,accel=tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "64",
-            "-S",
-        ])
-        .args(["-name", &name])
-        .arg("-blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0-file,filename={}",
-            img.display()
-        ))
-        .args(["-blockdev", "driver=qcow2,node-name=disk0,file=disk0-file"])
-        .args(["-device", "virtio-blk-pci,drive=disk0,id=vda"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _vm = Kill(child);
-    wait_for(|| qmp.exists(), "QMP socket");
     env.add_lab("t");
     env.add_rule(
         "r",
@@ -159,8 +134,13 @@ fn state_run_and_scratch_files_are_private() {
     let state_dir = env.state.parent().unwrap().to_path_buf();
     std::fs::create_dir_all(&state_dir).unwrap();
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 8 * MIB)], true);
-    vm.write_random("disk0", 0, 4 * MIB, 1);
+    // A VM without an NBD server of its own: vmbackup starts one.
+    let img = env.path("disk0.qcow2");
+    qcow2_image(&img, 8 * MIB, 0x61, 4 * MIB);
+    let _vm = Qsd::new()
+        .qcow2_disk("disk0", &img)
+        .qmp(&env.qmp_dir.join("vm1.qmp"))
+        .start();
     env.add_lab("t");
     assert_eq!(
         mode(&state_dir),
@@ -179,14 +159,7 @@ fn state_run_and_scratch_files_are_private() {
             "mon-sun 00:00-24:00 pause",
         ],
     );
-    let mut run = Command::new(assert_cmd::cargo::cargo_bin("vmbackup"))
-        .env("VMBACKUP_STATE", &env.state)
-        .env("VMBACKUP_CONFIG", &env.config)
-        .args(["run-now", "r", "--level", "full"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let run = env.spawn(&["run-now", "r", "--level", "full"], &[]);
     let fleece = || -> Vec<PathBuf> {
         let mut found = Vec::new();
         let Ok(entries) = std::fs::read_dir(run_dir(&env)) else {
@@ -214,9 +187,11 @@ fn state_run_and_scratch_files_are_private() {
         assert_eq!(mode(img), 0o600, "{img:?}");
         let dir = img.parent().unwrap();
         assert_eq!(mode(dir), 0o700, "{dir:?}");
+        // The NBD server vmbackup started serves disk data: its socket is 0600.
+        assert_eq!(mode(&dir.join("nbd.sock")), 0o600, "NBD socket");
     }
     env.ok(&["task", "cancel", "1"]);
-    assert_eq!(run.wait().unwrap().code(), Some(130));
+    assert_eq!(run.wait().0, Some(130));
 
     // A run directory others can write to is refused, naming it.
     std::fs::set_permissions(run_dir(&env), std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -235,4 +210,52 @@ fn state_run_and_scratch_files_are_private() {
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o757)).unwrap();
     let err = env.fails(2, &["rule", "list"]);
     assert!(err.contains(&state_dir.display().to_string()), "{err}");
+}
+
+/// A hypervisor that runs as another user (libvirt's qemu user, here `nobody`)
+/// must open its fleecing images and create its NBD socket: it gets its VM's
+/// scratch directory (0700, its own) and search permission on the directories
+/// above, nothing more (README "Files").
+#[test]
+fn a_hypervisor_running_as_another_user_reaches_its_scratch_directory_only() {
+    use std::os::unix::fs::chown;
+    const NOBODY: u32 = 65534;
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let work = env.path("vms/vm1");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::set_permissions(env.path("vms"), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let img = work.join("disk0.qcow2");
+    qcow2_image(&img, 8 * MIB, 0x33, 2 * MIB);
+    for p in [&work, &img, &env.qmp_dir] {
+        chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let qsd = Qsd::new()
+        .qcow2_disk("disk0", &img)
+        .qmp(&env.qmp_dir.join("vm1.qmp"))
+        .run_as(NOBODY)
+        .start();
+    env.add_lab("t");
+    env.add_rule("r", "lab", "vm1", "t", &["--once", "2099-01-01 00:00"]);
+    let out = env
+        .cmd()
+        .args(["run-now", "r", "--level", "full"])
+        .output()
+        .unwrap();
+    drop(qsd);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Search permission only: others cannot list the state or run directory.
+    let state_dir = env.state.parent().unwrap();
+    assert_eq!(mode(state_dir), 0o701);
+    assert_eq!(mode(&run_dir(&env)), 0o701);
+    assert_eq!(mode(&env.state), 0o600);
+    assert_eq!(
+        env.restored_digest("r", "vm1", None, "disk0"),
+        pattern_digest(0x33, 2 * MIB, 8 * MIB)
+    );
 }

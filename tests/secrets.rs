@@ -8,64 +8,32 @@ mod common;
 use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 const SECRETS: [&str; 3] = ["s3cr3t-dotted", "s3cr3t-json", "s3cr3t-pass"];
 
-/// A QSD whose command line carries secrets in both option syntaxes.
-struct SecretVm {
-    child: std::process::Child,
-    nbd: PathBuf,
-}
-
-impl Drop for SecretVm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn secret_vm(env: &Env) -> SecretVm {
+/// A QSD whose command line carries secrets in both option syntaxes, and the
+/// path of its NBD socket.
+fn secret_vm(env: &Env) -> (Proc, PathBuf) {
     let work = env.path("vms/vm1");
     std::fs::create_dir_all(&work).unwrap();
     let img = work.join("disk0.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"],
-    );
-    let sock = env.qmp_dir.join("vm1.qmp");
+    qcow2_image(&img, 8 * MIB, 0, 0);
     let nbd = work.join("nbd.sock");
-    let child = Command::new("qemu-storage-daemon")
-        .args(["--object", "secret,id=sec0,data=s3cr3t-dotted"])
-        .args([
+    let vm = Qsd::new()
+        .args(&["--object", "secret,id=sec0,data=s3cr3t-dotted"])
+        .args(&[
             "--object",
             r#"{"qom-type":"secret","id":"sec1","data":"s3cr3t-json"}"#,
         ])
-        .args([
+        .args(&[
             "--object",
             "secret,id=sec2,data=s3cr3t-pass,,with-a-comma,format=raw",
         ])
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0-file,filename={}",
-            img.display()
-        ))
-        .args(["--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file"])
-        .arg("--chardev")
-        .arg(format!(
-            "socket,id=q,path={},server=on,wait=off",
-            sock.display()
-        ))
-        .args(["--monitor", "chardev=q"])
-        .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(|| sock.exists() && nbd.exists(), "QSD sockets");
-    SecretVm { child, nbd }
+        .qcow2_disk("disk0", &img)
+        .qmp(&env.qmp_dir.join("vm1.qmp"))
+        .nbd_unix(&nbd, "disk0")
+        .start();
+    (vm, nbd)
 }
 
 /// Every manifest.json under `dir`.
@@ -91,7 +59,7 @@ fn assert_no_secret(what: &str, text: &str) {
 #[test]
 fn secrets_on_the_command_line_are_never_stored_or_shown() {
     let env = Env::new();
-    let vm = secret_vm(&env);
+    let (_vm, nbd) = secret_vm(&env);
     env.add_lab("t");
     env.add_rule("r", "lab", "vm1", "t", &["--once", "2099-01-01 00:00"]);
     let out = env
@@ -140,7 +108,7 @@ fn secrets_on_the_command_line_are_never_stored_or_shown() {
     assert!(
         cmdline
             .iter()
-            .any(|a| a.contains(&vm.nbd.display().to_string())),
+            .any(|a| a.contains(&nbd.display().to_string())),
         "{cmdline:?}"
     );
 }

@@ -7,9 +7,6 @@
 mod common;
 use common::*;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-
 const ONCE: [&str; 2] = ["--once", "2099-01-01 00:00"];
 
 #[test]
@@ -61,19 +58,10 @@ fn a_vm_reached_through_two_platforms_joins_one_rule_only() {
         std::os::unix::fs::symlink(env.qmp_dir.join(&sock), other.join(&sock)).unwrap();
     }
     env.ok(&["platform", "refresh", "lab2"]);
-    let mut args = vec![
-        "rule",
-        "add",
-        "r2",
-        "--platform",
-        "lab2",
-        "--vm",
-        "vm1",
-        "--target",
-        "t",
-    ];
-    args.extend(ONCE);
-    env.refused(&args, &["rule 'r1'", "vm1"]);
+    env.refused(
+        &rule_add("r2", "lab2", "vm1", "t", &ONCE),
+        &["rule 'r1'", "vm1"],
+    );
     // vm2 joins a rule through lab2; through lab it cannot join r1 any more.
     env.add_rule("r3", "lab2", "vm2", "t", &ONCE);
     env.refused(
@@ -91,60 +79,14 @@ fn a_backup_of_a_qemu_in_another_rules_running_task_is_refused() {
     let work = env.path("vms/vm1");
     std::fs::create_dir_all(&work).unwrap();
     let img = work.join("disk0.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "32M"],
-    );
+    qcow2_image(&img, 32 * MIB, 0x42, 8 * MIB);
     let dir2 = env.path("qmp2");
     std::fs::create_dir_all(&dir2).unwrap();
-    let (sock1, sock2) = (env.qmp_dir.join("vm1.qmp"), dir2.join("vm1.qmp"));
-    let nbd = work.join("nbd.sock");
-    let mut qsd = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0-file,filename={}",
-            img.display()
-        ))
-        .args(["--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file"])
-        .arg("--chardev")
-        .arg(format!(
-            "socket,id=q1,path={},server=on,wait=off",
-            sock1.display()
-        ))
-        .args(["--monitor", "chardev=q1"])
-        .arg("--chardev")
-        .arg(format!(
-            "socket,id=q2,path={},server=on,wait=off",
-            sock2.display()
-        ))
-        .args(["--monitor", "chardev=q2"])
-        .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
-        .args([
-            "--export",
-            "type=nbd,id=g,node-name=disk0,name=guest,writable=on",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(
-        || sock1.exists() && sock2.exists() && nbd.exists(),
-        "QSD sockets",
-    );
-    let data = env.path("data.bin");
-    std::fs::write(&data, pseudo_random(8 * MIB as usize, 3)).unwrap();
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            &format!("write -s {} 0 {}", data.display(), 8 * MIB),
-            &format!("nbd+unix:///guest?socket={}", nbd.display()),
-        ],
-    );
+    let _vm = Qsd::new()
+        .qcow2_disk("disk0", &img)
+        .qmp(&env.qmp_dir.join("vm1.qmp"))
+        .qmp(&dir2.join("vm1.qmp"))
+        .start();
     env.add_lab("t");
     env.ok(&[
         "platform",
@@ -160,37 +102,13 @@ fn a_backup_of_a_qemu_in_another_rules_running_task_is_refused() {
     env.add_rule("r1", "lab", "vm1", "t", &r1);
     env.add_rule("r2", "lab2", "vm1", "t", &ONCE);
 
-    let mut first = Command::new(assert_cmd::cargo::cargo_bin("vmbackup"))
-        .env("VMBACKUP_STATE", &env.state)
-        .env("VMBACKUP_CONFIG", &env.config)
-        .args(["run-now", "r1", "--level", "full"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(
-        || {
-            env.json(&["task", "list"])
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|t| t["state"] == "running" && t["bytes_done"].as_u64().unwrap_or(0) > 0)
-        },
-        "r1's backup transferring",
-    );
+    let first = env.spawn(&["run-now", "r1", "--level", "full"], &[]);
+    env.wait_transferring();
     let err = env.fails(3, &["run-now", "r2", "--level", "full"]);
     assert!(err.contains("rule 'r1'"), "{err}");
     assert!(err.contains("task 1"), "{err}");
-    let mut first_err = String::new();
-    first
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut first_err)
-        .unwrap();
-    assert_eq!(first.wait().unwrap().code(), Some(0), "r1: {first_err}");
+    let (code, first_err) = first.wait();
+    assert_eq!(code, Some(0), "r1: {first_err}");
     // Once r1's task has ended, r2 may back the VM up.
     env.ok(&["run-now", "r2", "--level", "full"]);
-    let _ = qsd.kill();
-    let _ = qsd.wait();
 }

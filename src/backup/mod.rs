@@ -124,6 +124,9 @@ pub fn run_backup(
         )));
     }
     let scratch = scratch_dir(&job.run_dir, &job.platform, &job.vm)?;
+    if let Some((uid, gid)) = vm.runs_as()? {
+        scratch.hand_to(uid, gid)?;
+    }
     let (listed, repaired) = repair_leftovers(repo, lock, vm.as_mut(), &scratch.path)?;
     let points = listed.points;
     for a in &repaired {
@@ -321,6 +324,16 @@ pub fn scratch_dir(run_dir: &Path, platform: &str, vm: &str) -> Result<ScratchDi
         .map(|b| format!("{b:02x}"))
         .collect();
     let path = run_dir.join(name);
+    // Only vmbackup creates entries in the run directory: one owned by another
+    // user was handed to a hypervisor running as that user; take it back.
+    if let Ok(meta) = std::fs::symlink_metadata(&path) {
+        use std::os::unix::fs::MetadataExt;
+        let me = rustix::process::geteuid().as_raw();
+        if meta.is_dir() && meta.uid() != me {
+            std::os::unix::fs::chown(&path, Some(me), Some(rustix::process::getegid().as_raw()))
+                .with_context(|| format!("cannot take back {}", path.display()))?;
+        }
+    }
     crate::private_dir::ensure(&path, "scratch directory")?;
     Ok(ScratchDir { path })
 }
@@ -329,6 +342,31 @@ pub fn scratch_dir(run_dir: &Path, platform: &str, vm: &str) -> Result<ScratchDi
 #[derive(Debug)]
 pub struct ScratchDir {
     pub path: PathBuf,
+}
+
+impl ScratchDir {
+    /// Hand the directory to the hypervisor's user (`VmHandle::runs_as`) when it
+    /// is not ours: that user owns it (still 0700) and gets search permission
+    /// (`o+x`, not read) on the run and state directories above, so it reaches
+    /// this directory and nothing else.
+    pub fn hand_to(&self, uid: u32, gid: u32) -> Result<()> {
+        if uid == rustix::process::geteuid().as_raw() {
+            return Ok(());
+        }
+        use std::os::unix::fs::PermissionsExt;
+        for dir in self.path.ancestors().skip(1).take(2) {
+            let mode = std::fs::metadata(dir)
+                .with_context(|| format!("cannot stat {}", dir.display()))?
+                .permissions()
+                .mode();
+            if mode & 0o001 == 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001))
+                    .with_context(|| format!("cannot open {} to QEMU's user", dir.display()))?;
+            }
+        }
+        std::os::unix::fs::chown(&self.path, Some(uid), Some(gid))
+            .with_context(|| format!("cannot hand {} to uid {uid}", self.path.display()))
+    }
 }
 
 impl Drop for ScratchDir {

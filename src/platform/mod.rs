@@ -278,6 +278,12 @@ pub trait VmHandle: Send {
     /// task on a stuck hypervisor ends at once; its leftovers are repaired by the
     /// next `cleanup`. The default (a driver that never blocks long) does nothing.
     fn watch_cancel(&mut self, _cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) {}
+    /// The user and group the hypervisor process runs as, when it opens scratch
+    /// files itself (qemu: fleecing images, the NBD socket): the engine hands
+    /// the VM's scratch directory to that user. `None`: it never does.
+    fn runs_as(&mut self) -> anyhow::Result<Option<(u32, u32)>> {
+        Ok(None)
+    }
     /// What identifies the running VM itself (qemu: its QEMU process, however
     /// many monitors reach it), so that two rules never back it up at once.
     /// `None` when the driver cannot tell.

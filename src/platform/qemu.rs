@@ -274,6 +274,10 @@ impl VmHandle for QemuVm {
         self.qmp.watch_cancel(cancel);
     }
 
+    fn runs_as(&mut self) -> Result<Option<(u32, u32)>> {
+        self.qmp.peer_user().map(Some)
+    }
+
     /// The QEMU process at the other end of the QMP socket: its pid and start
     /// time (a later process with the same pid is another VM run).
     fn running_identity(&mut self) -> Result<Option<String>> {

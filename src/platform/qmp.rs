@@ -217,6 +217,17 @@ impl Qmp {
         Ok(cred.pid.as_raw_nonzero().get() as u32)
     }
 
+    /// The user and group the QEMU process at the other end runs as (SO_PEERCRED).
+    pub fn peer_user(&self) -> Result<(u32, u32)> {
+        let cred = rustix::net::sockopt::get_socket_peercred(&self.stream).with_context(|| {
+            format!(
+                "read peer credentials of QMP socket {}",
+                self.socket.display()
+            )
+        })?;
+        Ok((cred.uid.as_raw(), cred.gid.as_raw()))
+    }
+
     fn queue_event(&mut self, event: Value) {
         if self.events.len() >= MAX_QUEUED_EVENTS {
             self.events.pop_front();

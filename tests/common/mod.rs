@@ -327,6 +327,29 @@ impl TestVm {
         qmp_session(&self.qmp_sock, cmds)
     }
 
+    /// What vmbackup left in this QEMU: block jobs, and exports and nodes named
+    /// `vmbackup-*` (empty = nothing).
+    pub fn qemu_leftovers(&self) -> Vec<String> {
+        let r = self.qmp(&[
+            r#"{"execute":"query-block-jobs"}"#,
+            r#"{"execute":"query-block-exports"}"#,
+            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        ]);
+        let mut found = Vec::new();
+        for j in r[0]["return"].as_array().unwrap() {
+            found.push(format!("block job {}", j["device"]));
+        }
+        for (what, list, key) in [("export", &r[1], "id"), ("node", &r[2], "node-name")] {
+            for e in list["return"].as_array().unwrap() {
+                let id = e[key].as_str().unwrap_or_default();
+                if id.starts_with("vmbackup-") {
+                    found.push(format!("{what} {id}"));
+                }
+            }
+        }
+        found
+    }
+
     /// Names of the dirty bitmaps on a node with their `inconsistent` flag.
     pub fn bitmaps(&self, node: &str) -> Vec<(String, bool)> {
         let r = self.qmp(&[r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#]);
@@ -476,6 +499,37 @@ pub fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
     }
 }
 
+/// The arguments of `rule add NAME --platform P --vm VMS --target T EXTRA...`.
+pub fn rule_add<'a>(
+    name: &'a str,
+    platform: &'a str,
+    vms: &'a str,
+    target: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "rule",
+        "add",
+        name,
+        "--platform",
+        platform,
+        "--vm",
+        vms,
+        "--target",
+        target,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// A weekly full on Sunday and an incremental on the other days.
+pub const WEEKLY_FULL_AND_INC: [&str; 4] = [
+    "--schedule",
+    "full weekly on sun at 01:00",
+    "--schedule",
+    "inc weekly on mon-sat at 01:00",
+];
+
 /// An isolated vmbackup environment: its own state file, system.conf and QMP dir.
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -534,19 +588,7 @@ impl Env {
 
     /// `rule add NAME --platform P --vm VMS --target T EXTRA...`, expecting success.
     pub fn add_rule(&self, name: &str, platform: &str, vms: &str, target: &str, extra: &[&str]) {
-        let mut args = vec![
-            "rule",
-            "add",
-            name,
-            "--platform",
-            platform,
-            "--vm",
-            vms,
-            "--target",
-            target,
-        ];
-        args.extend_from_slice(extra);
-        self.ok(&args);
+        self.ok(&rule_add(name, platform, vms, target, extra));
     }
 
     /// `vmbackup` with this env's state and config.
@@ -666,5 +708,255 @@ impl Env {
             self.dump(),
             "refused command {args:?} changed the state"
         );
+    }
+}
+
+/// A process a test starts itself (a hypervisor built by [`Qsd`] or
+/// [`qemu_system`], a `vmbackup` from [`Env::spawn`]), killed when dropped.
+pub struct Proc(Option<Child>);
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().expect("running").id()
+    }
+
+    /// The child, for `try_wait` or `kill`.
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("running")
+    }
+
+    /// Wait for it to end: its exit code and what it wrote to stderr (when piped).
+    pub fn wait(mut self) -> (Option<i32>, String) {
+        let mut child = self.0.take().expect("running");
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (child.wait().unwrap().code(), err)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A qemu-storage-daemon command line built step by step, for a VM that needs
+/// more than [`TestVm`] gives: objects on its command line, several QMP
+/// monitors, an NBD server on TCP, another user. `start` waits until every
+/// socket it listens on accepts.
+#[derive(Default)]
+pub struct Qsd {
+    args: Vec<String>,
+    sockets: Vec<PathBuf>,
+    tcp: Option<u16>,
+    user: Option<u32>,
+}
+
+impl Qsd {
+    pub fn new() -> Qsd {
+        Qsd::default()
+    }
+
+    /// A qcow2 disk: node `node` on `image`.
+    pub fn qcow2_disk(mut self, node: &str, image: &Path) -> Qsd {
+        self.args.extend([
+            "--blockdev".into(),
+            format!(
+                "driver=file,node-name={node}-file,filename={}",
+                image.display()
+            ),
+            "--blockdev".into(),
+            format!("driver=qcow2,node-name={node},file={node}-file"),
+        ]);
+        self
+    }
+
+    /// A QMP monitor on the unix socket `path` (one more per call).
+    pub fn qmp(mut self, path: &Path) -> Qsd {
+        let id = format!("qmp{}", self.sockets.len());
+        self.args.extend([
+            "--chardev".into(),
+            format!("socket,id={id},path={},server=on,wait=off", path.display()),
+            "--monitor".into(),
+            format!("chardev={id}"),
+        ]);
+        self.sockets.push(path.to_path_buf());
+        self
+    }
+
+    /// The NBD server on a unix socket, with a writable export `guest` of `node`.
+    pub fn nbd_unix(mut self, path: &Path, node: &str) -> Qsd {
+        self.args.extend([
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", path.display()),
+            "--export".into(),
+            format!("type=nbd,id=guest,node-name={node},name=guest,writable=on"),
+        ]);
+        self.sockets.push(path.to_path_buf());
+        self
+    }
+
+    /// The NBD server on plain TCP at 127.0.0.1:`port`, no export.
+    pub fn nbd_tcp(mut self, port: u16) -> Qsd {
+        self.args.extend([
+            "--nbd-server".into(),
+            format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+        ]);
+        self.tcp = Some(port);
+        self
+    }
+
+    /// Any other arguments (`--object ...`).
+    pub fn args(mut self, args: &[&str]) -> Qsd {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Run as user and group `id` (through setpriv).
+    pub fn run_as(mut self, id: u32) -> Qsd {
+        self.user = Some(id);
+        self
+    }
+
+    pub fn start(self) -> Proc {
+        let mut cmd = match self.user {
+            Some(id) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    format!("--reuid={id}"),
+                    format!("--regid={id}"),
+                    "--clear-groups".into(),
+                    "qemu-storage-daemon".into(),
+                ]);
+                c
+            }
+            None => Command::new("qemu-storage-daemon"),
+        };
+        let child = cmd
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start qemu-storage-daemon");
+        let proc = Proc(Some(child));
+        wait_for(
+            || {
+                self.sockets.iter().all(|s| accepts(s))
+                    && self
+                        .tcp
+                        .is_none_or(|p| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok())
+            },
+            "qemu-storage-daemon sockets",
+        );
+        proc
+    }
+}
+
+/// A qemu-system VM (TCG, paused, no OS) called `name` with QMP at `qmp` and
+/// `extra` arguments (disks, devices).
+pub fn qemu_system(qmp: &Path, name: &str, extra: &[String]) -> Proc {
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35,accel=tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-m",
+            "64",
+            "-S",
+        ])
+        .args(["-name", name])
+        .args(extra)
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    let proc = Proc(Some(child));
+    wait_for(|| accepts(qmp), "qemu-system QMP socket");
+    proc
+}
+
+/// A qcow2 image of `size` bytes whose first `len` bytes are `pattern`.
+pub fn qcow2_image(path: &Path, size: u64, pattern: u8, len: u64) {
+    let p = path.to_str().unwrap();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p, &size.to_string()],
+    );
+    if len > 0 {
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("write -P {pattern:#x} 0 {len}"),
+                p,
+            ],
+        );
+    }
+}
+
+/// BLAKE3 hex of `size` bytes whose first `len` are `pattern`, zeros after.
+pub fn pattern_digest(pattern: u8, len: u64, size: u64) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&vec![pattern; len as usize]);
+    h.update(&vec![0u8; (size - len) as usize]);
+    h.finalize().to_hex().to_string()
+}
+
+impl Env {
+    /// `vmbackup ARGS` in the background with this env's state and config and
+    /// the extra environment `vars` (stdout discarded, stderr piped).
+    pub fn spawn(&self, args: &[&str], vars: &[(&str, &str)]) -> Proc {
+        let mut c = Command::new(assert_cmd::cargo::cargo_bin("vmbackup"));
+        c.env("VMBACKUP_STATE", &self.state)
+            .env("VMBACKUP_CONFIG", &self.config)
+            .env_remove("XDG_STATE_HOME")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        Proc(Some(c.spawn().expect("start vmbackup")))
+    }
+
+    /// Wait until a task of this env is running and has read data; its id.
+    pub fn wait_transferring(&self) -> i64 {
+        let running = || {
+            self.json(&["task", "list"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["state"] == "running" && t["bytes_done"].as_u64().unwrap_or(0) > 0)
+                .map(|t| t["id"].as_i64().unwrap())
+        };
+        wait_for(|| running().is_some(), "a task transferring data");
+        running().unwrap()
+    }
+
+    /// Restore `rule`'s `vm` (latest point unless `point`) into a fresh directory;
+    /// the BLAKE3 hex of the raw image of `disk`.
+    pub fn restored_digest(&self, rule: &str, vm: &str, point: Option<&str>, disk: &str) -> String {
+        let dest = self.path(&format!("restored-{rule}-{}", point.unwrap_or("latest")));
+        let _ = fs::remove_dir_all(&dest);
+        let mut args = vec!["restore", rule, "--vm", vm, "--to", dest.to_str().unwrap()];
+        if let Some(p) = point {
+            args.extend(["--point", p]);
+        }
+        self.ok(&args);
+        file_digest(&dest.join(format!("{disk}.raw")))
     }
 }

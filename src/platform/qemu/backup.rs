@@ -320,16 +320,28 @@ fn transaction_actions(run: &DiskRun) -> Vec<Value> {
 }
 
 /// Create the fleecing image: the file first, new and 0600 (`O_EXCL|O_NOFOLLOW`;
-/// it holds the disk's old data), then `qemu-img create` formats it in place.
+/// it holds the disk's old data) and owned by the scratch directory's owner,
+/// then `qemu-img create` formats it in place.
 fn create_fleece_image(path: &PathBuf, size: u64) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(path)
         .with_context(|| format!("cannot create fleecing image {}", path.display()))?;
+    // A scratch directory handed to a QEMU running as another user: the image
+    // is that user's too (QEMU opens it itself), still 0600.
+    if let Some(dir) = path.parent() {
+        let owner =
+            std::fs::metadata(dir).with_context(|| format!("cannot stat {}", dir.display()))?;
+        if owner.uid() != rustix::process::geteuid().as_raw() {
+            std::os::unix::fs::fchown(&file, Some(owner.uid()), Some(owner.gid()))
+                .with_context(|| format!("cannot hand {} to QEMU's user", path.display()))?;
+        }
+    }
+    drop(file);
     let out = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(path)

@@ -36,12 +36,22 @@ pub fn start_or_find(
     let socket = names::nbd_socket(run_dir);
     let args = json!({ "addr": { "type": "unix", "data": { "path": socket } } });
     match qmp.execute("nbd-server-start", args) {
-        Ok(_) => Ok(NbdServer {
-            addr: NbdAddr::Unix {
-                path: socket.clone(),
-            },
-            started: Some(socket),
-        }),
+        Ok(_) => {
+            // QEMU creates the socket with its umask: it serves disk data, 0600.
+            use std::os::unix::fs::PermissionsExt;
+            if let Err(e) =
+                std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+            {
+                let _ = stop(qmp, &socket);
+                return Err(e).with_context(|| format!("cannot make {} private", socket.display()));
+            }
+            Ok(NbdServer {
+                addr: NbdAddr::Unix {
+                    path: socket.clone(),
+                },
+                started: Some(socket),
+            })
+        }
         Err(e) if is_qmp_error(&e, "already running") => {
             let pid = qmp.peer_pid()?;
             let cmdline = read_cmdline(pid)?;
