@@ -81,6 +81,16 @@ run restore demo --vm demo --to "$DEMO/restore" --mode 0640
 ls -l "$DEMO/restore"     # the image is 0640 (0600 without --mode); nothing else is left there
 run cleanup demo --redact # secrets on VM command lines never reach a manifest; this also cleans older ones
 
+echo "== monitoring: statistics, the Prometheus textfile, a notification"
+run stats demo --period week
+{ echo "prometheus_textfile = $DEMO/vmbackup.prom"
+  echo "notify_command = cat >> $DEMO/notifications.jsonl"; } >> "$VMBACKUP_CONFIG"
+run run-now demo --level inc
+grep '^vmbackup_last_success_timestamp_seconds' "$DEMO/vmbackup.prom"
+run notify test
+tail -1 "$DEMO/notifications.jsonl"
+run logs demo -n 5
+
 echo "== comparing the restored image with the VM's disk"
 qemu-img convert -f raw -O raw "$GUEST" "$DEMO/vm-now.raw"
 A=$(sha256sum < "$DEMO/restore/vda.raw" | cut -d' ' -f1)

@@ -1,22 +1,20 @@
-//! `system.conf`: the global limits (R38-R42), read once at start-up.
+//! `system.conf`: the global limits (R38-R42) and monitoring (Prometheus
+//! textfile, webhook, notify command), read once at start-up.
 //!
 //! Format: UTF-8 text (a leading byte order mark is ignored) of at most 1 MiB;
 //! `key = value` lines (`key=value` too), `#` comments on their own line or after an
 //! unquoted value, blank lines; a value may be in single or double quotes. Binary
-//! content (invalid UTF-8, control characters) is refused. Keys, spelled exactly:
+//! content (invalid UTF-8, control characters) is refused.
+//! Keys are spelled exactly as in [`KEYS`], the one table that documents them
+//! (`config show`, the system.conf(5) man page and etc/system.conf.example are
+//! checked against it).
 //!
-//! | key | meaning | default | allowed |
-//! |---|---|---|---|
-//! | `bk_tsk_thd` | max concurrent tasks (R38) | 8 | integer >= 1 |
-//! | `i2vp_transbuffer` | transfer block = chunk size (R39) | 4M | power of two, 64K..=32M; bare number = MiB |
-//! | `Max_ThreadNum_PerHost` | max concurrent tasks per host (R42) | 4 | integer >= 1, <= `bk_tsk_thd` |
-//! | `io_timeout` | how long a sent QMP command or NBD request may wait for its answer | 120 | 1 s..=1 day; `120`, `90s`, `2m` (a bare number is seconds) |
-//!
-//! and `bk_tsk_thd * i2vp_transbuffer <= 32 MiB` (R40). When `Max_ThreadNum_PerHost`
+//! `bk_tsk_thd * i2vp_transbuffer <= 32 MiB` (R40). When `Max_ThreadNum_PerHost`
 //! is not set and `bk_tsk_thd` is below its default 4, it defaults to `bk_tsk_thd`
 //! instead, so that lowering one key alone stays valid. Every error is one line that
 //! starts with `<path>:<line>:` and names the key, the value and what is allowed.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,7 +28,86 @@ pub const KEY_TASKS: &str = "bk_tsk_thd";
 pub const KEY_TRANSBUFFER: &str = "i2vp_transbuffer";
 pub const KEY_PER_HOST: &str = "Max_ThreadNum_PerHost";
 pub const KEY_IO_TIMEOUT: &str = "io_timeout";
-const KNOWN_KEYS: [&str; 4] = [KEY_TASKS, KEY_TRANSBUFFER, KEY_PER_HOST, KEY_IO_TIMEOUT];
+pub const KEY_PROMETHEUS: &str = "prometheus_textfile";
+pub const KEY_NOTIFY_URL: &str = "notify_url";
+pub const KEY_NOTIFY_ON: &str = "notify_on";
+pub const KEY_NOTIFY_HEADER: &str = "notify_header_file";
+pub const KEY_NOTIFY_COMMAND: &str = "notify_command";
+pub const KEY_NOTIFY_TIMEOUT: &str = "notify_timeout";
+
+/// One key of system.conf, documented.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyDoc {
+    pub key: &'static str,
+    /// The default as written in the file (`-` for "not set").
+    pub default: &'static str,
+    pub allowed: &'static str,
+    pub meaning: &'static str,
+}
+
+/// Every key, in file order: the one list of what system.conf accepts.
+pub const KEYS: [KeyDoc; 10] = [
+    KeyDoc {
+        key: KEY_TASKS,
+        default: "8",
+        allowed: "an integer >= 1; bk_tsk_thd x i2vp_transbuffer <= 32 MiB",
+        meaning: "Maximum number of tasks running at once on this host (backup, restore and migration tasks; not transient recovery). Tasks over the limit wait in state pending.",
+    },
+    KeyDoc {
+        key: KEY_TRANSBUFFER,
+        default: "4M",
+        allowed: "a power of two from 64K to 32M; a bare number is MiB",
+        meaning: "Transfer block size: how much one task reads, transfers and stores at a time; also the chunk size of a new repository.",
+    },
+    KeyDoc {
+        key: KEY_PER_HOST,
+        default: "4",
+        allowed: "an integer >= 1, at most bk_tsk_thd",
+        meaning: "Maximum number of tasks running at once against one virtualization host (defaults to bk_tsk_thd when that is lower).",
+    },
+    KeyDoc {
+        key: KEY_IO_TIMEOUT,
+        default: "120",
+        allowed: "whole seconds from 1 to 86400: 120, 90s, 2m (a bare number is seconds)",
+        meaning: "How long a sent QMP command or NBD request may wait for its answer before the hypervisor is taken to be stuck and the task fails cleanly. Time in a bandwidth pause window does not count.",
+    },
+    KeyDoc {
+        key: KEY_PROMETHEUS,
+        default: "-",
+        allowed: "an absolute path in an existing directory, ending in .prom",
+        meaning: "A Prometheus textfile (node_exporter's textfile collector) that every vmbackup process ending a task rewrites atomically with the metrics of every rule, mode 0644.",
+    },
+    KeyDoc {
+        key: KEY_NOTIFY_URL,
+        default: "-",
+        allowed: "an http:// or https:// URL",
+        meaning: "Webhook: a JSON POST for each event in notify_on (docs/JSON.md, Notifications). A rule may set its own (rule edit --notify-url).",
+    },
+    KeyDoc {
+        key: KEY_NOTIFY_ON,
+        default: "failure,fallback",
+        allowed: "a comma-separated list of failure, fallback, success",
+        meaning: "Which events notify: failure (a failed, interrupted or skipped task; damage found by verify), fallback (a backup that had to run as a full unexpectedly), success (a completed task).",
+    },
+    KeyDoc {
+        key: KEY_NOTIFY_HEADER,
+        default: "-",
+        allowed: "a readable file whose first line is 'Header-Name: value'",
+        meaning: "A secret header sent with every webhook, e.g. 'Authorization: Bearer ...'; kept out of system.conf so that file can stay world-readable.",
+    },
+    KeyDoc {
+        key: KEY_NOTIFY_COMMAND,
+        default: "-",
+        allowed: "a shell command line",
+        meaning: "A program run (with /bin/sh -c) for each event in notify_on, the same JSON on its standard input: sendmail and the like.",
+    },
+    KeyDoc {
+        key: KEY_NOTIFY_TIMEOUT,
+        default: "10s",
+        allowed: "a duration from 1s to 60s (10s, 1m; a bare number is seconds)",
+        meaning: "How long one webhook attempt or the notify command may take. A webhook is tried 3 times with backoff; notifications add at most 4 times this to a process's exit.",
+    },
+];
 
 pub const DEFAULT_TASKS: u32 = 8;
 pub const DEFAULT_TRANSBUFFER: u64 = 4 * MIB;
@@ -39,6 +116,7 @@ pub const MIN_TRANSBUFFER: u64 = 64 * KIB;
 pub const MAX_TRANSBUFFER: u64 = 32 * MIB;
 /// Ceiling of `bk_tsk_thd * i2vp_transbuffer` (R40).
 pub const MAX_BUFFERED: u64 = 32 * MIB;
+pub const DEFAULT_NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a sent QMP command or NBD request may wait for its answer: a
 /// hypervisor that answers nothing for this long is taken to be stuck. Time a
 /// task spends in a bandwidth pause does not count (no request is out).
@@ -61,16 +139,54 @@ impl fmt::Display for Source {
     }
 }
 
-/// The source of each setting of a [`SystemConfig`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sources {
-    pub bk_tsk_thd: Source,
-    pub i2vp_transbuffer: Source,
-    pub max_threads_per_host: Source,
-    pub io_timeout: Source,
+/// Which events are notified (`notify_on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotifyOn {
+    /// Failed, interrupted or skipped tasks; damage found by verify.
+    pub failure: bool,
+    /// Backups that ran as a full unexpectedly.
+    pub fallback: bool,
+    /// Completed tasks.
+    pub success: bool,
 }
 
-/// The global limits.
+impl Default for NotifyOn {
+    fn default() -> NotifyOn {
+        NotifyOn {
+            failure: true,
+            fallback: true,
+            success: false,
+        }
+    }
+}
+
+impl fmt::Display for NotifyOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let words: Vec<&str> = [
+            (self.failure, "failure"),
+            (self.fallback, "fallback"),
+            (self.success, "success"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, w)| *w)
+        .collect();
+        f.write_str(&words.join(","))
+    }
+}
+
+/// Monitoring and notification settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Monitoring {
+    pub prometheus_textfile: Option<PathBuf>,
+    pub notify_url: Option<String>,
+    pub notify_on: NotifyOn,
+    pub notify_header_file: Option<PathBuf>,
+    pub notify_command: Option<String>,
+    pub notify_timeout: Duration,
+}
+
+/// The global limits and monitoring settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SystemConfig {
     /// Max concurrent backup, restore and migration tasks (R38).
@@ -81,7 +197,9 @@ pub struct SystemConfig {
     pub max_threads_per_host: u32,
     /// The deadline of every QMP command and NBD request ([`DEFAULT_IO_TIMEOUT`]).
     pub io_timeout: Duration,
-    pub sources: Sources,
+    pub monitoring: Monitoring,
+    /// Where each key set in the file was set; keys not listed have their default.
+    pub sources: BTreeMap<&'static str, Source>,
 }
 
 impl Default for SystemConfig {
@@ -91,12 +209,11 @@ impl Default for SystemConfig {
             i2vp_transbuffer: DEFAULT_TRANSBUFFER,
             max_threads_per_host: DEFAULT_PER_HOST,
             io_timeout: DEFAULT_IO_TIMEOUT,
-            sources: Sources {
-                bk_tsk_thd: Source::Default,
-                i2vp_transbuffer: Source::Default,
-                max_threads_per_host: Source::Default,
-                io_timeout: Source::Default,
+            monitoring: Monitoring {
+                notify_timeout: DEFAULT_NOTIFY_TIMEOUT,
+                ..Monitoring::default()
             },
+            sources: BTreeMap::new(),
         }
     }
 }
@@ -119,10 +236,11 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ConfigEntry {
     pub key: &'static str,
-    /// Display form: `8`, `4MiB`.
-    pub value: String,
-    /// The value as a number (bytes for sizes).
-    pub bytes_or_number: u64,
+    /// Display form: `8`, `4MiB`, a path; `null` when not set.
+    pub value: Option<String>,
+    /// The value as a number (bytes for sizes, seconds for durations); `null`
+    /// for settings that are not numbers.
+    pub number: Option<u64>,
     /// `default` or `<path>:<line>`.
     pub source: String,
 }
@@ -169,10 +287,14 @@ impl SystemConfig {
         SystemConfig::parse(text, path)
     }
 
+    /// Where `key`'s value came from.
+    pub fn source(&self, key: &str) -> Source {
+        self.sources.get(key).cloned().unwrap_or(Source::Default)
+    }
+
     /// Parse system.conf text; `origin` names the file in messages and sources.
     pub fn parse(text: &str, origin: &Path) -> anyhow::Result<SystemConfig> {
         let mut config = SystemConfig::default();
-        let mut seen: Vec<(&'static str, usize)> = Vec::new();
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
             let at = |err: anyhow::Error| refused(format!("{}:{line}: {err}", origin.display()));
@@ -186,40 +308,51 @@ impl SystemConfig {
                 continue;
             };
             let key = known_key(key).map_err(at)?;
-            if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
+            if let Some(Source::File { line: first, .. }) = config.sources.get(key) {
                 return Err(at(refused(format!(
                     "duplicate key {key}, first set on line {first}"
                 ))));
             }
-            seen.push((key, line));
-            let source = Source::File {
-                path: origin.to_path_buf(),
-                line,
-            };
-            match key {
-                KEY_TASKS => {
-                    config.bk_tsk_thd =
-                        parse_count(key, value, "an integer >= 1 (R38)").map_err(at)?;
-                    config.sources.bk_tsk_thd = source;
-                }
-                KEY_TRANSBUFFER => {
-                    config.i2vp_transbuffer = parse_transbuffer(value).map_err(at)?;
-                    config.sources.i2vp_transbuffer = source;
-                }
-                KEY_IO_TIMEOUT => {
-                    config.io_timeout = parse_io_timeout(value).map_err(at)?;
-                    config.sources.io_timeout = source;
-                }
-                _ => {
-                    config.max_threads_per_host =
-                        parse_count(key, value, "an integer >= 1, at most bk_tsk_thd (R42)")
-                            .map_err(at)?;
-                    config.sources.max_threads_per_host = source;
-                }
-            }
+            config.set(key, value).map_err(at)?;
+            config.sources.insert(
+                key,
+                Source::File {
+                    path: origin.to_path_buf(),
+                    line,
+                },
+            );
         }
         config.check_together(origin)?;
         Ok(config)
+    }
+
+    /// Set one key from its text.
+    fn set(&mut self, key: &'static str, value: &str) -> anyhow::Result<()> {
+        match key {
+            KEY_TASKS => self.bk_tsk_thd = parse_count(key, value, "an integer >= 1 (R38)")?,
+            KEY_TRANSBUFFER => self.i2vp_transbuffer = parse_transbuffer(value)?,
+            KEY_PER_HOST => {
+                self.max_threads_per_host =
+                    parse_count(key, value, "an integer >= 1, at most bk_tsk_thd (R42)")?
+            }
+            KEY_IO_TIMEOUT => self.io_timeout = parse_io_timeout(value)?,
+            KEY_PROMETHEUS => self.monitoring.prometheus_textfile = Some(parse_textfile(value)?),
+            KEY_NOTIFY_URL => self.monitoring.notify_url = Some(parse_url(key, value)?),
+            KEY_NOTIFY_ON => self.monitoring.notify_on = parse_notify_on(value)?,
+            KEY_NOTIFY_HEADER => {
+                let path = PathBuf::from(value);
+                read_header_file(&path).map_err(|e| invalid(key, value, format!("{e:#}")))?;
+                self.monitoring.notify_header_file = Some(path);
+            }
+            KEY_NOTIFY_COMMAND => {
+                if value.trim().is_empty() {
+                    return Err(invalid(key, value, "allowed a shell command line"));
+                }
+                self.monitoring.notify_command = Some(value.to_string());
+            }
+            _ => self.monitoring.notify_timeout = parse_timeout(value)?,
+        }
+        Ok(())
     }
 
     /// R40 and R42, which tie the keys to each other.
@@ -231,24 +364,24 @@ impl SystemConfig {
                 "{}: {KEY_TASKS} {} ({}) x {KEY_TRANSBUFFER} {} ({}) = {} exceeds {} (R40); lower one of them, e.g. {KEY_TRANSBUFFER} = {}",
                 origin.display(),
                 self.bk_tsk_thd,
-                self.sources.bk_tsk_thd,
+                self.source(KEY_TASKS),
                 format_size(self.i2vp_transbuffer),
-                self.sources.i2vp_transbuffer,
+                self.source(KEY_TRANSBUFFER),
                 format_size(buffered),
                 format_size(MAX_BUFFERED),
                 format_size(largest_power_of_two_at_most(fitting).max(MIN_TRANSBUFFER)),
             )));
         }
         if self.max_threads_per_host > self.bk_tsk_thd {
-            if self.sources.max_threads_per_host == Source::Default {
+            if self.source(KEY_PER_HOST) == Source::Default {
                 self.max_threads_per_host = self.bk_tsk_thd;
             } else {
                 return Err(refused(format!(
                     "{}: invalid {KEY_PER_HOST} '{}': allowed at most {KEY_TASKS} = {} ({}) (R42)",
-                    self.sources.max_threads_per_host,
+                    self.source(KEY_PER_HOST),
                     self.max_threads_per_host,
                     self.bk_tsk_thd,
-                    self.sources.bk_tsk_thd
+                    self.source(KEY_TASKS)
                 )));
             }
         }
@@ -257,32 +390,139 @@ impl SystemConfig {
 
     /// The settings, in file order, for `config show`.
     pub fn entries(&self) -> Vec<ConfigEntry> {
-        vec![
-            ConfigEntry {
-                key: KEY_TASKS,
-                value: self.bk_tsk_thd.to_string(),
-                bytes_or_number: u64::from(self.bk_tsk_thd),
-                source: self.sources.bk_tsk_thd.to_string(),
-            },
-            ConfigEntry {
-                key: KEY_TRANSBUFFER,
-                value: format_size(self.i2vp_transbuffer),
-                bytes_or_number: self.i2vp_transbuffer,
-                source: self.sources.i2vp_transbuffer.to_string(),
-            },
-            ConfigEntry {
-                key: KEY_PER_HOST,
-                value: self.max_threads_per_host.to_string(),
-                bytes_or_number: u64::from(self.max_threads_per_host),
-                source: self.sources.max_threads_per_host.to_string(),
-            },
-            ConfigEntry {
-                key: KEY_IO_TIMEOUT,
-                value: humantime::format_duration(self.io_timeout).to_string(),
-                bytes_or_number: self.io_timeout.as_secs(),
-                source: self.sources.io_timeout.to_string(),
-            },
-        ]
+        let m = &self.monitoring;
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        KEYS.iter()
+            .map(|k| {
+                let (value, number) = match k.key {
+                    KEY_TASKS => (
+                        Some(self.bk_tsk_thd.to_string()),
+                        Some(u64::from(self.bk_tsk_thd)),
+                    ),
+                    KEY_TRANSBUFFER => (
+                        Some(format_size(self.i2vp_transbuffer)),
+                        Some(self.i2vp_transbuffer),
+                    ),
+                    KEY_PER_HOST => (
+                        Some(self.max_threads_per_host.to_string()),
+                        Some(u64::from(self.max_threads_per_host)),
+                    ),
+                    KEY_IO_TIMEOUT => (
+                        Some(humantime::format_duration(self.io_timeout).to_string()),
+                        Some(self.io_timeout.as_secs()),
+                    ),
+                    KEY_PROMETHEUS => (path(&m.prometheus_textfile), None),
+                    KEY_NOTIFY_URL => (m.notify_url.clone(), None),
+                    KEY_NOTIFY_ON => (Some(m.notify_on.to_string()), None),
+                    KEY_NOTIFY_HEADER => (path(&m.notify_header_file), None),
+                    KEY_NOTIFY_COMMAND => (m.notify_command.clone(), None),
+                    _ => (
+                        Some(format!("{}s", m.notify_timeout.as_secs())),
+                        Some(m.notify_timeout.as_secs()),
+                    ),
+                };
+                ConfigEntry {
+                    key: k.key,
+                    value,
+                    number,
+                    source: self.source(k.key).to_string(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The secret header of `notify_header_file`: its first non-empty line,
+/// `Name: value`.
+pub fn read_header_file(path: &Path) -> anyhow::Result<(String, String)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default();
+    let Some((name, value)) = line.split_once(':') else {
+        anyhow::bail!(
+            "{}: the first line must be 'Header-Name: value'",
+            path.display()
+        );
+    };
+    let name = name.trim();
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+    if !ok || value.trim().is_empty() {
+        anyhow::bail!(
+            "{}: the first line must be 'Header-Name: value'",
+            path.display()
+        );
+    }
+    Ok((name.to_string(), value.trim().to_string()))
+}
+
+fn parse_textfile(value: &str) -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(value);
+    let allowed = "allowed an absolute path in an existing directory, ending in .prom (node_exporter reads *.prom)";
+    if !path.is_absolute() || path.extension().is_none_or(|e| e != "prom") {
+        return Err(invalid(KEY_PROMETHEUS, value, allowed));
+    }
+    if !path.parent().is_some_and(Path::is_dir) {
+        return Err(invalid(
+            KEY_PROMETHEUS,
+            value,
+            "its directory does not exist (create it, or install node_exporter's textfile directory)",
+        ));
+    }
+    Ok(path)
+}
+
+/// An `http://` or `https://` URL (also `rule edit --notify-url`).
+pub fn parse_url(field: &str, value: &str) -> anyhow::Result<String> {
+    match reqwest::Url::parse(value) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+            Ok(value.to_string())
+        }
+        _ => Err(invalid(field, value, "allowed an http:// or https:// URL")),
+    }
+}
+
+fn parse_notify_on(value: &str) -> anyhow::Result<NotifyOn> {
+    let mut on = NotifyOn {
+        failure: false,
+        fallback: false,
+        success: false,
+    };
+    for word in value.split(',').map(str::trim) {
+        match word {
+            "failure" => on.failure = true,
+            "fallback" => on.fallback = true,
+            "success" => on.success = true,
+            _ => {
+                return Err(invalid(
+                    KEY_NOTIFY_ON,
+                    value,
+                    "allowed a comma-separated list of failure, fallback, success",
+                ))
+            }
+        }
+    }
+    Ok(on)
+}
+
+fn parse_timeout(value: &str) -> anyhow::Result<Duration> {
+    let parsed = match value.trim().parse::<u64>() {
+        Ok(secs) => Some(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(value.trim()).ok(),
+    };
+    match parsed {
+        Some(d) if d >= Duration::from_secs(1) && d <= Duration::from_secs(60) && d.subsec_nanos() == 0 => Ok(d),
+        _ => Err(invalid(
+            KEY_NOTIFY_TIMEOUT,
+            value,
+            "allowed a whole number of seconds from 1s to 60s, e.g. 10s, 1m (a bare number is seconds)",
+        )),
     }
 }
 
@@ -318,16 +558,17 @@ fn split_line(raw: &str) -> anyhow::Result<Option<(&str, &str)>> {
 }
 
 fn known_key(key: &str) -> anyhow::Result<&'static str> {
-    if let Some(known) = KNOWN_KEYS.iter().find(|k| **k == key) {
-        return Ok(known);
+    if let Some(known) = KEYS.iter().find(|k| k.key == key) {
+        return Ok(known.key);
     }
-    let hint = match KNOWN_KEYS.iter().find(|k| k.eq_ignore_ascii_case(key)) {
-        Some(known) => format!(" (did you mean {known}? keys are case-sensitive)"),
+    let hint = match KEYS.iter().find(|k| k.key.eq_ignore_ascii_case(key)) {
+        Some(known) => format!(" (did you mean {}? keys are case-sensitive)", known.key),
         None => String::new(),
     };
+    let all: Vec<&str> = KEYS.iter().map(|k| k.key).collect();
     Err(refused(format!(
         "unknown key '{key}'{hint}; known keys: {}",
-        KNOWN_KEYS.join(", ")
+        all.join(", ")
     )))
 }
 
@@ -412,7 +653,7 @@ mod tests {
         let example = include_str!("../etc/system.conf.example");
         let config = parse(example).unwrap();
         assert_eq!(config, SystemConfig::default());
-        for key in KNOWN_KEYS {
+        for key in KEYS.iter().map(|k| k.key) {
             let commented = format!("# {key} = ");
             assert!(example.contains(&commented), "{key} not documented");
         }
@@ -421,8 +662,8 @@ mod tests {
         }
         // Uncommenting every setting gives the defaults too.
         let mut uncommented = example.to_string();
-        for key in KNOWN_KEYS {
-            uncommented = uncommented.replace(&format!("# {key} = "), &format!("{key} = "));
+        for k in KEYS.iter().filter(|k| k.default != "-") {
+            uncommented = uncommented.replace(&format!("# {} = ", k.key), &format!("{} = ", k.key));
         }
         let config = parse(&uncommented).unwrap();
         assert_eq!(
@@ -433,7 +674,8 @@ mod tests {
             ),
             (8, 4 * MIB, 4)
         );
-        assert!(matches!(config.sources.bk_tsk_thd, Source::File { .. }));
+        assert!(matches!(config.source(KEY_TASKS), Source::File { .. }));
+        assert_eq!(config.monitoring, SystemConfig::default().monitoring);
     }
 
     #[test]
@@ -507,7 +749,7 @@ mod tests {
         // Unset, the default 4 follows a lower bk_tsk_thd.
         let config = parse("bk_tsk_thd = 2").unwrap();
         assert_eq!(config.max_threads_per_host, 2);
-        assert_eq!(config.sources.max_threads_per_host, Source::Default);
+        assert_eq!(config.source(KEY_PER_HOST), Source::Default);
         let msg = error("Max_ThreadNum_PerHost = 0");
         assert!(msg.contains("invalid Max_ThreadNum_PerHost '0'") && msg.contains("(R42)"));
     }
@@ -539,7 +781,7 @@ mod tests {
         let msg = error("bk_tsk_thd = 4\nthreads = 4");
         assert_eq!(
             msg,
-            "/etc/vmbackup/system.conf:2: unknown key 'threads'; known keys: bk_tsk_thd, i2vp_transbuffer, Max_ThreadNum_PerHost, io_timeout"
+            "/etc/vmbackup/system.conf:2: unknown key 'threads'; known keys: bk_tsk_thd, i2vp_transbuffer, Max_ThreadNum_PerHost, io_timeout, prometheus_textfile, notify_url, notify_on, notify_header_file, notify_command, notify_timeout"
         );
         let msg = error("max_threadnum_perhost = 4");
         assert!(msg.contains("did you mean Max_ThreadNum_PerHost?"), "{msg}");
@@ -574,36 +816,98 @@ mod tests {
     fn entries_show_values_and_sources() {
         let config = parse("\ni2vp_transbuffer = 512K\n").unwrap();
         let entries = config.entries();
-        let shown: Vec<(&str, &str, u64, &str)> = entries
+        let shown: Vec<(&str, Option<&str>, Option<u64>, &str)> = entries
             .iter()
-            .map(|e| {
-                (
-                    e.key,
-                    e.value.as_str(),
-                    e.bytes_or_number,
-                    e.source.as_str(),
-                )
-            })
+            .map(|e| (e.key, e.value.as_deref(), e.number, e.source.as_str()))
             .collect();
         assert_eq!(
-            shown,
+            shown[..3],
             [
-                ("bk_tsk_thd", "8", 8, "default"),
+                ("bk_tsk_thd", Some("8"), Some(8), "default"),
                 (
                     "i2vp_transbuffer",
-                    "512KiB",
-                    512 * KIB,
+                    Some("512KiB"),
+                    Some(512 * KIB),
                     "/etc/vmbackup/system.conf:2"
                 ),
-                ("Max_ThreadNum_PerHost", "4", 4, "default"),
-                ("io_timeout", "2m", 120, "default"),
+                ("Max_ThreadNum_PerHost", Some("4"), Some(4), "default"),
             ]
+        );
+        assert_eq!(entries.len(), KEYS.len());
+        assert_eq!(shown[3], ("io_timeout", Some("2m"), Some(120), "default"));
+        assert_eq!(shown[4], ("prometheus_textfile", None, None, "default"));
+        assert_eq!(
+            shown[6],
+            ("notify_on", Some("failure,fallback"), None, "default")
+        );
+        assert_eq!(
+            shown[9],
+            ("notify_timeout", Some("10s"), Some(10), "default")
         );
         let json = serde_json::to_string(&entries[1]).unwrap();
         assert_eq!(
             json,
-            r#"{"key":"i2vp_transbuffer","value":"512KiB","bytes_or_number":524288,"source":"/etc/vmbackup/system.conf:2"}"#
+            r#"{"key":"i2vp_transbuffer","value":"512KiB","number":524288,"source":"/etc/vmbackup/system.conf:2"}"#
         );
+    }
+
+    #[test]
+    fn monitoring_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let prom = dir.path().join("vmbackup.prom");
+        let header = dir.path().join("header");
+        std::fs::write(&header, "Authorization: Bearer s3cret\n").unwrap();
+        let text = format!(
+            "prometheus_textfile = {}\nnotify_url = https://hooks.example/x\nnotify_on = failure,success\nnotify_header_file = {}\nnotify_command = mail -s vmbackup root\nnotify_timeout = 3s\n",
+            prom.display(),
+            header.display()
+        );
+        let config = parse(&text).unwrap();
+        let m = &config.monitoring;
+        assert_eq!(m.prometheus_textfile.as_deref(), Some(prom.as_path()));
+        assert_eq!(m.notify_url.as_deref(), Some("https://hooks.example/x"));
+        assert_eq!(
+            m.notify_on,
+            NotifyOn {
+                failure: true,
+                fallback: false,
+                success: true
+            }
+        );
+        assert_eq!(m.notify_command.as_deref(), Some("mail -s vmbackup root"));
+        assert_eq!(m.notify_timeout, Duration::from_secs(3));
+        assert_eq!(
+            read_header_file(&header).unwrap(),
+            ("Authorization".to_string(), "Bearer s3cret".to_string())
+        );
+        for (bad, needle) in [
+            (
+                "prometheus_textfile = relative.prom",
+                "invalid prometheus_textfile",
+            ),
+            (
+                "prometheus_textfile = /no/such/dir/x.prom",
+                "directory does not exist",
+            ),
+            ("notify_url = ftp://x/", "invalid notify_url 'ftp://x/'"),
+            ("notify_url = not a url", "http:// or https://"),
+            (
+                "notify_on = failure,sometimes",
+                "failure, fallback, success",
+            ),
+            ("notify_timeout = 0", "invalid notify_timeout"),
+            ("notify_timeout = 2m", "1s to 60s"),
+            (
+                "notify_header_file = /no/such/file",
+                "invalid notify_header_file",
+            ),
+        ] {
+            let msg = error(bad);
+            assert!(msg.contains(needle), "{bad}: {msg}");
+        }
+        std::fs::write(&header, "no colon here\n").unwrap();
+        let msg = error(&format!("notify_header_file = {}", header.display()));
+        assert!(msg.contains("Header-Name: value"), "{msg}");
     }
 
     #[test]
@@ -621,7 +925,7 @@ mod tests {
         let config = SystemConfig::load(&missing, true).unwrap();
         assert_eq!(config.bk_tsk_thd, 2);
         assert_eq!(
-            config.sources.bk_tsk_thd,
+            config.source(KEY_TASKS),
             Source::File {
                 path: missing.clone(),
                 line: 1

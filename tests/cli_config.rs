@@ -22,9 +22,9 @@ fn defaults_and_sources() {
             .unwrap()
             .clone()
     };
-    assert_eq!(get("bk_tsk_thd")["bytes_or_number"], 8);
-    assert_eq!(get("i2vp_transbuffer")["bytes_or_number"], 4 * MIB);
-    assert_eq!(get("Max_ThreadNum_PerHost")["bytes_or_number"], 4);
+    assert_eq!(get("bk_tsk_thd")["number"], 8);
+    assert_eq!(get("i2vp_transbuffer")["number"], 4 * MIB);
+    assert_eq!(get("Max_ThreadNum_PerHost")["number"], 4);
     assert_eq!(get("bk_tsk_thd")["source"], "default");
     let env = with_conf("bk_tsk_thd = 4\ni2vp_transbuffer=512K\n");
     let v = env.json(&["config", "show"]);
@@ -35,7 +35,7 @@ fn defaults_and_sources() {
         .find(|e| e["key"] == "i2vp_transbuffer")
         .unwrap()
         .clone();
-    assert_eq!(e["bytes_or_number"], 512 * 1024);
+    assert_eq!(e["number"], 512 * 1024);
     assert!(
         e["source"].as_str().unwrap().ends_with("system.conf:2"),
         "{e}"
@@ -106,7 +106,11 @@ fn completions_and_usage_errors() {
     let env = Env::new();
     for sh in ["bash", "zsh", "fish"] {
         let out = env.ok(&["completions", sh]);
-        assert!(out.contains("vmbackup") && out.contains("run-now"), "{sh}");
+        // The script calls vmbackup back for candidates (tests/cli_help.rs).
+        assert!(
+            out.contains("vmbackup") && out.contains("VMBACKUP_COMPLETE"),
+            "{sh}"
+        );
     }
     env.fails(2, &["no-such-command"]);
     // Usage errors are one line naming the argument and the allowed values.

@@ -65,7 +65,7 @@ fn platform_discovers_vms_disks_and_cbt_support() {
     // State persists across invocations.
     let list = l.env.json(&["platform", "list"]);
     assert_eq!(list[0]["name"], "lab");
-    assert_eq!(list[0]["vms"], 3);
+    assert_eq!(list[0]["vm_count"], 3);
 }
 
 #[test]
@@ -183,7 +183,13 @@ fn r11_once_runs_at_the_given_local_time() {
         .to_string();
     l.env.ok(&add_rule("r1", "web", &["--once", &at]));
     let r = l.env.json(&["rule", "show", "r1"]);
-    assert_eq!(r["next_runs"][0]["at"], at.as_str());
+    // JSON times are UTC with milliseconds (docs/JSON.md).
+    let local = chrono::NaiveDateTime::parse_from_str(&at, "%Y-%m-%d %H:%M").unwrap();
+    let utc = chrono::TimeZone::from_local_datetime(&Local, &local)
+        .unwrap()
+        .with_timezone(&chrono::Utc)
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    assert_eq!(r["next_runs"][0]["time"], utc.as_str());
     assert_eq!(r["next_runs"].as_array().unwrap().len(), 1);
 }
 
@@ -208,11 +214,9 @@ fn r13_once_earlier_today_is_due_now() {
     let at = now.format("%Y-%m-%d 00:00").to_string();
     l.env.ok(&add_rule("r1", "web", &["--once", &at]));
     let r = l.env.json(&["rule", "show", "r1"]);
-    let next = r["next_runs"][0]["at"].as_str().unwrap().to_string();
-    assert!(
-        next <= Local::now().format("%Y-%m-%d %H:%M").to_string(),
-        "next run {next} is not due now"
-    );
+    let next = r["next_runs"][0]["time"].as_str().unwrap().to_string();
+    let next = chrono::DateTime::parse_from_rfc3339(&next).unwrap();
+    assert!(next <= chrono::Utc::now(), "next run {next} is not due now");
 }
 
 #[test]

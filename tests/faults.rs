@@ -132,7 +132,7 @@ fn cancel_ends_a_task_stuck_on_a_stopped_hypervisor_at_once() {
         took <= Duration::from_secs(10),
         "the cancel took {took:?}: {err}"
     );
-    assert_eq!(l.last_task()["state"], "interrupted");
+    assert_eq!(l.last_task()["status"], "interrupted");
     assert!(
         l.env.json(&["task", "list"]).as_array().unwrap().is_empty(),
         "a slot is still held"
@@ -180,7 +180,7 @@ fn a_stalled_hypervisor_fails_the_task_at_the_io_timeout_at_every_level() {
             took <= Duration::from_secs(15),
             "{level}: the stall took {took:?} to fail"
         );
-        assert_eq!(l.last_task()["state"], "failed");
+        assert_eq!(l.last_task()["status"], "failed");
         assert_eq!(l.points(), points, "{level}: a point was committed");
         l.env.ok(&["cleanup", RULE]);
         assert_eq!(l.leftovers(), Vec::<String>::new(), "{level}");

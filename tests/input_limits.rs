@@ -48,7 +48,7 @@ fn system_conf_with_a_byte_order_mark_is_read() {
         .find(|e| e["key"] == "bk_tsk_thd")
         .unwrap()
         .clone();
-    assert_eq!(tasks["bytes_or_number"], 4, "{v}");
+    assert_eq!(tasks["number"], 4, "{v}");
 }
 
 #[test]

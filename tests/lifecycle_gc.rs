@@ -55,7 +55,7 @@ impl Lab {
             .filter_map(|l| serde_json::from_str(l).ok())
             .find(|v: &Value| v["type"] == "summary")
             .unwrap();
-        let point = summary["vms"][0]["outcome"]["point"].as_str().unwrap();
+        let point = summary["tasks"][0]["outcome"]["point"].as_str().unwrap();
         (point.to_string(), digest)
     }
 
@@ -110,14 +110,14 @@ fn gc_frees_what_prune_removed_and_every_kept_point_restores() {
     // Nothing was removed yet: nothing is garbage.
     let (code, doc) = l.gc(&[]);
     assert_eq!(code, 0, "{doc}");
-    assert_eq!(doc["repositories"][0]["report"]["objects_removed"], 0);
+    assert_eq!(doc["repositories"][0]["report"]["removed_count"], 0);
     assert_eq!(files(&chunks), before);
 
     let out = l.at("2026-12-01 02:00:00", &["prune", "r"]);
     assert!(out.status.success(), "{out:?}");
     let (code, dry) = l.gc(&["--dry-run"]);
     assert_eq!(code, 0);
-    let would = dry["repositories"][0]["report"]["objects_removed"]
+    let would = dry["repositories"][0]["report"]["removed_count"]
         .as_u64()
         .unwrap();
     assert!(would > 0, "the pruned inc's own objects are garbage: {dry}");
@@ -128,7 +128,7 @@ fn gc_frees_what_prune_removed_and_every_kept_point_restores() {
     let r = &doc["repositories"][0];
     assert_eq!(r["status"], "completed");
     assert_eq!(r["rules"], serde_json::json!(["r"]));
-    assert_eq!(r["report"]["objects_removed"].as_u64().unwrap(), would);
+    assert_eq!(r["report"]["removed_count"].as_u64().unwrap(), would);
     assert!(r["report"]["bytes_freed"].as_u64().unwrap() > 0);
     assert_eq!(r["report"]["missing_count"], 0);
     assert_eq!(files(&chunks) as u64, before as u64 - would);
@@ -141,7 +141,7 @@ fn gc_frees_what_prune_removed_and_every_kept_point_restores() {
     l.assert_restores(&i2, &d_i2);
     l.env.ok(&["verify", "r"]);
     let (_, again) = l.gc(&["--target", "t"]);
-    assert_eq!(again["repositories"][0]["report"]["objects_removed"], 0);
+    assert_eq!(again["repositories"][0]["report"]["removed_count"], 0);
 }
 
 #[test]

@@ -63,7 +63,7 @@ impl Lab {
             .filter_map(|l| serde_json::from_str(l).ok())
             .find(|v: &Value| v["type"] == "summary")
             .unwrap();
-        let outcome = &summary["vms"][0]["outcome"];
+        let outcome = &summary["tasks"][0]["outcome"];
         assert_eq!(outcome["level"], level, "{summary}");
         (outcome["point"].as_str().unwrap().to_string(), digest)
     }

@@ -42,7 +42,7 @@ impl Lab {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .find(|v| v["type"] == "summary")
             .unwrap();
-        summary["vms"][0]["outcome"].clone()
+        summary["tasks"][0]["outcome"].clone()
     }
 
     /// `run-now` that must fail with exit 3; returns stderr.

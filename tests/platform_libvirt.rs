@@ -9,6 +9,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::json_doc::assert_documented;
 use common::libvirt::{ext4_image, uri, virsh, virsh_try, Boot, Disk, TestDomain};
 use common::{file_digest, Env, MIB};
 use serde_json::Value;
@@ -49,7 +50,9 @@ impl Lab {
             .args(["--json", "run-now", "r", "--level", level])
             .output()
             .unwrap();
-        let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_documented("vmbackup run-now", &stdout);
+        let lines: Vec<Value> = stdout
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
@@ -63,7 +66,11 @@ impl Lab {
                 )
             })
             .clone();
-        (out.status.code().unwrap(), summary["vms"][0].clone(), lines)
+        (
+            out.status.code().unwrap(),
+            summary["tasks"][0].clone(),
+            lines,
+        )
     }
 
     /// A backup that must run at `level` and succeed; returns its point id and
@@ -136,7 +143,8 @@ fn discovery_lists_domains_disks_and_refuses_uncoverable_ones_r3_r36_r43() {
     );
     a.start();
     let env = Env::new();
-    env.ok(&[
+    let added = env.ok(&[
+        "--json",
         "platform",
         "add",
         "lv",
@@ -145,6 +153,7 @@ fn discovery_lists_domains_disks_and_refuses_uncoverable_ones_r3_r36_r43() {
         "--uri",
         &uri(),
     ]);
+    assert_documented("vmbackup platform add", &added);
     let vms = env.json(&["platform", "vms", "lv"]);
     let vm = vms
         .as_array()
@@ -206,8 +215,24 @@ fn discovery_lists_domains_disks_and_refuses_uncoverable_ones_r3_r36_r43() {
             .cloned()
     };
     assert!(listed(&env).is_none(), "cached list, not refreshed yet");
-    env.ok(&["platform", "refresh", "lv"]);
+    let refreshed = env.ok(&["--json", "platform", "refresh", "lv"]);
+    assert_documented("vmbackup platform refresh", &refreshed);
     let vb = listed(&env).expect("refresh lists the new domain");
+    // What scripts read of a libvirt platform is what docs/JSON.md says.
+    for (command, args) in [
+        ("vmbackup platform list", &["platform", "list"][..]),
+        ("vmbackup platform show", &["platform", "show", "lv"]),
+        ("vmbackup platform vms", &["platform", "vms", "lv"]),
+    ] {
+        let out = env.ok(&[&["--json"][..], args].concat());
+        assert_documented(command, &out);
+    }
+    let shown = env.json(&["platform", "show", "lv"]);
+    assert_eq!(
+        (&shown["type"], &shown["uri"], &shown["qmp_dir"]),
+        (&Value::from("libvirt"), &Value::from(uri()), &Value::Null),
+        "{shown}"
+    );
     assert_eq!(vb["status"], "shut off", "{vb}");
     let names: Vec<&str> = vb["disks"]
         .as_array()
@@ -281,7 +306,7 @@ fn running_domain_full_inc_diff_chain_restores_byte_exact_r7_r27() {
     d.write_random("vda", 0, 4 * MIB, 1);
     d.write("vda", 20 * MIB, MIB, 0x5a);
 
-    let (p1, _) = l.backup("inc", "full", 1); // R27: no full yet
+    let (p1, _) = l.backup("inc", "full", 0); // R27: no full yet (planned: exit 0)
     let e1 = d.shadow_digest("vda");
     assert_eq!(ours(&d.checkpoints()), [format!("vmbackup-{p1}")]);
 
@@ -701,6 +726,7 @@ fn restore_as_a_new_domain_that_starts_and_reads_its_disk() {
         &new,
         "--start",
     ]);
+    assert_documented("vmbackup restore", &out);
     let out: Value = out
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -708,7 +734,7 @@ fn restore_as_a_new_domain_that_starts_and_reads_its_disk() {
         .unwrap_or_else(|| panic!("no summary: {out}"));
     let new_vm = &out["tasks"][0]["outcome"]["new_vm"];
     assert_eq!(new_vm["name"], new.as_str(), "{out}");
-    assert_eq!(new_vm["started"], true, "{out}");
+    assert_eq!(new_vm["running"], true, "{out}");
     let xml = virsh(&["dumpxml", &new]);
     assert!(
         xml.contains(&to.join("vda.qcow2").display().to_string()),

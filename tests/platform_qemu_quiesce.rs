@@ -158,7 +158,7 @@ fn finished(child: Child) -> (i32, String, Value) {
     let vm = lines
         .iter()
         .find(|l| l["type"] == "summary")
-        .map(|s| s["vms"][0].clone())
+        .map(|s| s["tasks"][0].clone())
         .unwrap_or_else(|| {
             panic!(
                 "no summary: {lines:?} {}",

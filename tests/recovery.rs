@@ -20,11 +20,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::json_doc::assert_documented;
 use common::system_vm::{
     export_digest, hmp_qemu_io, image_digest, patched_digest, SystemVm, VmOptions,
 };
 use common::*;
 use serde_json::Value;
+
+/// `vmbackup --json ARGS` (a `recover` command), exit 0, its output checked
+/// against docs/JSON.md; the one JSON document or summary line it printed.
+fn recover_doc(env: &Env, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let out = env.ok(&a);
+    let command = match args.get(1) {
+        Some(sub) if ["list", "stop", "resume", "abort"].contains(sub) => {
+            format!("vmbackup recover {sub}")
+        }
+        _ => "vmbackup recover".to_string(),
+    };
+    assert_documented(&command, &out);
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {out}"))
+}
 
 /// The point restored with `restore --to`, its digest.
 fn restored_digest(env: &Env, rule: &str, vm: &str, point: &str) -> String {
@@ -65,16 +83,14 @@ fn points(env: &Env, rule: &str, vm: &str) -> Vec<String> {
 }
 
 fn recover_json(env: &Env, args: &[&str]) -> Value {
-    let mut a = vec!["--json", "recover"];
+    let mut a = vec!["recover"];
     a.extend_from_slice(args);
-    let out = env.ok(&a);
-    serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {out}"))
+    recover_doc(env, &a)
 }
 
 /// `recover list --all` entry of recovery `id`.
 fn recovery(env: &Env, id: i64) -> Value {
-    let list = env.json(&["recover", "list", "--all"]);
+    let list = recover_doc(env, &["recover", "list", "--all"]);
     list["recoveries"]
         .as_array()
         .unwrap()
@@ -180,7 +196,7 @@ fn transient_recovery_serves_every_level_byte_exact_and_a_started_vm_writes_to_i
     );
     let rep = &doc["tasks"][0]["outcome"];
     let started = rep["recovery"].as_i64().unwrap();
-    let qmp = PathBuf::from(rep["vm"]["qmp"].as_str().unwrap());
+    let qmp = PathBuf::from(rep["started_vm"]["qmp"].as_str().unwrap());
     let overlay = PathBuf::from(rep["disks"][0]["overlay"].as_str().unwrap());
     let names = qmp_session(&qmp, &[r#"{"execute":"query-name"}"#]);
     assert_eq!(names[0]["return"]["name"], "web-copy");
@@ -205,7 +221,7 @@ fn transient_recovery_serves_every_level_byte_exact_and_a_started_vm_writes_to_i
     assert_eq!(overlay_data(&overlay), [(2 * MIB, 64 * 1024)]);
     assert_eq!(image_digest(&overlay, &scratch), written);
 
-    let list = env.json(&["recover", "list"]);
+    let list = recover_doc(&env, &["recover", "list"]);
     let listed = list["recoveries"].as_array().unwrap();
     assert_eq!(listed.len(), 4, "{list}");
     assert!(
@@ -231,7 +247,10 @@ fn transient_recovery_serves_every_level_byte_exact_and_a_started_vm_writes_to_i
 
     // Stopped with its overlay kept: the VM quit, and the overlay file alone
     // (no backing) holds the write.
-    let stop = env.json(&["recover", "stop", &started.to_string(), "--keep-overlays"]);
+    let stop = recover_doc(
+        &env,
+        &["recover", "stop", &started.to_string(), "--keep-overlays"],
+    );
     assert_eq!(
         stop["kept_overlays"][0],
         overlay.to_str().unwrap(),
@@ -254,7 +273,7 @@ fn transient_recovery_serves_every_level_byte_exact_and_a_started_vm_writes_to_i
     for id in &recoveries {
         env.ok(&["recover", "stop", &id.to_string()]);
     }
-    assert!(env.json(&["recover", "list"])["recoveries"]
+    assert!(recover_doc(&env, &["recover", "list"])["recoveries"]
         .as_array()
         .unwrap()
         .is_empty());
@@ -333,7 +352,7 @@ fn wait_mirroring(env: &Env, child: &mut Child) -> (i64, PathBuf) {
             t.elapsed() < Duration::from_secs(120),
             "no mirror job within 120 s"
         );
-        let list = env.json(&["recover", "list"]);
+        let list = recover_doc(env, &["recover", "list"]);
         if let Some(r) = list["recoveries"]
             .as_array()
             .unwrap()
@@ -443,7 +462,7 @@ fn a_killed_migration_is_finished_by_resume_or_cancelled_by_abort_while_the_vm_r
     assert_eq!(r["server_running"], true, "{r}");
     assert_eq!(r["vm_running"], true, "{r}");
     hmp_qemu_io(&qmp, "write -P 0x32 6M 64k");
-    let doc = env.json(&["recover", "resume", &a.to_string()]);
+    let doc = recover_doc(&env, &["recover", "resume", &a.to_string()]);
     assert_eq!(doc["exit_code"], 0, "{doc}");
     assert_eq!(doc["tasks"][0]["kind"], "migration", "{doc}");
     let mig = &doc["tasks"][0]["outcome"];
@@ -481,7 +500,7 @@ fn a_killed_migration_is_finished_by_resume_or_cancelled_by_abort_while_the_vm_r
     child.wait().unwrap();
     let partial = to.join("vda.qcow2");
     assert!(partial.exists());
-    let doc = env.json(&["recover", "abort", &b.to_string()]);
+    let doc = recover_doc(&env, &["recover", "abort", &b.to_string()]);
     let actions = doc["actions"].to_string();
     assert!(
         actions.contains("cancelled the mirror job")
@@ -534,7 +553,7 @@ fn a_restarted_server_is_picked_up_by_the_vms_nbd_client() {
     let rep = &doc["tasks"][0]["outcome"];
     let id = rep["recovery"].as_i64().unwrap();
     let server = rep["server_pid"].as_i64().unwrap();
-    let qmp = PathBuf::from(rep["vm"]["qmp"].as_str().unwrap());
+    let qmp = PathBuf::from(rep["started_vm"]["qmp"].as_str().unwrap());
     // The server dies (SIGKILL: it cleans nothing up).
     Command::new("kill")
         .args(["-KILL", &server.to_string()])
@@ -557,7 +576,7 @@ fn a_restarted_server_is_picked_up_by_the_vms_nbd_client() {
         "a read finished while the NBD server was down"
     );
     // ...and completes once `recover resume` restarted it on the same socket.
-    let doc = env.json(&["recover", "resume", &id.to_string()]);
+    let doc = recover_doc(&env, &["recover", "resume", &id.to_string()]);
     assert_eq!(doc["exit_code"], 0, "{doc}");
     assert_eq!(doc["tasks"][0]["kind"], "recovery", "{doc}");
     assert_eq!(reader.join().unwrap(), want);

@@ -7,8 +7,26 @@ mod common;
 use std::fs;
 use std::process::Output;
 
+use common::json_doc::assert_documented;
 use common::*;
 use serde_json::Value;
+
+/// `vmbackup --json ARGS` (a `recover` command), exit 0, its output checked
+/// against docs/JSON.md; the one JSON document or summary line it printed.
+fn recover_doc(env: &Env, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let out = env.ok(&a);
+    let command = match args.get(1) {
+        Some(sub) if ["list", "stop", "resume", "abort"].contains(sub) => {
+            format!("vmbackup recover {sub}")
+        }
+        _ => "vmbackup recover".to_string(),
+    };
+    assert_documented(&command, &out);
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {out}"))
+}
 
 /// Three VMs `a`, `b`, `c` (two disks for `b`) in rule `g`, each with its own data.
 fn three_vms(env: &Env) -> Vec<TestVm> {
@@ -38,6 +56,10 @@ fn json_lines(env: &Env, args: &[&str]) -> (Output, Value) {
     a.extend_from_slice(args);
     let out = env.cmd().args(&a).output().unwrap();
     let doc = summary(&out);
+    assert_documented(
+        &format!("vmbackup {}", args[0]),
+        &String::from_utf8_lossy(&out.stdout),
+    );
     (out, doc)
 }
 
@@ -124,6 +146,7 @@ fn r34_restore_and_recover_a_whole_rule() {
     let doc: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     assert_eq!(out.status.code(), Some(0), "{doc}");
+    assert_documented("vmbackup recover", &String::from_utf8_lossy(&out.stdout));
     let tasks = doc["tasks"].as_array().unwrap();
     assert_eq!(tasks.len(), 3, "{doc}");
     let mut ids = Vec::new();
@@ -160,13 +183,13 @@ fn r34_restore_and_recover_a_whole_rule() {
         }
         ids.push(rep["recovery"].as_i64().unwrap());
     }
-    let list = env.json(&["recover", "list"]);
+    let list = recover_doc(&env, &["recover", "list"]);
     assert_eq!(list["recoveries"].as_array().unwrap().len(), 3, "{list}");
     for id in ids {
         env.ok(&["recover", "stop", &id.to_string()]);
     }
     assert_eq!(
-        env.json(&["recover", "list"])["recoveries"],
+        recover_doc(&env, &["recover", "list"])["recoveries"],
         serde_json::json!([])
     );
     drop(vms);

@@ -14,9 +14,27 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::json_doc::assert_documented;
 use common::system_vm::{guest_sum, SystemVm, VmOptions};
 use common::*;
 use serde_json::Value;
+
+/// `vmbackup --json ARGS` (a `recover` command), exit 0, its output checked
+/// against docs/JSON.md; the one JSON document or summary line it printed.
+fn recover_doc(env: &Env, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let out = env.ok(&a);
+    let command = match args.get(1) {
+        Some(sub) if ["list", "stop", "resume", "abort"].contains(sub) => {
+            format!("vmbackup recover {sub}")
+        }
+        _ => "vmbackup recover".to_string(),
+    };
+    assert_documented(&command, &out);
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {out}"))
+}
 
 fn guest_vm(env: &Env, name: &str, agent: bool, extra: &[&str]) -> SystemVm {
     SystemVm::start(
@@ -49,6 +67,14 @@ fn run_json(env: &Env, args: &[&str]) -> (Option<i32>, Value, String) {
                 String::from_utf8_lossy(&out.stderr)
             )
         });
+    if doc["type"] == "summary" {
+        let command = if args[0] == "verify" && args.contains(&"--boot") {
+            "vmbackup verify --boot".to_string()
+        } else {
+            format!("vmbackup {}", args[0])
+        };
+        assert_documented(&command, &stdout);
+    }
     (
         out.status.code(),
         doc,
@@ -176,7 +202,7 @@ fn verify_boot_passes_a_point_whose_guest_finds_its_disk_and_fails_one_that_does
         .unwrap_or_default();
     assert!(left.is_empty(), "left behind: {left:?}");
     assert_eq!(
-        env.json(&["recover", "list", "--all"])["recoveries"],
+        recover_doc(&env, &["recover", "list", "--all"])["recoveries"],
         serde_json::json!([])
     );
     let ps = Command::new("pgrep")
@@ -250,7 +276,7 @@ fn restore_as_vm_writes_a_launch_script_that_boots_the_point_once_its_secret_is_
         to.join("s2.qmp").display().to_string(),
         "{doc}"
     );
-    assert_eq!(rep["new_vm"]["started"], false, "{doc}");
+    assert_eq!(rep["new_vm"]["running"], false, "{doc}");
     assert_eq!(
         std::fs::metadata(&script).unwrap().permissions().mode() & 0o777,
         0o700

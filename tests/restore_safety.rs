@@ -272,7 +272,7 @@ fn cleanup_removes_what_a_killed_restore_left() {
         .find(|t| t["kind"] == "restore")
         .unwrap()
         .clone();
-    assert_eq!(restore["state"], "interrupted", "{restore}");
+    assert_eq!(restore["status"], "interrupted", "{restore}");
 }
 
 #[test]

@@ -99,9 +99,13 @@ impl Drop for CancelWatch {
     }
 }
 
-/// Counters for the manifest.
+/// Counters for the manifest and the task's log.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct DiskStats {
+    /// Bytes the plan reads: allocated data for a full, changed data for an inc/diff.
+    pub to_read: u64,
+    /// Changed bytes that now read as zeros (an inc/diff writes them as zero patches).
+    pub zeroed: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub new_chunks: u64,
@@ -146,6 +150,7 @@ async fn back_up(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, DiskStats
         .await
         .with_context(|| format!("disk '{name}': block status"))?;
     let data = ExtentSet::from_extents(&alloc, |f| f & STATE_ZERO == 0);
+    let (data_ranges, data_bytes) = (data.ranges().len(), data.total());
     let (index, read, zero) = match (&plan.export.changes, plan.base) {
         (None, _) => (
             DiskIndex::new_zero(size, plan.chunk_size),
@@ -182,6 +187,16 @@ async fn back_up(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, DiskStats
     let touched =
         ExtentSet::from_ranges(read.ranges().iter().chain(zero.ranges()).copied().collect())
             .slots(cs);
+    tracing::debug!(
+        "disk '{name}': {} bytes; {} extent(s) with data ({} bytes), {} to read in {} extent(s), {} changed to zeros, {} slot(s) of {cs} bytes touched",
+        size,
+        data_ranges,
+        data_bytes,
+        read.total(),
+        read.ranges().len(),
+        zero.total(),
+        touched.len()
+    );
     // One request per contiguous range of a slot: reads are clipped to their slot,
     // so no request is larger than the chunk size (i2vp_transbuffer, R39), nor than
     // the server's maximum. Slots in flight keep several requests outstanding.
@@ -189,7 +204,11 @@ async fn back_up(plan: DiskPlan, pipe: Pipeline) -> Result<(DiskIndex, DiskStats
     let read = Arc::new(read);
     let zero = Arc::new(zero);
     let mut index = index;
-    let mut stats = DiskStats::default();
+    let mut stats = DiskStats {
+        to_read: read.total(),
+        zeroed: zero.total(),
+        ..DiskStats::default()
+    };
     let mut tasks: JoinSet<Result<SlotDone>> = JoinSet::new();
 
     for slot in touched {

@@ -38,7 +38,7 @@ use crate::repo::{
 use crate::task::progress::{LogLevel, Phase, Progress};
 use crate::task::throttle::Throttle;
 use disk::{DiskPlan, Pipeline};
-use plan::{Fallback, LevelPlan, Tracking};
+use plan::{FullInstead, LevelPlan, Tracking};
 
 /// Everything a backup of one VM needs, resolved (no CLI types).
 #[derive(Debug, Clone)]
@@ -81,11 +81,33 @@ pub struct BackupOutcome {
     pub level: Level,
     pub requested: Level,
     pub base: Option<String>,
-    /// Why an inc/diff ran as a full (exit code 1).
+    /// Why an inc/diff ran as a full.
     pub fallback: Option<String>,
+    /// The full was planned by configuration (first backup, CBT off, raw disk):
+    /// no warning, exit code 0. Otherwise a fallback is a warning (exit code 1).
+    pub fallback_planned: bool,
+    #[serde(serialize_with = "totals_json")]
     pub totals: ManifestTotals,
     /// Problems that did not fail the backup.
     pub warnings: Vec<String>,
+    /// Points of this VM in the repository, this one included.
+    pub point_count: u64,
+}
+
+/// A point's totals under the names of docs/JSON.md (counts end in `_count`);
+/// the manifest keeps its own names (docs/FORMAT.md).
+fn totals_json<S: serde::Serializer>(t: &ManifestTotals, s: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(
+        &serde_json::json!({
+            "size": t.size,
+            "bytes_read": t.bytes_read,
+            "bytes_written": t.bytes_written,
+            "new_chunk_count": t.new_chunks,
+            "reused_chunk_count": t.reused_chunks,
+            "zero_slot_count": t.zero_slots,
+        }),
+        s,
+    )
 }
 
 /// Back up one VM, holding its lock (taken under the repository's shared lock:
@@ -136,11 +158,19 @@ pub fn run_backup(
         );
     }
     let latest = points.last().map(|p| p.point.clone());
+    let point_count = points.len() as u64 + 1;
     let (_, latest_full) = chain_heads(&points);
     let old_heads = (latest.clone(), latest_full.map(|p| p.point.clone()));
 
     progress.phase(Phase::BackingUpConfig);
     let vm_config = vm.config()?;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        tracing::debug!(
+            "VM '{}' configuration: {}",
+            job.vm,
+            crate::platform::redact::for_log(&vm_config)
+        );
+    }
 
     progress.phase(Phase::QueryingChanges);
     let tracking = plan::tracking(job.auto_cbt, job.cbt, &info.disks);
@@ -156,7 +186,12 @@ pub fn run_backup(
             level: Level::Full,
             base: None,
             latest_full: lp.latest_full.clone(),
-            fallback: Some(format!("{why}; this {} runs as a full", job.requested)),
+            // Not planned by configuration: a warning (exit 1), as the branch of
+            // a restore in place always was.
+            fallback: Some(FullInstead {
+                reason: format!("{why}; this {} runs as a full", job.requested),
+                planned: false,
+            }),
         };
     }
     let point = next_point_id(latest.as_deref(), job.clock.now().with_timezone(&Utc))?;
@@ -184,7 +219,7 @@ pub fn run_backup(
                 level: Level::Full,
                 base: None,
                 latest_full: lp.latest_full.clone(),
-                fallback: Some(Fallback::cbt_unavailable(job.requested, cu)),
+                fallback: Some(FullInstead::cbt_unavailable(job.requested, cu)),
             };
             req.level = Level::Full;
             req.base = None;
@@ -200,8 +235,33 @@ pub fn run_backup(
         }
     }
     if let Some(why) = &lp.fallback {
-        progress.log(LogLevel::Warn, why);
+        let level = if why.planned {
+            LogLevel::Info
+        } else {
+            LogLevel::Warn
+        };
+        progress.log(level, &why.reason);
     }
+    progress.log(
+        LogLevel::Info,
+        &match (&lp.base, &lp.latest_full) {
+            (Some(base), Some(full)) if base != full => format!(
+                "point {point}: {} against point {base} (chain from full {full}), {} disk(s)",
+                lp.level,
+                snapshot.exports.len()
+            ),
+            (Some(base), _) => format!(
+                "point {point}: {} against point {base}, {} disk(s)",
+                lp.level,
+                snapshot.exports.len()
+            ),
+            (None, _) => format!(
+                "point {point}: {} of every allocated block, {} disk(s)",
+                lp.level,
+                snapshot.exports.len()
+            ),
+        },
+    );
     progress.level(lp.level);
 
     let started = job.clock.now().with_timezone(&Utc);
@@ -240,9 +300,11 @@ pub fn run_backup(
         level: lp.level,
         requested: job.requested,
         base: lp.base,
-        fallback: lp.fallback,
+        fallback_planned: lp.fallback.as_ref().is_some_and(|f| f.planned),
+        fallback: lp.fallback.map(|f| f.reason),
         totals,
         warnings,
+        point_count,
     })
 }
 
@@ -465,6 +527,10 @@ fn write_point<'a>(
         let name = &export.disk.name;
         writer.write_index(name, &index)?;
         let chunk_slots = index.slots.iter().filter(|s| **s != Slot::Zero).count() as u64;
+        progress.log(
+            LogLevel::Info,
+            &disk_line(name, lp.level, index.disk_size, &stats, chunk_slots),
+        );
         disks.push(ManifestDisk {
             name: name.clone(),
             size: index.disk_size,
@@ -495,13 +561,41 @@ fn write_point<'a>(
         status: PointStatus::Completed,
         started,
         finished: job.clock.now().with_timezone(&Utc),
-        fallback_reason: lp.fallback.clone(),
+        fallback_reason: lp.fallback.as_ref().map(|f| f.reason.clone()),
         vm_config,
         tracking: None,
         disks,
         totals,
     };
     Ok((writer, manifest))
+}
+
+/// A disk's line in the task's log (R32): size, what the plan read (changed
+/// bytes for an inc/diff), what was read and stored, and how much was new.
+fn disk_line(
+    name: &str,
+    level: Level,
+    size: u64,
+    stats: &disk::DiskStats,
+    chunk_slots: u64,
+) -> String {
+    use crate::units::format_size;
+    let planned = match level {
+        Level::Full => format!("{} allocated", format_size(stats.to_read)),
+        _ => format!(
+            "{} changed ({} of it now zeros)",
+            format_size(stats.to_read + stats.zeroed),
+            format_size(stats.zeroed)
+        ),
+    };
+    format!(
+        "disk {name}: size {}, {planned}; read {}, stored {} ({} new chunk(s), {} reused)",
+        format_size(size),
+        format_size(stats.bytes_read),
+        format_size(stats.bytes_written),
+        stats.new_chunks,
+        chunk_slots.saturating_sub(stats.new_chunks)
+    )
 }
 
 /// A point id for now, strictly after the newest existing point. Ids have

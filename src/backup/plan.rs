@@ -17,8 +17,37 @@ pub struct LevelPlan {
     pub base: Option<String>,
     /// The newest full (the root of the chain), if any.
     pub latest_full: Option<String>,
-    /// Why the requested inc/diff runs as a full (a warning, exit code 1).
-    pub fallback: Option<String>,
+    /// Why the requested inc/diff runs as a full.
+    pub fallback: Option<FullInstead>,
+}
+
+/// Why an inc/diff runs as a full, and whether that was planned.
+///
+/// Planned by configuration (logged at info, exit code 0): the VM's very first
+/// backup, quick backup (CBT) switched off for the rule, a disk that cannot
+/// hold a dirty bitmap (raw), a chunk size changed in system.conf. Unexpected
+/// (a warning, exit code 1, a `fallback` notification): tracking lost or
+/// unusable, no full while points exist, a disk added or resized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FullInstead {
+    pub reason: String,
+    pub planned: bool,
+}
+
+impl FullInstead {
+    fn planned(reason: String) -> Option<FullInstead> {
+        Some(FullInstead {
+            reason,
+            planned: true,
+        })
+    }
+
+    fn unexpected(reason: String) -> Option<FullInstead> {
+        Some(FullInstead {
+            reason,
+            planned: false,
+        })
+    }
 }
 
 /// Whether changed-block tracking is in use for this VM (R6, R7).
@@ -53,11 +82,11 @@ pub fn plan_level(
     tracking: &Tracking,
 ) -> LevelPlan {
     let (latest, latest_full) = super::chain_heads(points);
-    let full = |reason: String| LevelPlan {
+    let full = |fallback: Option<FullInstead>| LevelPlan {
         level: Level::Full,
         base: None,
         latest_full: latest_full.map(|p| p.point.clone()),
-        fallback: Some(reason),
+        fallback,
     };
     if requested == Level::Full {
         return LevelPlan {
@@ -68,12 +97,21 @@ pub fn plan_level(
         };
     }
     let Some(full_point) = latest_full else {
-        return full(format!(
-            "no full backup exists yet, so this {requested} runs as a full (R27)"
-        ));
+        return full(if points.is_empty() {
+            FullInstead::planned(format!(
+                "this is the VM's first backup, so this {requested} runs as a full (R27)"
+            ))
+        } else {
+            FullInstead::unexpected(format!(
+                "no full backup exists although {} point(s) do, so this {requested} runs as a full (R27)",
+                points.len()
+            ))
+        });
     };
     if let Tracking::Off(why) = tracking {
-        return full(format!("{why}; this {requested} runs as a full"));
+        return full(FullInstead::planned(format!(
+            "{why}; this {requested} runs as a full"
+        )));
     }
     let base = match requested {
         Level::Inc => latest.expect("a full exists, so a newest point does"),
@@ -81,18 +119,18 @@ pub fn plan_level(
     };
     for d in disks {
         match base.disks.iter().find(|b| b.name == d.name) {
-            None => return full(format!("disk '{}' is not in base point {} (disk added); this {requested} runs as a full", d.name, base.point)),
+            None => return full(FullInstead::unexpected(format!("disk '{}' is not in base point {} (disk added); this {requested} runs as a full", d.name, base.point))),
             Some(b) if b.size != d.size => {
-                return full(format!(
+                return full(FullInstead::unexpected(format!(
                     "disk '{}' changed size ({} -> {} bytes) since point {}; this {requested} runs as a full",
                     d.name, b.size, d.size, base.point
-                ))
+                )))
             }
             Some(b) if b.chunk_size != chunk_size => {
-                return full(format!(
+                return full(FullInstead::planned(format!(
                     "chunk size changed ({} -> {} bytes, i2vp_transbuffer) since point {}; this {requested} runs as a full",
                     b.chunk_size, chunk_size, base.point
-                ))
+                )))
             }
             Some(_) => {}
         }
@@ -105,12 +143,13 @@ pub fn plan_level(
     }
 }
 
-/// Fallback reasons raised after planning.
-pub struct Fallback;
-
-impl Fallback {
-    pub fn cbt_unavailable(requested: Level, err: &crate::platform::CbtUnavailable) -> String {
-        format!("{err}; this {requested} runs as a full (R26)")
+impl FullInstead {
+    /// The platform found the VM's tracking missing or unusable (R26): unexpected.
+    pub fn cbt_unavailable(requested: Level, err: &crate::platform::CbtUnavailable) -> FullInstead {
+        FullInstead {
+            reason: format!("{err}; this {requested} runs as a full (R26)"),
+            planned: false,
+        }
     }
 }
 
@@ -170,7 +209,19 @@ mod tests {
     fn r27_inc_without_full_runs_as_full() {
         let p = plan_level(Level::Inc, &[], &[disk("vda", 100, true)], C, &Tracking::On);
         assert_eq!(p.level, Level::Full);
-        assert!(p.fallback.unwrap().contains("R27"));
+        let why = p.fallback.unwrap();
+        assert!(why.reason.contains("R27") && why.planned, "{why:?}");
+        // Points but no full (the fulls went): unexpected.
+        let incs = [point("20260102T000000Z", Level::Inc, 100, C)];
+        let p = plan_level(
+            Level::Inc,
+            &incs,
+            &[disk("vda", 100, true)],
+            C,
+            &Tracking::On,
+        );
+        let why = p.fallback.unwrap();
+        assert!(why.reason.contains("R27") && !why.planned, "{why:?}");
         let p = plan_level(
             Level::Diff,
             &[],
@@ -209,7 +260,8 @@ mod tests {
         assert!(matches!(t, Tracking::Off(_)));
         let p = plan_level(Level::Inc, &pts, &raw, C, &t);
         assert_eq!(p.level, Level::Full);
-        assert!(p.fallback.unwrap().contains("R26"));
+        let why = p.fallback.unwrap();
+        assert!(why.reason.contains("R26") && why.planned, "{why:?}");
         let off = tracking(false, false, &[disk("vda", 100, true)]);
         assert!(matches!(off, Tracking::Off(ref r) if r.contains("R7")));
         assert_eq!(
@@ -228,7 +280,8 @@ mod tests {
             C,
             &Tracking::On,
         );
-        assert!(resized.fallback.unwrap().contains("changed size"));
+        let why = resized.fallback.unwrap();
+        assert!(why.reason.contains("changed size") && !why.planned);
         let added = plan_level(
             Level::Inc,
             &pts,
@@ -236,7 +289,8 @@ mod tests {
             C,
             &Tracking::On,
         );
-        assert!(added.fallback.unwrap().contains("disk added"));
+        let why = added.fallback.unwrap();
+        assert!(why.reason.contains("disk added") && !why.planned);
         let chunk = plan_level(
             Level::Inc,
             &pts,
@@ -244,6 +298,7 @@ mod tests {
             C / 2,
             &Tracking::On,
         );
-        assert!(chunk.fallback.unwrap().contains("chunk size"));
+        let why = chunk.fallback.unwrap();
+        assert!(why.reason.contains("chunk size") && why.planned);
     }
 }

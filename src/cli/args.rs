@@ -5,6 +5,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap_complete::ArgValueCandidates;
+
+use super::complete;
 
 /// Agentless, image-level VM backup with changed-block tracking.
 ///
@@ -24,55 +27,71 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Options every command takes, listed apart in every `--help`.
+const GLOBAL: &str = "Global options";
+
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
     /// State database [default: /var/lib/vmbackup/state.db as root,
     /// $XDG_STATE_HOME/vmbackup/state.db otherwise]
-    #[arg(long, global = true, env = "VMBACKUP_STATE", value_name = "PATH")]
+    #[arg(long, global = true, env = "VMBACKUP_STATE", value_name = "PATH", help_heading = GLOBAL, value_hint = clap::ValueHint::FilePath)]
     pub state: Option<PathBuf>,
-    /// System configuration file (a missing default file means built-in defaults)
-    /// [default: /etc/vmbackup/system.conf]
-    #[arg(long, global = true, env = "VMBACKUP_CONFIG", value_name = "PATH")]
+    /// System configuration file; one given here (or in VMBACKUP_CONFIG) must exist
+    /// [default: /etc/vmbackup/system.conf; missing means built-in defaults]
+    #[arg(long, global = true, env = "VMBACKUP_CONFIG", value_name = "PATH", help_heading = GLOBAL, value_hint = clap::ValueHint::FilePath)]
     pub config: Option<PathBuf>,
-    /// Machine-readable output: JSON documents for list/show, JSON lines for progress
-    #[arg(long, global = true)]
+    /// Machine-readable output: a JSON document, or JSON lines for commands that
+    /// run tasks (docs/JSON.md)
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
-    /// Less output (warnings and errors only)
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    /// Tables without their header line (for awk and cut)
+    #[arg(long, global = true, help_heading = GLOBAL)]
+    pub no_header: bool,
+    /// Less output: warnings and errors only (no progress lines)
+    #[arg(short, long, global = true, conflicts_with = "verbose", help_heading = GLOBAL)]
     pub quiet: bool,
-    /// More output (repeat for more)
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// More output: -v adds debug detail (QMP traffic, NBD negotiation, extents;
+    /// secrets redacted) and task log lines, -vv everything
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = GLOBAL)]
     pub verbose: u8,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Register and inspect virtualization platforms (R2, R36)
+    // R2, R36
+    /// Register and inspect virtualization platforms
     #[command(subcommand)]
     Platform(PlatformCmd),
-    /// Register and inspect backup targets (R4)
+    // R4
+    /// Register and inspect backup targets
     #[command(subcommand)]
     Target(TargetCmd),
-    /// Define, change, start, stop and remove backup rules (R1-R37)
+    // R1-R37
+    /// Define, change, start, stop and remove backup rules
     #[command(subcommand)]
     Rule(RuleCmd),
-    /// Show the effective system configuration (R38-R42)
+    // R38-R42
+    /// Show the effective system configuration
     #[command(subcommand)]
     Config(ConfigCmd),
-    /// Back up a rule's VMs now, in this process, within the slot limits (R32, R38)
+    // R32, R38
+    /// Back up a rule's VMs now, in this process, within the slot limits
     RunNow(RunNowArgs),
     /// Run rules unattended in the foreground: wake at each due run (for systemd)
     Daemon,
     /// Run whatever is due now (and missed slots, once), wait, exit (for cron/timers)
     RunDue,
-    /// List or cancel tasks (R41)
+    // R41
+    /// List or cancel tasks
     #[command(subcommand)]
     Task(TaskCmd),
-    /// Show the log lines of a rule's tasks (R32)
+    // R32
+    /// Show the log lines of a rule's tasks
     Logs(LogsArgs),
     /// List the restore points of a rule's VMs (damaged and orphaned ones too)
     Points(PointsArgs),
-    /// Apply retention now: remove points outside the rule's retention (R15-R21)
+    // R15-R21
+    /// Apply retention now: remove points outside the rule's retention
     #[command(after_long_help = PRUNE_HELP)]
     Prune(PruneArgs),
     /// Remove chosen points of a VM (refused while a restore reads them)
@@ -88,16 +107,25 @@ pub enum Command {
     /// The NBD server process of a recovery (started by 'recover', not by hand)
     #[command(hide = true)]
     RecoverServe {
+        /// The recovery to serve
         #[arg(value_name = "ID")]
         id: i64,
     },
     /// Re-read and re-hash backup data; report missing or corrupt chunks; with
     /// --boot, boot a point and judge it
     Verify(VerifyArgs),
-    /// Remove leftovers of interrupted runs on platforms and targets (R44)
+    // R44
+    /// Remove leftovers of interrupted runs on platforms and targets
     Cleanup(CleanupArgs),
-    /// Print a shell completion script
+    /// Statistics of a rule's backups: successes and failures per day and month,
+    /// bytes, points, last success, failed tasks not yet viewed
+    Stats(StatsArgs),
+    /// Test the notifications configured in system.conf (webhook, command)
+    #[command(subcommand)]
+    Notify(NotifyCmd),
+    /// Print a shell completion script (it completes names from the state too)
     Completions {
+        /// The shell
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -107,12 +135,13 @@ pub enum Command {
 pub enum PlatformCmd {
     /// Register a platform and read its VM list
     Add {
+        /// Name for the platform (1-64 of A-Z a-z 0-9 . _ -)
         name: String,
         /// Platform type
         #[arg(long = "type", value_enum)]
         kind: PlatformKind,
         /// qemu: directory holding one QMP unix socket per VM (*.qmp or *.sock)
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
         qmp_dir: Option<PathBuf>,
         /// libvirt: connection URI (qemu:///system, qemu+ssh://host/system, qemu+tls://host/system)
         #[arg(long, value_name = "URI")]
@@ -121,13 +150,29 @@ pub enum PlatformCmd {
     /// List registered platforms
     List,
     /// Show one platform with its cached VM list
-    Show { name: String },
-    /// Re-read the VM list of a platform (R36)
-    Refresh { name: String },
+    Show {
+        /// The platform
+        #[arg(add = ArgValueCandidates::new(complete::platforms))]
+        name: String,
+    },
+    // R36
+    /// Re-read the VM list of a platform
+    Refresh {
+        /// The platform
+        #[arg(add = ArgValueCandidates::new(complete::platforms))]
+        name: String,
+    },
     /// Remove a platform (refused while a rule uses it)
-    Remove { name: String },
-    /// List a platform's VMs with disks, CBT support and protecting rule (R35)
+    Remove {
+        /// The platform
+        #[arg(add = ArgValueCandidates::new(complete::platforms))]
+        name: String,
+    },
+    // R35
+    /// List a platform's VMs with disks, CBT support and protecting rule
     Vms {
+        /// The platform
+        #[arg(add = ArgValueCandidates::new(complete::platforms))]
         name: String,
         /// Query the platform now instead of showing the cached list
         #[arg(long)]
@@ -151,92 +196,134 @@ pub enum TargetCmd {
         /// Name for the target (1-64 of A-Z a-z 0-9 . _ -)
         name: String,
         /// An existing directory (a mounted backup disk, NFS share, ...)
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
         path: PathBuf,
     },
     /// Write the target marker into a target registered without one (or adopt
     /// the marker found there) once it is mounted; backups refuse an unmarked target
     Mark {
         /// The registered target
+        #[arg(add = ArgValueCandidates::new(complete::targets))]
         name: String,
     },
     /// List registered targets
     List,
     /// Show one target
-    Show { name: String },
+    Show {
+        /// The target
+        #[arg(add = ArgValueCandidates::new(complete::targets))]
+        name: String,
+    },
     /// Remove a target (refused while a rule uses it; data stays on disk)
-    Remove { name: String },
+    Remove {
+        /// The target
+        #[arg(add = ArgValueCandidates::new(complete::targets))]
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum RuleCmd {
     /// Create a backup rule
     Add(RuleAddArgs),
-    /// Change a rule's schedules, retention and bandwidth windows (R34)
+    // R34
+    /// Change a rule's schedules, retention and bandwidth windows
     Edit(RuleEditArgs),
-    /// Add a VM to a rule; it inherits the rule's settings (R34)
+    // R34
+    /// Add a VM to a rule; it inherits the rule's settings
     AddVm {
+        /// The rule
+        #[arg(add = ArgValueCandidates::new(complete::rules))]
         name: String,
-        #[arg(long, required = true, value_name = "VM")]
+        /// VM(s) from the rule's platform; repeat or comma-separate
+        #[arg(long, required = true, value_delimiter = ',', value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
         vm: Vec<String>,
     },
     /// Start a rule, or one of its VMs
     Start {
+        /// The rule
+        #[arg(add = ArgValueCandidates::new(complete::rules))]
         name: String,
-        #[arg(long, value_name = "VM")]
+        /// Only this VM of the rule
+        #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
         vm: Option<String>,
     },
     /// Stop a rule, or one of its VMs (no new runs start)
     Stop {
+        /// The rule
+        #[arg(add = ArgValueCandidates::new(complete::rules))]
         name: String,
-        #[arg(long, value_name = "VM")]
+        /// Only this VM of the rule
+        #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
         vm: Option<String>,
     },
-    /// Remove a rule, or one VM from it (refused while a restore runs, R37)
+    // R37
+    /// Remove a rule, or one VM from it (refused while a restore runs)
     Remove {
+        /// The rule
+        #[arg(add = ArgValueCandidates::new(complete::rules))]
         name: String,
-        #[arg(long, value_name = "VM")]
+        /// Only this VM, not the rule
+        #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
         vm: Option<String>,
     },
     /// List rules
     List,
     /// Show a rule: settings, compiled schedules, next runs, per-VM state
-    Show { name: String },
+    Show {
+        /// The rule
+        #[arg(add = ArgValueCandidates::new(complete::rules))]
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct RuleAddArgs {
+    // R1
+    /// Name for the new rule (1-64 of A-Z a-z 0-9 . _ -)
     pub name: String,
-    /// Registered platform the VMs live on (R2)
-    #[arg(long)]
+    // R2
+    /// Registered platform the VMs live on
+    #[arg(long, add = ArgValueCandidates::new(complete::platforms))]
     pub platform: String,
-    /// VM(s) from the platform's VM list (R3); repeat or comma-separate
-    #[arg(long, required = true, value_delimiter = ',', value_name = "VM")]
+    // R3
+    /// VM(s) from the platform's VM list; repeat or comma-separate
+    #[arg(long, required = true, value_delimiter = ',', value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
     pub vm: Vec<String>,
-    /// Registered target (R4)
-    #[arg(long)]
+    // R4
+    /// Registered target
+    #[arg(long, add = ArgValueCandidates::new(complete::targets))]
     pub target: String,
-    /// Sub-directory of the target for this rule's repository (R5) [default: the rule name]
+    // R5
+    /// Sub-directory of the target for this rule's repository [default: the rule name]
     #[arg(long, value_name = "SUBDIR")]
     pub path: Option<String>,
-    /// Do not choose quick backup (CBT) automatically; use --cbt (R6)
+    // R6
+    /// Do not choose quick backup (CBT) automatically; use --cbt
     #[arg(long, requires = "cbt")]
     pub no_auto_cbt: bool,
-    /// Quick backup (CBT) on or off, with --no-auto-cbt (R7)
+    // R7
+    /// Quick backup (CBT) on or off, with --no-auto-cbt
     #[arg(long, value_enum, requires = "no_auto_cbt")]
     pub cbt: Option<OnOff>,
-    /// Read disk images directly when reachable from this host (R8)
+    // R8
+    /// Read disk images directly when reachable from this host
     #[arg(long)]
     pub lan_free: bool,
-    /// Delete the rule's backup data when the rule is removed (R9)
+    // R9
+    /// Delete the rule's backup data when the rule is removed
     #[arg(long)]
     pub delete_data: bool,
+    // R10
     /// Freeze guest file systems through the guest agent while the snapshot is
     /// taken: "require" (the default when given bare) fails a backup whose guest agent
     /// does not answer, "try" then takes a crash-consistent one with a warning
     #[arg(long, value_enum, num_args = 0..=1, require_equals = true,
           default_missing_value = "require", value_name = "MODE")]
     pub quiesce: Option<QuiesceArg>,
+    /// This rule's webhook instead of system.conf's notify_url, or "none"
+    #[arg(long, value_name = "URL")]
+    pub notify_url: Option<String>,
     /// Accept backing up through an NBD server the VM's QEMU already runs on plain
     /// TCP (no TLS): anyone reaching that port can read the disk during the backup.
     /// Without it such a backup is refused
@@ -248,11 +335,13 @@ pub struct RuleAddArgs {
 
 #[derive(Debug, Args)]
 pub struct PolicyArgs {
-    /// One-time run at this local time, "YYYY-MM-DD HH:MM" (R11-R13)
+    // R11-R13
+    /// One-time run at this local time, "YYYY-MM-DD HH:MM"
     #[arg(long, value_name = "TIME", conflicts_with_all = ["schedule", "retention"])]
     pub once: Option<String>,
+    // R14, R22-R25
     /// Periodic run: "<full|inc|diff> <daily|weekly|monthly|quarterly> [on DAYS] at HH:MM[,HH:MM...]";
-    /// at most two (R14, R22-R25)
+    /// at most two, one of them a full, sharing one period
     #[arg(long, value_name = "SPEC")]
     pub schedule: Vec<String>,
     /// Keep the current period's points and those of the N periods before it
@@ -260,7 +349,8 @@ pub struct PolicyArgs {
     /// 0..=64; "all" keeps every point (the default). See 'vmbackup prune --help'
     #[arg(long, value_name = "N|all", value_parser = parse_retention)]
     pub retention: Option<RetentionArg>,
-    /// Bandwidth window: "DAYS HH:MM-HH:MM RATE" with RATE like 20MiB/s, or "pause" (R29)
+    // R29
+    /// Bandwidth window: "DAYS HH:MM-HH:MM RATE" with RATE like 20MiB/s, or "pause"
     #[arg(long, value_name = "WINDOW")]
     pub bandwidth: Vec<String>,
 }
@@ -286,23 +376,33 @@ fn parse_retention(text: &str) -> Result<RetentionArg, String> {
 
 #[derive(Debug, Args)]
 pub struct RuleEditArgs {
+    /// The rule
+    #[arg(add = ArgValueCandidates::new(complete::rules))]
     pub name: String,
     #[command(flatten)]
     pub policy: PolicyArgs,
     /// Remove every bandwidth window
     #[arg(long, conflicts_with = "bandwidth")]
     pub clear_bandwidth: bool,
+    /// This rule's webhook: a URL, "none" (no webhook for this rule) or
+    /// "default" (system.conf's notify_url)
+    #[arg(long, value_name = "URL")]
+    pub notify_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum QuiesceArg {
+    /// A backup whose guest agent does not answer fails
     Require,
+    /// Without an answering guest agent, a crash-consistent backup with a warning
     Try,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
+    /// Quick backup (changed-block tracking) on
     On,
+    /// Every backup reads every allocated block
     Off,
 }
 
@@ -314,18 +414,24 @@ pub enum ConfigCmd {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LevelArg {
+    /// Every allocated block
     Full,
+    /// What changed since the newest point
     Inc,
+    /// What changed since the newest full
     Diff,
 }
 
 #[derive(Debug, Args)]
 pub struct RunNowArgs {
+    /// The rule
+    #[arg(add = ArgValueCandidates::new(complete::rules))]
     pub rule: String,
     /// Only this VM of the rule [default: every VM]
-    #[arg(long, value_name = "VM")]
+    #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
     pub vm: Option<String>,
-    /// Backup level; inc/diff run as full when no full exists or CBT is unavailable (R26, R27)
+    // R26, R27
+    /// Backup level; inc/diff run as full when no full exists or CBT is unavailable
     #[arg(long, value_enum)]
     pub level: LevelArg,
 }
@@ -340,20 +446,30 @@ pub enum TaskCmd {
     },
     /// Stop a task cleanly (bitmap merged back, exports removed); it ends interrupted
     Cancel {
-        #[arg(value_name = "ID")]
+        /// The task's id (as 'vmbackup task list' shows it)
+        #[arg(value_name = "ID", add = ArgValueCandidates::new(complete::tasks))]
         id: i64,
     },
 }
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {
+    /// The rule
+    #[arg(add = ArgValueCandidates::new(complete::rules))]
     pub rule: String,
     /// Only this VM's tasks
-    #[arg(long, value_name = "VM")]
+    #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
     pub vm: Option<String>,
-    /// Only this task
-    #[arg(long, value_name = "ID")]
+    /// Only this task (of this rule)
+    #[arg(long, value_name = "ID", add = ArgValueCandidates::new(complete::tasks))]
     pub task: Option<i64>,
+    /// Only lines written since this time: RFC 3339 (2026-12-03T08:00:00Z) or a
+    /// duration ago (30m, 2h, 1d)
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// Only the newest N lines (then, with --follow, new ones)
+    #[arg(short = 'n', long = "lines", value_name = "N")]
+    pub lines: Option<u32>,
     /// Keep printing new lines as they are written
     #[arg(short, long)]
     pub follow: bool,
@@ -361,18 +477,21 @@ pub struct LogsArgs {
 
 #[derive(Debug, Args)]
 pub struct PointsArgs {
+    /// The rule
+    #[arg(add = ArgValueCandidates::new(complete::rules))]
     pub rule: String,
     /// Only this VM [default: every VM of the rule, and orphaned VM keys in its repository]
-    #[arg(long, value_name = "VM")]
+    #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
     pub vm: Option<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct PruneArgs {
     /// Only this rule [default: every rule]
+    #[arg(add = ArgValueCandidates::new(complete::rules))]
     pub rule: Option<String>,
     /// Only this VM of the rule
-    #[arg(long, value_name = "VM", requires = "rule")]
+    #[arg(long, value_name = "VM", requires = "rule", add = ArgValueCandidates::new(complete::vms))]
     pub vm: Option<String>,
     /// Show what would be removed, and why, without removing anything
     #[arg(long)]
@@ -381,12 +500,14 @@ pub struct PruneArgs {
 
 #[derive(Debug, Args)]
 pub struct ForgetArgs {
+    /// The rule
+    #[arg(add = ArgValueCandidates::new(complete::rules))]
     pub rule: String,
     /// The VM (or an orphaned VM key, `<platform>/<vm>`, as 'vmbackup points' lists it)
-    #[arg(long, value_name = "VM")]
+    #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
     pub vm: String,
     /// Point id(s) to remove; repeat or comma-separate
-    #[arg(long, required = true, value_delimiter = ',', value_name = "ID")]
+    #[arg(long, required = true, value_delimiter = ',', value_name = "ID", add = ArgValueCandidates::new(complete::points))]
     pub point: Vec<String>,
     /// Show what would be removed without removing anything
     #[arg(long)]
@@ -396,10 +517,10 @@ pub struct ForgetArgs {
 #[derive(Debug, Args)]
 pub struct GcArgs {
     /// Only this rule's repository [default: the repositories of every rule]
-    #[arg(conflicts_with = "target")]
+    #[arg(conflicts_with = "target", add = ArgValueCandidates::new(complete::rules))]
     pub rule: Option<String>,
     /// Only the repositories of the rules on this target
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", add = ArgValueCandidates::new(complete::targets))]
     pub target: Option<String>,
     /// Count what would be deleted without deleting anything (backups may run
     /// meanwhile: their new objects count as garbage until they commit)
@@ -413,15 +534,7 @@ HOW IT WORKS
 
 Garbage collection reads every index of every point of a repository and marks each chunk and delta they name (and each delta's base chunk), then deletes every other object, and staging files killed writers left more than an hour ago. It holds the repository's exclusive lock: backups that start meanwhile wait (pending) until it is done. A repository whose lock is busy is deferred, never waited for (exit 4). It refuses to sweep while any point's manifest or index cannot be read: 'vmbackup points' lists such damaged points, 'vmbackup forget' removes them. Quarantined objects are never deleted.
 
-The daemon and run-due run it automatically at most once a day per repository, after pruning, when the lock is free.
-
-EXAMPLES
-
-vmbackup gc --dry-run
-
-vmbackup gc web
-
-vmbackup --json gc --target nas";
+The daemon and run-due run it automatically at most once a day per repository, after pruning, when the lock is free.";
 
 /// The man page text of `prune`: retention with the seed's examples.
 const PRUNE_HELP: &str = "\
@@ -433,33 +546,29 @@ Never removed: the VM's newest point; its newest full (the full that today's inc
 
 Every point has its own complete index, so every kept point restores on its own. Example, retention 0 days with a full and daily incrementals: after day 2's incremental, day 1's incrementals are removed and the full stays; day 1's changes live on in day 2's point, which restores byte-exact although the point it was taken against is gone.
 
-The daemon and run-due prune a VM after its last scheduled backup of the day completed, and not while its newest backup failed or was interrupted. This command prunes now. The data of removed points is freed by garbage collection ('vmbackup gc', also run once a day automatically).
-
-EXAMPLES
-
-vmbackup prune web --dry-run
-
-vmbackup prune web --vm web01
-
-vmbackup --json prune";
+The daemon and run-due prune a VM after its last scheduled backup of the day completed, and not while its newest backup failed or was interrupted. This command prunes now. The data of removed points is freed by garbage collection ('vmbackup gc', also run once a day automatically).";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ImageFormat {
+    /// A raw image, sparse
     Raw,
+    /// A qcow2 image (converted with qemu-img)
     Qcow2,
 }
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
+    /// The rule
+    #[arg(add = ArgValueCandidates::new(complete::rules))]
     pub rule: String,
     /// The VM to restore (or --all)
-    #[arg(long, value_name = "VM", required_unless_present = "all")]
+    #[arg(long, value_name = "VM", required_unless_present = "all", add = ArgValueCandidates::new(complete::vms))]
     pub vm: Option<String>,
     /// Point id, or "latest"
-    #[arg(long, default_value = "latest", value_name = "ID")]
+    #[arg(long, default_value = "latest", value_name = "ID", add = ArgValueCandidates::new(complete::points))]
     pub point: String,
     /// Directory to write one image per disk into (with --all: DIR/<VM>/)
-    #[arg(long, value_name = "DIR", required_unless_present = "in_place")]
+    #[arg(long, value_name = "DIR", required_unless_present = "in_place", value_hint = clap::ValueHint::DirPath)]
     pub to: Option<PathBuf>,
     /// Image format
     #[arg(long, value_enum, default_value = "raw")]
@@ -554,13 +663,13 @@ pub struct RecoverArgs {
 #[derive(Debug, Args)]
 pub struct RecoverStartArgs {
     /// The rule whose point to recover
-    #[arg(required = true)]
+    #[arg(required = true, add = ArgValueCandidates::new(complete::rules))]
     pub rule: Option<String>,
     /// The VM (or --all)
-    #[arg(long, value_name = "VM", required_unless_present = "all")]
+    #[arg(long, value_name = "VM", required_unless_present = "all", add = ArgValueCandidates::new(complete::vms))]
     pub vm: Option<String>,
     /// Point id, or "latest"
-    #[arg(long, default_value = "latest", value_name = "ID")]
+    #[arg(long, default_value = "latest", value_name = "ID", add = ArgValueCandidates::new(complete::points))]
     pub point: String,
     /// Every VM of the rule, each from its latest point
     #[arg(long, conflicts_with_all = ["vm", "point"])]
@@ -578,10 +687,10 @@ pub struct RecoverStartArgs {
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
     /// Where the overlays go [default: <state dir>/recover/<ID>/]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
     pub overlay_dir: Option<PathBuf>,
     /// Instant recovery: the directory of the new images
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
     pub to: Option<PathBuf>,
     #[command(flatten)]
     pub launch: LaunchArgs,
@@ -597,6 +706,7 @@ pub enum RecoverCmd {
     },
     /// Stop the VM and the server and remove the overlays
     Stop {
+        /// The recovery (see 'vmbackup recover list')
         #[arg(value_name = "ID")]
         id: i64,
         /// Keep the overlays (the VM's writes)
@@ -605,12 +715,14 @@ pub enum RecoverCmd {
     },
     /// Restart a recovery's server if it died, and finish an interrupted migration
     Resume {
+        /// The recovery (see 'vmbackup recover list')
         #[arg(value_name = "ID")]
         id: i64,
     },
     /// Cancel a migration and remove its partial images; the VM keeps running as a
     /// transient recovery
     Abort {
+        /// The recovery (see 'vmbackup recover list')
         #[arg(value_name = "ID")]
         id: i64,
     },
@@ -628,11 +740,13 @@ fn parse_mode(text: &str) -> Result<u32, String> {
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// Only this rule [default: every rule]
-    #[arg(required_if_eq("boot", "true"))]
+    #[arg(required_if_eq("boot", "true"), add = ArgValueCandidates::new(complete::rules))]
     pub rule: Option<String>,
-    #[arg(long, value_name = "VM", requires = "rule")]
+    /// Only this VM of the rule
+    #[arg(long, value_name = "VM", requires = "rule", add = ArgValueCandidates::new(complete::vms))]
     pub vm: Option<String>,
-    #[arg(long, value_name = "ID", requires = "vm")]
+    /// Only this point of the VM
+    #[arg(long, value_name = "ID", requires = "vm", add = ArgValueCandidates::new(complete::points))]
     pub point: Option<String>,
     /// Boot the point (latest by default) from a transient recovery without
     /// network and judge it by its serial console (--expect) or, without
@@ -654,9 +768,54 @@ pub struct VerifyArgs {
 #[derive(Debug, Args)]
 pub struct CleanupArgs {
     /// Only this rule [default: every rule]
+    #[arg(add = ArgValueCandidates::new(complete::rules))]
     pub rule: Option<String>,
     /// Also remove secret values (passwords, keys, `-object secret` data) from the
     /// VM command lines stored in manifests written by earlier versions
     #[arg(long)]
     pub redact: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PeriodArg {
+    /// The last 7 days, per day
+    Week,
+    /// The last 30 days, per day
+    Month,
+    /// The last 12 months, per month
+    Year,
+    /// All three charts
+    All,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The rule
+    #[arg(add = ArgValueCandidates::new(complete::rules))]
+    pub rule: String,
+    /// Only this VM of the rule
+    #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
+    pub vm: Option<String>,
+    /// Which charts to show (and, with --tasks, which tasks to list)
+    #[arg(long, value_enum, default_value = "all")]
+    pub period: PeriodArg,
+    /// Do not mark the failures shown as viewed
+    #[arg(long)]
+    pub peek: bool,
+    /// Also list the tasks, with their errors
+    #[arg(long)]
+    pub tasks: bool,
+    /// With --tasks: only failed and interrupted tasks
+    #[arg(long, requires = "tasks")]
+    pub failed: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NotifyCmd {
+    /// Send a sample notification (event "test") now, on every configured channel
+    Test {
+        /// Use this rule's webhook setting (rule edit --notify-url)
+        #[arg(long, add = ArgValueCandidates::new(complete::rules))]
+        rule: Option<String>,
+    },
 }

@@ -1,11 +1,9 @@
 //! `run-now`: back up a rule's VMs now, in this process, through the runner.
 
-use std::sync::atomic::Ordering;
-
 use anyhow::Result;
 
 use super::args::{LevelArg, RunNowArgs};
-use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
+use super::process::TaskSession;
 use super::Ctx;
 use crate::error::ExitCode;
 use crate::level::Level;
@@ -29,10 +27,7 @@ pub fn run_now(ctx: &Ctx, a: RunNowArgs) -> Result<ExitCode> {
     state.require_platform(&rule.settings.platform)?;
     state.require_target(&rule.settings.target)?;
     drop(state);
-    reclaim_dead(ctx)?;
-    let rt = runtime()?;
-    let cancel = cancel_on_signals(&rt);
-    let runner = make_runner(ctx, &rt, cancel.clone())?;
+    let session = TaskSession::start(ctx)?;
     let specs = vms
         .into_iter()
         .map(|vm| TaskSpec {
@@ -45,23 +40,11 @@ pub fn run_now(ctx: &Ctx, a: RunNowArgs) -> Result<ExitCode> {
             },
         })
         .collect();
-    let results = runner.run_all(specs)?;
-    let worst = worst_of(&results, cancel.load(Ordering::SeqCst));
+    let results = session.runner.run_all(specs)?;
+    let worst = session.exit_code(&results);
     if ctx.json {
-        let vms: Vec<serde_json::Value> = results
-            .iter()
-            .map(|r| {
-                let mut v = serde_json::to_value(r).unwrap_or_default();
-                if let Some(o) = v.as_object_mut() {
-                    o.remove("rule");
-                }
-                v
-            })
-            .collect();
-        out!(
-            "{}",
-            serde_json::json!({ "type": "summary", "rule": rule.name, "exit_code": worst.code(), "vms": vms })
-        );
+        session.print_summary(Some(&rule.name), &results, worst);
     }
+    session.finish();
     Ok(worst)
 }

@@ -26,7 +26,7 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
         if !ctx.json && !ctx.quiet {
             out!("{d}");
         }
-        actions.push(serde_json::json!({ "action": d }));
+        actions.push(action(None, None, None, Some(&d), None));
     }
     let mut repos = Vec::new();
     for rule in &rules {
@@ -53,15 +53,20 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
                         if !ctx.json && !ctx.quiet {
                             out!("{} {}: {d}", rule.name, v.vm);
                         }
-                        actions.push(
-                            serde_json::json!({ "rule": rule.name, "vm": v.vm, "action": d }),
-                        );
+                        actions.push(action(Some(&rule.name), Some(&v.vm), None, Some(d), None));
                     }
                 }
                 Err(e) => {
                     worst = worst.max(exit_code_of(&e));
                     eprintln!("vmbackup: cleanup {} {}: {e:#}", rule.name, v.vm);
-                    actions.push(serde_json::json!({ "rule": rule.name, "vm": v.vm, "error": format!("{e:#}") }));
+                    let error = format!("{e:#}");
+                    actions.push(action(
+                        Some(&rule.name),
+                        Some(&v.vm),
+                        None,
+                        None,
+                        Some(&error),
+                    ));
                 }
             }
         }
@@ -76,14 +81,14 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
             if !ctx.json && !ctx.quiet {
                 out!("{}: {d}", repo.location());
             }
-            actions.push(serde_json::json!({ "repository": repo.location(), "action": d }));
+            actions.push(action(None, None, Some(repo.location()), Some(&d), None));
         }
         if a.redact {
             for d in redact_manifests(&repo)? {
                 if !ctx.json && !ctx.quiet {
                     out!("{}: {d}", repo.location());
                 }
-                actions.push(serde_json::json!({ "repository": repo.location(), "action": d }));
+                actions.push(action(None, None, Some(repo.location()), Some(&d), None));
             }
         }
     }
@@ -93,4 +98,17 @@ pub fn cleanup(ctx: &Ctx, a: CleanupArgs) -> Result<ExitCode> {
         out!("nothing to clean up");
     }
     Ok(worst)
+}
+
+/// One line of `cleanup --json`'s `actions`: every field present (docs/JSON.md).
+fn action(
+    rule: Option<&str>,
+    vm: Option<&str>,
+    repository: Option<&str>,
+    action: Option<&str>,
+    error: Option<&str>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "rule": rule, "vm": vm, "repository": repository, "action": action, "error": error,
+    })
 }

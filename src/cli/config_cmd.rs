@@ -18,7 +18,11 @@ pub fn run(ctx: &Ctx, cmd: ConfigCmd) -> Result<ExitCode> {
                 out!("file: {}", ctx.config_path.display());
                 let mut t = Table::new(&["KEY", "VALUE", "SOURCE"]);
                 for e in &entries {
-                    t.row(vec![e.key.to_string(), e.value.clone(), e.source.clone()]);
+                    t.row(vec![
+                        e.key.to_string(),
+                        e.value.clone().unwrap_or_else(|| "-".into()),
+                        e.source.clone(),
+                    ]);
                 }
                 t.print();
             }

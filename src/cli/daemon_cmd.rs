@@ -4,60 +4,59 @@
 //! `run-due` exits with the worst code of its tasks (0 when nothing was due);
 //! `daemon` runs until SIGINT/SIGTERM, then stops its tasks cleanly and exits 130.
 
-use std::sync::atomic::Ordering;
-
 use anyhow::Result;
 
-use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
+use super::diag::stderr_line;
+use super::process::TaskSession;
 use super::Ctx;
 use crate::error::ExitCode;
 use crate::runner::{scheduler, TaskResult};
 
 pub fn run_due(ctx: &Ctx) -> Result<ExitCode> {
     ctx.state()?;
-    reclaim_dead(ctx)?;
-    let rt = runtime()?;
-    let cancel = cancel_on_signals(&rt);
-    let runner = make_runner(ctx, &rt, cancel.clone())?;
-    let results = scheduler::run_due(&runner)?;
-    let worst = worst_of(&results, cancel.load(Ordering::SeqCst));
+    let session = TaskSession::start(ctx)?;
+    let results = scheduler::run_due(&session.runner)?;
+    let worst = session.exit_code(&results);
     if ctx.json {
-        out!(
-            "{}",
-            serde_json::json!({ "type": "summary", "exit_code": worst.code(), "tasks": results })
-        );
+        session.print_summary(None, &results, worst);
     } else if results.is_empty() && !ctx.quiet {
         out!("nothing due");
     }
+    session.finish();
     Ok(worst)
 }
 
 pub fn daemon(ctx: &Ctx) -> Result<ExitCode> {
     ctx.state()?;
-    reclaim_dead(ctx)?;
-    let rt = runtime()?;
-    let cancel = cancel_on_signals(&rt);
-    let runner = make_runner(ctx, &rt, cancel.clone())?;
-    eprintln!("vmbackup: daemon started (pid {})", std::process::id());
+    let session = TaskSession::start(ctx)?;
+    stderr_line(&format!("daemon started (pid {})", std::process::id()));
     sd_notify("READY=1");
     let json = ctx.json;
     let report = move |r: &TaskResult| {
         if json {
-            out!("{}", serde_json::json!({ "type": "task_end", "result": r }));
+            out!(
+                "{}",
+                serde_json::json!({
+                    "type": "task_end",
+                    "time": crate::timefmt::json_time(chrono::Utc::now()),
+                    "result": r,
+                })
+            );
         } else {
-            eprintln!(
-                "vmbackup: task {} rule '{}' VM '{}': {}",
+            stderr_line(&format!(
+                "task {} rule '{}' VM '{}': {}",
                 r.task,
                 r.rule.as_deref().unwrap_or(""),
                 r.vm,
                 r.status
-            );
+            ));
         }
     };
-    let ended = scheduler::daemon(&runner, &report);
+    let ended = scheduler::daemon(&session.runner, &report);
     sd_notify("STOPPING=1");
+    session.finish();
     ended?;
-    eprintln!("vmbackup: daemon stopped");
+    stderr_line("daemon stopped");
     Ok(ExitCode::Interrupted)
 }
 
@@ -78,6 +77,6 @@ fn sd_notify(state: &str) {
     let sent = UnixDatagram::unbound()
         .and_then(|sock| addr.and_then(|a| sock.send_to_addr(state.as_bytes(), &a)));
     if let Err(e) = sent {
-        eprintln!("vmbackup: warning: cannot notify systemd at {target}: {e}");
+        tracing::warn!("cannot notify systemd at {target}: {e}");
     }
 }

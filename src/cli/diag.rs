@@ -1,6 +1,9 @@
 //! Diagnostics on stderr through `tracing`: warnings always, `-v` adds debug
-//! detail, `-vv` everything. Lines read `TIME vmbackup: LEVEL: message`; under
-//! systemd's journal (`JOURNAL_STREAM` set) the time is left to the journal.
+//! detail (QMP traffic, NBD negotiation, extents; secrets redacted by
+//! `platform::redact`), `-vv` everything. Lines read `TIME vmbackup: LEVEL:
+//! message`; under systemd's journal (`JOURNAL_STREAM` set) the time is left to
+//! the journal. The CLI's own progress and daemon lines use [`stderr_line`],
+//! which stamps them the same way.
 //!
 //! Task log lines (R32) are not diagnostics: they go to the state store through
 //! the runner and are shown by the CLI's task display.
@@ -12,6 +15,24 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
+/// Whether stderr lines carry their own time (not under the journal, which
+/// stamps them itself).
+fn timestamps() -> bool {
+    std::env::var_os("JOURNAL_STREAM").is_none()
+}
+
+/// `TIME vmbackup: message` on stderr.
+pub fn stderr_line(message: &str) {
+    if timestamps() {
+        eprintln!(
+            "{} vmbackup: {message}",
+            crate::timefmt::log_time(chrono::Utc::now())
+        );
+    } else {
+        eprintln!("vmbackup: {message}");
+    }
+}
+
 /// Install the stderr subscriber for `verbose` (the count of `-v`).
 pub fn init(verbose: u8) {
     let level = match verbose {
@@ -20,7 +41,7 @@ pub fn init(verbose: u8) {
         _ => Level::TRACE,
     };
     let format = Lines {
-        timestamps: std::env::var_os("JOURNAL_STREAM").is_none(),
+        timestamps: timestamps(),
     };
     // A second call (tests calling `main` twice) keeps the first subscriber.
     let _ = tracing_subscriber::fmt()
@@ -30,7 +51,7 @@ pub fn init(verbose: u8) {
         .try_init();
 }
 
-/// `2026-12-03T08:30:00.123Z vmbackup: warning: message`.
+/// `2026-12-03 09:30:00.123 +01:00 vmbackup: warning: message`.
 struct Lines {
     timestamps: bool,
 }
@@ -47,8 +68,7 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         if self.timestamps {
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            write!(w, "{now} ")?;
+            write!(w, "{} ", crate::timefmt::log_time(chrono::Utc::now()))?;
         }
         let level = match *event.metadata().level() {
             Level::ERROR => "error",

@@ -25,7 +25,7 @@ struct PruneDoc<'a> {
 }
 
 pub fn prune(ctx: &Ctx, a: PruneArgs) -> Result<ExitCode> {
-    let state = ctx.state()?;
+    let mut state = ctx.state()?;
     let rules = match &a.rule {
         Some(r) => vec![state.require_rule(r)?],
         None => state.rules()?,
@@ -41,6 +41,9 @@ pub fn prune(ctx: &Ctx, a: PruneArgs) -> Result<ExitCode> {
                 }
                 for p in plans {
                     worst = worst.max(p.code);
+                    if !a.dry_run {
+                        crate::runner::record_points_left(&mut state, &p);
+                    }
                     if !ctx.json {
                         print_vm(ctx, &p, a.dry_run);
                     }
@@ -102,9 +105,20 @@ fn mark_line(m: &Mark, dry_run: bool) -> String {
 }
 
 pub fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<ExitCode> {
-    let state = ctx.state()?;
+    let mut state = ctx.state()?;
     let rule = state.require_rule(&a.rule)?;
     let report = forget_points(&state, &rule, &a.vm, &a.point, a.dry_run)?;
+    let removed = report
+        .points
+        .iter()
+        .filter(|m| m.action == Action::Remove)
+        .count() as u64;
+    if !a.dry_run && removed > 0 {
+        // Stats and metrics count the VM's points (R33).
+        if let Some(n) = state.vm_status(&rule.name, &a.vm)?.points {
+            state.set_vm_points(&rule.name, &a.vm, n.saturating_sub(removed))?;
+        }
+    }
     if ctx.json {
         print_json(&serde_json::json!({
             "dry_run": a.dry_run,

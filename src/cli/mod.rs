@@ -19,11 +19,15 @@ macro_rules! out {
 pub mod args;
 mod backup_cmd;
 mod cleanup_cmd;
+mod complete;
 mod config_cmd;
 mod daemon_cmd;
 mod diag;
+pub mod examples;
 mod lifecycle_cmd;
 mod logs_cmd;
+pub mod manual;
+mod notify_cmd;
 pub mod output;
 mod platform_cmd;
 mod points_cmd;
@@ -32,22 +36,25 @@ mod progress_view;
 mod recover_cmd;
 mod restore_cmd;
 mod rule_cmd;
+mod stats_cmd;
 mod target_cmd;
 mod task_cmd;
+mod views;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use clap::{CommandFactory, Parser};
+use clap::{CommandFactory, FromArgMatches};
 
 use crate::config::SystemConfig;
 use crate::error::{exit_code_of, ExitCode};
 use crate::state::State;
 use args::{Cli, Command};
 
-/// The clap command tree (for man pages and completions).
+/// The clap command tree with every command's examples (for parsing, man
+/// pages and completions).
 pub fn command() -> clap::Command {
-    Cli::command()
+    examples::add(Cli::command(), "vmbackup")
 }
 
 /// Longest state directory: `<dir>/run/<16>/nbd.sock` must fit the 107 bytes of
@@ -86,6 +93,16 @@ impl Ctx {
             Some(p) => (p.clone(), true),
             None => (PathBuf::from("/etc/vmbackup/system.conf"), false),
         };
+        // Every command, whether it reads system.conf or not: a file named on
+        // purpose that is not there is a mistake worth hearing about.
+        if config_explicit && !config_path.exists() {
+            return Err(crate::error::invalid(
+                "--config",
+                config_path.display(),
+                "no such file (a system.conf given with --config or VMBACKUP_CONFIG must exist)",
+            ));
+        }
+        output::set_no_header(g.no_header);
         Ok(Ctx {
             state_path,
             config_path,
@@ -104,6 +121,11 @@ impl Ctx {
     /// Load and validate system.conf.
     pub fn system_config(&self) -> Result<SystemConfig> {
         SystemConfig::load(&self.config_path, self.config_explicit)
+    }
+
+    /// Metrics and notifications as system.conf configures them.
+    pub fn monitor(&self) -> Result<crate::monitor::Monitor> {
+        crate::monitor::Monitor::new(&self.system_config()?.monitoring, &self.state_path)
     }
 
     /// Scratch space for fleecing images and our own NBD sockets: `<state dir>/run`,
@@ -135,11 +157,18 @@ fn default_state_path() -> Result<PathBuf> {
 
 /// Entry point of the binary.
 pub fn main() -> std::process::ExitCode {
-    let cli = match Cli::try_parse() {
+    // Shell completion requests (the scripts `completions` prints) end here.
+    clap_complete::CompleteEnv::with_factory(command)
+        .var(complete::ENV)
+        .complete();
+    let parsed = command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
             let msg = one_line(&e);
-            eprintln!("vmbackup: {msg} (see 'vmbackup --help')");
+            eprintln!("vmbackup: {msg}");
             if std::env::args().any(|a| a == "--json") {
                 output::print_json(
                     &serde_json::json!({ "error": msg, "exit_code": ExitCode::Usage.code() }),
@@ -177,16 +206,34 @@ pub fn main() -> std::process::ExitCode {
     std::process::ExitCode::from(code.code())
 }
 
-/// A clap usage error as one line: its first paragraph (which names the argument
-/// and, for a bad value, the possible values), without the usage block.
+/// A clap usage error as one line: its first paragraph (which names the
+/// argument and, for a bad value, the possible values), clap's tips ("a
+/// similar subcommand exists: 'show'"), and which `--help` to read.
 fn one_line(e: &clap::Error) -> String {
     let text = e.render().to_string();
-    let first: Vec<&str> = text
-        .lines()
-        .map(str::trim)
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let first: Vec<&str> = lines
+        .iter()
+        .copied()
         .take_while(|l| !l.is_empty())
         .collect();
-    first.join(" ").trim_start_matches("error: ").to_string()
+    let mut msg = first.join(" ").trim_start_matches("error: ").to_string();
+    for tip in lines.iter().filter(|l| l.starts_with("tip:")) {
+        msg.push_str("; ");
+        msg.push_str(tip);
+    }
+    // `Usage: vmbackup rule show <NAME>` → `vmbackup rule --help` for an
+    // unknown subcommand of `rule`, `vmbackup rule show --help` otherwise.
+    let usage = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("Usage: "))
+        .unwrap_or("vmbackup");
+    let path: Vec<&str> = usage
+        .split_whitespace()
+        .take_while(|w| !w.starts_with(['<', '[', '-']))
+        .collect();
+    msg.push_str(&format!(" (see '{} --help')", path.join(" ")));
+    msg
 }
 
 fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
@@ -196,9 +243,7 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
         Command::Rule(c) => rule_cmd::run(ctx, c),
         Command::Config(c) => config_cmd::run(ctx, c),
         Command::Completions { shell } => {
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut command(), "vmbackup", &mut script);
-            out!("{}", String::from_utf8_lossy(&script).trim_end());
+            out!("{}", complete::script(shell)?.trim_end());
             Ok(ExitCode::Ok)
         }
         Command::RunNow(a) => backup_cmd::run_now(ctx, a),
@@ -215,5 +260,7 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
         Command::Forget(a) => lifecycle_cmd::forget(ctx, a),
         Command::Gc(a) => lifecycle_cmd::gc(ctx, a),
         Command::Cleanup(a) => cleanup_cmd::cleanup(ctx, a),
+        Command::Stats(a) => stats_cmd::stats(ctx, a),
+        Command::Notify(c) => notify_cmd::run(ctx, c),
     }
 }

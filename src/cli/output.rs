@@ -37,7 +37,52 @@ pub fn print_json<T: Serialize + ?Sized>(value: &T) {
     }
 }
 
-/// A plain text table: a header row and aligned columns, two spaces apart.
+/// The result of an action command (`rule add`, `target remove`, ...): with
+/// `--json`, `{"message": ..., <fields>}` (docs/JSON.md); otherwise the message,
+/// unless `-q`.
+pub fn print_done(json: bool, quiet: bool, message: &str, fields: serde_json::Value) {
+    if json {
+        let mut doc = serde_json::json!({ "message": message });
+        if let (Some(d), serde_json::Value::Object(f)) = (doc.as_object_mut(), fields) {
+            d.extend(f);
+        }
+        print_json(&doc);
+    } else if !quiet {
+        out!("{message}");
+    }
+}
+
+/// `--no-header`: tables leave out their header line.
+static NO_HEADER: AtomicBool = AtomicBool::new(false);
+
+pub fn set_no_header(on: bool) {
+    NO_HEADER.store(on, Ordering::Relaxed);
+}
+
+/// Columns a table may use: the terminal's width when stdout is one (`COLUMNS`
+/// first, then the terminal's own size), else unlimited (a pipe to `awk`
+/// gets whole cells).
+fn table_width() -> Option<usize> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse::<usize>().ok())
+        .or_else(|| {
+            rustix::termios::tcgetwinsize(std::io::stdout())
+                .ok()
+                .map(|w| usize::from(w.ws_col))
+        })
+        .filter(|w| *w > 0)
+}
+
+/// Narrowest a column is cut to when the table is too wide.
+const MIN_COLUMN: usize = 8;
+
+/// A plain text table: a header row and aligned columns, two spaces apart. On a
+/// terminal, long cells are cut (ending in `…`) so that rows fit its width.
 pub struct Table {
     header: Vec<String>,
     rows: Vec<Vec<String>>,
@@ -56,28 +101,100 @@ impl Table {
     }
 
     pub fn print(&self) {
-        let n = self.header.len();
-        let mut width = vec![0usize; n];
-        for r in std::iter::once(&self.header).chain(&self.rows) {
-            for (i, c) in r.iter().enumerate().take(n) {
-                width[i] = width[i].max(c.chars().count());
-            }
-        }
-        for r in std::iter::once(&self.header).chain(&self.rows) {
-            let mut line = String::new();
-            for (i, c) in r.iter().enumerate().take(n) {
-                if i + 1 == n {
-                    line.push_str(c);
-                } else {
-                    line.push_str(&format!("{c:<w$}  ", w = width[i]));
-                }
-            }
-            out!("{}", line.trim_end());
+        for line in self.lines(table_width(), NO_HEADER.load(Ordering::Relaxed)) {
+            out!("{line}");
         }
     }
+
+    /// The table's lines, fitted to `width` columns when given.
+    fn lines(&self, width: Option<usize>, no_header: bool) -> Vec<String> {
+        let n = self.header.len();
+        let mut widths = vec![0usize; n];
+        for r in std::iter::once(&self.header).chain(&self.rows) {
+            for (i, c) in r.iter().enumerate().take(n) {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+        if let Some(limit) = width {
+            fit(&mut widths, limit);
+        }
+        let skip = usize::from(no_header);
+        std::iter::once(&self.header)
+            .chain(&self.rows)
+            .skip(skip)
+            .map(|r| {
+                let mut line = String::new();
+                for (i, c) in r.iter().enumerate().take(n) {
+                    let cell = cut(c, widths[i]);
+                    if i + 1 == n {
+                        line.push_str(&cell);
+                    } else {
+                        line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+                    }
+                }
+                line.trim_end().to_string()
+            })
+            .collect()
+    }
+}
+
+/// Narrow the widest columns, one character at a time, until the columns and
+/// their two-space gaps fit `limit` (or every column is at [`MIN_COLUMN`]).
+fn fit(widths: &mut [usize], limit: usize) {
+    let total = |w: &[usize]| w.iter().sum::<usize>() + 2 * w.len().saturating_sub(1);
+    while total(widths) > limit {
+        let Some((i, _)) = widths
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w > MIN_COLUMN)
+            .max_by_key(|(_, w)| **w)
+        else {
+            return;
+        };
+        widths[i] -= 1;
+    }
+}
+
+/// `cell` in at most `width` characters, ending in `…` when cut.
+fn cut(cell: &str, width: usize) -> String {
+    if cell.chars().count() <= width {
+        return cell.to_string();
+    }
+    let kept: String = cell.chars().take(width.saturating_sub(1)).collect();
+    format!("{kept}…")
 }
 
 /// `yes` / `no`.
 pub fn yes_no(b: bool) -> String {
     if b { "yes" } else { "no" }.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_fit_the_width_and_can_drop_their_header() {
+        let mut t = Table::new(&["ID", "RULE", "WAITING FOR"]);
+        t.row(vec![
+            "1".into(),
+            "web".into(),
+            "waiting for a slot: 8 of 8 tasks running (bk_tsk_thd) and a very long explanation"
+                .into(),
+        ]);
+        let whole = t.lines(None, false);
+        assert!(whole[1].ends_with("explanation"), "{whole:?}");
+        let fitted = t.lines(Some(40), false);
+        assert!(fitted.iter().all(|l| l.chars().count() <= 40), "{fitted:?}");
+        assert!(
+            fitted[1].ends_with('…') && fitted[1].starts_with("1   web"),
+            "{fitted:?}"
+        );
+        let bare = t.lines(Some(40), true);
+        assert_eq!(bare.len(), 1);
+        assert!(bare[0].starts_with("1 "));
+        // Too narrow for every column: columns stop at their minimum.
+        let tiny = t.lines(Some(5), false);
+        assert!(tiny[1].contains('…'));
+    }
 }

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::args::{PlatformCmd, PlatformKind};
-use super::output::{print_json, yes_no, Table};
+use super::output::{print_done, print_json, yes_no, Table};
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
 use crate::platform::{self, PlatformSpec, VmInfo};
@@ -27,12 +27,12 @@ pub fn run(ctx: &Ctx, cmd: PlatformCmd) -> Result<ExitCode> {
         PlatformCmd::Refresh { name } => refresh(ctx, &name),
         PlatformCmd::Remove { name } => {
             ctx.state()?.remove_platform(&name)?;
-            if !ctx.quiet && !ctx.json {
-                out!("platform '{name}' removed");
-            }
-            if ctx.json {
-                print_json(&serde_json::json!({ "removed": name }));
-            }
+            print_done(
+                ctx.json,
+                ctx.quiet,
+                &format!("platform '{name}' removed"),
+                serde_json::json!({ "platform": name }),
+            );
             Ok(ExitCode::Ok)
         }
         PlatformCmd::Vms { name, refresh: now } => {
@@ -166,15 +166,45 @@ fn refresh(ctx: &Ctx, name: &str) -> Result<ExitCode> {
 
 fn report_inventory(ctx: &Ctx, name: &str, vms: &[VmInfo], verb: &str) {
     let bad = vms.iter().filter(|v| v.error.is_some()).count();
+    let msg = format!(
+        "platform '{name}' {verb}: {} VM(s), {bad} unreachable",
+        vms.len()
+    );
     if ctx.json {
-        print_json(&serde_json::json!({ "platform": name, "vms": vms.len(), "unreachable": bad }));
-    } else if !ctx.quiet {
-        out!(
-            "platform '{name}' {verb}: {} VM(s), {bad} unreachable",
-            vms.len()
+        print_done(
+            true,
+            false,
+            &msg,
+            serde_json::json!({ "platform": name, "vm_count": vms.len(), "unreachable_count": bad }),
         );
+    } else if !ctx.quiet {
+        out!("{msg}");
         for v in vms.iter().filter(|v| v.error.is_some()) {
             out!("  {}: {}", v.name, v.error.as_deref().unwrap_or_default());
+        }
+    }
+}
+
+/// Where a platform is, in JSON: its type and every type's parameter (`null`
+/// for the other types), so that every field is always there (docs/JSON.md).
+#[derive(Serialize)]
+struct Address {
+    #[serde(rename = "type")]
+    kind: String,
+    qmp_dir: Option<String>,
+    uri: Option<String>,
+}
+
+impl Address {
+    fn of(spec: &PlatformSpec) -> Address {
+        let (qmp_dir, uri) = match spec {
+            PlatformSpec::Qemu { qmp_dir } => (Some(qmp_dir.display().to_string()), None),
+            PlatformSpec::Libvirt { uri } => (None, Some(uri.clone())),
+        };
+        Address {
+            kind: spec.kind().to_string(),
+            qmp_dir,
+            uri,
         }
     }
 }
@@ -186,17 +216,21 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
         struct Item<'a> {
             name: &'a str,
             #[serde(flatten)]
-            spec: &'a PlatformSpec,
-            vms: usize,
-            refreshed_at: Option<&'a str>,
+            address: Address,
+            vm_count: usize,
+            #[serde(serialize_with = "crate::timefmt::stored")]
+            created: &'a str,
+            #[serde(serialize_with = "crate::timefmt::stored_opt")]
+            refreshed: Option<String>,
         }
         let items: Vec<Item> = rows
             .iter()
             .map(|p| Item {
                 name: &p.name,
-                spec: &p.spec,
-                vms: p.vms.len(),
-                refreshed_at: p.refreshed_at.as_deref(),
+                address: Address::of(&p.spec),
+                vm_count: p.vms.len(),
+                created: &p.created_at,
+                refreshed: p.refreshed_at.clone(),
             })
             .collect();
         print_json(&items);
@@ -220,9 +254,24 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     let state = ctx.state()?;
     let p = state.require_platform(name)?;
     if ctx.json {
-        let mut v = serde_json::to_value(&p)?;
-        v["vms"] = serde_json::to_value(vm_items(&state, &p)?)?;
-        print_json(&v);
+        #[derive(Serialize)]
+        struct Doc<'a> {
+            name: &'a str,
+            #[serde(flatten)]
+            address: Address,
+            #[serde(serialize_with = "crate::timefmt::stored")]
+            created: &'a str,
+            #[serde(serialize_with = "crate::timefmt::stored_opt")]
+            refreshed: Option<String>,
+            vms: Vec<VmItem>,
+        }
+        print_json(&Doc {
+            name: &p.name,
+            address: Address::of(&p.spec),
+            created: &p.created_at,
+            refreshed: p.refreshed_at.clone(),
+            vms: vm_items(&state, &p)?,
+        });
         return Ok(ExitCode::Ok);
     }
     out!("name:       {}", p.name);

@@ -9,6 +9,7 @@ use super::Ctx;
 use crate::error::ExitCode;
 use crate::level::Level;
 use crate::lifecycle::rule_repository;
+use crate::monitor::notify::{Event, Notification};
 use crate::repo::vm_key;
 use crate::units::format_size;
 
@@ -22,16 +23,19 @@ struct PointRow {
     point: String,
     level: Option<Level>,
     base: Option<String>,
-    started: Option<String>,
-    finished: Option<String>,
+    #[serde(with = "crate::timefmt::json_opt")]
+    started: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(with = "crate::timefmt::json_opt")]
+    finished: Option<chrono::DateTime<chrono::Utc>>,
     disks: Vec<String>,
     size: u64,
     bytes_read: u64,
     bytes_written: u64,
-    fallback_reason: Option<String>,
-    /// `completed`, or `damaged` (manifest or an index unreadable, see `reason`).
+    /// Why an inc/diff ran as a full.
+    fallback: Option<String>,
+    /// `completed`, or `damaged` (manifest or an index unreadable, see `error`).
     status: &'static str,
-    reason: Option<String>,
+    error: Option<String>,
 }
 
 pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
@@ -68,7 +72,7 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
     }
     let mut t = Table::new(&header);
     for r in &rows {
-        let status = match &r.reason {
+        let status = match &r.error {
             Some(why) => format!("{}: {why}", r.status),
             None if r.orphaned => format!("{} (orphaned: no rule owns this VM)", r.status),
             None => r.status.into(),
@@ -103,15 +107,15 @@ fn point_rows(list: &crate::repo::PointList, vm: &str, orphaned: bool, rows: &mu
             point: m.point.clone(),
             level: Some(m.level),
             base: m.base.clone(),
-            started: Some(m.started.to_rfc3339()),
-            finished: Some(m.finished.to_rfc3339()),
+            started: Some(m.started),
+            finished: Some(m.finished),
             disks: m.disks.iter().map(|d| d.name.clone()).collect(),
             size: m.totals.size,
             bytes_read: m.totals.bytes_read,
             bytes_written: m.totals.bytes_written,
-            fallback_reason: m.fallback_reason.clone(),
+            fallback: m.fallback_reason.clone(),
             status: "completed",
-            reason: None,
+            error: None,
         })
         .chain(list.damaged.iter().map(|d| PointRow {
             vm: vm.to_string(),
@@ -125,9 +129,9 @@ fn point_rows(list: &crate::repo::PointList, vm: &str, orphaned: bool, rows: &mu
             size: 0,
             bytes_read: 0,
             bytes_written: 0,
-            fallback_reason: None,
+            fallback: None,
             status: "damaged",
-            reason: Some(d.reason.clone()),
+            error: Some(d.reason.clone()),
         }))
         .collect();
     mine.sort_by(|a, b| a.point.cmp(&b.point));
@@ -142,9 +146,10 @@ struct VerifyItem {
     /// `ok`, or `damaged`: objects missing, corrupt or quarantined, or the
     /// manifest or an index unreadable (`problems` says which).
     status: &'static str,
-    chunks_checked: u64,
+    /// Chunk and delta objects checked.
+    checked_count: u64,
     /// Objects once quarantined and whole again (a later backup stored them).
-    healed: u64,
+    healed_count: u64,
     problems: Vec<String>,
 }
 
@@ -154,15 +159,25 @@ struct VerifyRule {
     rule: String,
     /// `checked`, `no points yet`, or `failed` (`error` says why).
     status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+}
+
+/// One VM's verify: its damaged points (point, first problem), and whether
+/// every point was checked (only then is the count of damaged points known).
+struct VmVerified {
+    rule: String,
+    vm: String,
+    damaged: Vec<(String, String)>,
+    all_points: bool,
 }
 
 pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
     if a.boot {
         return verify_boot(ctx, a);
     }
-    let state = ctx.state()?;
+    let mut state = ctx.state()?;
+    let monitor = ctx.monitor()?;
+    let mut verified: Vec<VmVerified> = Vec::new();
     let rules = match &a.rule {
         Some(r) => vec![state.require_rule(r)?],
         None => state.rules()?,
@@ -189,11 +204,22 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
                     Some(p) => vec![crate::restore::select_point_id(&list, p)?],
                     None => list.all_ids(),
                 };
+                let mut damaged = Vec::new();
                 for p in ids {
                     let item = verify_one(&repo, rule, vm, &key, &p, &quarantined)?;
                     print_verify_item(ctx, &item);
+                    if item.status != "ok" {
+                        let first = item.problems.first().cloned().unwrap_or_default();
+                        damaged.push((item.point.clone(), first));
+                    }
                     items.push(item);
                 }
+                verified.push(VmVerified {
+                    rule: rule.name.clone(),
+                    vm: vm.clone(),
+                    damaged,
+                    all_points: a.point.is_none(),
+                });
             }
             Ok(true)
         })();
@@ -216,13 +242,14 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
             error,
         });
     }
+    report_to_monitor(&mut state, &monitor, &verified)?;
     let bad = items.iter().filter(|i| i.status != "ok").count();
     let failed = summary.iter().filter(|r| r.error.is_some()).count();
     if ctx.json {
         print_json(&serde_json::json!({
             "rules": summary,
             "points": items,
-            "points_with_problems": bad,
+            "damaged_count": bad,
         }));
     }
     if bad > 0 {
@@ -233,6 +260,37 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
     } else {
         ExitCode::Ok
     })
+}
+
+/// Record what verify found (for `stats` and the metrics: last verify, damaged
+/// points, R33) and notify `damaged` for each VM with damage.
+fn report_to_monitor(
+    state: &mut crate::state::State,
+    monitor: &crate::monitor::Monitor,
+    verified: &[VmVerified],
+) -> Result<()> {
+    let now = crate::timefmt::json_time(chrono::Utc::now());
+    for v in verified {
+        if v.all_points {
+            state.record_verify(&v.rule, &v.vm, &now, v.damaged.len() as u64)?;
+        }
+        if let Some((point, problem)) = v.damaged.first() {
+            let mut n = Notification::new(Event::Damaged);
+            n.rule = Some(v.rule.clone());
+            n.vm = Some(v.vm.clone());
+            n.kind = Some("verify".into());
+            n.point = Some(point.clone());
+            n.error = Some(format!(
+                "{} point(s) damaged; first: point {point}: {problem}",
+                v.damaged.len()
+            ));
+            n.exit_code = Some(ExitCode::Failed.code());
+            monitor.notify(state, n);
+        }
+    }
+    monitor.refresh(state);
+    monitor.finish();
+    Ok(())
 }
 
 /// Verify one point; a point whose manifest or index cannot be read is damaged.
@@ -256,8 +314,8 @@ fn verify_one(
         vm: vm.to_string(),
         point: point.to_string(),
         status: if r.is_ok() { "ok" } else { "damaged" },
-        chunks_checked: r.chunks_checked,
-        healed: r.healed,
+        checked_count: r.chunks_checked,
+        healed_count: r.healed,
         problems,
     })
 }
@@ -266,7 +324,7 @@ fn print_verify_item(ctx: &Ctx, item: &VerifyItem) {
     if ctx.json || (ctx.quiet && item.problems.is_empty()) {
         return;
     }
-    let verdict = match (item.problems.len(), item.healed) {
+    let verdict = match (item.problems.len(), item.healed_count) {
         (0, 0) => "ok".to_string(),
         (0, n) => format!("ok, healed ({n} object(s) stored again by a later backup)"),
         (n, _) => format!("DAMAGED, {n} problem(s)"),
@@ -276,7 +334,7 @@ fn print_verify_item(ctx: &Ctx, item: &VerifyItem) {
         item.rule,
         item.vm,
         item.point,
-        item.chunks_checked
+        item.checked_count
     );
     for pr in &item.problems {
         out!("  {pr}");
@@ -286,9 +344,7 @@ fn print_verify_item(ctx: &Ctx, item: &VerifyItem) {
 /// `verify --boot`: boot the chosen point of each VM (a boot verification task
 /// each, no slot: it is a transient recovery) and judge it.
 fn verify_boot(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
-    let started = chrono::Utc::now();
     use crate::runner::{Job, TaskSpec};
-    use std::sync::atomic::Ordering;
     let state = ctx.state()?;
     let rule = state.require_rule(a.rule.as_deref().unwrap_or_default())?;
     let repo = crate::lifecycle::rule_repository_with_points(&state, &rule)?;
@@ -317,18 +373,9 @@ fn verify_boot(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
         });
     }
     drop(state);
-    super::process::reclaim_dead(ctx)?;
-    let rt = super::process::runtime()?;
-    let cancel = super::process::cancel_on_signals(&rt);
-    let runner = super::process::make_runner(ctx, &rt, cancel.clone())?;
-    let results = runner.run_all(specs)?;
-    let cancelled = cancel.load(Ordering::SeqCst);
-    Ok(super::restore_cmd::conclude(
-        ctx,
-        &rule.name,
-        &results,
-        &[],
-        cancelled,
-        started,
-    ))
+    let session = super::process::TaskSession::start(ctx)?;
+    let results = session.runner.run_all(specs)?;
+    let code = super::restore_cmd::conclude(ctx, &session, &rule.name, &results, &[]);
+    session.finish();
+    Ok(code)
 }

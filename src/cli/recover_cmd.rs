@@ -3,14 +3,13 @@
 //! task (no slot, R38) handed to a background server process, and for instant
 //! recovery a migration task (a slot) run here.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Result;
 
 use super::args::{RecoverArgs, RecoverCmd, RecoverStartArgs};
 use super::output::{print_json, Table};
-use super::process::{cancel_on_signals, reclaim_dead, runtime};
+use super::process::TaskSession;
 use super::progress_view::CliEvents;
 use super::restore_cmd::{chosen_points, conclude, launch_options};
 use super::Ctx;
@@ -18,7 +17,7 @@ use crate::error::{invalid, ExitCode};
 use crate::platform::PlatformSpec;
 use crate::recovery::{self, RecoverOptions};
 use crate::repo::vm_key;
-use crate::runner::{Job, Outcome, Runner, TaskResult, TaskSpec};
+use crate::runner::{Job, Outcome, TaskResult, TaskSpec};
 use crate::state::recoveries::{RecoveryMode, RecoveryStage};
 
 pub fn recover(ctx: &Ctx, a: RecoverArgs) -> Result<ExitCode> {
@@ -38,20 +37,20 @@ pub fn serve(ctx: &Ctx, id: i64) -> Result<ExitCode> {
     Ok(ExitCode::Ok)
 }
 
-/// A runner whose front end shows nothing on stdout under `--json` (the
-/// command prints one document).
-fn runner(
-    ctx: &Ctx,
-    rt: &tokio::runtime::Runtime,
-    cancel: Arc<std::sync::atomic::AtomicBool>,
-) -> Result<Arc<Runner>> {
-    let events: Arc<dyn crate::runner::Events> =
-        Arc::new(CliEvents::new(false, ctx.quiet || ctx.json));
-    super::process::make_runner_with(ctx, rt, cancel, events)
+/// A task session whose front end shows nothing on stdout under `--json` (the
+/// command prints its summary line only).
+fn session(ctx: &Ctx) -> Result<TaskSession> {
+    TaskSession::start_with(
+        ctx,
+        Arc::new(CliEvents::new(
+            false,
+            ctx.quiet || ctx.json,
+            ctx.verbose > 0,
+        )),
+    )
 }
 
 fn start(ctx: &Ctx, a: RecoverStartArgs) -> Result<ExitCode> {
-    let started = chrono::Utc::now();
     let state = ctx.state()?;
     let rule = state.require_rule(a.rule.as_deref().unwrap_or_default())?;
     let repo = crate::lifecycle::rule_repository_with_points(&state, &rule)?;
@@ -150,10 +149,8 @@ fn start(ctx: &Ctx, a: RecoverStartArgs) -> Result<ExitCode> {
     for vm in &missing {
         eprintln!("vmbackup: {vm}: no restore point; not recovered");
     }
-    reclaim_dead(ctx)?;
-    let rt = runtime()?;
-    let cancel = cancel_on_signals(&rt);
-    let runner = runner(ctx, &rt, cancel.clone())?;
+    let session = session(ctx)?;
+    let runner = &session.runner;
     let specs = chosen
         .into_iter()
         .map(|(vm, m)| TaskSpec {
@@ -188,10 +185,9 @@ fn start(ctx: &Ctx, a: RecoverStartArgs) -> Result<ExitCode> {
     } else if !ctx.json {
         print_recoveries(&results);
     }
-    let cancelled = cancel.load(Ordering::SeqCst);
-    Ok(conclude(
-        ctx, &rule.name, &results, &missing, cancelled, started,
-    ))
+    let code = conclude(ctx, &session, &rule.name, &results, &missing);
+    session.finish();
+    Ok(code)
 }
 
 /// The command line and the stop hint of each started recovery.
@@ -304,8 +300,9 @@ fn stop(ctx: &Ctx, id: i64, keep: bool) -> Result<ExitCode> {
 }
 
 fn resume(ctx: &Ctx, id: i64) -> Result<ExitCode> {
-    let started = chrono::Utc::now();
-    reclaim_dead(ctx)?;
+    // Started first: it reclaims what dead processes left (R44).
+    let session = session(ctx)?;
+    let runner = &session.runner;
     let state = ctx.state()?;
     let views = recovery::list(&state, true)?;
     let v = views.into_iter().find(|v| v.row.id == id).ok_or_else(|| {
@@ -326,9 +323,6 @@ fn resume(ctx: &Ctx, id: i64) -> Result<ExitCode> {
     let repo = crate::lifecycle::rule_repository_with_points(&state, &rule)?;
     let point = repo.load_manifest(&vm_key(&rule.settings.platform, &row.vm), &row.point)?;
     drop(state);
-    let rt = runtime()?;
-    let cancel = cancel_on_signals(&rt);
-    let runner = runner(ctx, &rt, cancel.clone())?;
     let mut results = Vec::new();
     if !v.server_running {
         let opts = RecoverOptions {
@@ -366,13 +360,14 @@ fn resume(ctx: &Ctx, id: i64) -> Result<ExitCode> {
     if results.is_empty() && !ctx.json {
         out!("recovery {id}: its server runs and nothing is left to migrate");
     }
-    let cancelled = cancel.load(Ordering::SeqCst);
-    Ok(conclude(ctx, &rule.name, &results, &[], cancelled, started))
+    let code = conclude(ctx, &session, &rule.name, &results, &[]);
+    session.finish();
+    Ok(code)
 }
 
 fn abort(ctx: &Ctx, id: i64) -> Result<ExitCode> {
     // A migration task whose process died ends interrupted first.
-    reclaim_dead(ctx)?;
+    super::process::reclaim_dead_now(ctx)?;
     let actions = recovery::mirror::abort(&ctx.state_path, id)?;
     if ctx.json {
         print_json(&serde_json::json!({

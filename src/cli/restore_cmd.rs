@@ -4,12 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 
 use anyhow::Result;
 
 use super::args::{ImageFormat as ImageArg, LaunchArgs, RestoreArgs};
-use super::process::{cancel_on_signals, make_runner, reclaim_dead, runtime, worst_of};
+use super::process::TaskSession;
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
 use crate::lifecycle::rule_repository_with_points;
@@ -118,7 +117,6 @@ pub fn group_points(repo: &Repository, rule: &RuleRow, at: Option<&str>) -> Resu
 }
 
 pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
-    let started = chrono::Utc::now();
     let state = ctx.state()?;
     let rule = state.require_rule(&a.rule)?;
     let repo = rule_repository_with_points(&state, &rule)?;
@@ -188,15 +186,11 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
                 .unwrap_or_default()
         );
     }
-    reclaim_dead(ctx)?;
-    let rt = runtime()?;
-    let cancel = cancel_on_signals(&rt);
-    let runner = make_runner(ctx, &rt, cancel.clone())?;
-    let results = runner.run_all(specs)?;
-    let cancelled = cancel.load(Ordering::SeqCst);
-    Ok(conclude(
-        ctx, &rule.name, &results, &missing, cancelled, started,
-    ))
+    let session = TaskSession::start(ctx)?;
+    let results = session.runner.run_all(specs)?;
+    let code = conclude(ctx, &session, &rule.name, &results, &missing);
+    session.finish();
+    Ok(code)
 }
 
 /// The flags of a launch from the captured configuration (qemu platforms).
@@ -262,64 +256,21 @@ fn check_as_vm(
 }
 
 /// The exit code of a restore, recovery or boot verification by severity (a
-/// VM without a point counts as failed), and with `--json` its summary line.
+/// VM without a point counts as failed), and with `--json` its summary line
+/// (docs/JSON.md, "Summary").
 pub fn conclude(
     ctx: &Ctx,
+    session: &TaskSession,
     rule: &str,
     results: &[TaskResult],
     missing: &[String],
-    cancelled: bool,
-    started: chrono::DateTime<chrono::Utc>,
 ) -> ExitCode {
-    let mut worst = worst_of(results, cancelled);
+    let mut worst = session.exit_code(results);
     if !missing.is_empty() {
         worst = worst.max(ExitCode::Failed);
     }
     if ctx.json {
-        print_summary(rule, worst, results, missing, started);
+        session.print_group_summary(Some(rule), results, missing, worst);
     }
     worst
-}
-
-/// One JSON summary line for the tasks of a restore, recovery or boot
-/// verification, the last line of its JSON lines (docs/JSON.md); `started` is
-/// when the command started.
-fn print_summary(
-    rule: &str,
-    worst: ExitCode,
-    results: &[TaskResult],
-    missing: &[String],
-    started: chrono::DateTime<chrono::Utc>,
-) {
-    let finished = chrono::Utc::now();
-    let ms =
-        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let tasks: Vec<serde_json::Value> = results
-        .iter()
-        .map(|r| {
-            let mut v = serde_json::to_value(r).unwrap_or_default();
-            if let Some(o) = v.as_object_mut() {
-                o.insert("kind".into(), serde_json::json!(r.kind));
-                // Every field is present (docs/JSON.md): null when it does not apply.
-                for key in ["rule", "outcome", "error"] {
-                    o.entry(key).or_insert(serde_json::Value::Null);
-                }
-            }
-            v
-        })
-        .collect();
-    out!(
-        "{}",
-        serde_json::json!({
-            "type": "summary",
-            "time": ms(finished),
-            "rule": rule,
-            "exit_code": worst.code(),
-            "started": ms(started),
-            "finished": ms(finished),
-            "duration_seconds": (finished - started).num_milliseconds() as f64 / 1000.0,
-            "tasks": tasks,
-            "vms_without_point": missing,
-        })
-    );
 }

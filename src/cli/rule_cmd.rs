@@ -8,13 +8,15 @@ use serde::Serialize;
 use super::args::{
     OnOff, PolicyArgs, QuiesceArg, RetentionArg, RuleAddArgs, RuleCmd, RuleEditArgs,
 };
-use super::output::{print_json, yes_no, Table};
+use super::output::{print_done, print_json, yes_no, Table};
+use super::views::LastBackup;
 use super::Ctx;
 use crate::error::{invalid, refused, ExitCode};
 use crate::platform::Quiesce;
 use crate::policy::bandwidth::{validate_windows, Window};
 use crate::policy::{build_policy, Policy};
 use crate::state::rules::{RuleRow, RuleSettings};
+use crate::state::tasks::TaskRow;
 use crate::state::State;
 use crate::task::TaskState;
 
@@ -24,17 +26,22 @@ pub fn run(ctx: &Ctx, cmd: RuleCmd) -> Result<ExitCode> {
         RuleCmd::Edit(a) => edit(ctx, a),
         RuleCmd::AddVm { name, vm } => {
             ctx.state()?.add_rule_vms(&name, &vm)?;
-            done(ctx, &format!("rule '{name}': added {}", vm.join(", ")));
+            done(
+                ctx,
+                &format!("rule '{name}': added {}", vm.join(", ")),
+                serde_json::json!({ "rule": name, "vms": vm }),
+            );
             Ok(ExitCode::Ok)
         }
         RuleCmd::Start { name, vm } => set_state(ctx, &name, vm.as_deref(), "started"),
         RuleCmd::Stop { name, vm } => set_state(ctx, &name, vm.as_deref(), "stopped"),
         RuleCmd::Remove { name, vm } => {
             ctx.state()?.remove_rule(&name, vm.as_deref())?;
-            match vm {
-                Some(vm) => done(ctx, &format!("VM '{vm}' removed from rule '{name}'")),
-                None => done(ctx, &format!("rule '{name}' removed")),
-            }
+            let msg = match &vm {
+                Some(vm) => format!("VM '{vm}' removed from rule '{name}'"),
+                None => format!("rule '{name}' removed"),
+            };
+            done(ctx, &msg, serde_json::json!({ "rule": name, "vm": vm }));
             Ok(ExitCode::Ok)
         }
         RuleCmd::List => list(ctx),
@@ -42,20 +49,17 @@ pub fn run(ctx: &Ctx, cmd: RuleCmd) -> Result<ExitCode> {
     }
 }
 
-fn done(ctx: &Ctx, msg: &str) {
-    if ctx.json {
-        print_json(&serde_json::json!({ "ok": msg }));
-    } else if !ctx.quiet {
-        out!("{msg}");
-    }
+fn done(ctx: &Ctx, msg: &str, fields: serde_json::Value) {
+    print_done(ctx.json, ctx.quiet, msg, fields);
 }
 
 fn set_state(ctx: &Ctx, name: &str, vm: Option<&str>, to: &str) -> Result<ExitCode> {
     ctx.state()?.set_rule_vm_state(name, vm, to)?;
-    match vm {
-        Some(vm) => done(ctx, &format!("rule '{name}' VM '{vm}' {to}")),
-        None => done(ctx, &format!("rule '{name}' {to}")),
-    }
+    let msg = match vm {
+        Some(vm) => format!("rule '{name}' VM '{vm}' {to}"),
+        None => format!("rule '{name}' {to}"),
+    };
+    done(ctx, &msg, serde_json::json!({ "rule": name, "vm": vm }));
     Ok(ExitCode::Ok)
 }
 
@@ -95,10 +99,20 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
         policy,
         bandwidth,
     };
-    ctx.state()?.add_rule(&a.name, &settings, &a.vm)?;
+    let notify_url = a
+        .notify_url
+        .as_deref()
+        .map(|u| notify_setting(u, false))
+        .transpose()?;
+    let mut state = ctx.state()?;
+    state.add_rule(&a.name, &settings, &a.vm)?;
+    if let Some(url) = notify_url {
+        state.set_rule_notify_url(&a.name, url.as_deref())?;
+    }
     done(
         ctx,
         &format!("rule '{}' added with {} VM(s)", a.name, a.vm.len()),
+        serde_json::json!({ "rule": a.name }),
     );
     Ok(ExitCode::Ok)
 }
@@ -124,11 +138,17 @@ fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
         && retention.is_none()
         && bandwidth.is_empty()
         && !a.clear_bandwidth
+        && a.notify_url.is_none()
     {
         return Err(refused(
-            "rule edit: nothing to change; give --once, --schedule, --retention, --bandwidth or --clear-bandwidth (R34)",
+            "rule edit: nothing to change; give --once, --schedule, --retention, --bandwidth, --clear-bandwidth or --notify-url (R34)",
         ));
     }
+    let notify_url = a
+        .notify_url
+        .as_deref()
+        .map(|u| notify_setting(u, true))
+        .transpose()?;
     let mut state = ctx.state()?;
     let rule = state.require_rule(&a.name)?;
     let now = Local::now().naive_local();
@@ -175,6 +195,9 @@ fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
         parse_windows(bandwidth)?
     };
     state.edit_rule_policy(&a.name, &policy, &windows)?;
+    if let Some(url) = notify_url {
+        state.set_rule_notify_url(&a.name, url.as_deref())?;
+    }
     let msg = format!("rule '{}' updated", a.name);
     // What the next prune would remove under the new policy (when it changed).
     let removable = if policy == rule.settings.policy {
@@ -190,14 +213,12 @@ fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
             }
         }
     };
-    if ctx.json {
-        print_json(&serde_json::json!({
-            "message": msg,
-            "rule": a.name,
-            "prune_would_remove_count": removable,
-        }));
-    } else if !ctx.quiet {
-        out!("{msg}");
+    done(
+        ctx,
+        &msg,
+        serde_json::json!({ "rule": a.name, "prune_would_remove_count": removable }),
+    );
+    if !ctx.json && !ctx.quiet {
         if let Some(n) = removable.filter(|n| *n > 0) {
             out!(
                 "the next prune removes {n} point(s) outside the new retention ('vmbackup prune {} --dry-run' lists them)",
@@ -206,6 +227,27 @@ fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::Ok)
+}
+
+/// `--notify-url`: a URL, `none`, or (for `rule edit`) `default`; `None` stands
+/// for system.conf's notify_url.
+fn notify_setting(value: &str, allow_default: bool) -> Result<Option<String>> {
+    match value {
+        crate::monitor::NOTIFY_URL_NONE => Ok(Some(value.to_string())),
+        "default" if allow_default => Ok(None),
+        url => match crate::config::parse_url("--notify-url", url) {
+            Ok(u) => Ok(Some(u)),
+            Err(_) => Err(invalid(
+                "--notify-url",
+                url,
+                if allow_default {
+                    "allowed an http:// or https:// URL, none, or default"
+                } else {
+                    "allowed an http:// or https:// URL, or none"
+                },
+            )),
+        },
+    }
 }
 
 /// A VM's R31 state as `rule show` reports it.
@@ -243,30 +285,77 @@ fn vm_state(state: &State, rule: &RuleRow, vm: &str, stored: &str) -> Result<Str
     })
 }
 
-fn list(ctx: &Ctx) -> Result<ExitCode> {
-    let state = ctx.state()?;
-    let rules = state.rules()?;
-    if ctx.json {
-        print_json(&rules);
-        return Ok(ExitCode::Ok);
-    }
-    let mut t = Table::new(&["NAME", "PLATFORM", "TARGET", "VMS", "POLICY"]);
-    for r in &rules {
-        let vms: Vec<String> = r
-            .vms
-            .iter()
-            .map(|v| format!("{}({})", v.vm, v.state))
-            .collect();
-        t.row(vec![
-            r.name.clone(),
-            r.settings.platform.clone(),
-            r.settings.target.clone(),
-            vms.join(","),
-            r.settings.policy.to_string(),
-        ]);
-    }
-    t.print();
-    Ok(ExitCode::Ok)
+/// A VM of a rule as `rule list` and `rule show` print it (R31, R33).
+#[derive(Serialize)]
+struct VmView {
+    vm: String,
+    /// The R31 state.
+    state: String,
+    #[serde(serialize_with = "crate::timefmt::stored")]
+    added: String,
+    unviewed_failures: u64,
+    last_backup: Option<LastBackup>,
+    last_task: Option<TaskRow>,
+}
+
+fn vm_views(state: &State, rule: &RuleRow) -> Result<Vec<VmView>> {
+    let now = crate::clock::Clock::process()
+        .now()
+        .with_timezone(&chrono::Utc);
+    let unviewed = state.unviewed_failures(&rule.name, None)?;
+    rule.vms
+        .iter()
+        .map(|v| {
+            Ok(VmView {
+                vm: v.vm.clone(),
+                state: vm_state(state, rule, &v.vm, &v.state)?,
+                added: v.added_at.clone(),
+                unviewed_failures: unviewed.get(&v.vm).copied().unwrap_or(0),
+                last_backup: state
+                    .last_backup(&rule.name, &v.vm)?
+                    .and_then(|r| LastBackup::of(&r, now)),
+                last_task: state.last_task(&rule.name, &v.vm)?,
+            })
+        })
+        .collect()
+}
+
+/// A rule as `rule list` and `rule show --json` print it (docs/JSON.md, "Rule").
+#[derive(Serialize)]
+struct RuleDoc {
+    name: String,
+    platform: String,
+    target: String,
+    subdir: String,
+    auto_cbt: bool,
+    cbt: bool,
+    lan_free: bool,
+    delete_data: bool,
+    /// `off`, `require` or `try`.
+    quiesce: String,
+    allow_plain_tcp_export: bool,
+    policy: PolicyDoc,
+    policy_text: String,
+    schedules: Vec<ScheduleView>,
+    next_runs: Vec<NextRun>,
+    /// Bandwidth windows as written (`mon-fri 08:00-18:00 20MiB/s`).
+    bandwidth: Vec<String>,
+    notify_url: Option<String>,
+    #[serde(serialize_with = "crate::timefmt::stored")]
+    created: String,
+    vms: Vec<VmView>,
+}
+
+/// A policy for scripts: its kind, the one-time run (UTC) or the schedules with
+/// their retention.
+#[derive(Serialize)]
+struct PolicyDoc {
+    /// `once` or `periodic`.
+    kind: &'static str,
+    #[serde(with = "crate::timefmt::json_opt")]
+    once: Option<chrono::DateTime<chrono::Utc>>,
+    schedules: Vec<String>,
+    retention: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -277,61 +366,142 @@ struct ScheduleView {
 
 #[derive(Serialize)]
 struct NextRun {
-    at: String,
+    #[serde(with = "crate::timefmt::json")]
+    time: chrono::DateTime<chrono::Utc>,
     level: String,
 }
 
-#[derive(Serialize)]
-struct VmView {
-    vm: String,
-    state: String,
-    last_task: Option<crate::state::tasks::TaskRow>,
+/// A rule's own webhook as listings show it: `none`, or only its scheme and
+/// host (a webhook URL often carries its token); `None` when the rule uses
+/// system.conf's.
+fn shown_notify_url(rule: &RuleRow) -> Option<String> {
+    rule.notify_url.as_deref().map(|u| {
+        if u == crate::monitor::NOTIFY_URL_NONE {
+            u.to_string()
+        } else {
+            crate::monitor::notify::redact_url(u)
+        }
+    })
+}
+
+fn rule_doc(state: &State, rule: &RuleRow) -> Result<RuleDoc> {
+    let s = &rule.settings;
+    let utc = |at: chrono::NaiveDateTime| {
+        crate::policy::schedule::place_in_zone(&Local, at).map(|t| t.with_timezone(&chrono::Utc))
+    };
+    let (policy, schedules) = match &s.policy {
+        Policy::Periodic {
+            schedules,
+            retention,
+        } => (
+            PolicyDoc {
+                kind: "periodic",
+                once: None,
+                schedules: schedules.iter().map(|sc| sc.to_string()).collect(),
+                retention: *retention,
+            },
+            schedules
+                .iter()
+                .map(|sc| ScheduleView {
+                    spec: sc.to_string(),
+                    cron: sc.cron_exprs(),
+                })
+                .collect(),
+        ),
+        Policy::Once { at } => (
+            PolicyDoc {
+                kind: "once",
+                once: utc(*at),
+                schedules: Vec::new(),
+                retention: None,
+            },
+            Vec::new(),
+        ),
+    };
+    let next_runs = s
+        .policy
+        .next_runs(Local::now().naive_local(), 5)
+        .into_iter()
+        .filter_map(|(at, level)| {
+            Some(NextRun {
+                time: utc(at)?,
+                level: level.to_string(),
+            })
+        })
+        .collect();
+    Ok(RuleDoc {
+        name: rule.name.clone(),
+        platform: s.platform.clone(),
+        target: s.target.clone(),
+        subdir: s.subdir.clone(),
+        auto_cbt: s.auto_cbt,
+        cbt: s.cbt,
+        lan_free: s.lan_free,
+        delete_data: s.delete_data,
+        quiesce: s.quiesce.to_string(),
+        allow_plain_tcp_export: s.allow_plain_tcp_export,
+        policy,
+        policy_text: s.policy.to_string(),
+        schedules,
+        next_runs,
+        bandwidth: s.bandwidth.iter().map(|w| w.to_string()).collect(),
+        notify_url: shown_notify_url(rule),
+        created: rule.created_at.clone(),
+        vms: vm_views(state, rule)?,
+    })
+}
+
+fn list(ctx: &Ctx) -> Result<ExitCode> {
+    let state = ctx.state()?;
+    let rules = state.rules()?;
+    let docs: Vec<RuleDoc> = rules
+        .iter()
+        .map(|r| rule_doc(&state, r))
+        .collect::<Result<_>>()?;
+    if ctx.json {
+        print_json(&docs);
+        return Ok(ExitCode::Ok);
+    }
+    let mut t = Table::new(&[
+        "RULE",
+        "VM",
+        "STATE",
+        "LAST BACKUP",
+        "UNVIEWED FAILURES",
+        "PLATFORM",
+        "TARGET",
+        "POLICY",
+    ]);
+    for r in &docs {
+        for v in &r.vms {
+            t.row(vec![
+                r.name.clone(),
+                v.vm.clone(),
+                v.state.clone(),
+                v.last_backup
+                    .as_ref()
+                    .map_or("never".into(), LastBackup::human),
+                v.unviewed_failures.to_string(),
+                r.platform.clone(),
+                r.target.clone(),
+                r.policy_text.clone(),
+            ]);
+        }
+    }
+    t.print();
+    Ok(ExitCode::Ok)
 }
 
 fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rule = state.require_rule(name)?;
-    let s = &rule.settings;
-    let schedules: Vec<ScheduleView> = match &s.policy {
-        Policy::Periodic { schedules, .. } => schedules
-            .iter()
-            .map(|sc| ScheduleView {
-                spec: sc.to_string(),
-                cron: sc.cron_exprs(),
-            })
-            .collect(),
-        Policy::Once { .. } => Vec::new(),
-    };
-    let now = Local::now().naive_local();
-    let next: Vec<NextRun> = s
-        .policy
-        .next_runs(now, 5)
-        .into_iter()
-        .map(|(at, level)| NextRun {
-            at: at.format("%Y-%m-%d %H:%M").to_string(),
-            level: level.to_string(),
-        })
-        .collect();
-    let vms: Vec<VmView> = rule
-        .vms
-        .iter()
-        .map(|v| {
-            Ok(VmView {
-                vm: v.vm.clone(),
-                state: vm_state(&state, &rule, &v.vm, &v.state)?,
-                last_task: state.last_task(&rule.name, &v.vm)?,
-            })
-        })
-        .collect::<Result<_>>()?;
+    let doc = rule_doc(&state, &rule)?;
     if ctx.json {
-        let mut v = serde_json::to_value(&rule)?;
-        v["policy_text"] = serde_json::json!(s.policy.to_string());
-        v["schedules"] = serde_json::to_value(&schedules)?;
-        v["next_runs"] = serde_json::to_value(&next)?;
-        v["vms"] = serde_json::to_value(&vms)?;
-        print_json(&v);
+        print_json(&doc);
         return Ok(ExitCode::Ok);
     }
+    let s = &rule.settings;
+    let (schedules, next, vms) = (&doc.schedules, &doc.next_runs, &doc.vms);
     out!("name:         {}", rule.name);
     out!("platform:     {}", s.platform);
     out!("target:       {} (sub-directory {})", s.target, s.subdir);
@@ -344,11 +514,15 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     out!("lan-free:     {}", yes_no(s.lan_free));
     out!("delete data:  {}", yes_no(s.delete_data));
     out!("quiesce:      {}", s.quiesce);
+    out!(
+        "notify url:   {}",
+        shown_notify_url(&rule).unwrap_or_else(|| "system.conf's notify_url".into())
+    );
     if s.allow_plain_tcp_export {
         out!("exports:      plain TCP allowed (--allow-plain-tcp-export)");
     }
     out!("policy:       {}", s.policy);
-    for sc in &schedules {
+    for sc in schedules {
         out!("  {}  =>  cron {}", sc.spec, sc.cron.join(" | "));
     }
     if s.bandwidth.is_empty() {
@@ -369,21 +543,36 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     if next.is_empty() {
         out!("  (none)");
     }
-    for n in &next {
-        out!("  {}  {}", n.at, n.level);
+    for n in next {
+        out!("  {}  {}", crate::timefmt::human_time(n.time), n.level);
     }
     out!();
-    let mut t = Table::new(&["VM", "STATE", "LAST TASK", "RESULT", "POINT"]);
-    for v in &vms {
-        let (when, result, point) = match &v.last_task {
-            Some(t) => (
-                t.started_at.clone().unwrap_or_default(),
-                t.state.to_string(),
-                t.point.clone().unwrap_or_default(),
-            ),
-            None => (String::new(), String::new(), String::new()),
+    let mut t = Table::new(&[
+        "VM",
+        "STATE",
+        "LAST BACKUP",
+        "POINT",
+        "UNVIEWED FAILURES",
+        "LAST TASK",
+    ]);
+    for v in vms {
+        let last_task = match &v.last_task {
+            Some(t) => format!("{} {} {}", t.id, t.kind, t.state),
+            None => "-".into(),
         };
-        t.row(vec![v.vm.clone(), v.state.clone(), when, result, point]);
+        t.row(vec![
+            v.vm.clone(),
+            v.state.clone(),
+            v.last_backup
+                .as_ref()
+                .map_or("never".into(), LastBackup::human),
+            v.last_backup
+                .as_ref()
+                .and_then(|b| b.point.clone())
+                .unwrap_or_else(|| "-".into()),
+            v.unviewed_failures.to_string(),
+            last_task,
+        ]);
     }
     t.print();
     Ok(ExitCode::Ok)

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::args::TargetCmd;
-use super::output::{print_json, Table};
+use super::output::{print_done, print_json, Table};
 use super::Ctx;
 use crate::error::{invalid, refused, ExitCode};
 use crate::repo::target::{read_marker, write_marker, TargetMarker};
@@ -53,9 +53,7 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
                 let mut v = serde_json::to_value(&t)?;
                 v["rules"] = serde_json::json!(users);
                 v["reachable"] = serde_json::json!(reachable.is_ok());
-                if let Err(e) = &reachable {
-                    v["problem"] = serde_json::json!(format!("{e:#}"));
-                }
+                v["error"] = serde_json::json!(reachable.as_ref().err().map(|e| format!("{e:#}")));
                 print_json(&v);
             } else {
                 out!("name:     {}", t.name);
@@ -84,11 +82,12 @@ pub fn run(ctx: &Ctx, cmd: TargetCmd) -> Result<ExitCode> {
         }
         TargetCmd::Remove { name } => {
             ctx.state()?.remove_target(&name)?;
-            if ctx.json {
-                print_json(&serde_json::json!({ "removed": name }));
-            } else if !ctx.quiet {
-                out!("target '{name}' removed (its data and marker stay on disk)");
-            }
+            print_done(
+                ctx.json,
+                ctx.quiet,
+                &format!("target '{name}' removed (its data and marker stay on disk)"),
+                serde_json::json!({ "target": name }),
+            );
             Ok(ExitCode::Ok)
         }
     }
@@ -145,13 +144,12 @@ fn add(ctx: &Ctx, name: &str, path: &Path) -> Result<ExitCode> {
     let store = spec.open()?;
     let marker = write_marker(store.as_ref(), &TargetMarker::new(name))?;
     state.add_target(name, &spec, &marker.target_id)?;
-    if ctx.json {
-        print_json(
-            &serde_json::json!({ "target": name, "spec": spec, "marker_id": marker.target_id }),
-        );
-    } else if !ctx.quiet {
-        out!("target '{name}' added: {}", abs.display());
-    }
+    print_done(
+        ctx.json,
+        ctx.quiet,
+        &format!("target '{name}' added: {}", abs.display()),
+        serde_json::json!({ "target": name, "spec": spec, "marker_id": marker.target_id }),
+    );
     Ok(ExitCode::Ok)
 }
 
@@ -175,14 +173,15 @@ fn mark(ctx: &Ctx, name: &str) -> Result<ExitCode> {
         (None, _) => write_marker(store.as_ref(), &TargetMarker::new(name))?,
     };
     state.set_target_marker(name, &marker.target_id)?;
-    if ctx.json {
-        print_json(&serde_json::json!({ "target": name, "marker_id": marker.target_id }));
-    } else if !ctx.quiet {
-        out!(
+    print_done(
+        ctx.json,
+        ctx.quiet,
+        &format!(
             "target '{name}' marked at {} (id {})",
             t.spec.location(),
             marker.target_id
-        );
-    }
+        ),
+        serde_json::json!({ "target": name, "marker_id": marker.target_id }),
+    );
     Ok(ExitCode::Ok)
 }

@@ -18,11 +18,7 @@ pub fn run(ctx: &Ctx, cmd: TaskCmd) -> Result<ExitCode> {
                 "task {id} ({} rule '{}' VM '{}'): cancel requested; it stops cleanly and ends interrupted",
                 task.kind, task.rule, task.vm
             );
-            if ctx.json {
-                print_json(&serde_json::json!({ "ok": msg, "task": id }));
-            } else if !ctx.quiet {
-                out!("{msg}");
-            }
+            super::output::print_done(ctx.json, ctx.quiet, &msg, serde_json::json!({ "task": id }));
             Ok(ExitCode::Ok)
         }
     }
@@ -31,7 +27,9 @@ pub fn run(ctx: &Ctx, cmd: TaskCmd) -> Result<ExitCode> {
 fn list(ctx: &Ctx, all: bool) -> Result<ExitCode> {
     let mut state = ctx.state()?;
     // A listing never shows a dead process's task as running.
-    state.reclaim_dead()?;
+    let monitor = ctx.monitor()?;
+    crate::runner::recover::reclaim_tasks(&mut state, &monitor)?;
+    monitor.finish();
     let tasks = state.tasks(!all, if all { 100 } else { 10_000 })?;
     if ctx.json {
         print_json(&tasks);

@@ -38,6 +38,11 @@ pub struct VmPrune {
 }
 
 impl VmPrune {
+    /// Points that stay.
+    pub fn kept(&self) -> usize {
+        self.points.len() - self.removals()
+    }
+
     /// Points marked for removal.
     pub fn removals(&self) -> usize {
         self.points

@@ -62,6 +62,15 @@ where
     let mut negotiated = conn.go().await?;
     negotiated.structured_replies = structured_replies;
     negotiated.contexts = contexts;
+    tracing::debug!(
+        "NBD export '{export}': handshake flags {handshake_flags:#x}, size {} bytes, transmission flags {:#x}, structured replies {structured_replies}, block sizes {}/{}/{} (min/preferred/max), meta contexts {:?}",
+        negotiated.size,
+        negotiated.transmission_flags,
+        negotiated.min_block,
+        negotiated.preferred_block,
+        negotiated.max_block,
+        negotiated.contexts
+    );
     Ok(negotiated)
 }
 

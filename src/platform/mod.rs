@@ -79,7 +79,7 @@ pub struct VmInfo {
     /// is in one rule only (R35): `qemu:<canonical path of its QMP socket>`; libvirt:
     /// `libvirt:<host>/<domain UUID>`. `None` in
     /// inventories cached before identities were recorded (refresh fills it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub identity: Option<String>,
 }
 
@@ -239,6 +239,9 @@ pub struct NewVm<'a> {
 pub struct DefinedVm {
     pub name: String,
     pub identity: Option<String>,
+    /// Started once defined (`restore --start`). JSON: `running`, as `started`
+    /// names a time in every document (docs/JSON.md).
+    #[serde(rename = "running")]
     pub started: bool,
 }
 

@@ -131,8 +131,14 @@ impl Qmp {
         if !args.is_null() {
             request["arguments"] = args;
         }
-        // Arguments are not logged: they may carry secrets.
-        tracing::debug!("QMP {}: {command}", self.socket.display());
+        // -v shows the traffic, always through the secret redaction.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let shown = match request.get("arguments") {
+                Some(a) => format!(" {}", crate::platform::redact::for_log(a)),
+                None => String::new(),
+            };
+            tracing::debug!("QMP {} -> {command}{shown}", self.socket.display());
+        }
         let mut line = request.to_string();
         line.push('\n');
         self.stream.write_all(line.as_bytes()).with_context(|| {
@@ -161,6 +167,7 @@ impl Qmp {
                 _ => {}
             }
             if let Some(err) = msg.get("error") {
+                log_reply(&self.socket, command, &msg);
                 return Err(QmpError {
                     command: command.to_string(),
                     class: err["class"].as_str().unwrap_or("").to_string(),
@@ -168,6 +175,7 @@ impl Qmp {
                 }
                 .into());
             }
+            log_reply(&self.socket, command, &msg);
             return match msg.get("return") {
                 Some(ret) => Ok(ret.clone()),
                 None => bail!("QMP command '{command}': unexpected reply {msg}"),
@@ -323,6 +331,32 @@ impl std::fmt::Debug for Qmp {
             .field("socket", &self.socket)
             .field("queued_events", &self.events.len())
             .finish()
+    }
+}
+
+/// Replies longer than this are cut at debug level (-v); -vv shows them whole.
+const DEBUG_REPLY_CHARS: usize = 2000;
+
+/// A reply at debug level (cut) or trace level (whole), secrets redacted.
+fn log_reply(socket: &Path, command: &str, msg: &Value) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let text = crate::platform::redact::for_log(msg).to_string();
+    if tracing::enabled!(tracing::Level::TRACE) || text.len() <= DEBUG_REPLY_CHARS {
+        tracing::debug!("QMP {} <- {command}: {text}", socket.display());
+    } else {
+        let cut = text
+            .char_indices()
+            .take_while(|(i, _)| *i < DEBUG_REPLY_CHARS)
+            .last()
+            .map_or(0, |(i, c)| i + c.len_utf8());
+        tracing::debug!(
+            "QMP {} <- {command}: {}... ({} more bytes; -vv shows all)",
+            socket.display(),
+            &text[..cut],
+            text.len() - cut
+        );
     }
 }
 

@@ -12,6 +12,10 @@
 //! Redaction happens when the configuration is captured, so nothing downstream
 //! (manifest, task log, debug output, JSON) ever holds the value;
 //! `vmbackup cleanup --redact` applies it to manifests written before.
+//!
+//! What `-v` prints of QMP traffic goes through [`for_log`]: the same rules on
+//! every JSON object and every string in it (QEMU reports some options as
+//! `json:{...}` file names), and credentials in URLs (`nbd://user:pw@host`).
 
 use serde_json::Value;
 
@@ -33,22 +37,74 @@ pub fn redact_args(args: &[String]) -> Vec<String> {
     args.iter().map(|a| redact_arg(a)).collect()
 }
 
-/// One argument with its secret values redacted: a JSON object, or `k=v` items.
+/// One argument with its secret values redacted: a JSON object (also as a
+/// `json:{...}` file name), or `k=v` items; credentials in URLs too.
 pub fn redact_arg(arg: &str) -> String {
-    if arg.trim_start().starts_with('{') {
-        if let Ok(mut v) = serde_json::from_str::<Value>(arg) {
+    let body = arg.strip_prefix("json:").unwrap_or(arg);
+    if body.trim_start().starts_with('{') {
+        if let Ok(mut v) = serde_json::from_str::<Value>(body) {
             redact_json(&mut v);
-            return v.to_string();
+            return format!("{}{v}", &arg[..arg.len() - body.len()]);
         }
     }
-    split_items(arg)
+    let items = split_items(arg)
         .into_iter()
         .map(|item| match item.split_once('=') {
             Some((k, _)) if is_secret_key(k) => format!("{k}={REDACTED}"),
             _ => item,
         })
         .collect::<Vec<_>>()
-        .join(",")
+        .join(",");
+    redact_url_credentials(&items)
+}
+
+/// A copy of a JSON value (a QMP command or reply) fit for a log: secret keys'
+/// values and every string through [`redact_arg`].
+pub fn for_log(v: &Value) -> Value {
+    let mut v = v.clone();
+    redact_json(&mut v);
+    redact_strings(&mut v);
+    v
+}
+
+fn redact_strings(v: &mut Value) {
+    match v {
+        Value::String(s) => {
+            let r = redact_arg(s);
+            if r != *s {
+                *s = r;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact_strings),
+        Value::Object(map) => map.values_mut().for_each(redact_strings),
+        _ => {}
+    }
+}
+
+/// `scheme://user:password@host` → `scheme://user:<redacted>@host`.
+fn redact_url_credentials(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail.find(['/', '?', '#', ' ', '"']).unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => out.push_str(&format!("{user}:{REDACTED}")),
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Redact the values of secret keys in JSON objects, at any depth; true when
@@ -132,6 +188,30 @@ fn split_items(s: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_lose_secrets_in_json_file_names_and_urls() {
+        let v = serde_json::json!({
+            "execute": "object-add",
+            "arguments": {"qom-type": "secret", "id": "s0", "data": "letmein"},
+            "return": [{"file": "json:{\"driver\":\"nbd\",\"password\":\"x1\"}", "node-name": "n"},
+                       {"file": "nbd://u:p4ss@host:10809/exp"}]
+        });
+        let out = for_log(&v).to_string();
+        for secret in ["letmein", "x1", "p4ss"] {
+            assert!(!out.contains(secret), "{secret} in {out}");
+        }
+        assert!(
+            out.contains("\"id\":\"s0\"") && out.contains("host:10809"),
+            "{out}"
+        );
+        assert!(out.contains("json:{"), "{out}");
+        assert_eq!(redact_arg("/var/lib/a=b/c"), "/var/lib/a=b/c");
+        assert_eq!(
+            redact_arg("https://alice:pw@x/y"),
+            "https://alice:<redacted>@x/y"
+        );
+    }
 
     #[test]
     fn secret_values_go_references_and_the_rest_stay() {

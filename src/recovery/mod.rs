@@ -81,7 +81,8 @@ pub struct RecoveryReport {
     pub socket: PathBuf,
     pub server_pid: u32,
     pub disks: Vec<RecoveredDisk>,
-    /// The started VM, if any.
+    /// The started VM, if any (JSON: `started_vm`; `vm` names the VM recovered).
+    #[serde(rename = "started_vm")]
     pub vm: Option<StartedVm>,
     /// A QEMU command line that runs the VM on the overlays (what `--start` runs).
     pub command_line: Option<Vec<String>>,

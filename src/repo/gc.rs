@@ -42,12 +42,15 @@ pub struct GcReport {
     /// Referenced objects that are absent (quarantined or lost; `verify` says which).
     pub missing_count: u64,
     /// Objects under `chunks/` that stay.
+    #[serde(rename = "kept_count")]
     pub objects_kept: u64,
     /// Objects deleted (dry: that would be).
+    #[serde(rename = "removed_count")]
     pub objects_removed: u64,
     /// Their size in bytes.
     pub bytes_freed: u64,
     /// Staging leftovers of killed writers deleted.
+    #[serde(rename = "staging_removed_count")]
     pub staging_removed: u64,
     /// How long marking took.
     pub mark_seconds: f64,

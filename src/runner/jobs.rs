@@ -378,7 +378,8 @@ fn backup(
     if out.level == crate::level::Level::Full {
         State::open(&runner.cfg.state_path)?.clear_vm_reset(&rule.name, &spec.vm)?;
     }
-    let code = if out.fallback.is_some() || !out.warnings.is_empty() {
+    let unexpected_full = out.fallback.is_some() && !out.fallback_planned;
+    let code = if unexpected_full || !out.warnings.is_empty() {
         ExitCode::Warning
     } else {
         ExitCode::Ok

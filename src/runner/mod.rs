@@ -36,6 +36,8 @@ use crate::backup::BackupOutcome;
 use crate::clock::Clock;
 use crate::error::{exit_code_of, is_interrupted, ExitCode};
 use crate::level::Level;
+use crate::monitor::notify::Event;
+use crate::monitor::Monitor;
 use crate::recovery::boot::{BootOptions, BootReport};
 use crate::recovery::cmdline::LaunchOptions;
 use crate::recovery::mirror::MigrationReport;
@@ -44,6 +46,7 @@ use crate::repo::Manifest;
 use crate::restore::{ImageFormat, RestoreReport};
 use crate::state::rules::RuleRow;
 use crate::state::slots::{Admission, Limits, SlotAnswer};
+use crate::state::tasks::TaskRow;
 use crate::state::State;
 use crate::task::{LogLevel, TaskKind, TaskState};
 pub use events::Events;
@@ -191,26 +194,83 @@ impl Outcome {
     }
 }
 
-/// How one task ended, as `run-now`/`run-due` print it (README "JSON output").
+/// How one task ended, as `run-now`, `run-due` and `restore` print it
+/// (docs/JSON.md, "Task results").
 #[derive(Debug, Serialize)]
 pub struct TaskResult {
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
     pub vm: String,
     pub task: i64,
-    #[serde(skip)]
     pub kind: TaskKind,
     pub status: TaskState,
     pub exit_code: u8,
     #[serde(skip)]
     pub code: ExitCode,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// When the task started running (it held a slot); `None` if it never did.
+    #[serde(with = "crate::timefmt::json_opt")]
+    pub started: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(with = "crate::timefmt::json_opt")]
+    pub finished: Option<chrono::DateTime<chrono::Utc>>,
+    /// From `started` to `finished`.
+    pub duration_seconds: Option<f64>,
+    /// Bytes read (from the VM for a backup, from the repository for a
+    /// restore) per second of `duration_seconds`.
+    pub rate_bytes_per_sec: Option<u64>,
     pub outcome: Option<Outcome>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// What the task did, in lines for people (also in the task's log).
     #[serde(skip)]
     pub summary: Vec<String>,
+}
+
+/// How a task ended, before its times are read back.
+struct Ended {
+    status: TaskState,
+    code: ExitCode,
+    outcome: Option<Outcome>,
+    error: Option<String>,
+    summary: Vec<String>,
+}
+
+impl TaskResult {
+    /// The result of task `task` of `spec`, its times and rate read from its
+    /// (ended) row.
+    fn of(spec: &TaskSpec, row: Option<&TaskRow>, task: i64, end: Ended) -> TaskResult {
+        let Ended {
+            status,
+            code,
+            outcome,
+            error,
+            summary,
+        } = end;
+        let time = |t: Option<&String>| t.and_then(|t| crate::timefmt::parse(t));
+        let started = time(row.and_then(|r| r.started_at.as_ref()));
+        let finished = time(row.and_then(|r| r.finished_at.as_ref()));
+        let duration = match (started, finished) {
+            (Some(s), Some(f)) => Some(crate::timefmt::seconds_between(s, f)),
+            _ => None,
+        };
+        let rate = match (duration, row) {
+            (Some(d), Some(r)) if d > 0.0 => Some((r.bytes_done as f64 / d).round() as u64),
+            _ => None,
+        };
+        TaskResult {
+            rule: Some(spec.rule.name.clone()),
+            vm: spec.vm.clone(),
+            task,
+            kind: spec.job.kind(),
+            status,
+            exit_code: code.code(),
+            code,
+            started,
+            finished,
+            duration_seconds: duration,
+            rate_bytes_per_sec: rate,
+            outcome,
+            error,
+            summary,
+        }
+    }
 }
 
 /// Settings of a runner, resolved by the CLI.
@@ -222,6 +282,8 @@ pub struct RunnerConfig {
     pub limits: Limits,
     pub chunk_size: u32,
     pub clock: Clock,
+    /// Metrics and notifications of tasks that end (system.conf monitoring).
+    pub monitor: Arc<Monitor>,
 }
 
 /// Runs tasks within the slot limits; shared by the threads it starts.
@@ -345,21 +407,27 @@ impl Runner {
                 state.log(*task, LogLevel::Warn, note)?;
             }
         }
+        if let Some(Admission::Skipped { task, .. }) = &admission {
+            self.cfg
+                .monitor
+                .task_ended(&state, *task, Some(Event::Skipped), ExitCode::Busy.code());
+        }
         match admission {
             None => Ok(None),
             Some(Admission::Skipped { task, reason }) => {
-                let skipped = TaskResult {
-                    rule: Some(spec.rule.name.clone()),
-                    vm: spec.vm.clone(),
+                let row = state.task(task)?;
+                let skipped = TaskResult::of(
+                    &spec,
+                    row.as_ref(),
                     task,
-                    kind: spec.job.kind(),
-                    status: TaskState::Skipped,
-                    exit_code: ExitCode::Busy.code(),
-                    code: ExitCode::Busy,
-                    outcome: None,
-                    error: Some(reason),
-                    summary: Vec::new(),
-                };
+                    Ended {
+                        status: TaskState::Skipped,
+                        code: ExitCode::Busy,
+                        outcome: None,
+                        error: Some(reason),
+                        summary: Vec::new(),
+                    },
+                );
                 self.events.ended(&skipped);
                 Ok(Some(Err(skipped)))
             }
@@ -396,46 +464,46 @@ impl Runner {
             } else {
                 state.set_task_running(task)?;
             }
+            record(&mut state, task, LogLevel::Info, &start_line(spec));
             jobs::run(self, spec, task, flag, held)
         });
-        let kind = spec.job.kind();
-        let result = match res {
+        let mut handoff = None;
+        let (status, code, outcome, error, summary) = match res {
             Ok(done) => {
                 for line in &done.summary {
                     record(&mut state, task, LogLevel::Info, line);
                 }
-                let note = match &done.outcome {
-                    Outcome::Backup(o) => o.fallback.as_deref(),
-                    _ => None,
-                };
-                let point = done.outcome.point();
-                let status = match done.handoff {
-                    // The task goes on in another process (a background server).
-                    Some(pid) => {
-                        if let Err(e) = state.hand_over_task(task, pid, "serving") {
-                            tracing::warn!("cannot hand task {task} over to pid {pid}: {e:#}");
-                        }
-                        TaskState::Running
+                if let Outcome::Backup(o) = &done.outcome {
+                    let figures = state
+                        .record_backup(
+                            task,
+                            o.level.as_str(),
+                            o.totals.bytes_read,
+                            o.totals.bytes_written,
+                        )
+                        .and_then(|()| {
+                            state.set_vm_points(&spec.rule.name, &spec.vm, o.point_count)
+                        });
+                    if let Err(e) = figures {
+                        tracing::warn!("cannot record what task {task} wrote: {e:#}");
                     }
-                    None => {
-                        if let Err(e) = state.end_task(task, TaskState::Completed, point, note) {
-                            tracing::warn!("cannot record the end of task {task}: {e:#}");
-                        }
-                        TaskState::Completed
-                    }
-                };
-                TaskResult {
-                    rule: Some(spec.rule.name.clone()),
-                    vm: spec.vm.clone(),
-                    task,
-                    kind,
-                    status,
-                    exit_code: done.code.code(),
-                    code: done.code,
-                    outcome: Some(done.outcome),
-                    error: None,
-                    summary: done.summary,
                 }
+                if let Outcome::Prune(p) = &done.outcome {
+                    record_points_left(&mut state, p);
+                }
+                handoff = done.handoff;
+                (
+                    // Running: the task goes on in another process (a background server).
+                    if handoff.is_some() {
+                        TaskState::Running
+                    } else {
+                        TaskState::Completed
+                    },
+                    done.code,
+                    Some(done.outcome),
+                    None,
+                    done.summary,
+                )
             }
             Err(err) => {
                 let code = exit_code_of(&err);
@@ -448,23 +516,54 @@ impl Runner {
                 };
                 let msg = format!("{err:#}");
                 record(&mut state, task, LogLevel::Error, &msg);
-                if let Err(e) = state.end_task(task, status, None, Some(&msg)) {
-                    tracing::warn!("cannot record the end of task {task}: {e:#}");
-                }
-                TaskResult {
-                    rule: Some(spec.rule.name.clone()),
-                    vm: spec.vm.clone(),
-                    task,
-                    kind,
-                    status,
-                    exit_code: code.code(),
-                    code,
-                    outcome: None,
-                    error: Some(msg),
-                    summary: Vec::new(),
-                }
+                (status, code, None, Some(msg), Vec::new())
             }
         };
+        if let Some(pid) = handoff {
+            record(
+                &mut state,
+                task,
+                LogLevel::Info,
+                &format!("task goes on in the background server (pid {pid})"),
+            );
+            if let Err(e) = state.hand_over_task(task, pid, "serving") {
+                tracing::warn!("cannot hand task {task} over to pid {pid}: {e:#}");
+            }
+        } else {
+            let last = end_line(&state, task, status);
+            record(&mut state, task, LogLevel::Info, &last);
+            let (point, note) = match &outcome {
+                Some(Outcome::Backup(o)) => (Some(o.point.as_str()), o.fallback.as_deref()),
+                Some(o) => (o.point(), None),
+                None => (None, error.as_deref()),
+            };
+            if let Err(e) = state.end_task(task, status, point, note) {
+                tracing::warn!("cannot record the end of task {task}: {e:#}");
+            }
+        }
+        let row = state.task(task).ok().flatten();
+        let result = TaskResult::of(
+            spec,
+            row.as_ref(),
+            task,
+            Ended {
+                status,
+                code,
+                outcome,
+                error,
+                summary,
+            },
+        );
+        let unexpected_full = matches!(
+            &result.outcome,
+            Some(Outcome::Backup(o)) if o.fallback.is_some() && !o.fallback_planned
+        );
+        self.cfg.monitor.task_ended(
+            &state,
+            task,
+            Event::of_end(result.status, unexpected_full),
+            result.exit_code,
+        );
         self.events.ended(&result);
         result
     }
@@ -545,10 +644,133 @@ pub fn join(handle: JoinHandle<TaskResult>) -> TaskResult {
         status: TaskState::Failed,
         exit_code: ExitCode::Failed.code(),
         code: ExitCode::Failed,
+        started: None,
+        finished: None,
+        duration_seconds: None,
+        rate_bytes_per_sec: None,
         outcome: None,
         error: Some("task thread panicked".into()),
         summary: Vec::new(),
     })
+}
+
+/// The first line of a task's log once it holds its slot (R32): what it was
+/// asked to do.
+fn start_line(spec: &TaskSpec) -> String {
+    match &spec.job {
+        Job::Backup { level, slot, .. } => match slot {
+            Some(slot) => format!(
+                "backup started: level {level} requested by the schedule slot {}",
+                crate::timefmt::json_of_stored(slot)
+            ),
+            None => format!("backup started: level {level} requested (run now)"),
+        },
+        Job::Restore { point, to } => {
+            let format_word = |format: &ImageFormat| {
+                serde_json::to_value(format)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            };
+            let whither = match to {
+                RestoreTo::Files { dest, format, .. } => {
+                    format!("to {} as {}", dest.display(), format_word(format))
+                }
+                RestoreTo::AsVm {
+                    dest,
+                    format,
+                    launch,
+                    ..
+                } => format!(
+                    "to {} as {}, as a new VM{}",
+                    dest.display(),
+                    format_word(format),
+                    launch
+                        .name
+                        .as_deref()
+                        .map(|n| format!(" '{n}'"))
+                        .unwrap_or_default()
+                ),
+                RestoreTo::InPlace => "into the VM's own images (in place)".to_string(),
+            };
+            format!(
+                "restore started: point {} ({} disk(s)) {whither}",
+                point.point,
+                point.disks.len(),
+            )
+        }
+        Job::Recover { point, opts } => format!(
+            "recovery started: point {} ({} disk(s)) served, {} recovery{}",
+            point.point,
+            point.disks.len(),
+            opts.mode,
+            if opts.start {
+                ", VM started on overlays"
+            } else {
+                ""
+            }
+        ),
+        Job::Migrate { recovery } => {
+            format!("migration started: recovery {recovery}'s disks to their new images")
+        }
+        Job::BootVerify { point, opts } => format!(
+            "boot verification started: point {} booted without network, judged by {}",
+            point.point,
+            if opts.expect.is_some() {
+                "its serial console"
+            } else {
+                "its guest agent"
+            }
+        ),
+        Job::Prune => "prune started: points outside the rule's retention".to_string(),
+        Job::Gc => "garbage collection started: objects no point refers to".to_string(),
+    }
+}
+
+/// The last line of a task's log (R32): how it ended, how long it took and how
+/// fast it read, from its row (start time, bytes done).
+fn end_line(state: &State, task: i64, status: TaskState) -> String {
+    let row = state.task(task).ok().flatten();
+    let started = row
+        .as_ref()
+        .and_then(|r| r.started_at.as_deref())
+        .and_then(crate::timefmt::parse);
+    let Some(started) = started else {
+        return format!("task {status} before it started");
+    };
+    let secs = crate::timefmt::seconds_between(started, chrono::Utc::now());
+    let done = row.map_or(0, |r| r.bytes_done);
+    format!(
+        "task {status} after {}: {} read at {}/s",
+        duration_text(secs),
+        crate::units::format_size(done),
+        crate::units::format_size(if secs > 0.0 {
+            (done as f64 / secs) as u64
+        } else {
+            0
+        })
+    )
+}
+
+/// `3.2s`, `2m 5s`, `1h 2m`.
+pub fn duration_text(secs: f64) -> String {
+    if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else if secs < 3600.0 {
+        format!("{}m {}s", secs as u64 / 60, secs as u64 % 60)
+    } else {
+        format!("{}h {}m", secs as u64 / 3600, secs as u64 % 3600 / 60)
+    }
+}
+
+/// After a prune, how many points its VM keeps (stats and metrics, R33).
+pub fn record_points_left(state: &mut State, p: &crate::lifecycle::prune::VmPrune) {
+    if p.error.is_some() || p.orphaned {
+        return;
+    }
+    if let Err(e) = state.set_vm_points(&p.rule, &p.vm, p.kept() as u64) {
+        tracing::warn!("cannot record the points of VM '{}': {e:#}", p.vm);
+    }
 }
 
 fn record(state: &mut State, task: i64, level: LogLevel, msg: &str) {

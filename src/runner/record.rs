@@ -96,7 +96,16 @@ impl TaskRecorder {
 
 impl Progress for TaskRecorder {
     fn phase(&self, phase: Phase) {
-        self.with_state(|s| s.set_task_phase(self.task, phase.as_str()));
+        // Every phase is a line of the task's story (R32); the display shows
+        // phases its own way.
+        self.with_state(|s| {
+            s.set_task_phase(self.task, phase.as_str())?;
+            s.log(
+                self.task,
+                LogLevel::Info,
+                &format!("phase: {}", phase.as_str()),
+            )
+        });
         self.display.phase(phase);
     }
 

@@ -8,8 +8,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::backup::{repair_leftovers, scratch_dir};
+use crate::error::ExitCode;
+use crate::monitor::notify::Event;
+use crate::monitor::Monitor;
 use crate::platform::Platform;
 use crate::repo::{vm_key, Repository};
+use crate::state::slots::Reclaimed;
 use crate::state::State;
 use crate::task::LogLevel;
 
@@ -37,15 +41,31 @@ pub fn cleanup_vm(
     }
 }
 
+/// Mark the tasks of dead processes interrupted and release their leases (R44),
+/// telling the monitor about each (metrics, an `interrupted` notification).
+pub fn reclaim_tasks(state: &mut State, monitor: &Monitor) -> Result<Vec<Reclaimed>> {
+    let reclaimed = state.reclaim_dead()?;
+    for r in &reclaimed {
+        monitor.task_ended(
+            state,
+            r.task.id,
+            Some(Event::Interrupted),
+            ExitCode::Interrupted.code(),
+        );
+    }
+    Ok(reclaimed)
+}
+
 /// Reclaim the leases and tasks of dead processes and clean up their VMs. Each
 /// outcome is logged on the interrupted task and returned as a line for stderr.
 pub fn reclaim(
     state: &mut State,
     run_dir: &Path,
     io_timeout: std::time::Duration,
+    monitor: &Monitor,
 ) -> Result<Vec<String>> {
     let mut lines = Vec::new();
-    for r in state.reclaim_dead()? {
+    for r in reclaim_tasks(state, monitor)? {
         let t = &r.task;
         lines.push(format!(
             "task {} ({} rule '{}' VM '{}') {}",

@@ -21,6 +21,7 @@ pub struct TaskLogLine {
     pub task: i64,
     pub rule: String,
     pub vm: String,
+    #[serde(rename = "time", serialize_with = "crate::timefmt::stored")]
     pub ts: String,
     pub level: LogLevel,
     pub message: String,
@@ -34,6 +35,10 @@ pub struct LogFilter {
     pub task: Option<i64>,
     /// Only lines with a larger id.
     pub after: i64,
+    /// Only lines written at or after this time (RFC 3339 UTC, milliseconds).
+    pub since: Option<String>,
+    /// Only the newest this many lines.
+    pub last: Option<u32>,
 }
 
 /// Drop the oldest lines beyond [`MAX_LOG_ROWS`].
@@ -52,22 +57,27 @@ impl State {
             "SELECT l.id, l.task, t.rule, t.vm, l.ts, l.level, l.message
              FROM task_logs l JOIN tasks t ON t.id = l.task
              WHERE t.rule = ?1 AND (?2 IS NULL OR t.vm = ?2) AND (?3 IS NULL OR t.id = ?3)
-               AND l.id > ?4
-             ORDER BY l.id",
+               AND l.id > ?4 AND (?5 IS NULL OR l.ts >= ?5)
+             ORDER BY l.id DESC LIMIT ?6",
         )?;
-        let rows = st
-            .query_map(params![f.rule, f.vm, f.task, f.after], |r| {
-                Ok(TaskLogLine {
-                    id: r.get(0)?,
-                    task: r.get(1)?,
-                    rule: r.get(2)?,
-                    vm: r.get(3)?,
-                    ts: r.get(4)?,
-                    level: r.get(5)?,
-                    message: r.get(6)?,
-                })
-            })?
+        let limit = f.last.map_or(-1, i64::from);
+        let mut rows: Vec<TaskLogLine> = st
+            .query_map(
+                params![f.rule, f.vm, f.task, f.after, f.since, limit],
+                |r| {
+                    Ok(TaskLogLine {
+                        id: r.get(0)?,
+                        task: r.get(1)?,
+                        rule: r.get(2)?,
+                        vm: r.get(3)?,
+                        ts: r.get(4)?,
+                        level: r.get(5)?,
+                        message: r.get(6)?,
+                    })
+                },
+            )?
             .collect::<rusqlite::Result<_>>()?;
+        rows.reverse();
         Ok(rows)
     }
 }

@@ -10,6 +10,7 @@
 //! The repository on the target is the source of truth for backup data; this store
 //! is the source of truth for configuration and task history.
 
+pub mod figures;
 pub mod logs;
 pub mod platforms;
 pub mod recoveries;
@@ -18,6 +19,7 @@ pub mod schema;
 pub mod slots;
 pub mod targets;
 pub mod tasks;
+pub mod vm_status;
 
 use std::fs;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

@@ -2,17 +2,16 @@
 
 use anyhow::{Context, Result};
 use rusqlite::{params, OptionalExtension};
-use serde::Serialize;
 
 use super::State;
 use crate::platform::{PlatformSpec, VmInfo};
 
-/// A registered platform with its cached inventory.
-#[derive(Debug, Clone, Serialize)]
+/// A registered platform with its cached inventory (`platform show --json`
+/// shapes it for scripts in cli/platform_cmd.rs).
+#[derive(Debug, Clone)]
 pub struct PlatformRow {
     pub name: String,
-    /// Type and connection parameters (JSON: `type` plus the parameters).
-    #[serde(flatten)]
+    /// Type and connection parameters.
     pub spec: PlatformSpec,
     pub created_at: String,
     pub refreshed_at: Option<String>,

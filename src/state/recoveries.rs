@@ -96,7 +96,9 @@ pub struct RecoveryRow {
     pub qmp_dir: Option<String>,
     /// Instant recovery: the migration task that mirrors (or last mirrored) it.
     pub migration_task: Option<i64>,
+    #[serde(serialize_with = "crate::timefmt::stored")]
     pub created: String,
+    #[serde(serialize_with = "crate::timefmt::stored_opt")]
     pub finished: Option<String>,
 }
 

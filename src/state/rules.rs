@@ -45,6 +45,7 @@ pub struct RuleSettings {
 pub struct RuleVm {
     pub vm: String,
     pub state: String,
+    #[serde(rename = "added", serialize_with = "crate::timefmt::stored")]
     pub added_at: String,
 }
 
@@ -53,7 +54,11 @@ pub struct RuleRow {
     pub name: String,
     #[serde(flatten)]
     pub settings: RuleSettings,
+    #[serde(rename = "created", serialize_with = "crate::timefmt::stored")]
     pub created_at: String,
+    /// The rule's own webhook: `None` uses system.conf's `notify_url`; `"none"`
+    /// sends none for this rule.
+    pub notify_url: Option<String>,
     pub vms: Vec<RuleVm>,
 }
 
@@ -120,6 +125,7 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
             bandwidth: serde_json::from_str(&bandwidth).map_err(bad)?,
         },
         created_at: r.get(11)?,
+        notify_url: r.get(13)?,
         vms: Vec::new(),
     })
 }
@@ -141,9 +147,9 @@ fn load_vms(conn: &rusqlite::Connection, rule: &mut RuleRow) -> Result<()> {
 
 impl State {
     pub fn rules(&self) -> Result<Vec<RuleRow>> {
-        let mut st = self
-            .conn()
-            .prepare(&format!("SELECT {COLS} FROM rules ORDER BY name"))?;
+        let mut st = self.conn().prepare(&format!(
+            "SELECT {COLS}, notify_url FROM rules ORDER BY name"
+        ))?;
         let mut rules: Vec<RuleRow> = st
             .query_map([], from_row)?
             .collect::<rusqlite::Result<_>>()?;
@@ -157,7 +163,7 @@ impl State {
         let row = self
             .conn()
             .query_row(
-                &format!("SELECT {COLS} FROM rules WHERE name = ?1"),
+                &format!("SELECT {COLS}, notify_url FROM rules WHERE name = ?1"),
                 [name],
                 from_row,
             )
@@ -265,6 +271,33 @@ impl State {
                     "UPDATE rule_vms SET state = 'started' WHERE rule = ?1 AND state = 'completed'",
                     [rule],
                 )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The rule's own webhook setting (see [`RuleRow::notify_url`]).
+    pub fn rule_notify_url(&self, rule: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT notify_url FROM rules WHERE name = ?1",
+                [rule],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    /// Set the rule's webhook: a URL, `"none"`, or `None` for system.conf's.
+    pub fn set_rule_notify_url(&mut self, rule: &str, url: Option<&str>) -> Result<()> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE rules SET notify_url = ?2 WHERE name = ?1",
+                params![rule, url],
+            )?;
+            if n == 0 {
+                return Err(invalid("rule", rule, "no such rule"));
             }
             Ok(())
         })

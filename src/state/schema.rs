@@ -148,7 +148,30 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE platforms DROP COLUMN qmp_dir;
     ALTER TABLE platforms DROP COLUMN kind;
     "#,
-    // 6 (recovery, issue 11): a recovery outlives the command that started it: a
+    // 6 (operating): what a finished backup produced, so stats and metrics read
+    // only this store (R33), and per-VM counters: failed tasks viewed by `stats`,
+    // points kept, the last verify and the damage it found.
+    r#"
+    ALTER TABLE tasks ADD COLUMN bytes_read INTEGER;     -- completed backups: bytes read from the source
+    ALTER TABLE tasks ADD COLUMN bytes_written INTEGER;  -- completed backups: bytes of new data written to the target
+    ALTER TABLE tasks ADD COLUMN run_level TEXT;         -- completed backups: the level the point was written as
+    CREATE INDEX tasks_by_rule_finished ON tasks(rule, finished_at);
+    CREATE TABLE vm_status (
+        rule                    TEXT NOT NULL,
+        vm                      TEXT NOT NULL,
+        failures_viewed_through INTEGER NOT NULL DEFAULT 0, -- R33: failed tasks with a larger id are unviewed
+        points                  INTEGER,  -- points in the repository after the last task that changed them
+        last_verify             TEXT,     -- when verify last checked this VM (RFC 3339 UTC)
+        damaged_points          INTEGER,  -- points with missing or corrupt chunks found by that verify
+        PRIMARY KEY (rule, vm)
+    );
+    "#,
+    // 7 (operating): a rule's own webhook (NULL: system.conf's notify_url;
+    // 'none': no webhook for this rule).
+    r#"
+    ALTER TABLE rules ADD COLUMN notify_url TEXT;
+    "#,
+    // 8 (recovery, issue 11): a recovery outlives the command that started it: a
     // background NBD server serves the point, a VM may run on overlays, an
     // instant recovery migrates to new images. One row per recovery, its id the
     // id of the task that started it; `task` is the recovery task serving it now.

@@ -149,7 +149,7 @@ impl State {
                     let task = tx.last_insert_rowid();
                     tx.execute(
                         "INSERT INTO task_logs (task, ts, level, message) VALUES (?1, ?2, 'warn', ?3)",
-                        params![task, super::now_text(), reason],
+                        params![task, now_millis_text(), reason],
                     )?;
                     Admission::Skipped { task, reason }
                 }
@@ -354,7 +354,7 @@ impl State {
                 )?;
                 tx.execute(
                     "INSERT INTO task_logs (task, ts, level, message) VALUES (?1, ?2, 'warn', ?3)",
-                    params![id, super::now_text(), why],
+                    params![id, now_millis_text(), why],
                 )?;
                 gone.push((id, state == TaskState::Running));
             }

@@ -17,6 +17,7 @@ pub struct TargetRow {
     /// The id in the target's marker; `None` until `target mark` (targets
     /// registered before markers existed).
     pub marker_id: Option<String>,
+    #[serde(rename = "created", serialize_with = "crate::timefmt::stored")]
     pub created_at: String,
 }
 

@@ -22,6 +22,7 @@ pub struct TaskRow {
     pub rule: String,
     pub vm: String,
     pub level: Option<String>,
+    #[serde(rename = "status")]
     pub state: TaskState,
     pub phase: Option<String>,
     pub percent: f64,
@@ -30,12 +31,17 @@ pub struct TaskRow {
     pub point: Option<String>,
     pub message: Option<String>,
     pub pid: Option<i64>,
+    #[serde(rename = "created", serialize_with = "crate::timefmt::stored")]
     pub created_at: String,
+    #[serde(rename = "started", serialize_with = "crate::timefmt::stored_opt")]
     pub started_at: Option<String>,
+    #[serde(rename = "finished", serialize_with = "crate::timefmt::stored_opt")]
     pub finished_at: Option<String>,
     /// Bytes per second over the last progress interval, while running (R30).
+    #[serde(rename = "current_rate_bytes_per_sec")]
     pub rate: u64,
     /// The bandwidth window in force while running: `unlimited`, `20MiB/s`, `pause`.
+    #[serde(rename = "limit")]
     pub bw_limit: Option<String>,
     /// Why a pending task waits (R41).
     pub waiting: Option<String>,
@@ -43,9 +49,15 @@ pub struct TaskRow {
     pub dest: Option<String>,
     /// A restore's private staging directory, while it may exist.
     pub staging: Option<String>,
+    /// A completed backup: bytes read from the source.
+    pub bytes_read: Option<u64>,
+    /// A completed backup: bytes of new data written to the target.
+    pub bytes_written: Option<u64>,
+    /// A completed backup: the level its point was written as (after any fallback).
+    pub run_level: Option<String>,
 }
 
-const COLS: &str = "id, kind, rule, vm, level, state, phase, percent, bytes_done, bytes_total, point, message, pid, created_at, started_at, finished_at, rate, bw_limit, waiting, dest, staging";
+const COLS: &str = "id, kind, rule, vm, level, state, phase, percent, bytes_done, bytes_total, point, message, pid, created_at, started_at, finished_at, rate, bw_limit, waiting, dest, staging, bytes_read, bytes_written, run_level";
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
     Ok(TaskRow {
@@ -70,6 +82,9 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
         waiting: r.get(18)?,
         dest: r.get(19)?,
         staging: r.get(20)?,
+        bytes_read: r.get::<_, Option<i64>>(21)?.map(|n| n as u64),
+        bytes_written: r.get::<_, Option<i64>>(22)?.map(|n| n as u64),
+        run_level: r.get(23)?,
     })
 }
 
@@ -218,6 +233,58 @@ impl State {
         Ok(rows)
     }
 
+    /// What a completed backup produced (stats and metrics read it, R33).
+    pub fn record_backup(
+        &mut self,
+        id: i64,
+        run_level: &str,
+        bytes_read: u64,
+        bytes_written: u64,
+    ) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET run_level = ?2, bytes_read = ?3, bytes_written = ?4 WHERE id = ?1",
+                params![id, run_level, bytes_read as i64, bytes_written as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The newest completed backup of a rule's VM: its last successful backup
+    /// (a restore or a failed run is not one).
+    pub fn last_backup(&self, rule: &str, vm: &str) -> Result<Option<TaskRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {COLS} FROM tasks WHERE rule = ?1 AND vm = ?2 AND kind = ?3 AND state = ?4
+                     ORDER BY id DESC LIMIT 1"
+                ),
+                params![rule, vm, TaskKind::Backup, TaskState::Completed],
+                from_row,
+            )
+            .optional()?)
+    }
+
+    /// Tasks of a rule (one VM's with `vm`) that finished at or after `since`
+    /// (RFC 3339 UTC; `None`: all), newest first.
+    pub fn finished_tasks(
+        &self,
+        rule: &str,
+        vm: Option<&str>,
+        since: Option<&str>,
+    ) -> Result<Vec<TaskRow>> {
+        let mut st = self.conn().prepare(&format!(
+            "SELECT {COLS} FROM tasks WHERE rule = ?1 AND (?2 IS NULL OR vm = ?2)
+             AND finished_at IS NOT NULL AND (?3 IS NULL OR finished_at >= ?3)
+             ORDER BY id DESC"
+        ))?;
+        let rows = st
+            .query_map(params![rule, vm, since], from_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
     /// The newest task of a rule's VM.
     pub fn last_task(&self, rule: &str, vm: &str) -> Result<Option<TaskRow>> {
         Ok(self
@@ -301,7 +368,7 @@ impl State {
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO task_logs (task, ts, level, message) VALUES (?1, ?2, ?3, ?4)",
-                params![task, super::now_text(), level, message],
+                params![task, super::slots::now_millis_text(), level, message],
             )?;
             Ok(())
         })

@@ -161,6 +161,18 @@ impl TaskState {
     /// The active states as an SQL list, for `state IN ...` (a test checks it
     /// against [`TaskState::is_active`]).
     pub const ACTIVE_SQL: &'static str = "('queued','pending','running')";
+
+    /// A task that ended without doing its work: it failed, or it was
+    /// interrupted (a signal, `task cancel`, its process died). Stats count these
+    /// as failures and `stats` reports the unviewed ones (R33). A skip (R28) is
+    /// counted apart.
+    pub fn is_failure(self) -> bool {
+        matches!(self, TaskState::Failed | TaskState::Interrupted)
+    }
+
+    /// The failure states as an SQL list (a test checks it against
+    /// [`TaskState::is_failure`]).
+    pub const FAILURE_SQL: &'static str = "('failed','interrupted')";
 }
 
 /// Parse one of the words `as_str` gives (state store columns, CLI filters).
@@ -247,5 +259,11 @@ mod tests {
             .map(|s| format!("'{s}'"))
             .collect();
         assert_eq!(TaskState::ACTIVE_SQL, format!("({})", active.join(",")));
+        let failures: Vec<String> = TaskState::ALL
+            .iter()
+            .filter(|s| s.is_failure())
+            .map(|s| format!("'{s}'"))
+            .collect();
+        assert_eq!(TaskState::FAILURE_SQL, format!("({})", failures.join(",")));
     }
 }

@@ -10,6 +10,7 @@
 //! time is what a restore of that point must match.
 #![allow(dead_code)]
 
+pub mod json_doc;
 pub mod libvirt;
 pub mod system_vm;
 
@@ -65,6 +66,8 @@ pub struct TestVm {
     pub qmp_sock: PathBuf,
     pub nbd_sock: Option<PathBuf>,
     pub disks: Vec<DiskSpec>,
+    /// More qemu-storage-daemon arguments (e.g. `--object secret,...`).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
     /// `(node, host byte offset)`: reads of the image file at that offset fail
     /// with EIO (a `blkdebug` node between the format node and its file).
@@ -75,6 +78,18 @@ impl TestVm {
     /// Start a VM named `name` whose QMP socket is `<qmp_dir>/<name>.qmp`, its images
     /// and shadows under `work`. `nbd`: also start an NBD server with guest exports.
     pub fn start(qmp_dir: &Path, work: &Path, name: &str, disks: &[DiskSpec], nbd: bool) -> TestVm {
+        TestVm::start_with(qmp_dir, work, name, disks, nbd, &[])
+    }
+
+    /// [`TestVm::start`] with more qemu-storage-daemon arguments.
+    pub fn start_with(
+        qmp_dir: &Path,
+        work: &Path,
+        name: &str,
+        disks: &[DiskSpec],
+        nbd: bool,
+        extra_args: &[&str],
+    ) -> TestVm {
         fs::create_dir_all(qmp_dir).unwrap();
         fs::create_dir_all(work).unwrap();
         for d in disks {
@@ -99,6 +114,7 @@ impl TestVm {
             qmp_sock: qmp_dir.join(format!("{name}.qmp")),
             nbd_sock: nbd.then(|| work.join("nbd.sock")),
             disks: disks.to_vec(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
             read_error: None,
         };
@@ -137,6 +153,7 @@ impl TestVm {
                 d.format, d.node
             ));
         }
+        args.extend(self.extra_args.iter().cloned());
         args.push("--chardev".into());
         args.push(format!(
             "socket,id=qmp0,path={},server=on,wait=off",
@@ -940,7 +957,7 @@ impl Env {
                 .as_array()
                 .unwrap()
                 .iter()
-                .find(|t| t["state"] == "running" && t["bytes_done"].as_u64().unwrap_or(0) > 0)
+                .find(|t| t["status"] == "running" && t["bytes_done"].as_u64().unwrap_or(0) > 0)
                 .map(|t| t["id"].as_i64().unwrap())
         };
         wait_for(|| running().is_some(), "a task transferring data");

@@ -1,0 +1,111 @@
+//! Sums over the task history, per rule and VM: what `stats` shows as all-time
+//! totals and what the Prometheus file exports (R33). One query serves both, so
+//! the two can never count differently.
+//!
+//! Backups are counted by outcome: `succeeded` (completed), `failed` (failed or
+//! interrupted) and `skipped` (R28); bytes come from completed backups.
+//! `failures` counts failed and interrupted tasks of every kind (a failed
+//! restore is news too), as the unviewed-failure counter does.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use rusqlite::params;
+
+use super::State;
+use crate::task::{TaskKind, TaskState};
+
+/// The sums for one VM of one rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Figures {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub skipped: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Failed or interrupted tasks of every kind.
+    pub failures: u64,
+    /// Tasks of any kind running now.
+    pub running: u64,
+    /// The newest completed backup: when it started and finished (stored text).
+    pub last_backup: Option<(Option<String>, String)>,
+}
+
+impl State {
+    /// [`Figures`] per (rule, VM) for the tasks of `rule` (every rule when `None`)
+    /// and `vm` (every VM when `None`).
+    pub fn figures(
+        &self,
+        rule: Option<&str>,
+        vm: Option<&str>,
+    ) -> Result<BTreeMap<(String, String), Figures>> {
+        let sql = format!(
+            "SELECT rule, vm,
+               SUM(kind = ?3 AND state = ?4),
+               SUM(kind = ?3 AND state IN {failures}),
+               SUM(kind = ?3 AND state = ?5),
+               SUM(CASE WHEN kind = ?3 AND state = ?4 THEN COALESCE(bytes_read, 0) ELSE 0 END),
+               SUM(CASE WHEN kind = ?3 AND state = ?4 THEN COALESCE(bytes_written, 0) ELSE 0 END),
+               SUM(state IN {failures}),
+               SUM(state = ?6)
+             FROM tasks WHERE (?1 IS NULL OR rule = ?1) AND (?2 IS NULL OR vm = ?2)
+             GROUP BY rule, vm",
+            failures = TaskState::FAILURE_SQL
+        );
+        let mut out = BTreeMap::new();
+        let mut st = self.conn().prepare(&sql)?;
+        let rows = st.query_map(
+            params![
+                rule,
+                vm,
+                TaskKind::Backup,
+                TaskState::Completed,
+                TaskState::Skipped,
+                TaskState::Running
+            ],
+            |r| {
+                let n = |i: usize| r.get::<_, Option<i64>>(i).map(|v| v.unwrap_or(0) as u64);
+                Ok((
+                    (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                    Figures {
+                        succeeded: n(2)?,
+                        failed: n(3)?,
+                        skipped: n(4)?,
+                        bytes_read: n(5)?,
+                        bytes_written: n(6)?,
+                        failures: n(7)?,
+                        running: n(8)?,
+                        last_backup: None,
+                    },
+                ))
+            },
+        )?;
+        for row in rows {
+            let (key, f) = row?;
+            out.insert(key, f);
+        }
+        let mut st = self.conn().prepare(
+            "SELECT rule, vm, started_at, finished_at FROM tasks WHERE id IN (
+               SELECT MAX(id) FROM tasks
+               WHERE kind = ?3 AND state = ?4 AND (?1 IS NULL OR rule = ?1) AND (?2 IS NULL OR vm = ?2)
+               GROUP BY rule, vm)",
+        )?;
+        let rows = st.query_map(
+            params![rule, vm, TaskKind::Backup, TaskState::Completed],
+            |r| {
+                Ok((
+                    (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            },
+        )?;
+        for row in rows {
+            let (key, started, finished) = row?;
+            if let (Some(f), Some(finished)) = (out.get_mut(&key), finished) {
+                f.last_backup = Some((started, finished));
+            }
+        }
+        Ok(out)
+    }
+}
