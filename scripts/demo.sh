@@ -5,8 +5,10 @@
 #   full + incremental policy; then a full backup, more guest writes, an
 #   incremental backup, a restore of the latest point (with the image mode
 #   chosen), cleanup (with manifests' secrets redacted), and a digest comparison
-#   between the restored image and the VM's disk; then the retention plan, the
-#   first full forgotten, garbage collection, and the incremental restored again.
+#   between the restored image and the VM's disk; then a transient recovery of
+#   that point (served over NBD by vmbackup, a write into its overlay, the
+#   repository unchanged) and its stop; then the retention plan, the first full
+#   forgotten, garbage collection, and the incremental restored again.
 #   As root, the same with a libvirt domain (a private libvirtd,
 #   scripts/test-libvirtd.sh): checkpoints, quiesce=try, the same daemon reached
 #   as a remote host (backup over NBD with TLS), and a restore as a new domain.
@@ -103,6 +105,32 @@ if [ "$A" = "$B" ]; then
   echo "OK: the restored latest point is byte-identical to the VM's disk"
 else
   echo "MISMATCH: restored image differs from the VM's disk" >&2
+  exit 1
+fi
+echo "== transient recovery: the latest point served over NBD by vmbackup itself, writes in an overlay"
+repo_sum() { (cd "$DEMO/target" && find . -type f | sort | xargs cat | sha256sum | cut -d' ' -f1); }
+REPO_BEFORE=$(repo_sum)
+echo "\$ vmbackup --json recover demo --vm demo --transient"
+"$VMB" --json recover demo --vm demo --transient > "$DEMO/recover.json"
+read -r RID URI OVERLAY < <(python3 -c 'import json,sys
+d = json.load(open(sys.argv[1]))["tasks"][0]["outcome"]
+print(d["recovery"], d["disks"][0]["uri"], d["disks"][0]["overlay"])' "$DEMO/recover.json")
+echo "recovery $RID serves $URI; the VM's writes would go to $OVERLAY"
+run recover list
+qemu-img convert -f raw -O raw "$URI" "$DEMO/served.raw"
+C=$(sha256sum < "$DEMO/served.raw" | cut -d' ' -f1)
+echo "served disk:    sha256 $C"
+[ "$C" = "$A" ] || { echo "MISMATCH: the served point differs from the restored image" >&2; exit 1; }
+echo "== a write through the overlay (as the recovered VM would write)"
+qemu-io -f qcow2 -c "write -P 0x5a 1M 64k" "$OVERLAY" >/dev/null
+qemu-img map --output=json "$OVERLAY" | python3 -c 'import json,sys
+own = [e for e in json.load(sys.stdin) if e["depth"] == 0 and e["data"]]
+print("data in the overlay itself:", ", ".join("%d bytes at %d" % (e["length"], e["start"]) for e in own))'
+run recover stop "$RID"
+if [ "$(repo_sum)" = "$REPO_BEFORE" ]; then
+  echo "OK: the repository is unchanged by the recovery"
+else
+  echo "MISMATCH: the recovery changed the repository" >&2
   exit 1
 fi
 

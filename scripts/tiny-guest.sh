@@ -1,21 +1,42 @@
 #!/usr/bin/env bash
-# Build the tiny test guest: a Debian kernel and a busybox initramfs that also holds
-# qemu-guest-agent (the guest side of quiesce tests) and the modules for virtio disks,
-# the virtio console (the agent's channel) and ext4. Nothing is installed on the host:
-# the packages are downloaded (apt-get download) and unpacked (dpkg -x) into DIR.
+# The tiny test guest: Debian's kernel and a busybox initramfs that also holds
+# qemu-guest-agent and the modules for virtio disks, the virtio console (the
+# agent's channel) and ext4. Nothing is installed on the host: the packages are
+# downloaded (apt-get download) and unpacked (dpkg -x).
 #
-#   scripts/tiny-guest.sh DIR      -> DIR/vmlinuz, DIR/initrd.gz (kept when present)
+#   scripts/tiny-guest.sh DIR      -> DIR/vmlinuz, DIR/initrd.gz
 #
-# The guest's /init acts on its kernel command line:
+# DIR is a cache shared by every test of a run (scripts/test.sh builds it once into
+# $VMBACKUP_TEST_GUEST_DIR) and by the demo: when both files exist and were built by
+# this version of the script, it does nothing. Concurrent callers wait for each
+# other (flock on DIR/.lock); each file appears complete or not at all.
+#
+# The guest's /init waits for /dev/vda, then acts on its kernel command line, in order:
+#   vmb.marker=1    the disk's first line (offset 0, NULs ignored) must be
+#                   "VMBACKUP-MARKER <word>": prints "VMB-MARKER <word>"; without it
+#                   prints "VMB-NO-MARKER /dev/vda" and powers off at once (a guest that
+#                   does not boot: what `verify --boot` must catch)
+#   vmb.sum=DEV     print "VMB-SUM <sha256 of DEV>" on the serial console
 #   vmb.agent=1     mount /dev/vda (ext4) on /mnt and run qemu-ga on the virtio port
 #                   org.qemu.guest_agent.0 (its fsfreeze freezes /mnt, in the guest)
-#   vmb.sum=DEV     print "VMB-SUM <sha256 of DEV>" on the serial console
-# and prints "VMB-READY" once it is done with them. It never powers off by itself.
+# and prints "VMB-READY" once it is done with them. It never writes to its disk and
+# never powers off by itself otherwise.
 # NEVER run qemu-ga on the host: its fsfreeze would freeze the host's file systems.
+#
+# Boot it with a virtio-blk disk and a serial console, e.g.
+#   qemu-system-x86_64 -machine q35 -m 256 -nodefaults -serial file:serial.log \
+#     -kernel DIR/vmlinuz -initrd DIR/initrd.gz -append "console=ttyS0 quiet vmb.sum=/dev/vda" \
+#     -blockdev driver=file,node-name=f0,filename=disk.qcow2 \
+#     -blockdev driver=qcow2,node-name=disk0,file=f0 -device virtio-blk-pci,drive=disk0
 set -euo pipefail
 OUT=${1:?usage: $0 DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-[ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.gz" ] && exit 0
+exec 9>"$OUT/.lock"
+flock 9
+VERSION=$(sha256sum < "$0" | cut -d' ' -f1)
+if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.gz" ] && [ "$(cat "$OUT/.version" 2>/dev/null)" = "$VERSION" ]; then
+  exit 0
+fi
 W=$(mktemp -d "$OUT/.build.XXXXXX")
 trap 'rm -rf "$W"' EXIT
 kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
@@ -26,8 +47,12 @@ if [ -z "$KPKG" ] && [ "$(id -u)" = 0 ]; then   # empty package lists on a fresh
 fi
 [ -n "$KPKG" ] || { echo "tiny-guest: no linux-image package known to apt (apt-get update?)" >&2; exit 1; }
 mkdir -p "$W/debs" "$W/x" "$W/root/bin" "$W/root/lib/modules" "$W/root/usr/sbin"
-(cd "$W/debs" && apt-get download -q "$KPKG" busybox-static qemu-guest-agent libnuma1 liburing2 >/dev/null 2>&1) || {
-  echo "tiny-guest: apt-get download failed" >&2; exit 1; }
+download() { (cd "$W/debs" && apt-get download -q "$KPKG" busybox-static qemu-guest-agent libnuma1 liburing2 >/dev/null 2>&1); }
+if ! download; then   # stale package lists: the kernel's version moved on
+  [ "$(id -u)" = 0 ] && apt-get update -q >/dev/null
+  rm -f "$W"/debs/*.deb
+  download || { echo "tiny-guest: apt-get download $KPKG busybox-static qemu-guest-agent failed" >&2; exit 1; }
+fi
 for d in "$W"/debs/*.deb; do dpkg -x "$d" "$W/x"; done
 cp "$W"/x/boot/vmlinuz-* "$W/vmlinuz"
 cp "$W/x/bin/busybox" "$W/root/bin/"
@@ -68,6 +93,13 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p"; }
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+if [ "$(arg vmb.marker)" = 1 ]; then
+  line=$(dd if=/dev/vda bs=64 count=1 2>/dev/null | tr -d '\000' | head -n 1)
+  case "$line" in
+    "VMBACKUP-MARKER "*) echo "VMB-MARKER ${line#VMBACKUP-MARKER }" ;;
+    *) echo "VMB-NO-MARKER /dev/vda"; sync; poweroff -f ;;
+  esac
+fi
 SUM=$(arg vmb.sum)
 [ -n "$SUM" ] && echo "VMB-SUM $(sha256sum "$SUM" | cut -d' ' -f1)"
 if [ "$(arg vmb.agent)" = 1 ]; then
@@ -83,5 +115,8 @@ while true; do sleep 3600; done
 INIT
 chmod +x "$W/root/init"
 (cd "$W/root" && find . | "$W/root/bin/busybox" cpio -o -H newc 2>/dev/null | gzip -1) > "$W/initrd.gz"
+# Publish: each file appears complete or not at all; the version last.
+rm -f "$OUT/.version"
 mv "$W/vmlinuz" "$OUT/vmlinuz"; mv "$W/initrd.gz" "$OUT/initrd.gz"
-echo "tiny-guest: $OUT/vmlinuz $OUT/initrd.gz ($(du -k "$OUT/initrd.gz" | cut -f1) KiB initramfs)"
+echo "$VERSION" > "$OUT/.version"
+echo "tiny-guest: $KPKG -> $OUT/vmlinuz $OUT/initrd.gz ($(du -k "$OUT/initrd.gz" | cut -f1) KiB initramfs)"

@@ -26,6 +26,7 @@ pub mod nbd;
 pub mod platform;
 pub mod policy;
 pub mod private_dir;
+pub mod recovery;
 pub mod repo;
 pub mod restore;
 pub mod runner;

@@ -466,25 +466,28 @@ fn r35_vm_in_one_rule_only_and_listings_mark_it() {
 }
 
 #[test]
-fn r37_rule_with_a_running_restore_cannot_be_removed() {
+fn r37_rule_with_a_running_restore_or_recovery_cannot_be_removed() {
     let l = lab();
     l.env.ok(&add_rule("r1", "web", &["--schedule", DAILY]));
-    // A restore task in progress, as `vmbackup restore` records it.
     let conn = rusqlite::Connection::open(&l.env.state).unwrap();
-    conn.execute(
-        "INSERT INTO tasks (kind, rule, vm, state, pid, created_at) VALUES ('restore', 'r1', 'web', 'running', ?1, '2026-01-01T00:00:00Z')",
-        [std::process::id()],
-    )
-    .unwrap();
-    // Refused as busy (exit 4), not as bad input; nothing changes.
-    let before = l.env.dump();
-    let err = l.env.fails(4, &["rule", "remove", "r1"]);
-    for needle in ["r1", "restore", "R37"] {
-        assert!(err.contains(needle), "{err}");
-    }
-    assert_eq!(l.env.dump(), before);
-    conn.execute("UPDATE tasks SET state = 'completed'", [])
+    // A restore, then a recovery, in progress, as the runner records them: busy
+    // (exit 4), naming the kind and the task, nothing changed.
+    for kind in ["restore", "recovery", "migration"] {
+        conn.execute(
+            "INSERT INTO tasks (kind, rule, vm, state, pid, created_at) VALUES (?1, 'r1', 'web', 'running', ?2, '2026-01-01T00:00:00Z')",
+            rusqlite::params![kind, std::process::id()],
+        )
         .unwrap();
+        let before = l.env.dump();
+        let err = l.env.fails(4, &["rule", "remove", "r1"]);
+        assert!(
+            err.contains(&format!("{kind} in progress")) && err.contains("R37"),
+            "{err}"
+        );
+        assert_eq!(before, l.env.dump());
+        conn.execute("UPDATE tasks SET state = 'completed'", [])
+            .unwrap();
+    }
     l.env.ok(&["rule", "remove", "r1"]);
     l.env.fails(2, &["rule", "show", "r1"]);
 }

@@ -57,6 +57,7 @@ fn job(dir: &std::path::Path, level: Level) -> BackupJob {
         buffers: Arc::new(tokio::sync::Semaphore::new(2)),
         clock: vmbackup::clock::Clock::real(),
         bandwidth: Arc::new(vmbackup::task::throttle::Throttle::unlimited()),
+        force_full: None,
         io_timeout: vmbackup::config::DEFAULT_IO_TIMEOUT,
     }
 }

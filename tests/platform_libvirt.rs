@@ -708,6 +708,14 @@ fn restore_as_a_new_domain_that_starts_and_reads_its_disk() {
         ],
         &["--as-vm", "pick a new name"],
     );
+    // A domain keeps its XML's network and secrets: launch flags are for qemu's
+    // launch script.
+    let to_arg = to.to_str().unwrap();
+    let restore = ["restore", "r", "--vm", &d.name, "--to", to_arg];
+    l.env.refused(
+        &[&restore[..], &["--as-vm", &new, "--net"]].concat(),
+        &["--net/--net-bridge/--set-secret/--accel", "libvirt"],
+    );
     l.env.refused(
         &[
             "restore",

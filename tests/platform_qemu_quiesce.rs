@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::libvirt::{ext4_image, guest};
+use common::libvirt::ext4_image;
+use common::tiny_guest;
 use common::{file_digest, DiskSpec, Env, MIB};
 use serde_json::Value;
 
@@ -33,7 +34,7 @@ impl Drop for GuestVm {
 }
 
 fn start_guest(env: &Env, name: &str, disk: &Path) -> GuestVm {
-    let (kernel, initrd) = guest();
+    let (kernel, initrd) = tiny_guest();
     let work = env.path("guest");
     std::fs::create_dir_all(&work).unwrap();
     let serial = work.join("serial.log");

@@ -71,6 +71,9 @@ pub struct BackupJob {
     pub clock: Clock,
     /// The rule's bandwidth windows, applied to source reads (R29).
     pub bandwidth: Arc<Throttle>,
+    /// Why this VM's next backup must be a full whatever was asked (its disks
+    /// were restored in place, so its tracking no longer follows its points).
+    pub force_full: Option<String>,
 }
 
 /// What a finished backup produced.
@@ -208,6 +211,19 @@ pub fn run_backup(
                 }),
             };
         }
+    }
+    if let (Some(why), true) = (&job.force_full, lp.level != Level::Full) {
+        lp = LevelPlan {
+            level: Level::Full,
+            base: None,
+            latest_full: lp.latest_full.clone(),
+            // Not planned by configuration: a warning (exit 1), as the branch of
+            // a restore in place always was.
+            fallback: Some(FullInstead {
+                reason: format!("{why}; this {} runs as a full", job.requested),
+                planned: false,
+            }),
+        };
     }
     let point = next_point_id(latest.as_deref(), job.clock.now().with_timezone(&Utc))?;
     let base_tracking = |base: &Option<String>| {

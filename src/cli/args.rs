@@ -102,13 +102,24 @@ pub enum Command {
     /// Free the space of removed points: delete the objects no point refers to
     #[command(after_long_help = GC_HELP)]
     Gc(GcArgs),
-    /// Restore a point to image files
+    /// Restore a point to image files, as a new VM, in place, or a whole rule's VMs
     Restore(RestoreArgs),
     /// Copy a rule's points to another target (an offsite copy): only the points
     /// and objects it lacks, each checked before it is sent; resumes after an
     /// interruption
     Copy(CopyArgs),
-    /// Re-read and re-hash backup data; report missing or corrupt chunks
+    /// Run a VM straight from a restore point (transient), move it to production
+    /// storage while it runs (instant), list, stop, resume or abort recoveries
+    Recover(RecoverArgs),
+    /// The NBD server process of a recovery (started by 'recover', not by hand)
+    #[command(hide = true)]
+    RecoverServe {
+        /// The recovery to serve
+        #[arg(value_name = "ID")]
+        id: i64,
+    },
+    /// Re-read and re-hash backup data; report missing or corrupt chunks; with
+    /// --boot, boot a point and judge it
     Verify(VerifyArgs),
     // R44
     /// Remove leftovers of interrupted runs on platforms and targets
@@ -691,35 +702,174 @@ pub struct RestoreArgs {
     /// The rule
     #[arg(add = ArgValueCandidates::new(complete::rules))]
     pub rule: String,
-    /// The VM whose point to restore
-    #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
-    pub vm: String,
+    /// The VM to restore (or --all)
+    #[arg(long, value_name = "VM", required_unless_present = "all", add = ArgValueCandidates::new(complete::vms))]
+    pub vm: Option<String>,
     /// Point id, or "latest"
     #[arg(long, default_value = "latest", value_name = "ID", add = ArgValueCandidates::new(complete::points))]
     pub point: String,
-    /// Directory to write one image per disk into
-    #[arg(long, value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
-    pub to: PathBuf,
+    /// Directory to write one image per disk into (with --all: DIR/<VM>/)
+    #[arg(long, value_name = "DIR", required_unless_present = "in_place", value_hint = clap::ValueHint::DirPath)]
+    pub to: Option<PathBuf>,
     /// Image format
     #[arg(long, value_enum, default_value = "raw")]
     pub format: ImageFormat,
     /// Overwrite existing image files
     #[arg(long)]
     pub force: bool,
+    /// Also make a new VM called NAME on the restored images, from the point's VM
+    /// configuration: libvirt defines a domain (the domain XML with a new UUID and
+    /// new MAC addresses); qemu gets a launch script DIR/NAME.sh (the captured
+    /// command line with new MACs and QMP socket, no network unless --net or
+    /// --net-bridge)
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["all", "in_place"])]
+    pub as_vm: Option<String>,
+    /// Start the new VM once made
+    #[arg(long, requires = "as_vm")]
+    pub start: bool,
+    #[command(flatten)]
+    pub launch: LaunchArgs,
+    /// Write the point back into the VM's own disk images (refused while they are
+    /// open); the VM's next backup is a full
+    #[arg(long, conflicts_with_all = ["to", "all", "force"])]
+    pub in_place: bool,
+    /// Every VM of the rule: each one's latest point (or the newest at or before
+    /// --at) into DIR/<VM>/
+    #[arg(long, conflicts_with_all = ["vm", "point"])]
+    pub all: bool,
+    /// With --all: the newest point at or before this time ("YYYY-MM-DD HH:MM", local)
+    #[arg(long, value_name = "TIME", requires = "all")]
+    pub at: Option<String>,
     /// Permissions of the image files, in octal (a disk holds everything the VM
     /// holds: only root may read it unless you say otherwise)
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     pub mode: u32,
-    /// Also define a new VM called NAME on the restored images, from the point's VM
-    /// configuration (libvirt: the domain XML, with a new UUID and new MAC addresses)
-    #[arg(long, value_name = "NAME")]
-    pub as_vm: Option<String>,
-    /// Start the new VM once defined
-    #[arg(long, requires = "as_vm")]
-    pub start: bool,
     /// Read the rule's copy on this target ('vmbackup copy') instead of its own
-    #[arg(long, value_name = "TARGET")]
+    #[arg(long, value_name = "TARGET", conflicts_with = "in_place")]
     pub from: Option<String>,
+}
+
+/// How a VM is launched from a captured configuration.
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// Give the VM network: its NIC models with new MACs on user networking
+    #[arg(long, conflicts_with = "net_bridge")]
+    pub net: bool,
+    /// Give the VM network on this host bridge (new MACs)
+    #[arg(long, value_name = "BRIDGE")]
+    pub net_bridge: Option<String>,
+    /// Supply a secret redacted at backup: ID of the secret object, FILE holding it
+    #[arg(long, value_name = "ID=FILE")]
+    pub set_secret: Vec<String>,
+    /// Accelerator of the launched VM: auto = KVM when /dev/kvm is usable, else TCG
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: AccelArg,
+}
+
+impl LaunchArgs {
+    /// Whether any launch flag was given (they apply to a launch only).
+    pub fn given(&self) -> bool {
+        self.net
+            || self.net_bridge.is_some()
+            || !self.set_secret.is_empty()
+            || self.accel != AccelArg::Auto
+    }
+}
+
+/// `--accel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelArg {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl From<AccelArg> for crate::recovery::cmdline::Accel {
+    fn from(a: AccelArg) -> Self {
+        use crate::recovery::cmdline::Accel;
+        match a {
+            AccelArg::Auto => Accel::Auto,
+            AccelArg::Kvm => Accel::Kvm,
+            AccelArg::Tcg => Accel::Tcg,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct RecoverArgs {
+    #[command(subcommand)]
+    pub cmd: Option<RecoverCmd>,
+    #[command(flatten)]
+    pub start: RecoverStartArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RecoverStartArgs {
+    /// The rule whose point to recover
+    #[arg(required = true, add = ArgValueCandidates::new(complete::rules))]
+    pub rule: Option<String>,
+    /// The VM (or --all)
+    #[arg(long, value_name = "VM", required_unless_present = "all", add = ArgValueCandidates::new(complete::vms))]
+    pub vm: Option<String>,
+    /// Point id, or "latest"
+    #[arg(long, default_value = "latest", value_name = "ID", add = ArgValueCandidates::new(complete::points))]
+    pub point: String,
+    /// Every VM of the rule, each from its latest point
+    #[arg(long, conflicts_with_all = ["vm", "point"])]
+    pub all: bool,
+    /// Serve the point and keep writes in overlays; nothing is migrated
+    #[arg(long, required_unless_present = "instant", conflicts_with = "instant")]
+    pub transient: bool,
+    /// Start as transient, then move the disks to --to while the VM runs
+    #[arg(long, requires = "to")]
+    pub instant: bool,
+    /// Launch the VM from the configuration captured at backup
+    #[arg(long)]
+    pub start: bool,
+    /// The recovered VM's name [default: <VM>-recovered-<ID>]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Where the overlays go [default: <state dir>/recover/<ID>/]
+    #[arg(long, value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
+    pub overlay_dir: Option<PathBuf>,
+    /// Instant recovery: the directory of the new images
+    #[arg(long, value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
+    pub to: Option<PathBuf>,
+    #[command(flatten)]
+    pub launch: LaunchArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecoverCmd {
+    /// Recoveries that run: server, VM, overlays, task
+    List {
+        /// Also stopped ones
+        #[arg(long)]
+        all: bool,
+    },
+    /// Stop the VM and the server and remove the overlays
+    Stop {
+        /// The recovery (see 'vmbackup recover list')
+        #[arg(value_name = "ID")]
+        id: i64,
+        /// Keep the overlays (the VM's writes)
+        #[arg(long)]
+        keep_overlays: bool,
+    },
+    /// Restart a recovery's server if it died, and finish an interrupted migration
+    Resume {
+        /// The recovery (see 'vmbackup recover list')
+        #[arg(value_name = "ID")]
+        id: i64,
+    },
+    /// Cancel a migration and remove its partial images; the VM keeps running as a
+    /// transient recovery
+    Abort {
+        /// The recovery (see 'vmbackup recover list')
+        #[arg(value_name = "ID")]
+        id: i64,
+    },
 }
 
 /// An octal file mode without setuid, setgid or sticky bits: `0640`, `600`.
@@ -749,7 +899,7 @@ pub struct CopyArgs {
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// Only this rule [default: every rule]
-    #[arg(add = ArgValueCandidates::new(complete::rules))]
+    #[arg(required_if_eq("boot", "true"), add = ArgValueCandidates::new(complete::rules))]
     pub rule: Option<String>,
     /// Only this VM of the rule
     #[arg(long, value_name = "VM", requires = "rule", add = ArgValueCandidates::new(complete::vms))]
@@ -757,6 +907,21 @@ pub struct VerifyArgs {
     /// Only this point of the VM
     #[arg(long, value_name = "ID", requires = "vm", add = ArgValueCandidates::new(complete::points))]
     pub point: Option<String>,
+    /// Boot the point (latest by default) from a transient recovery without
+    /// network and judge it by its serial console (--expect) or, without
+    /// --expect, by its guest agent answering a ping
+    #[arg(long)]
+    pub boot: bool,
+    /// With --boot: a regular expression the serial console must print (judged
+    /// by the console even when the VM has a guest agent)
+    #[arg(long, value_name = "REGEX", requires = "boot")]
+    pub expect: Option<String>,
+    /// With --boot: accelerator (auto = KVM when /dev/kvm is usable, else TCG)
+    #[arg(long, value_enum, default_value = "auto", requires = "boot")]
+    pub accel: AccelArg,
+    /// With --boot: seconds to wait for the guest
+    #[arg(long, value_name = "S", default_value = "300", requires = "boot")]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]

@@ -165,14 +165,60 @@ vmbackup forget web --vm web01 --point 20261124T010000Z,20261125T010000Z",
 vmbackup restore web --vm web01 --point 20261124T010000Z --to /srv/restore --format qcow2
 # libvirt: also define the restored point as a new domain, and start it
 vmbackup restore files --vm fs01 --to /var/lib/libvirt/images/fs01-copy --format qcow2 \\
-    --as-vm fs01-copy --start",
+    --as-vm fs01-copy --start
+# qemu: the images plus a launch script web01-copy.sh, network on a bridge
+vmbackup restore web --vm web01 --to /srv/web01-copy --as-vm web01-copy --net-bridge br0
+# every VM of the rule as it was at a time, into /srv/restore/<VM>/
+vmbackup restore web --all --at \"2026-11-24 01:00\" --to /srv/restore
+# back into the VM's own images (the VM stopped); its next backup is a full
+vmbackup restore web --vm web01 --in-place",
     ),
     (
         "vmbackup verify",
         "vmbackup verify
 vmbackup verify web --vm web01
 # weekly, from a systemd timer (etc/systemd/vmbackup-verify.timer)
-systemctl enable --now vmbackup-verify.timer",
+systemctl enable --now vmbackup-verify.timer
+# boot the latest point without network and wait for the guest agent
+vmbackup verify web --vm web01 --boot
+# or for a line on the serial console
+vmbackup verify web --vm web01 --boot --expect \"login:\" --timeout 600",
+    ),
+    (
+        "vmbackup recover",
+        "# run web01 straight from its latest point; writes go to overlays
+vmbackup recover web --vm web01 --transient --start
+# serve the point over NBD only (no VM): prints the NBD URIs
+vmbackup recover web --vm web01 --point 20261124T010000Z --transient
+# run it now and move its disks to production storage while it runs
+vmbackup recover web --vm web01 --instant --to /var/lib/vms/web01
+vmbackup recover list
+vmbackup recover stop 17",
+    ),
+    (
+        "vmbackup recover list",
+        "vmbackup recover list\nvmbackup recover list --all",
+    ),
+    (
+        "vmbackup recover stop",
+        "vmbackup recover stop 17
+# keep the VM's writes (the overlays) for later inspection
+vmbackup recover stop 17 --keep-overlays",
+    ),
+    (
+        "vmbackup recover resume",
+        "# after a reboot or a crash: restart the server, finish the migration
+vmbackup recover resume 17",
+    ),
+    (
+        "vmbackup recover abort",
+        "# give up moving the disks; the VM runs on as a transient recovery
+vmbackup recover abort 17",
+    ),
+    (
+        "vmbackup recover-serve",
+        "# started by 'vmbackup recover', not by hand
+vmbackup recover-serve 17",
     ),
     (
         "vmbackup cleanup",

@@ -35,6 +35,7 @@ mod platform_cmd;
 mod points_cmd;
 mod process;
 mod progress_view;
+mod recover_cmd;
 mod restore_cmd;
 mod rule_cmd;
 mod stats_cmd;
@@ -259,6 +260,8 @@ fn dispatch(ctx: &Ctx, cmd: Command) -> Result<ExitCode> {
         Command::Points(a) => points_cmd::points(ctx, a),
         Command::Restore(a) => restore_cmd::restore(ctx, a),
         Command::Copy(a) => copy_cmd::run(ctx, a),
+        Command::Recover(a) => recover_cmd::recover(ctx, a),
+        Command::RecoverServe { id } => recover_cmd::serve(ctx, id),
         Command::Verify(a) => points_cmd::verify(ctx, a),
         Command::Prune(a) => lifecycle_cmd::prune(ctx, a),
         Command::Forget(a) => lifecycle_cmd::forget(ctx, a),

@@ -176,6 +176,9 @@ struct VmVerified {
 }
 
 pub fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
+    if a.boot {
+        return verify_boot(ctx, a);
+    }
     let mut state = ctx.state()?;
     let monitor = ctx.monitor()?;
     let mut verified: Vec<VmVerified> = Vec::new();
@@ -340,4 +343,43 @@ fn print_verify_item(ctx: &Ctx, item: &VerifyItem) {
     for pr in &item.problems {
         out!("  {pr}");
     }
+}
+
+/// `verify --boot`: boot the chosen point of each VM (a boot verification task
+/// each, no slot: it is a transient recovery) and judge it.
+fn verify_boot(ctx: &Ctx, a: VerifyArgs) -> Result<ExitCode> {
+    use crate::runner::{Job, TaskSpec};
+    let state = ctx.state()?;
+    let rule = state.require_rule(a.rule.as_deref().unwrap_or_default())?;
+    let repo = crate::lifecycle::rule_repository_with_points(&state, &rule)?;
+    let vms: Vec<String> = match &a.vm {
+        Some(vm) => vec![rule.require_vm(vm)?.vm.clone()],
+        None => rule.vms.iter().map(|v| v.vm.clone()).collect(),
+    };
+    let opts = crate::recovery::boot::BootOptions {
+        expect: a.expect.clone(),
+        timeout: std::time::Duration::from_secs(a.timeout.max(1)),
+        accel: a.accel.into(),
+    };
+    let mut specs = Vec::new();
+    for vm in vms {
+        let key = vm_key(&rule.settings.platform, &vm);
+        let point = crate::restore::select_point(&repo, &key, a.point.as_deref())?;
+        // Refused now (exit 2) when the VM can be judged neither way.
+        crate::recovery::boot::judge_for(&point, a.expect.as_deref())?;
+        specs.push(TaskSpec {
+            rule: rule.clone(),
+            vm,
+            job: Job::BootVerify {
+                point: Box::new(point),
+                opts: opts.clone(),
+            },
+        });
+    }
+    drop(state);
+    let session = super::process::TaskSession::start(ctx)?;
+    let results = session.runner.run_all(specs)?;
+    let code = super::restore_cmd::conclude(ctx, &session, &rule.name, &results, &[]);
+    session.finish();
+    Ok(code)
 }

@@ -65,6 +65,15 @@ pub struct TaskSession {
 
 impl TaskSession {
     pub fn start(ctx: &Ctx) -> Result<TaskSession> {
+        Self::start_with(
+            ctx,
+            Arc::new(CliEvents::new(ctx.json, ctx.quiet, ctx.verbose > 0)),
+        )
+    }
+
+    /// [`TaskSession::start`] with the front end's events chosen by the caller
+    /// (`recover` and `verify --boot` show no events on stdout under `--json`).
+    pub fn start_with(ctx: &Ctx, events: Arc<dyn crate::runner::Events>) -> Result<TaskSession> {
         let started = chrono::Utc::now();
         let cfg = ctx.system_config()?;
         let monitor = Arc::new(Monitor::new(&cfg.monitoring, &ctx.state_path)?);
@@ -86,7 +95,7 @@ impl TaskSession {
             },
             rt.handle().clone(),
             cancel.clone(),
-            Arc::new(CliEvents::new(ctx.json, ctx.quiet, ctx.verbose > 0)),
+            events,
         )?;
         Ok(TaskSession {
             _rt: rt,
@@ -101,6 +110,18 @@ impl TaskSession {
     /// "Summary"): every task's result, with the command's start, end and
     /// duration.
     pub fn print_summary(&self, rule: Option<&str>, results: &[TaskResult], code: ExitCode) {
+        self.print_group_summary(rule, results, &[], code)
+    }
+
+    /// [`TaskSession::print_summary`] of a group restore or recovery (`--all`,
+    /// R34): `missing` are the VMs without a point, not restored.
+    pub fn print_group_summary(
+        &self,
+        rule: Option<&str>,
+        results: &[TaskResult],
+        missing: &[String],
+        code: ExitCode,
+    ) {
         let finished = chrono::Utc::now();
         out!(
             "{}",
@@ -113,6 +134,7 @@ impl TaskSession {
                 "finished": crate::timefmt::json_time(finished),
                 "duration_seconds": crate::timefmt::seconds_between(self.started, finished),
                 "tasks": results,
+                "vms_without_point": missing,
             })
         );
     }
@@ -138,6 +160,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+/// Reclaim what dead processes left behind (R44), for a command that runs no
+/// task of its own (`recover abort`).
+pub fn reclaim_dead_now(ctx: &Ctx) -> Result<()> {
+    let monitor = ctx.monitor()?;
+    reclaim_dead(ctx, ctx.system_config()?.io_timeout, &monitor)?;
+    monitor.finish();
+    Ok(())
 }
 
 /// Reclaim what dead processes left behind (R44), reporting on stderr.

@@ -136,7 +136,8 @@ impl Events for CliEvents {
             (vm, _) => vm.clone(),
         };
         match r.status {
-            TaskState::Completed => {
+            // Running: handed to a background process that goes on with it.
+            TaskState::Completed | TaskState::Running => {
                 // With --json, the summary at the end carries every result.
                 if self.quiet || matches!(self.mode, Mode::Json) {
                     return;

@@ -18,4 +18,5 @@ pub mod retention;
 
 pub use repository::{
     copy_repository, open_target, repository_for_backup, restore_repository, rule_repository,
+    rule_repository_with_points,
 };

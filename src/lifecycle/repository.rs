@@ -95,12 +95,7 @@ pub fn copy_repository(
 /// on target `from` (`restore --from`), which must exist there.
 pub fn restore_repository(state: &State, rule: &RuleRow, from: Option<&str>) -> Result<Repository> {
     let Some(from) = from else {
-        return rule_repository(state, rule)?.ok_or_else(|| {
-            crate::error::refused(format!(
-                "rule '{}' has no restore points yet (no backup completed)",
-                rule.name
-            ))
-        });
+        return rule_repository_with_points(state, rule);
     };
     let target = state.require_target(from)?;
     let store = open_target(&target)?;
@@ -123,4 +118,15 @@ fn missing(target: &TargetRow, rule: &RuleRow) -> anyhow::Error {
         target.spec.location(),
         rule.name
     )
+}
+
+/// The rule's repository for reading points (restore, recovery, boot
+/// verification): refused (exit 4) while the rule has none yet.
+pub fn rule_repository_with_points(state: &State, rule: &RuleRow) -> Result<Repository> {
+    rule_repository(state, rule)?.ok_or_else(|| {
+        crate::error::refused(format!(
+            "rule '{}' has no restore points yet (no backup completed)",
+            rule.name
+        ))
+    })
 }

@@ -23,6 +23,7 @@ pub mod handshake;
 pub mod inflight;
 pub mod proto;
 pub mod reader;
+pub mod server;
 pub mod tls;
 pub mod uri;
 

@@ -29,8 +29,11 @@ pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
 pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
 // Options.
+pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
+pub const OPT_LIST: u32 = 3;
 pub const OPT_STARTTLS: u32 = 5;
+pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
@@ -38,6 +41,7 @@ pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 // Option reply types.
 pub const REP_ACK: u32 = 1;
+pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_FLAG_ERROR: u32 = 1 << 31;
@@ -53,20 +57,36 @@ pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
 
 // Information types (NBD_OPT_GO / NBD_REP_INFO).
 pub const INFO_EXPORT: u16 = 0;
+pub const INFO_NAME: u16 = 1;
+pub const INFO_DESCRIPTION: u16 = 2;
 pub const INFO_BLOCK_SIZE: u16 = 3;
+
+/// Bytes of an option request header (`IHAVEOPT`, option, length).
+pub const OPTION_HEADER_LEN: usize = 16;
 
 // Transmission flags.
 pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
 pub const FLAG_READ_ONLY: u16 = 1 << 1;
 pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const FLAG_SEND_DF: u16 = 1 << 7;
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const FLAG_SEND_CACHE: u16 = 1 << 10;
 
 // Commands.
 pub const CMD_READ: u16 = 0;
 pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
+
+// Command flags.
+/// `NBD_CMD_FLAG_DF`: reply to a read in one data chunk (no holes, no fragments).
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// `NBD_CMD_FLAG_REQ_ONE`: block status with one extent per context.
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
 // Structured reply flags and chunk types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -82,8 +102,8 @@ pub const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_FLAG_ERROR | 2;
 pub const REQUEST_LEN: usize = 28;
 /// Bytes of an option reply header.
 pub const OPTION_REPLY_HEADER_LEN: usize = 20;
-const SIMPLE_REPLY_LEN: usize = 16;
-const STRUCTURED_REPLY_LEN: usize = 20;
+pub const SIMPLE_REPLY_LEN: usize = 16;
+pub const STRUCTURED_REPLY_LEN: usize = 20;
 
 /// Block size limits when the server advertises none (protocol defaults).
 pub const DEFAULT_MIN_BLOCK: u32 = 1;
@@ -209,8 +229,11 @@ pub fn parse_meta_context(data: &[u8]) -> Result<(u32, String)> {
 /// Name of an option, for messages.
 pub fn option_name(option: u32) -> String {
     match option {
+        OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME".into(),
         OPT_ABORT => "NBD_OPT_ABORT".into(),
+        OPT_LIST => "NBD_OPT_LIST".into(),
         OPT_STARTTLS => "NBD_OPT_STARTTLS".into(),
+        OPT_INFO => "NBD_OPT_INFO".into(),
         OPT_GO => "NBD_OPT_GO".into(),
         OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY".into(),
         OPT_LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT".into(),
@@ -399,6 +422,207 @@ pub fn errno_name(errno: u32) -> String {
         other => return format!("errno {other}"),
     };
     name.to_string()
+}
+
+// ---- Server side: what `super::server` sends and parses. ----
+
+/// `NBD_E*` error values a server sends.
+pub const EPERM: u32 = 1;
+pub const EIO: u32 = 5;
+pub const EINVAL: u32 = 22;
+pub const EOVERFLOW: u32 = 75;
+pub const ENOTSUP: u32 = 95;
+pub const ESHUTDOWN: u32 = 108;
+
+/// The fixed newstyle greeting: `NBDMAGIC`, `IHAVEOPT`, handshake flags.
+pub fn encode_greeting(flags: u16) -> [u8; 18] {
+    let mut out = [0u8; 18];
+    out[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    out[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    out[16..18].copy_from_slice(&flags.to_be_bytes());
+    out
+}
+
+/// Parse an option request header: its option and data length.
+pub fn parse_option_header(buf: &[u8; OPTION_HEADER_LEN]) -> Result<(u32, u32)> {
+    let magic = be_u64(&buf[0..8]);
+    ensure!(magic == IHAVEOPT, "bad option request magic {magic:#018x}");
+    Ok((be_u32(&buf[8..12]), be_u32(&buf[12..16])))
+}
+
+/// An option reply: magic, option, reply type, data length, data.
+pub fn encode_option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(OPTION_REPLY_HEADER_LEN + data.len());
+    out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&reply.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// `NBD_INFO_EXPORT` payload: size and transmission flags.
+pub fn info_export_data(size: u64, flags: u16) -> Vec<u8> {
+    let mut out = INFO_EXPORT.to_be_bytes().to_vec();
+    out.extend_from_slice(&size.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out
+}
+
+/// `NBD_INFO_BLOCK_SIZE` payload.
+pub fn info_block_size_data(min: u32, preferred: u32, max: u32) -> Vec<u8> {
+    let mut out = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+    for v in [min, preferred, max] {
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+    out
+}
+
+/// `NBD_INFO_NAME` / `NBD_INFO_DESCRIPTION` payload: the type, then the text.
+pub fn info_text_data(kind: u16, text: &str) -> Vec<u8> {
+    let mut out = kind.to_be_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out
+}
+
+/// `NBD_REP_SERVER` payload: one export name (and no description).
+pub fn server_reply_data(name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + name.len());
+    put_string32(&mut out, name);
+    out
+}
+
+/// `NBD_REP_META_CONTEXT` payload: context id and name.
+pub fn meta_context_reply_data(id: u32, name: &str) -> Vec<u8> {
+    let mut out = id.to_be_bytes().to_vec();
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
+/// Reply to `NBD_OPT_EXPORT_NAME`: size, transmission flags, and 124 zero bytes
+/// unless the client asked for none.
+pub fn export_name_reply(size: u64, flags: u16, no_zeroes: bool) -> Vec<u8> {
+    let mut out = size.to_be_bytes().to_vec();
+    out.extend_from_slice(&flags.to_be_bytes());
+    if !no_zeroes {
+        out.extend_from_slice(&[0u8; 124]);
+    }
+    out
+}
+
+/// A length-prefixed (u32) UTF-8 string at the start of `data`, and the rest.
+fn take_string32(data: &[u8]) -> Result<(String, &[u8])> {
+    ensure!(data.len() >= 4, "truncated string length");
+    let len = be_u32(&data[0..4]) as usize;
+    ensure!(
+        data.len() - 4 >= len,
+        "string of {len} bytes in {} bytes",
+        data.len() - 4
+    );
+    let text = std::str::from_utf8(&data[4..4 + len])
+        .map_err(|_| anyhow::anyhow!("string is not UTF-8"))?;
+    Ok((text.to_string(), &data[4 + len..]))
+}
+
+/// Data of `NBD_OPT_GO` / `NBD_OPT_INFO`: export name and requested info types.
+pub fn parse_go_data(data: &[u8]) -> Result<(String, Vec<u16>)> {
+    let (export, rest) = take_string32(data)?;
+    ensure!(rest.len() >= 2, "no information request count");
+    let n = be_u16(&rest[0..2]) as usize;
+    ensure!(
+        rest.len() == 2 + 2 * n,
+        "{n} information requests in {} bytes",
+        rest.len() - 2
+    );
+    let infos = rest[2..].chunks_exact(2).map(be_u16).collect();
+    Ok((export, infos))
+}
+
+/// Data of `NBD_OPT_SET_META_CONTEXT` / `LIST_META_CONTEXT`: export and queries.
+pub fn parse_meta_context_data(data: &[u8]) -> Result<(String, Vec<String>)> {
+    let (export, rest) = take_string32(data)?;
+    ensure!(rest.len() >= 4, "no query count");
+    let n = be_u32(&rest[0..4]) as usize;
+    let mut rest = &rest[4..];
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        let (q, more) = take_string32(rest)?;
+        queries.push(q);
+        rest = more;
+    }
+    ensure!(rest.is_empty(), "{} bytes after the last query", rest.len());
+    Ok((export, queries))
+}
+
+impl Request {
+    /// Parse a transmission request header (a write's payload follows it).
+    pub fn parse(buf: &[u8; REQUEST_LEN]) -> Result<Request> {
+        let magic = be_u32(&buf[0..4]);
+        ensure!(magic == REQUEST_MAGIC, "bad request magic {magic:#010x}");
+        Ok(Request {
+            flags: be_u16(&buf[4..6]),
+            command: be_u16(&buf[6..8]),
+            cookie: be_u64(&buf[8..16]),
+            offset: be_u64(&buf[16..24]),
+            length: be_u32(&buf[24..28]),
+        })
+    }
+}
+
+/// A simple reply header (a successful read's data follows it).
+pub fn encode_simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
+    let mut out = [0u8; SIMPLE_REPLY_LEN];
+    out[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    out[4..8].copy_from_slice(&error.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out
+}
+
+/// The header of one structured reply chunk; `length` bytes of payload follow.
+pub fn encode_chunk_header(
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    length: u32,
+) -> [u8; STRUCTURED_REPLY_LEN] {
+    let mut out = [0u8; STRUCTURED_REPLY_LEN];
+    out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&flags.to_be_bytes());
+    out[6..8].copy_from_slice(&kind.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out[16..20].copy_from_slice(&length.to_be_bytes());
+    out
+}
+
+/// `NBD_REPLY_TYPE_OFFSET_HOLE` payload.
+pub fn hole_payload(offset: u64, length: u32) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    out[0..8].copy_from_slice(&offset.to_be_bytes());
+    out[8..12].copy_from_slice(&length.to_be_bytes());
+    out
+}
+
+/// `NBD_REPLY_TYPE_BLOCK_STATUS` payload: context id, then (length, flags) pairs.
+pub fn block_status_payload(context: u32, descriptors: &[(u32, u32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + 8 * descriptors.len());
+    out.extend_from_slice(&context.to_be_bytes());
+    for (length, flags) in descriptors {
+        out.extend_from_slice(&length.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+    }
+    out
+}
+
+/// `NBD_REPLY_TYPE_ERROR` payload: errno and a message (cut to fit u16).
+pub fn error_payload(errno: u32, message: &str) -> Vec<u8> {
+    let mut msg = message.as_bytes();
+    if msg.len() > 4096 {
+        msg = &msg[..4096];
+    }
+    let mut out = errno.to_be_bytes().to_vec();
+    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(msg);
+    out
 }
 
 pub fn be_u16(b: &[u8]) -> u16 {
@@ -603,5 +827,102 @@ mod tests {
         );
         assert!(parse_block_status(&bs[..9]).is_err());
         assert!(parse_block_status(&bs[..3]).is_err());
+    }
+
+    #[test]
+    fn server_encoders_round_trip_through_the_client_parsers() {
+        let go = go_data("vda", &[INFO_BLOCK_SIZE, INFO_NAME]);
+        assert_eq!(
+            parse_go_data(&go).unwrap(),
+            ("vda".to_string(), vec![INFO_BLOCK_SIZE, INFO_NAME])
+        );
+        assert!(parse_go_data(&go[..go.len() - 1]).is_err());
+        let meta = meta_context_data("vda", &["base:allocation", "base:"]);
+        assert_eq!(
+            parse_meta_context_data(&meta).unwrap(),
+            (
+                "vda".to_string(),
+                vec!["base:allocation".to_string(), "base:".to_string()]
+            )
+        );
+        assert!(parse_meta_context_data(&meta[..meta.len() - 1]).is_err());
+        let opt = encode_option(OPT_GO, &go);
+        let mut head = [0u8; OPTION_HEADER_LEN];
+        head.copy_from_slice(&opt[..OPTION_HEADER_LEN]);
+        assert_eq!(
+            parse_option_header(&head).unwrap(),
+            (OPT_GO, go.len() as u32)
+        );
+
+        let reply = encode_option_reply(OPT_GO, REP_INFO, &info_export_data(1 << 20, 3));
+        let mut rh = [0u8; OPTION_REPLY_HEADER_LEN];
+        rh.copy_from_slice(&reply[..OPTION_REPLY_HEADER_LEN]);
+        let h = OptionReplyHeader::parse(&rh).unwrap();
+        assert_eq!((h.option, h.reply, h.length), (OPT_GO, REP_INFO, 12));
+        assert_eq!(
+            parse_info(&reply[OPTION_REPLY_HEADER_LEN..]).unwrap(),
+            Info::Export {
+                size: 1 << 20,
+                flags: 3
+            }
+        );
+        assert_eq!(
+            parse_info(&info_block_size_data(1, 4096, 1 << 25)).unwrap(),
+            Info::BlockSize {
+                min: 1,
+                preferred: 4096,
+                max: 1 << 25
+            }
+        );
+        assert_eq!(
+            parse_meta_context(&meta_context_reply_data(1, "base:allocation")).unwrap(),
+            (1, "base:allocation".to_string())
+        );
+
+        let req = Request {
+            flags: CMD_FLAG_DF,
+            command: CMD_READ,
+            cookie: 9,
+            offset: 4096,
+            length: 512,
+        };
+        assert_eq!(Request::parse(&req.encode()).unwrap(), req);
+        let (h, used) = ReplyHeader::parse(&encode_simple_reply(EPERM, 9))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (h, used),
+            (
+                ReplyHeader::Simple {
+                    error: EPERM,
+                    cookie: 9
+                },
+                SIMPLE_REPLY_LEN
+            )
+        );
+        let (h, _) = ReplyHeader::parse(&encode_chunk_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_HOLE,
+            9,
+            12,
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            h,
+            ReplyHeader::Structured {
+                flags: REPLY_FLAG_DONE,
+                kind: REPLY_TYPE_OFFSET_HOLE,
+                cookie: 9,
+                length: 12
+            }
+        );
+        assert_eq!(parse_hole(&hole_payload(4096, 512)).unwrap(), (4096, 512));
+        assert_eq!(
+            parse_block_status(&block_status_payload(1, &[(4096, 3)])).unwrap(),
+            (1, vec![(4096, 3)])
+        );
+        let e = parse_error_chunk(REPLY_TYPE_ERROR, &error_payload(EIO, "bad chunk")).unwrap();
+        assert_eq!((e.errno, e.message.as_str()), (EIO, "bad chunk"));
     }
 }

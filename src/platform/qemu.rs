@@ -13,8 +13,10 @@ mod backup;
 mod cleanup;
 mod graph;
 mod inventory;
-mod names;
+pub mod names;
 mod nbd_server;
+
+pub use nbd_server::read_cmdline;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -89,6 +91,16 @@ impl QemuPlatform {
             removed_inconsistent: Vec::new(),
         })
     }
+}
+
+/// The QEMU command line captured in a point's VM configuration (`"cmdline"`,
+/// secrets redacted), if the point has one.
+pub fn cmdline_of(config: &serde_json::Value) -> Option<Vec<String>> {
+    config["cmdline"].as_array().map(|a| {
+        a.iter()
+            .map(|v| v.as_str().unwrap_or_default().to_string())
+            .collect()
+    })
 }
 
 fn stem_of(socket: &Path) -> String {

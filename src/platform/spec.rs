@@ -59,14 +59,14 @@ impl PlatformSpec {
     }
 
     /// Why a new VM cannot be defined on this platform from a point's `vm_config`
-    /// (restore as a new VM); `None` when it can. libvirt keeps domain definitions;
-    /// a directory of QMP sockets has none.
+    /// (restore as a new VM); `None` when it can. libvirt defines a domain from the
+    /// point's domain XML; a qemu platform (a directory of QMP sockets, no
+    /// definitions) gets a launch script from the point's captured command line.
     pub fn why_no_new_vm(&self, config: &serde_json::Value) -> Option<String> {
         match self {
-            PlatformSpec::Qemu { .. } => Some(
-                "a qemu platform has no VM definitions; restore as a new VM needs a libvirt platform"
-                    .into(),
-            ),
+            PlatformSpec::Qemu { .. } => super::qemu::cmdline_of(config).is_none().then(|| {
+                "the point holds no captured QEMU command line (taken on another platform type); restore to files instead".into()
+            }),
             PlatformSpec::Libvirt { .. } => super::libvirt::domain_xml_of(config).is_none().then(|| {
                 "the point holds no libvirt domain XML (taken on another platform type); restore to files instead".into()
             }),

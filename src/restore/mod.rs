@@ -1,8 +1,9 @@
 //! Restore a point to image files, one per disk.
 //!
-//! Every chunk is read through `ChunkStore::get`, which verifies its digest, so a
-//! corrupt or missing chunk fails the restore loudly, naming disk, slot and digest
-//! (no silently wrong image). Raw output is sparse: zero slots and all-zero 4 KiB
+//! Every slot is read through a [`PointReader`] (the read path recovery serves
+//! over NBD too), which verifies each chunk's digest, so a corrupt or missing
+//! chunk fails the restore loudly, naming disk, slot and digest (no silently
+//! wrong image). Raw output is sparse: zero slots and all-zero 4 KiB
 //! blocks inside chunks are not written. A qcow2 image is converted from that raw
 //! file with `qemu-img convert`. Chunks are fetched and decompressed by several
 //! threads at once (PBS found restores bound by serial chunk fetches).
@@ -13,8 +14,10 @@
 //! on failure nothing is left behind, and what a killed restore leaves is found
 //! through the staging path recorded with its task.
 
+pub mod point_reader;
 mod staging;
 
+pub use point_reader::{PointReader, PointStore, Span, DEFAULT_CACHE_BYTES};
 pub use staging::remove_stale as remove_stale_staging;
 
 use std::fs::File;
@@ -22,12 +25,14 @@ use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use bytes::Bytes;
 use serde::Serialize;
 
 use crate::error::{invalid, Error};
-use crate::repo::{encode_name, DiskIndex, Manifest, PointList, Repository, Slot};
+use crate::repo::{encode_name, Manifest, PointList, Repository, Slot};
 use crate::task::progress::Progress;
 
 /// Output image format.
@@ -85,8 +90,14 @@ pub struct RestoredDisk {
 pub struct RestoreReport {
     pub point: String,
     pub disks: Vec<RestoredDisk>,
-    /// The VM defined on the restored images (`restore --as-vm`), else null.
+    /// The VM made on the restored images (`restore --as-vm`), else null:
+    /// libvirt's new domain, or the VM of a qemu launch script (its identity is
+    /// its QMP socket).
     pub new_vm: Option<crate::platform::DefinedVm>,
+    /// `--as-vm` on a qemu platform: the launch script written beside the disks.
+    pub launch_script: Option<PathBuf>,
+    /// `--in-place`: the disks were written back into the VM's own images.
+    pub in_place: bool,
 }
 
 /// Pick a point: `None` → the newest good point; otherwise that id, an error
@@ -168,17 +179,18 @@ pub fn restore_point(
         .with_context(|| format!("cannot resolve {}", req.dest.display()))?;
     let mut staging = staging::Staging::create(&dest)?;
     (req.on_staging)(&staging.path())?;
+    // Every slot is read once: nothing to cache.
+    let reader = PointReader::open(Arc::new(req.repo.clone()), req.vm_key, manifest, 0)?;
     let mut disks = Vec::new();
-    for (d, name) in manifest.disks.iter().zip(&names) {
-        let index = req.repo.load_index(req.vm_key, &manifest.point, &d.name)?;
-        let (path, written) =
-            restore_disk(req, &mut staging, &d.name, &index, name, progress, cancel).with_context(
-                || format!("restore of point {} disk '{}'", manifest.point, d.name),
-            )?;
+    for (n, (d, name)) in manifest.disks.iter().zip(&names).enumerate() {
+        let (path, written) = restore_disk(req, &mut staging, &reader, n, name, progress, cancel)
+            .with_context(|| {
+            format!("restore of point {} disk '{}'", manifest.point, d.name)
+        })?;
         disks.push(RestoredDisk {
             disk: d.name.clone(),
             path,
-            size: index.disk_size,
+            size: reader.disk_index(n).disk_size,
             bytes_written: written,
         });
     }
@@ -187,6 +199,8 @@ pub fn restore_point(
         point: manifest.point.clone(),
         disks,
         new_vm: None,
+        launch_script: None,
+        in_place: false,
     })
 }
 
@@ -195,17 +209,17 @@ pub fn restore_point(
 fn restore_disk(
     req: &RestoreRequest,
     staging: &mut staging::Staging,
-    disk: &str,
-    index: &DiskIndex,
+    reader: &PointReader,
+    disk_no: usize,
     final_name: &str,
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<(PathBuf, u64)> {
     let raw_name = format!("{final_name}.raw");
     let file = staging.create_file(&raw_name)?;
-    file.set_len(index.disk_size)
+    file.set_len(reader.disk_index(disk_no).disk_size)
         .with_context(|| format!("cannot size {raw_name}"))?;
-    let written = write_slots(req, disk, index, &file, progress, cancel)?;
+    let written = write_slots(req, reader, disk_no, &file, progress, cancel)?;
     drop(file);
     let image = match req.format {
         ImageFormat::Raw => raw_name,
@@ -242,12 +256,14 @@ fn restore_disk(
 /// excluded).
 fn write_slots(
     req: &RestoreRequest,
-    disk: &str,
-    index: &DiskIndex,
+    reader: &PointReader,
+    disk_no: usize,
     file: &File,
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<u64> {
+    let index = reader.disk_index(disk_no);
+    let disk = req.point.disks[disk_no].name.as_str();
     let chunk_slots: Vec<usize> = (0..index.slots.len())
         .filter(|&i| index.slots[i] != Slot::Zero)
         .collect();
@@ -256,7 +272,7 @@ fn write_slots(
 
     let workers = req.workers.max(1);
     let next = AtomicUsize::new(0);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Vec<u8>)>>(workers);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Bytes)>>(workers);
     std::thread::scope(|s| {
         for _ in 0..workers {
             let (tx, next, chunk_slots) = (tx.clone(), &next, &chunk_slots);
@@ -268,9 +284,8 @@ fn write_slots(
                 let res = if cancel.load(Ordering::Relaxed) {
                     Err(Error::Interrupted.into())
                 } else {
-                    req.repo
-                        .chunks()
-                        .read_slot(&index.slots[slot], index.slot_len(slot))
+                    reader
+                        .slot(disk_no, slot)
                         .with_context(|| format!("slot {slot}"))
                 };
                 let failed = res.is_err();

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use super::record::TaskRecorder;
-use super::{Job, Outcome, Runner, TaskSpec};
+use super::{Job, Outcome, RestoreTo, Runner, TaskSpec};
 use crate::backup::{run_backup, BackupJob, BackupOutcome};
 use crate::error::ExitCode;
-use crate::platform::NewVm;
-use crate::repo::{vm_key, RepoLock, Repository, VmLock};
-use crate::restore::{restore_point, RestoreReport, RestoreRequest};
+use crate::lifecycle::rule_repository_with_points;
+use crate::platform::{NewVm, PlatformSpec};
+use crate::repo::{vm_key, Manifest, RepoLock, Repository, VmLock};
+use crate::restore::{restore_point, ImageFormat, RestoreReport, RestoreRequest};
 use crate::state::State;
 use crate::task::progress::{LogLevel, Progress};
 use crate::task::throttle::Throttle;
@@ -28,6 +29,9 @@ pub struct Done {
     pub code: ExitCode,
     /// Lines for people, also written to the task's log.
     pub summary: Vec<String>,
+    /// The process that goes on with the task (it stays running): a recovery's
+    /// background server.
+    pub handoff: Option<u32>,
 }
 
 /// What a task holds in the repository before it starts.
@@ -54,7 +58,11 @@ pub fn prepare(
     let repo = match &spec.job {
         Job::Backup { .. } => Some(crate::lifecycle::repository_for_backup(state, rule)?),
         Job::Prune => crate::lifecycle::rule_repository(state, rule)?,
-        Job::Restore { .. } | Job::Gc => None,
+        Job::Restore { .. }
+        | Job::Gc
+        | Job::Recover { .. }
+        | Job::Migrate { .. }
+        | Job::BootVerify { .. } => None,
     };
     let Some(repo) = repo else {
         return Ok(Held::default());
@@ -85,93 +93,236 @@ pub fn run(
         Job::Backup { level, .. } => backup(runner, spec, *level, task, cancel, held),
         Job::Prune => prune(runner, spec, held),
         Job::Gc => gc(runner, spec),
-        Job::Restore {
-            point,
-            dest,
-            format,
-            force,
-            mode,
-            as_vm,
-            from,
-        } => {
-            let mut state = State::open(&runner.cfg.state_path)?;
-            // What killed restores into this destination left goes first.
-            let removed = super::recover::remove_stale_restores(&mut state, Some(dest), None)?;
-            let rule = &spec.rule;
-            let repo = crate::lifecycle::restore_repository(&state, rule, from.as_deref())?;
-            let display = runner.events.display(task, spec, None);
-            let recorder = TaskRecorder::new(task, state, display, None);
-            for line in &removed {
-                recorder.log(LogLevel::Info, line);
-            }
-            let key = vm_key(&rule.settings.platform, &spec.vm);
-            let row = std::sync::Mutex::new(State::open(&runner.cfg.state_path)?);
-            let recorded = std::sync::Mutex::new(None::<std::path::PathBuf>);
-            let on_staging = |staging: &Path| -> Result<()> {
-                let dest = staging.parent().unwrap_or(staging).to_string_lossy();
-                let mut state = row
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                state.set_task_staging(task, &dest, Some(&staging.to_string_lossy()))?;
-                *recorded
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    Some(staging.to_path_buf());
-                Ok(())
-            };
-            let req = RestoreRequest {
-                repo: &repo,
-                vm_key: &key,
-                point,
-                dest,
-                format: *format,
-                force: *force,
-                mode: *mode,
-                workers: crate::backup::disk::cpu_count(),
-                on_staging: &on_staging,
-            };
-            let result = restore_point(&req, &recorder, &cancel);
-            // The staging directory is gone once restore_point returns (unless its
-            // removal failed: then the record stays for cleanup).
-            let staging = recorded
-                .into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(staging) = staging.filter(|s| !s.exists()) {
-                let dest = staging.parent().unwrap_or(&staging).to_string_lossy();
-                let mut state = row
-                    .into_inner()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if let Err(e) = state.set_task_staging(task, &dest, None) {
-                    tracing::warn!("cannot record the end of restore task {task}: {e:#}");
-                }
-            }
-            let report = result?;
-            let mut report = report;
-            if let Some((name, start)) = as_vm {
-                let prow = State::open(&runner.cfg.state_path)?
-                    .require_platform(&rule.settings.platform)?;
-                let new = NewVm {
-                    name,
-                    config: &point.vm_config,
-                    disks: report
-                        .disks
-                        .iter()
-                        .map(|d| (d.disk.clone(), d.path.clone(), format.ext()))
-                        .collect(),
-                    start: *start,
-                };
-                let defined = crate::platform::connect(&prow.spec, runner.cfg.io_timeout)?
-                    .define_vm(&new)
-                    .with_context(|| format!("define VM '{name}' on platform '{}'", prow.name))?;
-                report.new_vm = Some(defined);
-            }
+        Job::Restore { point, to, from } => {
+            restore(runner, spec, point, to, from.as_deref(), task, cancel)
+        }
+        Job::Recover { point, opts } => {
+            let (_, recorder) = recorder(runner, spec, task)?;
+            let report = crate::recovery::start(
+                &crate::recovery::StartRequest {
+                    state_path: &runner.cfg.state_path,
+                    rule: &spec.rule,
+                    vm: &spec.vm,
+                    point,
+                    task,
+                    opts,
+                },
+                &recorder,
+            )?;
             Ok(Done {
-                summary: restore_summary(&report),
-                outcome: Outcome::Restore(report),
+                summary: report.summary(),
+                handoff: Some(report.server_pid),
+                outcome: Outcome::Recovery(report),
+                code: ExitCode::Ok,
+            })
+        }
+        Job::Migrate { recovery } => {
+            let state = State::open(&runner.cfg.state_path)?;
+            let throttle = Arc::new(Throttle::new(
+                spec.rule.settings.bandwidth.clone(),
+                runner.cfg.clock,
+                cancel.clone(),
+            ));
+            let display = runner.events.display(task, spec, Some(throttle.clone()));
+            let recorder = TaskRecorder::new(task, state, display, Some(throttle.clone()));
+            let report = crate::recovery::mirror::migrate(
+                &runner.cfg.state_path,
+                *recovery,
+                task,
+                &throttle,
+                &recorder,
+                &cancel,
+            )?;
+            Ok(Done {
+                summary: report.summary(),
+                handoff: None,
+                outcome: Outcome::Migration(report),
+                code: ExitCode::Ok,
+            })
+        }
+        Job::BootVerify { point, opts } => {
+            let (state, recorder) = recorder(runner, spec, task)?;
+            let report = crate::recovery::boot::verify_boot(
+                &crate::recovery::boot::BootRequest {
+                    state_path: &runner.cfg.state_path,
+                    repo: &rule_repository_with_points(&state, &spec.rule)?,
+                    rule: &spec.rule,
+                    vm: &spec.vm,
+                    point,
+                    task,
+                    opts,
+                },
+                &recorder,
+                &cancel,
+                &runner.rt,
+            )?;
+            Ok(Done {
+                summary: report.summary(),
+                handoff: None,
+                outcome: Outcome::BootVerify(report),
                 code: ExitCode::Ok,
             })
         }
     }
+}
+
+/// The state store and a recorder for a task whose progress has no throttle.
+fn recorder(runner: &Runner, spec: &TaskSpec, task: i64) -> Result<(State, TaskRecorder)> {
+    let state = State::open(&runner.cfg.state_path)?;
+    let display = runner.events.display(task, spec, None);
+    let recorder = TaskRecorder::new(task, State::open(&runner.cfg.state_path)?, display, None);
+    Ok((state, recorder))
+}
+
+/// A restore to image files (in a private staging directory first, recorded
+/// with the task), as a new VM, or into the VM's own images.
+fn restore(
+    runner: &Runner,
+    spec: &TaskSpec,
+    point: &Manifest,
+    to: &RestoreTo,
+    from: Option<&str>,
+    task: i64,
+    cancel: Arc<AtomicBool>,
+) -> Result<Done> {
+    let (state, recorder) = recorder(runner, spec, task)?;
+    let rule = &spec.rule;
+    let repo = crate::lifecycle::restore_repository(&state, rule, from)?;
+    let key = vm_key(&rule.settings.platform, &spec.vm);
+    let files = |dest: &Path, format: ImageFormat, force: bool, mode: u32| {
+        restore_files(
+            runner, &repo, &key, point, dest, format, force, mode, task, &recorder, &cancel,
+        )
+    };
+    let report = match to {
+        RestoreTo::Files {
+            dest,
+            format,
+            force,
+            mode,
+        } => files(dest, *format, *force, *mode)?,
+        RestoreTo::AsVm {
+            dest,
+            format,
+            force,
+            mode,
+            launch,
+            start,
+        } => {
+            let prow = state.require_platform(&rule.settings.platform)?;
+            match &prow.spec {
+                PlatformSpec::Qemu { .. } => {
+                    // Refuse a configuration that cannot be launched before writing disks.
+                    let plan = crate::recovery::as_vm::plan(point, dest, *format, launch)?;
+                    let mut report = files(dest, *format, *force, *mode)?;
+                    crate::recovery::as_vm::finish(&plan, &mut report, *start, &recorder)?;
+                    report
+                }
+                PlatformSpec::Libvirt { .. } => {
+                    let mut report = files(dest, *format, *force, *mode)?;
+                    let name = launch.name.as_deref().context("--as-vm needs a name")?;
+                    let new = NewVm {
+                        name,
+                        config: &point.vm_config,
+                        disks: report
+                            .disks
+                            .iter()
+                            .map(|d| (d.disk.clone(), d.path.clone(), format.ext()))
+                            .collect(),
+                        start: *start,
+                    };
+                    let defined = crate::platform::connect(&prow.spec, runner.cfg.io_timeout)?
+                        .define_vm(&new)
+                        .with_context(|| {
+                            format!("define VM '{name}' on platform '{}'", prow.name)
+                        })?;
+                    report.new_vm = Some(defined);
+                    report
+                }
+            }
+        }
+        RestoreTo::InPlace => crate::recovery::in_place::restore_in_place(
+            &crate::recovery::in_place::InPlaceRequest {
+                state_path: &runner.cfg.state_path,
+                run_dir: &runner.cfg.run_dir,
+                repo: &repo,
+                rule,
+                vm: &spec.vm,
+                point,
+            },
+            &recorder,
+            &cancel,
+            &runner.rt,
+        )?,
+    };
+    Ok(Done {
+        summary: restore_summary(&report),
+        outcome: Outcome::Restore(report),
+        code: ExitCode::Ok,
+        handoff: None,
+    })
+}
+
+/// The disks of `point` as image files in `dest`, through a private staging
+/// directory recorded with the task (what a killed restore left is removed first).
+#[allow(clippy::too_many_arguments)]
+fn restore_files(
+    runner: &Runner,
+    repo: &Repository,
+    key: &str,
+    point: &Manifest,
+    dest: &Path,
+    format: ImageFormat,
+    force: bool,
+    mode: u32,
+    task: i64,
+    recorder: &TaskRecorder,
+    cancel: &AtomicBool,
+) -> Result<RestoreReport> {
+    let mut state = State::open(&runner.cfg.state_path)?;
+    for line in super::recover::remove_stale_restores(&mut state, Some(dest), None)? {
+        recorder.log(LogLevel::Info, &line);
+    }
+    let row = std::sync::Mutex::new(state);
+    let recorded = std::sync::Mutex::new(None::<std::path::PathBuf>);
+    let on_staging = |staging: &Path| -> Result<()> {
+        let dest = staging.parent().unwrap_or(staging).to_string_lossy();
+        let mut state = row
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.set_task_staging(task, &dest, Some(&staging.to_string_lossy()))?;
+        *recorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(staging.to_path_buf());
+        Ok(())
+    };
+    let req = RestoreRequest {
+        repo,
+        vm_key: key,
+        point,
+        dest,
+        format,
+        force,
+        mode,
+        workers: crate::backup::disk::cpu_count(),
+        on_staging: &on_staging,
+    };
+    let result = restore_point(&req, recorder, cancel);
+    // The staging directory is gone once restore_point returns (unless its
+    // removal failed: then the record stays for cleanup).
+    let staging = recorded
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(staging) = staging.filter(|s| !s.exists()) {
+        let dest = staging.parent().unwrap_or(&staging).to_string_lossy();
+        let mut state = row
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = state.set_task_staging(task, &dest, None) {
+            tracing::warn!("cannot record the end of restore task {task}: {e:#}");
+        }
+    }
+    result
 }
 
 fn backup(
@@ -210,6 +361,7 @@ fn backup(
         buffers: runner.buffers.clone(),
         clock: runner.cfg.clock,
         bandwidth: throttle.clone(),
+        force_full: state.vm_reset(&rule.name, &spec.vm)?,
     };
     // One running VM, one backup at a time, whichever rule and platform reach it.
     let running = plat
@@ -223,6 +375,9 @@ fn backup(
     let display = runner.events.display(task, spec, Some(throttle.clone()));
     let recorder = Arc::new(TaskRecorder::new(task, state, display, Some(throttle)));
     let out = run_backup(&job, &vm_lock, plat.as_ref(), recorder, cancel, &runner.rt)?;
+    if out.level == crate::level::Level::Full {
+        State::open(&runner.cfg.state_path)?.clear_vm_reset(&rule.name, &spec.vm)?;
+    }
     let unexpected_full = out.fallback.is_some() && !out.fallback_planned;
     let code = if unexpected_full || !out.warnings.is_empty() {
         ExitCode::Warning
@@ -233,6 +388,7 @@ fn backup(
         summary: vec![backup_summary(&out)],
         outcome: Outcome::Backup(out),
         code,
+        handoff: None,
     })
 }
 
@@ -274,6 +430,7 @@ fn prune(runner: &Runner, spec: &TaskSpec, held: Held) -> Result<Done> {
         summary,
         outcome: Outcome::Prune(report),
         code: ExitCode::Ok,
+        handoff: None,
     })
 }
 
@@ -289,6 +446,7 @@ fn gc(runner: &Runner, spec: &TaskSpec) -> Result<Done> {
                 "no repository yet",
             )),
             code: ExitCode::Ok,
+            handoff: None,
         });
     };
     drop(state);
@@ -328,6 +486,7 @@ fn gc(runner: &Runner, spec: &TaskSpec) -> Result<Done> {
         summary,
         outcome: Outcome::Gc(entry),
         code: ExitCode::Ok,
+        handoff: None,
     })
 }
 
@@ -358,9 +517,17 @@ fn restore_summary(report: &RestoreReport) -> Vec<String> {
             )
         })
         .collect();
+    if let Some(script) = &report.launch_script {
+        lines.push(format!("launch script {}", script.display()));
+    }
     if let Some(vm) = &report.new_vm {
         lines.push(format!(
-            "defined VM '{}' on the restored images{}",
+            "{} VM '{}' on the restored images{}",
+            if report.launch_script.is_some() {
+                "made"
+            } else {
+                "defined"
+            },
             vm.name,
             if vm.started { ", started" } else { "" }
         ));

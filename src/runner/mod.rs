@@ -38,6 +38,10 @@ use crate::error::{exit_code_of, is_interrupted, ExitCode};
 use crate::level::Level;
 use crate::monitor::notify::Event;
 use crate::monitor::Monitor;
+use crate::recovery::boot::{BootOptions, BootReport};
+use crate::recovery::cmdline::LaunchOptions;
+use crate::recovery::mirror::MigrationReport;
+use crate::recovery::{RecoverOptions, RecoveryReport};
 use crate::repo::Manifest;
 use crate::restore::{ImageFormat, RestoreReport};
 use crate::state::rules::RuleRow;
@@ -83,16 +87,23 @@ pub enum Job {
     Restore {
         /// The point, chosen (and so validated) before the task was admitted.
         point: Box<Manifest>,
-        dest: PathBuf,
-        format: ImageFormat,
-        force: bool,
-        /// Mode of the image files (`restore::DEFAULT_MODE` unless asked otherwise).
-        mode: u32,
-        /// Also define a new VM on the restored images: its name, and whether
-        /// to start it.
-        as_vm: Option<(String, bool)>,
+        to: RestoreTo,
         /// Read the rule's copy on this target instead of its own repository.
         from: Option<String>,
+    },
+    /// Serve a point and (maybe) start a VM on overlays of it; the task goes on
+    /// in a background server process (transient recovery, the start of an
+    /// instant recovery).
+    Recover {
+        point: Box<Manifest>,
+        opts: RecoverOptions,
+    },
+    /// Move a running instant recovery's disks to production storage.
+    Migrate { recovery: i64 },
+    /// Boot a point on overlays and judge it (verify --boot).
+    BootVerify {
+        point: Box<Manifest>,
+        opts: BootOptions,
     },
     /// Apply the rule's retention to the VM's points now (R17: the scheduler
     /// submits it after the VM's last scheduled backup of the day).
@@ -102,11 +113,38 @@ pub enum Job {
     Gc,
 }
 
+/// Where a restore writes.
+#[derive(Debug, Clone)]
+pub enum RestoreTo {
+    /// One image file per disk in `dest`.
+    Files {
+        dest: PathBuf,
+        format: ImageFormat,
+        force: bool,
+        /// Mode of the image files (`restore::DEFAULT_MODE` unless asked otherwise).
+        mode: u32,
+    },
+    /// Image files plus a launch script from the captured configuration.
+    AsVm {
+        dest: PathBuf,
+        format: ImageFormat,
+        force: bool,
+        mode: u32,
+        launch: LaunchOptions,
+        start: bool,
+    },
+    /// Back into the VM's own disk images.
+    InPlace,
+}
+
 impl Job {
     pub fn kind(&self) -> TaskKind {
         match self {
             Job::Backup { .. } => TaskKind::Backup,
             Job::Restore { .. } => TaskKind::Restore,
+            Job::Recover { .. } => TaskKind::Recovery,
+            Job::Migrate { .. } => TaskKind::Migration,
+            Job::BootVerify { .. } => TaskKind::BootVerify,
             Job::Prune => TaskKind::Prune,
             Job::Gc => TaskKind::Gc,
         }
@@ -116,8 +154,10 @@ impl Job {
     /// forget leave it alone while the task is active).
     fn reads_point(&self) -> Option<&str> {
         match self {
-            Job::Restore { point, .. } => Some(&point.point),
-            _ => None,
+            Job::Restore { point, .. }
+            | Job::Recover { point, .. }
+            | Job::BootVerify { point, .. } => Some(&point.point),
+            Job::Backup { .. } | Job::Migrate { .. } | Job::Prune | Job::Gc => None,
         }
     }
 
@@ -136,16 +176,23 @@ impl Job {
 pub enum Outcome {
     Backup(BackupOutcome),
     Restore(RestoreReport),
+    Recovery(RecoveryReport),
+    Migration(MigrationReport),
+    BootVerify(BootReport),
     Prune(crate::lifecycle::prune::VmPrune),
     Gc(crate::lifecycle::gc::RepoGc),
 }
 
 impl Outcome {
-    /// The point a task wrote (backup) or read (restore).
+    /// The point a task wrote (backup) or read (restore, recovery, migration,
+    /// boot verification).
     pub fn point(&self) -> Option<&str> {
         match self {
             Outcome::Backup(o) => Some(&o.point),
             Outcome::Restore(r) => Some(&r.point),
+            Outcome::Recovery(r) => Some(&r.point),
+            Outcome::Migration(m) => Some(&m.point),
+            Outcome::BootVerify(b) => Some(&b.point),
             Outcome::Prune(_) | Outcome::Gc(_) => None,
         }
     }
@@ -428,6 +475,7 @@ impl Runner {
             record(&mut state, task, LogLevel::Info, &start_line(spec));
             jobs::run(self, spec, task, flag, held)
         });
+        let mut handoff = None;
         let (status, code, outcome, error, summary) = match res {
             Ok(done) => {
                 for line in &done.summary {
@@ -451,8 +499,14 @@ impl Runner {
                 if let Outcome::Prune(p) = &done.outcome {
                     record_points_left(&mut state, p);
                 }
+                handoff = done.handoff;
                 (
-                    TaskState::Completed,
+                    // Running: the task goes on in another process (a background server).
+                    if handoff.is_some() {
+                        TaskState::Running
+                    } else {
+                        TaskState::Completed
+                    },
                     done.code,
                     Some(done.outcome),
                     None,
@@ -473,15 +527,27 @@ impl Runner {
                 (status, code, None, Some(msg), Vec::new())
             }
         };
-        let last = end_line(&state, task, status);
-        record(&mut state, task, LogLevel::Info, &last);
-        let (point, note) = match &outcome {
-            Some(Outcome::Backup(o)) => (Some(o.point.as_str()), o.fallback.as_deref()),
-            Some(o) => (o.point(), None),
-            None => (None, error.as_deref()),
-        };
-        if let Err(e) = state.end_task(task, status, point, note) {
-            tracing::warn!("cannot record the end of task {task}: {e:#}");
+        if let Some(pid) = handoff {
+            record(
+                &mut state,
+                task,
+                LogLevel::Info,
+                &format!("task goes on in the background server (pid {pid})"),
+            );
+            if let Err(e) = state.hand_over_task(task, pid, "serving") {
+                tracing::warn!("cannot hand task {task} over to pid {pid}: {e:#}");
+            }
+        } else {
+            let last = end_line(&state, task, status);
+            record(&mut state, task, LogLevel::Info, &last);
+            let (point, note) = match &outcome {
+                Some(Outcome::Backup(o)) => (Some(o.point.as_str()), o.fallback.as_deref()),
+                Some(o) => (o.point(), None),
+                None => (None, error.as_deref()),
+            };
+            if let Err(e) = state.end_task(task, status, point, note) {
+                tracing::warn!("cannot record the end of task {task}: {e:#}");
+            }
         }
         let row = state.task(task).ok().flatten();
         let result = TaskResult::of(
@@ -607,20 +673,65 @@ fn start_line(spec: &TaskSpec) -> String {
             ),
             None => format!("backup started: level {level} requested (run now)"),
         },
-        Job::Restore {
-            point,
-            dest,
-            format,
-            ..
-        } => format!(
-            "restore started: point {} ({} disk(s)) to {} as {}",
+        Job::Restore { point, to, from } => {
+            let format_word = |format: &ImageFormat| {
+                serde_json::to_value(format)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            };
+            let whither = match to {
+                RestoreTo::Files { dest, format, .. } => {
+                    format!("to {} as {}", dest.display(), format_word(format))
+                }
+                RestoreTo::AsVm {
+                    dest,
+                    format,
+                    launch,
+                    ..
+                } => format!(
+                    "to {} as {}, as a new VM{}",
+                    dest.display(),
+                    format_word(format),
+                    launch
+                        .name
+                        .as_deref()
+                        .map(|n| format!(" '{n}'"))
+                        .unwrap_or_default()
+                ),
+                RestoreTo::InPlace => "into the VM's own images (in place)".to_string(),
+            };
+            format!(
+                "restore started: point {} ({} disk(s)){} {whither}",
+                point.point,
+                point.disks.len(),
+                from.as_deref()
+                    .map(|t| format!(" of the copy on target '{t}'"))
+                    .unwrap_or_default(),
+            )
+        }
+        Job::Recover { point, opts } => format!(
+            "recovery started: point {} ({} disk(s)) served, {} recovery{}",
             point.point,
             point.disks.len(),
-            dest.display(),
-            serde_json::to_value(format)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default()
+            opts.mode,
+            if opts.start {
+                ", VM started on overlays"
+            } else {
+                ""
+            }
+        ),
+        Job::Migrate { recovery } => {
+            format!("migration started: recovery {recovery}'s disks to their new images")
+        }
+        Job::BootVerify { point, opts } => format!(
+            "boot verification started: point {} booted without network, judged by {}",
+            point.point,
+            if opts.expect.is_some() {
+                "its serial console"
+            } else {
+                "its guest agent"
+            }
         ),
         Job::Prune => "prune started: points outside the rule's retention".to_string(),
         Job::Gc => "garbage collection started: objects no point refers to".to_string(),

@@ -13,6 +13,7 @@
 pub mod figures;
 pub mod logs;
 pub mod platforms;
+pub mod recoveries;
 pub mod rules;
 pub mod schema;
 pub mod slots;

@@ -344,8 +344,13 @@ impl State {
         }
         self.write(|tx| {
             if let Some((id, kind, v)) = active_task(tx, rule, vm)? {
+                let how = if kind == TaskKind::Recovery {
+                    "stop it first with 'vmbackup recover stop'"
+                } else {
+                    "wait for it or cancel it first"
+                };
                 return Err(busy(format!(
-                    "rule '{rule}' has a {kind} task in progress (task {id}, VM '{v}'); wait for it or cancel it first (R37)"
+                    "rule '{rule}' has a {kind} in progress (task {id}, VM '{v}'); {how} (R37)"
                 )));
             }
             match vm {
@@ -365,14 +370,17 @@ impl State {
     }
 }
 
-/// The first active task of `rule` (of its VM `vm`, when given).
+/// The first active task of `rule` (of its VM `vm`, when given); a recovery
+/// that serves a point until it is stopped counts as one.
 fn active_task(
     conn: &rusqlite::Connection,
     rule: &str,
     vm: Option<&str>,
 ) -> Result<Option<(i64, TaskKind, String)>> {
     let mut st = conn.prepare(&format!(
-        "SELECT id, kind, vm FROM tasks WHERE rule = ?1 AND state IN {} ORDER BY id",
+        "SELECT id, kind, vm FROM tasks WHERE rule = ?1 AND state IN {}
+         UNION ALL SELECT id, 'recovery', vm FROM recoveries WHERE rule = ?1 AND stage != 'stopped'
+         ORDER BY 1",
         super::tasks::ACTIVE_STATES
     ))?;
     let rows = st

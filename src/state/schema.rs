@@ -177,6 +177,42 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE targets ADD COLUMN key TEXT;
     "#,
+    // 9 (recovery, issue 11): a recovery outlives the command that started it: a
+    // background NBD server serves the point, a VM may run on overlays, an
+    // instant recovery migrates to new images. One row per recovery, its id the
+    // id of the task that started it; `task` is the recovery task serving it now.
+    // The `point` of its task rows protects the served point from prune.
+    r#"
+    CREATE TABLE recoveries (
+        id         INTEGER PRIMARY KEY,
+        task       INTEGER NOT NULL,
+        rule       TEXT NOT NULL,
+        vm         TEXT NOT NULL,
+        point      TEXT NOT NULL,
+        mode       TEXT NOT NULL,                -- transient | instant | boot-verify
+        stage      TEXT NOT NULL,                -- serving | migrating | migrated | stopped
+        dir        TEXT NOT NULL,                -- private directory: socket, overlays, logs
+        socket     TEXT NOT NULL,                -- the NBD server's unix socket
+        server_pid INTEGER,
+        vm_name    TEXT,                         -- the recovered VM (when started)
+        vm_pid     INTEGER,
+        vm_qmp     TEXT,
+        disks      TEXT NOT NULL DEFAULT '[]',   -- JSON: [recovery::RecoveredDisk]
+        target_dir TEXT,                         -- instant: where the new images go
+        qmp_dir    TEXT,                         -- instant: the platform's QMP directory
+        migration_task INTEGER,                  -- instant: the task mirroring it (last one)
+        created    TEXT NOT NULL,
+        finished   TEXT
+    );
+    CREATE INDEX recoveries_by_stage ON recoveries(stage);
+    CREATE TABLE vm_resets (
+        rule    TEXT NOT NULL,
+        vm      TEXT NOT NULL,
+        reason  TEXT NOT NULL,                   -- why the next backup must be a full
+        created TEXT NOT NULL,
+        PRIMARY KEY (rule, vm)
+    );
+    "#,
 ];
 
 /// The schema version this binary writes.

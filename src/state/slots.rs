@@ -106,7 +106,7 @@ impl State {
     /// `slot` (a schedule's instant, RFC 3339) is recorded in `schedule_runs` in the
     /// same transaction, so a slot is admitted at most once across processes; an
     /// already recorded slot returns `None`. `point` is the point a task reads
-    /// (a restore): recorded from admission on, so prune and forget leave it alone.
+    /// (restore, recovery, boot verification): recorded from admission on, so prune and forget leave it alone.
     pub fn admit_task(
         &mut self,
         kind: TaskKind,
@@ -256,6 +256,20 @@ impl State {
                     Ok(SlotAnswer::Granted)
                 }
             }
+        })
+    }
+
+    /// Hand a running task to process `pid` (a background server that goes on
+    /// with it, or a command taking it over to stop it): its slot, if any, is
+    /// released; it stays running, in `phase`.
+    pub fn hand_over_task(&mut self, task: i64, pid: u32, phase: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM slot_leases WHERE task = ?1", [task])?;
+            tx.execute(
+                "UPDATE tasks SET pid = ?2, phase = ?3, rate = 0 WHERE id = ?1",
+                params![task, pid, phase],
+            )?;
+            Ok(())
         })
     }
 

@@ -334,7 +334,9 @@ impl State {
     }
 
     /// Points of a rule's VM that active tasks read (restores, recoveries), with
-    /// why, e.g. "read by restore task 12 (running)": prune and forget keep them.
+    /// why, e.g. "read by restore task 12 (running)", and points a recovery
+    /// serves even while its server is down (`State::points_served`): prune and
+    /// forget keep them.
     pub fn points_in_use(
         &self,
         rule: &str,
@@ -353,7 +355,11 @@ impl State {
                     format!("read by {} task {id} ({})", kind.as_str(), state.as_str()),
                 ))
             })?
-            .collect::<rusqlite::Result<_>>()?;
+            .collect::<rusqlite::Result<std::collections::BTreeMap<String, String>>>()?;
+        let mut rows = rows;
+        for (point, why) in self.points_served(rule, vm)? {
+            rows.entry(point).or_insert(why);
+        }
         Ok(rows)
     }
 

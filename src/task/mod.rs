@@ -20,12 +20,22 @@ use serde::{Deserialize, Serialize};
 
 /// What a task does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum TaskKind {
     /// A full, incremental or differential backup of one VM.
     Backup,
-    /// A restore point written back to image files.
+    /// A restore point written back: to image files, as a new VM, or in place.
     Restore,
+    /// A restore point served over NBD by a background server of vmbackup's, a
+    /// VM running on it with its writes in overlays (transient recovery); the
+    /// task stays running, owned by the server process, until `recover stop`.
+    Recovery,
+    /// The data of an instant recovery moved to production storage while the VM
+    /// runs (QEMU's mirror job), ending with the pivot to the new images.
+    Migration,
+    /// A point booted from a transient recovery and judged by its guest agent or
+    /// its serial console.
+    BootVerify,
     /// Retention applied to one VM's points after its last scheduled backup
     /// of the day (R17).
     Prune,
@@ -34,9 +44,12 @@ pub enum TaskKind {
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 4] = [
+    pub const ALL: [TaskKind; 7] = [
         TaskKind::Backup,
         TaskKind::Restore,
+        TaskKind::Recovery,
+        TaskKind::Migration,
+        TaskKind::BootVerify,
         TaskKind::Prune,
         TaskKind::Gc,
     ];
@@ -45,15 +58,42 @@ impl TaskKind {
         match self {
             TaskKind::Backup => "backup",
             TaskKind::Restore => "restore",
+            TaskKind::Recovery => "recovery",
+            TaskKind::Migration => "migration",
+            TaskKind::BootVerify => "boot-verify",
             TaskKind::Prune => "prune",
             TaskKind::Gc => "gc",
         }
     }
 
-    /// Whether a task of this kind takes a slot (R38 counts backup, restore and
-    /// migration tasks; prune and GC move no VM data).
+    /// Whether the task takes a global and a per-host slot before it runs (R38:
+    /// backups, restores and migrations count; transient recovery does not, and
+    /// neither does a boot verification, which is one; prune and GC move no VM
+    /// data).
     pub fn takes_slot(self) -> bool {
-        matches!(self, TaskKind::Backup | TaskKind::Restore)
+        matches!(
+            self,
+            TaskKind::Backup | TaskKind::Restore | TaskKind::Migration
+        )
+    }
+
+    /// Whether an active task of this kind keeps its rule from being removed
+    /// (R37): it reads the rule's points or runs a VM from one.
+    pub fn holds_rule(self) -> bool {
+        matches!(
+            self,
+            TaskKind::Restore | TaskKind::Recovery | TaskKind::Migration | TaskKind::BootVerify
+        )
+    }
+
+    /// The kinds that [hold a rule](TaskKind::holds_rule), as an SQL list.
+    pub fn holding_rule_sql() -> String {
+        let words: Vec<String> = TaskKind::ALL
+            .iter()
+            .filter(|k| k.holds_rule())
+            .map(|k| format!("'{k}'"))
+            .collect();
+        format!("({})", words.join(","))
     }
 
     /// Whether a second task of this kind for the same rule and VM is skipped
@@ -190,7 +230,15 @@ mod tests {
     fn words_round_trip_and_unknown_words_are_named() {
         for k in TaskKind::ALL {
             assert_eq!(k.as_str().parse::<TaskKind>().unwrap(), k);
+            assert_eq!(
+                serde_json::to_value(k).unwrap(),
+                serde_json::json!(k.as_str())
+            );
         }
+        assert_eq!(
+            TaskKind::holding_rule_sql(),
+            "('restore','recovery','migration','boot-verify')"
+        );
         for s in TaskState::ALL {
             assert_eq!(s.as_str().parse::<TaskState>().unwrap(), s);
             assert_eq!(

@@ -4,9 +4,8 @@
 //!
 //! `VMBACKUP_TEST_LIBVIRT_URI` (set by scripts/test.sh) names the daemon; without it
 //! the tests start (or reuse) one under `target/test-libvirtd`. The tiny guest
-//! (kernel + initramfs with qemu-guest-agent, scripts/tiny-guest.sh) comes from
-//! `VMBACKUP_TEST_GUEST_DIR` or is built into `target/tiny-guest`. A test that
-//! cannot get either fails: it never skips.
+//! (kernel + initramfs with qemu-guest-agent, scripts/tiny-guest.sh) is
+//! [`super::tiny_guest`]. A test that cannot get either fails: it never skips.
 //!
 //! Guest writes go through QEMU's `qemu-io` HMP command on the running domain (or
 //! `qemu-io` on the image of a shut-off one) and into a raw shadow file per disk,
@@ -19,7 +18,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{file_digest, pseudo_random, run};
+use super::{file_digest, pseudo_random, run, tiny_guest};
 
 fn repo_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -95,20 +94,6 @@ pub fn remote_scratch_files() -> Vec<PathBuf> {
                 .starts_with("vmbackup-")
         })
         .collect()
-}
-
-/// The tiny guest's kernel and initramfs.
-pub fn guest() -> (PathBuf, PathBuf) {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let dir = std::env::var_os("VMBACKUP_TEST_GUEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_dir().join("target/tiny-guest"));
-        let script = repo_dir().join("scripts/tiny-guest.sh");
-        run(script.to_str().unwrap(), &[dir.to_str().unwrap()]);
-        dir
-    });
-    (dir.join("vmlinuz"), dir.join("initrd.gz"))
 }
 
 /// `virsh -c URI ARGS`, panicking with its output on failure.
@@ -234,7 +219,7 @@ impl TestDomain {
         let os = match boot {
             Boot::None => String::new(),
             b => {
-                let (k, i) = guest();
+                let (k, i) = tiny_guest();
                 let kernel = work.join("vmlinuz");
                 let initrd = work.join("initrd.gz");
                 fs::copy(k, &kernel).unwrap();

@@ -14,6 +14,7 @@ pub mod json_doc;
 pub mod libvirt;
 pub mod s3proxy;
 pub mod seaweedfs;
+pub mod system_vm;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -471,6 +472,25 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// The tiny test guest's kernel and initramfs (scripts/tiny-guest.sh), one build
+/// per test run for every test: into `VMBACKUP_TEST_GUEST_DIR` (scripts/test.sh
+/// sets it and builds the guest while the tests compile) or `target/tiny-guest`.
+/// The script does nothing when its current version is there, and fails the test
+/// when it cannot build one.
+pub fn tiny_guest() -> (PathBuf, PathBuf) {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = std::env::var_os("VMBACKUP_TEST_GUEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target/tiny-guest"));
+        let script = root.join("scripts/tiny-guest.sh");
+        run(script.to_str().unwrap(), &[dir.to_str().unwrap()]);
+        dir
+    });
+    (dir.join("vmlinuz"), dir.join("initrd.gz"))
+}
+
 /// Run a command, panic with its output when it fails.
 pub fn run(prog: &str, args: &[&str]) -> String {
     let out = Command::new(prog)
@@ -727,6 +747,16 @@ impl Env {
             .collect();
         logs.push(String::from_utf8_lossy(&out.stderr).into_owned());
         (out.status.code().unwrap_or(-1), summary, logs.join("\n"))
+    }
+
+    /// `vmbackup ARGS` with the test clock at `now` (UTC wall time, `TZ=UTC`).
+    pub fn run_at(&self, now: &str, args: &[&str]) -> std::process::Output {
+        self.cmd()
+            .env("TZ", "UTC")
+            .env("VMBACKUP_TEST_NOW", now)
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// Run, expect exit 0, return stdout.
