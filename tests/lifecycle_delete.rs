@@ -190,10 +190,7 @@ fn r37_any_running_task_of_the_rule_refuses_removal_with_exit_4_and_changes_noth
         .unwrap();
         let before = env.dump();
         let err = env.fails(4, &["rule", "remove", "r", "--delete-data"]);
-        assert!(
-            err.contains(&format!("has a {kind} in progress")),
-            "{err}"
-        );
+        assert!(err.contains(&format!("has a {kind} in progress")), "{err}");
         assert!(err.contains("R37"), "{err}");
         assert_eq!(env.dump(), before);
         assert!(env.path("target/r/vmbackup-repo.toml").is_file());

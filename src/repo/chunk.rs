@@ -15,8 +15,8 @@
 
 use anyhow::{bail, Context, Result};
 
-use super::crypto::Naming;
 use super::codec::Codec;
+use super::crypto::Naming;
 use super::format::{CHUNK_MAGIC, MAX_CHUNK_SIZE};
 
 /// A chunk's id: BLAKE3 of its uncompressed bytes.

@@ -20,9 +20,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::Utc;
 
-use super::chunk::{
-    decode_chunk_named, digest_hex, encode_chunk_with, parse_digest_hex, Digest,
-};
+use super::chunk::{decode_chunk_named, digest_hex, encode_chunk_with, parse_digest_hex, Digest};
 use super::codec::Codec;
 use super::crypto::{Naming, Unauthentic};
 use super::delta::{decode_delta_named, encode_delta, Delta, BASE_OFFSET};

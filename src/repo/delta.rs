@@ -30,8 +30,8 @@
 use anyhow::{bail, Context, Result};
 
 use super::chunk::{digest_hex, Digest};
-use super::crypto::Naming;
 use super::codec::Codec;
+use super::crypto::Naming;
 use super::format::{DELTA_MAGIC, MAX_CHUNK_SIZE};
 
 /// Length of the fixed part of the delta header.

@@ -355,8 +355,15 @@ impl State {
             }
             match vm {
                 Some(vm) => {
-                    tx.execute("DELETE FROM rule_vms WHERE rule = ?1 AND vm = ?2", [rule, vm])?;
-                    let left: i64 = tx.query_row("SELECT COUNT(*) FROM rule_vms WHERE rule = ?1", [rule], |r| r.get(0))?;
+                    tx.execute(
+                        "DELETE FROM rule_vms WHERE rule = ?1 AND vm = ?2",
+                        [rule, vm],
+                    )?;
+                    let left: i64 = tx.query_row(
+                        "SELECT COUNT(*) FROM rule_vms WHERE rule = ?1",
+                        [rule],
+                        |r| r.get(0),
+                    )?;
                     if left == 0 {
                         tx.execute("DELETE FROM rules WHERE name = ?1", [rule])?;
                     }
