@@ -62,7 +62,7 @@ impl Lab {
             .unwrap_or_else(|| panic!("no summary: {stdout}{out:?}"));
         (
             out.status.code().unwrap(),
-            summary["vms"][0].clone(),
+            summary["tasks"][0].clone(),
             format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
         )
     }
