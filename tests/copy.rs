@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::json_doc::assert_documented;
 use common::seaweedfs::{add_s3_target, cluster};
 use common::*;
 
@@ -233,4 +234,223 @@ fn add_s3_target_at(env: &Env, bucket: &str, creds: &std::path::Path, key: &str)
         key,
     ]);
     assert!(out["marker_id"].is_string(), "{out}");
+}
+
+/// `run-now` for rule `r` with the clock at `now` (UTC): its summary.
+fn run_now_at(env: &Env, now: &str, level: &str) -> Value {
+    let out = env
+        .cmd()
+        .env("TZ", "UTC")
+        .env("VMBACKUP_TEST_NOW", now)
+        .args(["--json", "run-now", "r", "--level", level])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "run-now at {now}: {:?}\n{stdout}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_documented("vmbackup run-now", &stdout);
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .find(|v: &Value| v["type"] == "summary")
+        .unwrap_or_else(|| panic!("no summary: {stdout}"))
+}
+
+fn points_of(env: &Env, args: &[&str]) -> Vec<String> {
+    let mut a = vec!["points", "r", "--vm", "vm1"];
+    a.extend_from_slice(args);
+    env.json(&a)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["point"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `rule add/edit --copy-to TARGET [--copy-retention N]`: after each
+/// successful backup, a copy task (kind `copy`, a slot of its own) copies the
+/// new point to the S3 target and prunes the copy with its own retention,
+/// while the rule's own repository keeps every point; `rule show`/`rule list`
+/// show the setting; bad input is refused (exit 2, one line, nothing changed);
+/// `--copy-to none` stops the copies.
+#[test]
+fn copy_to_copies_each_new_point_as_a_task_and_prunes_the_copy() {
+    let env = Env::new();
+    fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
+    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 4 * MIB)], true);
+    env.add_lab("local");
+    let (bucket, creds) = add_s3_target(&env, "offsite", "auto", "default", &[]);
+    let s3 = cluster().store(&bucket, &creds, "auto", "default");
+    let sched = ["--schedule", "full daily at 01:00"];
+
+    // Refused: an unknown target, the rule's own target, a retention without
+    // a copy, out of range, or for a one-time rule.
+    let add = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<&str> = rule_add("r", "lab", "vm1", "local", &sched);
+        a.extend_from_slice(extra);
+        a.iter().map(|s| s.to_string()).collect()
+    };
+    let refused = |args: Vec<String>, needles: &[&str]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        env.refused(&args, needles);
+    };
+    refused(
+        add(&["--copy-to", "nosuch"]),
+        &["--copy-to", "'nosuch'", "offsite", "none"],
+    );
+    refused(add(&["--copy-to", "local"]), &["--copy-to", "own target"]);
+    refused(
+        add(&["--copy-to", "offsite", "--copy-retention", "65"]),
+        &["--copy-retention", "0..=64"],
+    );
+    refused(
+        add(&["--copy-to", "none", "--copy-retention", "2"]),
+        &["--copy-retention", "--copy-to"],
+    );
+    env.refused(
+        &[
+            "rule",
+            "add",
+            "once",
+            "--platform",
+            "lab",
+            "--vm",
+            "vm1",
+            "--target",
+            "local",
+            "--once",
+            "2030-01-01 10:00",
+            "--copy-to",
+            "offsite",
+            "--copy-retention",
+            "1",
+        ],
+        &["--copy-retention", "periodic"],
+    );
+    env.add_rule(
+        "r",
+        "lab",
+        "vm1",
+        "local",
+        &[&sched[..], &["--copy-to", "offsite"]].concat(),
+    );
+    let shown = env.ok(&["--json", "rule", "show", "r"]);
+    assert_documented("vmbackup rule show", &shown);
+    let doc: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(doc["copy_to"], "offsite", "{doc}");
+    assert_eq!(doc["copy_retention"], Value::Null, "{doc}");
+    env.refused(
+        &["rule", "edit", "r", "--copy-to", "local"],
+        &["--copy-to", "own target", "offsite"],
+    );
+    env.refused(
+        &[
+            "rule",
+            "edit",
+            "r",
+            "--copy-to",
+            "none",
+            "--copy-retention",
+            "1",
+        ],
+        &["--copy-retention", "--copy-to none"],
+    );
+    let err = env.fails(2, &["rule", "edit", "r", "--copy-retention", "x"]);
+    assert!(
+        err.contains("--copy-retention") && err.contains("0..=64") && err.contains("'all'"),
+        "{err}"
+    );
+    env.refused(
+        &["target", "remove", "offsite"],
+        &["offsite", "rule(s) r", "--copy-to"],
+    );
+    env.ok(&["rule", "edit", "r", "--copy-retention", "0"]);
+    let listed = env.ok(&["--json", "rule", "list"]);
+    assert_documented("vmbackup rule list", &listed);
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed[0]["copy_to"], "offsite", "{listed}");
+    assert_eq!(listed[0]["copy_retention"], 0, "{listed}");
+    let text = env.ok(&["rule", "show", "r"]);
+    assert!(
+        text.contains("copy to:      offsite after each backup, retention 0 days"),
+        "{text}"
+    );
+
+    // Day 1 full, day 2 inc, day 3 full: each backup is followed by its copy.
+    let mut points: Vec<String> = Vec::new();
+    let mut digests = Vec::new();
+    for (i, (now, level)) in [
+        ("2026-05-01 12:00:00", "full"),
+        ("2026-05-02 12:00:00", "inc"),
+        ("2026-05-03 12:00:00", "full"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        vm.write_random("disk0", i as u64 * MIB, 512 * 1024, 10 + i as u64);
+        digests.push(vm.shadow_digest("disk0"));
+        let summary = run_now_at(&env, now, level);
+        let tasks = summary["tasks"].as_array().unwrap();
+        assert_eq!(tasks.len(), 2, "{summary}");
+        assert_eq!(tasks[0]["kind"], "backup", "{summary}");
+        let point = tasks[0]["outcome"]["point"].as_str().unwrap().to_string();
+        let copy = &tasks[1];
+        assert_eq!(copy["kind"], "copy", "{summary}");
+        assert_eq!(copy["status"], "completed", "{summary}");
+        assert_eq!(copy["vm"], "vm1", "{summary}");
+        assert_eq!(copy["outcome"]["to"], "offsite", "{summary}");
+        assert_eq!(copy["outcome"]["point"], point.as_str(), "{summary}");
+        assert_eq!(ids(&copy["outcome"]["points_copied"]), [point.clone()]);
+        assert!(
+            copy["outcome"]["sent_count"].as_u64().unwrap() >= 1,
+            "{summary}"
+        );
+        let pruned = ids(&copy["outcome"]["pruned"]);
+        match i {
+            // Day 2: the full is the base of the newest incremental (R21).
+            0 | 1 => assert!(pruned.is_empty(), "{summary}"),
+            // Day 3: day 1's full and day 2's incremental are outside 0 days.
+            _ => assert_eq!(pruned, [points[0].clone(), points[1].clone()], "{summary}"),
+        }
+        points.push(point);
+    }
+    // The rule's repository keeps every point (its retention is "all").
+    assert_eq!(points_of(&env, &[]), points);
+    assert_eq!(points_of(&env, &["--from", "offsite"]), [points[2].clone()]);
+    assert!(s3.exists("r/vmbackup-repo.toml").unwrap());
+    assert_eq!(
+        restored_from(&env, "r", "vm1", "offsite", &points[2]),
+        digests[2]
+    );
+    let copies: Vec<Value> = env
+        .json(&["task", "list", "--all"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "copy")
+        .cloned()
+        .collect();
+    assert_eq!(copies.len(), 3, "{copies:?}");
+    for t in &copies {
+        assert_eq!(t["status"], "completed", "{t}");
+        assert_eq!(t["rule"], "r", "{t}");
+        assert!(t["started"].is_string(), "a copy task holds a slot: {t}");
+    }
+    let log = env.ok(&["logs", "r", "--task", &copies[0]["id"].to_string()]);
+    assert!(log.contains("removed point"), "{log}");
+
+    // --copy-to none: the next backup is not copied; the copy stays.
+    env.ok(&["rule", "edit", "r", "--copy-to", "none"]);
+    let doc = env.json(&["rule", "show", "r"]);
+    assert_eq!(doc["copy_to"], Value::Null, "{doc}");
+    assert_eq!(doc["copy_retention"], Value::Null, "{doc}");
+    vm.write_random("disk0", 3 * MIB, 512 * 1024, 20);
+    let summary = run_now_at(&env, "2026-05-03 13:00:00", "inc");
+    assert_eq!(summary["tasks"].as_array().unwrap().len(), 1, "{summary}");
+    assert_eq!(points_of(&env, &["--from", "offsite"]), [points[2].clone()]);
+    assert_eq!(points_of(&env, &[]).len(), 4);
 }

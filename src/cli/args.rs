@@ -340,7 +340,7 @@ pub enum RuleCmd {
     /// Create a backup rule
     Add(RuleAddArgs),
     // R34
-    /// Change a rule's schedules, retention and bandwidth windows
+    /// Change a rule's schedules, retention, bandwidth windows, webhook and copy
     Edit(RuleEditArgs),
     // R34
     /// Add a VM to a rule; it inherits the rule's settings
@@ -442,6 +442,15 @@ pub struct RuleAddArgs {
     /// Without it such a backup is refused
     #[arg(long)]
     pub allow_plain_tcp_export: bool,
+    /// After each successful backup, copy the new point to this target (a copy
+    /// task of its own, taking a slot), then prune the copy with --copy-retention;
+    /// "none": no copy
+    #[arg(long, value_name = "TARGET", add = ArgValueCandidates::new(complete::targets))]
+    pub copy_to: Option<String>,
+    /// Periods of copied points the copy keeps, as --retention counts them
+    /// (0..=64), or "all" (the default)
+    #[arg(long, value_name = "N|all", value_parser = parse_retention, requires = "copy_to")]
+    pub copy_retention: Option<RetentionArg>,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -501,6 +510,15 @@ pub struct RuleEditArgs {
     /// "default" (system.conf's notify_url)
     #[arg(long, value_name = "URL")]
     pub notify_url: Option<String>,
+    /// After each successful backup, copy the new point to this target (a copy
+    /// task of its own, taking a slot), then prune the copy with --copy-retention;
+    /// "none": stop copying (the copy made so far stays)
+    #[arg(long, value_name = "TARGET", add = ArgValueCandidates::new(complete::targets))]
+    pub copy_to: Option<String>,
+    /// Periods of copied points the copy keeps, as --retention counts them
+    /// (0..=64), or "all"
+    #[arg(long, value_name = "N|all", value_parser = parse_retention)]
+    pub copy_retention: Option<RetentionArg>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -17,7 +17,7 @@ use super::chunk::{digest_hex, Digest};
 use super::chunk_store::loud;
 use super::index::Slot;
 use super::manifest::Manifest;
-use super::{manifest_key, Repository};
+use super::{manifest_key, Repository, VmLock};
 use crate::error::invalid;
 
 /// What one VM's copy did.
@@ -46,7 +46,19 @@ pub fn copy_vm(
     let _src_lock = src.lock_shared("copy")?;
     let dst_lock = dst.lock_shared("copy")?;
     let vm_lock = dst.lock_vm(&dst_lock, vm_key, "copy")?;
-    dst.remove_incomplete_points(&vm_lock)?;
+    copy_vm_locked(src, dst, &vm_lock, point)
+}
+
+/// [`copy_vm`] for a caller that holds the source's shared lock and the
+/// destination VM's lock `vm_lock` (a copy task takes them while pending).
+pub fn copy_vm_locked(
+    src: &Repository,
+    dst: &Repository,
+    vm_lock: &VmLock,
+    point: Option<&str>,
+) -> Result<CopyReport> {
+    let vm_key = vm_lock.vm_key();
+    dst.remove_incomplete_points(vm_lock)?;
 
     let points = src.list_points(vm_key)?.points;
     let wanted = select(&points, point)?;
@@ -58,7 +70,7 @@ pub fn copy_vm(
             report.points_present.push(id.clone());
             continue;
         }
-        let mut writer = dst.begin_point(&vm_lock, id)?;
+        let mut writer = dst.begin_point(vm_lock, id)?;
         for disk in &manifest.disks {
             let index = src.load_index(vm_key, id, &disk.name)?;
             for slot in &index.slots {

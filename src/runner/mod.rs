@@ -98,6 +98,10 @@ pub enum Job {
     /// Garbage-collect the rule's repository if the last collection is a day
     /// old and its lock is free at once (`vm` is empty: a repository task).
     Gc,
+    /// Copy `point` of the VM (and the points it builds on, if missing) to the
+    /// rule's copy target `to`, then prune the copy with the rule's copy
+    /// retention (`rule edit --copy-to`).
+    Copy { point: String, to: String },
 }
 
 impl Job {
@@ -107,6 +111,7 @@ impl Job {
             Job::Restore { .. } => TaskKind::Restore,
             Job::Prune => TaskKind::Prune,
             Job::Gc => TaskKind::Gc,
+            Job::Copy { .. } => TaskKind::Copy,
         }
     }
 
@@ -136,6 +141,22 @@ pub enum Outcome {
     Restore(RestoreReport),
     Prune(crate::lifecycle::prune::VmPrune),
     Gc(crate::lifecycle::gc::RepoGc),
+    Copy(CopyOutcome),
+}
+
+/// What a copy task did (docs/JSON.md, "CopyOutcome").
+#[derive(Debug, Serialize)]
+pub struct CopyOutcome {
+    /// The target that holds the copy.
+    pub to: String,
+    /// The point copied.
+    pub point: String,
+    #[serde(flatten)]
+    pub report: crate::repo::copy::CopyReport,
+    /// The copy's retention, in words.
+    pub retention: String,
+    /// Points removed from the copy by its retention, oldest first.
+    pub pruned: Vec<String>,
 }
 
 impl Outcome {
@@ -144,6 +165,7 @@ impl Outcome {
         match self {
             Outcome::Backup(o) => Some(&o.point),
             Outcome::Restore(r) => Some(&r.point),
+            Outcome::Copy(c) => Some(&c.point),
             Outcome::Prune(_) | Outcome::Gc(_) => None,
         }
     }
@@ -618,6 +640,9 @@ fn start_line(spec: &TaskSpec) -> String {
         ),
         Job::Prune => "prune started: points outside the rule's retention".to_string(),
         Job::Gc => "garbage collection started: objects no point refers to".to_string(),
+        Job::Copy { point, to } => {
+            format!("copy started: point {point} to target '{to}', then the copy's retention")
+        }
     }
 }
 

@@ -58,6 +58,12 @@ pub struct RuleRow {
     /// The rule's own webhook: `None` uses system.conf's `notify_url`; `"none"`
     /// sends none for this rule.
     pub notify_url: Option<String>,
+    /// The automatic offsite copy: every new point is copied to this target
+    /// after its backup (`rule edit --copy-to`); `None`: no copy.
+    pub copy_to: Option<String>,
+    /// Periods (of the rule's schedules) of copied points the copy keeps;
+    /// `None`: every copied point.
+    pub copy_retention: Option<u32>,
     pub vms: Vec<RuleVm>,
 }
 
@@ -125,6 +131,8 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
         },
         created_at: r.get(11)?,
         notify_url: r.get(13)?,
+        copy_to: r.get(14)?,
+        copy_retention: r.get(15)?,
         vms: Vec::new(),
     })
 }
@@ -147,7 +155,7 @@ fn load_vms(conn: &rusqlite::Connection, rule: &mut RuleRow) -> Result<()> {
 impl State {
     pub fn rules(&self) -> Result<Vec<RuleRow>> {
         let mut st = self.conn().prepare(&format!(
-            "SELECT {COLS}, notify_url FROM rules ORDER BY name"
+            "SELECT {COLS}, notify_url, copy_to, copy_retention FROM rules ORDER BY name"
         ))?;
         let mut rules: Vec<RuleRow> = st
             .query_map([], from_row)?
@@ -162,7 +170,9 @@ impl State {
         let row = self
             .conn()
             .query_row(
-                &format!("SELECT {COLS}, notify_url FROM rules WHERE name = ?1"),
+                &format!(
+                    "SELECT {COLS}, notify_url, copy_to, copy_retention FROM rules WHERE name = ?1"
+                ),
                 [name],
                 from_row,
             )
@@ -294,6 +304,52 @@ impl State {
             let n = tx.execute(
                 "UPDATE rules SET notify_url = ?2 WHERE name = ?1",
                 params![rule, url],
+            )?;
+            if n == 0 {
+                return Err(invalid("rule", rule, "no such rule"));
+            }
+            Ok(())
+        })
+    }
+
+    /// `--copy-to TO` for a rule on target `own`: a registered target other
+    /// than `own` (a usage error listing the allowed ones otherwise).
+    pub fn check_copy_target(&self, own: &str, to: &str) -> Result<()> {
+        if to != own && self.target(to)?.is_some() {
+            return Ok(());
+        }
+        let why = if to == own {
+            "is the rule's own target"
+        } else {
+            "not a registered target"
+        };
+        let others = self.targets()?;
+        Err(invalid(
+            "--copy-to",
+            to,
+            format!(
+                "{why}; allowed: another registered target ({}), or none",
+                list_or_none(others.iter().map(|t| t.name.as_str()).filter(|t| *t != own))
+            ),
+        ))
+    }
+
+    /// Set the rule's automatic copy: to target `to` (registered, not the
+    /// rule's own) with `retention`, or none (`to` = `None`).
+    pub fn set_rule_copy(
+        &mut self,
+        rule: &str,
+        to: Option<&str>,
+        retention: Option<u32>,
+    ) -> Result<()> {
+        let r = self.require_rule(rule)?;
+        if let Some(to) = to {
+            self.check_copy_target(&r.settings.target, to)?;
+        }
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE rules SET copy_to = ?2, copy_retention = ?3 WHERE name = ?1",
+                params![rule, to, retention],
             )?;
             if n == 0 {
                 return Err(invalid("rule", rule, "no such rule"));

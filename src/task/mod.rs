@@ -30,14 +30,18 @@ pub enum TaskKind {
     Prune,
     /// Garbage collection of a rule's repository (at most once a day).
     Gc,
+    /// A new point copied to the rule's copy target (`rule edit --copy-to`)
+    /// after its backup, then the copy pruned with its own retention.
+    Copy,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 4] = [
+    pub const ALL: [TaskKind; 5] = [
         TaskKind::Backup,
         TaskKind::Restore,
         TaskKind::Prune,
         TaskKind::Gc,
+        TaskKind::Copy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,13 +50,15 @@ impl TaskKind {
             TaskKind::Restore => "restore",
             TaskKind::Prune => "prune",
             TaskKind::Gc => "gc",
+            TaskKind::Copy => "copy",
         }
     }
 
     /// Whether a task of this kind takes a slot (R38 counts backup, restore and
-    /// migration tasks; prune and GC move no VM data).
+    /// migration tasks, and a copy moves a point's data like them; prune and GC
+    /// move no VM data).
     pub fn takes_slot(self) -> bool {
-        matches!(self, TaskKind::Backup | TaskKind::Restore)
+        matches!(self, TaskKind::Backup | TaskKind::Restore | TaskKind::Copy)
     }
 
     /// Whether a second task of this kind for the same rule and VM is skipped
