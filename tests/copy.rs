@@ -454,3 +454,97 @@ fn copy_to_copies_each_new_point_as_a_task_and_prunes_the_copy() {
     assert_eq!(points_of(&env, &["--from", "offsite"]), [points[2].clone()]);
     assert_eq!(points_of(&env, &[]).len(), 4);
 }
+
+/// `copy` follows the rule's bandwidth windows as its backups do: inside a
+/// 1 MiB/s window, copying ~3 MiB of incompressible data takes over two
+/// seconds (unthrottled it takes a fraction of one); outside the window the
+/// same copy to another target is not held back. The copies restore
+/// byte-exact.
+#[test]
+fn copy_follows_the_rules_bandwidth_windows() {
+    let env = Env::new();
+    fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
+    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 4 * MIB)], true);
+    env.add_lab("local");
+    for name in ["slow", "fast"] {
+        let dir = env.path(name);
+        fs::create_dir_all(&dir).unwrap();
+        env.ok(&["target", "add", name, "--path", dir.to_str().unwrap()]);
+    }
+    env.add_rule(
+        "r",
+        "lab",
+        "vm1",
+        "local",
+        &[
+            "--schedule",
+            "full daily at 01:00",
+            "--bandwidth",
+            "mon-sun 10:00-11:00 1MiB/s",
+        ],
+    );
+    vm.write_random("disk0", 0, 3 * MIB, 7);
+    let digest = vm.shadow_digest("disk0");
+    let at = |now: &str, args: &[&str]| -> (Value, f64) {
+        let began = std::time::Instant::now();
+        let out = env
+            .cmd()
+            .env("TZ", "UTC")
+            .env("VMBACKUP_TEST_NOW", now)
+            .args(args)
+            .output()
+            .unwrap();
+        let secs = began.elapsed().as_secs_f64();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?} at {now}: {:?}\n{stdout}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // One document (copy), or JSON lines ending with the summary (run-now).
+        let doc = serde_json::from_str(&stdout)
+            .ok()
+            .or_else(|| {
+                stdout
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .last()
+            })
+            .unwrap_or(Value::Null);
+        (doc, secs)
+    };
+    // The backup runs outside the window (unthrottled).
+    let (summary, _) = at(
+        "2026-05-04 09:00:00",
+        &["--json", "run-now", "r", "--level", "full"],
+    );
+    let point = summary["tasks"][0]["outcome"]["point"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{summary}"))
+        .to_string();
+    let (slow, slow_secs) = at(
+        "2026-05-04 10:00:00",
+        &["--json", "copy", "r", "--to", "slow"],
+    );
+    let sent = slow["vms"][0]["sent_bytes"].as_u64().unwrap();
+    assert!(sent >= 3 * MIB, "{slow}");
+    // 1 MiB/s from an empty bucket (a quarter-second burst at most).
+    let floor = sent as f64 / MIB as f64 - 0.5;
+    assert!(
+        slow_secs >= floor,
+        "a copy of {sent} bytes in a 1 MiB/s window took {slow_secs:.2}s (< {floor:.2}s)"
+    );
+    let (fast, fast_secs) = at(
+        "2026-05-04 12:00:00",
+        &["--json", "copy", "r", "--to", "fast"],
+    );
+    assert_eq!(fast["vms"][0]["sent_bytes"].as_u64(), Some(sent), "{fast}");
+    assert!(
+        fast_secs < slow_secs,
+        "outside the window: {fast_secs:.2}s, inside: {slow_secs:.2}s"
+    );
+    for from in ["slow", "fast"] {
+        assert_eq!(restored_from(&env, "r", "vm1", from, &point), digest);
+    }
+}

@@ -103,7 +103,7 @@ pub fn run(
         Job::Backup { level, .. } => backup(runner, spec, *level, task, cancel, held),
         Job::Prune => prune(runner, spec, held),
         Job::Gc => gc(runner, spec),
-        Job::Copy { point, to } => copy(runner, spec, point, to, held),
+        Job::Copy { point, to } => copy(runner, spec, point, to, cancel, held),
         Job::Restore {
             point,
             dest,
@@ -298,13 +298,22 @@ fn prune(runner: &Runner, spec: &TaskSpec, held: Held) -> Result<Done> {
 
 /// Copy the new point to the rule's copy target, then apply the copy's
 /// retention to the VM's points there.
-fn copy(runner: &Runner, spec: &TaskSpec, point: &str, to: &str, held: Held) -> Result<Done> {
+fn copy(
+    runner: &Runner,
+    spec: &TaskSpec,
+    point: &str,
+    to: &str,
+    cancel: Arc<AtomicBool>,
+    held: Held,
+) -> Result<Done> {
     let (Some(dst), Some(vm_lock), Some((src, _src_lock))) = (&held.repo, &held.vm_lock, &held.src)
     else {
         anyhow::bail!("a copy needs both repositories and their locks");
     };
     let rule = &spec.rule;
-    let report = crate::repo::copy::copy_vm_locked(src, dst, vm_lock, Some(point))
+    // The rule's bandwidth windows pace the copy; a cancel stops it.
+    let throttle = Throttle::new(rule.settings.bandwidth.clone(), runner.cfg.clock, cancel);
+    let report = crate::repo::copy::copy_vm_locked(src, dst, vm_lock, Some(point), &throttle)
         .with_context(|| format!("copy to target '{to}'"))?;
     let retention =
         crate::lifecycle::retention::Retention::of_copy(&rule.settings.policy, rule.copy_retention);
