@@ -548,3 +548,193 @@ fn copy_follows_the_rules_bandwidth_windows() {
         assert_eq!(restored_from(&env, "r", "vm1", from, &point), digest);
     }
 }
+
+/// A new host after losing the old one, with no rule in the state:
+/// `points --target T --vm PLATFORM/VM` and `restore --target T --vm
+/// PLATFORM/VM --to DIR` find the VM's repository from the target's layout
+/// (an encrypted S3 copy, and a directory target where two repositories hold
+/// the VM: `--path` picks one) and restore byte-exact; bad input is refused
+/// (exit 2, one line, nothing changed) and nothing is created on the target.
+#[test]
+fn points_and_restore_by_target_with_no_rule_in_the_state() {
+    let env = Env::new();
+    fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
+    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 4 * MIB)], true);
+    let key = env.path("site.key");
+    env.ok(&["key", "generate", key.to_str().unwrap()]);
+    let key = key.to_str().unwrap();
+    env.add_platform();
+    let dir = env.path("target");
+    fs::create_dir_all(&dir).unwrap();
+    let add_local = || {
+        env.ok(&[
+            "target",
+            "add",
+            "local",
+            "--path",
+            dir.to_str().unwrap(),
+            "--encrypt",
+            "--key-file",
+            key,
+        ])
+    };
+    add_local();
+    let (bucket, creds) = add_s3_target(
+        &env,
+        "offsite",
+        "dr",
+        "default",
+        &["--encrypt", "--key-file", key],
+    );
+    let s3 = cluster().store(&bucket, &creds, "dr", "default");
+    let sched = ["--schedule", "full daily at 01:00"];
+    env.add_rule("r", "lab", "vm1", "local", &sched);
+    vm.write_random("disk0", 0, MIB, 31);
+    let d_full = vm.shadow_digest("disk0");
+    let full = env.backup_point("r", "full");
+    vm.write_random("disk0", 2 * MIB, MIB, 32);
+    let d_inc = vm.shadow_digest("disk0");
+    std::thread::sleep(Duration::from_millis(1100));
+    let inc = env.backup_point("r", "inc");
+    env.ok(&["copy", "r", "--to", "offsite"]);
+    // The VM moves to rule r2 (another repository on the same target).
+    env.ok(&["rule", "remove", "r"]);
+    env.add_rule("r2", "lab", "vm1", "local", &sched);
+    vm.write_random("disk0", MIB, MIB, 33);
+    let d_r2 = vm.shadow_digest("disk0");
+    let r2 = env.backup_point("r2", "full");
+
+    // A new host: no state. Only the targets are registered again (adopted).
+    fs::remove_file(&env.state).unwrap();
+    add_local();
+    let c = cluster();
+    env.ok(&[
+        "target",
+        "add",
+        "offsite",
+        "--s3",
+        &c.endpoint,
+        "--bucket",
+        &bucket,
+        "--prefix",
+        "dr",
+        "--credentials-file",
+        creds.to_str().unwrap(),
+        "--encrypt",
+        "--key-file",
+        key,
+    ]);
+    let listed = env.ok(&["--json", "points", "--target", "offsite", "--vm", "lab/vm1"]);
+    assert_documented("vmbackup points", &listed);
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    let ids_of = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["point"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids_of(&listed), [full.clone(), inc.clone()]);
+    assert_eq!(listed[0]["vm"], "lab/vm1", "{listed}");
+    let text = env.ok(&["points", "--target", "offsite", "--vm", "lab/vm1"]);
+    assert!(text.contains(&inc), "{text}");
+
+    let restore = |args: &[&str], point: &str| -> String {
+        let dest = env.path(&format!("dr-{point}"));
+        let _ = fs::remove_dir_all(&dest);
+        let mut a = vec!["restore", "--to", dest.to_str().unwrap()];
+        a.extend_from_slice(args);
+        env.ok(&a);
+        let d = file_digest(&dest.join("disk0.raw"));
+        fs::remove_dir_all(dest).unwrap();
+        d
+    };
+    let from_s3 = ["--target", "offsite", "--vm", "lab/vm1"];
+    assert_eq!(
+        restore(&[&from_s3[..], &["--point", &full]].concat(), &full),
+        d_full
+    );
+    assert_eq!(restore(&from_s3, "latest"), d_inc);
+    let tasks = env.json(&["task", "list", "--all"]);
+    let t = &tasks.as_array().unwrap()[0];
+    assert_eq!(t["kind"], "restore", "{tasks}");
+    assert_eq!(t["rule"], "offsite:r", "{tasks}");
+    assert_eq!(t["vm"], "vm1", "{tasks}");
+
+    // Two repositories of the directory target hold lab/vm1: --path decides.
+    env.refused(
+        &["points", "--target", "local", "--vm", "lab/vm1"],
+        &["--path", "several repositories", "r, r2"],
+    );
+    let in_r2 = env.json(&[
+        "points", "--target", "local", "--vm", "lab/vm1", "--path", "r2",
+    ]);
+    assert_eq!(ids_of(&in_r2), [r2.clone()]);
+    let local = ["--target", "local", "--vm", "lab/vm1"];
+    assert_eq!(
+        restore(
+            &[&local[..], &["--path", "r", "--point", &inc]].concat(),
+            &inc
+        ),
+        d_inc
+    );
+    assert_eq!(
+        restore(&[&local[..], &["--path", "r2"]].concat(), "r2"),
+        d_r2
+    );
+
+    // Bad input: exit 2, one line, the state unchanged, nothing created.
+    let dest = env.path("dr-bad");
+    let to = dest.to_str().unwrap();
+    env.refused(
+        &["points", "--target", "offsite", "--vm", "vm1"],
+        &["--vm", "'vm1'", "PLATFORM/VM"],
+    );
+    env.refused(
+        &["points", "--target", "offsite", "--vm", "lab/nosuch"],
+        &["--vm", "lab/nosuch", "r (lab/vm1)"],
+    );
+    env.refused(
+        &["points", "--target", "nosuch", "--vm", "lab/vm1"],
+        &["--target", "nosuch", "local, offsite"],
+    );
+    env.refused(
+        &[
+            "restore", "--target", "offsite", "--vm", "lab/vm1", "--path", "gone", "--to", to,
+        ],
+        &["--path", "gone", "r (lab/vm1)"],
+    );
+    env.refused(
+        &[
+            "restore",
+            "--target",
+            "offsite",
+            "--vm",
+            "lab/vm1",
+            "--point",
+            "20200101T000000Z",
+            "--to",
+            to,
+        ],
+        &["--point", "20200101T000000Z"],
+    );
+    assert!(!dest.exists());
+    assert!(!s3.exists("gone/vmbackup-repo.toml").unwrap());
+    let mut tops = std::collections::BTreeSet::new();
+    s3.list("", &mut |i| {
+        tops.insert(i.key.split('/').next().unwrap().to_string());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        tops.into_iter().collect::<Vec<_>>(),
+        ["r", "vmbackup-target.json"],
+        "the S3 target holds only the marker and the copy"
+    );
+    // RULE and --target do not go together (clap: exit 2).
+    let err = env.fails(
+        2,
+        &["points", "r", "--target", "offsite", "--vm", "lab/vm1"],
+    );
+    assert!(err.contains("--target"), "{err}");
+}

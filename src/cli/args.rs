@@ -609,14 +609,23 @@ pub struct LogsArgs {
 #[derive(Debug, Args)]
 pub struct PointsArgs {
     /// The rule
-    #[arg(add = ArgValueCandidates::new(complete::rules))]
-    pub rule: String,
-    /// Only this VM [default: every VM of the rule, and orphaned VM keys in its repository]
+    #[arg(required_unless_present = "target", add = ArgValueCandidates::new(complete::rules))]
+    pub rule: Option<String>,
+    /// Only this VM [default: every VM of the rule, and orphaned VM keys in its
+    /// repository]; with --target, PLATFORM/VM
     #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
     pub vm: Option<String>,
     /// List the rule's copy on this target ('vmbackup copy') instead of its own
     #[arg(long, value_name = "TARGET")]
     pub from: Option<String>,
+    /// With no rule in the state (a new host): list VM PLATFORM/VM's points in
+    /// the repository of this target that holds them, found from the target's layout
+    #[arg(long, value_name = "TARGET", conflicts_with_all = ["rule", "from"], requires = "vm",
+          add = ArgValueCandidates::new(complete::targets))]
+    pub target: Option<String>,
+    /// With --target: the repository's path on the target, when several hold the VM
+    #[arg(long, value_name = "SUBDIR", requires = "target")]
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -693,9 +702,9 @@ pub enum ImageFormat {
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// The rule
-    #[arg(add = ArgValueCandidates::new(complete::rules))]
-    pub rule: String,
-    /// The VM whose point to restore
+    #[arg(required_unless_present = "target", add = ArgValueCandidates::new(complete::rules))]
+    pub rule: Option<String>,
+    /// The VM whose point to restore; with --target, PLATFORM/VM
     #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
     pub vm: String,
     /// Point id, or "latest"
@@ -724,6 +733,14 @@ pub struct RestoreArgs {
     /// Read the rule's copy on this target ('vmbackup copy') instead of its own
     #[arg(long, value_name = "TARGET")]
     pub from: Option<String>,
+    /// With no rule in the state (a new host): restore VM PLATFORM/VM from the
+    /// repository of this target that holds its points, found from the target's layout
+    #[arg(long, value_name = "TARGET", conflicts_with_all = ["rule", "from"],
+          add = ArgValueCandidates::new(complete::targets))]
+    pub target: Option<String>,
+    /// With --target: the repository's path on the target, when several hold the VM
+    #[arg(long, value_name = "SUBDIR", requires = "target")]
+    pub path: Option<String>,
 }
 
 /// An octal file mode without setuid, setgid or sticky bits: `0640`, `600`.

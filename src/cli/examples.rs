@@ -168,7 +168,9 @@ vmbackup logs web --follow",
     ),
     (
         "vmbackup points",
-        "vmbackup points web\nvmbackup points web --vm web01",
+        "vmbackup points web\nvmbackup points web --vm web01
+# a new host with no rule in the state: the VM's points on a target
+vmbackup points --target offsite --vm lab/web01",
     ),
     (
         "vmbackup prune",
@@ -189,7 +191,9 @@ vmbackup forget web --vm web01 --point 20261124T010000Z,20261125T010000Z",
 vmbackup restore web --vm web01 --point 20261124T010000Z --to /srv/restore --format qcow2
 # libvirt: also define the restored point as a new domain, and start it
 vmbackup restore files --vm fs01 --to /var/lib/libvirt/images/fs01-copy --format qcow2 \\
-    --as-vm fs01-copy --start",
+    --as-vm fs01-copy --start
+# a new host with no rule in the state: from the repository on the target that holds the VM
+vmbackup restore --target offsite --vm lab/web01 --to /srv/restore",
     ),
     (
         "vmbackup copy",

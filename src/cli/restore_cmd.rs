@@ -7,17 +7,32 @@ use super::args::{ImageFormat as ImageArg, RestoreArgs};
 use super::process::TaskSession;
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
+use crate::lifecycle::repository::{found_repository, parse_platform_vm};
 use crate::lifecycle::restore_repository;
 use crate::repo::vm_key;
 use crate::restore::ImageFormat;
 use crate::runner::{Job, TaskSpec};
+use crate::state::rules::RuleRow;
 
 pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
-    let rule = state.require_rule(&a.rule)?;
-    rule.require_vm(&a.vm)?;
-    let repo = restore_repository(&state, &rule, a.from.as_deref())?;
-    let key = vm_key(&rule.settings.platform, &a.vm);
+    let (rule, repo, vm) = match &a.target {
+        // No rule in the state (a new host): the repository that holds the
+        // VM's points on the target, found from its layout.
+        Some(target) => {
+            let (platform, vm) = parse_platform_vm(&a.vm)?;
+            let (path, repo) = found_repository(&state, target, &platform, &vm, a.path.as_deref())?;
+            (RuleRow::found(target, &path, &platform), repo, vm)
+        }
+        None => {
+            let name = a.rule.as_deref().unwrap_or_default();
+            let rule = state.require_rule(name)?;
+            rule.require_vm(&a.vm)?;
+            let repo = restore_repository(&state, &rule, a.from.as_deref())?;
+            (rule, repo, a.vm.clone())
+        }
+    };
+    let key = vm_key(&rule.settings.platform, &vm);
     let point = (a.point != "latest").then_some(a.point.as_str());
     // Chosen (and so validated) before a task is recorded: bad input changes nothing.
     let manifest = crate::restore::select_point(&repo, &key, point)?;
@@ -50,7 +65,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let session = TaskSession::start(ctx)?;
     let spec = TaskSpec {
         rule: rule.clone(),
-        vm: a.vm.clone(),
+        vm,
         job: Job::Restore {
             point: Box::new(manifest),
             dest: a.to.clone(),

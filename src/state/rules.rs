@@ -68,6 +68,37 @@ pub struct RuleRow {
 }
 
 impl RuleRow {
+    /// A stand-in for the rule of a repository found on a target with no rule
+    /// in the state (`restore --target`): named `TARGET:PATH` (never a rule's
+    /// name, which has no ':'), on that target and path, for VMs of `platform`.
+    /// It reads that repository and never creates one (it has no completed backup).
+    pub fn found(target: &str, path: &str, platform: &str) -> RuleRow {
+        RuleRow {
+            name: format!("{target}:{path}"),
+            settings: RuleSettings {
+                platform: platform.to_string(),
+                target: target.to_string(),
+                subdir: path.to_string(),
+                auto_cbt: true,
+                cbt: true,
+                lan_free: false,
+                delete_data: false,
+                quiesce: Quiesce::Off,
+                allow_plain_tcp_export: false,
+                policy: Policy::Periodic {
+                    schedules: Vec::new(),
+                    retention: None,
+                },
+                bandwidth: Vec::new(),
+            },
+            created_at: super::now_text(),
+            notify_url: None,
+            copy_to: None,
+            copy_retention: None,
+            vms: Vec::new(),
+        }
+    }
+
     pub fn has_vm(&self, vm: &str) -> bool {
         self.vms.iter().any(|v| v.vm == vm)
     }
