@@ -404,7 +404,7 @@ fn copy_to_copies_each_new_point_as_a_task_and_prunes_the_copy() {
         assert_eq!(copy["vm"], "vm1", "{summary}");
         assert_eq!(copy["outcome"]["to"], "offsite", "{summary}");
         assert_eq!(copy["outcome"]["point"], point.as_str(), "{summary}");
-        assert_eq!(ids(&copy["outcome"]["points_copied"]), [point.clone()]);
+        assert_eq!(ids(&copy["outcome"]["points_copied"]), vec![point.clone()]);
         assert!(
             copy["outcome"]["sent_count"].as_u64().unwrap() >= 1,
             "{summary}"
@@ -443,16 +443,52 @@ fn copy_to_copies_each_new_point_as_a_task_and_prunes_the_copy() {
     let log = env.ok(&["logs", "r", "--task", &copies[0]["id"].to_string()]);
     assert!(log.contains("removed point"), "{log}");
 
+    // A scheduled backup (run-due, its slot long after the rule was added) is
+    // followed by its copy too; the copy's retention then removes day 3.
+    vm.write_random("disk0", 2 * MIB, 512 * 1024, 19);
+    let due_digest = vm.shadow_digest("disk0");
+    let out = env
+        .cmd()
+        .env("TZ", "UTC")
+        .env("VMBACKUP_TEST_NOW", "2030-01-05 01:00:30")
+        .args(["--json", "run-due"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let summary: Value = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .find(|v: &Value| v["type"] == "summary")
+        .unwrap_or_else(|| panic!("no summary: {stdout}"));
+    let of_kind = |kind: &str| -> Vec<Value> {
+        summary["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["kind"] == kind)
+            .cloned()
+            .collect()
+    };
+    let (backups, copies) = (of_kind("backup"), of_kind("copy"));
+    assert_eq!((backups.len(), copies.len()), (1, 1), "{summary}");
+    let due = backups[0]["outcome"]["point"].as_str().unwrap().to_string();
+    assert_eq!(copies[0]["status"], "completed", "{summary}");
+    assert_eq!(copies[0]["outcome"]["point"], due.as_str(), "{summary}");
+    assert_eq!(ids(&copies[0]["outcome"]["pruned"]), [points[2].clone()]);
+    assert_eq!(points_of(&env, &["--from", "offsite"]), vec![due.clone()]);
+    assert_eq!(restored_from(&env, "r", "vm1", "offsite", &due), due_digest);
+
     // --copy-to none: the next backup is not copied; the copy stays.
     env.ok(&["rule", "edit", "r", "--copy-to", "none"]);
     let doc = env.json(&["rule", "show", "r"]);
     assert_eq!(doc["copy_to"], Value::Null, "{doc}");
     assert_eq!(doc["copy_retention"], Value::Null, "{doc}");
     vm.write_random("disk0", 3 * MIB, 512 * 1024, 20);
-    let summary = run_now_at(&env, "2026-05-03 13:00:00", "inc");
+    let summary = run_now_at(&env, "2030-01-05 13:00:00", "inc");
     assert_eq!(summary["tasks"].as_array().unwrap().len(), 1, "{summary}");
-    assert_eq!(points_of(&env, &["--from", "offsite"]), [points[2].clone()]);
-    assert_eq!(points_of(&env, &[]).len(), 4);
+    assert_eq!(points_of(&env, &["--from", "offsite"]), [due]);
+    assert_eq!(points_of(&env, &[]).len(), 5);
 }
 
 /// `copy` follows the rule's bandwidth windows as its backups do: inside a
@@ -509,7 +545,7 @@ fn copy_follows_the_rules_bandwidth_windows() {
                 stdout
                     .lines()
                     .filter_map(|l| serde_json::from_str(l).ok())
-                    .last()
+                    .next_back()
             })
             .unwrap_or(Value::Null);
         (doc, secs)
@@ -669,7 +705,7 @@ fn points_and_restore_by_target_with_no_rule_in_the_state() {
     let in_r2 = env.json(&[
         "points", "--target", "local", "--vm", "lab/vm1", "--path", "r2",
     ]);
-    assert_eq!(ids_of(&in_r2), [r2.clone()]);
+    assert_eq!(ids_of(&in_r2), vec![r2.clone()]);
     let local = ["--target", "local", "--vm", "lab/vm1"];
     assert_eq!(
         restore(
