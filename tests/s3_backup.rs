@@ -235,7 +235,7 @@ fn target_add_checks_the_bucket_and_credentials_and_adopts_an_existing_marker() 
     // Without the variables, opening the target fails clearly.
     let show = env.json(&["target", "show", "again"]);
     assert_eq!(show["reachable"], false, "{show}");
-    assert!(show["problem"]
+    assert!(show["error"]
         .as_str()
         .unwrap()
         .contains("AWS_ACCESS_KEY_ID"));
