@@ -95,6 +95,10 @@ fn copies_between_a_directory_and_s3_resume_and_restore_on_a_new_host() {
     let d_full = vm.shadow_digest("disk0");
     let full = env.backup_point("r", "full");
     env.refused(&["copy", "r", "--to", "local"], &["--to", "own target"]);
+    env.refused(
+        &["rule", "edit", "r", "--copy-to", "plain"],
+        &["--copy-to", "'plain'", "not encrypted", "offsite"],
+    );
     let err = env.fails(3, &["copy", "r", "--to", "plain"]);
     assert!(err.contains("encrypted"), "{err}");
 

@@ -344,17 +344,27 @@ impl State {
     }
 
     /// `--copy-to TO` for a rule on target `own`: a registered target other
-    /// than `own` (a usage error listing the allowed ones otherwise).
+    /// than `own`, encrypted exactly when `own` is (a copy keeps the source's
+    /// key slots; a usage error listing the allowed ones otherwise).
     pub fn check_copy_target(&self, own: &str, to: &str) -> Result<()> {
-        if to != own && self.target(to)?.is_some() {
-            return Ok(());
-        }
-        let why = if to == own {
-            "is the rule's own target"
-        } else {
-            "not a registered target"
+        let encrypted = self.target(own)?.map(|t| t.key.is_some());
+        let why = match self.target(to)? {
+            _ if to == own => "is the rule's own target",
+            None => "not a registered target",
+            Some(t) if encrypted.is_some_and(|e| e != t.key.is_some()) => {
+                if t.key.is_some() {
+                    "is encrypted and the rule's target is not (a copy is encrypted exactly when its source is)"
+                } else {
+                    "is not encrypted and the rule's target is (a copy is encrypted exactly when its source is)"
+                }
+            }
+            Some(_) => return Ok(()),
         };
-        let others = self.targets()?;
+        let others: Vec<_> = self
+            .targets()?
+            .into_iter()
+            .filter(|t| encrypted.is_none_or(|e| e == t.key.is_some()))
+            .collect();
         Err(invalid(
             "--copy-to",
             to,
