@@ -443,6 +443,7 @@ fn copy_to_copies_each_new_point_as_a_task_and_prunes_the_copy() {
         assert_eq!(t["status"], "completed", "{t}");
         assert_eq!(t["rule"], "r", "{t}");
         assert!(t["started"].is_string(), "a copy task holds a slot: {t}");
+        assert!(t["bytes_done"].as_u64().unwrap() > 0, "what it sent: {t}");
     }
     let log = env.ok(&["logs", "r", "--task", &copies[0]["id"].to_string()]);
     assert!(log.contains("removed point"), "{log}");

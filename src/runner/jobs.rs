@@ -103,7 +103,7 @@ pub fn run(
         Job::Backup { level, .. } => backup(runner, spec, *level, task, cancel, held),
         Job::Prune => prune(runner, spec, held),
         Job::Gc => gc(runner, spec),
-        Job::Copy { point, to } => copy(runner, spec, point, to, cancel, held),
+        Job::Copy { point, to } => copy(runner, spec, task, point, to, cancel, held),
         Job::Restore {
             point,
             dest,
@@ -301,6 +301,7 @@ fn prune(runner: &Runner, spec: &TaskSpec, held: Held) -> Result<Done> {
 fn copy(
     runner: &Runner,
     spec: &TaskSpec,
+    task: i64,
     point: &str,
     to: &str,
     cancel: Arc<AtomicBool>,
@@ -315,9 +316,14 @@ fn copy(
     let throttle = Throttle::new(rule.settings.bandwidth.clone(), runner.cfg.clock, cancel);
     let report = crate::repo::copy::copy_vm_locked(src, dst, vm_lock, Some(point), &throttle)
         .with_context(|| format!("copy to target '{to}'"))?;
+    // What it sent, as the task's bytes (task list, its rate).
+    let mut state = State::open(&runner.cfg.state_path)?;
+    if let Err(e) = state.set_task_progress(task, report.sent_bytes, report.sent_bytes) {
+        tracing::warn!("cannot record what copy task {task} sent: {e:#}");
+    }
     let retention =
         crate::lifecycle::retention::Retention::of_copy(&rule.settings.policy, rule.copy_retention);
-    let protected = State::open(&runner.cfg.state_path)?.points_in_use(&rule.name, &spec.vm)?;
+    let protected = state.points_in_use(&rule.name, &spec.vm)?;
     let now = runner.cfg.clock.now();
     let marks = crate::lifecycle::prune::prune_vm_locked(dst, vm_lock, retention, &now, &protected)
         .with_context(|| format!("prune the copy on target '{to}'"))?;
