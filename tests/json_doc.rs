@@ -185,6 +185,8 @@ fn every_command_prints_what_docs_json_md_says() {
     let _j2 = env.vm("j2", &[DiskSpec::qcow2("vda", 8 * MIB)], true);
     _j2.write_random("vda", 0, MIB, 2);
     let _j3 = env.vm("j3", &[DiskSpec::qcow2("vda", 4 * MIB)], true);
+    let _j4 = env.vm("j4", &[DiskSpec::qcow2("vda", 4 * MIB)], true);
+    _j4.write_random("vda", 0, MIB, 4);
     let target = env.path("target");
     std::fs::create_dir_all(&target).unwrap();
     let mut s = Session {
@@ -313,6 +315,54 @@ fn every_command_prints_what_docs_json_md_says() {
     s.run(&["notify", "test"]);
     s.run(&["completions", "bash"]);
 
+    // Encryption and copies: a rule on an encrypted target, its key slots,
+    // its copy to a second encrypted target.
+    let k1 = s.env.path("k1.key");
+    let k2 = s.env.path("k2.key");
+    s.run(&["key", "generate", k1.to_str().unwrap()]);
+    s.run(&["key", "generate", k2.to_str().unwrap()]);
+    for (name, dir) in [("t2", "target2"), ("t3", "target3")] {
+        let dir = s.env.path(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        s.run(&[
+            "target",
+            "add",
+            name,
+            "--path",
+            dir.to_str().unwrap(),
+            "--encrypt",
+            "--key-file",
+            k1.to_str().unwrap(),
+        ]);
+    }
+    s.run(&["target", "show", "t2"]);
+    s.run(&[
+        "rule",
+        "add",
+        "r3",
+        "--platform",
+        "lab",
+        "--vm",
+        "j4",
+        "--target",
+        "t2",
+        "--schedule",
+        "full daily at 01:00",
+        "--copy-to",
+        "t3",
+        "--copy-retention",
+        "1",
+    ]);
+    s.run(&["run-now", "r3", "--level", "full"]);
+    s.run(&["copy", "r3", "--to", "t3"]);
+    s.run(&["points", "--target", "t3", "--vm", "lab/j4"]);
+    s.run(&["rule", "show", "r3"]);
+    let added = s.run(&["key", "add", "t2", "--key-file", k2.to_str().unwrap()]);
+    let added: Value = serde_json::from_str(&added).unwrap();
+    let slot = added["slots"][0]["slot"].as_str().unwrap().to_string();
+    s.run(&["key", "list", "t2"]);
+    s.run(&["key", "remove", "t2", &slot]);
+
     // A run held by a pause window, cancelled: pending/running lines, an
     // interrupted result; `task cancel` of a finished task is an error document.
     let bin = assert_cmd::cargo::cargo_bin("vmbackup");
@@ -388,6 +438,8 @@ fn every_command_prints_what_docs_json_md_says() {
     s.run(&["rule", "remove", "r2", "--vm", "j3"]);
     s.run(&["rule", "remove", "r2"]);
     s.run(&["rule", "remove", "r1"]);
+    s.run(&["rule", "remove", "r3"]);
+    s.run(&["target", "remove", "t3"]);
     s.run(&["target", "remove", "t1"]);
     s.run(&["platform", "remove", "lab"]);
     s.run_code(2, &["rule", "show", "nope"]);

@@ -62,7 +62,7 @@ impl Lab {
             .unwrap_or_else(|| panic!("no summary: {stdout}{out:?}"));
         (
             out.status.code().unwrap(),
-            summary["vms"][0].clone(),
+            summary["tasks"][0].clone(),
             format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
         )
     }
@@ -235,7 +235,7 @@ fn target_add_checks_the_bucket_and_credentials_and_adopts_an_existing_marker() 
     // Without the variables, opening the target fails clearly.
     let show = env.json(&["target", "show", "again"]);
     assert_eq!(show["reachable"], false, "{show}");
-    assert!(show["problem"]
+    assert!(show["error"]
         .as_str()
         .unwrap()
         .contains("AWS_ACCESS_KEY_ID"));

@@ -356,7 +356,7 @@ pub enum RuleCmd {
     /// Create a backup rule
     Add(RuleAddArgs),
     // R34
-    /// Change a rule's schedules, retention and bandwidth windows
+    /// Change a rule's schedules, retention, bandwidth windows, webhook and copy
     Edit(RuleEditArgs),
     // R34
     /// Add a VM to a rule; it inherits the rule's settings
@@ -467,6 +467,15 @@ pub struct RuleAddArgs {
     /// Without it such a backup is refused
     #[arg(long)]
     pub allow_plain_tcp_export: bool,
+    /// After each successful backup, copy the new point to this target (a copy
+    /// task of its own, taking a slot), then prune the copy with --copy-retention;
+    /// "none": no copy
+    #[arg(long, value_name = "TARGET", add = ArgValueCandidates::new(complete::targets))]
+    pub copy_to: Option<String>,
+    /// Periods of copied points the copy keeps, as --retention counts them
+    /// (0..=64), or "all" (the default)
+    #[arg(long, value_name = "N|all", value_parser = parse_retention, requires = "copy_to")]
+    pub copy_retention: Option<RetentionArg>,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -526,6 +535,15 @@ pub struct RuleEditArgs {
     /// "default" (system.conf's notify_url)
     #[arg(long, value_name = "URL")]
     pub notify_url: Option<String>,
+    /// After each successful backup, copy the new point to this target (a copy
+    /// task of its own, taking a slot), then prune the copy with --copy-retention;
+    /// "none": stop copying (the copy made so far stays)
+    #[arg(long, value_name = "TARGET", add = ArgValueCandidates::new(complete::targets))]
+    pub copy_to: Option<String>,
+    /// Periods of copied points the copy keeps, as --retention counts them
+    /// (0..=64), or "all"
+    #[arg(long, value_name = "N|all", value_parser = parse_retention)]
+    pub copy_retention: Option<RetentionArg>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -616,14 +634,23 @@ pub struct LogsArgs {
 #[derive(Debug, Args)]
 pub struct PointsArgs {
     /// The rule
-    #[arg(add = ArgValueCandidates::new(complete::rules))]
-    pub rule: String,
-    /// Only this VM [default: every VM of the rule, and orphaned VM keys in its repository]
+    #[arg(required_unless_present = "target", add = ArgValueCandidates::new(complete::rules))]
+    pub rule: Option<String>,
+    /// Only this VM [default: every VM of the rule, and orphaned VM keys in its
+    /// repository]; with --target, PLATFORM/VM
     #[arg(long, value_name = "VM", add = ArgValueCandidates::new(complete::vms))]
     pub vm: Option<String>,
     /// List the rule's copy on this target ('vmbackup copy') instead of its own
     #[arg(long, value_name = "TARGET")]
     pub from: Option<String>,
+    /// With no rule in the state (a new host): list VM PLATFORM/VM's points in
+    /// the repository of this target that holds them, found from the target's layout
+    #[arg(long, value_name = "TARGET", conflicts_with_all = ["rule", "from"], requires = "vm",
+          add = ArgValueCandidates::new(complete::targets))]
+    pub target: Option<String>,
+    /// With --target: the repository's path on the target, when several hold the VM
+    #[arg(long, value_name = "SUBDIR", requires = "target")]
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -700,9 +727,9 @@ pub enum ImageFormat {
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// The rule
-    #[arg(add = ArgValueCandidates::new(complete::rules))]
-    pub rule: String,
-    /// The VM to restore (or --all)
+    #[arg(required_unless_present = "target", add = ArgValueCandidates::new(complete::rules))]
+    pub rule: Option<String>,
+    /// The VM to restore (or --all); with --target, PLATFORM/VM
     #[arg(long, value_name = "VM", required_unless_present = "all", add = ArgValueCandidates::new(complete::vms))]
     pub vm: Option<String>,
     /// Point id, or "latest"
@@ -747,6 +774,14 @@ pub struct RestoreArgs {
     /// Read the rule's copy on this target ('vmbackup copy') instead of its own
     #[arg(long, value_name = "TARGET", conflicts_with = "in_place")]
     pub from: Option<String>,
+    /// With no rule in the state (a new host): restore VM PLATFORM/VM from the
+    /// repository of this target that holds its points, found from the target's layout
+    #[arg(long, value_name = "TARGET", conflicts_with_all = ["rule", "from", "all", "in_place", "as_vm"],
+          add = ArgValueCandidates::new(complete::targets))]
+    pub target: Option<String>,
+    /// With --target: the repository's path on the target, when several hold the VM
+    #[arg(long, value_name = "SUBDIR", requires = "target")]
+    pub path: Option<String>,
 }
 
 /// How a VM is launched from a captured configuration.

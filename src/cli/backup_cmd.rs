@@ -7,7 +7,9 @@ use super::process::TaskSession;
 use super::Ctx;
 use crate::error::ExitCode;
 use crate::level::Level;
+use crate::runner::scheduler::copy_follow_up;
 use crate::runner::{Job, TaskSpec};
+use crate::task::TaskKind;
 
 fn level_of(l: LevelArg) -> Level {
     match l {
@@ -39,8 +41,20 @@ pub fn run_now(ctx: &Ctx, a: RunNowArgs) -> Result<ExitCode> {
                 notes: Vec::new(),
             },
         })
-        .collect();
-    let results = session.runner.run_all(specs)?;
+        .collect::<Vec<TaskSpec>>();
+    let mut results = session.runner.run_all(specs.clone())?;
+    // Each completed backup's copy (`rule edit --copy-to`), after the backups.
+    let mut copies = Vec::new();
+    for r in &results {
+        if let Some(spec) = specs
+            .iter()
+            .find(|s| s.vm == r.vm && r.kind == TaskKind::Backup)
+        {
+            let point = r.outcome.as_ref().and_then(|o| o.point());
+            copies.extend(copy_follow_up(&session.runner, spec, r.status, point));
+        }
+    }
+    results.extend(copies);
     let worst = session.exit_code(&results);
     if ctx.json {
         session.print_summary(Some(&rule.name), &results, worst);

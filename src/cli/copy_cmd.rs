@@ -1,6 +1,9 @@
 //! `vmbackup copy RULE --to TARGET`: an offsite copy of a rule's points
 //! (`repo::copy`), run in this process.
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use anyhow::Result;
 
 use super::args::CopyArgs;
@@ -10,6 +13,7 @@ use crate::error::{refused, ExitCode};
 use crate::lifecycle::{copy_repository, rule_repository};
 use crate::repo::copy::copy_vm;
 use crate::repo::vm_key;
+use crate::task::throttle::Throttle;
 
 pub fn run(ctx: &Ctx, a: CopyArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
@@ -29,9 +33,15 @@ pub fn run(ctx: &Ctx, a: CopyArgs) -> Result<ExitCode> {
         Some(vm) => vec![vm_key(&rule.settings.platform, vm)],
         None => source.list_vms()?,
     };
+    // The rule's bandwidth windows pace the copy, as they pace its backups.
+    let throttle = Throttle::new(
+        rule.settings.bandwidth.clone(),
+        crate::clock::Clock::process(),
+        Arc::new(AtomicBool::new(false)),
+    );
     let mut done = Vec::new();
     for key in &vms {
-        let report = copy_vm(&source, &copy, key, a.point.as_deref())?;
+        let report = copy_vm(&source, &copy, key, a.point.as_deref(), &throttle)?;
         if !ctx.json && !ctx.quiet {
             out!(
                 "{key}: {} point(s) copied, {} already there; {} object(s) sent ({} bytes), {} already there",

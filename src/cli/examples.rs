@@ -61,6 +61,31 @@ vmbackup target mark nas",
     ),
     ("vmbackup target remove", "vmbackup target remove nas"),
     (
+        "vmbackup key",
+        "vmbackup key generate /root/offsite.key
+vmbackup key list offsite",
+    ),
+    (
+        "vmbackup key generate",
+        "# keep a copy somewhere safe: a lost key means lost backups
+vmbackup key generate /root/offsite.key",
+    ),
+    (
+        "vmbackup key list",
+        "vmbackup key list offsite",
+    ),
+    (
+        "vmbackup key add",
+        "vmbackup key generate /root/second.key
+vmbackup key add offsite --key-file /root/second.key
+vmbackup key add offsite --passphrase-file /root/offsite.pass",
+    ),
+    (
+        "vmbackup key remove",
+        "vmbackup key list offsite
+vmbackup key remove offsite 3f9c0a1b2c3d4e5f",
+    ),
+    (
         "vmbackup rule",
         "vmbackup rule list\nvmbackup rule show web\nvmbackup rule stop web --vm web02",
     ),
@@ -82,7 +107,9 @@ vmbackup rule add db --platform lab --vm db01 --target nas \\
         "vmbackup rule edit",
         "vmbackup rule edit web --retention 8
 vmbackup rule edit web --bandwidth \"mon-fri 08:00-18:00 pause\"
-vmbackup rule edit web --clear-bandwidth --notify-url none",
+vmbackup rule edit web --clear-bandwidth --notify-url none
+# copy every new point to target offsite; the copy keeps 30 days
+vmbackup rule edit web --copy-to offsite --copy-retention 30",
     ),
     ("vmbackup rule add-vm", "vmbackup rule add-vm web --vm web03"),
     (
@@ -144,7 +171,9 @@ vmbackup logs web --follow",
     ),
     (
         "vmbackup points",
-        "vmbackup points web\nvmbackup points web --vm web01",
+        "vmbackup points web\nvmbackup points web --vm web01
+# a new host with no rule in the state: the VM's points on a target
+vmbackup points --target offsite --vm lab/web01",
     ),
     (
         "vmbackup prune",
@@ -171,7 +200,15 @@ vmbackup restore web --vm web01 --to /srv/web01-copy --as-vm web01-copy --net-br
 # every VM of the rule as it was at a time, into /srv/restore/<VM>/
 vmbackup restore web --all --at \"2026-11-24 01:00\" --to /srv/restore
 # back into the VM's own images (the VM stopped); its next backup is a full
-vmbackup restore web --vm web01 --in-place",
+vmbackup restore web --vm web01 --in-place
+# a new host with no rule in the state: from the repository on the target that holds the VM
+vmbackup restore --target offsite --vm lab/web01 --to /srv/restore",
+    ),
+    (
+        "vmbackup copy",
+        "vmbackup copy web --to offsite
+vmbackup copy web --vm web01 --point latest --to offsite
+vmbackup points web --from offsite",
     ),
     (
         "vmbackup verify",

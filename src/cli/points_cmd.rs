@@ -8,6 +8,7 @@ use super::output::{print_json, Table};
 use super::Ctx;
 use crate::error::ExitCode;
 use crate::level::Level;
+use crate::lifecycle::repository::{found_repository, parse_platform_vm};
 use crate::lifecycle::{restore_repository, rule_repository};
 use crate::monitor::notify::{Event, Notification};
 use crate::repo::vm_key;
@@ -40,7 +41,22 @@ struct PointRow {
 
 pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
-    let rule = state.require_rule(&a.rule)?;
+    if let Some(target) = &a.target {
+        // No rule in the state (a new host): the repository that holds the
+        // VM's points on the target, found from its layout.
+        let shown = a.vm.as_deref().unwrap_or_default();
+        let (platform, vm) = parse_platform_vm(shown)?;
+        let (_, repo) = found_repository(&state, target, &platform, &vm, a.path.as_deref())?;
+        let mut rows = Vec::new();
+        point_rows(
+            &repo.list_points(&vm_key(&platform, &vm))?,
+            shown,
+            false,
+            &mut rows,
+        );
+        return print_points(ctx, &rows, false);
+    }
+    let rule = state.require_rule(a.rule.as_deref().unwrap_or_default())?;
     let vms: Vec<String> = match &a.vm {
         Some(vm) => vec![rule.require_vm(vm)?.vm.clone()],
         None => rule.vms.iter().map(|v| v.vm.clone()).collect(),
@@ -64,6 +80,11 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
             point_rows(&repo.list_points(&key)?, &vm, orphaned, &mut rows);
         }
     }
+    print_points(ctx, &rows, a.vm.is_none())
+}
+
+/// `points` output: JSON, or a table (with a VM column when `vm_column`).
+fn print_points(ctx: &Ctx, rows: &[PointRow], vm_column: bool) -> Result<ExitCode> {
     if ctx.json {
         print_json(&rows);
         return Ok(ExitCode::Ok);
@@ -71,11 +92,11 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
     let mut header = vec![
         "POINT", "LEVEL", "BASE", "DISKS", "SIZE", "READ", "STORED", "STATUS",
     ];
-    if a.vm.is_none() {
+    if vm_column {
         header.insert(0, "VM");
     }
     let mut t = Table::new(&header);
-    for r in &rows {
+    for r in rows {
         let status = match &r.error {
             Some(why) => format!("{}: {why}", r.status),
             None if r.orphaned => format!("{} (orphaned: no rule owns this VM)", r.status),
@@ -91,7 +112,7 @@ pub fn points(ctx: &Ctx, a: PointsArgs) -> Result<ExitCode> {
             format_size(r.bytes_written),
             status,
         ];
-        if a.vm.is_none() {
+        if vm_column {
             cells.insert(0, r.vm.clone());
         }
         t.row(cells);

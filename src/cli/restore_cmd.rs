@@ -11,6 +11,7 @@ use super::args::{ImageFormat as ImageArg, LaunchArgs, RestoreArgs};
 use super::process::TaskSession;
 use super::Ctx;
 use crate::error::{invalid, ExitCode};
+use crate::lifecycle::repository::{found_repository, parse_platform_vm};
 use crate::lifecycle::restore_repository;
 use crate::platform::PlatformSpec;
 use crate::recovery::cmdline::{LaunchOptions, Net};
@@ -118,8 +119,21 @@ pub fn group_points(repo: &Repository, rule: &RuleRow, at: Option<&str>) -> Resu
 
 pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let state = ctx.state()?;
-    let rule = state.require_rule(&a.rule)?;
-    let repo = restore_repository(&state, &rule, a.from.as_deref())?;
+    // With --target, no rule in the state (a new host): the repository that
+    // holds the VM's points on the target, found from its layout.
+    let (rule, repo, found_vm) = match &a.target {
+        Some(target) => {
+            let (platform, vm) = parse_platform_vm(a.vm.as_deref().unwrap_or_default())?;
+            let (path, repo) =
+                found_repository(&state, target, &platform, &vm, a.path.as_deref())?;
+            (RuleRow::found(target, &path, &platform), repo, Some(vm))
+        }
+        None => {
+            let rule = state.require_rule(a.rule.as_deref().unwrap_or_default())?;
+            let repo = restore_repository(&state, &rule, a.from.as_deref())?;
+            (rule, repo, None)
+        }
+    };
     let format = match a.format {
         ImageArg::Raw => ImageFormat::Raw,
         ImageArg::Qcow2 => ImageFormat::Qcow2,
@@ -134,7 +148,15 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     // Points are chosen (and so validated) before a task is recorded: bad input
     // changes nothing.
     let at = a.at.as_deref().map(point_at).transpose()?;
-    let (chosen, missing) = chosen_points(&repo, &rule, a.all, a.vm.as_deref(), &a.point, at)?;
+    let (chosen, missing) = match found_vm {
+        Some(vm) => {
+            let key = vm_key(&rule.settings.platform, &vm);
+            let point = (a.point != "latest").then_some(a.point.as_str());
+            let manifest = crate::restore::select_point(&repo, &key, point)?;
+            (vec![(vm, manifest)], Vec::new())
+        }
+        None => chosen_points(&repo, &rule, a.all, a.vm.as_deref(), &a.point, at)?,
+    };
     let mut specs = Vec::new();
     for (vm, manifest) in chosen {
         let to = if a.in_place {

@@ -185,9 +185,24 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
         .map(|u| notify_setting(u, false))
         .transpose()?;
     let mut state = ctx.state()?;
+    // Checked before the rule is added: a refused copy adds nothing.
+    let copy_to = match a.copy_to.as_deref() {
+        None | Some(COPY_NONE) => None,
+        Some(to) => {
+            state.check_copy_target(&settings.target, to)?;
+            Some(to.to_string())
+        }
+    };
+    let copy_retention = copy_retention_setting(&settings.policy, a.copy_retention)?;
+    if copy_to.is_none() && copy_retention.is_some() {
+        return Err(no_copy_for_retention(a.copy_retention));
+    }
     state.add_rule(&a.name, &settings, &a.vm)?;
     if let Some(url) = notify_url {
         state.set_rule_notify_url(&a.name, url.as_deref())?;
+    }
+    if copy_to.is_some() {
+        state.set_rule_copy(&a.name, copy_to.as_deref(), copy_retention)?;
     }
     done(
         ctx,
@@ -195,6 +210,48 @@ fn add(ctx: &Ctx, a: RuleAddArgs) -> Result<ExitCode> {
         serde_json::json!({ "rule": a.name }),
     );
     Ok(ExitCode::Ok)
+}
+
+/// `--copy-to none`: no automatic copy.
+const COPY_NONE: &str = "none";
+
+/// `--copy-retention` as stored (`None`: keep every copied point), checked
+/// against the rule's policy as `--retention` is.
+fn copy_retention_setting(policy: &Policy, r: Option<RetentionArg>) -> Result<Option<u32>> {
+    let Some(RetentionArg::Periods(n)) = r else {
+        return Ok(None);
+    };
+    if n > crate::policy::MAX_RETENTION {
+        return Err(invalid(
+            "--copy-retention",
+            n,
+            format!(
+                "allowed 0..={}, in units of the rule's schedule period, or all",
+                crate::policy::MAX_RETENTION
+            ),
+        ));
+    }
+    if policy.period().is_none() {
+        return Err(invalid(
+            "--copy-retention",
+            n,
+            "applies to periodic policies only; this rule runs once: allowed all",
+        ));
+    }
+    Ok(Some(n))
+}
+
+/// `--copy-retention` for a rule that copies nowhere.
+fn no_copy_for_retention(r: Option<RetentionArg>) -> anyhow::Error {
+    let shown = match r {
+        Some(RetentionArg::Periods(n)) => n.to_string(),
+        _ => "all".to_string(),
+    };
+    invalid(
+        "--copy-retention",
+        shown,
+        "the rule has no copy; give --copy-to TARGET with it",
+    )
 }
 
 /// `--retention all` → keep all (`None`); `--retention N` → N periods.
@@ -219,9 +276,11 @@ fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
         && bandwidth.is_empty()
         && !a.clear_bandwidth
         && a.notify_url.is_none()
+        && a.copy_to.is_none()
+        && a.copy_retention.is_none()
     {
         return Err(refused(
-            "rule edit: nothing to change; give --once, --schedule, --retention, --bandwidth, --clear-bandwidth or --notify-url (R34)",
+            "rule edit: nothing to change; give --once, --schedule, --retention, --bandwidth, --clear-bandwidth, --notify-url, --copy-to or --copy-retention (R34)",
         ));
     }
     let notify_url = a
@@ -274,9 +333,44 @@ fn edit(ctx: &Ctx, a: RuleEditArgs) -> Result<ExitCode> {
     } else {
         parse_windows(bandwidth)?
     };
+    // The copy: checked in full before anything changes.
+    let copy = match (a.copy_to.as_deref(), a.copy_retention) {
+        (None, None) => None,
+        (Some(COPY_NONE), Some(r)) => {
+            return Err(invalid(
+                "--copy-retention",
+                match r {
+                    RetentionArg::All => "all".to_string(),
+                    RetentionArg::Periods(n) => n.to_string(),
+                },
+                "does not go with --copy-to none",
+            ))
+        }
+        (Some(COPY_NONE), None) => Some((None, None)),
+        (to, r) => {
+            let to = match to {
+                Some(to) => {
+                    state.check_copy_target(&rule.settings.target, to)?;
+                    to.to_string()
+                }
+                None => rule
+                    .copy_to
+                    .clone()
+                    .ok_or_else(|| no_copy_for_retention(r))?,
+            };
+            let retention = match r {
+                Some(r) => copy_retention_setting(&policy, Some(r))?,
+                None => rule.copy_retention,
+            };
+            Some((Some(to), retention))
+        }
+    };
     state.edit_rule_policy(&a.name, &policy, &windows)?;
     if let Some(url) = notify_url {
         state.set_rule_notify_url(&a.name, url.as_deref())?;
+    }
+    if let Some((to, retention)) = &copy {
+        state.set_rule_copy(&a.name, to.as_deref(), *retention)?;
     }
     let msg = format!("rule '{}' updated", a.name);
     // What the next prune would remove under the new policy (when it changed).
@@ -421,6 +515,10 @@ struct RuleDoc {
     /// Bandwidth windows as written (`mon-fri 08:00-18:00 20MiB/s`).
     bandwidth: Vec<String>,
     notify_url: Option<String>,
+    /// The target every new point is copied to after its backup.
+    copy_to: Option<String>,
+    /// Periods of copied points the copy keeps; `None`: all.
+    copy_retention: Option<u32>,
     #[serde(serialize_with = "crate::timefmt::stored")]
     created: String,
     vms: Vec<VmView>,
@@ -526,6 +624,8 @@ fn rule_doc(state: &State, rule: &RuleRow) -> Result<RuleDoc> {
         next_runs,
         bandwidth: s.bandwidth.iter().map(|w| w.to_string()).collect(),
         notify_url: shown_notify_url(rule),
+        copy_to: rule.copy_to.clone(),
+        copy_retention: rule.copy_retention,
         created: rule.created_at.clone(),
         vms: vm_views(state, rule)?,
     })
@@ -598,6 +698,13 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
         "notify url:   {}",
         shown_notify_url(&rule).unwrap_or_else(|| "system.conf's notify_url".into())
     );
+    match &rule.copy_to {
+        Some(to) => out!(
+            "copy to:      {to} after each backup, {}",
+            copy_retention_text(&s.policy, rule.copy_retention)
+        ),
+        None => out!("copy to:      none"),
+    }
     if s.allow_plain_tcp_export {
         out!("exports:      plain TCP allowed (--allow-plain-tcp-export)");
     }
@@ -656,4 +763,9 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     }
     t.print();
     Ok(ExitCode::Ok)
+}
+
+/// The copy's retention in words: `retention 3 days`, `keep all`.
+fn copy_retention_text(policy: &Policy, retention: Option<u32>) -> String {
+    crate::lifecycle::retention::Retention::of_copy(policy, retention).to_string()
 }

@@ -77,11 +77,7 @@ pub fn remove(
     if let Some(vm) = vm {
         rule.require_vm(vm)?;
     }
-    if let Some((id, kind, v)) = state.active_task_of_rule(name, vm)? {
-        return Err(busy(format!(
-            "rule '{name}' has a {kind} task in progress (task {id}, VM '{v}'); wait for it or cancel it first (R37)"
-        )));
-    }
+    state.check_removable(name, vm)?;
     let vms: Vec<String> = match vm {
         Some(vm) => vec![vm.to_string()],
         None => rule.vms.iter().map(|v| v.vm.clone()).collect(),

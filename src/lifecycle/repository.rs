@@ -130,3 +130,147 @@ pub fn rule_repository_with_points(state: &State, rule: &RuleRow) -> Result<Repo
         ))
     })
 }
+
+/// The repositories on a target and the VMs with points in each, found from
+/// the target's layout alone (docs/FORMAT.md, "Layout"): a repository is a
+/// path holding `vmbackup-repo.toml`, a VM's point is
+/// `<repo>/vms/<platform>/<vm>/<point-id>/manifest.json`. One listing of the
+/// whole target; nothing is created. Repository path → VM keys, sorted.
+pub fn repositories_on(
+    store: &dyn Store,
+) -> Result<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>> {
+    use crate::repo::{check_vm_key, parse_point_id, CONFIG_FILE, MANIFEST_FILE};
+    let mut configs = std::collections::BTreeSet::new();
+    let mut vms: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    store.list("", &mut |info| {
+        let parts: Vec<&str> = info.key.split('/').collect();
+        let n = parts.len();
+        if n >= 2 && parts[n - 1] == CONFIG_FILE {
+            configs.insert(parts[..n - 1].join("/"));
+        } else if n >= 6
+            && parts[n - 1] == MANIFEST_FILE
+            && parts[n - 5] == "vms"
+            && parse_point_id(parts[n - 2]).is_ok()
+        {
+            let key = format!("{}/{}", parts[n - 4], parts[n - 3]);
+            if check_vm_key(&key).is_ok() {
+                vms.entry(parts[..n - 5].join("/")).or_default().insert(key);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(configs
+        .into_iter()
+        .map(|path| {
+            let keys = vms.remove(&path).unwrap_or_default();
+            (path, keys)
+        })
+        .collect())
+}
+
+/// `--vm PLATFORM/VM` of `points`/`restore --target`: the platform and VM names.
+pub fn parse_platform_vm(text: &str) -> Result<(String, String)> {
+    match text.split_once('/') {
+        Some((p, v)) if !p.is_empty() && !v.is_empty() => Ok((p.to_string(), v.to_string())),
+        _ => Err(crate::error::invalid(
+            "--vm",
+            text,
+            "with --target, allowed PLATFORM/VM: the platform and VM names the points were made under (e.g. lab/web01)",
+        )),
+    }
+}
+
+/// A VM's repository on target `target` with no rule in the state (a new host
+/// after losing the old one, `points`/`restore --target`): the one repository
+/// of the target that holds points of `platform`/`vm`, or the one at `path`.
+/// Returns the repository's path and the repository, opened with the target's
+/// key; never creates anything.
+pub fn found_repository(
+    state: &State,
+    target: &str,
+    platform: &str,
+    vm: &str,
+    path: Option<&str>,
+) -> Result<(String, Repository)> {
+    let row = state.require_target(target).map_err(|_| {
+        crate::error::invalid(
+            "--target",
+            target,
+            format!(
+                "not a registered target; registered: {} (register it again with 'vmbackup target add': it adopts the repositories there)",
+                crate::state::platforms::list_or_none(
+                    state.targets().unwrap_or_default().iter().map(|t| t.name.as_str())
+                )
+            ),
+        )
+    })?;
+    let store = open_target(&row)?;
+    let key = crate::repo::vm_key(platform, vm);
+    let shown = format!("{platform}/{vm}");
+    let found = repositories_on(store.as_ref())?;
+    let holding: Vec<&String> = found
+        .iter()
+        .filter(|(p, keys)| keys.contains(&key) && path.is_none_or(|want| want == p.as_str()))
+        .map(|(p, _)| p)
+        .collect();
+    let chosen = match (holding.as_slice(), path) {
+        ([one], _) => (*one).clone(),
+        ([], Some(want)) => {
+            return Err(crate::error::invalid(
+                "--path",
+                want,
+                format!(
+                    "no repository with points of VM '{shown}' there; repositories of target '{target}': {}",
+                    describe(&found)
+                ),
+            ))
+        }
+        ([], None) => {
+            return Err(crate::error::invalid(
+                "--vm",
+                &shown,
+                format!(
+                    "no points of this VM on target '{target}'; repositories there and their VMs: {}",
+                    describe(&found)
+                ),
+            ))
+        }
+        (many, _) => {
+            return Err(crate::error::invalid(
+                "--path",
+                "",
+                format!(
+                    "VM '{shown}' has points in several repositories of target '{target}': {}; give --path with one of them",
+                    many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            ))
+        }
+    };
+    let repo = Repository::open_keyed(store, &chosen, row.key.as_ref())?;
+    Ok((chosen, repo))
+}
+
+/// `web (lab/web01, lab/web02); db (none)`, or `none`.
+fn describe(
+    found: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+) -> String {
+    if found.is_empty() {
+        return "none".into();
+    }
+    found
+        .iter()
+        .map(|(p, keys)| {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            format!(
+                "{p} ({})",
+                if keys.is_empty() {
+                    "no points".to_string()
+                } else {
+                    keys.join(", ")
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}

@@ -38,6 +38,17 @@ pub enum Retention {
 }
 
 impl Retention {
+    /// The retention of a rule's offsite copy (`rule edit --copy-retention`):
+    /// `count` periods of the rule's schedules; `None` keeps every copied point,
+    /// and so does a one-time rule's copy.
+    pub fn of_copy(policy: &Policy, count: Option<u32>) -> Retention {
+        match (policy, policy.period(), count) {
+            (Policy::Once { .. }, _, _) => Retention::OneTime,
+            (_, Some(period), Some(count)) => Retention::Periods { period, count },
+            _ => Retention::KeepAll,
+        }
+    }
+
     /// The retention a rule's policy gives.
     pub fn of(policy: &Policy) -> Retention {
         match (policy, policy.period()) {

@@ -7,7 +7,8 @@
 //! is read from the source, decoded and checked, and stored; then its indexes;
 //! its manifest last. Points and objects the destination has are skipped, so a
 //! copy that was interrupted resumes where it stopped (its incomplete point is
-//! removed first, under the destination VM's lock).
+//! removed first, under the destination VM's lock). Every object read from
+//! the source is paced by the rule's bandwidth windows (a [`Throttle`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -17,8 +18,9 @@ use super::chunk::{digest_hex, Digest};
 use super::chunk_store::loud;
 use super::index::Slot;
 use super::manifest::Manifest;
-use super::{manifest_key, Repository};
+use super::{manifest_key, Repository, VmLock};
 use crate::error::invalid;
+use crate::task::throttle::Throttle;
 
 /// What one VM's copy did.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -42,11 +44,25 @@ pub fn copy_vm(
     dst: &Repository,
     vm_key: &str,
     point: Option<&str>,
+    throttle: &Throttle,
 ) -> Result<CopyReport> {
     let _src_lock = src.lock_shared("copy")?;
     let dst_lock = dst.lock_shared("copy")?;
     let vm_lock = dst.lock_vm(&dst_lock, vm_key, "copy")?;
-    dst.remove_incomplete_points(&vm_lock)?;
+    copy_vm_locked(src, dst, &vm_lock, point, throttle)
+}
+
+/// [`copy_vm`] for a caller that holds the source's shared lock and the
+/// destination VM's lock `vm_lock` (a copy task takes them while pending).
+pub fn copy_vm_locked(
+    src: &Repository,
+    dst: &Repository,
+    vm_lock: &VmLock,
+    point: Option<&str>,
+    throttle: &Throttle,
+) -> Result<CopyReport> {
+    let vm_key = vm_lock.vm_key();
+    dst.remove_incomplete_points(vm_lock)?;
 
     let points = src.list_points(vm_key)?.points;
     let wanted = select(&points, point)?;
@@ -58,14 +74,18 @@ pub fn copy_vm(
             report.points_present.push(id.clone());
             continue;
         }
-        let mut writer = dst.begin_point(&vm_lock, id)?;
+        let mut writer = dst.begin_point(vm_lock, id)?;
         for disk in &manifest.disks {
             let index = src.load_index(vm_key, id, &disk.name)?;
             for slot in &index.slots {
                 match slot {
                     Slot::Zero => {}
-                    Slot::Chunk(d) => copy_object(src, dst, d, false, &mut seen, &mut report)?,
-                    Slot::Delta(d) => copy_object(src, dst, d, true, &mut seen, &mut report)?,
+                    Slot::Chunk(d) => {
+                        copy_object(src, dst, d, false, throttle, &mut seen, &mut report)?
+                    }
+                    Slot::Delta(d) => {
+                        copy_object(src, dst, d, true, throttle, &mut seen, &mut report)?
+                    }
                 }
             }
             writer.write_index(&disk.name, &index)?;
@@ -119,6 +139,7 @@ fn copy_object(
     dst: &Repository,
     id: &Digest,
     delta: bool,
+    throttle: &Throttle,
     seen: &mut HashSet<Digest>,
     report: &mut CopyReport,
 ) -> Result<()> {
@@ -139,13 +160,14 @@ fn copy_object(
             .read_encoded(id, delta)
             .map_err(|e| loud(kind, id, e))
             .context("cannot copy")?;
+        throttle.acquire_blocking(object.len() as u64)?;
         let inserted = dst.chunks().insert_encoded(id, object)?;
         report.sent_count += u64::from(inserted.new);
         report.sent_bytes += inserted.stored_bytes;
         base
     };
     match base {
-        Some(base) => copy_object(src, dst, &base, false, seen, report),
+        Some(base) => copy_object(src, dst, &base, false, throttle, seen, report),
         None if delta => bail!("delta {} has no base", digest_hex(id)),
         None => Ok(()),
     }

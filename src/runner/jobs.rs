@@ -42,6 +42,9 @@ pub struct Held {
     repo: Option<Repository>,
     repo_lock: Option<RepoLock>,
     vm_lock: Option<VmLock>,
+    /// A copy's source: the rule's repository and its shared lock (`repo`,
+    /// `repo_lock` and `vm_lock` are then the copy's).
+    src: Option<(Repository, RepoLock)>,
 }
 
 /// Take what the job of `spec` needs before its slot, waiting while it is busy:
@@ -55,9 +58,21 @@ pub fn prepare(
     state: &mut State,
 ) -> Result<Held> {
     let rule = &spec.rule;
+    let purpose = spec.job.kind().as_str();
+    let mut src = None;
     let repo = match &spec.job {
         Job::Backup { .. } => Some(crate::lifecycle::repository_for_backup(state, rule)?),
         Job::Prune => crate::lifecycle::rule_repository(state, rule)?,
+        Job::Copy { to, .. } => {
+            let source = crate::lifecycle::rule_repository(state, rule)?.ok_or_else(|| {
+                anyhow::anyhow!("rule '{}' has no repository to copy from", rule.name)
+            })?;
+            let lock = runner
+                .wait_while_busy(state, task, spec, cancel, || source.lock_shared(purpose))?;
+            let copy = crate::lifecycle::copy_repository(state, rule, &source, to)?;
+            src = Some((source, lock));
+            Some(copy)
+        }
         Job::Restore { .. }
         | Job::Gc
         | Job::Recover { .. }
@@ -67,7 +82,6 @@ pub fn prepare(
     let Some(repo) = repo else {
         return Ok(Held::default());
     };
-    let purpose = spec.job.kind().as_str();
     let repo_lock =
         runner.wait_while_busy(state, task, spec, cancel, || repo.lock_shared(purpose))?;
     let key = vm_key(&rule.settings.platform, &spec.vm);
@@ -78,6 +92,7 @@ pub fn prepare(
         repo: Some(repo),
         repo_lock: Some(repo_lock),
         vm_lock: Some(vm_lock),
+        src,
     })
 }
 
@@ -93,6 +108,7 @@ pub fn run(
         Job::Backup { level, .. } => backup(runner, spec, *level, task, cancel, held),
         Job::Prune => prune(runner, spec, held),
         Job::Gc => gc(runner, spec),
+        Job::Copy { point, to } => copy(runner, spec, task, point, to, cancel, held),
         Job::Restore { point, to, from } => {
             restore(runner, spec, point, to, from.as_deref(), task, cancel)
         }
@@ -431,6 +447,69 @@ fn prune(runner: &Runner, spec: &TaskSpec, held: Held) -> Result<Done> {
         outcome: Outcome::Prune(report),
         code: ExitCode::Ok,
         handoff: None,
+    })
+}
+
+/// Copy the new point to the rule's copy target, then apply the copy's
+/// retention to the VM's points there.
+fn copy(
+    runner: &Runner,
+    spec: &TaskSpec,
+    task: i64,
+    point: &str,
+    to: &str,
+    cancel: Arc<AtomicBool>,
+    held: Held,
+) -> Result<Done> {
+    let (Some(dst), Some(vm_lock), Some((src, _src_lock))) = (&held.repo, &held.vm_lock, &held.src)
+    else {
+        anyhow::bail!("a copy needs both repositories and their locks");
+    };
+    let rule = &spec.rule;
+    // The rule's bandwidth windows pace the copy; a cancel stops it.
+    let throttle = Throttle::new(rule.settings.bandwidth.clone(), runner.cfg.clock, cancel);
+    let report = crate::repo::copy::copy_vm_locked(src, dst, vm_lock, Some(point), &throttle)
+        .with_context(|| format!("copy to target '{to}'"))?;
+    // What it sent, as the task's bytes (task list, its rate).
+    let mut state = State::open(&runner.cfg.state_path)?;
+    if let Err(e) = state.set_task_progress(task, report.sent_bytes, report.sent_bytes) {
+        tracing::warn!("cannot record what copy task {task} sent: {e:#}");
+    }
+    let retention =
+        crate::lifecycle::retention::Retention::of_copy(&rule.settings.policy, rule.copy_retention);
+    let protected = state.points_in_use(&rule.name, &spec.vm)?;
+    let now = runner.cfg.clock.now();
+    let marks = crate::lifecycle::prune::prune_vm_locked(dst, vm_lock, retention, &now, &protected)
+        .with_context(|| format!("prune the copy on target '{to}'"))?;
+    drop(held);
+    let pruned: Vec<String> = marks
+        .iter()
+        .filter(|m| m.action == crate::lifecycle::retention::Action::Remove)
+        .map(|m| m.point.clone())
+        .collect();
+    let mut summary = vec![format!(
+        "copied {} point(s) to target '{to}' ({} there already): {} object(s) sent ({}), {} there already",
+        report.points_copied.len(),
+        report.points_present.len(),
+        report.sent_count,
+        format_size(report.sent_bytes),
+        report.present_count
+    )];
+    for p in &pruned {
+        summary.push(format!(
+            "removed point {p} from the copy: outside its {retention}"
+        ));
+    }
+    Ok(Done {
+        summary,
+        outcome: Outcome::Copy(super::CopyOutcome {
+            to: to.to_string(),
+            point: point.to_string(),
+            report,
+            retention: retention.to_string(),
+            pruned,
+        }),
+        code: ExitCode::Ok,
     })
 }
 

@@ -111,6 +111,10 @@ pub enum Job {
     /// Garbage-collect the rule's repository if the last collection is a day
     /// old and its lock is free at once (`vm` is empty: a repository task).
     Gc,
+    /// Copy `point` of the VM (and the points it builds on, if missing) to the
+    /// rule's copy target `to`, then prune the copy with the rule's copy
+    /// retention (`rule edit --copy-to`).
+    Copy { point: String, to: String },
 }
 
 /// Where a restore writes.
@@ -147,6 +151,7 @@ impl Job {
             Job::BootVerify { .. } => TaskKind::BootVerify,
             Job::Prune => TaskKind::Prune,
             Job::Gc => TaskKind::Gc,
+            Job::Copy { .. } => TaskKind::Copy,
         }
     }
 
@@ -181,6 +186,22 @@ pub enum Outcome {
     BootVerify(BootReport),
     Prune(crate::lifecycle::prune::VmPrune),
     Gc(crate::lifecycle::gc::RepoGc),
+    Copy(CopyOutcome),
+}
+
+/// What a copy task did (docs/JSON.md, "CopyOutcome").
+#[derive(Debug, Serialize)]
+pub struct CopyOutcome {
+    /// The target that holds the copy.
+    pub to: String,
+    /// The point copied.
+    pub point: String,
+    #[serde(flatten)]
+    pub report: crate::repo::copy::CopyReport,
+    /// The copy's retention, in words.
+    pub retention: String,
+    /// Points removed from the copy by its retention, oldest first.
+    pub pruned: Vec<String>,
 }
 
 impl Outcome {
@@ -193,6 +214,7 @@ impl Outcome {
             Outcome::Recovery(r) => Some(&r.point),
             Outcome::Migration(m) => Some(&m.point),
             Outcome::BootVerify(b) => Some(&b.point),
+            Outcome::Copy(c) => Some(&c.point),
             Outcome::Prune(_) | Outcome::Gc(_) => None,
         }
     }
@@ -735,6 +757,9 @@ fn start_line(spec: &TaskSpec) -> String {
         ),
         Job::Prune => "prune started: points outside the rule's retention".to_string(),
         Job::Gc => "garbage collection started: objects no point refers to".to_string(),
+        Job::Copy { point, to } => {
+            format!("copy started: point {point} to target '{to}', then the copy's retention")
+        }
     }
 }
 

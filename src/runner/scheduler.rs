@@ -6,6 +6,10 @@
 //! at most once across all processes. A one-time rule's VM is marked `completed`
 //! when its run is admitted.
 //!
+//! After every completed backup of a rule with a copy target (`rule edit
+//! --copy-to`), a copy task copies the new point there and prunes the copy
+//! ([`copy_follow_up`], also after `run-now`).
+//!
 //! After a VM's last scheduled backup of the day ([`follow_ups`]): a prune task
 //! applies the rule's retention to the VM (R17), unless that backup or the VM's
 //! newest backup failed or was interrupted (R18, logged on the backup's task);
@@ -139,23 +143,28 @@ pub fn run_due(runner: &std::sync::Arc<Runner>) -> Result<Vec<TaskResult>> {
             Ok(h) => join(h),
             Err(skipped) => skipped,
         };
-        let follow = follow_ups(runner, &spec, r.task, r.status);
+        let point = r.outcome.as_ref().and_then(|o| o.point()).map(String::from);
+        let follow = follow_ups(runner, &spec, r.task, r.status, point.as_deref());
         results.push(r);
         results.extend(follow);
     }
     Ok(results)
 }
 
-/// What follows a finished task (module docs): after the VM's last scheduled
-/// backup of the day, its prune and then its repository's GC, each run as a
-/// task and waited for. Returns their results.
+/// What follows a finished task (module docs): after every completed backup,
+/// its copy when the rule has one (`rule edit --copy-to`); after the VM's last
+/// scheduled backup of the day, its prune and then its repository's GC, each
+/// run as a task and waited for. Returns their results.
 pub fn follow_ups(
     runner: &std::sync::Arc<Runner>,
     spec: &TaskSpec,
     task: i64,
     status: TaskState,
+    point: Option<&str>,
 ) -> Vec<TaskResult> {
-    let mut out = Vec::new();
+    let mut out: Vec<TaskResult> = copy_follow_up(runner, spec, status, point)
+        .into_iter()
+        .collect();
     let Job::Backup {
         slot: Some(slot), ..
     } = &spec.job
@@ -173,27 +182,12 @@ pub fn follow_ups(
         return out;
     }
     let run = |job: Job| {
-        let follow = TaskSpec {
-            rule: spec.rule.clone(),
-            vm: if matches!(job, Job::Gc) {
-                String::new()
-            } else {
-                spec.vm.clone()
-            },
-            job,
+        let vm = if matches!(job, Job::Gc) {
+            String::new()
+        } else {
+            spec.vm.clone()
         };
-        match runner.submit(follow) {
-            Ok(Some(Ok(h))) => Some(join(h)),
-            Ok(Some(Err(skipped))) => Some(skipped),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(
-                    "rule '{}': cannot start a follow-up task: {e:#}",
-                    spec.rule.name
-                );
-                None
-            }
-        }
+        run_follow_up(runner, spec.rule.clone(), vm, job)
     };
     if matches!(Retention::of(policy), Retention::Periods { .. }) {
         match prune_blocked(runner, spec, status) {
@@ -214,6 +208,56 @@ pub fn follow_ups(
         out.extend(run(Job::Gc));
     }
     out
+}
+
+/// After a completed backup (scheduled or `run-now`) of a rule with a copy
+/// target, a copy task of the new point, run and waited for. The rule is read
+/// again: a copy set or stopped meanwhile counts.
+pub fn copy_follow_up(
+    runner: &std::sync::Arc<Runner>,
+    spec: &TaskSpec,
+    status: TaskState,
+    point: Option<&str>,
+) -> Option<TaskResult> {
+    if !matches!(spec.job, Job::Backup { .. })
+        || status != TaskState::Completed
+        || runner.cancelled()
+    {
+        return None;
+    }
+    let point = point?.to_string();
+    let rule = match State::open(&runner.config().state_path).and_then(|s| s.rule(&spec.rule.name))
+    {
+        Ok(rule) => rule?,
+        Err(e) => {
+            tracing::warn!(
+                "rule '{}': cannot read its copy target: {e:#}",
+                spec.rule.name
+            );
+            return None;
+        }
+    };
+    let to = rule.copy_to.clone()?;
+    run_follow_up(runner, rule, spec.vm.clone(), Job::Copy { point, to })
+}
+
+/// Submit one follow-up task and wait for it.
+fn run_follow_up(
+    runner: &std::sync::Arc<Runner>,
+    rule: crate::state::rules::RuleRow,
+    vm: String,
+    job: Job,
+) -> Option<TaskResult> {
+    let name = rule.name.clone();
+    match runner.submit(TaskSpec { rule, vm, job }) {
+        Ok(Some(Ok(h))) => Some(join(h)),
+        Ok(Some(Err(skipped))) => Some(skipped),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!("rule '{name}': cannot start a follow-up task: {e:#}");
+            None
+        }
+    }
 }
 
 /// Why the VM's retention must not run now (R18), if it must not.
@@ -287,8 +331,9 @@ pub fn daemon(
                 let r = join(h);
                 on_result(&r);
                 let (runner, task, status) = (runner.clone(), r.task, r.status);
+                let point = r.outcome.as_ref().and_then(|o| o.point()).map(String::from);
                 following.push(std::thread::spawn(move || {
-                    follow_ups(&runner, &spec, task, status)
+                    follow_ups(&runner, &spec, task, status, point.as_deref())
                 }));
                 finished.push(r);
             }

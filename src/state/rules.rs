@@ -59,10 +59,47 @@ pub struct RuleRow {
     /// The rule's own webhook: `None` uses system.conf's `notify_url`; `"none"`
     /// sends none for this rule.
     pub notify_url: Option<String>,
+    /// The automatic offsite copy: every new point is copied to this target
+    /// after its backup (`rule edit --copy-to`); `None`: no copy.
+    pub copy_to: Option<String>,
+    /// Periods (of the rule's schedules) of copied points the copy keeps;
+    /// `None`: every copied point.
+    pub copy_retention: Option<u32>,
     pub vms: Vec<RuleVm>,
 }
 
 impl RuleRow {
+    /// A stand-in for the rule of a repository found on a target with no rule
+    /// in the state (`restore --target`): named `TARGET:PATH` (never a rule's
+    /// name, which has no ':'), on that target and path, for VMs of `platform`.
+    /// It reads that repository and never creates one (it has no completed backup).
+    pub fn found(target: &str, path: &str, platform: &str) -> RuleRow {
+        RuleRow {
+            name: format!("{target}:{path}"),
+            settings: RuleSettings {
+                platform: platform.to_string(),
+                target: target.to_string(),
+                subdir: path.to_string(),
+                auto_cbt: true,
+                cbt: true,
+                lan_free: false,
+                delete_data: false,
+                quiesce: Quiesce::Off,
+                allow_plain_tcp_export: false,
+                policy: Policy::Periodic {
+                    schedules: Vec::new(),
+                    retention: None,
+                },
+                bandwidth: Vec::new(),
+            },
+            created_at: super::now_text(),
+            notify_url: None,
+            copy_to: None,
+            copy_retention: None,
+            vms: Vec::new(),
+        }
+    }
+
     pub fn has_vm(&self, vm: &str) -> bool {
         self.vms.iter().any(|v| v.vm == vm)
     }
@@ -126,6 +163,8 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
         },
         created_at: r.get(11)?,
         notify_url: r.get(13)?,
+        copy_to: r.get(14)?,
+        copy_retention: r.get(15)?,
         vms: Vec::new(),
     })
 }
@@ -148,7 +187,7 @@ fn load_vms(conn: &rusqlite::Connection, rule: &mut RuleRow) -> Result<()> {
 impl State {
     pub fn rules(&self) -> Result<Vec<RuleRow>> {
         let mut st = self.conn().prepare(&format!(
-            "SELECT {COLS}, notify_url FROM rules ORDER BY name"
+            "SELECT {COLS}, notify_url, copy_to, copy_retention FROM rules ORDER BY name"
         ))?;
         let mut rules: Vec<RuleRow> = st
             .query_map([], from_row)?
@@ -163,7 +202,9 @@ impl State {
         let row = self
             .conn()
             .query_row(
-                &format!("SELECT {COLS}, notify_url FROM rules WHERE name = ?1"),
+                &format!(
+                    "SELECT {COLS}, notify_url, copy_to, copy_retention FROM rules WHERE name = ?1"
+                ),
                 [name],
                 from_row,
             )
@@ -303,6 +344,62 @@ impl State {
         })
     }
 
+    /// `--copy-to TO` for a rule on target `own`: a registered target other
+    /// than `own`, encrypted exactly when `own` is (a copy keeps the source's
+    /// key slots; a usage error listing the allowed ones otherwise).
+    pub fn check_copy_target(&self, own: &str, to: &str) -> Result<()> {
+        let encrypted = self.target(own)?.map(|t| t.key.is_some());
+        let why = match self.target(to)? {
+            _ if to == own => "is the rule's own target",
+            None => "not a registered target",
+            Some(t) if encrypted.is_some_and(|e| e != t.key.is_some()) => {
+                if t.key.is_some() {
+                    "is encrypted and the rule's target is not (a copy is encrypted exactly when its source is)"
+                } else {
+                    "is not encrypted and the rule's target is (a copy is encrypted exactly when its source is)"
+                }
+            }
+            Some(_) => return Ok(()),
+        };
+        let others: Vec<_> = self
+            .targets()?
+            .into_iter()
+            .filter(|t| encrypted.is_none_or(|e| e == t.key.is_some()))
+            .collect();
+        Err(invalid(
+            "--copy-to",
+            to,
+            format!(
+                "{why}; allowed: another registered target ({}), or none",
+                list_or_none(others.iter().map(|t| t.name.as_str()).filter(|t| *t != own))
+            ),
+        ))
+    }
+
+    /// Set the rule's automatic copy: to target `to` (registered, not the
+    /// rule's own) with `retention`, or none (`to` = `None`).
+    pub fn set_rule_copy(
+        &mut self,
+        rule: &str,
+        to: Option<&str>,
+        retention: Option<u32>,
+    ) -> Result<()> {
+        let r = self.require_rule(rule)?;
+        if let Some(to) = to {
+            self.check_copy_target(&r.settings.target, to)?;
+        }
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE rules SET copy_to = ?2, copy_retention = ?3 WHERE name = ?1",
+                params![rule, to, retention],
+            )?;
+            if n == 0 {
+                return Err(invalid("rule", rule, "no such rule"));
+            }
+            Ok(())
+        })
+    }
+
     /// Set the state of one VM or all VMs of a rule (`started`, `stopped`, `completed`).
     pub fn set_rule_vm_state(&mut self, rule: &str, vm: Option<&str>, state: &str) -> Result<()> {
         let r = self.require_rule(rule)?;
@@ -324,14 +421,11 @@ impl State {
         })
     }
 
-    /// The first active (queued, pending, running) task of a rule, or of one of
-    /// its VMs: (id, kind, VM). While there is one, the rule cannot be removed.
-    pub fn active_task_of_rule(
-        &self,
-        rule: &str,
-        vm: Option<&str>,
-    ) -> Result<Option<(i64, TaskKind, String)>> {
-        active_task(self.conn(), rule, vm)
+    /// Refused (busy, exit 4) while a task of the rule (or of its VM `vm`) is
+    /// queued, pending or running, or a recovery of it serves a point until
+    /// it is stopped (R37): what `rule remove` checks before it deletes data.
+    pub fn check_removable(&self, rule: &str, vm: Option<&str>) -> Result<()> {
+        refuse_if_active(self.conn(), rule, vm)
     }
 
     /// Remove a rule, or one VM from it. Refused (busy, exit 4) while any task
@@ -343,16 +437,7 @@ impl State {
             r.require_vm(vm)?;
         }
         self.write(|tx| {
-            if let Some((id, kind, v)) = active_task(tx, rule, vm)? {
-                let how = if kind == TaskKind::Recovery {
-                    "stop it first with 'vmbackup recover stop'"
-                } else {
-                    "wait for it or cancel it first"
-                };
-                return Err(busy(format!(
-                    "rule '{rule}' has a {kind} in progress (task {id}, VM '{v}'); {how} (R37)"
-                )));
-            }
+            refuse_if_active(tx, rule, vm)?;
             match vm {
                 Some(vm) => {
                     tx.execute(
@@ -375,6 +460,21 @@ impl State {
             Ok(())
         })
     }
+}
+
+/// [`State::check_removable`] on a connection or inside a transaction.
+fn refuse_if_active(conn: &rusqlite::Connection, rule: &str, vm: Option<&str>) -> Result<()> {
+    let Some((id, kind, v)) = active_task(conn, rule, vm)? else {
+        return Ok(());
+    };
+    let how = if kind == TaskKind::Recovery {
+        "stop it first with 'vmbackup recover stop'"
+    } else {
+        "wait for it or cancel it first"
+    };
+    Err(busy(format!(
+        "rule '{rule}' has a {kind} in progress (task {id}, VM '{v}'); {how} (R37)"
+    )))
 }
 
 /// The first active task of `rule` (of its VM `vm`, when given); a recovery

@@ -213,6 +213,13 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (rule, vm)
     );
     "#,
+    // 10 (s3, issue 13): a rule's automatic offsite copy: the target that gets a
+    // copy of every new point (NULL: none), and the copy's own retention in
+    // periods of the rule's schedules (NULL: keep every copied point).
+    r#"
+    ALTER TABLE rules ADD COLUMN copy_to TEXT;
+    ALTER TABLE rules ADD COLUMN copy_retention INTEGER;
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -138,12 +138,12 @@ impl State {
         self.write(|tx| {
             let rules = names_using(
                 tx,
-                "SELECT name FROM rules WHERE target = ?1 ORDER BY name",
+                "SELECT name FROM rules WHERE target = ?1 OR copy_to = ?1 ORDER BY name",
                 name,
             )?;
             if !rules.is_empty() {
                 return Err(crate::error::refused(format!(
-                    "target '{name}' is used by rule(s) {}; remove those rules first",
+                    "target '{name}' is used by rule(s) {} (as their target or --copy-to); remove those rules or their copy first",
                     rules.join(", ")
                 )));
             }

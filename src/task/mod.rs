@@ -41,10 +41,13 @@ pub enum TaskKind {
     Prune,
     /// Garbage collection of a rule's repository (at most once a day).
     Gc,
+    /// A new point copied to the rule's copy target (`rule edit --copy-to`)
+    /// after its backup, then the copy pruned with its own retention.
+    Copy,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 7] = [
+    pub const ALL: [TaskKind; 8] = [
         TaskKind::Backup,
         TaskKind::Restore,
         TaskKind::Recovery,
@@ -52,6 +55,7 @@ impl TaskKind {
         TaskKind::BootVerify,
         TaskKind::Prune,
         TaskKind::Gc,
+        TaskKind::Copy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,37 +67,11 @@ impl TaskKind {
             TaskKind::BootVerify => "boot-verify",
             TaskKind::Prune => "prune",
             TaskKind::Gc => "gc",
+            TaskKind::Copy => "copy",
         }
     }
 
-    /// Whether the task takes a global and a per-host slot before it runs (R38:
-    /// backups, restores and migrations count; transient recovery does not, and
-    /// neither does a boot verification, which is one; prune and GC move no VM
-    /// data).
-    pub fn takes_slot(self) -> bool {
-        matches!(
-            self,
-            TaskKind::Backup | TaskKind::Restore | TaskKind::Migration
-        )
-    }
-
-    /// Whether an active task of this kind keeps its rule from being removed
-    /// (R37): it reads the rule's points or runs a VM from one.
-    pub fn holds_rule(self) -> bool {
-        matches!(
-            self,
-            TaskKind::Restore | TaskKind::Recovery | TaskKind::Migration | TaskKind::BootVerify
-        )
-    }
-
-    /// The kinds that [hold a rule](TaskKind::holds_rule), as an SQL list.
-    pub fn holding_rule_sql() -> String {
-        let words: Vec<String> = TaskKind::ALL
-            .iter()
-            .filter(|k| k.holds_rule())
-            .map(|k| format!("'{k}'"))
-            .collect();
-        format!("({})", words.join(","))
+    pub const ALL: [TaskKind; 8] = [
     }
 
     /// Whether a second task of this kind for the same rule and VM is skipped

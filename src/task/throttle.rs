@@ -1,4 +1,5 @@
-//! Bandwidth windows applied to a task's source reads (R29, R30).
+//! Bandwidth windows applied to a task's source reads (R29, R30), and to the
+//! objects a copy reads and sends (`copy`, copy tasks).
 //!
 //! A token bucket whose rate follows the window in force, re-evaluated on every
 //! acquire and at least once a second while waiting: a task that starts in an
@@ -63,33 +64,46 @@ impl Throttle {
     /// [`Error::Interrupted`] once the task is cancelled, so no read starts after a
     /// cancel (a wait in a `pause` window ends at once).
     pub async fn acquire(&self, bytes: u64) -> Result<(), Error> {
-        loop {
-            if self.cancel.load(Ordering::Relaxed) {
-                return Err(Error::Interrupted);
+        while let Some(wait) = self.wait_for(bytes)? {
+            tokio::time::sleep(wait).await;
+        }
+        Ok(())
+    }
+
+    /// [`Throttle::acquire`] for a thread outside the async runtime (a copy
+    /// reads and sends objects one by one).
+    pub fn acquire_blocking(&self, bytes: u64) -> Result<(), Error> {
+        while let Some(wait) = self.wait_for(bytes)? {
+            std::thread::sleep(wait);
+        }
+        Ok(())
+    }
+
+    /// Take `bytes` now (`None`), or how long to wait before asking again.
+    fn wait_for(&self, bytes: u64) -> Result<Option<Duration>, Error> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        if self.windows.is_empty() {
+            return Ok(None);
+        }
+        Ok(match self.limit_now() {
+            None => {
+                self.reset();
+                None
             }
-            if self.windows.is_empty() {
-                return Ok(());
-            }
-            let wait = match self.limit_now() {
-                None => {
-                    self.reset();
-                    return Ok(());
-                }
-                Some(Limit::Pause) => {
-                    self.reset();
-                    let now = self.clock.now_naive();
+            Some(Limit::Pause) => {
+                self.reset();
+                let now = self.clock.now_naive();
+                Some(
                     next_change(&self.windows, now)
                         .map_or(RECHECK, |at| self.clock.real_until_naive(at))
                         .min(RECHECK)
-                        .max(Duration::from_millis(10))
-                }
-                Some(Limit::Rate(rate)) => match self.take(bytes, rate) {
-                    None => return Ok(()),
-                    Some(wait) => wait.min(RECHECK),
-                },
-            };
-            tokio::time::sleep(wait).await;
-        }
+                        .max(Duration::from_millis(10)),
+                )
+            }
+            Some(Limit::Rate(rate)) => self.take(bytes, rate).map(|wait| wait.min(RECHECK)),
+        })
     }
 
     /// Take `bytes` tokens at `rate`, or say how long until there are enough.

@@ -675,7 +675,7 @@ impl Env {
             .filter_map(|l| serde_json::from_str(l).ok())
             .find(|v: &serde_json::Value| v["type"] == "summary")
             .unwrap_or_else(|| panic!("no summary: {out}"));
-        summary["vms"][0]["outcome"]["point"]
+        summary["tasks"][0]["outcome"]["point"]
             .as_str()
             .unwrap_or_else(|| panic!("no point: {summary}"))
             .to_string()
