@@ -21,7 +21,6 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::gc::{collect_now, RepoGc};
-use crate::error::busy;
 use crate::repo::{vm_key, RepoLock, Repository, VmLock};
 use crate::state::State;
 
