@@ -124,8 +124,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<ExitCode> {
     let (rule, repo, found_vm) = match &a.target {
         Some(target) => {
             let (platform, vm) = parse_platform_vm(a.vm.as_deref().unwrap_or_default())?;
-            let (path, repo) =
-                found_repository(&state, target, &platform, &vm, a.path.as_deref())?;
+            let (path, repo) = found_repository(&state, target, &platform, &vm, a.path.as_deref())?;
             (RuleRow::found(target, &path, &platform), repo, Some(vm))
         }
         None => {

@@ -510,6 +510,7 @@ fn copy(
             pruned,
         }),
         code: ExitCode::Ok,
+        handoff: None,
     })
 }
 

@@ -162,7 +162,9 @@ impl Job {
             Job::Restore { point, .. }
             | Job::Recover { point, .. }
             | Job::BootVerify { point, .. } => Some(&point.point),
-            Job::Backup { .. } | Job::Migrate { .. } | Job::Prune | Job::Gc => None,
+            Job::Backup { .. } | Job::Migrate { .. } | Job::Prune | Job::Gc | Job::Copy { .. } => {
+                None
+            }
         }
     }
 

@@ -71,7 +71,34 @@ impl TaskKind {
         }
     }
 
-    pub const ALL: [TaskKind; 8] = [
+    /// Whether the task takes a global and a per-host slot before it runs (R38:
+    /// backups, restores and migrations count, and a copy moves a point's data
+    /// like them; transient recovery does not, and neither does a boot
+    /// verification, which is one; prune and GC move no VM data).
+    pub fn takes_slot(self) -> bool {
+        matches!(
+            self,
+            TaskKind::Backup | TaskKind::Restore | TaskKind::Migration | TaskKind::Copy
+        )
+    }
+
+    /// Whether an active task of this kind keeps its rule from being removed
+    /// (R37): it reads the rule's points or runs a VM from one.
+    pub fn holds_rule(self) -> bool {
+        matches!(
+            self,
+            TaskKind::Restore | TaskKind::Recovery | TaskKind::Migration | TaskKind::BootVerify
+        )
+    }
+
+    /// The kinds that [hold a rule](TaskKind::holds_rule), as an SQL list.
+    pub fn holding_rule_sql() -> String {
+        let words: Vec<String> = TaskKind::ALL
+            .iter()
+            .filter(|k| k.holds_rule())
+            .map(|k| format!("'{k}'"))
+            .collect();
+        format!("({})", words.join(","))
     }
 
     /// Whether a second task of this kind for the same rule and VM is skipped
