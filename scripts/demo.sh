@@ -8,7 +8,8 @@
 #   between the restored image and the VM's disk; then a transient recovery of
 #   that point (served over NBD by vmbackup, a write into its overlay, the
 #   repository unchanged) and its stop; then the retention plan, the first full
-#   forgotten, garbage collection, and the incremental restored again.
+#   forgotten, garbage collection, and the incremental restored again; an offsite
+#   copy on a second target and a restore from it.
 #   As root, the same with a libvirt domain (a private libvirtd,
 #   scripts/test-libvirtd.sh): checkpoints, quiesce=try, the same daemon reached
 #   as a remote host (backup over NBD with TLS), and a restore as a new domain.
@@ -147,6 +148,20 @@ if [ "$C" = "$B" ]; then
   echo "OK: after forget + gc, the incremental restores byte-identical"
 else
   echo "MISMATCH after forget + gc" >&2
+  exit 1
+fi
+
+echo "== an offsite copy on a second target, and a restore from the copy alone"
+mkdir -p "$DEMO/offsite"
+run target add offsite --path "$DEMO/offsite"
+run copy demo --to offsite
+run points demo --from offsite
+run restore demo --vm demo --from offsite --to "$DEMO/restore-offsite"
+C=$(sha256sum < "$DEMO/restore-offsite/vda.raw" | cut -d' ' -f1)
+if [ "$C" = "$B" ]; then
+  echo "OK: the copy on target 'offsite' restores byte-identical"
+else
+  echo "MISMATCH: the restore from the copy differs" >&2
   exit 1
 fi
 
