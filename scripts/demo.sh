@@ -151,9 +151,10 @@ else
   exit 1
 fi
 
-echo "== an offsite copy on a second target, and a restore from the copy alone"
+echo "== an offsite copy on a second target (encrypted with the same key), and a restore from the copy alone"
 mkdir -p "$DEMO/offsite"
-run target add offsite --path "$DEMO/offsite"
+# The demo's target is encrypted: its copy goes to a target registered with the same key.
+run target add offsite --path "$DEMO/offsite" --encrypt --key-file "$DEMO/demo.key"
 run copy demo --to offsite
 run points demo --from offsite
 run restore demo --vm demo --from offsite --to "$DEMO/restore-offsite"
@@ -210,6 +211,7 @@ XML
   echo "== libvirt as a remote host: the same daemon over TCP, backups over NBD with TLS"
   RURI=$(cat "$LV/run/tcp-uri")   # qemu+tcp://127.0.0.1:PORT/system (test daemon: auth none)
   run rule remove demo-lv          # a domain is in one rule only (R35)
+  run platform remove kvm          # ... and reached through one platform only
   run platform add kvm-remote --type libvirt --uri "$RURI" --tls-dir "$LV/etc/pki/qemu"
   run rule add demo-remote --platform kvm-remote --vm demo-lv --target local \
     --schedule "full weekly on sun at 01:00" --schedule "inc weekly on mon-sat at 01:00"
