@@ -31,6 +31,7 @@
 #
 # env: RUNS SIZE_GIB SEED SCALE SCALE_VMS SCALE_MIB STATE_RULES STATE_VMS STATE_DAYS
 #      SPARSE_GIB BENCH_DIR (/var/tmp/vmbackup-bench) VMB (a vmbackup binary to measure)
+#      BENCH_ACCEL (tcg; the VM only serves its disk, paused: kvm gains nothing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -96,7 +97,7 @@ disk() {
 # start_vm NAME IMAGE: a paused qemu-system with IMAGE as virtio disk 'vda'
 start_vm() {
   local name=$1 img=$2
-  qemu-system-x86_64 -machine q35,accel=kvm:tcg -cpu max -nodefaults -display none -m 64 -S \
+  qemu-system-x86_64 -machine "q35,accel=${BENCH_ACCEL:-tcg}" -cpu max -nodefaults -display none -m 64 -S \
     -name "$name" \
     -blockdev "driver=file,node-name=disk0-file,filename=$img" \
     -blockdev driver=qcow2,node-name=disk0,file=disk0-file \
@@ -139,7 +140,7 @@ timed() {
   local c1; c1=$(cpu_of "$server")
   echo "step $step $(cat "$B/time.out") $(awk -v a="$c0" -v b="$c1" 'BEGIN{print b - a}')" >> "$RES"
 }
-bytes_of() { du -sb "$@" | awk '{s += $1} END {print s + 0}'; }
+bytes_of() { du -sb "$@" | awk '{s += $1} END {printf "%d\n", s}'; }
 record() { echo "value $1 $2" >> "$RES"; }
 
 echo "== disk: ${SIZE_GIB} GiB, seed $SEED"
