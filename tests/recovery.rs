@@ -20,29 +20,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::json_doc::assert_documented;
+use common::json_doc::recover_doc;
 use common::system_vm::{
     export_digest, hmp_qemu_io, image_digest, patched_digest, SystemVm, VmOptions,
 };
 use common::*;
 use serde_json::Value;
-
-/// `vmbackup --json ARGS` (a `recover` command), exit 0, its output checked
-/// against docs/JSON.md; the one JSON document or summary line it printed.
-fn recover_doc(env: &Env, args: &[&str]) -> Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    let out = env.ok(&a);
-    let command = match args.get(1) {
-        Some(sub) if ["list", "stop", "resume", "abort"].contains(sub) => {
-            format!("vmbackup recover {sub}")
-        }
-        _ => "vmbackup recover".to_string(),
-    };
-    assert_documented(&command, &out);
-    serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {out}"))
-}
 
 /// The point restored with `restore --to`, its digest.
 fn restored_digest(env: &Env, rule: &str, vm: &str, point: &str) -> String {

@@ -7,26 +7,9 @@ mod common;
 use std::fs;
 use std::process::Output;
 
-use common::json_doc::assert_documented;
+use common::json_doc::{assert_documented, recover_doc};
 use common::*;
 use serde_json::Value;
-
-/// `vmbackup --json ARGS` (a `recover` command), exit 0, its output checked
-/// against docs/JSON.md; the one JSON document or summary line it printed.
-fn recover_doc(env: &Env, args: &[&str]) -> Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    let out = env.ok(&a);
-    let command = match args.get(1) {
-        Some(sub) if ["list", "stop", "resume", "abort"].contains(sub) => {
-            format!("vmbackup recover {sub}")
-        }
-        _ => "vmbackup recover".to_string(),
-    };
-    assert_documented(&command, &out);
-    serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {out}"))
-}
 
 /// Three VMs `a`, `b`, `c` (two disks for `b`) in rule `g`, each with its own data.
 fn three_vms(env: &Env) -> Vec<TestVm> {

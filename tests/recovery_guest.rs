@@ -14,27 +14,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::json_doc::assert_documented;
+use common::json_doc::{assert_documented, recover_doc};
 use common::system_vm::{guest_sum, SystemVm, VmOptions};
 use common::*;
 use serde_json::Value;
-
-/// `vmbackup --json ARGS` (a `recover` command), exit 0, its output checked
-/// against docs/JSON.md; the one JSON document or summary line it printed.
-fn recover_doc(env: &Env, args: &[&str]) -> Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    let out = env.ok(&a);
-    let command = match args.get(1) {
-        Some(sub) if ["list", "stop", "resume", "abort"].contains(sub) => {
-            format!("vmbackup recover {sub}")
-        }
-        _ => "vmbackup recover".to_string(),
-    };
-    assert_documented(&command, &out);
-    serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {out}"))
-}
 
 fn guest_vm(env: &Env, name: &str, agent: bool, extra: &[&str]) -> SystemVm {
     SystemVm::start(

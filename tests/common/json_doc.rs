@@ -294,3 +294,20 @@ pub fn check_output(doc: &Doc, command: &str, stdout: &str) {
 pub fn assert_documented(command: &str, stdout: &str) {
     check_output(&read_doc(), command, stdout);
 }
+
+/// `vmbackup --json ARGS` (a `recover` command), exit 0, its output checked
+/// against docs/JSON.md; the one JSON document or summary line it printed.
+pub fn recover_doc(env: &super::Env, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let out = env.ok(&a);
+    let command = match args.get(1) {
+        Some(sub) if ["list", "stop", "resume", "abort"].contains(sub) => {
+            format!("vmbackup recover {sub}")
+        }
+        _ => "vmbackup recover".to_string(),
+    };
+    assert_documented(&command, &out);
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {out}"))
+}
