@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use chrono::SubsecRound;
 use serde_json::Value;
 use vmbackup::repo::store::S3Store;
 use vmbackup::repo::Store;
@@ -270,7 +271,9 @@ fn a_killed_writers_lock_expires_and_the_next_backup_proceeds() {
     assert_eq!(locks.len(), 2, "the killed writer's locks stay: {locks:?}");
 
     // Pretend the writer ran on another machine: only its expiry frees it.
-    let expires = chrono::Utc::now() + chrono::Duration::seconds(10);
+    // Whole seconds: the lock's expiry is stored to the second, and the
+    // assertion below compares against exactly what was stored.
+    let expires = (chrono::Utc::now() + chrono::Duration::seconds(10)).trunc_subsecs(0);
     for key in &locks {
         let mut lock: Value = serde_json::from_slice(&s.get(key).unwrap().unwrap()).unwrap();
         lock["host"] = "elsewhere".into();
