@@ -779,3 +779,68 @@ fn points_and_restore_by_target_with_no_rule_in_the_state() {
     );
     assert!(err.contains("--target"), "{err}");
 }
+
+/// A copy task reads its point from the moment it is admitted (R16): while the
+/// copy after a backup runs (slowed by the rule's bandwidth window), `forget`
+/// of that point is refused (exit 4, naming the copy task) and the point stays;
+/// the copy restores byte-exact, and once the copy ended the forget proceeds.
+#[test]
+fn a_running_copy_keeps_its_point_from_forget() {
+    let env = Env::new();
+    fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
+    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 4 * MIB)], true);
+    env.add_lab("local");
+    let dir = env.path("offsite");
+    fs::create_dir_all(&dir).unwrap();
+    env.ok(&["target", "add", "offsite", "--path", dir.to_str().unwrap()]);
+    env.add_rule(
+        "r",
+        "lab",
+        "vm1",
+        "local",
+        &[
+            "--schedule",
+            "full daily at 01:00",
+            "--copy-to",
+            "offsite",
+            "--bandwidth",
+            "mon-sun 00:00-24:00 1MiB/s",
+        ],
+    );
+    vm.write_random("disk0", 0, 3 * MIB, 11);
+    let digest = vm.shadow_digest("disk0");
+    let mut child = env
+        .child_cmd()
+        .args(["run-now", "r", "--level", "full"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let began = std::time::Instant::now();
+    let copy_task = loop {
+        let tasks = env.json(&["task", "list", "--all"]);
+        let active = tasks.as_array().unwrap().iter().find(|t| {
+            t["kind"] == "copy" && ["queued", "pending", "running"].contains(&t["status"].as_str().unwrap())
+        });
+        if let Some(t) = active {
+            break t.clone();
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "no copy task started: {tasks}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let point = copy_task["point"].as_str().unwrap().to_string();
+    assert_eq!(points_of(&env, &[]), [point.as_str()]);
+    let err = env.fails(4, &["forget", "r", "--vm", "vm1", "--point", &point]);
+    assert!(
+        err.contains(&format!("read by copy task {}", copy_task["id"])),
+        "{err}"
+    );
+    assert!(child.wait().unwrap().success());
+    assert_eq!(points_of(&env, &[]), [point.as_str()], "the point stayed");
+    assert_eq!(restored_from(&env, "r", "vm1", "offsite", &point), digest);
+    env.ok(&["forget", "r", "--vm", "vm1", "--point", &point]);
+    assert!(points_of(&env, &[]).is_empty());
+}

@@ -156,15 +156,15 @@ impl Job {
     }
 
     /// The point a task reads (stored in its row from admission on: prune and
-    /// forget leave it alone while the task is active).
+    /// forget leave it alone while the task is active, queued or pending; a copy
+    /// waiting for its slot still finds its point).
     fn reads_point(&self) -> Option<&str> {
         match self {
             Job::Restore { point, .. }
             | Job::Recover { point, .. }
             | Job::BootVerify { point, .. } => Some(&point.point),
-            Job::Backup { .. } | Job::Migrate { .. } | Job::Prune | Job::Gc | Job::Copy { .. } => {
-                None
-            }
+            Job::Copy { point, .. } => Some(point),
+            Job::Backup { .. } | Job::Migrate { .. } | Job::Prune | Job::Gc => None,
         }
     }
 
