@@ -820,7 +820,8 @@ fn a_running_copy_keeps_its_point_from_forget() {
     let copy_task = loop {
         let tasks = env.json(&["task", "list", "--all"]);
         let active = tasks.as_array().unwrap().iter().find(|t| {
-            t["kind"] == "copy" && ["queued", "pending", "running"].contains(&t["status"].as_str().unwrap())
+            t["kind"] == "copy"
+                && ["queued", "pending", "running"].contains(&t["status"].as_str().unwrap())
         });
         if let Some(t) = active {
             break t.clone();

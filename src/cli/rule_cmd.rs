@@ -1,6 +1,8 @@
 //! `vmbackup rule ...`: backup rules (R1-R37). Policies are validated by
 //! `crate::policy`; admission of VMs (R1-R4, R35, R43) by `crate::state::rules`.
 
+use std::collections::HashMap;
+
 use anyhow::Result;
 use chrono::Local;
 use serde::Serialize;
@@ -424,9 +426,59 @@ fn notify_setting(value: &str, allow_default: bool) -> Result<Option<String>> {
     }
 }
 
-/// A VM's R31 state as `rule show` reports it.
-fn vm_state(state: &State, rule: &RuleRow, vm: &str, stored: &str) -> Result<String> {
-    if let Some(t) = state.last_task(&rule.name, vm)? {
+/// What a listing works out once and reuses for every rule: whether each
+/// platform and target can be reached (a remote libvirt host or an S3 target
+/// costs a round trip, and a thousand rules share a few of them), and the next
+/// runs of each policy (rules mostly share a few policies).
+#[derive(Default)]
+struct Reachability {
+    platforms: HashMap<String, bool>,
+    targets: HashMap<String, bool>,
+    next_runs: HashMap<String, Vec<NextRun>>,
+}
+
+impl Reachability {
+    /// True when the rule's platform and its target (with its marker) answer.
+    fn of(&mut self, state: &State, rule: &RuleRow) -> Result<bool> {
+        let s = &rule.settings;
+        let platform = match self.platforms.get(&s.platform) {
+            Some(&up) => up,
+            None => {
+                let up = state.platform(&s.platform)?.is_some_and(|p| {
+                    crate::platform::connect(&p.spec, crate::platform::qmp::DEFAULT_TIMEOUT)
+                        .and_then(|p| p.reachable())
+                        .is_ok()
+                });
+                self.platforms.insert(s.platform.clone(), up);
+                up
+            }
+        };
+        if !platform {
+            return Ok(false);
+        }
+        Ok(match self.targets.get(&s.target) {
+            Some(&up) => up,
+            None => {
+                let up = state
+                    .target(&s.target)?
+                    .is_some_and(|t| crate::lifecycle::open_target(&t).is_ok());
+                self.targets.insert(s.target.clone(), up);
+                up
+            }
+        })
+    }
+}
+
+/// A VM's R31 state as `rule show` reports it, from its newest task (`last`)
+/// and its stored state.
+fn vm_state(
+    state: &State,
+    rule: &RuleRow,
+    last: Option<&TaskRow>,
+    stored: &str,
+    reach: &mut Reachability,
+) -> Result<String> {
+    if let Some(t) = last {
         if t.state == TaskState::Running {
             return Ok(match t.phase.as_deref() {
                 Some("running") | None => format!(
@@ -443,14 +495,7 @@ fn vm_state(state: &State, rule: &RuleRow, vm: &str, stored: &str) -> Result<Str
         }
     }
     // R31 unknown: the platform or the target (with its marker) cannot be reached.
-    let reachable = state.platform(&rule.settings.platform)?.is_some_and(|p| {
-        crate::platform::connect(&p.spec, crate::platform::qmp::DEFAULT_TIMEOUT)
-            .and_then(|p| p.reachable())
-            .is_ok()
-    }) && state
-        .target(&rule.settings.target)?
-        .is_some_and(|t| crate::lifecycle::open_target(&t).is_ok());
-    if !reachable && stored != "stopped" {
+    if stored != "stopped" && !reach.of(state, rule)? {
         return Ok("unknown".into());
     }
     Ok(match stored {
@@ -472,23 +517,23 @@ struct VmView {
     last_task: Option<TaskRow>,
 }
 
-fn vm_views(state: &State, rule: &RuleRow) -> Result<Vec<VmView>> {
+fn vm_views(state: &State, rule: &RuleRow, reach: &mut Reachability) -> Result<Vec<VmView>> {
     let now = crate::clock::Clock::process()
         .now()
         .with_timezone(&chrono::Utc);
     let unviewed = state.unviewed_failures(&rule.name, None)?;
+    let mut last = state.last_tasks_of_rule(&rule.name)?;
     rule.vms
         .iter()
         .map(|v| {
+            let (last_task, last_backup) = last.remove(&v.vm).unwrap_or_default();
             Ok(VmView {
                 vm: v.vm.clone(),
-                state: vm_state(state, rule, &v.vm, &v.state)?,
+                state: vm_state(state, rule, last_task.as_ref(), &v.state, reach)?,
                 added: v.added_at.clone(),
                 unviewed_failures: unviewed.get(&v.vm).copied().unwrap_or(0),
-                last_backup: state
-                    .last_backup(&rule.name, &v.vm)?
-                    .and_then(|r| LastBackup::of(&r, now)),
-                last_task: state.last_task(&rule.name, &v.vm)?,
+                last_backup: last_backup.and_then(|r| LastBackup::of(&r, now)),
+                last_task,
             })
         })
         .collect()
@@ -542,7 +587,7 @@ struct ScheduleView {
     cron: Vec<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 struct NextRun {
     #[serde(with = "crate::timefmt::json")]
     time: chrono::DateTime<chrono::Utc>,
@@ -562,7 +607,7 @@ fn shown_notify_url(rule: &RuleRow) -> Option<String> {
     })
 }
 
-fn rule_doc(state: &State, rule: &RuleRow) -> Result<RuleDoc> {
+fn rule_doc(state: &State, rule: &RuleRow, reach: &mut Reachability) -> Result<RuleDoc> {
     let s = &rule.settings;
     let utc = |at: chrono::NaiveDateTime| {
         crate::policy::schedule::place_in_zone(&Local, at).map(|t| t.with_timezone(&chrono::Utc))
@@ -596,17 +641,23 @@ fn rule_doc(state: &State, rule: &RuleRow) -> Result<RuleDoc> {
             Vec::new(),
         ),
     };
-    let next_runs = s
-        .policy
-        .next_runs(Local::now().naive_local(), 5)
-        .into_iter()
-        .filter_map(|(at, level)| {
-            Some(NextRun {
-                time: utc(at)?,
-                level: level.to_string(),
-            })
+    let policy_text = s.policy.to_string();
+    let next_runs = reach
+        .next_runs
+        .entry(policy_text.clone())
+        .or_insert_with(|| {
+            s.policy
+                .next_runs(Local::now().naive_local(), 5)
+                .into_iter()
+                .filter_map(|(at, level)| {
+                    Some(NextRun {
+                        time: utc(at)?,
+                        level: level.to_string(),
+                    })
+                })
+                .collect()
         })
-        .collect();
+        .clone();
     Ok(RuleDoc {
         name: rule.name.clone(),
         platform: s.platform.clone(),
@@ -619,7 +670,7 @@ fn rule_doc(state: &State, rule: &RuleRow) -> Result<RuleDoc> {
         quiesce: s.quiesce.to_string(),
         allow_plain_tcp_export: s.allow_plain_tcp_export,
         policy,
-        policy_text: s.policy.to_string(),
+        policy_text,
         schedules,
         next_runs,
         bandwidth: s.bandwidth.iter().map(|w| w.to_string()).collect(),
@@ -627,16 +678,20 @@ fn rule_doc(state: &State, rule: &RuleRow) -> Result<RuleDoc> {
         copy_to: rule.copy_to.clone(),
         copy_retention: rule.copy_retention,
         created: rule.created_at.clone(),
-        vms: vm_views(state, rule)?,
+        vms: vm_views(state, rule, reach)?,
     })
 }
 
 fn list(ctx: &Ctx) -> Result<ExitCode> {
     let state = ctx.state()?;
+    // One read transaction: a consistent snapshot, and no lock taken and
+    // released around each of the thousands of reads below.
+    let _snapshot = state.conn().unchecked_transaction()?;
     let rules = state.rules()?;
+    let mut reach = Reachability::default();
     let docs: Vec<RuleDoc> = rules
         .iter()
-        .map(|r| rule_doc(&state, r))
+        .map(|r| rule_doc(&state, r, &mut reach))
         .collect::<Result<_>>()?;
     if ctx.json {
         print_json(&docs);
@@ -675,7 +730,7 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
 fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rule = state.require_rule(name)?;
-    let doc = rule_doc(&state, &rule)?;
+    let doc = rule_doc(&state, &rule, &mut Reachability::default())?;
     if ctx.json {
         print_json(&doc);
         return Ok(ExitCode::Ok);

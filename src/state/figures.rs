@@ -39,6 +39,14 @@ impl State {
         rule: Option<&str>,
         vm: Option<&str>,
     ) -> Result<BTreeMap<(String, String), Figures>> {
+        // Only the filters that apply: `?1 IS NULL OR rule = ?1` would keep
+        // SQLite from using the (rule, vm) index and scan every task.
+        let scope = match (rule.is_some(), vm.is_some()) {
+            (true, true) => "rule = ?1 AND vm = ?2",
+            (true, false) => "rule = ?1 AND ?2 IS NULL",
+            (false, true) => "?1 IS NULL AND vm = ?2",
+            (false, false) => "?1 IS NULL AND ?2 IS NULL",
+        };
         let sql = format!(
             "SELECT rule, vm,
                SUM(kind = ?3 AND state = ?4),
@@ -48,7 +56,7 @@ impl State {
                SUM(CASE WHEN kind = ?3 AND state = ?4 THEN COALESCE(bytes_written, 0) ELSE 0 END),
                SUM(state IN {failures}),
                SUM(state = ?6)
-             FROM tasks WHERE (?1 IS NULL OR rule = ?1) AND (?2 IS NULL OR vm = ?2)
+             FROM tasks WHERE {scope}
              GROUP BY rule, vm",
             failures = TaskState::FAILURE_SQL
         );
@@ -84,12 +92,12 @@ impl State {
             let (key, f) = row?;
             out.insert(key, f);
         }
-        let mut st = self.conn().prepare(
+        let mut st = self.conn().prepare(&format!(
             "SELECT rule, vm, started_at, finished_at FROM tasks WHERE id IN (
                SELECT MAX(id) FROM tasks
-               WHERE kind = ?3 AND state = ?4 AND (?1 IS NULL OR rule = ?1) AND (?2 IS NULL OR vm = ?2)
-               GROUP BY rule, vm)",
-        )?;
+               WHERE kind = ?3 AND state = ?4 AND {scope}
+               GROUP BY rule, vm)"
+        ))?;
         let rows = st.query_map(
             params![rule, vm, TaskKind::Backup, TaskState::Completed],
             |r| {

@@ -170,8 +170,8 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
 }
 
 fn load_vms(conn: &rusqlite::Connection, rule: &mut RuleRow) -> Result<()> {
-    let mut st =
-        conn.prepare("SELECT vm, state, added_at FROM rule_vms WHERE rule = ?1 ORDER BY vm")?;
+    let mut st = conn
+        .prepare_cached("SELECT vm, state, added_at FROM rule_vms WHERE rule = ?1 ORDER BY vm")?;
     rule.vms = st
         .query_map([&rule.name], |r| {
             Ok(RuleVm {

@@ -220,6 +220,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE rules ADD COLUMN copy_to TEXT;
     ALTER TABLE rules ADD COLUMN copy_retention INTEGER;
     "#,
+    // 11 (data path, issue 12): the failed and interrupted tasks of a rule's VMs
+    // without reading every task it ever ran (`rule list`, `stats`: R33's
+    // unviewed failures). The list is TaskState::FAILURE_SQL; a query uses this
+    // index only when it names the same list (a test checks the plan).
+    r#"
+    CREATE INDEX tasks_failures_by_rule ON tasks(rule, vm, id)
+        WHERE state IN ('failed','interrupted');
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -318,10 +318,15 @@ impl State {
     pub fn reclaim_dead(&mut self) -> Result<Vec<Reclaimed>> {
         let stale_before = unix_now() - STALE_AFTER_SECS;
         let found = self.write(|tx| {
+            // Two halves, each on an index (an OR across the join would scan
+            // every task ever run): active tasks, and tasks holding a lease.
             let mut st = tx.prepare(&format!(
                 "SELECT t.id, t.pid, t.state, l.heartbeat FROM tasks t
                  LEFT JOIN slot_leases l ON l.task = t.id
-                 WHERE t.state IN {ACTIVE_STATES} OR l.task IS NOT NULL"
+                 WHERE t.state IN {ACTIVE_STATES}
+                 UNION
+                 SELECT t.id, t.pid, t.state, l.heartbeat FROM slot_leases l
+                 JOIN tasks t ON t.id = l.task"
             ))?;
             let rows = st
                 .query_map([], |r| {

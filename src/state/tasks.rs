@@ -12,6 +12,9 @@ use serde::Serialize;
 use super::State;
 use crate::task::{LogLevel, TaskKind, TaskState};
 
+/// Per VM: its newest task and its newest completed backup.
+pub type LastTasks = std::collections::HashMap<String, (Option<TaskRow>, Option<TaskRow>)>;
+
 /// `state IN` this list: the task is active.
 pub const ACTIVE_STATES: &str = TaskState::ACTIVE_SQL;
 
@@ -250,16 +253,51 @@ impl State {
         })
     }
 
+    /// Per VM of `rule`: its newest task and its newest completed backup
+    /// (as [`State::last_backup`] finds it), in two statements for
+    /// the whole rule (listings ask this of every rule). VMs with no task are
+    /// left out.
+    pub fn last_tasks_of_rule(&self, rule: &str) -> Result<LastTasks> {
+        let mut out = LastTasks::new();
+        for (backup, filter) in [(false, ""), (true, "AND t.kind = ?2 AND t.state = ?3")] {
+            let mut st = self.conn().prepare_cached(&format!(
+                "SELECT {COLS} FROM tasks WHERE id IN (
+                   SELECT (SELECT MAX(t.id) FROM tasks t WHERE t.rule = v.rule AND t.vm = v.vm {filter})
+                   FROM rule_vms v WHERE v.rule = ?1)"
+            ))?;
+            let rows = if backup {
+                st.query_map(
+                    params![rule, TaskKind::Backup, TaskState::Completed],
+                    from_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+            } else {
+                st.query_map([rule], from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            for row in rows {
+                let entry = out.entry(row.vm.clone()).or_default();
+                if backup {
+                    entry.1 = Some(row);
+                } else {
+                    entry.0 = Some(row);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The newest completed backup of a rule's VM: its last successful backup
     /// (a restore or a failed run is not one).
     pub fn last_backup(&self, rule: &str, vm: &str) -> Result<Option<TaskRow>> {
+        // Cached: `stats` asks this for every VM of a rule.
         Ok(self
             .conn()
+            .prepare_cached(&format!(
+                "SELECT {COLS} FROM tasks WHERE rule = ?1 AND vm = ?2 AND kind = ?3 AND state = ?4
+                 ORDER BY id DESC LIMIT 1"
+            ))?
             .query_row(
-                &format!(
-                    "SELECT {COLS} FROM tasks WHERE rule = ?1 AND vm = ?2 AND kind = ?3 AND state = ?4
-                     ORDER BY id DESC LIMIT 1"
-                ),
                 params![rule, vm, TaskKind::Backup, TaskState::Completed],
                 from_row,
             )
@@ -283,20 +321,6 @@ impl State {
             .query_map(params![rule, vm, since], from_row)?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
-    }
-
-    /// The newest task of a rule's VM.
-    pub fn last_task(&self, rule: &str, vm: &str) -> Result<Option<TaskRow>> {
-        Ok(self
-            .conn()
-            .query_row(
-                &format!(
-                    "SELECT {COLS} FROM tasks WHERE rule = ?1 AND vm = ?2 ORDER BY id DESC LIMIT 1"
-                ),
-                [rule, vm],
-                from_row,
-            )
-            .optional()?)
     }
 
     /// True when a backup of `rule` completed that was created at or after

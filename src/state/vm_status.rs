@@ -66,7 +66,7 @@ impl State {
     /// Unviewed failures per VM of `rule` (only `vm` when given); VMs with none
     /// are left out.
     pub fn unviewed_failures(&self, rule: &str, vm: Option<&str>) -> Result<BTreeMap<String, u64>> {
-        let mut st = self.conn().prepare(&unviewed_sql())?;
+        let mut st = self.conn().prepare_cached(&unviewed_sql())?;
         let rows = st
             .query_map(params![rule, vm], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
@@ -132,5 +132,37 @@ impl State {
             )?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plan of a statement: SQLite's `EXPLAIN QUERY PLAN` details, one line each.
+    fn plan(state: &State, sql: &str, rule: &str, vm: Option<&str>) -> String {
+        let mut st = state
+            .conn()
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap();
+        let rows = st
+            .query_map(params![rule, vm], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap();
+        rows.join("\n")
+    }
+
+    /// Unviewed failures are counted from the partial index of failed tasks
+    /// (migration 11), whose list must be `TaskState::FAILURE_SQL`: were the two
+    /// to differ, SQLite would read every task of the rule instead.
+    #[test]
+    fn unviewed_failures_read_the_failure_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("state.db")).unwrap();
+        for vm in [None, Some("vm1")] {
+            let p = plan(&state, &unviewed_sql(), "r", vm);
+            assert!(p.contains("USING INDEX tasks_failures_by_rule"), "{p}");
+        }
     }
 }
