@@ -15,6 +15,7 @@
 //! The CLI (`cli`) turns arguments into resolved values; nothing below it knows clap.
 
 pub mod backup;
+pub mod buffers;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -501,28 +501,30 @@ fn copy_to_copies_each_new_point_as_a_task_and_prunes_the_copy() {
 /// seconds (unthrottled it takes a fraction of one); outside the window the
 /// same copy to another target is not held back. The copies restore
 /// byte-exact.
-#[test]
-fn copy_follows_the_rules_bandwidth_windows() {
+/// A VM `vm1` (one 4 MiB disk, 1 MiB chunks) on platform `lab`, its rule `r`
+/// (a daily full and `rule_args`) on directory target `local`, and the
+/// directory targets `copies` to copy to.
+fn lab_with_copy_targets(copies: &[&str], rule_args: &[&str]) -> (Env, TestVm) {
     let env = Env::new();
     fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
     let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 4 * MIB)], true);
     env.add_lab("local");
-    for name in ["slow", "fast"] {
+    for name in copies {
         let dir = env.path(name);
         fs::create_dir_all(&dir).unwrap();
         env.ok(&["target", "add", name, "--path", dir.to_str().unwrap()]);
     }
-    env.add_rule(
-        "r",
-        "lab",
-        "vm1",
-        "local",
-        &[
-            "--schedule",
-            "full daily at 01:00",
-            "--bandwidth",
-            "mon-sun 10:00-11:00 1MiB/s",
-        ],
+    let mut args = vec!["--schedule", "full daily at 01:00"];
+    args.extend_from_slice(rule_args);
+    env.add_rule("r", "lab", "vm1", "local", &args);
+    (env, vm)
+}
+
+#[test]
+fn copy_follows_the_rules_bandwidth_windows() {
+    let (env, vm) = lab_with_copy_targets(
+        &["slow", "fast"],
+        &["--bandwidth", "mon-sun 10:00-11:00 1MiB/s"],
     );
     vm.write_random("disk0", 0, 3 * MIB, 7);
     let digest = vm.shadow_digest("disk0");
@@ -786,21 +788,9 @@ fn points_and_restore_by_target_with_no_rule_in_the_state() {
 /// the copy restores byte-exact, and once the copy ended the forget proceeds.
 #[test]
 fn a_running_copy_keeps_its_point_from_forget() {
-    let env = Env::new();
-    fs::write(&env.config, "i2vp_transbuffer = 1M\n").unwrap();
-    let vm = env.vm("vm1", &[DiskSpec::qcow2("disk0", 4 * MIB)], true);
-    env.add_lab("local");
-    let dir = env.path("offsite");
-    fs::create_dir_all(&dir).unwrap();
-    env.ok(&["target", "add", "offsite", "--path", dir.to_str().unwrap()]);
-    env.add_rule(
-        "r",
-        "lab",
-        "vm1",
-        "local",
+    let (env, vm) = lab_with_copy_targets(
+        &["offsite"],
         &[
-            "--schedule",
-            "full daily at 01:00",
             "--copy-to",
             "offsite",
             "--bandwidth",

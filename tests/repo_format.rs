@@ -14,7 +14,18 @@ use vmbackup::repo::{
     VmLock, MANIFEST_FILE,
 };
 
+#[path = "common/store_contract.rs"]
+mod store_contract;
+
 const CS: u32 = 64 * 1024;
+
+/// A directory keeps the same `Store` contract as S3 (tests/s3_store.rs).
+#[test]
+fn a_directory_store_keeps_the_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = LocalStore::open(dir.path()).unwrap();
+    store_contract::check_store_contract(&s);
+}
 
 /// Disk content: slot 0 text, slot 1 zeros, slot 2 = slot 0 (dedup), short slot 3.
 fn disk_bytes() -> Vec<u8> {

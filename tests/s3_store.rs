@@ -7,9 +7,8 @@
 mod common;
 use common::s3proxy::StripProxy;
 use common::seaweedfs::{cluster, ACCESS_KEY, SECRET_KEY};
+use common::store_contract::keys;
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use vmbackup::repo::store::{S3Credentials, S3Spec, S3Store, MULTIPART_THRESHOLD};
@@ -30,16 +29,6 @@ fn spec(endpoint: &str, bucket: &str, prefix: &str, dir: &std::path::Path) -> S3
     }
 }
 
-fn keys(s: &dyn Store, prefix: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    s.list(prefix, &mut |i| {
-        out.insert(i.key);
-        Ok(())
-    })
-    .unwrap();
-    out
-}
-
 #[test]
 fn every_store_operation_round_trips_on_a_replicated_seaweedfs() {
     let c = cluster();
@@ -52,63 +41,12 @@ fn every_store_operation_round_trips_on_a_replicated_seaweedfs() {
         "SeaweedFS honours If-None-Match"
     );
 
-    assert!(s
-        .put_if_absent("r/chunks/ab/cd/x1", b"hello world")
-        .unwrap());
-    assert!(!s.put_if_absent("r/chunks/ab/cd/x1", b"other").unwrap());
-    assert_eq!(s.get("r/chunks/ab/cd/x1").unwrap().unwrap(), b"hello world");
-    assert_eq!(
-        s.get_range("r/chunks/ab/cd/x1", 6, 100).unwrap().unwrap(),
-        b"world"
-    );
-    assert_eq!(
-        s.get_range("r/chunks/ab/cd/x1", 0, 5).unwrap().unwrap(),
-        b"hello"
-    );
-    assert_eq!(
-        s.get_range("r/chunks/ab/cd/x1", 50, 5).unwrap().unwrap(),
-        b""
-    );
-    assert_eq!(s.get("r/none").unwrap(), None);
-    assert_eq!(s.get_range("r/none", 0, 1).unwrap(), None);
-    assert!(s.exists("r/chunks/ab/cd/x1").unwrap());
-    assert!(!s.exists("r/none").unwrap());
-    s.put("r/config", b"a").unwrap();
-    s.put("r/config", b"b").unwrap();
-    assert_eq!(s.get("r/config").unwrap().unwrap(), b"b");
-    // Keys hold '%' (encoded VM names): stored and listed as given.
-    s.put("r/vms/lab/web%2001/p/manifest.json", b"{}").unwrap();
-    assert!(keys(&s, "r/vms/").contains("r/vms/lab/web%2001/p/manifest.json"));
-
-    // Prefixes are string prefixes, not directories.
-    for k in ["vms/a/1/m", "vms/a/2/m", "vms/ab/1/m"] {
-        s.put(k, b"x").unwrap();
-    }
-    assert_eq!(keys(&s, "vms/a/").len(), 2);
-    assert_eq!(keys(&s, "vms/a").len(), 3);
-
-    // Deferred puts: visible to this handle at once, durable after flush;
-    // more than one listing page (1000 keys).
-    let s = Arc::new(s);
-    for i in 0..1100 {
-        s.put_if_absent_deferred(&format!("many/{i:05}"), format!("v{i}").into_bytes())
-            .unwrap();
-    }
-    assert!(s.exists("many/01099").unwrap());
-    s.flush().unwrap();
-    let listed = keys(s.as_ref(), "many/");
-    assert_eq!(listed.len(), 1100);
-    assert_eq!(s.get("many/00777").unwrap().unwrap(), b"v777");
-
-    // Deletes: absent is not an error.
-    s.delete("many/00001").unwrap();
-    s.delete("many/00001").unwrap();
-    assert!(!s.exists("many/00001").unwrap());
+    common::store_contract::check_store_contract(&s);
 
     // Objects outside the prefix, or whose names are not keys, are not listed.
     let other = S3Store::open(&spec(&c.endpoint, &bucket, "", dir.path())).unwrap();
     other.put("site/b/x", b"1").unwrap();
-    assert!(!keys(s.as_ref(), "").iter().any(|k| k.contains("site/b")));
+    assert!(!keys(&s, "").iter().any(|k| k.contains("site/b")));
     assert!(keys(&other, "site/a/r/").contains("site/a/r/config"));
 }
 

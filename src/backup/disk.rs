@@ -478,9 +478,14 @@ fn store_slot(repo: &Repository, base: Slot, len: usize, patches: Vec<Patch>) ->
             Err(e) => return unusable("chunk", &delta.base, e),
         };
         delta.apply(&mut data)?;
-        return store_chunk(repo, &data);
+        let stored = store_chunk(repo, &data);
+        crate::buffers::give(data);
+        return stored;
     }
-    store_chunk(repo, &assemble(len, patches))
+    let data = assemble(len, patches);
+    let stored = store_chunk(repo, &data);
+    crate::buffers::give(data);
+    stored
 }
 
 /// A base object that cannot be used: missing or corrupt heals, I/O fails.
@@ -537,9 +542,11 @@ fn assemble(len: usize, mut patches: Vec<Patch>) -> Vec<u8> {
     if patches.len() == 1 && patches[0].offset == 0 && patches[0].data.len() == len {
         return patches.pop().map(|p| p.data).unwrap_or_default();
     }
-    let mut buf = vec![0u8; len];
-    for p in &patches {
+    let mut buf = crate::buffers::take(len);
+    buf.resize(len, 0);
+    for p in patches {
         buf[p.offset as usize..p.offset as usize + p.data.len()].copy_from_slice(&p.data);
+        crate::buffers::give(p.data);
     }
     buf
 }

@@ -215,9 +215,13 @@ impl NbdClient {
         if len == 0 {
             return Ok(Vec::new());
         }
+        // A reused buffer (crate::buffers), zeroed: what a reply leaves
+        // uncovered is refused (`covered`), never read as an older chunk's bytes.
+        let mut buf = crate::buffers::take(len as usize);
+        buf.resize(len as usize, 0);
         let op = Op::Read {
             offset,
-            buf: vec![0u8; len as usize],
+            buf,
             covered: 0,
         };
         match self.submit(proto::CMD_READ, offset, len, op, None).await? {

@@ -138,12 +138,17 @@ pub fn decode_chunk_named(object: &[u8], expected: &Digest, naming: &Naming) -> 
             payload.len()
         );
     }
-    let data = match compression {
-        COMPRESSION_RAW => payload.to_vec(),
-        COMPRESSION_ZSTD => zstd::bulk::decompress(payload, len as usize)
-            .context("zstd payload does not decompress")?,
+    // Into a reused buffer (crate::buffers): no fresh 4 MiB per chunk.
+    let mut data = crate::buffers::take(len as usize);
+    match compression {
+        COMPRESSION_RAW => data.extend_from_slice(payload),
+        COMPRESSION_ZSTD => {
+            zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(payload, &mut data))
+                .context("zstd payload does not decompress")?;
+        }
         other => bail!("unknown compression {other}"),
-    };
+    }
     if data.len() != len as usize {
         bail!("content is {} bytes, header says {len}", data.len());
     }

@@ -238,8 +238,10 @@ impl ChunkStore {
     /// Like [`ChunkStore::get`], with the kind of failure as a value (for verify).
     pub fn read_checked(&self, digest: &Digest) -> Result<Vec<u8>, ChunkError> {
         let object = self.read_object(digest)?;
-        decode_chunk_named(&object, digest, &self.naming)
-            .map_err(|e| self.quarantine(digest, &object, e))
+        let decoded = decode_chunk_named(&object, digest, &self.naming)
+            .map_err(|e| self.quarantine(digest, &object, e));
+        crate::buffers::give(object);
+        decoded
     }
 
     /// Like [`ChunkStore::get_delta`], with the kind of failure as a value.

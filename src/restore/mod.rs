@@ -303,6 +303,9 @@ fn write_slots(
             written += write_sparse(file, index.slot_offset(slot), &data)
                 .with_context(|| format!("slot {slot}"))? as u64;
             progress.advance(disk, data.len() as u64);
+            if data.is_unique() {
+                crate::buffers::give(Vec::from(data));
+            }
         }
         Ok(written)
     })

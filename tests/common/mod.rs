@@ -14,6 +14,7 @@ pub mod json_doc;
 pub mod libvirt;
 pub mod s3proxy;
 pub mod seaweedfs;
+pub mod store_contract;
 pub mod system_vm;
 
 use std::fs::{self, File, OpenOptions};

@@ -1,0 +1,115 @@
+//! Chunk-sized buffers reused from one chunk to the next.
+//!
+//! A backup reads, and a restore decodes, one `i2vp_transbuffer` (4 MiB by
+//! default) buffer per slot. Allocated afresh, each is a new mapping (the
+//! binary fixes malloc's mmap threshold, `main.rs`) whose pages the kernel
+//! faults in and clears: a restore profile spent a tenth of its time there.
+//! Here buffers that are done with go back to a small process-wide free list
+//! ([`give`]) and the next [`take`] reuses one.
+//!
+//! A buffer from [`take`] is empty (length 0): its previous content cannot be
+//! read by mistake. The list holds at most [`KEPT`] buffers, each between
+//! [`MIN_KEPT`] and [`MAX_KEPT`] bytes of capacity, so what it keeps is bounded
+//! (about 8 × 32 MiB at the very worst, 8 × 4 MiB with the default chunk size)
+//! and small buffers never pile up in it.
+
+use std::sync::Mutex;
+
+/// Buffers kept at most.
+pub const KEPT: usize = 8;
+/// Smallest capacity worth keeping: below this, malloc serves from its heap.
+pub const MIN_KEPT: usize = 1 << 20;
+/// Largest capacity kept: the largest chunk (32 MiB) plus an object header.
+pub const MAX_KEPT: usize = (32 << 20) + 4096;
+
+/// A bounded list of buffers to reuse (module docs); the process has one.
+pub struct FreeList {
+    bufs: Mutex<Vec<Vec<u8>>>,
+}
+
+impl FreeList {
+    pub const fn new() -> FreeList {
+        FreeList {
+            bufs: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// An empty buffer with room for at least `capacity` bytes: a kept one when
+    /// one is large enough, else a new one.
+    pub fn take(&self, capacity: usize) -> Vec<u8> {
+        if capacity >= MIN_KEPT {
+            let mut free = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = free.iter().position(|b| b.capacity() >= capacity) {
+                let mut buf = free.swap_remove(i);
+                buf.clear();
+                return buf;
+            }
+        }
+        Vec::with_capacity(capacity)
+    }
+
+    /// Keep a buffer for a later [`FreeList::take`]; dropped when it is too
+    /// small or too large, or when the list is full.
+    pub fn give(&self, buf: Vec<u8>) {
+        if !(MIN_KEPT..=MAX_KEPT).contains(&buf.capacity()) {
+            return;
+        }
+        let mut free = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < KEPT {
+            free.push(buf);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.bufs.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl Default for FreeList {
+    fn default() -> Self {
+        FreeList::new()
+    }
+}
+
+static FREE: FreeList = FreeList::new();
+
+/// [`FreeList::take`] from the process's list.
+pub fn take(capacity: usize) -> Vec<u8> {
+    FREE.take(capacity)
+}
+
+/// [`FreeList::give`] to the process's list.
+pub fn give(buf: Vec<u8>) {
+    FREE.give(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_reused_empty_and_the_list_stays_bounded() {
+        let list = FreeList::new();
+        let mut a = list.take(4 << 20);
+        assert!(a.is_empty() && a.capacity() >= 4 << 20);
+        a.extend_from_slice(&[7u8; 1000]);
+        let ptr = a.as_ptr();
+        list.give(a);
+        let b = list.take(2 << 20);
+        assert_eq!(b.as_ptr(), ptr, "the kept buffer is reused");
+        assert!(b.is_empty(), "its old content is not visible");
+        assert!(
+            list.take(8 << 20).capacity() >= 8 << 20,
+            "nothing kept is large enough: a new one"
+        );
+        // Too small, too large: never kept.
+        list.give(Vec::with_capacity(4096));
+        list.give(Vec::with_capacity(MAX_KEPT + 1));
+        assert_eq!(list.len(), 0);
+        for _ in 0..KEPT + 4 {
+            list.give(Vec::with_capacity(MIN_KEPT));
+        }
+        assert_eq!(list.len(), KEPT);
+    }
+}
