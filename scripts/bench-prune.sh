@@ -51,8 +51,9 @@ export VMBACKUP_STATE="$B/state/state.db" VMBACKUP_CONFIG="$B/system.conf" TZ=UT
 printf 'bk_tsk_thd = 8\ni2vp_transbuffer = 4M\nMax_ThreadNum_PerHost = 4\n' > "$VMBACKUP_CONFIG"
 
 echo "== building a ${SIZE_GIB} GiB disk (25% random, 25% text, 50% zero)"
-bench_disk "$SIZE_GIB" RTZZ
+bench_disk $((SIZE_GIB * 1024)) RTZZ
 bench_vm
+trap bench_vm_stop EXIT
 
 "$VMB" -q platform add lab --type qemu --qmp-dir "$B/qmp"
 "$VMB" -q target add t --path "$B/target"

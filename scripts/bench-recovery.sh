@@ -22,13 +22,16 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 SIZE_MIB=${SIZE_MIB:-4096}
 B=${BENCH_DIR:-/var/tmp/vmbackup-bench-recovery}
-[ $((SIZE_MIB % 64)) = 0 ] || { echo "bench-recovery: SIZE_MIB must be a multiple of 64" >&2; exit 2; }
 
-. scripts/bench-recovery-lib.sh
+. scripts/bench-lib.sh
 bench_prepare
-bench_disk
-bench_serve
-trap 'stop_recoveries; bench_stop' EXIT
+echo "== building a ${SIZE_MIB} MiB disk (40% random, 30% text, 30% zero)"
+bench_disk "$SIZE_MIB" RRRRTTTZZZ
+bench_vm
+trap 'stop_recoveries; bench_vm_stop' EXIT
+"$VMB" -q platform add lab --type qemu --qmp-dir "$B/qmp"
+"$VMB" -q target add t --path "$B/target"
+"$VMB" -q rule add bench --platform lab --vm bench --target t --schedule "full daily at 01:00"
 "$VMB" -q run-now bench --level full
 POINT=$("$VMB" --json points bench --vm bench | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["point"])')
 
@@ -50,7 +53,7 @@ now() { date +%s.%N; }
 
 for run in $(seq 1 "$RUNS"); do
   echo "== run $run/$RUNS"
-  rm -rf "$B/restore"; warm; timed restore "$VMB" -q restore bench --vm bench --point "$POINT" --to "$B/restore"
+  rm -rf "$B/restore"; warm; bench_timed restore "$VMB" -q restore bench --vm bench --point "$POINT" --to "$B/restore"
   RESTORED="$B/restore/vda.raw"
 
   warm
@@ -58,9 +61,9 @@ for run in $(seq 1 "$RUNS"); do
   qemu-io -r -f raw -c "read 0 4k" "$URI" >/dev/null; t2=$(now)
   echo "recover-ready $(echo "$t1 - $t0" | bc) 0" >> "$B/results"
   echo "first-byte $(echo "$t2 - $t0" | bc) 0" >> "$B/results"
-  warm; timed export-null nbdcopy "$URI" null:
+  warm; bench_timed export-null nbdcopy "$URI" null:
   rm -f "$B/out.raw"; warm
-  timed export-file sh -c "nbdcopy '$URI' '$B/out.raw' && sync '$B/out.raw'"
+  bench_timed export-file sh -c "nbdcopy '$URI' '$B/out.raw' && sync '$B/out.raw'"
   cmp -s "$B/out.raw" "$RESTORED" || { echo "bench-recovery: the export differs from the restored image" >&2; exit 1; }
   echo "server-peak-rss 0 $(awk '/VmHWM/{print $2}' "/proc/$SERVER/status")" >> "$B/results"
   "$VMB" -q recover stop "$RECOVERY" >/dev/null

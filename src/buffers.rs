@@ -9,14 +9,17 @@
 //!
 //! A buffer from [`take`] is empty (length 0): its previous content cannot be
 //! read by mistake. The list holds at most [`KEPT`] buffers, each between
-//! [`MIN_KEPT`] and [`MAX_KEPT`] bytes of capacity, so what it keeps is bounded
-//! (about 8 × 32 MiB at the very worst, 8 × 4 MiB with the default chunk size)
-//! and small buffers never pile up in it.
+//! [`MIN_KEPT`] and [`MAX_KEPT`] bytes of capacity, and small buffers never pile
+//! up in it. A new buffer is made only when no kept one fits, so the buffers
+//! that exist at once are about the most that were in use at once: the process's
+//! chunk-buffer budget (3 × `bk_tsk_thd`, `runner::BUFFERS_PER_TASK`), which
+//! [`KEPT`] covers for the default `bk_tsk_thd` of 8 and more. Peak RSS of 8
+//! concurrent fulls was the same with 8 or 32 kept (docs/BENCHMARKS.md).
 
 use std::sync::Mutex;
 
-/// Buffers kept at most.
-pub const KEPT: usize = 8;
+/// Buffers kept at most (module docs).
+pub const KEPT: usize = 32;
 /// Smallest capacity worth keeping: below this, malloc serves from its heap.
 pub const MIN_KEPT: usize = 1 << 20;
 /// Largest capacity kept: the largest chunk (32 MiB) plus an object header.

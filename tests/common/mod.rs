@@ -614,6 +614,43 @@ pub struct Env {
     pub qmp_dir: PathBuf,
 }
 
+/// A test that fails midway must not leave a recovery's NBD server or VM
+/// running: whatever recovery of this env is not stopped has its processes
+/// killed (only processes whose command line or environment name this env's
+/// directory: a reused pid is left alone).
+impl Drop for Env {
+    fn drop(&mut self) {
+        if !self.state.exists() {
+            return;
+        }
+        let Ok(conn) = rusqlite::Connection::open(&self.state) else {
+            return;
+        };
+        let pids: Vec<i64> = conn
+            .prepare("SELECT server_pid, vm_pid FROM recoveries WHERE stage != 'stopped'")
+            .and_then(|mut st| {
+                st.query_map([], |r| {
+                    Ok([r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?])
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map(|rows| rows.into_iter().flatten().flatten().collect())
+            .unwrap_or_default();
+        let ours = self.dir.path().to_string_lossy().into_owned();
+        for pid in pids {
+            let names_us = ["cmdline", "environ"].iter().any(|f| {
+                fs::read(format!("/proc/{pid}/{f}"))
+                    .is_ok_and(|b| String::from_utf8_lossy(&b).contains(&ours))
+            });
+            if names_us {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
 impl Env {
     pub fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
