@@ -1,11 +1,13 @@
 //! Chunk-sized buffers reused from one chunk to the next.
 //!
 //! A backup reads, and a restore decodes, one `i2vp_transbuffer` (4 MiB by
-//! default) buffer per slot. Allocated afresh, each is a new mapping (the
-//! binary fixes malloc's mmap threshold, `main.rs`) whose pages the kernel
-//! faults in and clears: a restore profile spent a tenth of its time there.
-//! Here buffers that are done with go back to a small process-wide free list
-//! ([`give`]) and the next [`take`] reuses one.
+//! default) buffer per slot. Allocated afresh, each is either a new mapping
+//! whose pages the kernel faults in and clears (a restore profile spent a
+//! tenth of its time there), or, once glibc has raised its mmap threshold,
+//! memory its per-thread arenas keep after the free (8 concurrent fulls held
+//! about 60 MiB more than the memory bound of docs/BENCHMARKS.md). Here buffers
+//! that are done with go back to a small process-wide free list ([`give`]) and
+//! the next [`take`] reuses one.
 //!
 //! A buffer from [`take`] is empty (length 0): its previous content cannot be
 //! read by mistake. The list holds at most [`KEPT`] buffers, each between
