@@ -6,6 +6,7 @@
 
 mod common;
 use common::seaweedfs::{add_s3_target, cluster, SECRET_KEY};
+use common::store_contract::keys;
 use common::*;
 
 use std::path::PathBuf;
@@ -79,16 +80,6 @@ impl Lab {
     fn restored_digest(&self, point: &str) -> String {
         self.env.restored_digest("r", "vm1", Some(point), "disk0")
     }
-}
-
-fn keys(s: &dyn Store, prefix: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    s.list(prefix, &mut |i| {
-        out.push(i.key);
-        Ok(())
-    })
-    .unwrap();
-    out
 }
 
 #[test]

@@ -431,15 +431,15 @@ fn notify_setting(value: &str, allow_default: bool) -> Result<Option<String>> {
 /// costs a round trip, and a thousand rules share a few of them), and the next
 /// runs of each policy (rules mostly share a few policies).
 #[derive(Default)]
-struct Reachability {
+struct ListingCache {
     platforms: HashMap<String, bool>,
     targets: HashMap<String, bool>,
     next_runs: HashMap<String, Vec<NextRun>>,
 }
 
-impl Reachability {
+impl ListingCache {
     /// True when the rule's platform and its target (with its marker) answer.
-    fn of(&mut self, state: &State, rule: &RuleRow) -> Result<bool> {
+    fn reachable(&mut self, state: &State, rule: &RuleRow) -> Result<bool> {
         let s = &rule.settings;
         let platform = match self.platforms.get(&s.platform) {
             Some(&up) => up,
@@ -476,7 +476,7 @@ fn vm_state(
     rule: &RuleRow,
     last: Option<&TaskRow>,
     stored: &str,
-    reach: &mut Reachability,
+    cache: &mut ListingCache,
 ) -> Result<String> {
     if let Some(t) = last {
         if t.state == TaskState::Running {
@@ -495,7 +495,7 @@ fn vm_state(
         }
     }
     // R31 unknown: the platform or the target (with its marker) cannot be reached.
-    if stored != "stopped" && !reach.of(state, rule)? {
+    if stored != "stopped" && !cache.reachable(state, rule)? {
         return Ok("unknown".into());
     }
     Ok(match stored {
@@ -517,7 +517,7 @@ struct VmView {
     last_task: Option<TaskRow>,
 }
 
-fn vm_views(state: &State, rule: &RuleRow, reach: &mut Reachability) -> Result<Vec<VmView>> {
+fn vm_views(state: &State, rule: &RuleRow, cache: &mut ListingCache) -> Result<Vec<VmView>> {
     let now = crate::clock::Clock::process()
         .now()
         .with_timezone(&chrono::Utc);
@@ -529,7 +529,7 @@ fn vm_views(state: &State, rule: &RuleRow, reach: &mut Reachability) -> Result<V
             let (last_task, last_backup) = last.remove(&v.vm).unwrap_or_default();
             Ok(VmView {
                 vm: v.vm.clone(),
-                state: vm_state(state, rule, last_task.as_ref(), &v.state, reach)?,
+                state: vm_state(state, rule, last_task.as_ref(), &v.state, cache)?,
                 added: v.added_at.clone(),
                 unviewed_failures: unviewed.get(&v.vm).copied().unwrap_or(0),
                 last_backup: last_backup.and_then(|r| LastBackup::of(&r, now)),
@@ -607,7 +607,7 @@ fn shown_notify_url(rule: &RuleRow) -> Option<String> {
     })
 }
 
-fn rule_doc(state: &State, rule: &RuleRow, reach: &mut Reachability) -> Result<RuleDoc> {
+fn rule_doc(state: &State, rule: &RuleRow, cache: &mut ListingCache) -> Result<RuleDoc> {
     let s = &rule.settings;
     let utc = |at: chrono::NaiveDateTime| {
         crate::policy::schedule::place_in_zone(&Local, at).map(|t| t.with_timezone(&chrono::Utc))
@@ -642,7 +642,7 @@ fn rule_doc(state: &State, rule: &RuleRow, reach: &mut Reachability) -> Result<R
         ),
     };
     let policy_text = s.policy.to_string();
-    let next_runs = reach
+    let next_runs = cache
         .next_runs
         .entry(policy_text.clone())
         .or_insert_with(|| {
@@ -678,7 +678,7 @@ fn rule_doc(state: &State, rule: &RuleRow, reach: &mut Reachability) -> Result<R
         copy_to: rule.copy_to.clone(),
         copy_retention: rule.copy_retention,
         created: rule.created_at.clone(),
-        vms: vm_views(state, rule, reach)?,
+        vms: vm_views(state, rule, cache)?,
     })
 }
 
@@ -688,10 +688,10 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
     // released around each of the thousands of reads below.
     let _snapshot = state.conn().unchecked_transaction()?;
     let rules = state.rules()?;
-    let mut reach = Reachability::default();
+    let mut cache = ListingCache::default();
     let docs: Vec<RuleDoc> = rules
         .iter()
-        .map(|r| rule_doc(&state, r, &mut reach))
+        .map(|r| rule_doc(&state, r, &mut cache))
         .collect::<Result<_>>()?;
     if ctx.json {
         print_json(&docs);
@@ -730,7 +730,7 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
 fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rule = state.require_rule(name)?;
-    let doc = rule_doc(&state, &rule, &mut Reachability::default())?;
+    let doc = rule_doc(&state, &rule, &mut ListingCache::default())?;
     if ctx.json {
         print_json(&doc);
         return Ok(ExitCode::Ok);
