@@ -822,8 +822,13 @@ fn a_running_copy_keeps_its_point_from_forget() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    let point = copy_task["point"].as_str().unwrap().to_string();
-    assert_eq!(points_of(&env, &[]), [point.as_str()]);
+    let points = points_of(&env, &[]);
+    assert_eq!(points.len(), 1, "{points:?}");
+    let point = points[0].clone();
+    assert_eq!(
+        copy_task["point"], point,
+        "the copy task's row names the point it reads: {copy_task}"
+    );
     let err = env.fails(4, &["forget", "r", "--vm", "vm1", "--point", &point]);
     assert!(
         err.contains(&format!("read by copy task {}", copy_task["id"])),
