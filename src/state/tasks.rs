@@ -258,31 +258,30 @@ impl State {
     /// the whole rule (listings ask this of every rule). VMs with no task are
     /// left out.
     pub fn last_tasks_of_rule(&self, rule: &str) -> Result<LastTasks> {
-        let mut out = LastTasks::new();
-        for (backup, filter) in [(false, ""), (true, "AND t.kind = ?2 AND t.state = ?3")] {
+        // The newest task of each VM of the rule matching `filter` (on `t`).
+        let newest = |filter: &str, params: &[&dyn rusqlite::ToSql]| -> Result<Vec<TaskRow>> {
             let mut st = self.conn().prepare_cached(&format!(
                 "SELECT {COLS} FROM tasks WHERE id IN (
                    SELECT (SELECT MAX(t.id) FROM tasks t WHERE t.rule = v.rule AND t.vm = v.vm {filter})
                    FROM rule_vms v WHERE v.rule = ?1)"
             ))?;
-            let rows = if backup {
-                st.query_map(
-                    params![rule, TaskKind::Backup, TaskState::Completed],
-                    from_row,
-                )?
-                .collect::<rusqlite::Result<Vec<_>>>()?
-            } else {
-                st.query_map([rule], from_row)?
-                    .collect::<rusqlite::Result<Vec<_>>>()?
-            };
-            for row in rows {
-                let entry = out.entry(row.vm.clone()).or_default();
-                if backup {
-                    entry.1 = Some(row);
-                } else {
-                    entry.0 = Some(row);
-                }
-            }
+            let rows = st
+                .query_map(params, from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        };
+        let mut out = LastTasks::new();
+        for row in newest("", params![rule])? {
+            let vm = row.vm.clone();
+            out.entry(vm).or_default().0 = Some(row);
+        }
+        let backups = newest(
+            "AND t.kind = ?2 AND t.state = ?3",
+            params![rule, TaskKind::Backup, TaskState::Completed],
+        )?;
+        for row in backups {
+            let vm = row.vm.clone();
+            out.entry(vm).or_default().1 = Some(row);
         }
         Ok(out)
     }
