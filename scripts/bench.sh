@@ -13,7 +13,8 @@
 #   machine). Attached as a virtio disk to a running (paused) qemu-system-x86_64.
 # - Steps, each RUNS (3) times: nbdcopy to a file from `qemu-nbd --read-only` of the
 #   same image; qemu-img convert from that NBD export to raw; qemu-img convert of
-#   the qcow2 to raw; vmbackup full into an empty repository; vmbackup inc after 1%
+#   the qcow2 to raw (and again with -t none: direct I/O, as vmbackup restores;
+#   shown, not a goal); vmbackup full into an empty repository; vmbackup inc after 1%
 #   of the disk changed (256 KiB pieces of random bytes at seeded places, written
 #   through the guest device); vmbackup restore of that incremental to a raw file
 #   (checked identical to the disk with qemu-img compare, and sparse).
@@ -22,7 +23,8 @@
 #   deleted from /dev/shm (this machine's memory balloon makes the first writes
 #   into a cold page cache 3-5x slower). `sync` runs inside the timed span.
 # - Per step: wall time (median, min, max), CPU user and system of the tool, CPU of
-#   the server process (qemu-nbd or QEMU), peak RSS, bytes stored.
+#   the server process (qemu-nbd or QEMU), peak RSS, bytes stored (the bytes of
+#   the files; the fan-out directories the object store made are counted apart).
 # - Scale (SCALE=1, default): SCALE_VMS (8) VMs of SCALE_MIB (1024) MiB each, one
 #   full alone and all fulls at once (bk_tsk_thd = 8); a state database of
 #   STATE_RULES (1000) rules x STATE_VMS (10) VMs x STATE_DAYS (365) days of task
@@ -140,7 +142,11 @@ timed() {
   local c1; c1=$(cpu_of "$server")
   echo "step $step $(cat "$B/time.out") $(awk -v a="$c0" -v b="$c1" 'BEGIN{print b - a}')" >> "$RES"
 }
-bytes_of() { du -sb "$@" | awk '{s += $1} END {printf "%.0f\n", s}'; }
+# bytes_of DIR...: the bytes of the files (objects, indexes, manifests) under DIR;
+# dirs_of DIR...: how many directories (the object store's fan-out; each takes a
+# file-system block, counted apart: it is the file system's, not data written)
+bytes_of() { find "$@" -type f -printf '%s\n' | awk '{s += $1} END {printf "%.0f\n", s}'; }
+dirs_of() { find "$@" -type d | wc -l; }
 record() { echo "value $1 $2" >> "$RES"; }
 
 echo "== disk: ${SIZE_GIB} GiB, seed $SEED"
@@ -167,15 +173,19 @@ for run in $(seq 1 "$RUNS"); do
   kill "$QNBD"
   warm "$B/bench.qcow2"; timed qemu-img-qcow2 "" qemu-img convert -U -f qcow2 -O raw "$B/bench.qcow2" "$B/out.raw"
   rm -f "$B/out.raw"
+  # The same with direct I/O for the output, as vmbackup's restore writes (shown, not a goal)
+  warm "$B/bench.qcow2"; timed qemu-img-direct "" qemu-img convert -t none -U -f qcow2 -O raw "$B/bench.qcow2" "$B/out.raw"
+  rm -f "$B/out.raw"
 
   fresh_state bench bench
   warm "$B/bench.qcow2"; timed vmbackup-full "$QEMU" "$VMB" -v run-now bench --level full
-  full_bytes=$(bytes_of "$B/target")
+  full_bytes=$(bytes_of "$B/target") full_dirs=$(dirs_of "$B/target")
   record stored-full "$full_bytes"
   changed=$(python3 "$LIB/qmp.py" "$B/qmp/bench.qmp" change vda $((SIZE_GIB << 30)) 1 $((SEED * 1000 + run)) "$B")
   record changed "$changed"
   warm "$B/bench.qcow2"; timed vmbackup-inc "$QEMU" "$VMB" -v run-now bench --level inc
   record stored-inc $(( $(bytes_of "$B/target") - full_bytes ))
+  record dirs-inc $(( $(dirs_of "$B/target") - full_dirs ))
   grep -E 'phase|took' "$B/vmbackup-inc.err" | sed "s/^/inc-v run $run: /" >> "$B/inc-phases.log" || true
   warm "$B/target"; timed vmbackup-restore "" "$VMB" restore bench --vm bench --to "$B/restore"
   out=$(find "$B/restore" -name '*.raw')

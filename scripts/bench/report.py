@@ -41,7 +41,7 @@ print(f"\ndisk: {size / (1 << 30):.0f} GiB, {alloc / 1e9:.2f} GB allocated; {run
 print(f"\n{'step':<18} {'median s':>8} {'min':>6} {'max':>6} {'MB/s':>6} {'user s':>7} {'sys s':>6} "
       f"{'server s':>8} {'RSS MiB':>8}")
 rate_bytes = {"vmbackup-inc": None, "sparse-full": None, "sparse-restore": None}
-for name in ["nbdcopy", "qemu-img-nbd", "qemu-img-qcow2", "vmbackup-full", "vmbackup-inc",
+for name in ["nbdcopy", "qemu-img-nbd", "qemu-img-qcow2", "qemu-img-direct", "vmbackup-full", "vmbackup-inc",
              "vmbackup-restore", "scale-one", "scale-all", "sparse-full", "sparse-restore"]:
     if name not in steps:
         continue
@@ -58,7 +58,8 @@ for name in ["nbdcopy", "qemu-img-nbd", "qemu-img-qcow2", "vmbackup-full", "vmba
 
 if values["stored-full"]:
     print(f"\nstored by a full: {med(values['stored-full']) / 1e6:.0f} MB; by the incremental: "
-          f"{med(values['stored-inc']) / 1e6:.1f} MB for {med(values['changed']) / 1e6:.1f} MB changed; "
+          f"{med(values['stored-inc']) / 1e6:.1f} MB for {med(values['changed']) / 1e6:.1f} MB changed "
+          f"(bytes of files; it also made {med(values['dirs-inc']):.0f} fan-out directories); "
           f"restored image allocates {med(values['restore-allocated']) / 1e6:.0f} MB "
           f"of {size / 1e9:.1f} GB")
 for name, secs in sorted(queries.items()):

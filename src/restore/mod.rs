@@ -4,7 +4,8 @@
 //! over NBD too), which verifies each chunk's digest, so a corrupt or missing
 //! chunk fails the restore loudly, naming disk, slot and digest (no silently
 //! wrong image). Raw output is sparse: zero slots and all-zero 4 KiB
-//! blocks inside chunks are not written. A qcow2 image is converted from that raw
+//! blocks inside chunks are not written; and written with direct I/O where the
+//! file system allows (`image_writer.rs`). A qcow2 image is converted from that raw
 //! file with `qemu-img convert`. Chunks are fetched and decompressed by several
 //! threads at once (PBS found restores bound by serial chunk fetches).
 //!
@@ -14,6 +15,7 @@
 //! on failure nothing is left behind, and what a killed restore leaves is found
 //! through the staging path recorded with its task.
 
+mod image_writer;
 pub mod point_reader;
 mod staging;
 
@@ -21,7 +23,7 @@ pub use point_reader::{PointReader, PointStore, Span, DEFAULT_CACHE_BYTES};
 pub use staging::remove_stale as remove_stale_staging;
 
 use std::fs::File;
-use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,6 +33,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use serde::Serialize;
 
+use self::image_writer::{ImageWriter, WriteMode};
 use crate::error::{invalid, Error};
 use crate::repo::{encode_name, Manifest, PointList, Repository, Slot};
 use crate::task::progress::Progress;
@@ -297,41 +300,19 @@ fn write_slots(
         }
         drop(tx);
         // Returning drops the queue, which stops the workers at their next send.
+        let mut writer = ImageWriter::new(file, WriteMode::Direct);
         let mut written = 0u64;
         for item in rx {
             let (slot, data) = item?;
-            written += write_sparse(file, index.slot_offset(slot), &data)
+            written += writer
+                .write(index.slot_offset(slot), &data)
                 .with_context(|| format!("slot {slot}"))? as u64;
             progress.advance(disk, data.len() as u64);
             if data.is_unique() {
                 crate::buffers::give(Vec::from(data));
             }
         }
+        tracing::debug!(disk, mode = ?writer.mode(), "image written");
         Ok(written)
     })
-}
-
-/// Write `data` at `offset`, skipping all-zero 4 KiB blocks (the file is sparse).
-fn write_sparse(file: &File, offset: u64, data: &[u8]) -> Result<usize> {
-    const BLOCK: usize = 4096;
-    let mut written = 0;
-    let mut i = 0;
-    while i < data.len() {
-        // Find the next run of non-zero blocks.
-        while i < data.len() && crate::backup::disk::is_zero(&data[i..(i + BLOCK).min(data.len())])
-        {
-            i += BLOCK;
-        }
-        let start = i;
-        while i < data.len() && !crate::backup::disk::is_zero(&data[i..(i + BLOCK).min(data.len())])
-        {
-            i += BLOCK;
-        }
-        let end = i.min(data.len());
-        if end > start {
-            file.write_all_at(&data[start..end], offset + start as u64)?;
-            written += end - start;
-        }
-    }
-    Ok(written)
 }
