@@ -18,7 +18,7 @@ use crate::platform::Quiesce;
 use crate::policy::bandwidth::{validate_windows, Window};
 use crate::policy::{build_policy, Policy};
 use crate::state::rules::{RuleRow, RuleSettings};
-use crate::state::tasks::TaskRow;
+use crate::state::tasks::{LastTasks, TaskRow};
 use crate::state::State;
 use crate::task::TaskState;
 
@@ -428,16 +428,51 @@ fn notify_setting(value: &str, allow_default: bool) -> Result<Option<String>> {
 
 /// What a listing works out once and reuses for every rule: whether each
 /// platform and target can be reached (a remote libvirt host or an S3 target
-/// costs a round trip, and a thousand rules share a few of them), and the next
-/// runs of each policy (rules mostly share a few policies).
-#[derive(Default)]
+/// costs a round trip, and a thousand rules share a few of them), the next
+/// runs of each policy (rules mostly share a few policies), and each VM's
+/// newest tasks and unviewed failures (a statement for all rules, not one per
+/// rule).
 struct ListingCache {
     platforms: HashMap<String, bool>,
     targets: HashMap<String, bool>,
     next_runs: HashMap<String, Vec<NextRun>>,
+    /// Per (rule, VM) of the rules listed.
+    last: LastTasks,
+    /// Per (rule, VM) of the rules listed; VMs with none left out.
+    unviewed: HashMap<(String, String), u64>,
 }
 
 impl ListingCache {
+    /// For a listing of every rule.
+    fn of_all_rules(state: &State) -> Result<ListingCache> {
+        Ok(ListingCache::with(
+            state.last_tasks(None)?,
+            state.unviewed_failures_of_rule_vms()?,
+        ))
+    }
+
+    /// For a listing of one rule.
+    fn of_rule(state: &State, rule: &str) -> Result<ListingCache> {
+        let unviewed = state.unviewed_failures(rule, None)?;
+        Ok(ListingCache::with(
+            state.last_tasks(Some(rule))?,
+            unviewed
+                .into_iter()
+                .map(|(vm, n)| ((rule.to_string(), vm), n))
+                .collect(),
+        ))
+    }
+
+    fn with(last: LastTasks, unviewed: HashMap<(String, String), u64>) -> ListingCache {
+        ListingCache {
+            platforms: HashMap::new(),
+            targets: HashMap::new(),
+            next_runs: HashMap::new(),
+            last,
+            unviewed,
+        }
+    }
+
     /// True when the rule's platform and its target (with its marker) answer.
     fn reachable(&mut self, state: &State, rule: &RuleRow) -> Result<bool> {
         let s = &rule.settings;
@@ -521,17 +556,16 @@ fn vm_views(state: &State, rule: &RuleRow, cache: &mut ListingCache) -> Result<V
     let now = crate::clock::Clock::process()
         .now()
         .with_timezone(&chrono::Utc);
-    let unviewed = state.unviewed_failures(&rule.name, None)?;
-    let mut last = state.last_tasks_of_rule(&rule.name)?;
     rule.vms
         .iter()
         .map(|v| {
-            let (last_task, last_backup) = last.remove(&v.vm).unwrap_or_default();
+            let key = (rule.name.clone(), v.vm.clone());
+            let (last_task, last_backup) = cache.last.remove(&key).unwrap_or_default();
             Ok(VmView {
                 vm: v.vm.clone(),
                 state: vm_state(state, rule, last_task.as_ref(), &v.state, cache)?,
                 added: v.added_at.clone(),
-                unviewed_failures: unviewed.get(&v.vm).copied().unwrap_or(0),
+                unviewed_failures: cache.unviewed.get(&key).copied().unwrap_or(0),
                 last_backup: last_backup.and_then(|r| LastBackup::of(&r, now)),
                 last_task,
             })
@@ -688,7 +722,7 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
     // released around each of the thousands of reads below.
     let _snapshot = state.conn().unchecked_transaction()?;
     let rules = state.rules()?;
-    let mut cache = ListingCache::default();
+    let mut cache = ListingCache::of_all_rules(&state)?;
     let docs: Vec<RuleDoc> = rules
         .iter()
         .map(|r| rule_doc(&state, r, &mut cache))
@@ -730,7 +764,11 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
 fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     let state = ctx.state()?;
     let rule = state.require_rule(name)?;
-    let doc = rule_doc(&state, &rule, &mut ListingCache::default())?;
+    let doc = rule_doc(
+        &state,
+        &rule,
+        &mut ListingCache::of_rule(&state, &rule.name)?,
+    )?;
     if ctx.json {
         print_json(&doc);
         return Ok(ExitCode::Ok);

@@ -6,6 +6,8 @@
 //! in another rule (R35) and every disk of every VM can be covered by a snapshot
 //! (R43). Policies and bandwidth windows arrive already validated (`crate::policy`).
 
+use std::collections::HashMap;
+
 use anyhow::Result;
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::Serialize;
@@ -169,17 +171,27 @@ fn from_row(r: &rusqlite::Row) -> rusqlite::Result<RuleRow> {
     })
 }
 
+/// The columns [`rule_vm`] reads, after the rule's name.
+const VM_COLS: &str = "rule, vm, state, added_at";
+
+/// A `rule_vms` row read as [`VM_COLS`]: (rule, VM).
+fn rule_vm(r: &rusqlite::Row) -> rusqlite::Result<(String, RuleVm)> {
+    Ok((
+        r.get(0)?,
+        RuleVm {
+            vm: r.get(1)?,
+            state: r.get(2)?,
+            added_at: r.get(3)?,
+        },
+    ))
+}
+
 fn load_vms(conn: &rusqlite::Connection, rule: &mut RuleRow) -> Result<()> {
-    let mut st = conn
-        .prepare_cached("SELECT vm, state, added_at FROM rule_vms WHERE rule = ?1 ORDER BY vm")?;
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {VM_COLS} FROM rule_vms WHERE rule = ?1 ORDER BY vm"
+    ))?;
     rule.vms = st
-        .query_map([&rule.name], |r| {
-            Ok(RuleVm {
-                vm: r.get(0)?,
-                state: r.get(1)?,
-                added_at: r.get(2)?,
-            })
-        })?
+        .query_map([&rule.name], |r| Ok(rule_vm(r)?.1))?
         .collect::<rusqlite::Result<_>>()?;
     Ok(())
 }
@@ -192,8 +204,17 @@ impl State {
         let mut rules: Vec<RuleRow> = st
             .query_map([], from_row)?
             .collect::<rusqlite::Result<_>>()?;
+        // Every rule's VMs in one statement, not one per rule (listings).
+        let mut st = self
+            .conn()
+            .prepare(&format!("SELECT {VM_COLS} FROM rule_vms ORDER BY rule, vm"))?;
+        let mut vms: HashMap<String, Vec<RuleVm>> = HashMap::new();
+        for row in st.query_map([], rule_vm)? {
+            let (rule, vm) = row?;
+            vms.entry(rule).or_default().push(vm);
+        }
         for r in &mut rules {
-            load_vms(self.conn(), r)?;
+            r.vms = vms.remove(&r.name).unwrap_or_default();
         }
         Ok(rules)
     }

@@ -12,8 +12,9 @@ use serde::Serialize;
 use super::State;
 use crate::task::{LogLevel, TaskKind, TaskState};
 
-/// Per VM: its newest task and its newest completed backup.
-pub type LastTasks = std::collections::HashMap<String, (Option<TaskRow>, Option<TaskRow>)>;
+/// Per (rule, VM): its newest task and its newest completed backup.
+pub type LastTasks =
+    std::collections::HashMap<(String, String), (Option<TaskRow>, Option<TaskRow>)>;
 
 /// `state IN` this list: the task is active.
 pub const ACTIVE_STATES: &str = TaskState::ACTIVE_SQL;
@@ -253,35 +254,35 @@ impl State {
         })
     }
 
-    /// Per VM of `rule`: its newest task and its newest completed backup
-    /// (as [`State::last_backup`] finds it), in two statements for
-    /// the whole rule (listings ask this of every rule). VMs with no task are
-    /// left out.
-    pub fn last_tasks_of_rule(&self, rule: &str) -> Result<LastTasks> {
-        // The newest task of each VM of the rule matching `filter` (on `t`).
-        let newest = |filter: &str, params: &[&dyn rusqlite::ToSql]| -> Result<Vec<TaskRow>> {
-            let mut st = self.conn().prepare_cached(&format!(
-                "SELECT {COLS} FROM tasks WHERE id IN (
-                   SELECT (SELECT MAX(t.id) FROM tasks t WHERE t.rule = v.rule AND t.vm = v.vm {filter})
-                   FROM rule_vms v WHERE v.rule = ?1)"
-            ))?;
-            let rows = st
-                .query_map(params, from_row)?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(rows)
+    /// Per VM of `rule` (of every rule when `None`), keyed by (rule, VM): its
+    /// newest task and its newest completed backup (as [`State::last_backup`]
+    /// finds it). VMs with no task are left out. One statement for all VMs:
+    /// listings ask this of every rule. The newest task is mostly the newest
+    /// completed backup too; only the other VMs cost a second lookup.
+    pub fn last_tasks(&self, rule: Option<&str>) -> Result<LastTasks> {
+        let filter = if rule.is_some() {
+            "WHERE v.rule = ?1"
+        } else {
+            ""
         };
-        let mut out = LastTasks::new();
-        for row in newest("", params![rule])? {
-            let vm = row.vm.clone();
-            out.entry(vm).or_default().0 = Some(row);
+        let mut st = self.conn().prepare_cached(&format!(
+            "SELECT {COLS} FROM tasks WHERE id IN (
+               SELECT (SELECT MAX(t.id) FROM tasks t WHERE t.rule = v.rule AND t.vm = v.vm)
+               FROM rule_vms v {filter})"
+        ))?;
+        let newest: Vec<TaskRow> = match rule {
+            Some(rule) => st.query_map(params![rule], from_row)?,
+            None => st.query_map([], from_row)?,
         }
-        let backups = newest(
-            "AND t.kind = ?2 AND t.state = ?3",
-            params![rule, TaskKind::Backup, TaskState::Completed],
-        )?;
-        for row in backups {
-            let vm = row.vm.clone();
-            out.entry(vm).or_default().1 = Some(row);
+        .collect::<rusqlite::Result<_>>()?;
+        let mut out = LastTasks::with_capacity(newest.len());
+        for row in newest {
+            let backup = if row.kind == TaskKind::Backup && row.state == TaskState::Completed {
+                Some(row.clone())
+            } else {
+                self.last_backup(&row.rule, &row.vm)?
+            };
+            out.insert((row.rule.clone(), row.vm.clone()), (Some(row), backup));
         }
         Ok(out)
     }
