@@ -19,6 +19,7 @@ pub mod buffers;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod direct_io;
 pub mod error;
 pub mod level;
 pub mod lifecycle;

@@ -1,11 +1,9 @@
 //! Writing a restored raw image: sparse, and with direct I/O where the file
-//! system takes it.
+//! system takes it (`direct_io.rs` says why).
 //!
-//! A restore writes each disk once and reads none of it back, so the page cache
-//! gains nothing from holding it: on a hypervisor host a large restore would
-//! only push out the running VMs' cached data, and the copy into the page cache
-//! was most of a restore's CPU (docs/BENCHMARKS.md). So the image is written
-//! with `O_DIRECT` (as `qemu-img convert -t none` does): each run of non-zero
+//! The copy into the page cache was most of a restore's CPU
+//! (docs/BENCHMARKS.md). So the image is written with `O_DIRECT` (as
+//! `qemu-img convert -t none` does): each run of non-zero
 //! 4 KiB blocks is copied into one 4 KiB-aligned buffer and written from there.
 //! What direct I/O cannot write, a disk's last partial block, goes through the
 //! page cache; a file system that refuses `O_DIRECT` (when set, or on the first
@@ -14,16 +12,10 @@
 //! caller fsyncs the file once at the end.
 
 use std::fs::File;
-use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 
-use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
-
 use crate::backup::disk::is_zero;
-
-/// Unit of sparseness and of direct I/O: offsets and lengths of direct writes
-/// are multiples of it (it covers 512- and 4096-byte logical sectors).
-pub const BLOCK: usize = 4096;
+use crate::direct_io::{aligned, is_refused, set_direct, BLOCK};
 
 /// How an [`ImageWriter`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +101,7 @@ impl<'a> ImageWriter<'a> {
         let at = offset + start as u64;
         let file = self.file;
         match file.write_all_at(&aligned(&mut self.buf, data.len())[start..end], at) {
-            Err(e) if e.kind() == ErrorKind::InvalidInput => {
+            Err(e) if is_refused(&e) => {
                 set_direct(self.file, false)?;
                 self.mode = WriteMode::Buffered;
                 self.file.write_all_at(&data[start..end], at)
@@ -117,28 +109,6 @@ impl<'a> ImageWriter<'a> {
             other => other,
         }
     }
-}
-
-/// The 4 KiB-aligned part of `buf`, at least `len` bytes (`buf` grows when
-/// needed and is kept for the next slot).
-fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    let len = len.next_multiple_of(BLOCK);
-    if buf.len() < len + BLOCK {
-        *buf = vec![0; len + BLOCK];
-    }
-    let skip = buf.as_ptr().align_offset(BLOCK);
-    &mut buf[skip..skip + len]
-}
-
-/// Set or clear `O_DIRECT` on `file`.
-fn set_direct(file: &File, on: bool) -> std::io::Result<()> {
-    let flags = fcntl_getfl(file)?;
-    let flags = if on {
-        flags | OFlags::DIRECT
-    } else {
-        flags - OFlags::DIRECT
-    };
-    fcntl_setfl(file, flags).map_err(std::io::Error::from)
 }
 
 /// The `[start, end)` runs of `data` made of non-zero 4 KiB blocks (the last

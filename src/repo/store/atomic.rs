@@ -2,7 +2,8 @@
 //! creates a final name.
 //!
 //! A file is staged as `<name>.tmp-<pid>-<random>` in the directory of its final
-//! name (created `O_EXCL`, mode 0600), written, fsynced, renamed to the final
+//! name (created `O_EXCL`, mode 0600), written (chunk objects with direct I/O,
+//! [`WriteVia`]), fsynced, renamed to the final
 //! name, and then the directory is fsynced so the rename itself survives a
 //! crash. A reader therefore sees either no file or the complete file, never a
 //! torn one. Staging files left by a crash keep the `.tmp-` infix so cleanup can
@@ -23,8 +24,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
-use rustix::fs::{renameat_with, RenameFlags, CWD};
+use rustix::fs::{renameat_with, OFlags, RenameFlags, CWD};
 use rustix::io::Errno;
+
+use crate::direct_io;
 
 /// The infix every staging file name carries.
 pub const TMP_INFIX: &str = ".tmp-";
@@ -48,6 +51,17 @@ pub enum Publish {
     IfAbsent,
 }
 
+/// How a staged file's data is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteVia {
+    /// Through the page cache (small files, read again soon: manifests,
+    /// indexes, locks).
+    PageCache,
+    /// With `O_DIRECT` where the file system takes it (chunk objects: written
+    /// once, not read back by the backup; `crate::direct_io`).
+    Direct,
+}
+
 /// A file written under its staging name, not yet durable nor published.
 #[derive(Debug)]
 pub struct Staged {
@@ -59,24 +73,36 @@ pub struct Staged {
 /// [`Staged::publish`] (fsync, rename) to make it appear under `path`.
 #[cfg(test)]
 pub fn stage_file(path: &Path, bytes: &[u8]) -> Result<Staged> {
-    stage_parts(path, &[bytes])
+    stage_parts(path, &[bytes], WriteVia::PageCache)
 }
 
 /// Write the concatenation of `parts` under a staging name next to `path`
-/// (vectored writes: no joined copy), without fsync. Call [`Staged::publish`]
-/// (fsync, rename) to make it appear under `path`.
-pub fn stage_parts(path: &Path, parts: &[&[u8]]) -> Result<Staged> {
+/// (no joined copy: vectored writes, or direct writes in pieces), without
+/// fsync. Call [`Staged::publish`] (fsync, rename) to make it appear under `path`.
+pub fn stage_parts(path: &Path, parts: &[&[u8]], via: WriteVia) -> Result<Staged> {
     let tmp = tmp_path(path)?;
-    let written = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(FILE_MODE)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))
-        .and_then(|mut f| {
-            write_all_parts(&mut f, parts)
-                .with_context(|| format!("cannot write {}", tmp.display()))
-        });
+    let open = |flags: OFlags| {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .custom_flags(flags.bits() as i32)
+            .open(&tmp)
+    };
+    let written = match via {
+        WriteVia::Direct => match open(OFlags::DIRECT) {
+            Ok(f) => direct_io::write_file(&f, parts).map(|_| ()),
+            // The file system refuses O_DIRECT at open (nothing was created).
+            Err(e) if direct_io::is_refused(&e) => {
+                open(OFlags::empty()).and_then(|mut f| write_all_parts(&mut f, parts))
+            }
+            Err(e) => Err(e),
+        },
+        WriteVia::PageCache => {
+            open(OFlags::empty()).and_then(|mut f| write_all_parts(&mut f, parts))
+        }
+    }
+    .with_context(|| format!("cannot write {}", tmp.display()));
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(e);
@@ -235,6 +261,31 @@ mod tests {
             .unwrap_err();
         assert!(format!("{err:#}").contains("cannot rename"), "{err:#}");
         assert_eq!(names(dir.path()), vec!["taken".to_string()]);
+    }
+
+    /// A chunk object staged with direct I/O (header and payload as two parts,
+    /// a length that is not a block multiple) publishes exactly its bytes,
+    /// mode 0600, on a file system that takes O_DIRECT (the checkout's) and on
+    /// one that may not (the temporary directory's).
+    #[test]
+    fn direct_staging_publishes_exactly_the_parts() {
+        let here = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let header = [7u8; 60];
+        let payload: Vec<u8> = (0..(3 << 20) + 123).map(|i| (i % 253) as u8).collect();
+        for dir in [here.path(), tmp.path()] {
+            let path = dir.join("chunk");
+            stage_parts(&path, &[&header, &payload], WriteVia::Direct)
+                .unwrap()
+                .publish(Publish::IfAbsent)
+                .unwrap();
+            let got = fs::read(&path).unwrap();
+            assert_eq!(got.len(), header.len() + payload.len());
+            assert!(got[..60] == header && got[60..] == payload[..]);
+            assert_eq!(names(dir), vec!["chunk".to_string()]);
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! A key is a relative path under the store's root directory. Every object is
 //! written by the atomic procedure of `atomic.rs` (stage, fsync, rename,
-//! directory fsync); deferred puts stage at once and leave fsync + rename to the
+//! directory fsync); deferred puts (chunk objects) stage at once, with direct
+//! I/O where the file system takes it, and leave fsync + rename to the
 //! background publisher (`publisher.rs`), and record the directory whose fsync
 //! [`Store::flush`] owes. New directories are created level by level, each
 //! parent fsynced, so a durable name never sits in a directory that is not.
@@ -24,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 
-use super::atomic::{is_not_found, is_tmp_name, stage_parts, sync_dir, Publish, Staged};
+use super::atomic::{is_not_found, is_tmp_name, stage_parts, sync_dir, Publish, Staged, WriteVia};
 use super::publisher::Publisher;
 use super::{check_key, ObjectInfo, Store};
 
@@ -69,11 +70,11 @@ impl LocalStore {
 
     /// Stage `bytes` for `path`, creating its directories; retried when a
     /// concurrent delete removes an emptied directory in between.
-    fn stage(&self, path: &Path, parts: &[&[u8]]) -> Result<Staged> {
+    fn stage(&self, path: &Path, parts: &[&[u8]], via: WriteVia) -> Result<Staged> {
         let mut attempt = 0;
         loop {
             self.create_parents(path)?;
-            match stage_parts(path, parts) {
+            match stage_parts(path, parts, via) {
                 Err(e) if is_not_found(&e) && attempt + 1 < DIR_RACE_RETRIES => attempt += 1,
                 other => return other,
             }
@@ -112,7 +113,9 @@ impl LocalStore {
 
     fn publish_now(&self, key: &str, bytes: &[u8], how: Publish) -> Result<bool> {
         let path = self.path_of(key)?;
-        let placed = self.stage(&path, &[bytes])?.publish(how)?;
+        let placed = self
+            .stage(&path, &[bytes], WriteVia::PageCache)?
+            .publish(how)?;
         sync_dir(parent_of(&path)?)?;
         Ok(placed)
     }
@@ -268,7 +271,7 @@ impl Store for LocalStore {
 
     fn put_if_absent_deferred_parts(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
         let path = self.path_of(key)?;
-        let staged = self.stage(&path, parts)?;
+        let staged = self.stage(&path, parts, WriteVia::Direct)?;
         self.record_dir(parent_of(&path)?);
         self.publisher.submit(staged)
     }
