@@ -16,15 +16,21 @@ static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
 /// command carries on: a backup is never abandoned because a pipe closed.
 /// Every line the CLI prints to stdout goes through here (macro `out!`).
 pub fn stdout_line(args: std::fmt::Arguments) {
+    stdout_lines([args]);
+}
+
+/// Print lines on stdout in one buffered write (a table of 10,000 rows is one
+/// write, not 10,000), stopping quietly once stdout is closed.
+fn stdout_lines(lines: impl IntoIterator<Item = impl std::fmt::Display>) {
     if STDOUT_CLOSED.load(Ordering::Relaxed) {
         return;
     }
-    let mut out = std::io::stdout().lock();
-    if out
-        .write_fmt(args)
-        .and_then(|()| out.write_all(b"\n"))
-        .is_err()
-    {
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let written = lines
+        .into_iter()
+        .try_for_each(|l| writeln!(out, "{l}"))
+        .and_then(|()| out.flush());
+    if written.is_err() {
         STDOUT_CLOSED.store(true, Ordering::Relaxed);
     }
 }
@@ -101,9 +107,7 @@ impl Table {
     }
 
     pub fn print(&self) {
-        for line in self.lines(table_width(), NO_HEADER.load(Ordering::Relaxed)) {
-            out!("{line}");
-        }
+        stdout_lines(self.lines(table_width(), NO_HEADER.load(Ordering::Relaxed)));
     }
 
     /// The table's lines, fitted to `width` columns when given.
