@@ -142,11 +142,7 @@ pub fn decode_chunk_named(object: &[u8], expected: &Digest, naming: &Naming) -> 
     let mut data = crate::buffers::take(len as usize);
     match compression {
         COMPRESSION_RAW => data.extend_from_slice(payload),
-        COMPRESSION_ZSTD => {
-            zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(payload, &mut data))
-                .context("zstd payload does not decompress")?;
-        }
+        COMPRESSION_ZSTD => super::codec::decompress_into(payload, &mut data)?,
         other => bail!("unknown compression {other}"),
     }
     if data.len() != len as usize {

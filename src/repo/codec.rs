@@ -16,6 +16,9 @@
 //! zeroes nothing per chunk; and the check decompresses into a small window that
 //! stays in the CPU cache while it is compared, instead of a second chunk-sized
 //! buffer.
+//!
+//! Reading is [`decompress_into`], with a zstd decompression context kept per
+//! thread (a restore decodes thousands of chunks on a few threads).
 
 use std::cell::RefCell;
 
@@ -53,6 +56,26 @@ pub struct Codec {
 
 thread_local! {
     static CODEC: RefCell<Option<Codec>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+/// Append the decompression of the zstd `payload` to `out`, which has room for
+/// its content (the header's length): at most that many bytes are written.
+/// Uses this thread's decompression context (created on first use).
+pub fn decompress_into(payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let d = match &mut *slot {
+            Some(d) => d,
+            empty => empty.insert(
+                zstd::bulk::Decompressor::new().context("cannot set up zstd decompression")?,
+            ),
+        };
+        d.decompress_to_buffer(payload, out)
+            .context("zstd payload does not decompress")?;
+        Ok(())
+    })
 }
 
 impl Codec {

@@ -259,7 +259,9 @@ pub fn decode_delta_named(object: &[u8], expected: &Digest, naming: &Naming) -> 
     let bytes = match compression {
         0 => payload.to_vec(),
         1 => {
-            zstd::bulk::decompress(payload, raw_len).context("zstd payload does not decompress")?
+            let mut bytes = Vec::with_capacity(raw_len);
+            super::codec::decompress_into(payload, &mut bytes)?;
+            bytes
         }
         other => bail!("unknown compression {other}"),
     };
