@@ -103,6 +103,7 @@ pub enum Command {
     #[command(after_long_help = GC_HELP)]
     Gc(GcArgs),
     /// Restore a point to image files, as a new VM, in place, or a whole rule's VMs
+    #[command(after_long_help = RESTORE_HELP)]
     Restore(RestoreArgs),
     /// Copy a rule's points to another target (an offsite copy): only the points
     /// and objects it lacks, each checked before it is sent; resumes after an
@@ -695,6 +696,12 @@ pub struct GcArgs {
     #[arg(long)]
     pub dry_run: bool,
 }
+
+/// The man page text of `restore`.
+const RESTORE_HELP: &str = "\
+HOW IMAGES ARE WRITTEN
+
+Every chunk is checked against its digest as it is read; a missing or corrupt one fails the restore, naming the disk and the slot. Images are made in a private staging directory inside the destination and moved out only when complete. Raw images are sparse: zero slots and all-zero 4 KiB blocks are holes. They are written with direct I/O (O_DIRECT) where the destination's file system allows it, so a large restore does not fill the page cache and push out the running VMs' cached data; where it does not, through the page cache. Each image is fsynced once, at the end. Backups write their chunk objects to a directory target the same way.";
 
 /// The man page text of `gc`.
 const GC_HELP: &str = "\
