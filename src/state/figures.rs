@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use rusqlite::params;
 
+use super::tasks::COMPLETED_BACKUP_SQL;
 use super::State;
 use crate::task::{TaskKind, TaskState};
 
@@ -49,16 +50,17 @@ impl State {
         };
         let sql = format!(
             "SELECT rule, vm,
-               SUM(kind = ?3 AND state = ?4),
+               SUM({completed}),
                SUM(kind = ?3 AND state IN {failures}),
-               SUM(kind = ?3 AND state = ?5),
-               SUM(CASE WHEN kind = ?3 AND state = ?4 THEN COALESCE(bytes_read, 0) ELSE 0 END),
-               SUM(CASE WHEN kind = ?3 AND state = ?4 THEN COALESCE(bytes_written, 0) ELSE 0 END),
+               SUM(kind = ?3 AND state = ?4),
+               SUM(CASE WHEN {completed} THEN COALESCE(bytes_read, 0) ELSE 0 END),
+               SUM(CASE WHEN {completed} THEN COALESCE(bytes_written, 0) ELSE 0 END),
                SUM(state IN {failures}),
-               SUM(state = ?6)
+               SUM(state = ?5)
              FROM tasks WHERE {scope}
              GROUP BY rule, vm",
-            failures = TaskState::FAILURE_SQL
+            failures = TaskState::FAILURE_SQL,
+            completed = COMPLETED_BACKUP_SQL,
         );
         let mut out = BTreeMap::new();
         let mut st = self.conn().prepare(&sql)?;
@@ -67,7 +69,6 @@ impl State {
                 rule,
                 vm,
                 TaskKind::Backup,
-                TaskState::Completed,
                 TaskState::Skipped,
                 TaskState::Running
             ],
@@ -95,19 +96,16 @@ impl State {
         let mut st = self.conn().prepare(&format!(
             "SELECT rule, vm, started_at, finished_at FROM tasks WHERE id IN (
                SELECT MAX(id) FROM tasks
-               WHERE kind = ?3 AND state = ?4 AND {scope}
+               WHERE {COMPLETED_BACKUP_SQL} AND {scope}
                GROUP BY rule, vm)"
         ))?;
-        let rows = st.query_map(
-            params![rule, vm, TaskKind::Backup, TaskState::Completed],
-            |r| {
-                Ok((
-                    (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                ))
-            },
-        )?;
+        let rows = st.query_map(params![rule, vm], |r| {
+            Ok((
+                (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
+        })?;
         for row in rows {
             let (key, started, finished) = row?;
             if let (Some(f), Some(finished)) = (out.get_mut(&key), finished) {

@@ -61,6 +61,18 @@ pub struct TaskRow {
     pub run_level: Option<String>,
 }
 
+/// SQL condition on a `tasks` row: a completed backup. What "a VM's last
+/// backup" means everywhere (listings, stats, retention); the test below
+/// checks it against [`TaskRow::is_completed_backup`].
+pub const COMPLETED_BACKUP_SQL: &str = "(kind = 'backup' AND state = 'completed')";
+
+impl TaskRow {
+    /// A completed backup (the Rust side of [`COMPLETED_BACKUP_SQL`]).
+    pub fn is_completed_backup(&self) -> bool {
+        self.kind == TaskKind::Backup && self.state == TaskState::Completed
+    }
+}
+
 const COLS: &str = "id, kind, rule, vm, level, state, phase, percent, bytes_done, bytes_total, point, message, pid, created_at, started_at, finished_at, rate, bw_limit, waiting, dest, staging, bytes_read, bytes_written, run_level";
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
@@ -277,7 +289,7 @@ impl State {
         .collect::<rusqlite::Result<_>>()?;
         let mut out = LastTasks::with_capacity(newest.len());
         for row in newest {
-            let backup = if row.kind == TaskKind::Backup && row.state == TaskState::Completed {
+            let backup = if row.is_completed_backup() {
                 Some(row.clone())
             } else {
                 self.last_backup(&row.rule, &row.vm)?
@@ -294,13 +306,10 @@ impl State {
         Ok(self
             .conn()
             .prepare_cached(&format!(
-                "SELECT {COLS} FROM tasks WHERE rule = ?1 AND vm = ?2 AND kind = ?3 AND state = ?4
+                "SELECT {COLS} FROM tasks WHERE rule = ?1 AND vm = ?2 AND {COMPLETED_BACKUP_SQL}
                  ORDER BY id DESC LIMIT 1"
             ))?
-            .query_row(
-                params![rule, vm, TaskKind::Backup, TaskState::Completed],
-                from_row,
-            )
+            .query_row(params![rule, vm], from_row)
             .optional()?)
     }
 
@@ -328,8 +337,10 @@ impl State {
     /// precision): the rule's repository must then exist.
     pub fn has_completed_backup(&self, rule: &str, since: &str) -> Result<bool> {
         Ok(self.conn().query_row(
-            "SELECT COUNT(*) > 0 FROM tasks WHERE kind = 'backup' AND state = 'completed'
-             AND rule = ?1 AND julianday(created_at) >= julianday(?2)",
+            &format!(
+                "SELECT COUNT(*) > 0 FROM tasks WHERE {COMPLETED_BACKUP_SQL}
+                 AND rule = ?1 AND julianday(created_at) >= julianday(?2)"
+            ),
             [rule, since],
             |r| r.get(0),
         )?)
@@ -413,5 +424,24 @@ impl State {
             })?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SQL and the Rust spelling of "a completed backup" name the same kind
+    /// and state words (the words the store writes).
+    #[test]
+    fn completed_backup_sql_matches_the_rust_check() {
+        assert_eq!(
+            COMPLETED_BACKUP_SQL,
+            format!(
+                "(kind = '{}' AND state = '{}')",
+                TaskKind::Backup.as_str(),
+                TaskState::Completed.as_str()
+            )
+        );
     }
 }
