@@ -3,6 +3,7 @@
 //! JSON field names are part of the interface (documented in README.md); tables
 //! are not meant to be parsed.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -127,16 +128,17 @@ impl Table {
             .chain(&self.rows)
             .skip(skip)
             .map(|r| {
-                let mut line = String::new();
+                let mut line = String::with_capacity(widths.iter().sum::<usize>() + 2 * n);
                 for (i, c) in r.iter().enumerate().take(n) {
                     let cell = cut(c, widths[i]);
-                    if i + 1 == n {
-                        line.push_str(&cell);
-                    } else {
-                        line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+                    line.push_str(&cell);
+                    if i + 1 < n {
+                        let pad = widths[i].saturating_sub(cell.chars().count()) + 2;
+                        line.extend(std::iter::repeat_n(' ', pad));
                     }
                 }
-                line.trim_end().to_string()
+                line.truncate(line.trim_end().len());
+                line
             })
             .collect()
     }
@@ -160,12 +162,12 @@ fn fit(widths: &mut [usize], limit: usize) {
 }
 
 /// `cell` in at most `width` characters, ending in `…` when cut.
-fn cut(cell: &str, width: usize) -> String {
+fn cut(cell: &str, width: usize) -> Cow<'_, str> {
     if cell.chars().count() <= width {
-        return cell.to_string();
+        return Cow::Borrowed(cell);
     }
     let kept: String = cell.chars().take(width.saturating_sub(1)).collect();
-    format!("{kept}…")
+    Cow::Owned(format!("{kept}…"))
 }
 
 /// `yes` / `no`.
