@@ -17,16 +17,23 @@ static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
 /// command carries on: a backup is never abandoned because a pipe closed.
 /// Every line the CLI prints to stdout goes through here (macro `out!`).
 pub fn stdout_line(args: std::fmt::Arguments) {
-    stdout_lines([args]);
+    write_lines(&mut std::io::stdout().lock(), [args]);
 }
 
 /// Print lines on stdout in one buffered write (a table of 10,000 rows is one
-/// write, not 10,000), stopping quietly once stdout is closed.
+/// write, not 10,000).
 fn stdout_lines(lines: impl IntoIterator<Item = impl std::fmt::Display>) {
+    write_lines(
+        &mut std::io::BufWriter::new(std::io::stdout().lock()),
+        lines,
+    );
+}
+
+/// Write `lines` to `out` and flush, stopping quietly once stdout is closed.
+fn write_lines(out: &mut impl Write, lines: impl IntoIterator<Item = impl std::fmt::Display>) {
     if STDOUT_CLOSED.load(Ordering::Relaxed) {
         return;
     }
-    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     let written = lines
         .into_iter()
         .try_for_each(|l| writeln!(out, "{l}"))
