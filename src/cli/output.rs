@@ -97,20 +97,26 @@ const MIN_COLUMN: usize = 8;
 
 /// A plain text table: a header row and aligned columns, two spaces apart. On a
 /// terminal, long cells are cut (ending in `…`) so that rows fit its width.
-pub struct Table {
-    header: Vec<String>,
-    rows: Vec<Vec<String>>,
+pub struct Table<'a> {
+    header: Vec<Cow<'a, str>>,
+    rows: Vec<Vec<Cow<'a, str>>>,
 }
 
-impl Table {
-    pub fn new(header: &[&str]) -> Table {
+impl<'a> Table<'a> {
+    pub fn new(header: &[&str]) -> Table<'a> {
         Table {
-            header: header.iter().map(|h| h.to_string()).collect(),
+            header: header.iter().map(|h| Cow::Owned(h.to_string())).collect(),
             rows: Vec::new(),
         }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells.into_iter().map(Cow::Owned).collect());
+    }
+
+    /// A row whose cells may borrow text that outlives the table (a listing
+    /// of ten thousand VMs repeats each rule's name, target and policy).
+    pub fn row_of(&mut self, cells: Vec<Cow<'a, str>>) {
         self.rows.push(cells);
     }
 
@@ -124,7 +130,7 @@ impl Table {
         let mut widths = vec![0usize; n];
         for r in std::iter::once(&self.header).chain(&self.rows) {
             for (i, c) in r.iter().enumerate().take(n) {
-                widths[i] = widths[i].max(c.chars().count());
+                widths[i] = widths[i].max(text_width(c));
             }
         }
         if let Some(limit) = width {
@@ -140,7 +146,7 @@ impl Table {
                     let cell = cut(c, widths[i]);
                     line.push_str(&cell);
                     if i + 1 < n {
-                        let pad = widths[i].saturating_sub(cell.chars().count()) + 2;
+                        let pad = widths[i].saturating_sub(text_width(&cell)) + 2;
                         line.extend(std::iter::repeat_n(' ', pad));
                     }
                 }
@@ -168,9 +174,19 @@ fn fit(widths: &mut [usize], limit: usize) {
     }
 }
 
+/// The characters in `text` (its bytes when ASCII, the common case, found
+/// without decoding).
+fn text_width(text: &str) -> usize {
+    if text.is_ascii() {
+        text.len()
+    } else {
+        text.chars().count()
+    }
+}
+
 /// `cell` in at most `width` characters, ending in `…` when cut.
 fn cut(cell: &str, width: usize) -> Cow<'_, str> {
-    if cell.chars().count() <= width {
+    if text_width(cell) <= width {
         return Cow::Borrowed(cell);
     }
     let kept: String = cell.chars().take(width.saturating_sub(1)).collect();

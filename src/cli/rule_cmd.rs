@@ -1,6 +1,7 @@
 //! `vmbackup rule ...`: backup rules (R1-R37). Policies are validated by
 //! `crate::policy`; admission of VMs (R1-R4, R35, R43) by `crate::state::rules`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use anyhow::Result;
@@ -18,7 +19,7 @@ use crate::platform::Quiesce;
 use crate::policy::bandwidth::{validate_windows, Window};
 use crate::policy::{build_policy, Policy};
 use crate::state::rules::{RuleRow, RuleSettings};
-use crate::state::tasks::{LastTasks, TaskRow};
+use crate::state::tasks::{TaskRow, VmSummaries};
 use crate::state::State;
 use crate::task::TaskState;
 
@@ -436,41 +437,20 @@ struct ListingCache {
     platforms: HashMap<String, bool>,
     targets: HashMap<String, bool>,
     next_runs: HashMap<String, Vec<NextRun>>,
-    /// Per (rule, VM) of the rules listed.
-    last: LastTasks,
-    /// Per (rule, VM) of the rules listed; VMs with none left out.
-    unviewed: HashMap<(String, String), u64>,
+    /// Per (rule, VM) of the rules listed, VMs with no task left out; each
+    /// taken out as its VM is shown.
+    summaries: VmSummaries,
 }
 
 impl ListingCache {
-    /// For a listing of every rule.
-    fn of_all_rules(state: &State) -> Result<ListingCache> {
-        Ok(ListingCache::with(
-            state.last_tasks(None)?,
-            state.unviewed_failures_of_rule_vms()?,
-        ))
-    }
-
-    /// For a listing of one rule.
-    fn of_rule(state: &State, rule: &str) -> Result<ListingCache> {
-        let unviewed = state.unviewed_failures(rule, None)?;
-        Ok(ListingCache::with(
-            state.last_tasks(Some(rule))?,
-            unviewed
-                .into_iter()
-                .map(|(vm, n)| ((rule.to_string(), vm), n))
-                .collect(),
-        ))
-    }
-
-    fn with(last: LastTasks, unviewed: HashMap<(String, String), u64>) -> ListingCache {
-        ListingCache {
+    /// For a listing of every rule (`Some(rule)`: of that one).
+    fn new(state: &State, rule: Option<&str>) -> Result<ListingCache> {
+        Ok(ListingCache {
             platforms: HashMap::new(),
             targets: HashMap::new(),
             next_runs: HashMap::new(),
-            last,
-            unviewed,
-        }
+            summaries: state.vm_summaries(rule)?,
+        })
     }
 
     /// True when the rule's platform and its target (with its marker) answer.
@@ -559,14 +539,19 @@ fn vm_views(state: &State, rule: &RuleRow, cache: &mut ListingCache) -> Result<V
     rule.vms
         .iter()
         .map(|v| {
-            let key = (rule.name.clone(), v.vm.clone());
-            let (last_task, last_backup) = cache.last.remove(&key).unwrap_or_default();
+            let summary = cache.summaries.remove(&(rule.name.clone(), v.vm.clone()));
+            let last_backup = summary
+                .as_ref()
+                .and_then(|s| s.backup())
+                .and_then(|r| LastBackup::of(r, now));
+            let unviewed_failures = summary.as_ref().map_or(0, |s| s.unviewed_failures);
+            let last_task = summary.map(|s| s.newest);
             Ok(VmView {
                 vm: v.vm.clone(),
                 state: vm_state(state, rule, last_task.as_ref(), &v.state, cache)?,
                 added: v.added_at.clone(),
-                unviewed_failures: cache.unviewed.get(&key).copied().unwrap_or(0),
-                last_backup: last_backup.and_then(|r| LastBackup::of(&r, now)),
+                unviewed_failures,
+                last_backup,
                 last_task,
             })
         })
@@ -722,12 +707,12 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
     // released around each of the thousands of reads below.
     let _snapshot = state.conn().unchecked_transaction()?;
     let rules = state.rules()?;
-    let mut cache = ListingCache::of_all_rules(&state)?;
-    let docs: Vec<RuleDoc> = rules
-        .iter()
-        .map(|r| rule_doc(&state, r, &mut cache))
-        .collect::<Result<_>>()?;
+    let mut cache = ListingCache::new(&state, None)?;
     if ctx.json {
+        let docs: Vec<RuleDoc> = rules
+            .iter()
+            .map(|r| rule_doc(&state, r, &mut cache))
+            .collect::<Result<_>>()?;
         print_json(&docs);
         return Ok(ExitCode::Ok);
     }
@@ -741,19 +726,26 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
         "TARGET",
         "POLICY",
     ]);
-    for r in &docs {
-        for v in &r.vms {
-            t.row(vec![
-                r.name.clone(),
-                v.vm.clone(),
-                v.state.clone(),
+    // The table needs a rule's VM views and policy, not its whole document
+    // (schedules, cron forms, next runs); each rule's views are dropped once
+    // its rows are made.
+    let policies: Vec<String> = rules
+        .iter()
+        .map(|r| r.settings.policy.to_string())
+        .collect();
+    for (i, rule) in rules.iter().enumerate() {
+        for v in vm_views(&state, rule, &mut cache)? {
+            t.row_of(vec![
+                Cow::Borrowed(&rule.name),
+                v.vm.into(),
+                v.state.into(),
                 v.last_backup
                     .as_ref()
-                    .map_or("never".into(), LastBackup::human),
-                v.unviewed_failures.to_string(),
-                r.platform.clone(),
-                r.target.clone(),
-                r.policy_text.clone(),
+                    .map_or(Cow::Borrowed("never"), |b| b.human().into()),
+                v.unviewed_failures.to_string().into(),
+                Cow::Borrowed(&rule.settings.platform),
+                Cow::Borrowed(&rule.settings.target),
+                Cow::Borrowed(&policies[i]),
             ]);
         }
     }
@@ -767,7 +759,7 @@ fn show(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     let doc = rule_doc(
         &state,
         &rule,
-        &mut ListingCache::of_rule(&state, &rule.name)?,
+        &mut ListingCache::new(&state, Some(&rule.name))?,
     )?;
     if ctx.json {
         print_json(&doc);

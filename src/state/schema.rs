@@ -228,7 +228,104 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX tasks_failures_by_rule ON tasks(rule, vm, id)
         WHERE state IN ('failed','interrupted');
     "#,
+    // 12 (data path, issue 12): each VM's newest task, newest completed backup
+    // and unviewed failures (R33: failed tasks newer than the viewed mark) as
+    // columns of its vm_status row, so listings read one small row per VM
+    // instead of searching the task history. The triggers below are the one
+    // definition of the three; they keep them exact on every insert, state
+    // change and delete of a task and every move of the viewed mark (a test
+    // checks them against the task history after random changes). The failure
+    // list is TaskState::FAILURE_SQL, "completed backup" is
+    // tasks::COMPLETED_BACKUP_SQL (a test checks both are spelled here).
+    // A task never changes its id, kind, rule or VM; were it to, the last
+    // trigger recomputes both VMs.
+    r#"
+    ALTER TABLE vm_status ADD COLUMN last_task INTEGER;          -- tasks.id of the VM's newest task
+    ALTER TABLE vm_status ADD COLUMN last_backup INTEGER;        -- tasks.id of its newest completed backup
+    ALTER TABLE vm_status ADD COLUMN unviewed_failures INTEGER NOT NULL DEFAULT 0;
+    -- A new row (a VM's first task, or a counter set first): all three from the history.
+    CREATE TRIGGER vm_status_ins AFTER INSERT ON vm_status BEGIN
+        UPDATE vm_status SET
+          last_task = (SELECT MAX(t.id) FROM tasks t WHERE t.rule = new.rule AND t.vm = new.vm),
+          last_backup = (SELECT MAX(t.id) FROM tasks t WHERE t.rule = new.rule AND t.vm = new.vm
+                           AND (kind = 'backup' AND state = 'completed')),
+          unviewed_failures = (SELECT COUNT(*) FROM tasks t WHERE t.rule = new.rule AND t.vm = new.vm
+                                 AND t.state IN ('failed','interrupted') AND t.id > new.failures_viewed_through)
+        WHERE rule = new.rule AND vm = new.vm;
+    END;
+    -- The viewed mark moved: count again from it (a range of tasks_failures_by_rule).
+    CREATE TRIGGER vm_status_viewed AFTER UPDATE OF failures_viewed_through ON vm_status BEGIN
+        UPDATE vm_status SET
+          unviewed_failures = (SELECT COUNT(*) FROM tasks t WHERE t.rule = new.rule AND t.vm = new.vm
+                                 AND t.state IN ('failed','interrupted') AND t.id > new.failures_viewed_through)
+        WHERE rule = new.rule AND vm = new.vm;
+    END;
+    -- A new task. The UPDATE comes first: when the VM has no row yet it changes
+    -- nothing, and the INSERT then creates the row, whose trigger counts this
+    -- task once; when the row exists, the INSERT is ignored.
+    CREATE TRIGGER tasks_status_ins AFTER INSERT ON tasks BEGIN
+        UPDATE vm_status SET
+          last_task = MAX(COALESCE(last_task, 0), new.id),
+          last_backup = CASE WHEN (new.kind = 'backup' AND new.state = 'completed')
+                             THEN MAX(COALESCE(last_backup, 0), new.id) ELSE last_backup END,
+          unviewed_failures = unviewed_failures
+            + (new.state IN ('failed','interrupted') AND new.id > failures_viewed_through)
+        WHERE rule = new.rule AND vm = new.vm;
+        INSERT OR IGNORE INTO vm_status (rule, vm) VALUES (new.rule, new.vm);
+    END;
+    -- A task changed state: it may have become (or stopped being) the newest
+    -- completed backup or an unviewed failure.
+    CREATE TRIGGER tasks_status_upd AFTER UPDATE OF state ON tasks
+    WHEN old.state IS NOT new.state BEGIN
+        UPDATE vm_status SET
+          last_backup = CASE
+            WHEN (new.kind = 'backup' AND new.state = 'completed')
+              THEN MAX(COALESCE(last_backup, 0), new.id)
+            WHEN last_backup = new.id
+              THEN (SELECT MAX(t.id) FROM tasks t WHERE t.rule = new.rule AND t.vm = new.vm
+                      AND (kind = 'backup' AND state = 'completed'))
+            ELSE last_backup END,
+          unviewed_failures = unviewed_failures + (new.id > failures_viewed_through)
+            * ((new.state IN ('failed','interrupted')) - (old.state IN ('failed','interrupted')))
+        WHERE rule = new.rule AND vm = new.vm;
+    END;
+    -- A task deleted, or (never done) moved to another id, kind, rule or VM:
+    -- its VMs' three values from the history again.
+    CREATE TRIGGER tasks_status_del AFTER DELETE ON tasks BEGIN
+        UPDATE vm_status SET failures_viewed_through = failures_viewed_through
+        WHERE rule = old.rule AND vm = old.vm;
+        UPDATE vm_status SET
+          last_task = (SELECT MAX(t.id) FROM tasks t WHERE t.rule = old.rule AND t.vm = old.vm),
+          last_backup = (SELECT MAX(t.id) FROM tasks t WHERE t.rule = old.rule AND t.vm = old.vm
+                           AND (kind = 'backup' AND state = 'completed'))
+        WHERE rule = old.rule AND vm = old.vm;
+    END;
+    CREATE TRIGGER tasks_status_move AFTER UPDATE OF id, kind, rule, vm ON tasks BEGIN
+        UPDATE vm_status SET failures_viewed_through = failures_viewed_through
+        WHERE (rule = old.rule AND vm = old.vm) OR (rule = new.rule AND vm = new.vm);
+        UPDATE vm_status SET
+          last_task = (SELECT MAX(t.id) FROM tasks t WHERE t.rule = vm_status.rule AND t.vm = vm_status.vm),
+          last_backup = (SELECT MAX(t.id) FROM tasks t WHERE t.rule = vm_status.rule AND t.vm = vm_status.vm
+                           AND (kind = 'backup' AND state = 'completed'))
+        WHERE (rule = old.rule AND vm = old.vm) OR (rule = new.rule AND vm = new.vm);
+        INSERT OR IGNORE INTO vm_status (rule, vm) VALUES (new.rule, new.vm);
+    END;
+    -- Existing state: all three for the rows already there, then a row for
+    -- every other VM with a task (the insert trigger fills it).
+    UPDATE vm_status SET failures_viewed_through = failures_viewed_through;
+    UPDATE vm_status SET
+      last_task = (SELECT MAX(t.id) FROM tasks t WHERE t.rule = vm_status.rule AND t.vm = vm_status.vm),
+      last_backup = (SELECT MAX(t.id) FROM tasks t WHERE t.rule = vm_status.rule AND t.vm = vm_status.vm
+                       AND (kind = 'backup' AND state = 'completed'));
+    INSERT OR IGNORE INTO vm_status (rule, vm) SELECT DISTINCT rule, vm FROM tasks;
+    "#,
 ];
+
+/// The SQL of migration `version` (1-based), for tests that check what it says.
+#[cfg(test)]
+pub(crate) fn migration(version: usize) -> &'static str {
+    MIGRATIONS[version - 1]
+}
 
 /// The schema version this binary writes.
 pub const VERSION: u32 = MIGRATIONS.len() as u32;

@@ -12,9 +12,30 @@ use serde::Serialize;
 use super::State;
 use crate::task::{LogLevel, TaskKind, TaskState};
 
-/// Per (rule, VM): its newest task and its newest completed backup.
-pub type LastTasks =
-    std::collections::HashMap<(String, String), (Option<TaskRow>, Option<TaskRow>)>;
+/// Per (rule, VM) with a task: what listings show of its history.
+/// Boxed: a listing holds ten thousand of them.
+pub type VmSummaries = std::collections::HashMap<(String, String), Box<VmSummary>>;
+
+/// A VM's newest task, its newest completed backup (R33; mostly the same task,
+/// kept once) and its unviewed failures (R33).
+#[derive(Debug, Clone)]
+pub struct VmSummary {
+    pub newest: TaskRow,
+    /// The newest completed backup when it is not `newest`.
+    older_backup: Option<Box<TaskRow>>,
+    pub unviewed_failures: u64,
+}
+
+impl VmSummary {
+    /// The newest completed backup, if the VM has one.
+    pub fn backup(&self) -> Option<&TaskRow> {
+        if self.newest.is_completed_backup() {
+            Some(&self.newest)
+        } else {
+            self.older_backup.as_deref()
+        }
+    }
+}
 
 /// `state IN` this list: the task is active.
 pub const ACTIVE_STATES: &str = TaskState::ACTIVE_SQL;
@@ -75,32 +96,48 @@ impl TaskRow {
 
 const COLS: &str = "id, kind, rule, vm, level, state, phase, percent, bytes_done, bytes_total, point, message, pid, created_at, started_at, finished_at, rate, bw_limit, waiting, dest, staging, bytes_read, bytes_written, run_level";
 
+/// The number of columns in [`COLS`].
+const COL_COUNT: usize = 24;
+
+/// [`COLS`] of the table aliased `alias` (`t.id, t.kind, ...`).
+fn cols_of(alias: &str) -> String {
+    COLS.split(", ")
+        .map(|c| format!("{alias}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
+    from_row_at(r, 0)
+}
+
+/// The task whose [`COLS`] start at column `base` of `r`.
+fn from_row_at(r: &rusqlite::Row, base: usize) -> rusqlite::Result<TaskRow> {
     Ok(TaskRow {
-        id: r.get(0)?,
-        kind: r.get(1)?,
-        rule: r.get(2)?,
-        vm: r.get(3)?,
-        level: r.get(4)?,
-        state: r.get(5)?,
-        phase: r.get(6)?,
-        percent: r.get(7)?,
-        bytes_done: r.get::<_, i64>(8)? as u64,
-        bytes_total: r.get::<_, i64>(9)? as u64,
-        point: r.get(10)?,
-        message: r.get(11)?,
-        pid: r.get(12)?,
-        created_at: r.get(13)?,
-        started_at: r.get(14)?,
-        finished_at: r.get(15)?,
-        rate: r.get::<_, i64>(16)? as u64,
-        bw_limit: r.get(17)?,
-        waiting: r.get(18)?,
-        dest: r.get(19)?,
-        staging: r.get(20)?,
-        bytes_read: r.get::<_, Option<i64>>(21)?.map(|n| n as u64),
-        bytes_written: r.get::<_, Option<i64>>(22)?.map(|n| n as u64),
-        run_level: r.get(23)?,
+        id: r.get(base)?,
+        kind: r.get(base + 1)?,
+        rule: r.get(base + 2)?,
+        vm: r.get(base + 3)?,
+        level: r.get(base + 4)?,
+        state: r.get(base + 5)?,
+        phase: r.get(base + 6)?,
+        percent: r.get(base + 7)?,
+        bytes_done: r.get::<_, i64>(base + 8)? as u64,
+        bytes_total: r.get::<_, i64>(base + 9)? as u64,
+        point: r.get(base + 10)?,
+        message: r.get(base + 11)?,
+        pid: r.get(base + 12)?,
+        created_at: r.get(base + 13)?,
+        started_at: r.get(base + 14)?,
+        finished_at: r.get(base + 15)?,
+        rate: r.get::<_, i64>(base + 16)? as u64,
+        bw_limit: r.get(base + 17)?,
+        waiting: r.get(base + 18)?,
+        dest: r.get(base + 19)?,
+        staging: r.get(base + 20)?,
+        bytes_read: r.get::<_, Option<i64>>(base + 21)?.map(|n| n as u64),
+        bytes_written: r.get::<_, Option<i64>>(base + 22)?.map(|n| n as u64),
+        run_level: r.get(base + 23)?,
     })
 }
 
@@ -267,47 +304,63 @@ impl State {
     }
 
     /// Per VM of `rule` (of every rule when `None`), keyed by (rule, VM): its
-    /// newest task and its newest completed backup (as [`State::last_backup`]
-    /// finds it). VMs with no task are left out. One statement for all VMs:
-    /// listings ask this of every rule. The newest task is mostly the newest
-    /// completed backup too; only the other VMs cost a second lookup.
-    pub fn last_tasks(&self, rule: Option<&str>) -> Result<LastTasks> {
+    /// newest task, its newest completed backup (as [`State::last_backup`]
+    /// finds it) and its unviewed failures. VMs with no task are left out. One
+    /// statement for all VMs: listings ask this of every rule. All three come
+    /// through the VM's `vm_status` row (kept by the schema's triggers,
+    /// migration 12), not from a search of its history; the backup is read
+    /// only where it is not the newest task.
+    pub fn vm_summaries(&self, rule: Option<&str>) -> Result<VmSummaries> {
         let filter = if rule.is_some() {
             "WHERE v.rule = ?1"
         } else {
             ""
         };
+        let (t_cols, b_cols) = (cols_of("t"), cols_of("b"));
         let mut st = self.conn().prepare_cached(&format!(
-            "SELECT {COLS} FROM tasks WHERE id IN (
-               SELECT (SELECT MAX(t.id) FROM tasks t WHERE t.rule = v.rule AND t.vm = v.vm)
-               FROM rule_vms v {filter})"
+            "SELECT {t_cols}, {b_cols}, s.unviewed_failures FROM rule_vms v
+             JOIN vm_status s ON s.rule = v.rule AND s.vm = v.vm
+             JOIN tasks t ON t.id = s.last_task
+             LEFT JOIN tasks b ON b.id = s.last_backup AND s.last_backup <> s.last_task
+             {filter}"
         ))?;
-        let newest: Vec<TaskRow> = match rule {
-            Some(rule) => st.query_map(params![rule], from_row)?,
-            None => st.query_map([], from_row)?,
+        let summary = |r: &rusqlite::Row| {
+            let newest = from_row_at(r, 0)?;
+            let older_backup = match r.get::<_, Option<i64>>(COL_COUNT)? {
+                Some(_) => Some(Box::new(from_row_at(r, COL_COUNT)?)),
+                None => None,
+            };
+            let unviewed_failures = r.get::<_, i64>(2 * COL_COUNT)? as u64;
+            let key = (newest.rule.clone(), newest.vm.clone());
+            Ok((
+                key,
+                Box::new(VmSummary {
+                    newest,
+                    older_backup,
+                    unviewed_failures,
+                }),
+            ))
+        };
+        let rows: Vec<_> = match rule {
+            Some(rule) => st.query_map(params![rule], summary)?,
+            None => st.query_map([], summary)?,
         }
         .collect::<rusqlite::Result<_>>()?;
-        let mut out = LastTasks::with_capacity(newest.len());
-        for row in newest {
-            let backup = if row.is_completed_backup() {
-                Some(row.clone())
-            } else {
-                self.last_backup(&row.rule, &row.vm)?
-            };
-            out.insert((row.rule.clone(), row.vm.clone()), (Some(row), backup));
-        }
+        // Sized once: growing the map moves its entries at every doubling.
+        let mut out = VmSummaries::with_capacity(rows.len());
+        out.extend(rows);
         Ok(out)
     }
 
     /// The newest completed backup of a rule's VM: its last successful backup
-    /// (a restore or a failed run is not one).
+    /// (a restore or a failed run is not one), found through its `vm_status` row.
     pub fn last_backup(&self, rule: &str, vm: &str) -> Result<Option<TaskRow>> {
         // Cached: `stats` asks this for every VM of a rule.
         Ok(self
             .conn()
             .prepare_cached(&format!(
-                "SELECT {COLS} FROM tasks WHERE rule = ?1 AND vm = ?2 AND {COMPLETED_BACKUP_SQL}
-                 ORDER BY id DESC LIMIT 1"
+                "SELECT {COLS} FROM tasks
+                 WHERE id = (SELECT last_backup FROM vm_status WHERE rule = ?1 AND vm = ?2)"
             ))?
             .query_row(params![rule, vm], from_row)
             .optional()?)
@@ -443,5 +496,12 @@ mod tests {
                 TaskState::Completed.as_str()
             )
         );
+    }
+
+    /// Rows read two tasks side by side (`vm_summaries`) at the offset COL_COUNT.
+    #[test]
+    fn col_count_is_the_number_of_columns() {
+        assert_eq!(COLS.split(", ").count(), COL_COUNT);
+        assert!(cols_of("b").starts_with("b.id, b.kind, "));
     }
 }

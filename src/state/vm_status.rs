@@ -3,14 +3,18 @@
 //! repository holds after the last task that changed them, and what the last
 //! `verify` found. Everything `stats`, `rule list/show` and the Prometheus file
 //! report comes from here and from the task rows, never from a repository scan.
+//!
+//! The row also holds what listings need of the VM's task history without
+//! searching it: its newest task, its newest completed backup and its count of
+//! unviewed failures. The schema's triggers keep those three (migration 12,
+//! their one definition); nothing here writes them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use anyhow::Result;
 use rusqlite::{params, OptionalExtension};
 
 use super::State;
-use crate::task::TaskState;
 
 /// The counters of one VM of a rule.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -25,85 +29,50 @@ pub struct VmStatus {
     pub damaged_points: Option<u64>,
 }
 
-/// The unviewed failures of the VM `x.rule`, `x.vm` (R33): its failed tasks
-/// newer than the last one `stats` showed. One definition for every query
-/// below; SQLite reads it as a range of the partial index of failed tasks,
-/// from the viewed mark on (migration 11).
-const UNVIEWED_OF_X: &str = "(SELECT COUNT(*) FROM tasks t
-       WHERE t.rule = x.rule AND t.vm = x.vm AND t.state IN FAILURES
-         AND t.id > COALESCE((SELECT s.failures_viewed_through FROM vm_status s
-                              WHERE s.rule = x.rule AND s.vm = x.vm), 0))";
-
-/// Per VM of rule ?1 with a failed task (only VM ?2 when not null): its
-/// unviewed failures, when any.
-fn unviewed_sql() -> String {
-    format!(
-        "SELECT vm, n FROM (SELECT x.vm, {UNVIEWED_OF_X} AS n FROM (
-           SELECT DISTINCT rule, vm FROM tasks
-           WHERE rule = ?1 AND (?2 IS NULL OR vm = ?2) AND state IN FAILURES) x)
-         WHERE n > 0"
-    )
-    .replace("FAILURES", TaskState::FAILURE_SQL)
-}
-
-/// Per VM of every rule: its unviewed failures, when any.
-fn unviewed_of_rule_vms_sql() -> String {
-    format!(
-        "SELECT rule, vm, n FROM (SELECT x.rule, x.vm, {UNVIEWED_OF_X} AS n FROM rule_vms x)
-         WHERE n > 0"
-    )
-    .replace("FAILURES", TaskState::FAILURE_SQL)
+/// Unviewed failures per VM of `rule` (only `vm` when given), VMs with none
+/// left out: the counts the schema's triggers keep in `vm_status` (migration 12).
+fn unviewed_of(
+    conn: &rusqlite::Connection,
+    rule: &str,
+    vm: Option<&str>,
+) -> Result<BTreeMap<String, u64>> {
+    let mut st = conn.prepare_cached(
+        "SELECT vm, unviewed_failures FROM vm_status
+         WHERE rule = ?1 AND (?2 IS NULL OR vm = ?2) AND unviewed_failures > 0",
+    )?;
+    let rows = st
+        .query_map(params![rule, vm], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
 }
 
 impl State {
     /// The counters of a rule's VM.
     pub fn vm_status(&self, rule: &str, vm: &str) -> Result<VmStatus> {
-        let unviewed = self.unviewed_failures(rule, Some(vm))?;
         let row = self
             .conn()
-            .query_row(
-                "SELECT points, last_verify, damaged_points FROM vm_status WHERE rule = ?1 AND vm = ?2",
-                params![rule, vm],
-                |r| {
-                    Ok((
-                        r.get::<_, Option<i64>>(0)?,
-                        r.get::<_, Option<String>>(1)?,
-                        r.get::<_, Option<i64>>(2)?,
-                    ))
-                },
-            )
+            .prepare_cached(
+                "SELECT unviewed_failures, points, last_verify, damaged_points FROM vm_status
+                 WHERE rule = ?1 AND vm = ?2",
+            )?
+            .query_row(params![rule, vm], |r| {
+                Ok(VmStatus {
+                    unviewed_failures: r.get::<_, i64>(0)? as u64,
+                    points: r.get::<_, Option<i64>>(1)?.map(|n| n as u64),
+                    last_verify: r.get(2)?,
+                    damaged_points: r.get::<_, Option<i64>>(3)?.map(|n| n as u64),
+                })
+            })
             .optional()?;
-        let (points, last_verify, damaged) = row.unwrap_or_default();
-        Ok(VmStatus {
-            unviewed_failures: unviewed.get(vm).copied().unwrap_or(0),
-            points: points.map(|n| n as u64),
-            last_verify,
-            damaged_points: damaged.map(|n| n as u64),
-        })
+        Ok(row.unwrap_or_default())
     }
 
     /// Unviewed failures per VM of `rule` (only `vm` when given); VMs with none
     /// are left out.
     pub fn unviewed_failures(&self, rule: &str, vm: Option<&str>) -> Result<BTreeMap<String, u64>> {
-        let mut st = self.conn().prepare_cached(&unviewed_sql())?;
-        let rows = st
-            .query_map(params![rule, vm], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    /// Unviewed failures of every VM of every rule, keyed by (rule, VM) (one
-    /// statement for listings); VMs with none are left out.
-    pub fn unviewed_failures_of_rule_vms(&self) -> Result<HashMap<(String, String), u64>> {
-        let mut st = self.conn().prepare_cached(&unviewed_of_rule_vms_sql())?;
-        let rows = st
-            .query_map([], |r| {
-                Ok(((r.get(0)?, r.get(1)?), r.get::<_, i64>(2)? as u64))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
+        unviewed_of(self.conn(), rule, vm)
     }
 
     /// Read the unviewed failures of `rule` (only `vm` when given) and, unless
@@ -115,17 +84,8 @@ impl State {
         vm: Option<&str>,
         peek: bool,
     ) -> Result<BTreeMap<String, u64>> {
-        let sql = unviewed_sql();
         self.write(|tx| {
-            let counts: BTreeMap<String, u64> = {
-                let mut st = tx.prepare(&sql)?;
-                let rows = st
-                    .query_map(params![rule, vm], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-                    })?
-                    .collect::<rusqlite::Result<_>>()?;
-                rows
-            };
+            let counts = unviewed_of(tx, rule, vm)?;
             if !peek {
                 tx.execute(
                     "INSERT INTO vm_status (rule, vm, failures_viewed_through)
@@ -168,39 +128,276 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use proptest::prelude::*;
 
-    /// The plan of a statement: SQLite's `EXPLAIN QUERY PLAN` details, one line each.
-    fn plan(state: &State, sql: &str, params: &[&dyn rusqlite::ToSql]) -> String {
-        let mut st = state
-            .conn()
-            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-            .unwrap();
-        let rows = st
-            .query_map(params, |r| r.get::<_, String>(3))
-            .unwrap()
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .unwrap();
-        rows.join("\n")
+    use super::*;
+    use crate::state::schema;
+    use crate::state::tasks::COMPLETED_BACKUP_SQL;
+    use crate::task::TaskState;
+
+    const STATES: [&str; 7] = [
+        "queued",
+        "pending",
+        "running",
+        "completed",
+        "failed",
+        "skipped",
+        "interrupted",
+    ];
+    const KINDS: [&str; 3] = ["backup", "restore", "prune"];
+    const RULES: [&str; 2] = ["r1", "r2"];
+    const VMS: [&str; 3] = ["a", "b", "c"];
+
+    /// A change any writer of the state store could make.
+    #[derive(Debug, Clone)]
+    enum Change {
+        Insert {
+            rule: usize,
+            vm: usize,
+            kind: usize,
+            state: usize,
+        },
+        SetState {
+            pick: usize,
+            state: usize,
+        },
+        Delete {
+            pick: usize,
+        },
+        View {
+            rule: usize,
+            vm: Option<usize>,
+        },
+        Points {
+            rule: usize,
+            vm: usize,
+        },
     }
 
-    /// Unviewed failures are counted from the partial index of failed tasks
-    /// (migration 11), from the viewed mark on; its list must be
-    /// `TaskState::FAILURE_SQL`: were the two to differ, SQLite would read
-    /// every task of the VM instead.
+    fn change() -> impl Strategy<Value = Change> {
+        prop_oneof![
+            4 => (0..2usize, 0..3usize, 0..3usize, 0..7usize)
+                .prop_map(|(rule, vm, kind, state)| Change::Insert { rule, vm, kind, state }),
+            4 => (any::<usize>(), 0..7usize).prop_map(|(pick, state)| Change::SetState { pick, state }),
+            1 => any::<usize>().prop_map(|pick| Change::Delete { pick }),
+            1 => (0..2usize, proptest::option::of(0..3usize))
+                .prop_map(|(rule, vm)| Change::View { rule, vm }),
+            1 => (0..2usize, 0..3usize).prop_map(|(rule, vm)| Change::Points { rule, vm }),
+        ]
+    }
+
+    /// The id of the `pick`th task (modulo their number), if there is one.
+    fn pick_task(state: &State, pick: usize) -> Option<i64> {
+        let ids: Vec<i64> = state
+            .conn()
+            .prepare("SELECT id FROM tasks ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        (!ids.is_empty()).then(|| ids[pick % ids.len()])
+    }
+
+    fn apply(state: &mut State, c: &Change) {
+        let conn = state.conn();
+        match *c {
+            Change::Insert {
+                rule,
+                vm,
+                kind,
+                state: st,
+            } => {
+                conn.execute(
+                    "INSERT INTO tasks (kind, rule, vm, state, created_at) VALUES (?1, ?2, ?3, ?4, 'now')",
+                    params![KINDS[kind], RULES[rule], VMS[vm], STATES[st]],
+                )
+                .unwrap();
+            }
+            Change::SetState { pick, state: st } => {
+                if let Some(id) = pick_task(state, pick) {
+                    conn.execute(
+                        "UPDATE tasks SET state = ?2 WHERE id = ?1",
+                        params![id, STATES[st]],
+                    )
+                    .unwrap();
+                }
+            }
+            Change::Delete { pick } => {
+                if let Some(id) = pick_task(state, pick) {
+                    conn.execute("DELETE FROM tasks WHERE id = ?1", [id])
+                        .unwrap();
+                }
+            }
+            Change::View { rule, vm } => {
+                state
+                    .take_unviewed_failures(RULES[rule], vm.map(|v| VMS[v]), false)
+                    .unwrap();
+            }
+            Change::Points { rule, vm } => state.set_vm_points(RULES[rule], VMS[vm], 3).unwrap(),
+        }
+    }
+
+    /// (last task, last completed backup, unviewed failures) of a VM as its
+    /// `vm_status` row holds them, and as its task history says they are.
+    type Three = (Option<i64>, Option<i64>, u64);
+
+    fn kept_and_recomputed(state: &State, rule: &str, vm: &str) -> (Option<Three>, Three) {
+        let conn = state.conn();
+        let kept = conn
+            .query_row(
+                "SELECT last_task, last_backup, unviewed_failures FROM vm_status WHERE rule = ?1 AND vm = ?2",
+                [rule, vm],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)),
+            )
+            .optional()
+            .unwrap();
+        let mark: i64 = conn
+            .query_row(
+                "SELECT failures_viewed_through FROM vm_status WHERE rule = ?1 AND vm = ?2",
+                [rule, vm],
+                |r| r.get(0),
+            )
+            .optional()
+            .unwrap()
+            .unwrap_or(0);
+        let one = |sql: &str| -> Option<i64> {
+            conn.query_row(sql, params![rule, vm, mark], |r| r.get(0))
+                .unwrap()
+        };
+        let recomputed = (
+            one("SELECT MAX(id) FROM tasks WHERE rule = ?1 AND vm = ?2 AND ?3 = ?3"),
+            one(&format!(
+                "SELECT MAX(id) FROM tasks WHERE rule = ?1 AND vm = ?2 AND ?3 = ?3 AND {COMPLETED_BACKUP_SQL}"
+            )),
+            one(&format!(
+                "SELECT COUNT(*) FROM tasks WHERE rule = ?1 AND vm = ?2 AND id > ?3 AND state IN {}",
+                TaskState::FAILURE_SQL
+            ))
+            .unwrap_or(0) as u64,
+        );
+        (kept, recomputed)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// The triggers of migration 12 keep each VM's newest task, newest
+        /// completed backup and unviewed failures equal to what its task
+        /// history says, whatever writes, state changes, deletes and views
+        /// come in whatever order; every VM with a task has its row.
+        #[test]
+        fn the_kept_values_always_equal_the_history(changes in proptest::collection::vec(change(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut state = State::open(&dir.path().join("state.db")).unwrap();
+            for c in &changes {
+                apply(&mut state, c);
+                for rule in RULES {
+                    for vm in VMS {
+                        let (kept, recomputed) = kept_and_recomputed(&state, rule, vm);
+                        match kept {
+                            Some(kept) => prop_assert_eq!(kept, recomputed, "{} {} after {:?}", rule, vm, c),
+                            None => prop_assert_eq!(recomputed, (None, None, 0), "{} {}: no row", rule, vm),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A state store written before migration 12 gets the three values of
+    /// every VM with a task, including VMs whose failures were partly viewed.
     #[test]
-    fn unviewed_failures_read_the_failure_index() {
+    fn the_migration_fills_the_values_from_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let mut conn = rusqlite::Connection::open(&path).unwrap();
+            schema::migrate_to(&mut conn, 11).unwrap();
+            let mut id = 0;
+            for (rule, vm, kind, st) in [
+                ("r1", "a", "backup", "completed"),
+                ("r1", "a", "backup", "failed"),
+                ("r1", "a", "restore", "completed"),
+                ("r1", "a", "backup", "interrupted"),
+                ("r1", "b", "backup", "failed"),
+                ("r2", "a", "backup", "completed"),
+                ("r2", "a", "backup", "running"),
+            ] {
+                id += 1;
+                conn.execute(
+                    "INSERT INTO tasks (id, kind, rule, vm, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, 'now')",
+                    params![id, kind, rule, vm, st],
+                )
+                .unwrap();
+            }
+            // r1/a viewed through task 2: only task 4 is unviewed.
+            conn.execute(
+                "INSERT INTO vm_status (rule, vm, failures_viewed_through) VALUES ('r1', 'a', 2)",
+                [],
+            )
+            .unwrap();
+        }
+        let state = State::open(&path).unwrap();
+        let kept = |rule, vm| kept_and_recomputed(&state, rule, vm);
+        assert_eq!(
+            kept("r1", "a"),
+            (Some((Some(4), Some(1), 1)), (Some(4), Some(1), 1))
+        );
+        assert_eq!(
+            kept("r1", "b"),
+            (Some((Some(5), None, 1)), (Some(5), None, 1))
+        );
+        assert_eq!(
+            kept("r2", "a"),
+            (Some((Some(7), Some(6), 0)), (Some(7), Some(6), 0))
+        );
+    }
+
+    /// The triggers spell "a failure" and "a completed backup" as the Rust
+    /// side does (TaskState::FAILURE_SQL, COMPLETED_BACKUP_SQL).
+    #[test]
+    fn the_triggers_use_the_shared_definitions() {
+        let sql = schema::migration(12);
+        assert!(sql.contains(&format!("state IN {}", TaskState::FAILURE_SQL)));
+        assert!(sql.contains(COMPLETED_BACKUP_SQL));
+        let new_spelling = COMPLETED_BACKUP_SQL
+            .replace("kind", "new.kind")
+            .replace("state", "new.state");
+        assert!(sql.contains(&new_spelling));
+        assert!(
+            !sql.contains("('failed', 'interrupted')"),
+            "one spelling of the list"
+        );
+    }
+
+    /// Moving the viewed mark counts again from the mark on: SQLite reads the
+    /// partial index of failed tasks (migration 11) as a range, not every task
+    /// of the VM. The count is the trigger's own statement, parameters for
+    /// `new.` values.
+    #[test]
+    fn counting_from_the_mark_reads_the_failure_index() {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(&dir.path().join("state.db")).unwrap();
-        // A range of the index from the mark on (SQLite names the key id or rowid).
-        let range = |p: &str| {
-            p.contains("tasks_failures_by_rule (rule=? AND vm=? AND ") && p.contains("id>?)")
-        };
-        for vm in [None, Some("vm1")] {
-            let p = plan(&state, &unviewed_sql(), params!["r", vm]);
-            assert!(range(&p), "{p}");
-        }
-        let p = plan(&state, &unviewed_of_rule_vms_sql(), params![]);
-        assert!(range(&p), "{p}");
+        let sql = schema::migration(12);
+        let start = sql.find("(SELECT COUNT(*) FROM tasks t").unwrap();
+        let end = start + sql[start..].find("new.failures_viewed_through)").unwrap();
+        let count = sql[start + 1..end + "new.failures_viewed_through".len()]
+            .replace("new.rule", "?1")
+            .replace("new.vm", "?2")
+            .replace("new.failures_viewed_through", "?3");
+        let plan: Vec<String> = state
+            .conn()
+            .prepare(&format!("EXPLAIN QUERY PLAN {count}"))
+            .unwrap()
+            .query_map(params!["r", "a", 3], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("tasks_failures_by_rule (rule=? AND vm=? AND ") && plan.contains("id>?)"),
+            "{plan}"
+        );
     }
 }
