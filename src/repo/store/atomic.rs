@@ -67,6 +67,9 @@ pub enum WriteVia {
 pub struct Staged {
     tmp: PathBuf,
     path: PathBuf,
+    /// How its data was written: `PageCache` when `Direct` was asked for and
+    /// the file system refused it.
+    via: WriteVia,
 }
 
 /// Write `bytes` under a staging name next to `path`, without fsync. Call
@@ -89,28 +92,38 @@ pub fn stage_parts(path: &Path, parts: &[&[u8]], via: WriteVia) -> Result<Staged
             .custom_flags(flags.bits() as i32)
             .open(&tmp)
     };
+    let paged = |()| WriteVia::PageCache;
     let written = match via {
         WriteVia::Direct => match open(OFlags::DIRECT) {
-            Ok(f) => direct_io::write_file(&f, parts).map(|_| ()),
+            Ok(f) => direct_io::write_file(&f, parts).map(|direct| {
+                if direct {
+                    WriteVia::Direct
+                } else {
+                    WriteVia::PageCache
+                }
+            }),
             // The file system refuses O_DIRECT at open (nothing was created).
-            Err(e) if direct_io::is_refused(&e) => {
-                open(OFlags::empty()).and_then(|mut f| write_all_parts(&mut f, parts))
-            }
+            Err(e) if direct_io::is_refused(&e) => open(OFlags::empty())
+                .and_then(|mut f| write_all_parts(&mut f, parts))
+                .map(paged),
             Err(e) => Err(e),
         },
-        WriteVia::PageCache => {
-            open(OFlags::empty()).and_then(|mut f| write_all_parts(&mut f, parts))
-        }
+        WriteVia::PageCache => open(OFlags::empty())
+            .and_then(|mut f| write_all_parts(&mut f, parts))
+            .map(paged),
     }
     .with_context(|| format!("cannot write {}", tmp.display()));
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
+    match written {
+        Ok(via) => Ok(Staged {
+            tmp,
+            path: path.to_path_buf(),
+            via,
+        }),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
     }
-    Ok(Staged {
-        tmp,
-        path: path.to_path_buf(),
-    })
 }
 
 /// Write every part, in order, with as few (vectored) writes as the kernel allows.
@@ -130,6 +143,11 @@ fn write_all_parts(file: &mut File, parts: &[&[u8]]) -> std::io::Result<()> {
 }
 
 impl Staged {
+    /// How the data was written (`PageCache` also when `Direct` was refused).
+    pub fn written_via(&self) -> WriteVia {
+        self.via
+    }
+
     /// The final name the file will have.
     pub fn path(&self) -> &Path {
         &self.path
@@ -275,10 +293,18 @@ mod tests {
         let payload: Vec<u8> = (0..(3 << 20) + 123).map(|i| (i % 253) as u8).collect();
         for dir in [here.path(), tmp.path()] {
             let path = dir.join("chunk");
-            stage_parts(&path, &[&header, &payload], WriteVia::Direct)
-                .unwrap()
-                .publish(Publish::IfAbsent)
-                .unwrap();
+            let probe = File::create(dir.join("probe")).unwrap();
+            let direct_here = direct_io::set_direct(&probe, true).is_ok();
+            drop(probe);
+            fs::remove_file(dir.join("probe")).unwrap();
+            let staged = stage_parts(&path, &[&header, &payload], WriteVia::Direct).unwrap();
+            let expected = if direct_here {
+                WriteVia::Direct
+            } else {
+                WriteVia::PageCache
+            };
+            assert_eq!(staged.written_via(), expected);
+            staged.publish(Publish::IfAbsent).unwrap();
             let got = fs::read(&path).unwrap();
             assert_eq!(got.len(), header.len() + payload.len());
             assert!(got[..60] == header && got[60..] == payload[..]);

@@ -20,6 +20,7 @@ use std::fs::{self, DirBuilder, File};
 use std::io::{ErrorKind, Read};
 use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -43,6 +44,9 @@ pub struct LocalStore {
     dirs_to_sync: Mutex<BTreeSet<PathBuf>>,
     /// fsync + rename of deferred puts, in the background.
     publisher: Publisher,
+    /// The file system refused a direct write here: later chunk objects go
+    /// through the page cache at once instead of being refused again.
+    direct_refused: AtomicBool,
 }
 
 impl LocalStore {
@@ -60,6 +64,7 @@ impl LocalStore {
             root: root.to_path_buf(),
             dirs_to_sync: Mutex::new(BTreeSet::new()),
             publisher: Publisher::default(),
+            direct_refused: AtomicBool::new(false),
         })
     }
 
@@ -271,7 +276,15 @@ impl Store for LocalStore {
 
     fn put_if_absent_deferred_parts(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
         let path = self.path_of(key)?;
-        let staged = self.stage(&path, parts, WriteVia::Direct)?;
+        let via = if self.direct_refused.load(Ordering::Relaxed) {
+            WriteVia::PageCache
+        } else {
+            WriteVia::Direct
+        };
+        let staged = self.stage(&path, parts, via)?;
+        if via == WriteVia::Direct && staged.written_via() == WriteVia::PageCache {
+            self.direct_refused.store(true, Ordering::Relaxed);
+        }
         self.record_dir(parent_of(&path)?);
         self.publisher.submit(staged)
     }
@@ -420,6 +433,26 @@ mod tests {
         s.flush().unwrap();
         assert_eq!(s.get("c/aa/bb/k").unwrap().unwrap(), b"v");
         assert_eq!(keys(&s, "c/"), vec!["c/aa/bb/k".to_string()]);
+    }
+
+    /// Once the file system has refused a direct write, later deferred puts go
+    /// through the page cache (no refused attempt per chunk); the bytes are the
+    /// same either way. Where direct writes are taken, nothing is remembered.
+    #[test]
+    fn a_refused_direct_write_is_remembered_for_the_store() {
+        let (_dir, s) = store();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        s.put_if_absent_deferred("c/aa/bb/one", data.clone()).unwrap();
+        s.flush().unwrap();
+        let accepted = !s.direct_refused.load(Ordering::Relaxed);
+        s.direct_refused.store(true, Ordering::Relaxed);
+        s.put_if_absent_deferred("c/aa/bb/two", data.clone()).unwrap();
+        s.flush().unwrap();
+        assert!(s.direct_refused.load(Ordering::Relaxed));
+        for k in ["c/aa/bb/one", "c/aa/bb/two"] {
+            assert_eq!(s.get(k).unwrap().unwrap(), data, "{k}");
+        }
+        eprintln!("direct writes accepted in the temporary directory: {accepted}");
     }
 
     #[test]
