@@ -20,32 +20,34 @@ pub struct LastBackup {
     pub finished: String,
     /// Seconds from `finished` to now.
     pub age_seconds: f64,
+    /// `finished` parsed (`None`: unparsable, shown as stored).
+    #[serde(skip)]
+    finished_at: Option<DateTime<Utc>>,
 }
 
 impl LastBackup {
     /// The view of a completed backup task row, its age counted to `now`.
     pub fn of(row: &TaskRow, now: DateTime<Utc>) -> Option<LastBackup> {
         let finished = row.finished_at.clone()?;
-        let age = timefmt::parse(&finished)
-            .map(|f| timefmt::seconds_between(f, now))
-            .unwrap_or(0.0);
+        let finished_at = timefmt::parse(&finished);
         Some(LastBackup {
             task: row.id,
             point: row.point.clone(),
             level: row.run_level.clone().or_else(|| row.level.clone()),
             started: row.started_at.clone(),
+            age_seconds: finished_at.map_or(0.0, |f| timefmt::seconds_between(f, now)),
             finished,
-            age_seconds: age,
+            finished_at,
         })
     }
 
     /// `2026-12-03 01:00:12 +01:00 (8h 29m ago)`.
     pub fn human(&self) -> String {
-        format!(
-            "{} ({} ago)",
-            timefmt::human_of_stored(&self.finished),
-            age_text(self.age_seconds)
-        )
+        let when = match self.finished_at {
+            Some(t) => timefmt::human_time(t),
+            None => self.finished.clone(),
+        };
+        format!("{when} ({} ago)", age_text(self.age_seconds))
     }
 }
 

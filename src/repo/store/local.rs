@@ -442,11 +442,13 @@ mod tests {
     fn a_refused_direct_write_is_remembered_for_the_store() {
         let (_dir, s) = store();
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        s.put_if_absent_deferred("c/aa/bb/one", data.clone()).unwrap();
+        s.put_if_absent_deferred("c/aa/bb/one", data.clone())
+            .unwrap();
         s.flush().unwrap();
         let accepted = !s.direct_refused.load(Ordering::Relaxed);
         s.direct_refused.store(true, Ordering::Relaxed);
-        s.put_if_absent_deferred("c/aa/bb/two", data.clone()).unwrap();
+        s.put_if_absent_deferred("c/aa/bb/two", data.clone())
+            .unwrap();
         s.flush().unwrap();
         assert!(s.direct_refused.load(Ordering::Relaxed));
         for k in ["c/aa/bb/one", "c/aa/bb/two"] {
