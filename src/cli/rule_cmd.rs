@@ -733,7 +733,7 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
         .iter()
         .map(|r| r.settings.policy.to_string())
         .collect();
-    for (i, rule) in rules.iter().enumerate() {
+    for (rule, policy) in rules.iter().zip(&policies) {
         for v in vm_views(&state, rule, &mut cache)? {
             t.row_of(vec![
                 Cow::Borrowed(&rule.name),
@@ -745,7 +745,7 @@ fn list(ctx: &Ctx) -> Result<ExitCode> {
                 v.unviewed_failures.to_string().into(),
                 Cow::Borrowed(&rule.settings.platform),
                 Cow::Borrowed(&rule.settings.target),
-                Cow::Borrowed(&policies[i]),
+                Cow::Borrowed(policy),
             ]);
         }
     }
