@@ -423,8 +423,9 @@ pub fn qmp_session(sock: &Path, cmds: &[&str]) -> Vec<serde_json::Value> {
     read();
     cmds.iter()
         .map(|c| {
-            w.write_all(c.as_bytes()).unwrap();
-            w.write_all(b"\n").unwrap();
+            // One write: QEMU runs a command as soon as its JSON is complete,
+            // so after `quit` a separate newline could meet a closed socket.
+            w.write_all(format!("{c}\n").as_bytes()).unwrap();
             read()
         })
         .collect()
@@ -438,8 +439,7 @@ fn qmp_oneshot(sock: &Path, cmd: &str) -> std::io::Result<()> {
     let _ = s.read(&mut buf)?;
     s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
     let _ = s.read(&mut buf)?;
-    s.write_all(cmd.as_bytes())?;
-    s.write_all(b"\n")?;
+    s.write_all(format!("{cmd}\n").as_bytes())?; // one write, as in qmp_session
     let _ = s.read(&mut buf);
     Ok(())
 }
