@@ -93,11 +93,12 @@ impl State {
             let (key, f) = row?;
             out.insert(key, f);
         }
+        // Each VM's newest completed backup, as its vm_status row names it
+        // (kept by the schema's triggers, migration 12).
         let mut st = self.conn().prepare(&format!(
-            "SELECT rule, vm, started_at, finished_at FROM tasks WHERE id IN (
-               SELECT MAX(id) FROM tasks
-               WHERE {COMPLETED_BACKUP_SQL} AND {scope}
-               GROUP BY rule, vm)"
+            "SELECT s.rule, s.vm, t.started_at, t.finished_at
+             FROM (SELECT rule, vm, last_backup FROM vm_status WHERE {scope}) s
+             JOIN tasks t ON t.id = s.last_backup"
         ))?;
         let rows = st.query_map(params![rule, vm], |r| {
             Ok((
