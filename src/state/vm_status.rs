@@ -87,12 +87,12 @@ impl State {
         self.write(|tx| {
             let counts = unviewed_of(tx, rule, vm)?;
             if !peek {
+                // Every VM with a task has its row, holding its newest task
+                // (migration 12); the mark's trigger counts again from it.
                 tx.execute(
-                    "INSERT INTO vm_status (rule, vm, failures_viewed_through)
-                     SELECT rule, vm, MAX(id) FROM tasks WHERE rule = ?1 AND (?2 IS NULL OR vm = ?2)
-                     GROUP BY vm
-                     ON CONFLICT (rule, vm) DO UPDATE SET
-                       failures_viewed_through = MAX(failures_viewed_through, excluded.failures_viewed_through)",
+                    "UPDATE vm_status SET
+                       failures_viewed_through = MAX(failures_viewed_through, COALESCE(last_task, 0))
+                     WHERE rule = ?1 AND (?2 IS NULL OR vm = ?2)",
                     params![rule, vm],
                 )?;
             }
