@@ -10,6 +10,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+# A clean build of every test target takes about 2.5 GB under target/ (debug builds
+# keep line tables only, see Cargo.toml). Too little disk is said here, plainly,
+# rather than as a linker killed by SIGBUS halfway through the build.
+free_mib=$(( $(df -Pk . | awk 'NR == 2 { print $4 }') / 1024 ))
+echo "test.sh: $free_mib MiB free on the disk holding target/"
+if [ "$free_mib" -lt 3072 ]; then
+  echo "test.sh: the build and the tests need at least 3072 MiB free there" >&2
+  exit 1
+fi
 LV=$PWD/target/test-libvirtd
 mkdir -p target
 VMBACKUP_TEST_LIBVIRT_URI=$(scripts/test-libvirtd.sh start "$LV")
