@@ -539,7 +539,10 @@ fn vm_views(state: &State, rule: &RuleRow, cache: &mut ListingCache) -> Result<V
     rule.vms
         .iter()
         .map(|v| {
-            let summary = cache.summaries.remove(&(rule.name.clone(), v.vm.clone()));
+            let summary = cache
+                .summaries
+                .get_mut(&rule.name)
+                .and_then(|vms| vms.remove(&v.vm));
             let last_backup = summary
                 .as_ref()
                 .and_then(|s| s.backup())

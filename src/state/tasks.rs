@@ -12,9 +12,11 @@ use serde::Serialize;
 use super::State;
 use crate::task::{LogLevel, TaskKind, TaskState};
 
-/// Per (rule, VM) with a task: what listings show of its history.
-/// Boxed: a listing holds ten thousand of them.
-pub type VmSummaries = std::collections::HashMap<(String, String), Box<VmSummary>>;
+/// Per rule, then per VM with a task: what listings show of its history.
+/// Keyed by rule, then VM, so that a lookup borrows both names; boxed: a
+/// listing holds ten thousand of them.
+pub type VmSummaries =
+    std::collections::HashMap<String, std::collections::HashMap<String, Box<VmSummary>>>;
 
 /// A VM's newest task, its newest completed backup (R33; mostly the same task,
 /// kept once) and its unviewed failures (R33).
@@ -303,7 +305,7 @@ impl State {
         })
     }
 
-    /// Per VM of `rule` (of every rule when `None`), keyed by (rule, VM): its
+    /// Per VM of `rule` (of every rule when `None`), keyed by rule, then VM: its
     /// newest task, its newest completed backup (as [`State::last_backup`]
     /// finds it) and its unviewed failures. VMs with no task are left out. One
     /// statement for all VMs: listings ask this of every rule. All three come
@@ -331,24 +333,26 @@ impl State {
                 None => None,
             };
             let unviewed_failures = r.get::<_, i64>(2 * COL_COUNT)? as u64;
-            let key = (newest.rule.clone(), newest.vm.clone());
-            Ok((
-                key,
-                Box::new(VmSummary {
-                    newest,
-                    older_backup,
-                    unviewed_failures,
-                }),
-            ))
+            Ok(Box::new(VmSummary {
+                newest,
+                older_backup,
+                unviewed_failures,
+            }))
         };
-        let rows: Vec<_> = match rule {
+        let rows = match rule {
             Some(rule) => st.query_map(params![rule], summary)?,
             None => st.query_map([], summary)?,
+        };
+        let mut out = VmSummaries::new();
+        for summary in rows {
+            let summary = summary?;
+            let (rule, vm) = (&summary.newest.rule, summary.newest.vm.clone());
+            if let Some(vms) = out.get_mut(rule) {
+                vms.insert(vm, summary);
+            } else {
+                out.insert(rule.clone(), [(vm, summary)].into());
+            }
         }
-        .collect::<rusqlite::Result<_>>()?;
-        // Sized once: growing the map moves its entries at every doubling.
-        let mut out = VmSummaries::with_capacity(rows.len());
-        out.extend(rows);
         Ok(out)
     }
 
