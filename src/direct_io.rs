@@ -103,6 +103,64 @@ pub fn write_file(file: &File, parts: &[&[u8]]) -> std::io::Result<bool> {
     Ok(direct)
 }
 
+/// True when the file system of directory `dir` takes `O_DIRECT` (probed on a
+/// file of its own, removed again).
+#[cfg(test)]
+pub(crate) fn takes_direct(dir: &std::path::Path) -> bool {
+    let path = dir.join(".direct-probe");
+    let probe = File::create(&path).unwrap();
+    let direct = set_direct(&probe, true).is_ok();
+    drop(probe);
+    std::fs::remove_file(&path).unwrap();
+    direct
+}
+
+/// A directory on ramfs, a file system that refuses `O_DIRECT` (at open and at
+/// fcntl), so that the fallbacks run for real: mounted for the test (the tests
+/// run as root, as vmbackup does), unmounted on drop.
+#[cfg(test)]
+pub(crate) struct RefusingDir {
+    dir: tempfile::TempDir,
+}
+
+#[cfg(test)]
+impl RefusingDir {
+    pub(crate) fn new() -> RefusingDir {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(dir.path())
+            .status()
+            .expect("cannot run mount");
+        assert!(
+            status.success(),
+            "cannot mount a ramfs on {} (the tests run as root)",
+            dir.path().display()
+        );
+        let refusing = RefusingDir { dir };
+        assert!(
+            !takes_direct(refusing.path()),
+            "ramfs took O_DIRECT: this test would not test a refusal"
+        );
+        refusing
+    }
+
+    pub(crate) fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+#[cfg(test)]
+impl Drop for RefusingDir {
+    fn drop(&mut self) {
+        // Before the TempDir removes the (then empty) mount point.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,8 +170,7 @@ mod tests {
     fn write_file_writes_exactly_the_parts() {
         // The checkout's file system (tmpfs /tmp may differ).
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let probe = File::create(dir.path().join("probe")).unwrap();
-        let direct_here = set_direct(&probe, true).is_ok();
+        let direct_here = takes_direct(dir.path());
         // Lengths around the block and piece sizes; two and three parts.
         for (i, len) in [
             0,

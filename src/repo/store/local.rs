@@ -436,26 +436,33 @@ mod tests {
     }
 
     /// A deferred put remembers a refusal of direct writes exactly when the
-    /// file system refuses them (probed on a file of its own), and once one is
+    /// file system refuses them: on the checkout's file system (which takes
+    /// them here) and on ramfs (which refuses them at open). Once one is
     /// remembered the next put goes through the page cache with the same bytes.
     #[test]
     fn a_refused_direct_write_is_remembered_for_the_store() {
-        let (dir, s) = store();
-        let probe = File::create(dir.path().join("probe")).unwrap();
-        let direct_here = crate::direct_io::set_direct(&probe, true).is_ok();
-        drop(probe);
-        fs::remove_file(dir.path().join("probe")).unwrap();
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        s.put_if_absent_deferred("c/aa/bb/one", data.clone())
-            .unwrap();
-        s.flush().unwrap();
-        assert_eq!(s.direct_refused.load(Ordering::Relaxed), !direct_here);
-        s.direct_refused.store(true, Ordering::Relaxed);
-        s.put_if_absent_deferred("c/aa/bb/two", data.clone())
-            .unwrap();
-        s.flush().unwrap();
-        for k in ["c/aa/bb/one", "c/aa/bb/two"] {
-            assert_eq!(s.get(k).unwrap().unwrap(), data, "{k}");
+        let here = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let refusing = crate::direct_io::RefusingDir::new();
+        for dir in [here.path(), refusing.path()] {
+            let s = LocalStore::open(dir).unwrap();
+            let direct_here = crate::direct_io::takes_direct(dir);
+            let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+            s.put_if_absent_deferred("c/aa/bb/one", data.clone())
+                .unwrap();
+            s.flush().unwrap();
+            assert_eq!(
+                s.direct_refused.load(Ordering::Relaxed),
+                !direct_here,
+                "{}",
+                dir.display()
+            );
+            s.direct_refused.store(true, Ordering::Relaxed);
+            s.put_if_absent_deferred("c/aa/bb/two", data.clone())
+                .unwrap();
+            s.flush().unwrap();
+            for k in ["c/aa/bb/one", "c/aa/bb/two"] {
+                assert_eq!(s.get(k).unwrap().unwrap(), data, "{k}");
+            }
         }
     }
 
