@@ -74,12 +74,15 @@ impl LocalStore {
     }
 
     /// Stage `bytes` for `path`, creating its directories; retried when a
-    /// concurrent delete removes an emptied directory in between.
+    /// concurrent delete removes an emptied directory in between (while the
+    /// directories are made, or before the file is).
     fn stage(&self, path: &Path, parts: &[&[u8]], via: WriteVia) -> Result<Staged> {
         let mut attempt = 0;
         loop {
-            self.create_parents(path)?;
-            match stage_parts(path, parts, via) {
+            let staged = self
+                .create_parents(path)
+                .and_then(|()| stage_parts(path, parts, via));
+            match staged {
                 Err(e) if is_not_found(&e) && attempt + 1 < DIR_RACE_RETRIES => attempt += 1,
                 other => return other,
             }
@@ -121,8 +124,13 @@ impl LocalStore {
         let placed = self
             .stage(&path, &[bytes], WriteVia::PageCache)?
             .publish(how)?;
-        sync_dir(parent_of(&path)?)?;
-        Ok(placed)
+        match sync_dir(parent_of(&path)?) {
+            Ok(()) => Ok(placed),
+            // A concurrent delete removed the object, then its emptied
+            // directory, after the publish: nothing is left to make durable.
+            Err(e) if is_not_found(&e) => Ok(placed),
+            Err(e) => Err(e),
+        }
     }
 
     fn record_dir(&self, dir: &Path) {
@@ -522,22 +530,36 @@ mod tests {
         assert_eq!(s.get("r/chunks/aa/bb/k").unwrap().unwrap(), b"published");
     }
 
+    /// Puts (immediate and deferred) into directories that concurrent deletes
+    /// keep emptying and removing: a directory can vanish while a put makes
+    /// the directories, before it stages its file, or after it publishes (then
+    /// the delete removed the object too). No put fails.
     #[test]
     fn writers_survive_concurrent_deletes_of_their_directories() {
         let (_dir, s) = store();
         let s = Arc::new(s);
-        let writer = {
-            let s = s.clone();
-            std::thread::spawn(move || {
-                for i in 0..300 {
-                    s.put(&format!("d/x/{}", i % 2), b"v").unwrap();
-                }
+        let writers: Vec<_> = (0..2)
+            .map(|w| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2000 {
+                        let key = format!("d/x/{}", i % 2);
+                        if w == 0 {
+                            s.put(&key, b"v").unwrap();
+                        } else {
+                            s.put_if_absent_deferred(&key, b"v".to_vec()).unwrap();
+                        }
+                    }
+                    s.flush().unwrap();
+                })
             })
-        };
-        for _ in 0..300 {
+            .collect();
+        for _ in 0..2000 {
             s.delete("d/x/0").unwrap();
             s.delete("d/x/1").unwrap();
         }
-        writer.join().unwrap();
+        for w in writers {
+            w.join().unwrap();
+        }
     }
 }
