@@ -47,6 +47,120 @@ pub fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
     &mut buf[skip..skip + len]
 }
 
+/// Writes ranges of one file with `O_DIRECT` where its file system takes it,
+/// through the page cache where it does not: the one mechanism behind chunk
+/// objects ([`write_file`]) and restored images (`restore::image_writer`).
+///
+/// Data is copied into an aligned buffer in pieces and written from there; a
+/// range that ends inside a block is padded with zeros to the block's end, so
+/// [`DirectWriter::finish`] cuts the file back to its length. A file system
+/// that refuses `O_DIRECT` when it is set gets every write through the page
+/// cache; one that refuses the first direct write gets that write and every
+/// later one through the page cache (the same bytes either way).
+pub struct DirectWriter<'a> {
+    file: &'a File,
+    direct: bool,
+    /// Aligned staging memory, kept by the caller across writers.
+    buf: &'a mut Vec<u8>,
+    /// The most bytes copied and written at once.
+    piece: usize,
+    /// The end of the furthest padded write, to cut back at `finish`.
+    padded_end: u64,
+}
+
+impl<'a> DirectWriter<'a> {
+    /// A writer for `file`, setting `O_DIRECT` on it when `want_direct` and the
+    /// file system takes it; `buf` is the aligned staging memory (grown to
+    /// `piece` plus a block at most) and `piece` the most bytes per write.
+    pub fn new(
+        file: &'a File,
+        want_direct: bool,
+        buf: &'a mut Vec<u8>,
+        piece: usize,
+    ) -> DirectWriter<'a> {
+        let direct = want_direct && set_direct(file, true).is_ok();
+        DirectWriter {
+            file,
+            direct,
+            buf,
+            piece: piece.max(BLOCK),
+            padded_end: 0,
+        }
+    }
+
+    /// True while the writer writes with `O_DIRECT`.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Write the concatenation of `parts` at `offset`, a multiple of [`BLOCK`].
+    pub fn write_at(&mut self, offset: u64, parts: &[&[u8]]) -> std::io::Result<()> {
+        debug_assert_eq!(offset % BLOCK as u64, 0, "direct writes start at a block");
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut done = 0;
+        while self.direct && done < len {
+            let piece = aligned(self.buf, self.piece.min(len - done));
+            let filled = copy_from(parts, done, piece);
+            piece[filled..].fill(0); // a last partial block's padding
+            let at = offset + done as u64;
+            match self.file.write_all_at(piece, at) {
+                Ok(()) => {
+                    if filled < piece.len() {
+                        self.padded_end = self.padded_end.max(at + piece.len() as u64);
+                    }
+                    done += filled;
+                }
+                Err(e) if is_refused(&e) => {
+                    set_direct(self.file, false)?;
+                    self.direct = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Through the page cache: what is left when the writer is not (or no
+        // longer) direct, straight from the parts.
+        let mut at = offset;
+        let mut skip = done;
+        for p in parts {
+            let from = skip.min(p.len());
+            skip -= from;
+            if from < p.len() {
+                self.file.write_all_at(&p[from..], at + from as u64)?;
+            }
+            at += p.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Cut the file to `len` where a padded block went past it.
+    pub fn finish(self, len: u64) -> std::io::Result<()> {
+        if self.padded_end > len {
+            self.file.set_len(len)?;
+        }
+        Ok(())
+    }
+}
+
+/// Copy the bytes of the concatenated `parts` from `skip` on into `out`, as
+/// many as fit; returns how many.
+fn copy_from(parts: &[&[u8]], mut skip: usize, out: &mut [u8]) -> usize {
+    let mut filled = 0;
+    for p in parts {
+        if filled == out.len() {
+            break;
+        }
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        let n = (p.len() - skip).min(out.len() - filled);
+        out[filled..filled + n].copy_from_slice(&p[skip..skip + n]);
+        filled += n;
+        skip = 0;
+    }
+    filled
+}
+
 /// Memory of [`write_file`] per thread: one piece of a file at a time.
 const PIECE: usize = 1 << 20;
 
@@ -55,52 +169,19 @@ thread_local! {
 }
 
 /// Write the concatenation of `parts` as the whole content of `file`, a new
-/// empty file opened with `O_DIRECT`: in aligned pieces of at most 1 MiB
-/// copied through a per-thread buffer, the last block padded with zeros and
-/// the file then cut to its length. When the file system refuses the direct
-/// write, `O_DIRECT` is cleared and everything is written through the page
-/// cache. True when it was written direct.
-pub fn write_file(file: &File, parts: &[&[u8]]) -> std::io::Result<bool> {
+/// empty file: with `O_DIRECT` when `want_direct` and the file system takes
+/// it, in pieces of at most 1 MiB copied through a per-thread buffer (a
+/// [`DirectWriter`]). True when it was written direct.
+pub fn write_file(file: &File, parts: &[&[u8]], want_direct: bool) -> std::io::Result<bool> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
-    let direct = PIECE_BUF.with(|buf| {
+    PIECE_BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
-        let mut part = 0; // parts[part][at..] is next
-        let mut at = 0;
-        let mut offset = 0;
-        while offset < len {
-            let piece = aligned(&mut buf, PIECE.min(len - offset));
-            let mut filled = 0;
-            while filled < piece.len() && part < parts.len() {
-                let n = (parts[part].len() - at).min(piece.len() - filled);
-                piece[filled..filled + n].copy_from_slice(&parts[part][at..at + n]);
-                filled += n;
-                at += n;
-                if at == parts[part].len() {
-                    part += 1;
-                    at = 0;
-                }
-            }
-            piece[filled..].fill(0); // the last block's padding
-            match file.write_all_at(piece, offset as u64) {
-                Ok(()) => offset += filled,
-                Err(e) if is_refused(&e) => return Ok(false),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
-    })?;
-    if !direct {
-        set_direct(file, false)?;
-        let mut offset = 0u64;
-        for p in parts {
-            file.write_all_at(p, offset)?;
-            offset += p.len() as u64;
-        }
-    }
-    if len % BLOCK != 0 || !direct {
-        file.set_len(len as u64)?;
-    }
-    Ok(direct)
+        let mut w = DirectWriter::new(file, want_direct, &mut buf, PIECE);
+        w.write_at(0, parts)?;
+        let direct = w.is_direct();
+        w.finish(len as u64)?;
+        Ok(direct)
+    })
 }
 
 /// True when the file system of directory `dir` takes `O_DIRECT` (probed on a
@@ -164,49 +245,51 @@ impl Drop for RefusingDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::OpenOptionsExt;
 
     #[test]
     fn write_file_writes_exactly_the_parts() {
-        // The checkout's file system (tmpfs /tmp may differ).
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let direct_here = takes_direct(dir.path());
-        // Lengths around the block and piece sizes; two and three parts.
-        for (i, len) in [
-            0,
-            1,
-            60,
-            4095,
-            4096,
-            4097,
-            PIECE,
-            PIECE + 60,
-            3 * PIECE + 4097,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let data: Vec<u8> = (0..len).map(|j| (j % 251) as u8 | 1).collect();
-            let cut = len.min(60);
-            let parts: Vec<&[u8]> = if i % 2 == 0 {
-                vec![&data[..cut], &data[cut..]]
-            } else {
-                vec![&data[..cut / 2], &data[cut / 2..cut], &data[cut..]]
-            };
-            let path = dir.path().join(format!("f{i}"));
-            let mut open = File::options();
-            open.write(true).create_new(true);
-            if direct_here {
-                open.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+        // The checkout's file system, which takes O_DIRECT here (tmpfs /tmp
+        // may not), and ramfs, which refuses it.
+        let here = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let refusing = RefusingDir::new();
+        for dir in [here.path(), refusing.path()] {
+            let direct_here = takes_direct(dir);
+            // Lengths around the block and piece sizes; two and three parts.
+            for (i, len) in [
+                0,
+                1,
+                60,
+                4095,
+                4096,
+                4097,
+                PIECE,
+                PIECE + 60,
+                3 * PIECE + 4097,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let data: Vec<u8> = (0..len).map(|j| (j % 251) as u8 | 1).collect();
+                let cut = len.min(60);
+                let parts: Vec<&[u8]> = if i % 2 == 0 {
+                    vec![&data[..cut], &data[cut..]]
+                } else {
+                    vec![&data[..cut / 2], &data[cut / 2..cut], &data[cut..]]
+                };
+                for want_direct in [true, false] {
+                    let path = dir.join(format!("f{i}-{want_direct}"));
+                    let file = File::options()
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                        .unwrap();
+                    let direct = write_file(&file, &parts, want_direct).unwrap();
+                    let what = format!("length {len}, {}, direct {want_direct}", dir.display());
+                    assert_eq!(direct, want_direct && direct_here, "{what}");
+                    drop(file);
+                    assert!(std::fs::read(&path).unwrap() == data, "{what}");
+                }
             }
-            let file = open.open(&path).unwrap();
-            let direct = write_file(&file, &parts).unwrap();
-            assert_eq!(direct, direct_here, "length {len}");
-            drop(file);
-            assert!(std::fs::read(&path).unwrap() == data, "length {len}");
-        }
-        if !direct_here {
-            eprintln!("this file system refuses O_DIRECT: only the page-cache path ran");
         }
     }
 }

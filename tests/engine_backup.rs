@@ -264,6 +264,25 @@ fn sparse_disk_reads_only_allocated_data_and_restores_sparse() {
     assert_eq!(file_digest(&img), l.vm.shadow_digest("disk0"));
 }
 
+/// A disk whose size is not a multiple of 4 KiB (8 MiB + 512 bytes), its last
+/// sector written: the restored image has exactly the disk's size and bytes
+/// (a direct write pads the last block; the image is cut back after).
+#[test]
+fn a_disk_ending_inside_a_block_restores_to_its_exact_size() {
+    let size = 8 * MIB + 512;
+    let l = lab("vm1", &[DiskSpec::qcow2("disk0", size)]);
+    l.vm.write_random("disk0", 0, MIB, 3);
+    l.vm.write("disk0", size - 512, 512, 0x6b);
+    let out = backup(&l.env, "full");
+    let p = out["point"].as_str().unwrap();
+    assert_eq!(
+        restored(&l.env, "vm1", p, &["disk0"]),
+        vec![l.vm.shadow_digest("disk0")]
+    );
+    let img = l.env.path(&format!("restore-{p}/disk0.raw"));
+    assert_eq!(std::fs::metadata(img).unwrap().len(), size);
+}
+
 #[test]
 fn restore_qcow2_refuses_overwrite_and_force_replaces() {
     let l = lab("vm1", &[DiskSpec::qcow2("disk0", 8 * MIB)]);

@@ -3,24 +3,24 @@
 //!
 //! The copy into the page cache was most of a restore's CPU
 //! (docs/BENCHMARKS.md). So the image is written with `O_DIRECT` (as
-//! `qemu-img convert -t none` does): each run of non-zero
-//! 4 KiB blocks is copied into one 4 KiB-aligned buffer and written from there.
-//! What direct I/O cannot write, a disk's last partial block, goes through the
-//! page cache; a file system that refuses `O_DIRECT` (when set, or on the first
-//! write) gets every write through the page cache. Either way all-zero 4 KiB
-//! blocks are not written (the file is sparse, its size set beforehand), and the
-//! caller fsyncs the file once at the end.
+//! `qemu-img convert -t none` does) through a [`DirectWriter`]: each run of
+//! non-zero 4 KiB blocks is copied into one aligned buffer and written from
+//! there; the disk's last partial block is padded and the file cut back to the
+//! disk's size at [`ImageWriter::finish`]; a file system that refuses
+//! `O_DIRECT` (when set, or on the first write) gets every write through the
+//! page cache. Either way all-zero 4 KiB blocks are not written (the file is
+//! sparse, its size set beforehand), and the caller fsyncs the file once at
+//! the end.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 
 use crate::backup::disk::is_zero;
-use crate::direct_io::{aligned, is_refused, set_direct, BLOCK};
+use crate::direct_io::{DirectWriter, BLOCK};
 
 /// How an [`ImageWriter`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteMode {
-    /// `O_DIRECT` (partial last blocks through the page cache).
+    /// `O_DIRECT` (partial last blocks padded, then cut back).
     Direct,
     /// Through the page cache.
     Buffered,
@@ -28,86 +28,45 @@ pub enum WriteMode {
 
 /// Writes slots of one raw image (module docs). One thread writes.
 pub struct ImageWriter<'a> {
-    file: &'a File,
-    mode: WriteMode,
-    /// Room for one slot plus alignment slack (see [`aligned`]).
-    buf: Vec<u8>,
+    out: DirectWriter<'a>,
 }
 
 impl<'a> ImageWriter<'a> {
-    /// A writer for `file`, trying `O_DIRECT` when `want` is [`WriteMode::Direct`].
-    pub fn new(file: &'a File, want: WriteMode) -> ImageWriter<'a> {
-        let mode = match want {
-            WriteMode::Direct if set_direct(file, true).is_ok() => WriteMode::Direct,
-            _ => WriteMode::Buffered,
-        };
+    /// A writer for `file`, trying `O_DIRECT` when `want` is
+    /// [`WriteMode::Direct`]; `buf` is its aligned staging memory (it grows to
+    /// the longest run of non-zero blocks in a slot).
+    pub fn new(file: &'a File, want: WriteMode, buf: &'a mut Vec<u8>) -> ImageWriter<'a> {
         ImageWriter {
-            file,
-            mode,
-            buf: Vec::new(),
+            out: DirectWriter::new(file, want == WriteMode::Direct, buf, usize::MAX),
         }
     }
 
     /// How the writer writes now (it can fall back to the page cache on the
     /// first refused direct write).
     pub fn mode(&self) -> WriteMode {
-        self.mode
+        if self.out.is_direct() {
+            WriteMode::Direct
+        } else {
+            WriteMode::Buffered
+        }
     }
 
     /// Write `data` (a slot) at `offset`, a multiple of [`BLOCK`], skipping
     /// all-zero 4 KiB blocks. Returns the bytes written.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<usize> {
-        debug_assert_eq!(offset % BLOCK as u64, 0, "slot offsets are block-aligned");
-        let runs = nonzero_runs(data);
-        if runs.is_empty() {
-            return Ok(0);
-        }
-        if self.mode == WriteMode::Buffered {
-            for &(start, end) in &runs {
-                self.file
-                    .write_all_at(&data[start..end], offset + start as u64)?;
-            }
-            return Ok(runs.iter().map(|(s, e)| e - s).sum());
-        }
-        // One copy into aligned memory, then each run written from there.
-        aligned(&mut self.buf, data.len())[..data.len()].copy_from_slice(data);
         let mut written = 0;
-        for &(start, end) in &runs {
-            let whole = start + (end - start) / BLOCK * BLOCK;
-            if whole > start {
-                self.write_direct(start, whole, offset, data)?;
-            }
-            if end > whole {
-                // The disk's last partial block: direct I/O cannot write it.
-                set_direct(self.file, false)?;
-                self.file
-                    .write_all_at(&data[whole..end], offset + whole as u64)?;
-                set_direct(self.file, true)?;
-            }
+        for (start, end) in nonzero_runs(data) {
+            self.out
+                .write_at(offset + start as u64, &[&data[start..end]])?;
             written += end - start;
         }
         Ok(written)
     }
 
-    /// Write `[start, end)` of the slot from the aligned buffer; on a file system
-    /// that refuses the direct write, switch to the page cache for good.
-    fn write_direct(
-        &mut self,
-        start: usize,
-        end: usize,
-        offset: u64,
-        data: &[u8],
-    ) -> std::io::Result<()> {
-        let at = offset + start as u64;
-        let file = self.file;
-        match file.write_all_at(&aligned(&mut self.buf, data.len())[start..end], at) {
-            Err(e) if is_refused(&e) => {
-                set_direct(self.file, false)?;
-                self.mode = WriteMode::Buffered;
-                self.file.write_all_at(&data[start..end], at)
-            }
-            other => other,
-        }
+    /// Cut the image back to `size`, the disk's, where its last partial
+    /// block was padded.
+    pub fn finish(self, size: u64) -> std::io::Result<()> {
+        self.out.finish(size)
     }
 }
 
@@ -165,7 +124,8 @@ mod tests {
             .unwrap();
         file.set_len(size as u64).unwrap();
         let mut expect = vec![0u8; size];
-        let mut w = ImageWriter::new(&file, want);
+        let mut buf = Vec::new();
+        let mut w = ImageWriter::new(&file, want, &mut buf);
         // Out of order, as the restore's workers deliver them; slot 1 is all zero.
         for (n, len) in [(3, 5000), (0, slot_len), (2, slot_len), (1, slot_len)] {
             let data = if n == 1 {
@@ -184,6 +144,7 @@ mod tests {
             expect[off..off + len].copy_from_slice(&data);
         }
         let mode = w.mode();
+        w.finish(size as u64).unwrap();
         file.sync_all().unwrap();
         drop(file);
         // Before reading it back: on ramfs a read fills the holes it crosses.

@@ -300,7 +300,8 @@ fn write_slots(
         }
         drop(tx);
         // Returning drops the queue, which stops the workers at their next send.
-        let mut writer = ImageWriter::new(file, WriteMode::Direct);
+        let mut buf = Vec::new();
+        let mut writer = ImageWriter::new(file, WriteMode::Direct, &mut buf);
         let mut written = 0u64;
         for item in rx {
             let (slot, data) = item?;
@@ -313,6 +314,9 @@ fn write_slots(
             }
         }
         tracing::debug!(disk, mode = ?writer.mode(), "image written");
+        writer
+            .finish(index.disk_size)
+            .context("cannot cut the image to the disk's size")?;
         Ok(written)
     })
 }

@@ -18,7 +18,7 @@
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::io::{ErrorKind, IoSlice, Write};
+use std::io::ErrorKind;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,7 +80,7 @@ pub fn stage_file(path: &Path, bytes: &[u8]) -> Result<Staged> {
 }
 
 /// Write the concatenation of `parts` under a staging name next to `path`
-/// (no joined copy: vectored writes, or direct writes in pieces), without
+/// (no joined copy: `direct_io::write_file`), without
 /// fsync. Call [`Staged::publish`] (fsync, rename) to make it appear under `path`.
 pub fn stage_parts(path: &Path, parts: &[&[u8]], via: WriteVia) -> Result<Staged> {
     let tmp = tmp_path(path)?;
@@ -92,17 +92,12 @@ pub fn stage_parts(path: &Path, parts: &[&[u8]], via: WriteVia) -> Result<Staged
         .create_new(true)
         .mode(FILE_MODE)
         .open(&tmp)
-        .and_then(|mut f| {
-            if via == WriteVia::Direct && direct_io::set_direct(&f, true).is_ok() {
-                direct_io::write_file(&f, parts).map(|direct| {
-                    if direct {
-                        WriteVia::Direct
-                    } else {
-                        WriteVia::PageCache
-                    }
-                })
+        .and_then(|f| direct_io::write_file(&f, parts, via == WriteVia::Direct))
+        .map(|direct| {
+            if direct {
+                WriteVia::Direct
             } else {
-                write_all_parts(&mut f, parts).map(|()| WriteVia::PageCache)
+                WriteVia::PageCache
             }
         })
         .with_context(|| format!("cannot write {}", tmp.display()));
@@ -117,22 +112,6 @@ pub fn stage_parts(path: &Path, parts: &[&[u8]], via: WriteVia) -> Result<Staged
             Err(e)
         }
     }
-}
-
-/// Write every part, in order, with as few (vectored) writes as the kernel allows.
-fn write_all_parts(file: &mut File, parts: &[&[u8]]) -> std::io::Result<()> {
-    let mut slices: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
-    let mut rest = &mut slices[..];
-    IoSlice::advance_slices(&mut rest, 0);
-    while !rest.is_empty() {
-        match file.write_vectored(rest) {
-            Ok(0) => return Err(ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut rest, n),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 impl Staged {
