@@ -231,14 +231,15 @@ const MIGRATIONS: &[&str] = &[
     // 12 (data path, issue 12): each VM's newest task, newest completed backup
     // and unviewed failures (R33: failed tasks newer than the viewed mark) as
     // columns of its vm_status row, so listings read one small row per VM
-    // instead of searching the task history. The triggers below are the one
-    // definition of the three; they keep them exact on every insert, state
-    // change and delete of a task and every move of the viewed mark (a test
-    // checks them against the task history after random changes). The failure
+    // instead of searching the task history. The triggers below keep the
+    // three exact on every insert, state change and delete of a task and every
+    // move of the viewed mark (a test checks them against the task history
+    // after random changes). The failure
     // list is TaskState::FAILURE_SQL, "completed backup" is
     // tasks::COMPLETED_BACKUP_SQL (a test checks both are spelled here).
     // A task never changes its id, kind, rule or VM; were it to, the last
-    // trigger recomputes both VMs.
+    // trigger recomputes both VMs. (Migration 13 replaced the triggers that
+    // recompute with ones reading the one view vm_recount.)
     r#"
     ALTER TABLE vm_status ADD COLUMN last_task INTEGER;          -- tasks.id of the VM's newest task
     ALTER TABLE vm_status ADD COLUMN last_backup INTEGER;        -- tasks.id of its newest completed backup
@@ -318,6 +319,65 @@ const MIGRATIONS: &[&str] = &[
       last_backup = (SELECT MAX(t.id) FROM tasks t WHERE t.rule = vm_status.rule AND t.vm = vm_status.vm
                        AND (kind = 'backup' AND state = 'completed'));
     INSERT OR IGNORE INTO vm_status (rule, vm) SELECT DISTINCT rule, vm FROM tasks;
+    "#,
+    // 13 (review of 12): the recomputation of a VM's three kept values from its
+    // task history, said once. Migration 12 spelled it in five places; the view
+    // vm_recount is now the one definition, and the triggers that recompute
+    // (a new vm_status row, a moved viewed mark, a state change away from the
+    // newest completed backup, a delete, a move) read it. A trigger's `WHERE
+    // r.rule = .. AND r.vm = ..` makes SQLite evaluate the view for that one
+    // row, and only the columns it selects (a test checks the plans).
+    r#"
+    CREATE VIEW vm_recount AS SELECT s.rule, s.vm,
+        (SELECT MAX(t.id) FROM tasks t WHERE t.rule = s.rule AND t.vm = s.vm) AS last_task,
+        (SELECT MAX(t.id) FROM tasks t WHERE t.rule = s.rule AND t.vm = s.vm
+           AND (kind = 'backup' AND state = 'completed')) AS last_backup,
+        (SELECT COUNT(*) FROM tasks t WHERE t.rule = s.rule AND t.vm = s.vm
+           AND t.state IN ('failed','interrupted') AND t.id > s.failures_viewed_through)
+          AS unviewed_failures
+      FROM vm_status s;
+    DROP TRIGGER vm_status_ins;
+    CREATE TRIGGER vm_status_ins AFTER INSERT ON vm_status BEGIN
+        UPDATE vm_status SET (last_task, last_backup, unviewed_failures) =
+          (SELECT last_task, last_backup, unviewed_failures FROM vm_recount r
+           WHERE r.rule = new.rule AND r.vm = new.vm)
+        WHERE rule = new.rule AND vm = new.vm;
+    END;
+    DROP TRIGGER vm_status_viewed;
+    CREATE TRIGGER vm_status_viewed AFTER UPDATE OF failures_viewed_through ON vm_status BEGIN
+        UPDATE vm_status SET unviewed_failures =
+          (SELECT unviewed_failures FROM vm_recount r WHERE r.rule = new.rule AND r.vm = new.vm)
+        WHERE rule = new.rule AND vm = new.vm;
+    END;
+    DROP TRIGGER tasks_status_upd;
+    CREATE TRIGGER tasks_status_upd AFTER UPDATE OF state ON tasks
+    WHEN old.state IS NOT new.state BEGIN
+        UPDATE vm_status SET
+          last_backup = CASE
+            WHEN (new.kind = 'backup' AND new.state = 'completed')
+              THEN MAX(COALESCE(last_backup, 0), new.id)
+            WHEN last_backup = new.id
+              THEN (SELECT r.last_backup FROM vm_recount r WHERE r.rule = new.rule AND r.vm = new.vm)
+            ELSE last_backup END,
+          unviewed_failures = unviewed_failures + (new.id > failures_viewed_through)
+            * ((new.state IN ('failed','interrupted')) - (old.state IN ('failed','interrupted')))
+        WHERE rule = new.rule AND vm = new.vm;
+    END;
+    DROP TRIGGER tasks_status_del;
+    CREATE TRIGGER tasks_status_del AFTER DELETE ON tasks BEGIN
+        UPDATE vm_status SET (last_task, last_backup, unviewed_failures) =
+          (SELECT last_task, last_backup, unviewed_failures FROM vm_recount r
+           WHERE r.rule = vm_status.rule AND r.vm = vm_status.vm)
+        WHERE rule = old.rule AND vm = old.vm;
+    END;
+    DROP TRIGGER tasks_status_move;
+    CREATE TRIGGER tasks_status_move AFTER UPDATE OF id, kind, rule, vm ON tasks BEGIN
+        UPDATE vm_status SET (last_task, last_backup, unviewed_failures) =
+          (SELECT last_task, last_backup, unviewed_failures FROM vm_recount r
+           WHERE r.rule = vm_status.rule AND r.vm = vm_status.vm)
+        WHERE (rule = old.rule AND vm = old.vm) OR (rule = new.rule AND vm = new.vm);
+        INSERT OR IGNORE INTO vm_status (rule, vm) VALUES (new.rule, new.vm);
+    END;
     "#,
 ];
 
