@@ -17,7 +17,8 @@
 #   shown, not a goal); vmbackup full into an empty repository; vmbackup inc after 1%
 #   of the disk changed (256 KiB pieces of random bytes at seeded places, written
 #   through the guest device); vmbackup restore of that incremental to a raw file
-#   (checked identical to the disk with qemu-img compare, and sparse).
+#   (checked identical to the disk with qemu-img compare, and sparse); the full
+#   again with system.conf `compression = none` (shown, not a goal).
 # - Before every timed step the inputs of the step are read into the page cache
 #   (the image; the repository for a restore), after 4 GiB were written to and
 #   deleted from /dev/shm (this machine's memory balloon makes the first writes
@@ -160,6 +161,7 @@ start_vm bench "$B/bench.qcow2"
 QEMU=$(cat "$B/bench.pid")
 NBDSOCK="$B/qemu-nbd.sock"
 
+has_compression=$("$VMB" config show 2>/dev/null | grep -q '^compression' && echo 1 || echo 0)
 for run in $(seq 1 "$RUNS"); do
   echo "== run $run/$RUNS"
   python3 "$LIB/qmp.py" "$B/qmp/bench.qmp" drop-bitmaps
@@ -193,6 +195,15 @@ for run in $(seq 1 "$RUNS"); do
   qemu-img compare -q -U -f raw -F qcow2 "$out" "$B/bench.qcow2" \
     || { echo "bench: the restored disk differs from the source" >&2; exit 1; }
   rm -rf "$B/restore"
+  # The same full with system.conf compression = none (shown, not a goal)
+  if [ "$has_compression" = 1 ]; then
+    python3 "$LIB/qmp.py" "$B/qmp/bench.qmp" drop-bitmaps
+    fresh_state bench bench
+    echo 'compression = none' >> "$VMBACKUP_CONFIG"
+    warm "$B/bench.qcow2"; timed vmbackup-full-none "$QEMU" "$VMB" -v run-now bench --level full
+    sed -i '/^compression = none$/d' "$VMBACKUP_CONFIG"
+    record stored-full-none "$(bytes_of "$B/target")"
+  fi
 done
 stop_vm bench
 rm -f "$B/bench.qcow2"

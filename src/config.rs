@@ -22,12 +22,14 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::error::{invalid, refused};
+use crate::repo::Compression;
 use crate::units::{format_size, parse_size, KIB, MIB};
 
 pub const KEY_TASKS: &str = "bk_tsk_thd";
 pub const KEY_TRANSBUFFER: &str = "i2vp_transbuffer";
 pub const KEY_PER_HOST: &str = "Max_ThreadNum_PerHost";
 pub const KEY_IO_TIMEOUT: &str = "io_timeout";
+pub const KEY_COMPRESSION: &str = "compression";
 pub const KEY_PROMETHEUS: &str = "prometheus_textfile";
 pub const KEY_NOTIFY_URL: &str = "notify_url";
 pub const KEY_NOTIFY_ON: &str = "notify_on";
@@ -46,7 +48,7 @@ pub struct KeyDoc {
 }
 
 /// Every key, in file order: the one list of what system.conf accepts.
-pub const KEYS: [KeyDoc; 10] = [
+pub const KEYS: [KeyDoc; 11] = [
     KeyDoc {
         key: KEY_TASKS,
         default: "8",
@@ -70,6 +72,12 @@ pub const KEYS: [KeyDoc; 10] = [
         default: "120",
         allowed: "whole seconds from 1 to 86400: 120, 90s, 2m (a bare number is seconds)",
         meaning: "How long a sent QMP command, NBD request or libvirt call may wait for its answer before the hypervisor is taken to be stuck and the task fails cleanly. Time in a bandwidth pause window does not count.",
+    },
+    KeyDoc {
+        key: KEY_COMPRESSION,
+        default: "zstd",
+        allowed: "zstd or none",
+        meaning: "How backups store new chunks: zstd (level 1, only where it shrinks a chunk, each checked to decode before it is stored) or none (every chunk as it is: a full backup takes about half the CPU and stores more bytes; for few cores, or storage that compresses by itself). Restores, verify and copies read both forms.",
     },
     KeyDoc {
         key: KEY_PROMETHEUS,
@@ -197,6 +205,8 @@ pub struct SystemConfig {
     pub max_threads_per_host: u32,
     /// The deadline of every QMP command and NBD request ([`DEFAULT_IO_TIMEOUT`]).
     pub io_timeout: Duration,
+    /// How backups store new chunks and deltas.
+    pub compression: Compression,
     pub monitoring: Monitoring,
     /// Where each key set in the file was set; keys not listed have their default.
     pub sources: BTreeMap<&'static str, Source>,
@@ -209,6 +219,7 @@ impl Default for SystemConfig {
             i2vp_transbuffer: DEFAULT_TRANSBUFFER,
             max_threads_per_host: DEFAULT_PER_HOST,
             io_timeout: DEFAULT_IO_TIMEOUT,
+            compression: Compression::default(),
             monitoring: Monitoring {
                 notify_timeout: DEFAULT_NOTIFY_TIMEOUT,
                 ..Monitoring::default()
@@ -336,6 +347,10 @@ impl SystemConfig {
                     parse_count(key, value, "an integer >= 1, at most bk_tsk_thd (R42)")?
             }
             KEY_IO_TIMEOUT => self.io_timeout = parse_io_timeout(value)?,
+            KEY_COMPRESSION => {
+                self.compression = Compression::parse(value)
+                    .ok_or_else(|| invalid(key, value, "allowed zstd or none"))?
+            }
             KEY_PROMETHEUS => self.monitoring.prometheus_textfile = Some(parse_textfile(value)?),
             KEY_NOTIFY_URL => self.monitoring.notify_url = Some(parse_url(key, value)?),
             KEY_NOTIFY_ON => self.monitoring.notify_on = parse_notify_on(value)?,
@@ -411,6 +426,7 @@ impl SystemConfig {
                         Some(humantime::format_duration(self.io_timeout).to_string()),
                         Some(self.io_timeout.as_secs()),
                     ),
+                    KEY_COMPRESSION => (Some(self.compression.as_str().to_string()), None),
                     KEY_PROMETHEUS => (path(&m.prometheus_textfile), None),
                     KEY_NOTIFY_URL => (m.notify_url.clone(), None),
                     KEY_NOTIFY_ON => (Some(m.notify_on.to_string()), None),
@@ -776,12 +792,32 @@ mod tests {
         }
     }
 
+    /// Every name of `Compression` is accepted and documented; anything else
+    /// is refused naming the key and the allowed values.
+    #[test]
+    fn compression_values() {
+        assert_eq!(parse("").unwrap().compression, Compression::Zstd);
+        let doc = KEYS.iter().find(|k| k.key == KEY_COMPRESSION).unwrap();
+        for (mode, name) in Compression::ALL {
+            let config = parse(&format!("compression = {name}")).unwrap();
+            assert_eq!(config.compression, mode);
+            assert!(doc.allowed.contains(name), "{name} documented");
+        }
+        for bad in ["lz4", "ZSTD", "off", ""] {
+            let msg = error(&format!("compression = {bad}"));
+            assert_eq!(
+                msg,
+                format!("/etc/vmbackup/system.conf:1: invalid compression '{bad}': allowed zstd or none")
+            );
+        }
+    }
+
     #[test]
     fn unknown_key_named_with_known_ones() {
         let msg = error("bk_tsk_thd = 4\nthreads = 4");
         assert_eq!(
             msg,
-            "/etc/vmbackup/system.conf:2: unknown key 'threads'; known keys: bk_tsk_thd, i2vp_transbuffer, Max_ThreadNum_PerHost, io_timeout, prometheus_textfile, notify_url, notify_on, notify_header_file, notify_command, notify_timeout"
+            "/etc/vmbackup/system.conf:2: unknown key 'threads'; known keys: bk_tsk_thd, i2vp_transbuffer, Max_ThreadNum_PerHost, io_timeout, compression, prometheus_textfile, notify_url, notify_on, notify_header_file, notify_command, notify_timeout"
         );
         let msg = error("max_threadnum_perhost = 4");
         assert!(msg.contains("did you mean Max_ThreadNum_PerHost?"), "{msg}");
@@ -835,13 +871,14 @@ mod tests {
         );
         assert_eq!(entries.len(), KEYS.len());
         assert_eq!(shown[3], ("io_timeout", Some("2m"), Some(120), "default"));
-        assert_eq!(shown[4], ("prometheus_textfile", None, None, "default"));
+        assert_eq!(shown[4], ("compression", Some("zstd"), None, "default"));
+        assert_eq!(shown[5], ("prometheus_textfile", None, None, "default"));
         assert_eq!(
-            shown[6],
+            shown[7],
             ("notify_on", Some("failure,fallback"), None, "default")
         );
         assert_eq!(
-            shown[9],
+            shown[10],
             ("notify_timeout", Some("10s"), Some(10), "default")
         );
         let json = serde_json::to_string(&entries[1]).unwrap();

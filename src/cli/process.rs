@@ -90,6 +90,7 @@ impl TaskSession {
                     per_host: cfg.max_threads_per_host,
                 },
                 chunk_size: cfg.i2vp_transbuffer as u32,
+                compression: cfg.compression,
                 clock: Clock::process(),
                 monitor: monitor.clone(),
             },

@@ -15,7 +15,7 @@
 
 use anyhow::{bail, Context, Result};
 
-use super::codec::Codec;
+use super::codec::{Codec, Compression};
 use super::crypto::Naming;
 use super::format::{CHUNK_MAGIC, MAX_CHUNK_SIZE};
 
@@ -78,14 +78,18 @@ impl EncodedChunk<'_> {
     }
 }
 
-/// Encode `data` as a chunk object: zstd when that shrinks it (checked by the
-/// codec: the payload decompresses to `data`), raw otherwise.
-pub fn encode_chunk_with<'a>(codec: &'a mut Codec, data: &'a [u8]) -> Result<EncodedChunk<'a>> {
+/// Encode `data` as a chunk object: zstd when `mode` allows it and that shrinks
+/// it (checked by the codec: the payload decompresses to `data`), raw otherwise.
+pub fn encode_chunk_with<'a>(
+    codec: &'a mut Codec,
+    data: &'a [u8],
+    mode: Compression,
+) -> Result<EncodedChunk<'a>> {
     let len = u32::try_from(data.len())
         .ok()
         .filter(|&n| n <= MAX_CHUNK_SIZE)
         .with_context(|| format!("chunk of {} bytes exceeds the 32 MiB limit", data.len()))?;
-    let (compression, payload) = match codec.compress(data)? {
+    let (compression, payload) = match codec.compress(data, mode)? {
         Some(packed) => (COMPRESSION_ZSTD, packed),
         None => (COMPRESSION_RAW, data),
     };
@@ -101,7 +105,7 @@ pub fn encode_chunk_with<'a>(codec: &'a mut Codec, data: &'a [u8]) -> Result<Enc
 /// [`encode_chunk_with`] this thread's codec, as one buffer.
 #[cfg(test)]
 pub fn encode_chunk(data: &[u8]) -> Result<Vec<u8>> {
-    Codec::with(|c| Ok(encode_chunk_with(c, data)?.to_vec()))
+    Codec::with(|c| Ok(encode_chunk_with(c, data, Compression::Zstd)?.to_vec()))
 }
 
 /// Decode a chunk object and check that its content hashes to `expected`.

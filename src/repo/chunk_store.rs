@@ -21,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use chrono::Utc;
 
 use super::chunk::{decode_chunk_named, digest_hex, encode_chunk_with, parse_digest_hex, Digest};
-use super::codec::Codec;
+use super::codec::{Codec, Compression};
 use super::crypto::{Naming, Unauthentic};
 use super::delta::{decode_delta_named, encode_delta, Delta, BASE_OFFSET};
 use super::format::DELTA_MAGIC;
@@ -64,6 +64,8 @@ pub struct ChunkStore {
     raw: Arc<dyn Store>,
     /// How ids are computed (keyed in an encrypted repository).
     naming: Naming,
+    /// How new objects are encoded (system.conf `compression`).
+    compression: Compression,
 }
 
 /// The key of the object with id `digest`: `chunks/ab/cd/<hex>`.
@@ -94,15 +96,31 @@ impl ChunkStore {
         raw: Arc<dyn Store>,
         naming: Naming,
     ) -> ChunkStore {
-        ChunkStore { store, raw, naming }
+        ChunkStore {
+            store,
+            raw,
+            naming,
+            compression: Compression::default(),
+        }
     }
 
-    /// Hash `data`, and store it compressed unless a chunk with that digest exists.
+    /// The same objects, new ones encoded with `compression`.
+    pub(crate) fn with_compression(&self, compression: Compression) -> ChunkStore {
+        ChunkStore {
+            store: self.store.clone(),
+            raw: self.raw.clone(),
+            naming: self.naming,
+            compression,
+        }
+    }
+
+    /// Hash `data`, and store it (compressed as this store says) unless a chunk
+    /// with that digest exists.
     pub fn insert(&self, data: &[u8]) -> Result<Inserted> {
         let digest = self.naming.chunk_id(data);
         self.store_object(digest, |key| {
             Codec::with(|codec| {
-                let object = encode_chunk_with(codec, data)
+                let object = encode_chunk_with(codec, data, self.compression)
                     .with_context(|| format!("cannot encode chunk {}", digest_hex(&digest)))?;
                 self.store
                     .put_if_absent_deferred_parts(key, &object.parts())?;
@@ -115,7 +133,7 @@ impl ChunkStore {
     pub fn insert_delta(&self, delta: &Delta) -> Result<Inserted> {
         let id = delta.id_with(&self.naming);
         self.store_object(id, |key| {
-            let object = encode_delta(delta)
+            let object = encode_delta(delta, self.compression)
                 .with_context(|| format!("cannot encode delta {}", digest_hex(&id)))?;
             let len = object.len() as u64;
             self.store.put_if_absent_deferred(key, object)?;

@@ -44,6 +44,43 @@ const CHECK_WINDOW: usize = 128 * 1024;
 /// nowhere else.
 const TEST_CORRUPT_COMPRESSOR: &str = "VMBACKUP_TEST_CORRUPT_COMPRESSOR";
 
+/// How new payloads are stored (system.conf `compression`). Either way every
+/// reader decodes both forms: the object header says which one it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// zstd level 1 where it shrinks the payload, checked to decode; raw
+    /// otherwise (module docs).
+    #[default]
+    Zstd,
+    /// Every payload raw: about half the CPU of a full backup, more bytes
+    /// stored (for storage that compresses by itself, or fast disks and few
+    /// cores).
+    None,
+}
+
+impl Compression {
+    /// Every value with its name in system.conf.
+    pub const ALL: [(Compression, &'static str); 2] =
+        [(Compression::Zstd, "zstd"), (Compression::None, "none")];
+
+    /// The name in system.conf.
+    pub fn as_str(self) -> &'static str {
+        Compression::ALL
+            .iter()
+            .find(|(c, _)| *c == self)
+            .map(|(_, name)| *name)
+            .expect("every value is listed")
+    }
+
+    /// The value named `name`, if one is.
+    pub fn parse(name: &str) -> Option<Compression> {
+        Compression::ALL
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(c, _)| *c)
+    }
+}
+
 /// Per-thread zstd state and buffers (module docs).
 pub struct Codec {
     compressor: zstd::bulk::Compressor<'static>,
@@ -101,12 +138,12 @@ impl Codec {
         })
     }
 
-    /// `data` compressed with zstd and checked, or `None` when it is better
-    /// stored raw (the probe found it incompressible, or compression did not
-    /// shrink it). An error when the compressed form does not decompress to
-    /// `data`: nothing may be stored then.
-    pub fn compress(&mut self, data: &[u8]) -> Result<Option<&[u8]>> {
-        if self.incompressible(data)? {
+    /// `data` compressed with zstd and checked, or `None` when it is to be
+    /// stored raw (`mode` is [`Compression::None`], the probe found it
+    /// incompressible, or compression did not shrink it). An error when the
+    /// compressed form does not decompress to `data`: nothing may be stored then.
+    pub fn compress(&mut self, data: &[u8], mode: Compression) -> Result<Option<&[u8]>> {
+        if mode == Compression::None || self.incompressible(data)? {
             return Ok(None);
         }
         let n = self.compress_into_out(data)?;
@@ -199,18 +236,46 @@ mod tests {
         let text = b"the quick brown fox jumps over the lazy dog. ".repeat(100_000);
         let small = b"abc".repeat(1000);
         Codec::with(|c| {
-            let packed = c.compress(&text)?.expect("text shrinks").to_vec();
+            let packed = c
+                .compress(&text, Compression::Zstd)?
+                .expect("text shrinks")
+                .to_vec();
             assert!(packed.len() < text.len() / 10);
             assert_eq!(zstd::bulk::decompress(&packed, text.len())?, text);
             assert!(
-                c.compress(&small)?.is_some(),
+                c.compress(&small, Compression::Zstd)?.is_some(),
                 "small payloads skip the probe"
             );
-            assert!(c.compress(&noise(4 << 20, 7))?.is_none(), "probe says raw");
-            assert!(c.compress(&noise(1000, 7))?.is_none(), "no gain, raw");
+            assert!(
+                c.compress(&noise(4 << 20, 7), Compression::Zstd)?.is_none(),
+                "probe says raw"
+            );
+            assert!(
+                c.compress(&noise(1000, 7), Compression::Zstd)?.is_none(),
+                "no gain, raw"
+            );
             Ok(())
         })
         .unwrap();
+    }
+
+    /// `none` stores every payload raw, however well it compresses; the names
+    /// round trip.
+    #[test]
+    fn compression_none_leaves_every_payload_raw() {
+        let text = b"the quick brown fox jumps over the lazy dog. ".repeat(100_000);
+        Codec::with(|c| {
+            assert!(c.compress(&text, Compression::None)?.is_none());
+            assert!(c.compress(&text, Compression::Zstd)?.is_some());
+            Ok(())
+        })
+        .unwrap();
+        for (mode, name) in Compression::ALL {
+            assert_eq!(Compression::parse(name), Some(mode));
+            assert_eq!(mode.as_str(), name);
+        }
+        assert_eq!(Compression::parse("lz4"), None);
+        assert_eq!(Compression::default(), Compression::Zstd);
     }
 
     #[test]
@@ -219,7 +284,7 @@ mod tests {
         data.extend(b"lorem ipsum dolor sit amet ".repeat(80_000));
         data.truncate(4 << 20);
         Codec::with(|c| {
-            assert!(c.compress(&data)?.is_some());
+            assert!(c.compress(&data, Compression::Zstd)?.is_some());
             Ok(())
         })
         .unwrap();
@@ -230,13 +295,13 @@ mod tests {
         let text = b"some text that compresses well. ".repeat(50_000);
         let mut c = Codec::new().unwrap();
         c.corrupt = true;
-        let err = c.compress(&text).unwrap_err();
+        let err = c.compress(&text, Compression::Zstd).unwrap_err();
         assert!(
             format!("{err:#}").contains("zstd round trip of a new payload"),
             "{err:#}"
         );
         // The same codec works again once the fault is gone.
         c.corrupt = false;
-        assert!(c.compress(&text).unwrap().is_some());
+        assert!(c.compress(&text, Compression::Zstd).unwrap().is_some());
     }
 }

@@ -30,7 +30,7 @@
 use anyhow::{bail, Context, Result};
 
 use super::chunk::{digest_hex, Digest};
-use super::codec::Codec;
+use super::codec::{Codec, Compression};
 use super::crypto::Naming;
 use super::format::{DELTA_MAGIC, MAX_CHUNK_SIZE};
 
@@ -187,8 +187,8 @@ fn merge(older: Vec<Patch>, newer: Vec<Patch>) -> Vec<Patch> {
 }
 
 /// Encode a delta object; its payload goes through the codec (compressed only
-/// when that shrinks it, and then checked), like a chunk's.
-pub fn encode_delta(d: &Delta) -> Result<Vec<u8>> {
+/// when `mode` allows it and that shrinks it, and then checked), like a chunk's.
+pub fn encode_delta(d: &Delta, mode: Compression) -> Result<Vec<u8>> {
     d.check()?;
     let mut bytes = Vec::with_capacity(d.patch_bytes() as usize);
     for p in &d.patches {
@@ -196,7 +196,7 @@ pub fn encode_delta(d: &Delta) -> Result<Vec<u8>> {
     }
     let raw_len = u32::try_from(bytes.len()).context("delta too large")?;
     Codec::with(|codec| {
-        let (compression, payload) = match codec.compress(&bytes)? {
+        let (compression, payload) = match codec.compress(&bytes, mode)? {
             Some(packed) => (1u8, packed),
             None => (0u8, &bytes[..]),
         };
@@ -317,7 +317,7 @@ mod tests {
     fn round_trip_and_apply() {
         let base = vec![7u8; 1000];
         let d = Delta::new(digest_of(&base), 1000, vec![p(900, 1, 100), p(0, 2, 10)]).unwrap();
-        let obj = encode_delta(&d).unwrap();
+        let obj = encode_delta(&d, Compression::Zstd).unwrap();
         let back = decode_delta(&obj, &d.id()).unwrap();
         assert_eq!(back, d);
         let mut content = base.clone();
@@ -343,7 +343,7 @@ mod tests {
     #[test]
     fn damage_and_bad_patches_are_refused() {
         let d = Delta::new([9; 32], 64, vec![p(8, 5, 8)]).unwrap();
-        let obj = encode_delta(&d).unwrap();
+        let obj = encode_delta(&d, Compression::Zstd).unwrap();
         let mut bad = obj.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;

@@ -64,6 +64,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub use chunk::{decode_chunk, digest_hex, digest_of, parse_digest_hex, Digest};
 pub use chunk_store::{digest_of_key, object_key, ChunkError, ChunkStore, Inserted};
+pub use codec::Compression;
 pub use crypto::{KeySource, Naming};
 pub use delta::{decode_delta, Delta, Patch};
 pub use format::{
@@ -330,6 +331,14 @@ impl Repository {
     /// Where the repository is, for messages (`/mnt/backup/web`).
     pub fn location(&self) -> &str {
         &self.location
+    }
+
+    /// This repository with new chunk and delta objects encoded with
+    /// `compression` (system.conf `compression`; objects already stored, in
+    /// either form, are read as before).
+    pub fn with_compression(mut self, compression: Compression) -> Repository {
+        self.chunks = Arc::new(self.chunks.with_compression(compression));
+        self
     }
 
     /// The chunk store (shared by all VMs).

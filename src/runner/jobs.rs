@@ -365,7 +365,7 @@ fn backup(
     let job = BackupJob {
         platform: prow.name.clone(),
         vm: spec.vm.clone(),
-        repo,
+        repo: repo.with_compression(runner.cfg.compression),
         requested: level,
         auto_cbt: rule.settings.auto_cbt,
         cbt: rule.settings.cbt,

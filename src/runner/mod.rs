@@ -42,7 +42,7 @@ use crate::recovery::boot::{BootOptions, BootReport};
 use crate::recovery::cmdline::LaunchOptions;
 use crate::recovery::mirror::MigrationReport;
 use crate::recovery::{RecoverOptions, RecoveryReport};
-use crate::repo::Manifest;
+use crate::repo::{Compression, Manifest};
 use crate::restore::{ImageFormat, RestoreReport};
 use crate::state::rules::RuleRow;
 use crate::state::slots::{Admission, Limits, SlotAnswer};
@@ -309,6 +309,8 @@ pub struct RunnerConfig {
     pub io_timeout: Duration,
     pub limits: Limits,
     pub chunk_size: u32,
+    /// How backups store new chunks (system.conf `compression`).
+    pub compression: Compression,
     pub clock: Clock,
     /// Metrics and notifications of tasks that end (system.conf monitoring).
     pub monitor: Arc<Monitor>,
