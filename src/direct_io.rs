@@ -66,6 +66,11 @@ pub struct DirectWriter<'a> {
     piece: usize,
     /// The end of the furthest padded write, to cut back at `finish`.
     padded_end: u64,
+    /// Tests only: direct writes that succeed before every later one is
+    /// refused as a file system would (EINVAL), so the switch to the page
+    /// cache in the middle of a range runs.
+    #[cfg(test)]
+    refuse_after: Option<usize>,
 }
 
 impl<'a> DirectWriter<'a> {
@@ -85,6 +90,8 @@ impl<'a> DirectWriter<'a> {
             buf,
             piece: piece.max(BLOCK),
             padded_end: 0,
+            #[cfg(test)]
+            refuse_after: None,
         }
     }
 
@@ -103,7 +110,20 @@ impl<'a> DirectWriter<'a> {
             let filled = copy_from(parts, done, piece);
             piece[filled..].fill(0); // a last partial block's padding
             let at = offset + done as u64;
-            match self.file.write_all_at(piece, at) {
+            #[cfg(test)]
+            let refused = match &mut self.refuse_after {
+                Some(0) => Some(std::io::Error::from_raw_os_error(
+                    rustix::io::Errno::INVAL.raw_os_error(),
+                )),
+                Some(n) => {
+                    *n -= 1;
+                    None
+                }
+                None => None,
+            };
+            #[cfg(not(test))]
+            let refused = None;
+            match refused.map_or_else(|| self.file.write_all_at(piece, at), Err) {
                 Ok(()) => {
                     if filled < piece.len() {
                         self.padded_end = self.padded_end.max(at + piece.len() as u64);
@@ -290,6 +310,41 @@ mod tests {
                     assert!(std::fs::read(&path).unwrap() == data, "{what}");
                 }
             }
+        }
+    }
+
+    /// A file system that takes `O_DIRECT` when it is set and then refuses a
+    /// direct write (the refusal simulated after `n` good writes): the rest of
+    /// that range and every later one go through the page cache, and the file
+    /// holds exactly the bytes written, the padding of the last direct piece
+    /// cut back or overwritten.
+    #[test]
+    fn a_direct_write_refused_midway_finishes_through_the_page_cache() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        assert!(
+            takes_direct(dir.path()),
+            "the checkout's file system must take O_DIRECT for this test"
+        );
+        let piece = 4 * BLOCK;
+        let data: Vec<u8> = (0..10 * BLOCK + 100).map(|j| (j % 253) as u8 | 1).collect();
+        let (first, second) = data.split_at(6 * BLOCK);
+        for n in 0..5 {
+            let path = dir.path().join(format!("f{n}"));
+            let file = File::create_new(&path).unwrap();
+            let mut buf = Vec::new();
+            let mut w = DirectWriter::new(&file, true, &mut buf, piece);
+            w.refuse_after = Some(n);
+            w.write_at(0, &[&first[..100], &first[100..]]).unwrap();
+            assert_eq!(w.is_direct(), n >= 2, "{n} good writes: 6 blocks take 2");
+            w.write_at(first.len() as u64, &[second]).unwrap();
+            assert_eq!(
+                w.is_direct(),
+                n >= 4,
+                "{n} good writes: 4 blocks and 100 bytes take 2 more"
+            );
+            w.finish(data.len() as u64).unwrap();
+            drop(file);
+            assert!(std::fs::read(&path).unwrap() == data, "refused after {n}");
         }
     }
 }
