@@ -88,6 +88,31 @@ impl Lab {
         )
     }
 
+    /// Start an inc whose transfers pause all day, so it holds its backup job
+    /// open; SIGKILL it once the job and its checkpoint (the `checkpoints`-th
+    /// of ours) exist; check libvirt's job is left behind; lift the pause.
+    fn kill_an_inc_with_its_job_open(&self, checkpoints: usize) {
+        let d = &self.dom;
+        self.env.ok(&[
+            "rule",
+            "edit",
+            "r",
+            "--bandwidth",
+            "mon-sun 00:00-24:00 pause",
+        ]);
+        let mut run = spawn(&self.env, &[], &["run-now", "r", "--level", "inc"]);
+        wait_until(
+            || d.has_backup_job() && ours(&d.checkpoints()).len() == checkpoints,
+            "the inc's backup job",
+        );
+        run.sigkill();
+        assert!(
+            d.has_backup_job(),
+            "a killed run leaves libvirt's job behind"
+        );
+        self.env.ok(&["rule", "edit", "r", "--clear-bandwidth"]);
+    }
+
     /// Restore `point` and return the digest of disk `target`.
     fn restored(&self, point: &str, target: &str) -> String {
         let dir = self.env.path(&format!("restore-{point}"));
@@ -446,6 +471,15 @@ fn lost_checkpoints_are_redefined_or_the_run_falls_back_to_full_r26() {
 /// A `run-now` child process, killed on drop.
 struct Running(Option<Child>);
 
+impl Running {
+    /// SIGKILL the process (no handler runs) and reap it.
+    fn sigkill(&mut self) {
+        let mut child = self.0.take().expect("still running");
+        child.kill().unwrap();
+        let _ = child.wait();
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
@@ -491,32 +525,8 @@ fn sigkill_mid_backup_then_the_next_inc_cleans_up_and_is_exact_r44() {
     d.write_random("vda", 0, 2 * MIB, 4);
     let (p1, _) = l.backup("full", "full", 0);
     d.write_random("vda", 4 * MIB, 4 * MIB, 5);
-    // Transfers pause all day: the inc holds its backup job open until killed.
-    l.env.ok(&[
-        "rule",
-        "edit",
-        "r",
-        "--bandwidth",
-        "mon-sun 00:00-24:00 pause",
-    ]);
-    let mut run = spawn(&l.env, &[], &["run-now", "r", "--level", "inc"]);
-    wait_until(
-        || d.has_backup_job() && ours(&d.checkpoints()).len() == 2,
-        "the inc's backup job",
-    );
-    let pid = run.0.as_ref().unwrap().id();
-    Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    let _ = run.0.take().unwrap().wait();
-    assert!(
-        d.has_backup_job(),
-        "a killed run leaves libvirt's job behind"
-    );
+    l.kill_an_inc_with_its_job_open(2);
     d.write("vda", 12 * MIB, 64 * 1024, 0x66); // after the kill: must not be lost
-
-    l.env.ok(&["rule", "edit", "r", "--clear-bandwidth"]);
     let (p2, _) = l.backup("inc", "inc", 0);
     // The dead run's task was reclaimed first: its log says what was repaired.
     let logs = l.env.ok(&["logs", "r"]);
@@ -625,12 +635,7 @@ fn quiesce_freezes_through_the_guest_agent_and_a_killed_run_is_thawed_r10_r44() 
         d.agent(r#"{"execute":"guest-fsfreeze-status"}"#)["return"],
         "frozen"
     );
-    let pid = run.0.as_ref().unwrap().id();
-    Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    let _ = run.0.take().unwrap().wait();
+    run.sigkill();
     assert_eq!(
         d.agent(r#"{"execute":"guest-fsfreeze-status"}"#)["return"],
         "frozen"
@@ -895,26 +900,7 @@ fn remote_host_backups_go_over_nbd_with_tls_and_restore_exact() {
     // SIGKILL while the inc's job is open: the next run ends the job (recognised
     // by its scratch files' names on the host) and its inc is exact.
     d.write_random("vda", 8 * MIB, MIB, 23);
-    l.env.ok(&[
-        "rule",
-        "edit",
-        "r",
-        "--bandwidth",
-        "mon-sun 00:00-24:00 pause",
-    ]);
-    let mut run = spawn(&l.env, &[], &["run-now", "r", "--level", "inc"]);
-    wait_until(
-        || d.has_backup_job() && ours(&d.checkpoints()).len() == 3,
-        "the inc's backup job",
-    );
-    let pid = run.0.as_ref().unwrap().id();
-    Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    let _ = run.0.take().unwrap().wait();
-    assert!(d.has_backup_job());
-    l.env.ok(&["rule", "edit", "r", "--clear-bandwidth"]);
+    l.kill_an_inc_with_its_job_open(3);
     let (p3, _) = l.backup("inc", "inc", 0);
     let e3 = d.shadow_digest("vda");
     let logs = l.env.ok(&["logs", "r"]);
