@@ -7,7 +7,8 @@
 //! is decompressed again and compared before anything is stored (docs/FORMAT.md,
 //! "What guarantees a chunk decodes to its digest"). A failed comparison is an
 //! error, so a faulty compressor (or memory) fails the backup instead of storing
-//! a chunk that would not decode to its digest.
+//! a chunk that would not decode to its digest. With system.conf
+//! `compression = none` ([`Compression::None`]) every payload is left raw.
 //!
 //! It is made cheap three ways: a probe of a few small samples skips the full
 //! compression of incompressible data (random bytes, encrypted or already
