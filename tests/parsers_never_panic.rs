@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 
 use vmbackup::config::SystemConfig;
 use vmbackup::error::{exit_code_of, ExitCode};
-use vmbackup::nbd::inflight::{Inflight, Op};
+use vmbackup::nbd::inflight::{Coverage, Inflight, Op};
 use vmbackup::nbd::{handshake, proto, reader};
 use vmbackup::platform::qmp::Qmp;
 use vmbackup::repo::{decode_chunk, decode_delta, digest_of, DiskIndex, Manifest};
@@ -807,8 +807,8 @@ proptest! {
         let inflight = Arc::new(Inflight::default());
         let mut waiters = Vec::new();
         for op in [
-            Op::Read { offset: 0, buf: vec![0; 4096], covered: 0 },
-            Op::Read { offset: 65536, buf: vec![0; 8192], covered: 0 },
+            Op::Read { offset: 0, buf: vec![0; 4096], covered: Coverage::default() },
+            Op::Read { offset: 65536, buf: vec![0; 8192], covered: Coverage::default() },
             Op::BlockStatus { chunks: Vec::new() },
             Op::Plain,
         ] {

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 
 use super::extents::{self, Extent};
 use super::handshake::{self, Negotiated};
-use super::inflight::{Inflight, Op};
+use super::inflight::{Coverage, Inflight, Op};
 use super::proto::{self, Request};
 use super::reader;
 use super::tls;
@@ -215,14 +215,13 @@ impl NbdClient {
         if len == 0 {
             return Ok(Vec::new());
         }
-        // A reused buffer (crate::buffers), zeroed: what a reply leaves
-        // uncovered is refused (`covered`), never read as an older chunk's bytes.
-        let mut buf = crate::buffers::take(len as usize);
-        buf.resize(len as usize, 0);
+        // A reused buffer (crate::buffers), not cleared: a read succeeds only
+        // when its reply wrote every byte exactly once (`Coverage`), so none of
+        // an earlier chunk's bytes can be returned.
         let op = Op::Read {
             offset,
-            buf,
-            covered: 0,
+            buf: crate::buffers::take_overwritten(len as usize),
+            covered: Coverage::default(),
         };
         match self.submit(proto::CMD_READ, offset, len, op, None).await? {
             Op::Read { buf, .. } => Ok(buf),

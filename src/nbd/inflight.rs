@@ -15,17 +15,56 @@ use tokio::sync::oneshot;
 /// What a request is and what its reply has delivered so far.
 #[derive(Debug)]
 pub enum Op {
-    /// `NBD_CMD_READ`: `buf` starts zeroed (holes need no copy); `covered` counts
-    /// the bytes that data or hole chunks have answered.
+    /// `NBD_CMD_READ`: `buf` holds any bytes at first (a reused buffer);
+    /// `covered` records the ranges that data and hole chunks (zeros) have
+    /// written, which must tile it exactly before the read succeeds.
     Read {
         offset: u64,
         buf: Vec<u8>,
-        covered: u64,
+        covered: Coverage,
     },
     /// `NBD_CMD_BLOCK_STATUS`: one (context id, descriptors) entry per chunk.
     BlockStatus { chunks: Vec<(u32, Vec<(u32, u32)>)> },
     /// Commands whose reply carries nothing but success or an error (write, flush).
     Plain,
+}
+
+/// The ranges of a read's buffer that its reply has written. A read succeeds
+/// only when they tile the buffer exactly: every byte written once, so nothing
+/// of the buffer's earlier use can reach the caller, and a server that sends
+/// overlapping chunks (which the NBD protocol forbids) or too few is refused.
+#[derive(Debug, Default)]
+pub struct Coverage {
+    ranges: Vec<std::ops::Range<usize>>,
+}
+
+impl Coverage {
+    /// Record that `range` of the buffer was written.
+    pub fn add(&mut self, range: std::ops::Range<usize>) {
+        if !range.is_empty() {
+            self.ranges.push(range);
+        }
+    }
+
+    /// Ok when the ranges tile `[0, len)`; else why not.
+    pub fn check(&mut self, len: usize) -> Result<(), String> {
+        self.ranges.sort_unstable_by_key(|r| r.start);
+        let mut end = 0;
+        for r in &self.ranges {
+            if r.start < end {
+                return Err(format!("chunks overlap at byte {} of the request", r.start));
+            }
+            if r.start > end {
+                break;
+            }
+            end = r.end;
+        }
+        let answered: usize = self.ranges.iter().map(|r| r.len()).sum();
+        if end != len {
+            return Err(format!("answered {answered} of {len} bytes"));
+        }
+        Ok(())
+    }
 }
 
 /// One request waiting for (the rest of) its reply.

@@ -192,7 +192,7 @@ async fn simple_reply<R: AsyncRead + Unpin>(
     match &mut pending.op {
         Op::Read { buf, covered, .. } => {
             replies.payload(buf).await?;
-            *covered = buf.len() as u64;
+            covered.add(0..buf.len());
         }
         Op::BlockStatus { .. } => pending.fail("server sent a simple reply to BLOCK_STATUS".into()),
         Op::Plain => {}
@@ -224,8 +224,8 @@ async fn chunk<R: AsyncRead + Unpin>(
                 covered,
             } => match slot(*offset, buf.len(), data_offset, data_len) {
                 Some(range) => {
-                    replies.payload(&mut buf[range]).await?;
-                    *covered += u64::from(data_len);
+                    replies.payload(&mut buf[range.clone()]).await?;
+                    covered.add(range);
                 }
                 None => {
                     let what = format!(
@@ -260,8 +260,8 @@ async fn chunk<R: AsyncRead + Unpin>(
                     covered,
                 } => match slot(*offset, buf.len(), hole_offset, hole_len) {
                     Some(range) => {
-                        buf[range].fill(0);
-                        *covered += u64::from(hole_len);
+                        buf[range.clone()].fill(0);
+                        covered.add(range);
                     }
                     None => pending.fail(format!(
                         "server sent a {hole_len}-byte hole at offset {hole_offset}, \
@@ -306,13 +306,10 @@ fn finish(pending: &mut Pending) {
         offset,
         buf,
         covered,
-    } = &pending.op
+    } = &mut pending.op
     {
-        if *covered != buf.len() as u64 {
-            let message = format!(
-                "server answered {covered} of {} bytes at offset {offset}",
-                buf.len()
-            );
+        if let Err(why) = covered.check(buf.len()) {
+            let message = format!("server's reply to the read at offset {offset}: {why}");
             pending.fail(message);
         }
     }
@@ -320,6 +317,7 @@ fn finish(pending: &mut Pending) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::inflight::Coverage;
     use super::*;
 
     #[tokio::test]
@@ -351,6 +349,40 @@ mod tests {
         let mut more = [0u8; 1];
         let e = s.payload(&mut more).await.unwrap_err();
         assert!(e.to_string().contains("inside a reply payload"), "{e}");
+    }
+
+    /// A read's reply must write each byte of its buffer exactly once.
+    #[test]
+    fn coverage_must_tile_the_buffer() {
+        let check = |ranges: &[(usize, usize)]| {
+            let mut c = Coverage::default();
+            for &(a, b) in ranges {
+                c.add(a..b);
+            }
+            c.check(100)
+        };
+        assert_eq!(check(&[(0, 100)]), Ok(()));
+        assert_eq!(check(&[(60, 100), (0, 10), (10, 60)]), Ok(()), "any order");
+        assert_eq!(
+            check(&[(0, 50), (50, 50), (50, 100)]),
+            Ok(()),
+            "empty chunks"
+        );
+        assert_eq!(check(&[]), Err("answered 0 of 100 bytes".into()));
+        assert_eq!(
+            check(&[(0, 40), (60, 100)]),
+            Err("answered 80 of 100 bytes".into())
+        );
+        assert_eq!(check(&[(10, 100)]), Err("answered 90 of 100 bytes".into()));
+        // Byte counts that add up, but overlap: half the buffer never written.
+        assert_eq!(
+            check(&[(0, 50), (0, 50)]),
+            Err("chunks overlap at byte 0 of the request".into())
+        );
+        assert_eq!(
+            check(&[(0, 60), (40, 100)]),
+            Err("chunks overlap at byte 40 of the request".into())
+        );
     }
 
     #[test]
