@@ -43,15 +43,23 @@ impl FreeList {
     /// An empty buffer with room for at least `capacity` bytes: a kept one when
     /// one is large enough, else a new one.
     pub fn take(&self, capacity: usize) -> Vec<u8> {
-        if capacity >= MIN_KEPT {
-            let mut free = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = free.iter().position(|b| b.capacity() >= capacity) {
-                let mut buf = free.swap_remove(i);
+        match self.kept(capacity) {
+            Some(mut buf) => {
                 buf.clear();
-                return buf;
+                buf
             }
+            None => Vec::with_capacity(capacity),
         }
-        Vec::with_capacity(capacity)
+    }
+
+    /// A kept buffer with room for `capacity` bytes, as its last use left it.
+    fn kept(&self, capacity: usize) -> Option<Vec<u8>> {
+        if capacity < MIN_KEPT {
+            return None;
+        }
+        let mut free = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        let i = free.iter().position(|b| b.capacity() >= capacity)?;
+        Some(free.swap_remove(i))
     }
 
     /// A buffer of exactly `len` bytes whose content is unspecified: a kept
@@ -61,17 +69,14 @@ impl FreeList {
     /// caller that writes every byte before any is read and checks that it did
     /// (the NBD client: `nbd::inflight::Coverage`).
     pub fn take_overwritten(&self, len: usize) -> Vec<u8> {
-        if len >= MIN_KEPT {
-            let mut free = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = free.iter().position(|b| b.capacity() >= len) {
-                let mut buf = free.swap_remove(i);
-                drop(free);
+        match self.kept(len) {
+            Some(mut buf) => {
                 buf.truncate(len);
                 buf.resize(len, 0);
-                return buf;
+                buf
             }
+            None => vec![0; len],
         }
-        vec![0; len]
     }
 
     /// Keep a buffer for a later [`FreeList::take`]; dropped when it is too

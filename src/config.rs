@@ -229,6 +229,13 @@ impl Default for SystemConfig {
     }
 }
 
+/// What [`KEYS`] says `key` allows (for errors that say no more than that).
+fn allowed(key: &str) -> &'static str {
+    KEYS.iter()
+        .find(|k| k.key == key)
+        .map_or("-", |k| k.allowed)
+}
+
 /// system.conf is read up to this size: a larger file, or one that never ends
 /// (`/dev/zero`), is refused instead of filling memory.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
@@ -349,7 +356,7 @@ impl SystemConfig {
             KEY_IO_TIMEOUT => self.io_timeout = parse_io_timeout(value)?,
             KEY_COMPRESSION => {
                 self.compression = Compression::parse(value)
-                    .ok_or_else(|| invalid(key, value, "allowed zstd or none"))?
+                    .ok_or_else(|| invalid(key, value, format!("allowed {}", allowed(key))))?
             }
             KEY_PROMETHEUS => self.monitoring.prometheus_textfile = Some(parse_textfile(value)?),
             KEY_NOTIFY_URL => self.monitoring.notify_url = Some(parse_url(key, value)?),

@@ -57,7 +57,7 @@ pub enum ChunkError {
 }
 
 /// The content-addressed object store of a repository.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ChunkStore {
     store: Arc<dyn Store>,
     /// The same objects as stored (encrypted ones still sealed), for quarantine.
@@ -107,10 +107,8 @@ impl ChunkStore {
     /// The same objects, new ones encoded with `compression`.
     pub(crate) fn with_compression(&self, compression: Compression) -> ChunkStore {
         ChunkStore {
-            store: self.store.clone(),
-            raw: self.raw.clone(),
-            naming: self.naming,
             compression,
+            ..self.clone()
         }
     }
 
